@@ -1,0 +1,63 @@
+"""Launch configurations, in one place.
+
+The numbers below are first choices from the hardware's shape (registers per thread, SM count),
+not yet tuned by measurement: no GPU has run them. Every choice is a pure function of the problem
+size, dtype and device, so a tuning pass only edits this file.
+"""
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+# Above this many columns a row no longer fits in one tile of registers and the kernels loop over
+# column tiles instead. 16-bit rows fit twice as many elements as fp32 ones in the same registers.
+MAX_SINGLE_TILE_BYTES = 32 * 1024
+# Elements one program touches per step; rows are packed into a tile until it holds this many.
+TARGET_TILE_ELEMENTS = 4096
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_compute_units(device: torch.device) -> int:
+    """Streaming multiprocessors on a GPU; a small fixed number under the CPU interpreter."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+@dataclass(frozen=True)
+class RowwiseConfig:
+    block_m: int  # rows per tile
+    block_n: int  # columns per tile
+    single_tile: bool  # the whole row fits in one tile (kept in registers, read once)
+    num_warps: int
+
+
+def rowwise_config(n_cols: int, dtype: torch.dtype, *, backward: bool = False, max_block_n: int | None = None) -> RowwiseConfig:
+    """Tile shape for the row-wise norm kernels.
+
+    ``max_block_n`` caps the column tile (tests use it to reach the looped path on small rows).
+    Backward holds x, dy, w and two fp32 accumulators per column, so its single-tile limit is half
+    the forward's.
+    """
+    limit = MAX_SINGLE_TILE_BYTES // dtype.itemsize
+    if backward:
+        limit //= 2
+    if max_block_n is not None:
+        limit = min(limit, triton.next_power_of_2(max_block_n))
+    block_n = min(triton.next_power_of_2(max(n_cols, 1)), limit)
+    single_tile = n_cols <= block_n
+    block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 16))
+    num_warps = max(1, min(block_m * block_n // 256, 16))
+    return RowwiseConfig(block_m=block_m, block_n=block_n, single_tile=single_tile, num_warps=num_warps)

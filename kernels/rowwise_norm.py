@@ -1,0 +1,333 @@
+"""Row-wise normalization: LayerNorm and RMSNorm, forward and backward, as one kernel family.
+
+Each row x (N values) is normalized on its own:
+
+    LayerNorm:  mean = Σx / N,  var = Σ(x − mean)² / N,  rstd = 1/√(var + eps),  x_hat = (x − mean)·rstd
+    RMSNorm:    rstd = 1/√(Σx² / N + eps),  x_hat = x·rstd
+    both:       y = x_hat ⊙ w + b     (w, b optional)
+
+Backward, with wdy = w ⊙ dy (or dy without a weight):
+
+    c1 = Σ(x_hat ⊙ wdy) / N,  c2 = Σwdy / N  (LayerNorm only)
+    dx = (wdy − x_hat·c1 − c2)·rstd          (RMSNorm: no c2)
+    dw = Σ_rows dy ⊙ x_hat,   db = Σ_rows dy
+
+``IS_RMS`` switches between the two; ``HAS_WEIGHT`` / ``HAS_BIAS`` switch the affine terms. All
+arithmetic is fp32 whatever the storage dtype. Rows that fit one tile are loaded once and kept in
+registers (``SINGLE_TILE``); longer rows loop over column tiles.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .heuristics import interpreting, num_compute_units, rowwise_config
+
+
+def _alloc(shape, dtype, device):
+    # NORMZOO_POISON=1 (set by the test suite) fills outputs with NaN first, so an element a kernel
+    # forgets to write fails a comparison instead of passing on leftover memory.
+    if os.environ.get("NORMZOO_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _row_stats_single_tile(x, mask, N, eps, IS_RMS: tl.constexpr):
+    """x: (BLOCK_M, BLOCK_N) fp32, zero where masked. Returns (mean, rstd, x_hat)."""
+    if IS_RMS:
+        mean = tl.zeros_like(tl.sum(x, axis=1))
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+        x_hat = x * rstd[:, None]
+    else:
+        mean = tl.sum(x, axis=1) / N
+        # Two passes over registers (centre, then square): no E[x²] − E[x]² cancellation.
+        x_centered = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(x_centered * x_centered, axis=1) / N + eps)
+        x_hat = x_centered * rstd[:, None]
+    return mean, rstd, x_hat
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X, Y, W, B, MEAN, RSTD,  # pointers; W, B, MEAN are unused when their flag is off
+    stride_x_row, stride_y_row,  # elements between consecutive rows
+    M, N,  # rows, columns
+    eps,
+    IS_RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    # int64 row offsets: rows × stride overflows int32 past 2^31 elements.
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_x_row
+    y_rows = Y + rows.to(tl.int64)[:, None] * stride_y_row
+
+    if SINGLE_TILE:
+        cols = tl.arange(0, BLOCK_N)
+        mask = row_mask[:, None] & (cols < N)[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean, rstd, x_hat = _row_stats_single_tile(x, mask, N, eps, IS_RMS)
+        y = x_hat
+        if HAS_WEIGHT:
+            y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # Pass 1: statistics. LayerNorm merges per-tile (count, mean, M2) with Chan's parallel
+        # update, which is as stable as two passes but reads the row only once.
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for col_start in range(0, N, BLOCK_N):
+            cols = col_start + tl.arange(0, BLOCK_N)
+            mask = row_mask[:, None] & (cols < N)[None, :]
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if IS_RMS:
+                m2 += tl.sum(x * x, axis=1)
+            else:
+                n_seen = col_start * 1.0
+                n_tile = tl.minimum(N - col_start, BLOCK_N) * 1.0
+                tile_mean = tl.sum(x, axis=1) / n_tile
+                dev = tl.where(mask, x - tile_mean[:, None], 0.0)
+                delta = tile_mean - mean
+                n_total = n_seen + n_tile
+                mean += delta * (n_tile / n_total)
+                m2 += tl.sum(dev * dev, axis=1) + delta * delta * (n_seen * n_tile / n_total)
+        rstd = tl.rsqrt(m2 / N + eps)
+        # Pass 2: normalize and write.
+        for col_start in range(0, N, BLOCK_N):
+            cols = col_start + tl.arange(0, BLOCK_N)
+            mask = row_mask[:, None] & (cols < N)[None, :]
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean[:, None]) * rstd[:, None]
+            if HAS_WEIGHT:
+                y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            if HAS_BIAS:
+                y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+    if not IS_RMS:
+        tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _x_hat(x, mean, rstd, mask, IS_RMS: tl.constexpr):
+    if IS_RMS:
+        x_hat = x * rstd[:, None]
+    else:
+        # Masked columns must be 0, not −mean·rstd, or they leak into the row and column sums.
+        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    return x_hat
+
+
+@triton.jit
+def _dx_from_sums(x_hat, wdy, rstd, c1, c2, IS_RMS: tl.constexpr):
+    if IS_RMS:
+        dx = (wdy - x_hat * c1[:, None]) * rstd[:, None]
+    else:
+        dx = (wdy - x_hat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    return dx
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    X, W, DY, DX, MEAN, RSTD,  # pointers; W and MEAN are unused when their flag is off
+    DW_PARTIAL, DB_PARTIAL,  # (num_programs, N) fp32: this program's column sums for dw, db
+    ROW_SUMS,  # (M, 2) fp32 scratch for c1, c2 on the looped path
+    stride_x_row, stride_dy_row, stride_dx_row,
+    M, N,
+    rows_per_program,  # a multiple of BLOCK_M
+    IS_RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    partial_row = pid.to(tl.int64) * N
+
+    if SINGLE_TILE:
+        cols = tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for block_start in range(row_start, row_end, BLOCK_M):
+            rows = block_start + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            mask = row_mask[:, None] & col_mask[None, :]
+            rows64 = rows.to(tl.int64)
+            x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            mean = rstd  # placeholder: RMSNorm has no mean
+            if not IS_RMS:
+                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+            x_hat = _x_hat(x, mean, rstd, mask, IS_RMS)
+            wdy = dy
+            if HAS_WEIGHT:
+                wdy = dy * w[None, :]
+            c1 = tl.sum(x_hat * wdy, axis=1) / N
+            c2 = tl.sum(wdy, axis=1) / N
+            dx = _dx_from_sums(x_hat, wdy, rstd, c1, c2, IS_RMS)
+            tl.store(DX + rows64[:, None] * stride_dx_row + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                dw_acc += tl.sum(dy * x_hat, axis=0)
+            if COMPUTE_DB:
+                db_acc += tl.sum(dy, axis=0)
+        if COMPUTE_DW:
+            tl.store(DW_PARTIAL + partial_row + cols, dw_acc, mask=col_mask)
+        if COMPUTE_DB:
+            tl.store(DB_PARTIAL + partial_row + cols, db_acc, mask=col_mask)
+    else:
+        # Pass A: the row sums c1, c2 of every row of this program, kept in a small scratch.
+        for block_start in range(row_start, row_end, BLOCK_M):
+            rows = block_start + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            rows64 = rows.to(tl.int64)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            mean = rstd
+            if not IS_RMS:
+                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+            c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for col_start in range(0, N, BLOCK_N):
+                cols = col_start + tl.arange(0, BLOCK_N)
+                col_mask = cols < N
+                mask = row_mask[:, None] & col_mask[None, :]
+                x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                wdy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                if HAS_WEIGHT:
+                    wdy = wdy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                c1 += tl.sum(_x_hat(x, mean, rstd, mask, IS_RMS) * wdy, axis=1)
+                c2 += tl.sum(wdy, axis=1)
+            tl.store(ROW_SUMS + rows64 * 2, c1 / N, mask=row_mask)
+            tl.store(ROW_SUMS + rows64 * 2 + 1, c2 / N, mask=row_mask)
+        # Pass B: column tiles outermost, so each tile's dw/db sums stay in registers.
+        for col_start in range(0, N, BLOCK_N):
+            cols = col_start + tl.arange(0, BLOCK_N)
+            col_mask = cols < N
+            if HAS_WEIGHT:
+                w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+            dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for block_start in range(row_start, row_end, BLOCK_M):
+                rows = block_start + tl.arange(0, BLOCK_M)
+                row_mask = rows < row_end
+                mask = row_mask[:, None] & col_mask[None, :]
+                rows64 = rows.to(tl.int64)
+                x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+                mean = rstd
+                if not IS_RMS:
+                    mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+                c1 = tl.load(ROW_SUMS + rows64 * 2, mask=row_mask, other=0.0)
+                c2 = tl.load(ROW_SUMS + rows64 * 2 + 1, mask=row_mask, other=0.0)
+                x_hat = _x_hat(x, mean, rstd, mask, IS_RMS)
+                wdy = dy
+                if HAS_WEIGHT:
+                    wdy = dy * w[None, :]
+                dx = _dx_from_sums(x_hat, wdy, rstd, c1, c2, IS_RMS)
+                tl.store(DX + rows64[:, None] * stride_dx_row + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+                if COMPUTE_DW:
+                    dw_acc += tl.sum(dy * x_hat, axis=0)
+                if COMPUTE_DB:
+                    db_acc += tl.sum(dy, axis=0)
+            if COMPUTE_DW:
+                tl.store(DW_PARTIAL + partial_row + cols, dw_acc, mask=col_mask)
+            if COMPUTE_DB:
+                tl.store(DB_PARTIAL + partial_row + cols, db_acc, mask=col_mask)
+
+
+def _device_guard(device: torch.device):
+    # Launch on the tensor's own GPU, not the current one (apex#770 returned zeros on cuda:1).
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, max_block_n: int | None = None):
+    """Normalize each row of the 2-D ``x`` (last dim contiguous).
+
+    Returns ``(y, mean, rstd)``: ``y`` in x's dtype, ``mean`` and ``rstd`` per row in fp32
+    (``mean`` is empty for RMSNorm).
+    """
+    assert x.dim() == 2 and x.stride(-1) == 1, "launchers take 2-D views with contiguous rows"
+    M, N = x.shape
+    y = _alloc((M, N), x.dtype, x.device)
+    mean = _alloc((0 if is_rms else M,), torch.float32, x.device)
+    rstd = _alloc((M,), torch.float32, x.device)
+    if M == 0 or N == 0:
+        return y, mean, rstd
+    cfg = rowwise_config(N, x.dtype, max_block_n=max_block_n)
+    grid = (triton.cdiv(M, cfg.block_m),)
+    with _device_guard(x.device):
+        _norm_fwd_kernel[grid](
+            x, y, weight if weight is not None else x, bias if bias is not None else x,
+            mean if not is_rms else rstd, rstd,
+            x.stride(0), y.stride(0), M, N, eps,
+            IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
+            num_warps=cfg.num_warps,
+        )
+    return y, mean, rstd
+
+
+def rowwise_norm_backward(
+    dy, x, weight, mean, rstd, *, is_rms: bool, compute_dw: bool, compute_db: bool, max_block_n: int | None = None
+):
+    """Gradients of :func:`rowwise_norm_forward`.
+
+    Returns ``(dx, dw, db)``: dx in x's dtype; dw (and db) summed over rows in fp32 partials, one
+    row per program, then reduced and cast to the weight's dtype (bias shares it). Absent ones are
+    ``None``. Deterministic: no atomics, a fixed reduction order.
+    """
+    assert x.dim() == 2 and x.stride(-1) == 1 and dy.shape == x.shape and dy.stride(-1) == 1
+    M, N = x.shape
+    device = x.device
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dx = _alloc((M, N), x.dtype, device)
+    if M == 0 or N == 0:
+        zeros = torch.zeros(N, dtype=param_dtype, device=device)
+        return dx, (zeros if compute_dw else None), (zeros.clone() if compute_db else None)
+
+    cfg = rowwise_config(N, x.dtype, backward=True, max_block_n=max_block_n)
+    row_blocks = triton.cdiv(M, cfg.block_m)
+    # Enough programs to fill the machine a few times over; each owns a contiguous run of rows
+    # and writes one row of the partial-sum buffers.
+    programs = min(row_blocks, 4 * num_compute_units(device))
+    rows_per_program = triton.cdiv(row_blocks, programs) * cfg.block_m
+    programs = triton.cdiv(M, rows_per_program)
+
+    dw_partial = _alloc((programs, N), torch.float32, device) if compute_dw else None
+    db_partial = _alloc((programs, N), torch.float32, device) if compute_db else None
+    row_sums = None if cfg.single_tile else _alloc((M, 2), torch.float32, device)
+    with _device_guard(device):
+        _norm_bwd_kernel[(programs,)](
+            x, weight if weight is not None else x, dy, dx, mean if not is_rms else rstd, rstd,
+            dw_partial if compute_dw else dx, db_partial if compute_db else dx,
+            row_sums if row_sums is not None else rstd,
+            x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per_program,
+            IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
+            num_warps=cfg.num_warps,
+        )
+    dw = dw_partial.sum(0).to(param_dtype) if compute_dw else None
+    db = db_partial.sum(0).to(param_dtype) if compute_db else None
+    return dx, dw, db

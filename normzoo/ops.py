@@ -1,0 +1,214 @@
+"""Differentiable ops: the one place that validates input, flattens it to rows, and chooses
+Triton or the reference.
+
+Each op is a pair of ``torch.library`` custom ops (forward and backward) tied together with
+``register_autograd``, so eager mode, ``torch.compile(fullgraph=True)`` and ``opcheck`` all see one
+opaque, differentiable op. Both halves run the Triton kernels or the reference, as the caller chose.
+
+Backends:
+    ``"auto"``   Triton for CUDA tensors, the reference elsewhere.
+    ``"triton"`` always the kernels (CPU tensors too, under ``TRITON_INTERPRET=1``).
+    ``"torch"``  always the reference.
+float64 inputs always take the reference: the kernels are for 16- and 32-bit floats.
+"""
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks and backend choice
+# ----------------------------------------------------------------------------------------------
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _interpreting() -> bool:
+    from normzoo.kernels.heuristics import interpreting
+
+    return interpreting()
+
+
+def use_triton(backend: str, x: Tensor) -> bool:
+    """Whether ``x`` goes to the Triton kernels under ``backend``."""
+    check_backend(backend)
+    if backend == "torch" or x.dtype == torch.float64:
+        return False
+    if backend == "auto":
+        return x.is_cuda
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got a tensor on {x.device}); "
+            "set TRITON_INTERPRET=1 to run the kernels on CPU, or use backend='auto'"
+        )
+    return True
+
+
+def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
+    """``int`` or sequence of ints -> tuple, as ``torch.nn.LayerNorm`` accepts."""
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        return (int(normalized_shape),)
+    if isinstance(normalized_shape, (Sequence, torch.Size)) and not isinstance(normalized_shape, str):
+        dims = tuple(normalized_shape)
+        if all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+            if any(d < 0 for d in dims):
+                raise ValueError(f"normalized_shape must not have negative sizes, got {dims}")
+            return tuple(int(d) for d in dims)
+    raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+
+
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    return float(eps)
+
+
+def check_input(x, what: str = "input") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def check_param(p, name: str, shape: tuple[int, ...], x: Tensor) -> None:
+    """A per-channel parameter: the right shape, on x's device, in x's dtype or float32."""
+    if p is None:
+        return
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
+    if tuple(p.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(p.shape)}")
+    if p.device != x.device:
+        raise ValueError(f"{name} is on {p.device} but input is on {x.device}; put them on the same device")
+    if p.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{name} must have the input's dtype ({x.dtype}) or float32, got {p.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Row-wise norm (LayerNorm / RMSNorm)
+# ----------------------------------------------------------------------------------------------
+
+
+def _rows_contiguous(t: Tensor) -> Tensor:
+    # The kernels take any row stride but need unit stride along a row (LightLLM#1467: strided
+    # q/k views were silently wrong where a kernel assumed it).
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return reference.compute_dtype(x.dtype)
+
+
+@torch.library.custom_op("normzoo::rowwise_norm_fwd", mutates_args=())
+def rowwise_norm_fwd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool, triton: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(y, mean, rstd)`` for 2-D ``x``; ``mean`` is empty for RMSNorm."""
+    if triton:
+        from normzoo.kernels import rowwise_norm_forward
+
+        return rowwise_norm_forward(_rows_contiguous(x), weight, bias, eps, is_rms=is_rms)
+    return reference.rowwise_norm_forward(x, weight, bias, eps, is_rms)
+
+
+@rowwise_norm_fwd.register_fake
+def _(x, weight, bias, eps, is_rms, triton):
+    rows = x.shape[0]
+    stats = _stats_dtype(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((0 if is_rms else rows,), dtype=stats), x.new_empty((rows,), dtype=stats)
+
+
+@torch.library.custom_op("normzoo::rowwise_norm_bwd", mutates_args=())
+def rowwise_norm_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    is_rms: bool, compute_dw: bool, compute_db: bool, triton: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dw, db)``; a gradient not asked for is an empty tensor."""
+    if triton:
+        from normzoo.kernels import rowwise_norm_backward
+
+        dx, dw, db = rowwise_norm_backward(
+            _rows_contiguous(dy), _rows_contiguous(x), weight, mean, rstd,
+            is_rms=is_rms, compute_dw=compute_dw, compute_db=compute_db,
+        )
+    else:
+        dx, dw, db = reference.rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms, compute_dw, compute_db)
+    empty = x.new_empty(0)
+    return dx, (dw if dw is not None else empty), (db if db is not None else empty.clone())
+
+
+@rowwise_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, is_rms, compute_dw, compute_db, triton):
+    n = x.shape[1]
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dw = x.new_empty((n if compute_dw else 0,), dtype=param_dtype if compute_dw else x.dtype)
+    db = x.new_empty((n if compute_db else 0,), dtype=param_dtype if compute_db else x.dtype)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
+
+
+def _rowwise_norm_setup_context(ctx, inputs, output):
+    x, weight, bias, eps, is_rms, triton = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.is_rms, ctx.triton, ctx.has_bias = is_rms, triton, bias is not None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _rowwise_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+    dx, dw, db = rowwise_norm_bwd(
+        dy, x, weight, mean, rstd, ctx.is_rms,
+        compute_dw=weight is not None and needs_dw,
+        compute_db=ctx.has_bias and needs_db,
+        triton=ctx.triton,
+    )
+    return (
+        dx if needs_dx else None,
+        dw if weight is not None and needs_dw else None,
+        db if ctx.has_bias and needs_db else None,
+        None, None, None,
+    )
+
+
+rowwise_norm_fwd.register_autograd(_rowwise_norm_backward, setup_context=_rowwise_norm_setup_context)
+
+
+def rowwise_norm(
+    x: Tensor, normalized_shape, weight: Tensor | None, bias: Tensor | None, eps, *, is_rms: bool, backend: str
+) -> Tensor:
+    """LayerNorm or RMSNorm over the trailing ``normalized_shape`` dims of ``x``, any leading dims."""
+    check_input(x)
+    shape = normalized_shape_tuple(normalized_shape)
+    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(
+            f"expected input whose trailing dims are normalized_shape={shape}, got input of shape {tuple(x.shape)}"
+        )
+    check_param(weight, "weight", shape, x)
+    check_param(bias, "bias", shape, x)
+    if eps is None:  # torch.nn.RMSNorm's default: machine epsilon of the compute dtype
+        eps = torch.finfo(reference.compute_dtype(x.dtype)).eps
+    eps = check_eps(eps)
+    triton = use_triton(backend, x)
+
+    n = math.prod(shape)
+    x2d = x.reshape(math.prod(x.shape[: x.dim() - len(shape)]), n)
+    w = weight.reshape(n) if weight is not None else None
+    b = bias.reshape(n) if bias is not None else None
+    y, _, _ = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton)
+    return y.view(x.shape)

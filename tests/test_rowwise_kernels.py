@@ -1,0 +1,176 @@
+"""The LayerNorm / RMSNorm Triton kernels against the float64 reference.
+
+On a machine without a GPU these run in Triton's interpreter (see conftest.py): the same kernel
+code, executed on CPU tensors.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from helpers import assert_close
+from normzoo import reference
+from normzoo.kernels import rowwise_norm_backward, rowwise_norm_forward
+from normzoo.kernels.heuristics import rowwise_config
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (N, max_block_n): None keeps the real heuristic; a small cap forces the looped (multi-tile) path.
+WIDTHS = [(1, None), (7, None), (97, None), (256, None), (97, 32), (1000, 128), (130, 64)]
+AFFINE = ["none", "weight", "weight+bias"]
+
+
+def make_inputs(m, n, dtype, affine, param_dtype, device, is_rms, scale=3.0, shift=1.0):
+    x = (torch.randn(m, n, device=device) * scale + shift).to(dtype)
+    weight = torch.randn(n, device=device).to(param_dtype) if affine != "none" else None
+    bias = torch.randn(n, device=device).to(param_dtype) if affine == "weight+bias" and not is_rms else None
+    return x, weight, bias
+
+
+def torch_peer(x, weight, bias, dy, is_rms, eps):
+    """PyTorch's own results at the input's precision (the tolerance's peer term):
+    y, dx, dw, db, mean, rstd."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rms_norm warns that mixed dtypes skip its fused path
+        if is_rms:
+            y = torch.nn.functional.rms_norm(leaves[0], (x.shape[1],), leaves[1], eps)
+        else:
+            y = torch.nn.functional.layer_norm(leaves[0], (x.shape[1],), leaves[1], leaves[2], eps)
+    y.backward(dy)
+    xf = x.float()
+    if is_rms:
+        mean, rstd = None, torch.rsqrt(xf.square().mean(-1) + eps)
+    else:
+        _, mean, rstd = torch.native_layer_norm(xf, (x.shape[1],), None, None, eps)
+        mean, rstd = mean.view(-1), rstd.view(-1)
+    return (y.detach(), *(t.grad if t is not None else None for t in leaves), mean, rstd)
+
+
+def run_and_compare(x, weight, bias, is_rms, eps=1e-5, max_block_n=None):
+    m, n = x.shape
+    dy = torch.randn_like(x)
+    y_peer, dx_peer, dw_peer, db_peer, mean_peer, rstd_peer = torch_peer(x, weight, bias, dy, is_rms, eps)
+    y, mean, rstd = rowwise_norm_forward(x, weight, bias, eps, is_rms=is_rms, max_block_n=max_block_n)
+    as64 = lambda t: None if t is None else t.double()
+    y_ref, mean_ref, rstd_ref = reference.rowwise_norm_forward(x.double(), as64(weight), as64(bias), eps, is_rms)
+    assert_close(y, y_ref, "y", x.dtype, peer=y_peer)
+    assert_close(rstd, rstd_ref, "rstd", torch.float32, peer=rstd_peer)
+    if not is_rms:
+        assert_close(mean, mean_ref, "mean", torch.float32, peer=mean_peer)
+    else:
+        assert mean.numel() == 0
+
+    dx, dw, db = rowwise_norm_backward(
+        dy, x, weight, mean, rstd, is_rms=is_rms,
+        compute_dw=weight is not None, compute_db=bias is not None, max_block_n=max_block_n,
+    )
+    dx_ref, dw_ref, db_ref = reference.rowwise_norm_backward(
+        dy.double(), x.double(), as64(weight), mean_ref, rstd_ref, is_rms,
+        compute_dw=weight is not None, compute_db=bias is not None,
+    )
+    assert_close(dx, dx_ref, "dx", x.dtype, peer=dx_peer)
+    if weight is not None:
+        assert_close(dw, dw_ref, "dw", weight.dtype, peer=dw_peer)
+    else:
+        assert dw is None
+    if bias is not None:
+        assert_close(db, db_ref, "db", bias.dtype, peer=db_peer)
+    else:
+        assert db is None
+
+
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,max_block_n", WIDTHS)
+@pytest.mark.parametrize("affine", AFFINE)
+def test_kernels_match_reference(is_rms, dtype, n, max_block_n, affine, device):
+    x, w, b = make_inputs(37, n, dtype, affine, dtype, device, is_rms)
+    run_and_compare(x, w, b, is_rms, max_block_n=max_block_n)
+
+
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,max_block_n", [(97, None), (300, 64)])
+def test_fp32_params_with_16bit_input(is_rms, dtype, n, max_block_n, device):
+    # Mixed precision training: bf16/fp16 activations, fp32 weights; dw comes back in fp32.
+    x, w, b = make_inputs(19, n, dtype, "weight+bias", torch.float32, device, is_rms)
+    run_and_compare(x, w, b, is_rms, max_block_n=max_block_n)
+
+
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_single_tile_limit_and_one_past(is_rms, dtype, device):
+    # The real heuristic, at the widest single-tile row and one column past it (forward and
+    # backward have different limits; each side of both is covered).
+    fwd_limit = rowwise_config(1 << 20, dtype).block_n
+    bwd_limit = rowwise_config(1 << 20, dtype, backward=True).block_n
+    for n in sorted({fwd_limit, fwd_limit + 1, bwd_limit, bwd_limit + 1}):
+        x, w, b = make_inputs(3, n, dtype, "weight+bias", dtype, device, is_rms)
+        run_and_compare(x, w, b, is_rms)
+
+
+def test_large_mean_is_stable(device):
+    # A one-pass E[x²] − E[x]² would lose every digit here; Chan's merge and two-pass do not.
+    for max_block_n in (None, 64):
+        x = torch.randn(8, 500, device=device) + 1e4
+        run_and_compare(x, torch.randn(500, device=device), None, is_rms=False, max_block_n=max_block_n)
+
+
+def test_zero_rows_and_constant_rows(device):
+    x = torch.zeros(5, 33, device=device)
+    x[1] = 2.5  # constant row: zero variance
+    run_and_compare(x, torch.randn(33, device=device), torch.randn(33, device=device), is_rms=False)
+    run_and_compare(x, torch.randn(33, device=device), None, is_rms=True)
+
+
+def test_more_rows_than_programs(device):
+    # Many rows per program: the per-program partial sums of dw/db must cover every row once.
+    x, w, b = make_inputs(1000, 24, torch.float32, "weight+bias", torch.float32, device, False)
+    run_and_compare(x, w, b, is_rms=False)
+    run_and_compare(x, w, None, is_rms=True, max_block_n=8)
+
+
+def test_empty_input_launches_nothing(device):
+    x = torch.empty(0, 16, device=device)
+    w = torch.randn(16, device=device)
+    y, mean, rstd = rowwise_norm_forward(x, w, w, 1e-5, is_rms=False)
+    assert y.shape == (0, 16) and mean.shape == (0,) and rstd.shape == (0,)
+    dx, dw, db = rowwise_norm_backward(torch.empty(0, 16, device=device), x, w, mean, rstd,
+                                       is_rms=False, compute_dw=True, compute_db=True)
+    assert dx.shape == (0, 16)
+    assert torch.equal(dw, torch.zeros(16)) and torch.equal(db, torch.zeros(16))
+
+
+def test_strided_rows(device):
+    # Rows that are not packed (a slice of a wider tensor): the kernels honour the row stride.
+    wide = torch.randn(21, 80, device=device)
+    x = wide[:, 5:70]
+    assert x.stride(0) == 80
+    run_and_compare(x, torch.randn(65, device=device), torch.randn(65, device=device), is_rms=False)
+    run_and_compare(x, torch.randn(65, device=device), None, is_rms=True, max_block_n=16)
+
+
+def test_backward_is_deterministic(device):
+    x, w, b = make_inputs(301, 50, torch.bfloat16, "weight+bias", torch.float32, device, False)
+    y, mean, rstd = rowwise_norm_forward(x, w, b, 1e-5, is_rms=False)
+    dy = torch.randn_like(x)
+    first = rowwise_norm_backward(dy, x, w, mean, rstd, is_rms=False, compute_dw=True, compute_db=True)
+    for _ in range(2):
+        again = rowwise_norm_backward(dy, x, w, mean, rstd, is_rms=False, compute_dw=True, compute_db=True)
+        for a, b_ in zip(first, again):
+            assert torch.equal(a, b_)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="uses a 4 GiB lazily-mapped CPU buffer")
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_row_offsets_past_2_pow_31(is_rms):
+    # Three rows 2^30 elements apart: the last starts at element 2^31, past int32. Only the
+    # touched pages of the 4 GiB buffer are ever mapped.
+    n, stride = 48, 1 << 30
+    storage = torch.empty(2 * stride + n, dtype=torch.float16)
+    x = storage.as_strided((3, n), (stride, 1))
+    x.copy_(torch.randn(3, n).to(torch.float16))
+    w = torch.randn(n, dtype=torch.float16)
+    run_and_compare(x, w, None, is_rms)
+    run_and_compare(x, w, None, is_rms, max_block_n=16)
