@@ -119,12 +119,13 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
-def _x_hat(x, mean, rstd, mask, IS_RMS: tl.constexpr):
+def _x_hat(x, mean, rstd, IS_RMS: tl.constexpr):
+    # No masking needed: dy is loaded as 0 in masked columns, and every sum that x_hat enters
+    # (c1, dw) multiplies it by dy first.
     if IS_RMS:
         x_hat = x * rstd[:, None]
     else:
-        # Masked columns must be 0, not −mean·rstd, or they leak into the row and column sums.
-        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        x_hat = (x - mean[:, None]) * rstd[:, None]
     return x_hat
 
 
@@ -176,7 +177,7 @@ def _norm_bwd_kernel(
             mean = rstd  # placeholder: RMSNorm has no mean
             if not IS_RMS:
                 mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-            x_hat = _x_hat(x, mean, rstd, mask, IS_RMS)
+            x_hat = _x_hat(x, mean, rstd, IS_RMS)
             wdy = dy
             if HAS_WEIGHT:
                 wdy = dy * w[None, :]
@@ -212,7 +213,7 @@ def _norm_bwd_kernel(
                 wdy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 if HAS_WEIGHT:
                     wdy = wdy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-                c1 += tl.sum(_x_hat(x, mean, rstd, mask, IS_RMS) * wdy, axis=1)
+                c1 += tl.sum(_x_hat(x, mean, rstd, IS_RMS) * wdy, axis=1)
                 c2 += tl.sum(wdy, axis=1)
             tl.store(ROW_SUMS + rows64 * 2, c1 / N, mask=row_mask)
             tl.store(ROW_SUMS + rows64 * 2 + 1, c2 / N, mask=row_mask)
@@ -237,7 +238,7 @@ def _norm_bwd_kernel(
                     mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
                 c1 = tl.load(ROW_SUMS + rows64 * 2, mask=row_mask, other=0.0)
                 c2 = tl.load(ROW_SUMS + rows64 * 2 + 1, mask=row_mask, other=0.0)
-                x_hat = _x_hat(x, mean, rstd, mask, IS_RMS)
+                x_hat = _x_hat(x, mean, rstd, IS_RMS)
                 wdy = dy
                 if HAS_WEIGHT:
                     wdy = dy * w[None, :]

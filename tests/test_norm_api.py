@@ -1,0 +1,264 @@
+"""LayerNorm / RMSNorm public API: reference vs PyTorch, gradcheck, modules, errors, compile."""
+
+import warnings
+
+import pytest
+import torch
+
+import normzoo
+import normzoo.functional as NF
+from helpers import assert_close
+from normzoo import ops, reference
+
+BACKENDS = ["torch", "triton"]
+
+
+# ---------------------------------------------------------------- reference vs PyTorch, gradcheck
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [1, 7, 300])
+def test_reference_matches_torch(dtype, n):
+    x = torch.randn(11, n, dtype=dtype) * 2 + 0.5
+    w, b = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
+    y, _, _ = reference.rowwise_norm_forward(x, w, b, 1e-5, is_rms=False)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (n,), w, b, 1e-5))
+    y, _, _ = reference.rowwise_norm_forward(x, w, None, 1e-6, is_rms=True)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (n,), w, 1e-6))
+
+
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("affine", ["none", "weight", "weight+bias"])
+def test_gradcheck_float64(is_rms, affine):
+    # float64 always runs the reference: this checks its hand-written backward numerically,
+    # through the registered autograd formula.
+    shape = (2, 3, 5)
+    x = torch.randn(4, *shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(shape, dtype=torch.float64, requires_grad=True) if affine != "none" else None
+    b = torch.randn(shape, dtype=torch.float64, requires_grad=True) if affine == "weight+bias" else None
+    if is_rms:
+        fn = lambda x, w: NF.rms_norm(x, shape, w, 1e-6)
+        args = (x, w)
+    else:
+        fn = lambda x, w, b: NF.layer_norm(x, shape, w, b)
+        args = (x, w, b)
+    assert torch.autograd.gradcheck(fn, args)
+
+
+# ---------------------------------------------------------------- functional, both backends
+
+
+def torch_norm(is_rms, x, shape, w, b, eps):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if is_rms:
+            return torch.nn.functional.rms_norm(x, shape, w, eps)
+        return torch.nn.functional.layer_norm(x, shape, w, b, eps)
+
+
+def nz_norm(is_rms, x, shape, w, b, eps, backend):
+    if is_rms:
+        return NF.rms_norm(x, shape, w, eps, backend=backend)
+    return NF.layer_norm(x, shape, w, b, eps, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize(
+    "x_shape,shape",
+    [((2, 3, 40), (40,)), ((5, 6, 7), (6, 7)), ((40,), (40,)), ((2, 3, 4, 9), (9,))],
+)
+def test_functional_any_leading_dims(backend, is_rms, x_shape, shape, device):
+    x = torch.randn(x_shape, device=device, requires_grad=True)
+    w = torch.randn(shape, device=device, requires_grad=True)
+    b = torch.randn(shape, device=device, requires_grad=True)
+    eps = 1e-5
+    y = nz_norm(is_rms, x, shape, w, b, eps, backend)
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y_ref = torch_norm(is_rms, xr, shape, wr, br, eps)
+    assert_close(y, y_ref.detach(), "y")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    assert_close(x.grad, xr.grad, "dx")
+    assert_close(w.grad, wr.grad, "dw")
+    if not is_rms:
+        assert_close(b.grad, br.grad, "db")
+    else:
+        assert b.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_input_and_expanded_grad(backend, device):
+    # x transposed (last-dim stride != 1); y.sum().backward() hands backward a stride-0 dy.
+    base = torch.randn(24, 10, device=device)
+    x = base.t().requires_grad_()  # (10, 24), strides (1, 10)
+    w = torch.randn(24, device=device, requires_grad=True)
+    NF.layer_norm(x, (24,), w, None, backend=backend).sum().backward()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    torch.nn.functional.layer_norm(xr, (24,), wr).sum().backward()
+    assert_close(x.grad, xr.grad, "dx")
+    assert_close(w.grad, wr.grad, "dw")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_subsets(backend, device):
+    # Only x, only the weight, or nothing: each gets exactly the gradients it asked for.
+    x = torch.randn(6, 16, device=device)
+    w = torch.randn(16, device=device, requires_grad=True)
+    b = torch.randn(16, device=device)
+    NF.layer_norm(x, (16,), w, b, backend=backend).sum().backward()
+    assert w.grad is not None and x.grad is None and b.grad is None
+    x.requires_grad_()
+    w2 = torch.randn(16, device=device)
+    NF.rms_norm(x, (16,), w2, backend=backend).square().sum().backward()
+    assert x.grad is not None and w2.grad is None
+    with torch.no_grad():
+        y = NF.layer_norm(x, (16,), w, b, backend=backend)
+    assert not y.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input(backend, device):
+    x = torch.randn(0, 3, 8, device=device, requires_grad=True)
+    m = normzoo.LayerNorm(8, backend=backend).to(device)
+    y = m(x)
+    assert y.shape == (0, 3, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(m.weight.grad, torch.zeros(8, device=device))
+    assert torch.equal(m.bias.grad, torch.zeros(8, device=device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_takes_the_reference(backend, device):
+    x = torch.randn(3, 9, dtype=torch.float64, device=device)
+    torch.testing.assert_close(NF.layer_norm(x, (9,), backend=backend), torch.nn.functional.layer_norm(x, (9,)))
+
+
+def test_rms_norm_default_eps_matches_torch():
+    # eps=None is finfo(float32).eps for 16/32-bit input (pytorch#173039), not the input dtype's.
+    x = torch.randn(4, 16, dtype=torch.bfloat16) * 1e-3
+    torch.testing.assert_close(NF.rms_norm(x, (16,)), torch.nn.functional.rms_norm(x, (16,)))
+    torch.testing.assert_close(NF.rms_norm(x, (16,), backend="triton"), torch.nn.functional.rms_norm(x, (16,)))
+
+
+# ---------------------------------------------------------------- modules
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda cls, **kw: cls(12, **kw),
+        lambda cls, **kw: cls([3, 4], eps=1e-3, **kw),
+        lambda cls, **kw: cls(12, elementwise_affine=False, **kw),
+    ],
+)
+@pytest.mark.parametrize("pair", [(torch.nn.LayerNorm, normzoo.LayerNorm), (torch.nn.RMSNorm, normzoo.RMSNorm)])
+def test_modules_are_drop_in(make, pair):
+    torch_cls, nz_cls = pair
+    ref, ours = make(torch_cls), make(nz_cls)
+    assert isinstance(ours, torch_cls)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_()
+    ours.load_state_dict(ref.state_dict())
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, *ours.normalized_shape)
+    torch.testing.assert_close(ours(x), ref(x))
+    assert repr(ours) == repr(ref)[:-1] + ", backend='auto')"
+    ours.reset_parameters()
+    for name, p in ours.named_parameters():
+        assert torch.equal(p, torch.ones_like(p) if name == "weight" else torch.zeros_like(p))
+
+
+def test_layernorm_without_bias_has_no_bias_parameter():
+    m = normzoo.LayerNorm(8, bias=False)
+    assert m.bias is None and "bias" not in m.state_dict()
+    assert "bias=False" in repr(m)
+
+
+def test_module_device_dtype_and_mixed_precision(device):
+    m = normzoo.RMSNorm(32, eps=1e-6, device=device, dtype=torch.float32, backend="triton")
+    x = torch.randn(3, 32, device=device, dtype=torch.bfloat16, requires_grad=True)
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert m.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: NF.layer_norm(torch.randn(3, 5), (4,)), ValueError, "trailing dims"),
+        (lambda: NF.layer_norm(torch.randn(5), (2, 5)), ValueError, "trailing dims"),
+        (lambda: NF.layer_norm(torch.ones(3, 4, dtype=torch.int64), (4,)), TypeError, "float16, bfloat16"),
+        (lambda: NF.rms_norm([1.0, 2.0], (2,)), TypeError, "torch.Tensor"),
+        (lambda: NF.layer_norm(torch.randn(3, 4), (4,), torch.randn(5)), ValueError, r"weight must have shape \(4,\)"),
+        (lambda: NF.layer_norm(torch.randn(3, 4), (4,), None, torch.randn(4, 1)), ValueError, "bias must have shape"),
+        (lambda: NF.layer_norm(torch.randn(3, 4), (4,), torch.randn(4, dtype=torch.float16)), TypeError, "float32"),
+        (lambda: NF.layer_norm(torch.randn(3, 4), (4,), torch.randn(4, device="meta")), ValueError, "same device"),
+        (lambda: NF.layer_norm(torch.randn(3, 4), "4"), TypeError, "normalized_shape"),
+        (lambda: NF.layer_norm(torch.randn(3, 4), (4,), eps=-1.0), ValueError, "eps"),
+        (lambda: NF.layer_norm(torch.randn(3, 4), (4,), eps="1e-5"), TypeError, "eps"),
+        (lambda: NF.layer_norm(torch.randn(3, 4), (4,), backend="cuda"), ValueError, "backend must be one of"),
+        (lambda: normzoo.RMSNorm(4, backend="fast"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_input_raises_clear_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        NF.layer_norm(torch.randn(2, 4), (4,), backend="triton")
+
+
+# ---------------------------------------------------------------- torch.library and torch.compile
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_opcheck(triton, is_rms, device):
+    x = torch.randn(6, 20, device=device, requires_grad=True)
+    w = torch.randn(20, device=device, requires_grad=True)
+    b = None if is_rms else torch.randn(20, device=device, requires_grad=True)
+    torch.library.opcheck(ops.rowwise_norm_fwd, (x, w, b, 1e-5, is_rms, triton))
+    _, mean, rstd = ops.rowwise_norm_fwd(x, w, b, 1e-5, is_rms, triton)
+    args = (torch.randn(6, 20, device=device), x.detach(), w.detach(), mean, rstd, is_rms, True, not is_rms, triton)
+    torch.library.opcheck(ops.rowwise_norm_bwd, args)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.proj = torch.nn.Linear(24, 24)
+        self.ln = normzoo.LayerNorm(24, backend=backend)
+        self.rms = normzoo.RMSNorm(24, eps=1e-6, backend=backend)
+
+    def forward(self, x):
+        return self.rms(self.ln(self.proj(x)) + x)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(compiler, device):
+    torch._dynamo.reset()
+    model = _Block("triton").to(device)
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    x = torch.randn(3, 5, 24, device=device, requires_grad=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    x.grad = None
+    model.zero_grad()
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for g, p in zip(grads, [x] + list(model.parameters())):
+        torch.testing.assert_close(g, p.grad)
