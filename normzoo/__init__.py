@@ -7,6 +7,7 @@
 
 from . import functional, ops, reference
 from .layers import LayerNorm, RMSNorm
+from .swap import swap
 
 __version__ = "0.1.0"
-__all__ = ["LayerNorm", "RMSNorm", "functional", "ops", "reference"]
+__all__ = ["LayerNorm", "RMSNorm", "swap", "functional", "ops", "reference"]

@@ -1,0 +1,152 @@
+"""Timing, byte counting and reporting shared by every benchmark.
+
+Conventions (ANCHORS.md's, so our numbers compare with the peers' there):
+- bytes are counted from first principles: each (rows × N) tensor read or written once;
+- time is the median of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs);
+- bandwidth is reported against a device-to-device copy of 1 GiB measured in the same run.
+"""
+
+import json
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+PASSES = ("fwd", "bwd", "fwdbwd")
+
+
+@dataclass
+class Point:
+    op: str
+    provider: str
+    pass_: str
+    dtype: str
+    rows: int
+    hidden: int
+    ms: float
+    gbps: float
+    pct_copy: float
+
+
+def time_ms(fn, *, smoke: bool, grad_to_none=None) -> float:
+    """Median milliseconds of ``fn()``. On CUDA: do_bench. In smoke mode (CPU): a few wall-clock
+    runs, only to exercise the code; those numbers are not measurements."""
+    if not smoke:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: str, *, smoke: bool) -> float:
+    """Device-to-device copy: bytes read plus bytes written over the median time."""
+    nbytes = (1 << 20) if smoke else (1 << 30)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), smoke=smoke)
+    return 2 * nbytes / ms / 1e6
+
+
+def environment(device: str, smoke: bool) -> dict:
+    import triton
+
+    env = {
+        "smoke": smoke,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, sm_count=props.multi_processor_count, cuda=torch.version.cuda, driver=_driver())
+    else:
+        env.update(gpu=None, cpu=platform.processor() or platform.machine())
+    return env
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return None
+
+
+def write_results(out_dir: Path, stem: str, env: dict, copy_gbps: float, points: list[Point]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.json"
+    rows = [{("pass" if k == "pass_" else k): v for k, v in asdict(p).items()} for p in points]
+    path.write_text(json.dumps({"environment": env, "copy_gbps": copy_gbps, "results": rows}, indent=1) + "\n")
+    return path
+
+
+def markdown_table(points: list[Point]) -> str:
+    """One line per (op, pass, dtype, rows, hidden): each provider's % of copy bandwidth."""
+    providers = sorted({p.provider for p in points})
+    key = lambda p: (p.op, p.pass_, p.dtype, p.rows, p.hidden)
+    cells: dict = {}
+    for p in points:
+        cells.setdefault(key(p), {})[p.provider] = p
+    lines = ["| op | pass | dtype | rows | N | " + " | ".join(f"{q} GB/s (% copy)" for q in providers) + " |",
+             "|---" * (5 + len(providers)) + "|"]
+    for k in sorted(cells):
+        row = cells[k]
+        vals = [f"{row[q].gbps:.0f} ({row[q].pct_copy:.0f}%)" if q in row else "—" for q in providers]
+        lines.append("| " + " | ".join(str(v) for v in k) + " | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def plot(points: list[Point], copy_gbps: float, path: Path, title: str) -> Path | None:
+    """GB/s against hidden size, one panel per (op, dtype, rows) and pass. Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot")
+        return None
+    groups = sorted({(p.op, p.dtype, p.rows) for p in points})
+    fig, axes = plt.subplots(len(groups), len(PASSES), figsize=(5 * len(PASSES), 3.2 * len(groups)), squeeze=False)
+    for gi, (op, dtype, rows) in enumerate(groups):
+        for pi, pass_ in enumerate(PASSES):
+            ax = axes[gi][pi]
+            sel = [p for p in points if (p.op, p.dtype, p.rows, p.pass_) == (op, dtype, rows, pass_)]
+            for provider in sorted({p.provider for p in sel}):
+                pts = sorted((p.hidden, p.gbps) for p in sel if p.provider == provider)
+                ax.plot([h for h, _ in pts], [g for _, g in pts], marker="o", label=provider)
+            ax.axhline(copy_gbps, color="gray", linestyle="--", linewidth=1, label="copy")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{op} {pass_} {dtype} rows={rows}", fontsize=9)
+            ax.set_xlabel("hidden size N")
+            ax.set_ylabel("GB/s")
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,37 @@
+"""The benchmark harness runs end to end (CPU smoke mode: it checks the code, not the speed)."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.__main__ import main
+
+
+def test_smoke_run_writes_results(tmp_path):
+    rc = main(["--smoke", "--ops", "layernorm", "rmsnorm", "--dtypes", "fp32", "--out", str(tmp_path), "--name", "t"])
+    assert rc == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["environment"]["smoke"] is True and data["copy_gbps"] > 0
+    results = data["results"]
+    seen = {(r["op"], r["provider"], r["pass"]) for r in results}
+    for op in ("layernorm", "rmsnorm"):
+        for provider in ("normzoo", "eager"):
+            for pass_ in ("fwd", "bwd", "fwdbwd"):
+                assert (op, provider, pass_) in seen
+    for r in results:
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_copy"] > 0
+    assert "| layernorm | fwd | fp32 |" in (tmp_path / "t.md").read_text()
+
+
+def test_bytes_are_counted_from_first_principles():
+    from benchmarks.cases import CASES
+
+    # LayerNorm fwd+bwd on (8, 16) bf16: x, y, x, dy, dx = 5 tensors of 8*16*2 bytes.
+    assert CASES["layernorm"].bytes_moved("fwdbwd", 8, 16, torch.bfloat16) == 5 * 8 * 16 * 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_no_gpu_exits_cleanly(capsys):
+    assert main(["--ops", "layernorm"]) == 2
+    assert "No CUDA GPU found" in capsys.readouterr().err
