@@ -5,9 +5,20 @@
     >>> y = normzoo.functional.layer_norm(x, (4096,), w, b)
 """
 
-from . import functional, ops, reference
-from .layers import LayerNorm, RMSNorm
-from .swap import swap
+import importlib.util as _importlib_util
+from pathlib import Path as _Path
+
+# An install (editable or not) provides kernels/ as normzoo.kernels. Imported straight from a
+# source checkout (python -m pytest in the repo root, after a non-editable `pip install .`),
+# normzoo is this folder and kernels/ is its sibling: let the subpackage be found there.
+if _importlib_util.find_spec(f"{__name__}.kernels") is None:
+    _checkout = _Path(__file__).resolve().parent.parent
+    if (_checkout / "kernels" / "__init__.py").is_file():
+        __path__.append(str(_checkout))
+
+from . import functional, ops, reference  # noqa: E402
+from .layers import LayerNorm, RMSNorm  # noqa: E402
+from .swap import swap  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["LayerNorm", "RMSNorm", "swap", "functional", "ops", "reference"]
