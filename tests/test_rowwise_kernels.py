@@ -174,3 +174,9 @@ def test_row_offsets_past_2_pow_31(is_rms):
     w = torch.randn(n, dtype=torch.float16)
     run_and_compare(x, w, None, is_rms)
     run_and_compare(x, w, None, is_rms, max_block_n=16)
+
+
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_hidden_65536(is_rms, device):
+    x, w, b = make_inputs(2, 65536, torch.bfloat16, "weight+bias", torch.float32, device, is_rms)
+    run_and_compare(x, w, b, is_rms)
