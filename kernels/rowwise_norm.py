@@ -17,6 +17,7 @@ arithmetic is fp32 whatever the storage dtype. Rows that fit one tile are loaded
 registers (``SINGLE_TILE``); longer rows loop over column tiles.
 """
 
+import contextlib
 import os
 
 import torch
@@ -130,15 +131,6 @@ def _x_hat(x, mean, rstd, IS_RMS: tl.constexpr):
 
 
 @triton.jit
-def _dx_from_sums(x_hat, wdy, rstd, c1, c2, IS_RMS: tl.constexpr):
-    if IS_RMS:
-        dx = (wdy - x_hat * c1[:, None]) * rstd[:, None]
-    else:
-        dx = (wdy - x_hat * c1[:, None] - c2[:, None]) * rstd[:, None]
-    return dx
-
-
-@triton.jit
 def _norm_bwd_kernel(
     X, W, DY, DX, MEAN, RSTD,  # pointers; W and MEAN are unused when their flag is off
     DW_PARTIAL, DB_PARTIAL,  # (num_programs, N) fp32: this program's column sums for dw, db
@@ -159,48 +151,14 @@ def _norm_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, M)
     partial_row = pid.to(tl.int64) * N
 
-    if SINGLE_TILE:
-        cols = tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if not SINGLE_TILE:
+        # Pass A (long rows only): the row sums c1, c2 of this program's rows, into a scratch.
         for block_start in range(row_start, row_end, BLOCK_M):
             rows = block_start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
-            mask = row_mask[:, None] & col_mask[None, :]
             rows64 = rows.to(tl.int64)
-            x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
             mean = rstd  # placeholder: RMSNorm has no mean
-            if not IS_RMS:
-                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-            x_hat = _x_hat(x, mean, rstd, IS_RMS)
-            wdy = dy
-            if HAS_WEIGHT:
-                wdy = dy * w[None, :]
-            c1 = tl.sum(x_hat * wdy, axis=1) / N
-            c2 = tl.sum(wdy, axis=1) / N
-            dx = _dx_from_sums(x_hat, wdy, rstd, c1, c2, IS_RMS)
-            tl.store(DX + rows64[:, None] * stride_dx_row + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-            if COMPUTE_DW:
-                dw_acc += tl.sum(dy * x_hat, axis=0)
-            if COMPUTE_DB:
-                db_acc += tl.sum(dy, axis=0)
-        if COMPUTE_DW:
-            tl.store(DW_PARTIAL + partial_row + cols, dw_acc, mask=col_mask)
-        if COMPUTE_DB:
-            tl.store(DB_PARTIAL + partial_row + cols, db_acc, mask=col_mask)
-    else:
-        # Pass A: the row sums c1, c2 of every row of this program, kept in a small scratch.
-        for block_start in range(row_start, row_end, BLOCK_M):
-            rows = block_start + tl.arange(0, BLOCK_M)
-            row_mask = rows < row_end
-            rows64 = rows.to(tl.int64)
-            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-            mean = rstd
             if not IS_RMS:
                 mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
             c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -217,49 +175,57 @@ def _norm_bwd_kernel(
                 c2 += tl.sum(wdy, axis=1)
             tl.store(ROW_SUMS + rows64 * 2, c1 / N, mask=row_mask)
             tl.store(ROW_SUMS + rows64 * 2 + 1, c2 / N, mask=row_mask)
-        # Pass B: column tiles outermost, so each tile's dw/db sums stay in registers.
-        for col_start in range(0, N, BLOCK_N):
-            cols = col_start + tl.arange(0, BLOCK_N)
-            col_mask = cols < N
+
+    # dx, and dw/db partial sums. Column tiles are outermost so each tile's column sums stay in
+    # registers; a row that fits one tile (SINGLE_TILE) makes this loop run once and computes
+    # c1, c2 in registers instead of reading them back.
+    for col_start in range(0, N, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for block_start in range(row_start, row_end, BLOCK_M):
+            rows = block_start + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            mask = row_mask[:, None] & col_mask[None, :]
+            rows64 = rows.to(tl.int64)
+            x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            mean = rstd
+            if not IS_RMS:
+                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+            x_hat = _x_hat(x, mean, rstd, IS_RMS)
+            wdy = dy
             if HAS_WEIGHT:
-                w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-            dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for block_start in range(row_start, row_end, BLOCK_M):
-                rows = block_start + tl.arange(0, BLOCK_M)
-                row_mask = rows < row_end
-                mask = row_mask[:, None] & col_mask[None, :]
-                rows64 = rows.to(tl.int64)
-                x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-                mean = rstd
-                if not IS_RMS:
-                    mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+                wdy = dy * w[None, :]
+            if SINGLE_TILE:
+                c1 = tl.sum(x_hat * wdy, axis=1) / N
+                c2 = tl.sum(wdy, axis=1) / N
+            else:
                 c1 = tl.load(ROW_SUMS + rows64 * 2, mask=row_mask, other=0.0)
                 c2 = tl.load(ROW_SUMS + rows64 * 2 + 1, mask=row_mask, other=0.0)
-                x_hat = _x_hat(x, mean, rstd, IS_RMS)
-                wdy = dy
-                if HAS_WEIGHT:
-                    wdy = dy * w[None, :]
-                dx = _dx_from_sums(x_hat, wdy, rstd, c1, c2, IS_RMS)
-                tl.store(DX + rows64[:, None] * stride_dx_row + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-                if COMPUTE_DW:
-                    dw_acc += tl.sum(dy * x_hat, axis=0)
-                if COMPUTE_DB:
-                    db_acc += tl.sum(dy, axis=0)
+            if IS_RMS:
+                dx = (wdy - x_hat * c1[:, None]) * rstd[:, None]
+            else:
+                dx = (wdy - x_hat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            tl.store(DX + rows64[:, None] * stride_dx_row + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
             if COMPUTE_DW:
-                tl.store(DW_PARTIAL + partial_row + cols, dw_acc, mask=col_mask)
+                dw_acc += tl.sum(dy * x_hat, axis=0)
             if COMPUTE_DB:
-                tl.store(DB_PARTIAL + partial_row + cols, db_acc, mask=col_mask)
+                db_acc += tl.sum(dy, axis=0)
+        if COMPUTE_DW:
+            tl.store(DW_PARTIAL + partial_row + cols, dw_acc, mask=col_mask)
+        if COMPUTE_DB:
+            tl.store(DB_PARTIAL + partial_row + cols, db_acc, mask=col_mask)
 
 
 def _device_guard(device: torch.device):
     # Launch on the tensor's own GPU, not the current one (apex#770 returned zeros on cuda:1).
     if device.type == "cuda":
         return torch.cuda.device(device)
-    import contextlib
-
     return contextlib.nullcontext()
 
 

@@ -61,10 +61,12 @@ def run_and_compare(x, weight, bias, is_rms, eps=1e-5, max_block_n=None):
     else:
         assert mean.numel() == 0
 
+    dy_before = dy.clone()
     dx, dw, db = rowwise_norm_backward(
         dy, x, weight, mean, rstd, is_rms=is_rms,
         compute_dw=weight is not None, compute_db=bias is not None, max_block_n=max_block_n,
     )
+    assert torch.equal(dy, dy_before), "backward wrote into the incoming gradient"
     dx_ref, dw_ref, db_ref = reference.rowwise_norm_backward(
         dy.double(), x.double(), as64(weight), mean_ref, rstd_ref, is_rms,
         compute_dw=weight is not None, compute_db=bias is not None,
