@@ -5,6 +5,7 @@ is contiguous, allocate outputs, and return tensors. ``normzoo.ops`` builds the 
 on top of them.
 """
 
+from .elementwise import pointwise_backward, pointwise_forward
 from .rowwise_norm import rowwise_norm_backward, rowwise_norm_forward
 
-__all__ = ["rowwise_norm_forward", "rowwise_norm_backward"]
+__all__ = ["rowwise_norm_forward", "rowwise_norm_backward", "pointwise_forward", "pointwise_backward"]

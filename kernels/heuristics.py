@@ -61,3 +61,23 @@ def rowwise_config(n_cols: int, dtype: torch.dtype, *, backward: bool = False, m
     block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 16))
     num_warps = max(1, min(block_m * block_n // 256, 16))
     return RowwiseConfig(block_m=block_m, block_n=block_n, single_tile=single_tile, num_warps=num_warps)
+
+
+@dataclass(frozen=True)
+class ElementwiseConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+
+
+def elementwise_config(n_cols: int, *, backward: bool = False, max_block_n: int | None = None) -> ElementwiseConfig:
+    """Tile shape for the point-wise (DyT / Derf) kernels: about TARGET_TILE_ELEMENTS per tile
+    (half in backward, which holds x, dy, the activation and its derivative at once), columns up
+    to 1024 wide, rows stacked to fill the rest."""
+    target = TARGET_TILE_ELEMENTS // 2 if backward else TARGET_TILE_ELEMENTS
+    block_n = min(triton.next_power_of_2(max(n_cols, 1)), 1024)
+    if max_block_n is not None:
+        block_n = min(block_n, triton.next_power_of_2(max_block_n))
+    block_m = max(1, min(target // block_n, 64))
+    num_warps = max(1, min(block_m * block_n // 256, 8))
+    return ElementwiseConfig(block_m=block_m, block_n=block_n, num_warps=num_warps)

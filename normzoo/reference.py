@@ -8,6 +8,8 @@ both backends. Arithmetic is fp32 for 16/32-bit inputs and fp64 for fp64 inputs,
 Inputs are 2-D ``(rows, N)``: ``normzoo.ops`` flattens leading and normalized dims first.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -61,3 +63,61 @@ def rowwise_norm_backward(
     dw = (dyf * x_hat).sum(dim=0).to(param_dtype) if compute_dw else None
     db = dyf.sum(dim=0).to(param_dtype) if compute_db else None
     return dx.to(x.dtype), dw, db
+
+
+def _per_channel(p: Tensor, rows: int, channels: int, params_per_row: bool, acc: torch.dtype) -> Tensor:
+    """A (channels,) parameter broadcast against a 2-D (rows, cols) view."""
+    p = p.to(acc)
+    return p.repeat(rows // channels)[:, None] if params_per_row else p[None, :]
+
+
+def _fold_per_channel(t: Tensor, channels: int, params_per_row: bool) -> Tensor:
+    """Sum a 2-D (rows, cols) tensor down to one value per channel."""
+    return t.sum(dim=1).view(-1, channels).sum(dim=0) if params_per_row else t.sum(dim=0)
+
+
+def _activation(u: Tensor, activation: str):
+    if activation == "tanh":
+        act = torch.tanh(u)
+        return act, 1 - act * act
+    return torch.erf(u), (2 / math.sqrt(math.pi)) * torch.exp(-u * u)
+
+
+def pointwise_forward(x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                      activation: str, channels: int, params_per_row: bool) -> Tensor:
+    """DyT (``activation="tanh"``) or Derf (``"erf"``): ``weight ⊙ act(alpha·x + shift) + bias``.
+
+    ``x`` is 2-D; per-channel parameters run along its columns, or one per row (row r is channel
+    r mod ``channels``) when ``params_per_row``.
+    """
+    acc = compute_dtype(x.dtype)
+    u = x.to(acc) * alpha.to(acc)
+    if shift is not None:
+        u = u + shift.to(acc)
+    y, _ = _activation(u, activation)
+    if weight is not None:
+        y = y * _per_channel(weight, x.shape[0], channels, params_per_row, acc)
+    if bias is not None:
+        y = y + _per_channel(bias, x.shape[0], channels, params_per_row, acc)
+    return y.to(x.dtype)
+
+
+def pointwise_backward(dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None,
+                       activation: str, channels: int, params_per_row: bool, compute_dw: bool, compute_db: bool):
+    """Gradients of :func:`pointwise_forward`: ``(dx, dalpha, dshift, dw, db)``, absent ones ``None``."""
+    acc = compute_dtype(x.dtype)
+    xf, dyf = x.to(acc), dy.to(acc)
+    u = xf * alpha.to(acc)
+    if shift is not None:
+        u = u + shift.to(acc)
+    act, dact = _activation(u, activation)
+    g = dyf * dact
+    if weight is not None:
+        g = g * _per_channel(weight, x.shape[0], channels, params_per_row, acc)
+    dx = (g * alpha.to(acc)).to(x.dtype)
+    dalpha = (g * xf).sum().reshape(1).to(alpha.dtype)
+    dshift = g.sum().reshape(1).to(shift.dtype) if shift is not None else None
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dw = _fold_per_channel(dyf * act, channels, params_per_row).to(param_dtype) if compute_dw else None
+    db = _fold_per_channel(dyf, channels, params_per_row).to(param_dtype) if compute_db else None
+    return dx, dalpha, dshift, dw, db

@@ -22,19 +22,21 @@ RTOL = {
 }
 
 
-def rel_error(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> float:
+def rel_error(got: torch.Tensor, ref: torch.Tensor, rtol: float, scale: float = 0.0) -> float:
     got, ref = got.double(), ref.double()
     floor = rtol * math.sqrt(max(ref.numel(), 1))
-    return ((got - ref).norm() / (ref.norm() + floor)).item()
+    return ((got - ref).norm() / (max(ref.norm().item(), scale) + floor)).item()
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str = "", dtype: torch.dtype | None = None,
-                 peer: torch.Tensor | None = None):
+                 peer: torch.Tensor | None = None, scale: float = 0.0):
+    """``scale``: for a sum whose terms cancel, judge it against Σ|terms| (the size its rounding
+    errors scale with) rather than against the small result."""
     dtype = dtype or got.dtype
     assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
     assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {dtype}"
     assert not got.isnan().any() or ref.isnan().any(), f"{what}: NaN where the reference has none"
     rtol = RTOL[dtype]
-    allowed = rtol if peer is None else rtol + 2 * rel_error(peer, ref, rtol)
-    err = rel_error(got, ref, rtol)
+    allowed = rtol if peer is None else rtol + 2 * rel_error(peer, ref, rtol, scale)
+    err = rel_error(got, ref, rtol, scale)
     assert err <= allowed, f"{what}: relative error {err:.3g} > {allowed:.3g} ({dtype}, table {rtol:g})"

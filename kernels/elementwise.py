@@ -1,0 +1,264 @@
+"""Normalization-free point-wise layers, DyT and Derf, forward and backward, as one kernel family.
+
+    DyT:   u = alpha·x,          y = w ⊙ tanh(u) + b
+    Derf:  u = alpha·x + shift,  y = w ⊙ erf(u)  + b
+
+``alpha`` and ``shift`` are one scalar each, read from device memory (no host sync). Backward,
+with act' the activation's derivative (tanh: 1 − tanh²(u); erf: 2/√π·exp(−u²)) and
+g = dy ⊙ w ⊙ act'(u):
+
+    dx = alpha·g,   dw = Σ dy ⊙ act(u),   db = Σ dy,   dalpha = Σ g ⊙ x,   dshift = Σ g
+
+Inputs are 2-D views ``(rows, cols)``. Per-channel parameters run along the columns
+(channels-last: rows are tokens, columns channels) or, with ``PARAMS_PER_ROW``, one per row
+(channels-first (B, C, S) viewed as (B·C, S): row r holds channel r mod C). The column and scalar
+sums are per-program fp32 partials reduced in a second step: deterministic, no atomics.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .heuristics import elementwise_config, num_compute_units
+from .rowwise_norm import _alloc, _device_guard
+
+ACTIVATIONS = ("tanh", "erf")
+
+
+@triton.jit
+def _tanh(z):
+    """tanh without overflow for any finite z, within 2 ulp in fp32.
+
+    (1 − e)/(1 + e) with e = exp(−2|z|) never overflows but loses relative accuracy near 0, where
+    the odd Taylor series (7 terms, error < 1e-8 below |z| = 0.55) takes over.
+    """
+    a = tl.abs(z)
+    e = tl.exp(-2.0 * a)
+    t_far = (1.0 - e) / (1.0 + e)
+    z2 = tl.minimum(z * z, 1.0)  # only used below |z| = 0.55; capped so huge z cannot overflow it
+    p = -929569.0 / 638512875.0
+    p = 21844.0 / 6081075.0 + z2 * p
+    p = -1382.0 / 155925.0 + z2 * p
+    p = 62.0 / 2835.0 + z2 * p
+    p = -17.0 / 315.0 + z2 * p
+    p = 2.0 / 15.0 + z2 * p
+    p = -1.0 / 3.0 + z2 * p
+    t_near = a + a * z2 * p
+    t = tl.where(a < 0.55, t_near, t_far)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _activation(u, ACTIVATION: tl.constexpr):
+    """Returns (act(u), act'(u))."""
+    if ACTIVATION == "tanh":
+        act = _tanh(u)
+        dact = 1.0 - act * act
+    else:
+        act = tl.math.erf(u)
+        dact = 1.1283791670955126 * tl.exp(-u * u)  # 2/√π
+    return act, dact
+
+
+@triton.jit
+def _param_tile(P, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW: tl.constexpr):
+    """A per-channel parameter broadcast to the (BLOCK_M, BLOCK_N) tile."""
+    if PARAMS_PER_ROW:
+        p = tl.load(P + rows % C, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    else:
+        p = tl.load(P + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return p
+
+
+@triton.jit
+def _pointwise_fwd_kernel(
+    X, Y, ALPHA, SHIFT, W, B,  # pointers; ALPHA/SHIFT hold one scalar each
+    stride_x_row, stride_y_row,
+    M, N,  # rows, columns of the 2-D view
+    C,  # channels (rows are channel r mod C when PARAMS_PER_ROW)
+    ACTIVATION: tl.constexpr,  # "tanh" (DyT) or "erf" (Derf)
+    HAS_SHIFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PARAMS_PER_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = x * tl.load(ALPHA).to(tl.float32)
+    if HAS_SHIFT:
+        u += tl.load(SHIFT).to(tl.float32)
+    y, _ = _activation(u, ACTIVATION)
+    if HAS_WEIGHT:
+        y = y * _param_tile(W, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
+    if HAS_BIAS:
+        y = y + _param_tile(B, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
+    tl.store(Y + rows64[:, None] * stride_y_row + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pointwise_bwd_kernel(
+    X, DY, DX, ALPHA, SHIFT, W,
+    DW_PARTIAL, DB_PARTIAL,  # (programs, N) fp32 column sums, or (M,) row sums when PARAMS_PER_ROW
+    SCALAR_PARTIAL,  # (programs, 2) fp32: this program's Σ g·x (dalpha) and Σ g (dshift)
+    stride_x_row, stride_dy_row, stride_dx_row,
+    M, N, C,
+    rows_per_program,  # a multiple of BLOCK_M; exactly BLOCK_M when PARAMS_PER_ROW
+    ACTIVATION: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    PARAMS_PER_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    alpha = tl.load(ALPHA).to(tl.float32)
+    shift = 0.0
+    if HAS_SHIFT:
+        shift = tl.load(SHIFT).to(tl.float32)
+    dalpha_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dshift_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # PARAMS_PER_ROW: one row block per program, its row sums carried across column tiles.
+    dw_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+    db_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for col_start in range(0, N, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        dw_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for block_start in range(row_start, row_end, BLOCK_M):
+            rows = block_start + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            mask = row_mask[:, None] & col_mask[None, :]
+            rows64 = rows.to(tl.int64)
+            x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            act, dact = _activation(x * alpha + shift, ACTIVATION)
+            # dy is 0 in masked positions, so g, dy·act and the sums below ignore them.
+            g = dy * dact
+            if HAS_WEIGHT:
+                g = g * _param_tile(W, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
+            tl.store(DX + rows64[:, None] * stride_dx_row + cols[None, :], (g * alpha).to(DX.dtype.element_ty), mask=mask)
+            dalpha_acc += tl.sum(g * x, axis=0)
+            if HAS_SHIFT:
+                dshift_acc += tl.sum(g, axis=0)
+            if PARAMS_PER_ROW:
+                if COMPUTE_DW:
+                    dw_rows += tl.sum(dy * act, axis=1)
+                if COMPUTE_DB:
+                    db_rows += tl.sum(dy, axis=1)
+            else:
+                if COMPUTE_DW:
+                    dw_cols += tl.sum(dy * act, axis=0)
+                if COMPUTE_DB:
+                    db_cols += tl.sum(dy, axis=0)
+        if not PARAMS_PER_ROW:
+            partial_offset = pid.to(tl.int64) * N + cols
+            if COMPUTE_DW:
+                tl.store(DW_PARTIAL + partial_offset, dw_cols, mask=col_mask)
+            if COMPUTE_DB:
+                tl.store(DB_PARTIAL + partial_offset, db_cols, mask=col_mask)
+    if PARAMS_PER_ROW:
+        rows = row_start + tl.arange(0, BLOCK_M)
+        if COMPUTE_DW:
+            tl.store(DW_PARTIAL + rows, dw_rows, mask=rows < row_end)
+        if COMPUTE_DB:
+            tl.store(DB_PARTIAL + rows, db_rows, mask=rows < row_end)
+    tl.store(SCALAR_PARTIAL + pid * 2, tl.sum(dalpha_acc, axis=0))
+    tl.store(SCALAR_PARTIAL + pid * 2 + 1, tl.sum(dshift_acc, axis=0))
+
+
+def _check_activation(activation: str):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def pointwise_forward(x, alpha, shift, weight, bias, *, activation: str, channels: int, params_per_row: bool,
+                      max_block_n: int | None = None):
+    """``y = weight ⊙ act(alpha·x + shift) + bias`` on the 2-D ``x`` (last dim contiguous).
+
+    ``channels`` is the parameters' length: ``x.shape[1]`` for channels-last, C for a (B·C, S)
+    channels-first view (``params_per_row=True``). ``shift`` may be ``None`` (DyT).
+    """
+    _check_activation(activation)
+    assert x.dim() == 2 and x.stride(-1) == 1
+    M, N = x.shape
+    y = _alloc((M, N), x.dtype, x.device)
+    if M == 0 or N == 0:
+        return y
+    cfg = elementwise_config(N, max_block_n=max_block_n)
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n))
+    with _device_guard(x.device):
+        _pointwise_fwd_kernel[grid](
+            x, y, alpha, shift if shift is not None else alpha,
+            weight if weight is not None else x, bias if bias is not None else x,
+            x.stride(0), y.stride(0), M, N, channels,
+            ACTIVATION=activation, HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, PARAMS_PER_ROW=params_per_row,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        )
+    return y
+
+
+def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels: int, params_per_row: bool,
+                       compute_dw: bool, compute_db: bool, max_block_n: int | None = None):
+    """Gradients of :func:`pointwise_forward`: ``(dx, dalpha, dshift, dw, db)``.
+
+    ``dalpha``/``dshift`` have shape (1,) in the scalars' dtype (``dshift`` is ``None`` without a
+    shift); ``dw``/``db`` have shape (channels,) in the weight's dtype, or are ``None`` when not
+    asked for.
+    """
+    _check_activation(activation)
+    assert x.dim() == 2 and x.stride(-1) == 1 and dy.shape == x.shape and dy.stride(-1) == 1
+    M, N = x.shape
+    device = x.device
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dx = _alloc((M, N), x.dtype, device)
+    if M == 0 or N == 0:
+        zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=device)
+        return (dx, zeros(1, alpha.dtype), zeros(1, shift.dtype) if shift is not None else None,
+                zeros(channels, param_dtype) if compute_dw else None, zeros(channels, param_dtype) if compute_db else None)
+
+    cfg = elementwise_config(N, max_block_n=max_block_n, backward=True)
+    row_blocks = triton.cdiv(M, cfg.block_m)
+    if params_per_row:
+        rows_per_program = cfg.block_m  # row sums are carried across column tiles in registers
+    else:
+        programs = min(row_blocks, 4 * num_compute_units(device))
+        rows_per_program = triton.cdiv(row_blocks, programs) * cfg.block_m
+    programs = triton.cdiv(M, rows_per_program)
+
+    sums_shape = (M,) if params_per_row else (programs, N)
+    dw_partial = _alloc(sums_shape, torch.float32, device) if compute_dw else None
+    db_partial = _alloc(sums_shape, torch.float32, device) if compute_db else None
+    scalar_partial = _alloc((programs, 2), torch.float32, device)
+    with _device_guard(device):
+        _pointwise_bwd_kernel[(programs,)](
+            x, dy, dx, alpha, shift if shift is not None else alpha, weight if weight is not None else x,
+            dw_partial if compute_dw else dx, db_partial if compute_db else dx, scalar_partial,
+            x.stride(0), dy.stride(0), dx.stride(0), M, N, channels, rows_per_program,
+            ACTIVATION=activation, HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
+            COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, PARAMS_PER_ROW=params_per_row,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        )
+
+    def per_channel(partial):
+        # channels-first: row r is channel r mod C, so (B·C,) row sums fold to (B, C).
+        sums = partial.view(-1, channels).sum(0) if params_per_row else partial.sum(0)
+        return sums.to(param_dtype)
+
+    # Two separate reductions: slices of one result would alias, which custom ops forbid.
+    dalpha = scalar_partial[:, 0].sum().reshape(1).to(alpha.dtype)
+    dshift = scalar_partial[:, 1].sum().reshape(1).to(shift.dtype) if shift is not None else None
+    return (dx, dalpha, dshift, per_channel(dw_partial) if compute_dw else None,
+            per_channel(db_partial) if compute_db else None)

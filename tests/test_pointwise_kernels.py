@@ -1,0 +1,145 @@
+"""The DyT / Derf Triton kernels against the float64 reference (interpreter on CPU)."""
+
+import pytest
+import torch
+
+from helpers import assert_close
+from normzoo import reference
+from normzoo.kernels import pointwise_backward, pointwise_forward
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ACTIVATIONS = ["tanh", "erf"]
+# (rows, cols, channels, params_per_row, max_block_n): channels-last rows × C, or a channels-first
+# (B·C, S) view; a small max_block_n makes the kernels loop over column tiles.
+LAYOUTS = {
+    "last-C1": (9, 1, 1, False, None),
+    "last-C97": (37, 97, 97, False, None),
+    "last-C300-looped": (21, 300, 300, False, 64),
+    "first-B3C5S49": (15, 49, 5, True, None),
+    "first-B2C7S1": (14, 1, 7, True, None),
+    "first-B2C3S200-looped": (6, 200, 3, True, 32),
+}
+
+
+def make(layout, dtype, param_dtype, activation, affine, device, scale=3.0):
+    rows, cols, channels, per_row, max_block_n = LAYOUTS[layout]
+    x = (torch.randn(rows, cols, device=device) * scale).to(dtype)
+    alpha = torch.tensor([0.7], device=device, dtype=param_dtype)
+    shift = torch.tensor([0.2], device=device, dtype=param_dtype) if activation == "erf" else None
+    weight = torch.randn(channels, device=device).to(param_dtype) if affine != "none" else None
+    bias = torch.randn(channels, device=device).to(param_dtype) if affine == "weight+bias" else None
+    return x, alpha, shift, weight, bias, dict(channels=channels, params_per_row=per_row), max_block_n
+
+
+def run_and_compare(x, alpha, shift, weight, bias, layout_kw, activation, max_block_n=None):
+    as64 = lambda t: None if t is None else t.double()
+    kw = dict(activation=activation, **layout_kw)
+    y = pointwise_forward(x, alpha, shift, weight, bias, max_block_n=max_block_n, **kw)
+    y_ref = reference.pointwise_forward(x.double(), as64(alpha), as64(shift), as64(weight), as64(bias),
+                                        activation, layout_kw["channels"], layout_kw["params_per_row"])
+    # Peer: the reference at the inputs' own precision (fp32 arithmetic, like PyTorch's kernels).
+    y_peer = reference.pointwise_forward(x, alpha, shift, weight, bias, activation, layout_kw["channels"],
+                                         layout_kw["params_per_row"])
+    assert torch.isfinite(y).all()
+    assert_close(y, y_ref, "y", x.dtype, peer=y_peer)
+
+    dy = torch.randn_like(x)
+    dy_before = dy.clone()
+    flags = dict(compute_dw=weight is not None, compute_db=bias is not None)
+    grads = pointwise_backward(dy, x, alpha, shift, weight, max_block_n=max_block_n, **kw, **flags)
+    assert torch.equal(dy, dy_before), "backward wrote into the incoming gradient"
+    refs = reference.pointwise_backward(dy.double(), x.double(), as64(alpha), as64(shift), as64(weight), activation,
+                                        layout_kw["channels"], layout_kw["params_per_row"], **flags)
+    peers = reference.pointwise_backward(dy, x, alpha, shift, weight, activation, layout_kw["channels"],
+                                         layout_kw["params_per_row"], **flags)
+    dtypes = [x.dtype, alpha.dtype, alpha.dtype, *(2 * [weight.dtype if weight is not None else x.dtype])]
+    # dalpha = Σ g·x and dshift = Σ g over every element can cancel: judge them against Σ|terms|.
+    g = refs[0].double() / alpha.double()
+    scales = [0.0, (g * x.double()).abs().sum().item(), g.abs().sum().item(), 0.0, 0.0]
+    for name, got, ref, peer, dtype, scale in zip(["dx", "dalpha", "dshift", "dw", "db"], grads, refs, peers,
+                                                  dtypes, scales):
+        if ref is None:
+            assert got is None, name
+            continue
+        assert torch.isfinite(got).all(), name
+        assert_close(got, ref, name, dtype, peer=peer, scale=scale)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("affine", ["none", "weight", "weight+bias"])
+def test_kernels_match_reference(activation, dtype, layout, affine, device):
+    x, alpha, shift, w, b, layout_kw, max_block_n = make(layout, dtype, dtype, activation, affine, device)
+    run_and_compare(x, alpha, shift, w, b, layout_kw, activation, max_block_n)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["last-C97", "first-B3C5S49"])
+def test_fp32_params_with_16bit_input(activation, dtype, layout, device):
+    x, alpha, shift, w, b, layout_kw, max_block_n = make(layout, dtype, torch.float32, activation, "weight+bias", device)
+    run_and_compare(x, alpha, shift, w, b, layout_kw, activation, max_block_n)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_huge_inputs_stay_finite_and_exact(activation, dtype, device):
+    # ±1e4 (and fp16's ±65504): the activation saturates to ±1 and its derivative to 0, no NaN/Inf.
+    big = 6.5e4 if dtype == torch.float16 else 1e4
+    x, alpha, shift, w, b, layout_kw, _ = make("last-C97", dtype, dtype, activation, "weight+bias", device)
+    x = torch.where(torch.rand_like(x, dtype=torch.float32) < 0.5, -big, big).to(dtype)
+    x[0, :10] = torch.tensor([0.0, 1e-4, -1e-4, 0.3, -0.6, 2.0, -5.0, 9.0, -20.0, 50.0], dtype=dtype)
+    run_and_compare(x, alpha, shift, w, b, layout_kw, activation)
+
+
+def test_tanh_is_accurate_near_zero_and_at_the_switch(device):
+    # The kernel's tanh switches from a series to (1−e)/(1+e) at |z| = 0.55: both sides, and tiny z.
+    z = torch.tensor([0.0, 1e-30, 1e-7, 1e-3, 0.1, 0.5499, 0.5501, 0.9, 3.0, 9.0, 30.0], device=device)
+    x = torch.cat([z, -z])[None, :]
+    one = torch.ones(1, device=device)
+    y = pointwise_forward(x, one, None, None, None, activation="tanh", channels=x.shape[1], params_per_row=False)
+    exact = torch.tanh(x.double())
+    rel_in_eps = (y.double() - exact).abs() / exact.abs().clamp_min(1e-300) / torch.finfo(torch.float32).eps
+    assert rel_in_eps.max() <= 4, rel_in_eps
+
+
+def test_many_rows_per_program(device):
+    x, alpha, shift, w, b, layout_kw, _ = make("last-C97", torch.float32, torch.float32, "erf", "weight+bias", device)
+    x = torch.randn(1500, 24, device=device)
+    w, b = torch.randn(24, device=device), torch.randn(24, device=device)
+    run_and_compare(x, alpha, shift, w, b, dict(channels=24, params_per_row=False), "erf")
+
+
+def test_backward_is_deterministic(device):
+    x = torch.randn(900, 40, device=device, dtype=torch.bfloat16)
+    alpha = torch.tensor([0.5], device=device)
+    w = torch.randn(40, device=device)
+    dy = torch.randn_like(x)
+    kw = dict(activation="tanh", channels=40, params_per_row=False, compute_dw=True, compute_db=True)
+    first = pointwise_backward(dy, x, alpha, None, w, **kw)
+    again = pointwise_backward(dy, x, alpha, None, w, **kw)
+    for a, b in zip(first, again):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_empty_input(device):
+    x = torch.empty(0, 8, device=device)
+    alpha, shift, w = torch.ones(1, device=device), torch.zeros(1, device=device), torch.ones(8, device=device)
+    y = pointwise_forward(x, alpha, shift, w, w, activation="erf", channels=8, params_per_row=False)
+    assert y.shape == (0, 8)
+    dx, da, ds, dw, db = pointwise_backward(x, x, alpha, shift, w, activation="erf", channels=8,
+                                            params_per_row=False, compute_dw=True, compute_db=True)
+    assert dx.shape == (0, 8)
+    for g, n in ((da, 1), (ds, 1), (dw, 8), (db, 8)):
+        assert torch.equal(g, torch.zeros(n, device=device))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="uses a 4 GiB lazily-mapped CPU buffer")
+def test_row_offsets_past_2_pow_31():
+    n, stride = 40, 1 << 30
+    storage = torch.empty(2 * stride + n, dtype=torch.float16)
+    x = storage.as_strided((3, n), (stride, 1))
+    x.copy_(torch.randn(3, n).to(torch.float16))
+    run_and_compare(x, torch.tensor([0.5]), torch.tensor([0.1]), torch.randn(n), torch.randn(n),
+                    dict(channels=n, params_per_row=False), "erf")
