@@ -17,8 +17,8 @@ if _importlib_util.find_spec(f"{__name__}.kernels") is None:
         __path__.append(str(_checkout))
 
 from . import functional, ops, reference  # noqa: E402
-from .layers import LayerNorm, RMSNorm  # noqa: E402
+from .layers import Derf, DyT, LayerNorm, RMSNorm  # noqa: E402
 from .swap import swap  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["LayerNorm", "RMSNorm", "swap", "functional", "ops", "reference"]
+__all__ = ["LayerNorm", "RMSNorm", "DyT", "Derf", "swap", "functional", "ops", "reference"]

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["layer_norm", "rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "dyt", "derf"]
 
 
 def layer_norm(
@@ -48,3 +48,46 @@ def rms_norm(
     ``torch.finfo(torch.float32).eps`` (``float64`` eps for float64 input), as in PyTorch.
     """
     return ops.rowwise_norm(input, normalized_shape, weight, None, eps, is_rms=True, backend=backend)
+
+
+def dyt(
+    input: Tensor,
+    alpha: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    channels_last: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Dynamic Tanh (https://arxiv.org/abs/2503.10622), a point-wise stand-in for a norm layer.
+
+    .. math::
+        y = \gamma \odot \tanh(\alpha x) + \beta
+
+    ``alpha`` is a one-element tensor. With ``channels_last=True`` (default) ``weight``/``bias``
+    cover the input's trailing dims; with ``channels_last=False`` the input is (B, C, *spatial) and
+    they have shape (C,). Finite for every finite input, in every dtype.
+    """
+    return ops.pointwise(input, alpha, None, weight, bias, activation="tanh", channels_last=channels_last,
+                         backend=backend)
+
+
+def derf(
+    input: Tensor,
+    alpha: Tensor,
+    shift: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    channels_last: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Dynamic erf (https://arxiv.org/abs/2512.10938): like :func:`dyt` with erf and a shift.
+
+    .. math::
+        y = \gamma \odot \operatorname{erf}(\alpha x + s) + \beta
+
+    ``alpha`` and ``shift`` are one-element tensors; the rest is as in :func:`dyt`.
+    """
+    return ops.pointwise(input, alpha, shift, weight, bias, activation="erf", channels_last=channels_last,
+                         backend=backend)

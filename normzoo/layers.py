@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .ops import check_backend
+from .ops import check_backend, normalized_shape_tuple
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "DyT", "Derf"]
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -89,3 +89,128 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
+class _PointwiseNorm(torch.nn.Module):
+    """Shared parameters and bookkeeping of DyT and Derf."""
+
+    def __init__(self, normalized_shape, alpha_init_value: float, elementwise_affine: bool, bias: bool,
+                 channels_last: bool, device, dtype, backend: str) -> None:
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        shape = normalized_shape_tuple(normalized_shape)
+        if not channels_last and len(shape) != 1:
+            raise ValueError(f"channels_last=False normalizes over dim 1: normalized_shape must be one int C, got {shape}")
+        self.normalized_shape = shape
+        self.alpha_init_value = float(alpha_init_value)
+        self.elementwise_affine = elementwise_affine
+        self.channels_last = channels_last
+        self.backend = check_backend(backend)
+        self.alpha = torch.nn.Parameter(torch.empty(1, **factory_kwargs))
+        for name, wanted in (("weight", elementwise_affine), ("bias", elementwise_affine and bias)):
+            param = torch.nn.Parameter(torch.empty(shape, **factory_kwargs)) if wanted else None
+            self.register_parameter(name, param)
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.constant_(self.alpha, self.alpha_init_value)
+        if self.weight is not None:
+            torch.nn.init.ones_(self.weight)
+        if self.bias is not None:
+            torch.nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, alpha_init_value={self.alpha_init_value}, "
+                f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}, "
+                f"channels_last={self.channels_last}, backend={self.backend!r}")
+
+
+class DyT(_PointwiseNorm):
+    r"""Dynamic Tanh, from "Transformers without Normalization" (https://arxiv.org/abs/2503.10622).
+
+    .. math::
+        y = \gamma \odot \tanh(\alpha x) + \beta
+
+    A point-wise replacement for LayerNorm/RMSNorm: no statistics, one learnable scalar
+    :math:`\alpha` and per-channel :math:`\gamma`, :math:`\beta`. Parameter names follow the
+    paper's code (``alpha``, ``weight``, ``bias``). DyT changes the architecture: models are trained
+    with it, not converted from pretrained norm weights (the paper also tunes ``alpha_init_value``
+    by width and depth, e.g. 0.8/0.2 for LLaMA-7B attention/FFN norms).
+
+    Args:
+        normalized_shape (int or list): channels C (or the trailing shape with ``channels_last``).
+        alpha_init_value (float): initial :math:`\alpha`. Default: 0.5 (the paper's default)
+        elementwise_affine (bool): learn ``weight`` (ones) and ``bias`` (zeros). Default: ``True``
+        bias (bool): with ``elementwise_affine``, whether to learn ``bias``. Default: ``True``
+        channels_last (bool): ``True``: input (\*, C), parameters over the trailing dims.
+            ``False``: input (B, C, \*spatial), parameters broadcast over dim 1 (ConvNeXt-style).
+            Default: ``True``
+        backend (str): ``"auto"``, ``"triton"`` or ``"torch"`` (see :class:`LayerNorm`).
+
+    Shape:
+        - Input: :math:`(*, C)` or, with ``channels_last=False``, :math:`(B, C, *)`
+        - Output: same shape and dtype as the input
+
+    Examples::
+
+        >>> dyt = normzoo.DyT(768)
+        >>> y = dyt(torch.randn(4, 16, 768))
+        >>> dyt2d = normzoo.DyT(64, channels_last=False)
+        >>> y = dyt2d(torch.randn(2, 64, 14, 14))
+    """
+
+    def __init__(self, normalized_shape, alpha_init_value: float = 0.5, elementwise_affine: bool = True,
+                 bias: bool = True, channels_last: bool = True, device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__(normalized_shape, alpha_init_value, elementwise_affine, bias, channels_last, device, dtype,
+                         backend)
+        self.reset_parameters()
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.dyt(input, self.alpha, self.weight, self.bias, channels_last=self.channels_last, backend=self.backend)
+
+
+class Derf(_PointwiseNorm):
+    r"""Dynamic erf, from "Stronger Normalization-Free Transformers" (https://arxiv.org/abs/2512.10938).
+
+    .. math::
+        y = \gamma \odot \operatorname{erf}(\alpha x + s) + \beta
+
+    Like :class:`DyT` with erf in place of tanh and one more learnable scalar, the shift ``s``
+    (one value for the layer, not per channel). Initial values follow the paper's code
+    (zlab-princeton/Derf): :math:`\alpha = 0.5`, :math:`s = 0`, so a fresh layer is odd-symmetric
+    like DyT and the shift is learned from there.
+
+    Args:
+        normalized_shape, alpha_init_value, elementwise_affine, bias, channels_last, backend:
+            as for :class:`DyT`.
+        shift_init_value (float): initial shift :math:`s`. Default: 0.0
+
+    Shape:
+        - Input: :math:`(*, C)` or, with ``channels_last=False``, :math:`(B, C, *)`
+        - Output: same shape and dtype as the input
+
+    Examples::
+
+        >>> derf = normzoo.Derf(768)
+        >>> y = derf(torch.randn(4, 16, 768))
+    """
+
+    def __init__(self, normalized_shape, alpha_init_value: float = 0.5, shift_init_value: float = 0.0,
+                 elementwise_affine: bool = True, bias: bool = True, channels_last: bool = True, device=None,
+                 dtype=None, *, backend: str = "auto"):
+        super().__init__(normalized_shape, alpha_init_value, elementwise_affine, bias, channels_last, device, dtype,
+                         backend)
+        self.shift_init_value = float(shift_init_value)
+        self.shift = torch.nn.Parameter(torch.empty(1, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        torch.nn.init.constant_(self.shift, self.shift_init_value)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.derf(input, self.alpha, self.shift, self.weight, self.bias, channels_last=self.channels_last,
+                      backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace(", elementwise_affine",
+                                            f", shift_init_value={self.shift_init_value}, elementwise_affine", 1)

@@ -212,3 +212,129 @@ def rowwise_norm(
     b = bias.reshape(n) if bias is not None else None
     y, _, _ = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton)
     return y.view(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Point-wise normalization-free layers (DyT / Derf)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("normzoo::pointwise_fwd", mutates_args=())
+def pointwise_fwd(
+    x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+    activation: str, channels: int, params_per_row: bool, triton: bool,
+) -> Tensor:
+    """``weight ⊙ act(alpha·x + shift) + bias`` on 2-D ``x``; see :mod:`normzoo.kernels.elementwise`."""
+    if triton:
+        from normzoo.kernels import pointwise_forward
+
+        return pointwise_forward(_rows_contiguous(x), alpha, shift, weight, bias, activation=activation,
+                                 channels=channels, params_per_row=params_per_row)
+    return reference.pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row)
+
+
+@pointwise_fwd.register_fake
+def _(x, alpha, shift, weight, bias, activation, channels, params_per_row, triton):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("normzoo::pointwise_bwd", mutates_args=())
+def pointwise_bwd(
+    dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None,
+    activation: str, channels: int, params_per_row: bool, compute_dw: bool, compute_db: bool, triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dalpha, dshift, dw, db)``; a gradient not computed is an empty tensor."""
+    if triton:
+        from normzoo.kernels import pointwise_backward
+
+        grads = pointwise_backward(_rows_contiguous(dy), _rows_contiguous(x), alpha, shift, weight,
+                                   activation=activation, channels=channels, params_per_row=params_per_row,
+                                   compute_dw=compute_dw, compute_db=compute_db)
+    else:
+        grads = reference.pointwise_backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
+                                             compute_dw, compute_db)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@pointwise_bwd.register_fake
+def _(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute_dw, compute_db, triton):
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        alpha.new_empty((1,)),
+        shift.new_empty((1,)) if shift is not None else x.new_empty(0),
+        x.new_empty((channels,), dtype=param_dtype) if compute_dw else x.new_empty(0),
+        x.new_empty((channels,), dtype=param_dtype) if compute_db else x.new_empty(0),
+    )
+
+
+def _pointwise_setup_context(ctx, inputs, output):
+    x, alpha, shift, weight, bias, activation, channels, params_per_row, triton = inputs
+    ctx.save_for_backward(x, alpha, shift, weight)
+    ctx.activation, ctx.channels, ctx.params_per_row, ctx.triton = activation, channels, params_per_row, triton
+    ctx.has_bias = bias is not None
+
+
+def _pointwise_backward(ctx, dy):
+    x, alpha, shift, weight = ctx.saved_tensors
+    needs_dx, needs_dalpha, needs_dshift, needs_dw, needs_db = ctx.needs_input_grad[:5]
+    compute_dw = weight is not None and needs_dw
+    compute_db = ctx.has_bias and needs_db
+    dx, dalpha, dshift, dw, db = pointwise_bwd(
+        dy, x, alpha, shift, weight, ctx.activation, ctx.channels, ctx.params_per_row,
+        compute_dw, compute_db, ctx.triton,
+    )
+    return (
+        dx if needs_dx else None,
+        dalpha.view(alpha.shape) if needs_dalpha else None,
+        dshift.view(shift.shape) if shift is not None and needs_dshift else None,
+        dw if compute_dw else None,
+        db if compute_db else None,
+        None, None, None, None,
+    )
+
+
+pointwise_fwd.register_autograd(_pointwise_backward, setup_context=_pointwise_setup_context)
+
+
+def _check_scalar(t, name: str, x: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor with one element, got {type(t).__name__}")
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have exactly one element (a learnable scalar), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but input is on {x.device}; put them on the same device")
+
+
+def pointwise(
+    x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+    *, activation: str, channels_last: bool, backend: str,
+) -> Tensor:
+    """DyT / Derf on any shape. channels-last: the parameters cover the trailing ``weight.shape``
+    dims; channels-first: ``x`` is (B, C, *spatial) and the parameters have shape (C,)."""
+    check_input(x)
+    _check_scalar(alpha, "alpha", x)
+    if shift is not None:
+        _check_scalar(shift, "shift", x)
+    param = weight if weight is not None else bias
+    if channels_last:
+        shape = tuple(param.shape) if param is not None else (x.shape[-1] if x.dim() else 1,)
+        if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+            raise ValueError(f"expected input whose trailing dims are {shape} (the weight's shape), "
+                             f"got input of shape {tuple(x.shape)}")
+        channels = math.prod(shape)
+        x2d = x.reshape(x.numel() // channels if channels else 0, channels)
+    else:
+        if x.dim() < 2:
+            raise ValueError(f"channels_last=False expects input of shape (B, C, *spatial), got {tuple(x.shape)}")
+        shape = (x.shape[1],)
+        channels = x.shape[1]
+        x2d = x.reshape(x.shape[0] * channels, math.prod(x.shape[2:]))
+    check_param(weight, "weight", shape, x)
+    check_param(bias, "bias", shape, x)
+    triton = use_triton(backend, x)
+    flat = lambda p: p.reshape(channels) if p is not None else None
+    y = pointwise_fwd(x2d, alpha, shift, flat(weight), flat(bias), activation, channels, not channels_last, triton)
+    return y.view(x.shape)

@@ -1,19 +1,41 @@
-"""Replace the norm layers of an existing model with normzoo's, in place, and report what changed."""
+"""Replace the norm layers of an existing model, in place, and report what changed."""
 
 from collections import Counter
 from collections.abc import Callable
 
 import torch
 
-from .layers import LayerNorm, RMSNorm
+from .layers import Derf, DyT, LayerNorm, RMSNorm
 from .ops import check_backend
 
+# The classes whose behaviour we know exactly. A subclass of one of them (timm's LayerNorm2d
+# permutes NCHW input, say) may compute something else, so it is reported, never replaced.
+_KNOWN_NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm, LayerNorm, RMSNorm)
+_TARGETS = {None: None, "dyt": DyT, "derf": Derf}
 
-def replace_modules(model: torch.nn.Module, convert: Callable[[str, torch.nn.Module], torch.nn.Module | None]) -> Counter:
+
+class SwapReport(Counter):
+    """Counts of ``"torch.LayerNorm -> normzoo.LayerNorm"``-style replacements; ``left_alone``
+    counts the norm-like modules that were seen but not replaced, with the reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.left_alone = Counter()
+
+    def __repr__(self):
+        return f"SwapReport(replaced={dict(self)}, left_alone={dict(self.left_alone)})"
+
+
+def _short_name(cls: type) -> str:
+    return f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"  # torch.LayerNorm, normzoo.LayerNorm
+
+
+def replace_modules(model: torch.nn.Module, convert: Callable[[str, torch.nn.Module], torch.nn.Module | None],
+                    report: SwapReport | None = None) -> SwapReport:
     """Walk ``model`` and replace each submodule for which ``convert(name, module)`` returns a new
-    module. Returns a Counter of ``"torch.LayerNorm -> normzoo.LayerNorm"``-style keys. A replaced module's children are not
-    visited. ``model`` itself is never replaced (it has no parent to hold the new one)."""
-    replaced = Counter()
+    module (a replaced module's children are not visited; ``model`` itself has no parent and is
+    never replaced). The new module takes the old one's training mode."""
+    report = report if report is not None else SwapReport()
 
     def visit(parent: torch.nn.Module, prefix: str):
         for child_name, child in list(parent.named_children()):
@@ -24,41 +46,63 @@ def replace_modules(model: torch.nn.Module, convert: Callable[[str, torch.nn.Mod
                 continue
             new.train(child.training)
             setattr(parent, child_name, new)
-            replaced[f"{_short_name(type(child))} -> {_short_name(type(new))}"] += 1
+            report[f"{_short_name(type(child))} -> {_short_name(type(new))}"] += 1
 
     visit(model, "")
-    return replaced
+    return report
 
 
-def _short_name(cls: type) -> str:
-    return f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"  # torch.LayerNorm, normzoo.LayerNorm
-
-
-def _like(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
-    """Give ``new`` the parameters of ``old`` (the same tensors: dtype, device, requires_grad and
-    any optimizer state that refers to them are kept)."""
+def _share_parameters(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
+    """Give ``new`` the parameters of ``old``: the same tensors, so dtype, device, requires_grad and
+    any optimizer state that refers to them are kept."""
     for name, param in old.named_parameters(recurse=False):
         setattr(new, name, param)
     return new
 
 
-def swap(model: torch.nn.Module, *, backend: str = "auto") -> Counter:
-    """Replace every ``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm`` in ``model`` with normzoo's,
-    sharing their parameters. Returns a Counter of what was replaced.
+def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto",
+         alpha_init_value: float = 0.5) -> SwapReport:
+    """Replace the LayerNorm / RMSNorm layers of ``model`` in place. Returns a :class:`SwapReport`.
 
-    normzoo's layers subclass PyTorch's, so ``isinstance`` checks and ``state_dict`` keys are kept;
-    layers that are already normzoo's are left alone.
+    ``to=None`` (default): every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` becomes normzoo's
+    fused equivalent, sharing its parameters. normzoo's layers subclass PyTorch's, so
+    ``isinstance`` checks and ``state_dict`` keys are kept, and outputs match.
+
+    ``to="dyt"`` / ``to="derf"``: every LayerNorm / RMSNorm (PyTorch's or normzoo's) becomes a
+    freshly initialised :class:`~normzoo.DyT` / :class:`~normzoo.Derf` over the same shape,
+    dtype and device, with a bias where the norm had one (RMSNorm: none). This changes the
+    architecture: train the converted model, don't expect a pretrained one to keep its quality
+    (the DyT paper also adjusts ``alpha_init_value`` and the learning rate).
+
+    Subclasses of these norms (e.g. timm's channels-first ``LayerNorm2d``) may compute something
+    else; they are listed in ``report.left_alone`` rather than replaced.
     """
     check_backend(backend)
+    if to not in _TARGETS:
+        raise ValueError(f"to must be one of {list(_TARGETS)}, got {to!r}")
+    target = _TARGETS[to]
+    report = SwapReport()
 
     def convert(name, module):
-        if type(module) is torch.nn.LayerNorm:
-            new = LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
-                            bias=module.bias is not None, device="meta", backend=backend)
-            return _like(module, new)
-        if type(module) is torch.nn.RMSNorm:
-            new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta", backend=backend)
-            return _like(module, new)
-        return None
+        if type(module) not in _KNOWN_NORMS:
+            if isinstance(module, _KNOWN_NORMS) and not isinstance(module, (LayerNorm, RMSNorm)):
+                report.left_alone[f"{_short_name(type(module))} (unknown subclass of a norm)"] += 1
+            return None
+        is_rms = isinstance(module, torch.nn.RMSNorm)
+        if target is None:
+            if type(module) in (LayerNorm, RMSNorm):
+                return None  # already ours
+            if is_rms:
+                new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta",
+                              backend=backend)
+            else:
+                new = LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
+                                bias=module.bias is not None, device="meta", backend=backend)
+            return _share_parameters(module, new)
+        like = module.weight
+        return target(module.normalized_shape, alpha_init_value=alpha_init_value,
+                      elementwise_affine=module.elementwise_affine, bias=not is_rms and module.bias is not None,
+                      device=like.device if like is not None else None, dtype=like.dtype if like is not None else None,
+                      backend=backend)
 
-    return replace_modules(model, convert)
+    return replace_modules(model, convert, report)

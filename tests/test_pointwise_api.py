@@ -1,0 +1,239 @@
+"""DyT / Derf public API: gradcheck, functional vs the papers' formulas, modules, errors, compile, swap."""
+
+import pytest
+import torch
+
+import normzoo
+import normzoo.functional as NF
+from helpers import assert_close
+from normzoo import ops
+
+BACKENDS = ["torch", "triton"]
+
+
+def paper_formula(x, alpha, shift, w, b, channels_last):
+    """The papers' reference modules, written out: act(alpha·x [+ s]) * w + b."""
+    u = alpha * x + (shift if shift is not None else 0)
+    y = torch.tanh(u) if shift is None else torch.erf(u)
+    # channels-first: parameters of shape (C,) broadcast over dim 1 of (B, C, *spatial).
+    as_channels = (lambda p: p) if channels_last else (lambda p: p.view(-1, *([1] * (x.dim() - 2))))
+    y = y * as_channels(w) if w is not None else y
+    return y + as_channels(b) if b is not None else y
+
+
+def call(kind, x, alpha, shift, w, b, channels_last, backend):
+    if kind == "dyt":
+        return NF.dyt(x, alpha, w, b, channels_last=channels_last, backend=backend)
+    return NF.derf(x, alpha, shift, w, b, channels_last=channels_last, backend=backend)
+
+
+@pytest.mark.parametrize("kind", ["dyt", "derf"])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("affine", ["none", "weight", "weight+bias"])
+def test_gradcheck_float64(kind, channels_last, affine):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    c = 5 if channels_last else 3
+    alpha = torch.tensor([0.6], dtype=torch.float64, requires_grad=True)
+    shift = torch.tensor([0.1], dtype=torch.float64, requires_grad=True) if kind == "derf" else None
+    w = torch.randn(c, dtype=torch.float64, requires_grad=True) if affine != "none" else None
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True) if affine == "weight+bias" else None
+    args = [t for t in (x, alpha, shift, w, b) if t is not None]
+
+    def fn(*leaves):
+        it = iter(leaves)
+        x_, a_ = next(it), next(it)
+        s_ = next(it) if shift is not None else None
+        w_ = next(it) if w is not None else None
+        b_ = next(it) if b is not None else None
+        return call(kind, x_, a_, s_, w_, b_, channels_last, "torch")
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["dyt", "derf"])
+@pytest.mark.parametrize("channels_last,shape", [(True, (2, 7, 48)), (False, (2, 6, 5, 7)), (False, (3, 6))])
+def test_functional_matches_the_papers_formula(backend, kind, channels_last, shape, device):
+    c = shape[-1] if channels_last else shape[1]
+    leaves = {
+        "x": torch.randn(shape, device=device) * 2,
+        "alpha": torch.tensor([0.8], device=device),
+        "shift": torch.tensor([-0.3], device=device) if kind == "derf" else None,
+        "w": torch.randn(c, device=device),
+        "b": torch.randn(c, device=device),
+    }
+    leaves = {k: v.requires_grad_() for k, v in leaves.items() if v is not None}
+    as64 = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    peer = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}  # eager PyTorch in fp32
+
+    y = call(kind, *(leaves.get(k) for k in ("x", "alpha", "shift", "w", "b")), channels_last, backend)
+    y_ref = paper_formula(*(as64.get(k) for k in ("x", "alpha", "shift", "w", "b")), channels_last)
+    y_peer = paper_formula(*(peer.get(k) for k in ("x", "alpha", "shift", "w", "b")), channels_last)
+    assert_close(y, y_ref.detach(), "y", peer=y_peer.detach())
+    dy = torch.randn_like(y)
+    for out, grad in ((y, dy), (y_ref, dy.double()), (y_peer, dy)):
+        out.backward(grad)
+    for name in leaves:
+        # Scalar grads sum over every element and can cancel: the peer term accounts for that.
+        assert_close(leaves[name].grad, as64[name].grad, f"d{name}", peer=peer[name].grad)
+
+
+def test_channels_first_accepts_channels_last_memory_format(device):
+    x = torch.randn(2, 4, 3, 5, device=device).to(memory_format=torch.channels_last)
+    alpha, w = torch.tensor([0.5], device=device), torch.randn(4, device=device)
+    y = NF.dyt(x, alpha, w, channels_last=False, backend="triton")
+    assert_close(y, paper_formula(x.double(), alpha.double(), None, w.double(), None, False), "y")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_module_mixed_precision_and_huge_values(dtype, device):
+    m = normzoo.Derf(16, backend="triton").to(device)
+    x = torch.full((4, 16), 6e4 if dtype == torch.float16 else 1e4, dtype=dtype, device=device)
+    x[::2] *= -1
+    x.requires_grad_()
+    y = m(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    y.float().sum().backward()
+    for p in m.parameters():
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+    assert torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------- modules
+
+
+def test_dyt_module_defaults_and_state_dict():
+    m = normzoo.DyT(12)
+    assert [n for n, _ in m.named_parameters()] == ["alpha", "weight", "bias"]
+    assert m.alpha.shape == (1,) and m.alpha.item() == 0.5
+    assert torch.equal(m.weight, torch.ones(12)) and torch.equal(m.bias, torch.zeros(12))
+    assert repr(m) == ("DyT((12,), alpha_init_value=0.5, elementwise_affine=True, bias=True, channels_last=True, "
+                       "backend='auto')")
+    other = normzoo.DyT(12, alpha_init_value=0.2)
+    other.load_state_dict(m.state_dict())
+    assert other.alpha.item() == 0.5
+    with torch.no_grad():
+        m.alpha.fill_(3.0)
+        m.weight.normal_()
+    m.reset_parameters()
+    assert m.alpha.item() == 0.5 and torch.equal(m.weight, torch.ones(12))
+
+
+def test_derf_module_defaults():
+    m = normzoo.Derf(8, channels_last=False, bias=False, dtype=torch.float64)
+    assert sorted(m.state_dict()) == ["alpha", "shift", "weight"]
+    assert m.alpha.item() == 0.5 and m.shift.item() == 0.0 and m.bias is None
+    assert m.weight.dtype == torch.float64
+    assert "shift_init_value=0.0" in repr(m) and "channels_last=False" in repr(m)
+    assert normzoo.Derf(8, elementwise_affine=False).weight is None
+
+
+def test_modules_match_functional(device):
+    x = torch.randn(2, 8, 6, 6, device=device)
+    m = normzoo.DyT(8, channels_last=False, backend="triton").to(device)
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    torch.testing.assert_close(m(x), NF.dyt(x, m.alpha, m.weight, m.bias, channels_last=False, backend="torch"))
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "call_,exc,match",
+    [
+        (lambda: NF.dyt(torch.randn(3, 4), torch.ones(2)), ValueError, "exactly one element"),
+        (lambda: NF.dyt(torch.randn(3, 4), 0.5), TypeError, "alpha must be a torch.Tensor"),
+        (lambda: NF.dyt(torch.randn(3, 4), torch.ones(1, dtype=torch.int32)), TypeError, "floating-point"),
+        (lambda: NF.derf(torch.randn(3, 4), torch.ones(1), torch.ones(3)), ValueError, "shift must have exactly"),
+        (lambda: NF.dyt(torch.randn(3, 4), torch.ones(1), torch.ones(5)), ValueError, "trailing dims"),
+        (lambda: NF.dyt(torch.randn(3, 4, 2), torch.ones(1), torch.ones(5), channels_last=False), ValueError,
+         r"weight must have shape \(4,\)"),
+        (lambda: NF.dyt(torch.randn(4), torch.ones(1), channels_last=False), ValueError, r"\(B, C, \*spatial\)"),
+        (lambda: NF.dyt(torch.ones(3, 4, dtype=torch.int64), torch.ones(1)), TypeError, "float16, bfloat16"),
+        (lambda: NF.dyt(torch.randn(3, 4), torch.ones(1, device="meta")), ValueError, "same device"),
+        (lambda: normzoo.DyT((2, 3), channels_last=False), ValueError, "one int C"),
+        (lambda: normzoo.Derf(4, backend="cuda"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_input_raises_clear_errors(call_, exc, match):
+    with pytest.raises(exc, match=match):
+        call_()
+
+
+# ---------------------------------------------------------------- torch.library and torch.compile
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+@pytest.mark.parametrize("activation", ["tanh", "erf"])
+@pytest.mark.parametrize("params_per_row", [False, True])
+def test_opcheck(triton, activation, params_per_row, device):
+    x = torch.randn(6, 20, device=device, requires_grad=True)
+    channels = 3 if params_per_row else 20
+    alpha = torch.tensor([0.5], device=device, requires_grad=True)
+    shift = torch.tensor([0.1], device=device, requires_grad=True) if activation == "erf" else None
+    w = torch.randn(channels, device=device, requires_grad=True)
+    b = torch.randn(channels, device=device, requires_grad=True)
+    torch.library.opcheck(ops.pointwise_fwd, (x, alpha, shift, w, b, activation, channels, params_per_row, triton))
+    args = (torch.randn(6, 20, device=device), x.detach(), alpha.detach(), None if shift is None else shift.detach(),
+            w.detach(), activation, channels, params_per_row, True, True, triton)
+    torch.library.opcheck(ops.pointwise_bwd, args)
+
+
+def test_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), normzoo.DyT(8, channels_last=False, backend="triton"),
+        torch.nn.Flatten(2), normzoo.Derf(16, backend="triton"),
+    ).to(device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    x.grad = None
+    model.zero_grad()
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for g, p in zip(grads, [x] + list(model.parameters())):
+        torch.testing.assert_close(g, p.grad)
+
+
+# ---------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize("to,cls", [("dyt", normzoo.DyT), ("derf", normzoo.Derf)])
+def test_swap_converts_norms_to_pointwise_layers(to, cls):
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), torch.nn.RMSNorm(16),
+        normzoo.LayerNorm(16, bias=False), torch.nn.BatchNorm1d(16),
+    ).to(torch.float64)
+    report = normzoo.swap(model, to=to, alpha_init_value=0.2)
+    name = f"normzoo.{cls.__name__}"
+    assert report == {f"torch.LayerNorm -> {name}": 1, f"torch.RMSNorm -> {name}": 1,
+                      f"normzoo.LayerNorm -> {name}": 1}
+    assert all(isinstance(model[i], cls) for i in (1, 2, 3))
+    assert type(model[4]) is torch.nn.BatchNorm1d  # never touched (DyT#9)
+    assert model[1].bias is not None and model[2].bias is None and model[3].bias is None
+    assert model[1].alpha.item() == 0.2 and model[1].weight.dtype == torch.float64
+    assert model(torch.randn(4, 16, dtype=torch.float64)).shape == (4, 16)
+
+
+def test_swap_reports_unknown_norm_subclasses():
+    class LayerNorm2d(torch.nn.LayerNorm):  # like timm's: normalizes dim 1 of NCHW input
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    model = torch.nn.Sequential(LayerNorm2d(4), torch.nn.LayerNorm(4))
+    report = normzoo.swap(model, to="dyt")
+    assert report == {"torch.LayerNorm -> normzoo.DyT": 1}
+    [(seen, count)] = report.left_alone.items()
+    assert count == 1 and seen.endswith("LayerNorm2d (unknown subclass of a norm)")
+    assert type(model[0]) is LayerNorm2d
+
+
+def test_swap_rejects_unknown_target():
+    with pytest.raises(ValueError, match="to must be one of"):
+        normzoo.swap(torch.nn.Sequential(), to="batchnorm")
