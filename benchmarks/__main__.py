@@ -1,6 +1,7 @@
 """Benchmark normzoo against PyTorch eager and torch.compile.
 
-    python -m benchmarks                          # LayerNorm + RMSNorm, bf16 and fp32, full sweep
+    python -m benchmarks                          # every op, bf16 and fp32, full sweep
+    python -m benchmarks --ops layernorm dyt derf --dtypes bf16 --rows 32768
     python -m benchmarks --ops rmsnorm --dtypes bf16 --rows 32768 --hidden 1024 4096
     python -m benchmarks --smoke                  # CPU check of the harness (no timing claims)
 
@@ -18,7 +19,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ops", nargs="+", default=["layernorm", "rmsnorm"])
+    p.add_argument("--ops", nargs="+", default=["layernorm", "rmsnorm", "dyt", "derf"])
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     p.add_argument("--rows", nargs="+", type=int, default=[4096, 32768])
     p.add_argument("--hidden", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384, 32768])

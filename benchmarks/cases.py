@@ -35,6 +35,17 @@ def _affine_inputs(with_bias: bool):
     return make
 
 
+def _pointwise_inputs(with_shift: bool):
+    def make(rows, hidden, dtype, device):
+        x = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
+        scalar = lambda v: torch.full((1,), v, dtype=dtype, device=device, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(hidden, dtype=dtype, device=device)).requires_grad_()
+        b = (0.1 * torch.randn(hidden, dtype=dtype, device=device)).requires_grad_()
+        return (x, scalar(0.5), scalar(0.1), w, b) if with_shift else (x, scalar(0.5), w, b)
+
+    return make
+
+
 def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
@@ -45,6 +56,14 @@ def _layer_norm_eager(x, w, b):
 
 def _rms_norm_eager(x, w):
     return F.rms_norm(x, (x.shape[-1],), w, 1e-6)
+
+
+def _dyt_eager(x, alpha, w, b):
+    return w * torch.tanh(alpha * x) + b  # the DyT paper's module
+
+
+def _derf_eager(x, alpha, shift, w, b):
+    return w * torch.erf(alpha * x + shift) + b  # the Derf paper's module
 
 
 CASES = {
@@ -66,6 +85,28 @@ CASES = {
             "normzoo": lambda x, w: NF.rms_norm(x, (x.shape[-1],), w, 1e-6, backend="triton"),
             "eager": _rms_norm_eager,
             "compile": _compiled(_rms_norm_eager),
+        },
+        fwd_tensors=2,
+        bwd_tensors=3,
+    ),
+    "dyt": OpCase(
+        name="dyt",
+        make_inputs=_pointwise_inputs(with_shift=False),
+        providers={
+            "normzoo": lambda x, alpha, w, b: NF.dyt(x, alpha, w, b, backend="triton"),
+            "eager": _dyt_eager,
+            "compile": _compiled(_dyt_eager),
+        },
+        fwd_tensors=2,
+        bwd_tensors=3,
+    ),
+    "derf": OpCase(
+        name="derf",
+        make_inputs=_pointwise_inputs(with_shift=True),
+        providers={
+            "normzoo": lambda x, alpha, shift, w, b: NF.derf(x, alpha, shift, w, b, backend="triton"),
+            "eager": _derf_eager,
+            "compile": _compiled(_derf_eager),
         },
         fwd_tensors=2,
         bwd_tensors=3,

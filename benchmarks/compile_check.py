@@ -26,8 +26,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from normzoo.kernels import rowwise_norm  # noqa: E402
-from normzoo.kernels.heuristics import rowwise_config  # noqa: E402
+from normzoo.kernels import elementwise, rowwise_norm  # noqa: E402
+from normzoo.kernels.heuristics import elementwise_config, rowwise_config  # noqa: E402
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -54,9 +54,34 @@ def _rowwise_variants(hidden_sizes, dtypes):
                 yield f"{'rms' if is_rms else 'ln'} bwd {TRITON_DTYPE[dtype]} N={n}", rowwise_norm._norm_bwd_kernel, sig, consts, cfg.num_warps
 
 
+def _pointwise_variants(hidden_sizes, dtypes):
+    for dtype in dtypes:
+        t = "*" + TRITON_DTYPE[dtype]
+        for n in hidden_sizes:
+            for activation in ("tanh", "erf"):
+                for per_row in (False, True):
+                    flags = dict(ACTIVATION=activation, HAS_SHIFT=activation == "erf", HAS_WEIGHT=True,
+                                 PARAMS_PER_ROW=per_row)
+                    label = f"{'derf' if activation == 'erf' else 'dyt'}{'-cf' if per_row else ''}"
+                    cfg = elementwise_config(n)
+                    sig = {"X": t, "Y": t, "ALPHA": t, "SHIFT": t, "W": t, "B": t, "stride_x_row": "i32",
+                           "stride_y_row": "i32", "M": "i32", "N": "i32", "C": "i32"}
+                    consts = dict(flags, HAS_BIAS=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+                    yield f"{label} fwd {TRITON_DTYPE[dtype]} N={n}", elementwise._pointwise_fwd_kernel, sig, consts, cfg.num_warps
+
+                    cfg = elementwise_config(n, backward=True)
+                    sig = {"X": t, "DY": t, "DX": t, "ALPHA": t, "SHIFT": t, "W": t, "DW_PARTIAL": "*fp32",
+                           "DB_PARTIAL": "*fp32", "SCALAR_PARTIAL": "*fp32", "stride_x_row": "i32",
+                           "stride_dy_row": "i32", "stride_dx_row": "i32", "M": "i32", "N": "i32", "C": "i32",
+                           "rows_per_program": "i32"}
+                    consts = dict(flags, COMPUTE_DW=True, COMPUTE_DB=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+                    yield f"{label} bwd {TRITON_DTYPE[dtype]} N={n}", elementwise._pointwise_bwd_kernel, sig, consts, cfg.num_warps
+
+
 def variants(hidden_sizes, dtypes):
     """(label, jit function, signature, constexprs, num_warps) for every kernel normzoo ships."""
     yield from _rowwise_variants(hidden_sizes, dtypes)
+    yield from _pointwise_variants(hidden_sizes, dtypes)
 
 
 def resource_usage(cubin: bytes) -> dict:

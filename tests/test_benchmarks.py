@@ -9,13 +9,14 @@ from benchmarks.__main__ import main
 
 
 def test_smoke_run_writes_results(tmp_path):
-    rc = main(["--smoke", "--ops", "layernorm", "rmsnorm", "--dtypes", "fp32", "--out", str(tmp_path), "--name", "t"])
+    ops = ["layernorm", "rmsnorm", "dyt", "derf"]
+    rc = main(["--smoke", "--ops", *ops, "--dtypes", "fp32", "--out", str(tmp_path), "--name", "t"])
     assert rc == 0
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["environment"]["smoke"] is True and data["copy_gbps"] > 0
     results = data["results"]
     seen = {(r["op"], r["provider"], r["pass"]) for r in results}
-    for op in ("layernorm", "rmsnorm"):
+    for op in ops:
         for provider in ("normzoo", "eager"):
             for pass_ in ("fwd", "bwd", "fwdbwd"):
                 assert (op, provider, pass_) in seen
@@ -56,4 +57,5 @@ def test_every_kernel_compiles_for_hopper_without_spills():
         env=env, capture_output=True, text=True, timeout=480, cwd=Path(__file__).resolve().parent.parent,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(" fwd ") == 16 and out.stdout.count(" bwd ") == 16, out.stdout
+    # 4 widths × 2 dtypes × (LayerNorm, RMSNorm, DyT, DyT channels-first, Derf, Derf channels-first)
+    assert out.stdout.count(" fwd ") == 48 and out.stdout.count(" bwd ") == 48, out.stdout
