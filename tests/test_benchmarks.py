@@ -8,6 +8,7 @@ import torch
 from benchmarks.__main__ import main
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode needs the interpreter; on a GPU run the real benchmark")
 def test_smoke_run_writes_results(tmp_path):
     ops = ["layernorm", "rmsnorm", "dyt", "derf"]
     rc = main(["--smoke", "--ops", *ops, "--dtypes", "fp32", "--out", str(tmp_path), "--name", "t"])

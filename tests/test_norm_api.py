@@ -136,9 +136,9 @@ def test_float64_takes_the_reference(backend, device):
     torch.testing.assert_close(NF.layer_norm(x, (9,), backend=backend), torch.nn.functional.layer_norm(x, (9,)))
 
 
-def test_rms_norm_default_eps_matches_torch():
+def test_rms_norm_default_eps_matches_torch(device):
     # eps=None is finfo(float32).eps for 16/32-bit input (pytorch#173039), not the input dtype's.
-    x = torch.randn(4, 16, dtype=torch.bfloat16) * 1e-3
+    x = torch.randn(4, 16, dtype=torch.bfloat16, device=device) * 1e-3
     torch.testing.assert_close(NF.rms_norm(x, (16,)), torch.nn.functional.rms_norm(x, (16,)))
     torch.testing.assert_close(NF.rms_norm(x, (16,), backend="triton"), torch.nn.functional.rms_norm(x, (16,)))
 
@@ -215,6 +215,7 @@ def test_bad_input_raises_clear_errors(call, exc, match):
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    # CPU tensors on purpose: this is the refusal a user gets without a GPU or the interpreter.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         NF.layer_norm(torch.randn(2, 4), (4,), backend="triton")

@@ -15,8 +15,8 @@ def tiny_model():
     )
 
 
-def test_swap_replaces_norms_and_keeps_everything_else():
-    model = tiny_model().eval()
+def test_swap_replaces_norms_and_keeps_everything_else(device):
+    model = tiny_model().to(device).eval()
     original = copy.deepcopy(model)
     weight = model[1].weight
     report = normzoo.swap(model, backend="triton")
@@ -28,7 +28,7 @@ def test_swap_replaces_norms_and_keeps_everything_else():
     assert not model[1].training
     assert model.state_dict().keys() == original.state_dict().keys()
 
-    x = torch.randn(5, 16, requires_grad=True)
+    x = torch.randn(5, 16, device=device, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     y, y_ref = model(x), original(x_ref)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
