@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .heuristics import elementwise_config, num_compute_units
-from .rowwise_norm import _alloc, _device_guard
+from .launch import alloc, check_rows, device_guard
+from .tiles import load_tile, store_tile
 
 ACTIVATIONS = ("tanh", "erf")
 
@@ -84,13 +85,15 @@ def _pointwise_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # A 1-D grid (CUDA caps grid axes 1 and 2 at 65535 programs): column tiles vary fastest.
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    rows = (pid // col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)
-    x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = load_tile(X, rows, stride_x_row, cols, mask)
     u = x * tl.load(ALPHA).to(tl.float32)
     if HAS_SHIFT:
         u += tl.load(SHIFT).to(tl.float32)
@@ -99,7 +102,7 @@ def _pointwise_fwd_kernel(
         y = y * _param_tile(W, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
     if HAS_BIAS:
         y = y + _param_tile(B, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
-    tl.store(Y + rows64[:, None] * stride_y_row + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    store_tile(Y, rows, stride_y_row, cols, mask, y)
 
 
 @triton.jit
@@ -140,15 +143,14 @@ def _pointwise_bwd_kernel(
             rows = block_start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
-            rows64 = rows.to(tl.int64)
-            x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = load_tile(X, rows, stride_x_row, cols, mask)
+            dy = load_tile(DY, rows, stride_dy_row, cols, mask)
             act, dact = _activation(x * alpha + shift, ACTIVATION)
             # dy is 0 in masked positions, so g, dy·act and the sums below ignore them.
             g = dy * dact
             if HAS_WEIGHT:
                 g = g * _param_tile(W, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
-            tl.store(DX + rows64[:, None] * stride_dx_row + cols[None, :], (g * alpha).to(DX.dtype.element_ty), mask=mask)
+            store_tile(DX, rows, stride_dx_row, cols, mask, g * alpha)
             dalpha_acc += tl.sum(g * x, axis=0)
             if HAS_SHIFT:
                 dshift_acc += tl.sum(g, axis=0)
@@ -191,14 +193,14 @@ def pointwise_forward(x, alpha, shift, weight, bias, *, activation: str, channel
     channels-first view (``params_per_row=True``). ``shift`` may be ``None`` (DyT).
     """
     _check_activation(activation)
-    assert x.dim() == 2 and x.stride(-1) == 1
+    check_rows(x)
     M, N = x.shape
-    y = _alloc((M, N), x.dtype, x.device)
+    y = alloc((M, N), x.dtype, x.device)
     if M == 0 or N == 0:
         return y
     cfg = elementwise_config(N, max_block_n=max_block_n)
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n))
-    with _device_guard(x.device):
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    with device_guard(x.device):
         _pointwise_fwd_kernel[grid](
             x, y, alpha, shift if shift is not None else alpha,
             weight if weight is not None else x, bias if bias is not None else x,
@@ -211,23 +213,23 @@ def pointwise_forward(x, alpha, shift, weight, bias, *, activation: str, channel
 
 
 def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels: int, params_per_row: bool,
-                       compute_dw: bool, compute_db: bool, max_block_n: int | None = None):
+                       compute_dw: bool, db_dtype: torch.dtype | None, max_block_n: int | None = None):
     """Gradients of :func:`pointwise_forward`: ``(dx, dalpha, dshift, dw, db)``.
 
     ``dalpha``/``dshift`` have shape (1,) in the scalars' dtype (``dshift`` is ``None`` without a
-    shift); ``dw``/``db`` have shape (channels,) in the weight's dtype, or are ``None`` when not
-    asked for.
+    shift); ``dw``/``db`` have shape (channels,) in the weight's dtype and ``db_dtype`` (the
+    bias's), or are ``None`` when not asked for (``db_dtype=None``: no bias gradient).
     """
     _check_activation(activation)
-    assert x.dim() == 2 and x.stride(-1) == 1 and dy.shape == x.shape and dy.stride(-1) == 1
+    check_rows(x, dy)
     M, N = x.shape
     device = x.device
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    dx = _alloc((M, N), x.dtype, device)
+    compute_db = db_dtype is not None
+    dx = alloc((M, N), x.dtype, device)
     if M == 0 or N == 0:
         zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=device)
         return (dx, zeros(1, alpha.dtype), zeros(1, shift.dtype) if shift is not None else None,
-                zeros(channels, param_dtype) if compute_dw else None, zeros(channels, param_dtype) if compute_db else None)
+                zeros(channels, weight.dtype) if compute_dw else None, zeros(channels, db_dtype) if compute_db else None)
 
     cfg = elementwise_config(N, max_block_n=max_block_n, backward=True)
     row_blocks = triton.cdiv(M, cfg.block_m)
@@ -239,10 +241,10 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
     programs = triton.cdiv(M, rows_per_program)
 
     sums_shape = (M,) if params_per_row else (programs, N)
-    dw_partial = _alloc(sums_shape, torch.float32, device) if compute_dw else None
-    db_partial = _alloc(sums_shape, torch.float32, device) if compute_db else None
-    scalar_partial = _alloc((programs, 2), torch.float32, device)
-    with _device_guard(device):
+    dw_partial = alloc(sums_shape, torch.float32, device) if compute_dw else None
+    db_partial = alloc(sums_shape, torch.float32, device) if compute_db else None
+    scalar_partial = alloc((programs, 2), torch.float32, device)
+    with device_guard(device):
         _pointwise_bwd_kernel[(programs,)](
             x, dy, dx, alpha, shift if shift is not None else alpha, weight if weight is not None else x,
             dw_partial if compute_dw else dx, db_partial if compute_db else dx, scalar_partial,
@@ -252,13 +254,13 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
 
-    def per_channel(partial):
+    def per_channel(partial, dtype):
         # channels-first: row r is channel r mod C, so (B·C,) row sums fold to (B, C).
         sums = partial.view(-1, channels).sum(0) if params_per_row else partial.sum(0)
-        return sums.to(param_dtype)
+        return sums.to(dtype)
 
     # Two separate reductions: slices of one result would alias, which custom ops forbid.
     dalpha = scalar_partial[:, 0].sum().reshape(1).to(alpha.dtype)
     dshift = scalar_partial[:, 1].sum().reshape(1).to(shift.dtype) if shift is not None else None
-    return (dx, dalpha, dshift, per_channel(dw_partial) if compute_dw else None,
-            per_channel(db_partial) if compute_db else None)
+    return (dx, dalpha, dshift, per_channel(dw_partial, weight.dtype) if compute_dw else None,
+            per_channel(db_partial, db_dtype) if compute_db else None)

@@ -17,22 +17,13 @@ arithmetic is fp32 whatever the storage dtype. Rows that fit one tile are loaded
 registers (``SINGLE_TILE``); longer rows loop over column tiles.
 """
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .heuristics import interpreting, num_compute_units, rowwise_config
-
-
-def _alloc(shape, dtype, device):
-    # NORMZOO_POISON=1 (set by the test suite) fills outputs with NaN first, so an element a kernel
-    # forgets to write fails a comparison instead of passing on leftover memory.
-    if os.environ.get("NORMZOO_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+from .heuristics import num_compute_units, rowwise_config
+from .launch import alloc, check_rows, device_guard
+from .tiles import load_tile, store_tile
 
 
 @triton.jit
@@ -66,21 +57,18 @@ def _norm_fwd_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    # int64 row offsets: rows × stride overflows int32 past 2^31 elements.
-    x_rows = X + rows.to(tl.int64)[:, None] * stride_x_row
-    y_rows = Y + rows.to(tl.int64)[:, None] * stride_y_row
 
     if SINGLE_TILE:
         cols = tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (cols < N)[None, :]
-        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = load_tile(X, rows, stride_x_row, cols, mask)
         mean, rstd, x_hat = _row_stats_single_tile(x, mask, N, eps, IS_RMS)
         y = x_hat
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        store_tile(Y, rows, stride_y_row, cols, mask, y)
     else:
         # Pass 1: statistics. LayerNorm merges per-tile (count, mean, M2) with Chan's parallel
         # update, which is as stable as two passes but reads the row only once.
@@ -89,7 +77,7 @@ def _norm_fwd_kernel(
         for col_start in range(0, N, BLOCK_N):
             cols = col_start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
-            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = load_tile(X, rows, stride_x_row, cols, mask)
             if IS_RMS:
                 m2 += tl.sum(x * x, axis=1)
             else:
@@ -106,13 +94,13 @@ def _norm_fwd_kernel(
         for col_start in range(0, N, BLOCK_N):
             cols = col_start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
-            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = load_tile(X, rows, stride_x_row, cols, mask)
             y = (x - mean[:, None]) * rstd[:, None]
             if HAS_WEIGHT:
                 y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
             if HAS_BIAS:
                 y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+            store_tile(Y, rows, stride_y_row, cols, mask, y)
 
     if not IS_RMS:
         tl.store(MEAN + rows, mean, mask=row_mask)
@@ -167,14 +155,16 @@ def _norm_bwd_kernel(
                 cols = col_start + tl.arange(0, BLOCK_N)
                 col_mask = cols < N
                 mask = row_mask[:, None] & col_mask[None, :]
-                x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                wdy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                x = load_tile(X, rows, stride_x_row, cols, mask)
+                wdy = load_tile(DY, rows, stride_dy_row, cols, mask)
                 if HAS_WEIGHT:
                     wdy = wdy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
                 c1 += tl.sum(_x_hat(x, mean, rstd, IS_RMS) * wdy, axis=1)
                 c2 += tl.sum(wdy, axis=1)
             tl.store(ROW_SUMS + rows64 * 2, c1 / N, mask=row_mask)
             tl.store(ROW_SUMS + rows64 * 2 + 1, c2 / N, mask=row_mask)
+        # Other threads of this program read these sums back below: make the stores visible.
+        tl.debug_barrier()
 
     # dx, and dw/db partial sums. Column tiles are outermost so each tile's column sums stay in
     # registers; a row that fits one tile (SINGLE_TILE) makes this loop run once and computes
@@ -191,8 +181,8 @@ def _norm_bwd_kernel(
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
             rows64 = rows.to(tl.int64)
-            x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = load_tile(X, rows, stride_x_row, cols, mask)
+            dy = load_tile(DY, rows, stride_dy_row, cols, mask)
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
             mean = rstd
             if not IS_RMS:
@@ -211,7 +201,7 @@ def _norm_bwd_kernel(
                 dx = (wdy - x_hat * c1[:, None]) * rstd[:, None]
             else:
                 dx = (wdy - x_hat * c1[:, None] - c2[:, None]) * rstd[:, None]
-            tl.store(DX + rows64[:, None] * stride_dx_row + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            store_tile(DX, rows, stride_dx_row, cols, mask, dx)
             if COMPUTE_DW:
                 dw_acc += tl.sum(dy * x_hat, axis=0)
             if COMPUTE_DB:
@@ -222,29 +212,22 @@ def _norm_bwd_kernel(
             tl.store(DB_PARTIAL + partial_row + cols, db_acc, mask=col_mask)
 
 
-def _device_guard(device: torch.device):
-    # Launch on the tensor's own GPU, not the current one (apex#770 returned zeros on cuda:1).
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
 def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, max_block_n: int | None = None):
     """Normalize each row of the 2-D ``x`` (last dim contiguous).
 
     Returns ``(y, mean, rstd)``: ``y`` in x's dtype, ``mean`` and ``rstd`` per row in fp32
     (``mean`` is empty for RMSNorm).
     """
-    assert x.dim() == 2 and x.stride(-1) == 1, "launchers take 2-D views with contiguous rows"
+    check_rows(x)
     M, N = x.shape
-    y = _alloc((M, N), x.dtype, x.device)
-    mean = _alloc((0 if is_rms else M,), torch.float32, x.device)
-    rstd = _alloc((M,), torch.float32, x.device)
+    y = alloc((M, N), x.dtype, x.device)
+    mean = alloc((0 if is_rms else M,), torch.float32, x.device)
+    rstd = alloc((M,), torch.float32, x.device)
     if M == 0 or N == 0:
         return y, mean, rstd
     cfg = rowwise_config(N, x.dtype, max_block_n=max_block_n)
     grid = (triton.cdiv(M, cfg.block_m),)
-    with _device_guard(x.device):
+    with device_guard(x.device):
         _norm_fwd_kernel[grid](
             x, y, weight if weight is not None else x, bias if bias is not None else x,
             mean if not is_rms else rstd, rstd,
@@ -257,22 +240,24 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, max_block
 
 
 def rowwise_norm_backward(
-    dy, x, weight, mean, rstd, *, is_rms: bool, compute_dw: bool, compute_db: bool, max_block_n: int | None = None
+    dy, x, weight, mean, rstd, *, is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None,
+    max_block_n: int | None = None,
 ):
     """Gradients of :func:`rowwise_norm_forward`.
 
-    Returns ``(dx, dw, db)``: dx in x's dtype; dw (and db) summed over rows in fp32 partials, one
-    row per program, then reduced and cast to the weight's dtype (bias shares it). Absent ones are
-    ``None``. Deterministic: no atomics, a fixed reduction order.
+    Returns ``(dx, dw, db)``: dx in x's dtype; dw and db summed over rows in fp32 partials, one
+    row per program, then reduced and cast to the weight's dtype and ``db_dtype`` (the bias's).
+    ``db_dtype=None`` means no bias gradient. Absent ones are ``None``. Deterministic: no atomics,
+    a fixed reduction order.
     """
-    assert x.dim() == 2 and x.stride(-1) == 1 and dy.shape == x.shape and dy.stride(-1) == 1
+    check_rows(x, dy)
     M, N = x.shape
     device = x.device
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    dx = _alloc((M, N), x.dtype, device)
+    compute_db = db_dtype is not None
+    dx = alloc((M, N), x.dtype, device)
     if M == 0 or N == 0:
-        zeros = torch.zeros(N, dtype=param_dtype, device=device)
-        return dx, (zeros if compute_dw else None), (zeros.clone() if compute_db else None)
+        return (dx, torch.zeros(N, dtype=weight.dtype, device=device) if compute_dw else None,
+                torch.zeros(N, dtype=db_dtype, device=device) if compute_db else None)
 
     cfg = rowwise_config(N, x.dtype, backward=True, max_block_n=max_block_n)
     row_blocks = triton.cdiv(M, cfg.block_m)
@@ -282,10 +267,10 @@ def rowwise_norm_backward(
     rows_per_program = triton.cdiv(row_blocks, programs) * cfg.block_m
     programs = triton.cdiv(M, rows_per_program)
 
-    dw_partial = _alloc((programs, N), torch.float32, device) if compute_dw else None
-    db_partial = _alloc((programs, N), torch.float32, device) if compute_db else None
-    row_sums = None if cfg.single_tile else _alloc((M, 2), torch.float32, device)
-    with _device_guard(device):
+    dw_partial = alloc((programs, N), torch.float32, device) if compute_dw else None
+    db_partial = alloc((programs, N), torch.float32, device) if compute_db else None
+    row_sums = None if cfg.single_tile else alloc((M, 2), torch.float32, device)
+    with device_guard(device):
         _norm_bwd_kernel[(programs,)](
             x, weight if weight is not None else x, dy, dx, mean if not is_rms else rstd, rstd,
             dw_partial if compute_dw else dx, db_partial if compute_db else dx,
@@ -295,6 +280,6 @@ def rowwise_norm_backward(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
             num_warps=cfg.num_warps,
         )
-    dw = dw_partial.sum(0).to(param_dtype) if compute_dw else None
-    db = db_partial.sum(0).to(param_dtype) if compute_db else None
+    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
+    db = db_partial.sum(0).to(db_dtype) if compute_db else None
     return dx, dw, db

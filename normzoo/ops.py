@@ -64,6 +64,8 @@ def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
     if isinstance(normalized_shape, (Sequence, torch.Size)) and not isinstance(normalized_shape, str):
         dims = tuple(normalized_shape)
         if all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+            if not dims:
+                raise ValueError("normalized_shape must have at least one dimension, got ()")
             if any(d < 0 for d in dims):
                 raise ValueError(f"normalized_shape must not have negative sizes, got {dims}")
             return tuple(int(d) for d in dims)
@@ -104,10 +106,20 @@ def check_param(p, name: str, shape: tuple[int, ...], x: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _rows_contiguous(t: Tensor) -> Tensor:
-    # The kernels take any row stride but need unit stride along a row (LightLLM#1467: strided
-    # q/k views were silently wrong where a kernel assumed it).
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _for_kernels(t: Tensor | None) -> Tensor | None:
+    """The kernels honour any row stride but read along a row with unit stride: copy a tensor
+    whose rows are strided (LightLLM#1467: strided q/k views were silently wrong in a kernel that
+    assumed otherwise). A 1-D parameter is read as contiguous, so a strided or expanded one is
+    copied too. Rows of one element need no unit stride."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def _for_reference(t: Tensor | None) -> Tensor | None:
+    # The reference's outputs follow its input's memory layout; the fake implementations promise
+    # contiguous outputs, so give it contiguous input (torch.compile checks the strides).
+    return t.contiguous() if t is not None else None
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -122,7 +134,9 @@ def rowwise_norm_fwd(
     if triton:
         from normzoo.kernels import rowwise_norm_forward
 
-        return rowwise_norm_forward(_rows_contiguous(x), weight, bias, eps, is_rms=is_rms)
+        x, weight, bias = (_for_kernels(t) for t in (x, weight, bias))
+        return rowwise_norm_forward(x, weight, bias, eps, is_rms=is_rms)
+    x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
     return reference.rowwise_norm_forward(x, weight, bias, eps, is_rms)
 
 
@@ -130,34 +144,34 @@ def rowwise_norm_fwd(
 def _(x, weight, bias, eps, is_rms, triton):
     rows = x.shape[0]
     stats = _stats_dtype(x)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((0 if is_rms else rows,), dtype=stats), x.new_empty((rows,), dtype=stats)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((0 if is_rms else rows,), dtype=stats), x.new_empty((rows,), dtype=stats))
 
 
 @torch.library.custom_op("normzoo::rowwise_norm_bwd", mutates_args=())
 def rowwise_norm_bwd(
     dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-    is_rms: bool, compute_dw: bool, compute_db: bool, triton: bool,
+    is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None, triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(dx, dw, db)``; a gradient not asked for is an empty tensor."""
+    """Returns ``(dx, dw, db)``; ``db`` in ``db_dtype`` (the bias's; ``None``: no bias gradient).
+    A gradient not asked for is an empty tensor."""
     if triton:
         from normzoo.kernels import rowwise_norm_backward
 
-        dx, dw, db = rowwise_norm_backward(
-            _rows_contiguous(dy), _rows_contiguous(x), weight, mean, rstd,
-            is_rms=is_rms, compute_dw=compute_dw, compute_db=compute_db,
-        )
+        dy, x, weight = (_for_kernels(t) for t in (dy, x, weight))
+        dx, dw, db = rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms=is_rms, compute_dw=compute_dw,
+                                           db_dtype=db_dtype)
     else:
-        dx, dw, db = reference.rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms, compute_dw, compute_db)
-    empty = x.new_empty(0)
-    return dx, (dw if dw is not None else empty), (db if db is not None else empty.clone())
+        dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
+        dx, dw, db = reference.rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype)
+    return dx, (dw if dw is not None else x.new_empty(0)), (db if db is not None else x.new_empty(0))
 
 
 @rowwise_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, is_rms, compute_dw, compute_db, triton):
+def _(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype, triton):
     n = x.shape[1]
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    dw = x.new_empty((n if compute_dw else 0,), dtype=param_dtype if compute_dw else x.dtype)
-    db = x.new_empty((n if compute_db else 0,), dtype=param_dtype if compute_db else x.dtype)
+    dw = x.new_empty((n,), dtype=weight.dtype) if compute_dw else x.new_empty(0)
+    db = x.new_empty((n,), dtype=db_dtype) if db_dtype is not None else x.new_empty(0)
     return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
 
 
@@ -165,23 +179,21 @@ def _rowwise_norm_setup_context(ctx, inputs, output):
     x, weight, bias, eps, is_rms, triton = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.is_rms, ctx.triton, ctx.has_bias = is_rms, triton, bias is not None
+    ctx.is_rms, ctx.triton = is_rms, triton
+    ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _rowwise_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-    dx, dw, db = rowwise_norm_bwd(
-        dy, x, weight, mean, rstd, ctx.is_rms,
-        compute_dw=weight is not None and needs_dw,
-        compute_db=ctx.has_bias and needs_db,
-        triton=ctx.triton,
-    )
+    compute_dw = weight is not None and needs_dw
+    db_dtype = ctx.bias_dtype if needs_db else None
+    dx, dw, db = rowwise_norm_bwd(dy, x, weight, mean, rstd, ctx.is_rms, compute_dw, db_dtype, ctx.triton)
     return (
         dx if needs_dx else None,
-        dw if weight is not None and needs_dw else None,
-        db if ctx.has_bias and needs_db else None,
+        dw if compute_dw else None,
+        db if db_dtype is not None else None,
         None, None, None,
     )
 
@@ -228,8 +240,10 @@ def pointwise_fwd(
     if triton:
         from normzoo.kernels import pointwise_forward
 
-        return pointwise_forward(_rows_contiguous(x), alpha, shift, weight, bias, activation=activation,
-                                 channels=channels, params_per_row=params_per_row)
+        x, weight, bias = (_for_kernels(t) for t in (x, weight, bias))
+        return pointwise_forward(x, alpha, shift, weight, bias, activation=activation, channels=channels,
+                                 params_per_row=params_per_row)
+    x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
     return reference.pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row)
 
 
@@ -241,30 +255,31 @@ def _(x, alpha, shift, weight, bias, activation, channels, params_per_row, trito
 @torch.library.custom_op("normzoo::pointwise_bwd", mutates_args=())
 def pointwise_bwd(
     dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None,
-    activation: str, channels: int, params_per_row: bool, compute_dw: bool, compute_db: bool, triton: bool,
+    activation: str, channels: int, params_per_row: bool, compute_dw: bool, db_dtype: torch.dtype | None,
+    triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dalpha, dshift, dw, db)``; a gradient not computed is an empty tensor."""
     if triton:
         from normzoo.kernels import pointwise_backward
 
-        grads = pointwise_backward(_rows_contiguous(dy), _rows_contiguous(x), alpha, shift, weight,
-                                   activation=activation, channels=channels, params_per_row=params_per_row,
-                                   compute_dw=compute_dw, compute_db=compute_db)
+        dy, x, weight = (_for_kernels(t) for t in (dy, x, weight))
+        grads = pointwise_backward(dy, x, alpha, shift, weight, activation=activation, channels=channels,
+                                   params_per_row=params_per_row, compute_dw=compute_dw, db_dtype=db_dtype)
     else:
+        dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
         grads = reference.pointwise_backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
-                                             compute_dw, compute_db)
+                                             compute_dw, db_dtype)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @pointwise_bwd.register_fake
-def _(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute_dw, compute_db, triton):
-    param_dtype = weight.dtype if weight is not None else x.dtype
+def _(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute_dw, db_dtype, triton):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         alpha.new_empty((1,)),
         shift.new_empty((1,)) if shift is not None else x.new_empty(0),
-        x.new_empty((channels,), dtype=param_dtype) if compute_dw else x.new_empty(0),
-        x.new_empty((channels,), dtype=param_dtype) if compute_db else x.new_empty(0),
+        x.new_empty((channels,), dtype=weight.dtype) if compute_dw else x.new_empty(0),
+        x.new_empty((channels,), dtype=db_dtype) if db_dtype is not None else x.new_empty(0),
     )
 
 
@@ -272,24 +287,24 @@ def _pointwise_setup_context(ctx, inputs, output):
     x, alpha, shift, weight, bias, activation, channels, params_per_row, triton = inputs
     ctx.save_for_backward(x, alpha, shift, weight)
     ctx.activation, ctx.channels, ctx.params_per_row, ctx.triton = activation, channels, params_per_row, triton
-    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _pointwise_backward(ctx, dy):
     x, alpha, shift, weight = ctx.saved_tensors
     needs_dx, needs_dalpha, needs_dshift, needs_dw, needs_db = ctx.needs_input_grad[:5]
     compute_dw = weight is not None and needs_dw
-    compute_db = ctx.has_bias and needs_db
+    db_dtype = ctx.bias_dtype if needs_db else None
     dx, dalpha, dshift, dw, db = pointwise_bwd(
-        dy, x, alpha, shift, weight, ctx.activation, ctx.channels, ctx.params_per_row,
-        compute_dw, compute_db, ctx.triton,
+        dy, x, alpha, shift, weight, ctx.activation, ctx.channels, ctx.params_per_row, compute_dw, db_dtype,
+        ctx.triton,
     )
     return (
         dx if needs_dx else None,
         dalpha.view(alpha.shape) if needs_dalpha else None,
         dshift.view(shift.shape) if shift is not None and needs_dshift else None,
         dw if compute_dw else None,
-        db if compute_db else None,
+        db if db_dtype is not None else None,
         None, None, None, None,
     )
 
@@ -335,6 +350,7 @@ def pointwise(
     check_param(weight, "weight", shape, x)
     check_param(bias, "bias", shape, x)
     triton = use_triton(backend, x)
-    flat = lambda p: p.reshape(channels) if p is not None else None
-    y = pointwise_fwd(x2d, alpha, shift, flat(weight), flat(bias), activation, channels, not channels_last, triton)
+    flat = lambda p, n: p.reshape(n) if p is not None else None
+    y = pointwise_fwd(x2d, flat(alpha, 1), flat(shift, 1), flat(weight, channels), flat(bias, channels), activation,
+                      channels, not channels_last, triton)
     return y.view(x.shape)

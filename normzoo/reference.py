@@ -45,9 +45,10 @@ def rowwise_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
 
 def rowwise_norm_backward(
     dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, is_rms: bool,
-    compute_dw: bool, compute_db: bool,
+    compute_dw: bool, db_dtype: torch.dtype | None,
 ):
-    """Gradients of :func:`rowwise_norm_forward`: ``(dx, dw, db)``, absent ones ``None``."""
+    """Gradients of :func:`rowwise_norm_forward`: ``(dx, dw, db)``, absent ones ``None``.
+    ``db_dtype`` is the bias's dtype, ``None`` for no bias gradient."""
     acc = compute_dtype(x.dtype)
     xf, dyf = x.to(acc), dy.to(acc)
     n = x.shape[-1]
@@ -59,21 +60,22 @@ def rowwise_norm_backward(
     else:
         c2 = wdy.sum(dim=-1, keepdim=True) / max(n, 1)
         dx = (wdy - x_hat * c1 - c2) * rstd[:, None]
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    dw = (dyf * x_hat).sum(dim=0).to(param_dtype) if compute_dw else None
-    db = dyf.sum(dim=0).to(param_dtype) if compute_db else None
+    dw = (dyf * x_hat).sum(dim=0).to(weight.dtype) if compute_dw else None
+    db = dyf.sum(dim=0).to(db_dtype) if db_dtype is not None else None
     return dx.to(x.dtype), dw, db
 
 
 def _per_channel(p: Tensor, rows: int, channels: int, params_per_row: bool, acc: torch.dtype) -> Tensor:
     """A (channels,) parameter broadcast against a 2-D (rows, cols) view."""
     p = p.to(acc)
-    return p.repeat(rows // channels)[:, None] if params_per_row else p[None, :]
+    return p.repeat(rows // max(channels, 1))[:, None] if params_per_row else p[None, :]
 
 
 def _fold_per_channel(t: Tensor, channels: int, params_per_row: bool) -> Tensor:
     """Sum a 2-D (rows, cols) tensor down to one value per channel."""
-    return t.sum(dim=1).view(-1, channels).sum(dim=0) if params_per_row else t.sum(dim=0)
+    if not params_per_row:
+        return t.sum(dim=0)
+    return t.sum(dim=1).view(-1, channels).sum(dim=0) if channels else t.new_zeros(0)
 
 
 def _activation(u: Tensor, activation: str):
@@ -103,7 +105,8 @@ def pointwise_forward(x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Te
 
 
 def pointwise_backward(dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None,
-                       activation: str, channels: int, params_per_row: bool, compute_dw: bool, compute_db: bool):
+                       activation: str, channels: int, params_per_row: bool, compute_dw: bool,
+                       db_dtype: torch.dtype | None):
     """Gradients of :func:`pointwise_forward`: ``(dx, dalpha, dshift, dw, db)``, absent ones ``None``."""
     acc = compute_dtype(x.dtype)
     xf, dyf = x.to(acc), dy.to(acc)
@@ -117,7 +120,6 @@ def pointwise_backward(dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | Non
     dx = (g * alpha.to(acc)).to(x.dtype)
     dalpha = (g * xf).sum().reshape(1).to(alpha.dtype)
     dshift = g.sum().reshape(1).to(shift.dtype) if shift is not None else None
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    dw = _fold_per_channel(dyf * act, channels, params_per_row).to(param_dtype) if compute_dw else None
-    db = _fold_per_channel(dyf, channels, params_per_row).to(param_dtype) if compute_db else None
+    dw = _fold_per_channel(dyf * act, channels, params_per_row).to(weight.dtype) if compute_dw else None
+    db = _fold_per_channel(dyf, channels, params_per_row).to(db_dtype) if db_dtype is not None else None
     return dx, dalpha, dshift, dw, db

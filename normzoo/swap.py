@@ -82,6 +82,11 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
         raise ValueError(f"to must be one of {list(_TARGETS)}, got {to!r}")
     target = _TARGETS[to]
     report = SwapReport()
+    # A norm without parameters has no device or dtype of its own: the new layer's alpha follows
+    # the rest of the model.
+    model_tensor = next(iter(model.parameters()), None)
+    if model_tensor is None:
+        model_tensor = next(iter(model.buffers()), None)
 
     def convert(name, module):
         if type(module) not in _KNOWN_NORMS:
@@ -99,7 +104,7 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
                 new = LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
                                 bias=module.bias is not None, device="meta", backend=backend)
             return _share_parameters(module, new)
-        like = module.weight
+        like = module.weight if module.weight is not None else model_tensor
         return target(module.normalized_shape, alpha_init_value=alpha_init_value,
                       elementwise_affine=module.elementwise_affine, bias=not is_rms and module.bias is not None,
                       device=like.device if like is not None else None, dtype=like.dtype if like is not None else None,

@@ -40,3 +40,21 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str = "", dtype: to
     allowed = rtol if peer is None else rtol + 2 * rel_error(peer, ref, rtol, scale)
     err = rel_error(got, ref, rtol, scale)
     assert err <= allowed, f"{what}: relative error {err:.3g} > {allowed:.3g} ({dtype}, table {rtol:g})"
+
+
+def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, compiler: str) -> None:
+    """torch.compile(fullgraph=True) gives the eager output and the same gradients for x and every
+    parameter (a graph break would raise under fullgraph)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    x = x.detach().requires_grad_()
+    y = compiled(x)
+    y.square().sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    x.grad = None
+    model.zero_grad()
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for g, p in zip(grads, [x] + list(model.parameters())):
+        torch.testing.assert_close(g, p.grad)

@@ -7,7 +7,7 @@ import torch
 
 import normzoo
 import normzoo.functional as NF
-from helpers import assert_close
+from helpers import assert_close, assert_compiled_matches_eager
 from normzoo import ops, reference
 
 BACKENDS = ["torch", "triton"]
@@ -232,7 +232,8 @@ def test_opcheck(triton, is_rms, device):
     b = None if is_rms else torch.randn(20, device=device, requires_grad=True)
     torch.library.opcheck(ops.rowwise_norm_fwd, (x, w, b, 1e-5, is_rms, triton))
     _, mean, rstd = ops.rowwise_norm_fwd(x, w, b, 1e-5, is_rms, triton)
-    args = (torch.randn(6, 20, device=device), x.detach(), w.detach(), mean, rstd, is_rms, True, not is_rms, triton)
+    db_dtype = None if is_rms else torch.float32
+    args = (torch.randn(6, 20, device=device), x.detach(), w.detach(), mean, rstd, is_rms, True, db_dtype, triton)
     torch.library.opcheck(ops.rowwise_norm_bwd, args)
 
 
@@ -249,17 +250,80 @@ class _Block(torch.nn.Module):
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compile_fullgraph_matches_eager(compiler, device):
+    assert_compiled_matches_eager(_Block("triton").to(device), torch.randn(3, 5, 24, device=device), compiler)
+
+
+# ---------------------------------------------------------------- layouts and dtypes that broke before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_strided_and_expanded_parameters(backend, is_rms, device):
+    # A weight that is a column of a bigger tensor, and a bias expanded from one value: the kernels
+    # read parameters with unit stride, so these must be copied, not read in place.
+    n = 24
+    x = torch.randn(5, n, device=device)
+    w = torch.randn(n, 2, device=device)[:, 0]
+    b = torch.full((1,), 0.3, device=device).expand(n)
+    y = nz_norm(is_rms, x, (n,), w, b, 1e-5, backend)
+    y_ref = torch_norm(is_rms, x.double(), (n,), w.double(), b.double(), 1e-5)
+    assert_close(y, y_ref, "y")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_column_view_and_its_gradient(backend, device):
+    # (5, 1) with strides (1, 5): "contiguous" for PyTorch, yet its last stride is not 1.
+    x = torch.randn(1, 5, device=device).t().requires_grad_()
+    w = torch.randn(1, device=device, requires_grad=True)
+    y = NF.rms_norm(x, (1,), w, 1e-5, backend=backend)
+    dy = torch.randn(1, 5, device=device).t()
+    y.backward(dy)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y_ref = torch.nn.functional.rms_norm(xr, (1,), wr, 1e-5)
+    y_ref.backward(dy.double())
+    # One-element RMSNorm is ill-conditioned in dx (1 − x̂² cancels): PyTorch's fp32 result is the peer.
+    xp, wp = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    torch.nn.functional.rms_norm(xp, (1,), wp, 1e-5).backward(dy)
+    assert_close(y, y_ref.detach(), "y")
+    assert_close(x.grad, xr.grad, "dx", peer=xp.grad)
+    assert_close(w.grad, wr.grad, "dw", peer=wp.grad)
+    assert NF.layer_norm(x, (1,), backend=backend).shape == (5, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_gradient_has_the_bias_dtype(backend, device):
+    # bf16 activations, no weight, fp32 bias: db is summed in fp32 and returned in fp32.
+    x = torch.randn(4096, 8, device=device, dtype=torch.bfloat16)
+    b = torch.zeros(8, device=device, requires_grad=True)
+    y = NF.layer_norm(x, (8,), None, b, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert b.grad.dtype == torch.float32
+    assert_close(b.grad, dy.double().sum(0), "db")
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+def test_opcheck_noncontiguous(triton, device):
+    # Fake implementations promise contiguous outputs: the real ones must keep that promise for a
+    # transposed input too (torch.compile checks the strides).
+    x = torch.randn(20, 6, device=device).t().requires_grad_()
+    w = torch.randn(20, device=device, requires_grad=True)
+    torch.library.opcheck(ops.rowwise_norm_fwd, (x, w, w, 1e-5, False, triton))
+    _, mean, rstd = ops.rowwise_norm_fwd(x, w, w, 1e-5, False, triton)
+    dy = torch.randn(20, 6, device=device).t()
+    torch.library.opcheck(ops.rowwise_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, False, True, torch.float32, triton))
+
+
+def test_compile_inductor_with_transposed_input_on_the_default_backend():
+    # The bug this guards: the reference's outputs followed a transposed input's layout while the
+    # fake promised contiguous ones, and inductor's stride assertion failed.
     torch._dynamo.reset()
-    model = _Block("triton").to(device)
-    compiled = torch.compile(model, fullgraph=True, backend=compiler)
-    x = torch.randn(3, 5, 24, device=device, requires_grad=True)
-    y = compiled(x)
-    y.square().sum().backward()
-    grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
-    x.grad = None
-    model.zero_grad()
-    y_eager = model(x)
-    y_eager.square().sum().backward()
-    torch.testing.assert_close(y, y_eager)
-    for g, p in zip(grads, [x] + list(model.parameters())):
-        torch.testing.assert_close(g, p.grad)
+    fn = lambda x, w: NF.layer_norm(x, (24,), w) + NF.dyt(x, w[:1], w)
+    x = torch.randn(24, 10).t()
+    w = torch.rand(24) + 0.5
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="inductor")(x, w), fn(x, w))
+
+
+def test_empty_normalized_shape_is_refused():
+    with pytest.raises(ValueError, match="at least one dimension"):
+        NF.layer_norm(torch.randn(3, 4), ())

@@ -5,7 +5,7 @@ import torch
 
 import normzoo
 import normzoo.functional as NF
-from helpers import assert_close
+from helpers import assert_close, assert_compiled_matches_eager
 from normzoo import ops
 
 BACKENDS = ["torch", "triton"]
@@ -177,28 +177,16 @@ def test_opcheck(triton, activation, params_per_row, device):
     b = torch.randn(channels, device=device, requires_grad=True)
     torch.library.opcheck(ops.pointwise_fwd, (x, alpha, shift, w, b, activation, channels, params_per_row, triton))
     args = (torch.randn(6, 20, device=device), x.detach(), alpha.detach(), None if shift is None else shift.detach(),
-            w.detach(), activation, channels, params_per_row, True, True, triton)
+            w.detach(), activation, channels, params_per_row, True, torch.float32, triton)
     torch.library.opcheck(ops.pointwise_bwd, args)
 
 
 def test_compile_fullgraph_matches_eager(device):
-    torch._dynamo.reset()
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1), normzoo.DyT(8, channels_last=False, backend="triton"),
         torch.nn.Flatten(2), normzoo.Derf(16, backend="triton"),
     ).to(device)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)
-    y = compiled(x)
-    y.square().sum().backward()
-    grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
-    x.grad = None
-    model.zero_grad()
-    y_eager = model(x)
-    y_eager.square().sum().backward()
-    torch.testing.assert_close(y, y_eager)
-    for g, p in zip(grads, [x] + list(model.parameters())):
-        torch.testing.assert_close(g, p.grad)
+    assert_compiled_matches_eager(model, torch.randn(2, 3, 4, 4, device=device), "aot_eager")
 
 
 # ---------------------------------------------------------------- conversion
@@ -237,3 +225,46 @@ def test_swap_reports_unknown_norm_subclasses():
 def test_swap_rejects_unknown_target():
     with pytest.raises(ValueError, match="to must be one of"):
         normzoo.swap(torch.nn.Sequential(), to="batchnorm")
+
+
+# ---------------------------------------------------------------- layouts and shapes that broke before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_parameters_and_one_column_rows(backend, device):
+    x = torch.randn(1, 6, device=device).t()  # (6, 1), strides (1, 6)
+    alpha = torch.full((1, 1, 1), 0.7, device=device)  # any one-element shape
+    w = torch.randn(1, 3, device=device)[:, 1]  # a strided view
+    b = torch.full((1,), 0.2, device=device).expand(1)
+    y = NF.dyt(x, alpha, w, b, backend=backend)
+    assert_close(y, paper_formula(x.double(), alpha.double().view(1), None, w.double(), b.double(), True), "y")
+    cols = torch.randn(3, 5, 2, device=device)[..., 0]  # (3, 5) parameters read from a strided view
+    z = torch.randn(4, 3, 5, device=device)
+    y = NF.derf(z, alpha.view(1), alpha.view(1) * 0, cols, None, backend=backend)
+    assert_close(y, paper_formula(z.double(), 0.7, 0.0, cols.double(), None, True), "y")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alpha_gradient_keeps_alpha_shape(backend, device):
+    alpha = torch.full((1, 1), 0.5, device=device, requires_grad=True)
+    NF.dyt(torch.randn(3, 4, device=device), alpha, backend=backend).sum().backward()
+    assert alpha.grad.shape == (1, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_channels_channels_first(backend, device):
+    x = torch.randn(2, 0, 3, device=device, requires_grad=True)
+    w = torch.randn(0, device=device, requires_grad=True)
+    alpha = torch.ones(1, device=device, requires_grad=True)
+    y = NF.dyt(x, alpha, w, channels_last=False, backend=backend)
+    assert y.shape == (2, 0, 3)
+    y.sum().backward()
+    assert w.grad.shape == (0,) and torch.equal(alpha.grad, torch.zeros(1, device=device))
+
+
+def test_swap_to_dyt_puts_parameterless_norms_on_the_models_device():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4, elementwise_affine=False))
+    model = model.to(torch.float64).to("meta")
+    normzoo.swap(model, to="dyt")
+    assert model[1].alpha.device.type == "meta" and model[1].alpha.dtype == torch.float64
+    assert model(torch.randn(2, 4, dtype=torch.float64, device="meta")).shape == (2, 4)

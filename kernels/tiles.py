@@ -1,0 +1,19 @@
+"""Tile loads and stores shared by the kernel families."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_tile(ptr, rows, stride_row, cols, mask):
+    """A (rows × cols) tile of a 2-D tensor with unit column stride, as fp32, 0 where masked.
+    Row offsets are int64: rows × stride overflows int32 past 2^31 elements."""
+    offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_tile(ptr, rows, stride_row, cols, mask, value):
+    """Store an fp32 tile in the tensor's own dtype."""
+    offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
