@@ -79,5 +79,8 @@ def elementwise_config(n_cols: int, *, backward: bool = False, max_block_n: int 
     if max_block_n is not None:
         block_n = min(block_n, triton.next_power_of_2(max_block_n))
     block_m = max(1, min(target // block_n, 64))
-    num_warps = max(1, min(block_m * block_n // 256, 8))
+    # 8 elements of each live tensor per thread in forward; backward keeps more tensors and the
+    # column accumulators live, so it gets 4 (more threads for the same tile).
+    per_thread = 4 if backward else 8
+    num_warps = max(1, min(block_m * block_n // (32 * per_thread), 16))
     return ElementwiseConfig(block_m=block_m, block_n=block_n, num_warps=num_warps)

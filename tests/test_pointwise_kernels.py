@@ -95,15 +95,23 @@ def test_huge_inputs_stay_finite_and_exact(activation, dtype, device):
     run_and_compare(x, alpha, shift, w, b, layout_kw, activation)
 
 
-def test_tanh_is_accurate_near_zero_and_at_the_switch(device):
-    # The kernel's tanh switches from a series to (1−e)/(1+e) at |z| = 0.55: both sides, and tiny z.
+def test_tanh_and_its_derivative_are_accurate(device):
+    # The kernel's tanh switches from a series to (1−e)/(1+e) at |z| = 0.55: both sides, tiny z,
+    # and z deep in saturation.
     z = torch.tensor([0.0, 1e-30, 1e-7, 1e-3, 0.1, 0.5499, 0.5501, 0.9, 3.0, 9.0, 30.0], device=device)
     x = torch.cat([z, -z])[None, :]
     one = torch.ones(1, device=device)
     y = pointwise_forward(x, one, None, None, None, activation="tanh", channels=x.shape[1], params_per_row=False)
     exact = torch.tanh(x.double())
-    rel_in_eps = (y.double() - exact).abs() / exact.abs().clamp_min(1e-300) / torch.finfo(torch.float32).eps
+    eps32 = torch.finfo(torch.float32).eps
+    rel_in_eps = (y.double() - exact).abs() / exact.abs().clamp_min(1e-300) / eps32
     assert rel_in_eps.max() <= 4, rel_in_eps
+    # The derivative, 1 − tanh²: computed as 1 − t·t it would lose every digit as t → ±1.
+    dx, *_ = pointwise_backward(torch.ones_like(x), x, one, None, None, activation="tanh", channels=x.shape[1],
+                                params_per_row=False, compute_dw=False, db_dtype=None)
+    exact_dt = 1 / torch.cosh(x.double()) ** 2
+    rel_in_eps = (dx.double() - exact_dt).abs() / exact_dt / eps32
+    assert rel_in_eps.max() <= 8, rel_in_eps
 
 
 def test_many_rows_per_program(device):

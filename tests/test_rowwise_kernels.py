@@ -71,7 +71,11 @@ def run_and_compare(x, weight, bias, is_rms, eps=1e-5, max_block_n=None):
         dy.double(), x.double(), as64(weight), mean_ref, rstd_ref, is_rms,
         compute_dw=weight is not None, db_dtype=torch.float64 if bias is not None else None,
     )
-    assert_close(dx, dx_ref, "dx", x.dtype, peer=dx_peer)
+    # dx = (w·dy − x̂·c1 − c2)·rstd cancels when dy is nearly parallel to x̂ (a one-element RMSNorm
+    # always is): judge it against the size of the terms, ‖w·dy‖·rstd, not the small result.
+    wdy = dy.double() * (weight.double() if weight is not None else 1.0)
+    dx_scale = (wdy * rstd_ref[:, None]).norm().item()
+    assert_close(dx, dx_ref, "dx", x.dtype, peer=dx_peer, scale=dx_scale)
     if weight is not None:
         assert_close(dw, dw_ref, "dw", weight.dtype, peer=dw_peer)
     else:
