@@ -57,6 +57,9 @@ def main(argv=None) -> int:
 
     copy_gbps = harness.copy_bandwidth_gbps(device, smoke=args.smoke)
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s")
+    env = harness.environment(device, args.smoke)
+    label = "smoke-cpu" if args.smoke else env["gpu"].replace(" ", "-")
+    stem = args.name or f"{label}-{'-'.join(args.ops)}"
     points = []
     for op in args.ops:
         case = CASES[op]
@@ -83,19 +86,23 @@ def main(argv=None) -> int:
                     del leaves, dy
                     if device == "cuda":
                         torch.cuda.empty_cache()
+            # Save as we go: a sweep cut short by a time limit keeps what it measured.
+            _save(harness, args.out, stem, env, copy_gbps, points)
 
-    env = harness.environment(device, args.smoke)
-    label = "smoke-cpu" if args.smoke else env["gpu"].replace(" ", "-")
-    stem = args.name or f"{label}-{'-'.join(args.ops)}"
-    path = harness.write_results(args.out, stem, env, copy_gbps, points)
-    table = harness.markdown_table(points)
-    (args.out / f"{stem}.md").write_text(
-        f"# {stem}\n\n{env.get('gpu') or 'CPU smoke run (not a measurement)'}, torch {env['torch']}, "
-        f"triton {env['triton']}, commit {env['git_commit']}; copy bandwidth {copy_gbps:.0f} GB/s.\n\n{table}\n")
+    path, table = _save(harness, args.out, stem, env, copy_gbps, points)
     png = harness.plot(points, copy_gbps, args.out / f"{stem}.png", f"{stem} (copy {copy_gbps:.0f} GB/s)")
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
     print(table)
     return 0
+
+
+def _save(harness, out, stem, env, copy_gbps, points):
+    path = harness.write_results(out, stem, env, copy_gbps, points)
+    table = harness.markdown_table(points)
+    (out / f"{stem}.md").write_text(
+        f"# {stem}\n\n{env.get('gpu') or 'CPU smoke run (not a measurement)'}, torch {env['torch']}, "
+        f"triton {env['triton']}, commit {env['git_commit']}; copy bandwidth {copy_gbps:.0f} GB/s.\n\n{table}\n")
+    return path, table
 
 
 def _time_pass(harness, fn, leaves, dy, pass_, smoke):

@@ -44,20 +44,28 @@ class RowwiseConfig:
     num_warps: int
 
 
+def single_tile_limit(dtype: torch.dtype, *, backward: bool = False) -> int:
+    """The widest row the norm kernels keep in registers in one tile. Backward holds x, dy, w and
+    two fp32 accumulators per column, so its limit is half the forward's."""
+    limit = MAX_SINGLE_TILE_BYTES // dtype.itemsize
+    return limit // 2 if backward else limit
+
+
 def rowwise_config(n_cols: int, dtype: torch.dtype, *, backward: bool = False, max_block_n: int | None = None) -> RowwiseConfig:
     """Tile shape for the row-wise norm kernels.
 
     ``max_block_n`` caps the column tile (tests use it to reach the looped path on small rows).
-    Backward holds x, dy, w and two fp32 accumulators per column, so its single-tile limit is half
-    the forward's.
     """
-    limit = MAX_SINGLE_TILE_BYTES // dtype.itemsize
-    if backward:
-        limit //= 2
+    limit = single_tile_limit(dtype, backward=backward)
     if max_block_n is not None:
         limit = min(limit, triton.next_power_of_2(max_block_n))
     block_n = min(triton.next_power_of_2(max(n_cols, 1)), limit)
     single_tile = n_cols <= block_n
+    if backward and not single_tile:
+        # The looped backward keeps two tiles' worth of row sums and accumulators live; at the full
+        # single-tile width a 16-bit LayerNorm with bias only hit 128 registers and spilled on
+        # sm_90 (compile_check). Half-width tiles cost nothing in bytes moved.
+        block_n //= 2
     block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 16))
     num_warps = max(1, min(block_m * block_n // 256, 16))
     return RowwiseConfig(block_m=block_m, block_n=block_n, single_tile=single_tile, num_warps=num_warps)
@@ -80,7 +88,9 @@ def elementwise_config(n_cols: int, *, backward: bool = False, max_block_n: int 
         block_n = min(block_n, triton.next_power_of_2(max_block_n))
     block_m = max(1, min(target // block_n, 64))
     # 8 elements of each live tensor per thread in forward; backward keeps more tensors and the
-    # column accumulators live, so it gets 4 (more threads for the same tile).
-    per_thread = 4 if backward else 8
+    # column accumulators live, so it gets 4 (more threads for the same tile) on wide tiles. On
+    # narrow ones (many short rows) 16 warps made ptxas spill even at 40 registers; 8 do not.
+    # (Both from compile_check's sm_90 report, not yet from timings.)
+    per_thread = 4 if backward and block_n >= 1024 else 8
     num_warps = max(1, min(block_m * block_n // (32 * per_thread), 16))
     return ElementwiseConfig(block_m=block_m, block_n=block_n, num_warps=num_warps)

@@ -5,16 +5,15 @@
     >>> y = normzoo.functional.layer_norm(x, (4096,), w, b)
 """
 
-import importlib.util as _importlib_util
 from pathlib import Path as _Path
 
-# An install (editable or not) provides kernels/ as normzoo.kernels. Imported straight from a
-# source checkout (python -m pytest in the repo root, after a non-editable `pip install .`),
-# normzoo is this folder and kernels/ is its sibling: let the subpackage be found there.
-if _importlib_util.find_spec(f"{__name__}.kernels") is None:
-    _checkout = _Path(__file__).resolve().parent.parent
-    if (_checkout / "kernels" / "__init__.py").is_file():
-        __path__.append(str(_checkout))
+# An install puts kernels/ inside this package as normzoo.kernels. Imported from a source
+# checkout instead (python -m pytest in the repo root, with no install, a non-editable one, or an
+# editable one of another checkout), normzoo is this folder and kernels/ is its sibling: search
+# the checkout first, so the kernels always come from the same tree as the rest of normzoo.
+_here = _Path(__file__).resolve().parent
+if not (_here / "kernels").is_dir() and (_here.parent / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_here.parent))
 
 from . import functional, ops, reference  # noqa: E402
 from .layers import Derf, DyT, LayerNorm, RMSNorm  # noqa: E402

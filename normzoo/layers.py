@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from . import ops
 from .ops import check_backend, normalized_shape_tuple
 
 __all__ = ["LayerNorm", "RMSNorm", "DyT", "Derf"]
@@ -165,7 +166,9 @@ class DyT(_PointwiseNorm):
         self.reset_parameters()
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.dyt(input, self.alpha, self.weight, self.bias, channels_last=self.channels_last, backend=self.backend)
+        return ops.pointwise(input, self.alpha, None, self.weight, self.bias, activation="tanh",
+                             channels_last=self.channels_last, backend=self.backend,
+                             normalized_shape=self.normalized_shape)
 
 
 class Derf(_PointwiseNorm):
@@ -208,8 +211,9 @@ class Derf(_PointwiseNorm):
         torch.nn.init.constant_(self.shift, self.shift_init_value)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.derf(input, self.alpha, self.shift, self.weight, self.bias, channels_last=self.channels_last,
-                      backend=self.backend)
+        return ops.pointwise(input, self.alpha, self.shift, self.weight, self.bias, activation="erf",
+                             channels_last=self.channels_last, backend=self.backend,
+                             normalized_shape=self.normalized_shape)
 
     def extra_repr(self) -> str:
         return super().extra_repr().replace(", elementwise_affine",

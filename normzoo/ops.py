@@ -75,7 +75,7 @@ def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
 def check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not (eps >= 0 and math.isfinite(eps)):
+    if not (0 <= eps < math.inf):  # comparisons, not math.isfinite: eps is a SymFloat under dynamic shapes
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     return float(eps)
 
@@ -325,26 +325,34 @@ def _check_scalar(t, name: str, x: Tensor) -> None:
 
 def pointwise(
     x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-    *, activation: str, channels_last: bool, backend: str,
+    *, activation: str, channels_last: bool, backend: str, normalized_shape=None,
 ) -> Tensor:
-    """DyT / Derf on any shape. channels-last: the parameters cover the trailing ``weight.shape``
-    dims; channels-first: ``x`` is (B, C, *spatial) and the parameters have shape (C,)."""
+    """DyT / Derf on any shape. channels-last: the parameters cover the trailing dims;
+    channels-first: ``x`` is (B, C, *spatial) and the parameters have shape (C,).
+
+    ``normalized_shape`` (the modules pass theirs) fixes the expected shape even when there are no
+    parameters to read it from; without it, the weight's (or bias's) shape, else the input's last
+    dim.
+    """
     check_input(x)
     _check_scalar(alpha, "alpha", x)
     if shift is not None:
         _check_scalar(shift, "shift", x)
-    param = weight if weight is not None else bias
+    expected = normalized_shape_tuple(normalized_shape) if normalized_shape is not None else None
     if channels_last:
-        shape = tuple(param.shape) if param is not None else (x.shape[-1] if x.dim() else 1,)
+        param = weight if weight is not None else bias
+        shape = expected or (tuple(param.shape) if param is not None else (x.shape[-1] if x.dim() else 1,))
         if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
-            raise ValueError(f"expected input whose trailing dims are {shape} (the weight's shape), "
-                             f"got input of shape {tuple(x.shape)}")
+            raise ValueError(f"expected input whose trailing dims are {shape}, got input of shape {tuple(x.shape)}")
         channels = math.prod(shape)
         x2d = x.reshape(x.numel() // channels if channels else 0, channels)
     else:
         if x.dim() < 2:
             raise ValueError(f"channels_last=False expects input of shape (B, C, *spatial), got {tuple(x.shape)}")
         shape = (x.shape[1],)
+        if expected is not None and expected != shape:
+            raise ValueError(f"expected input with {expected[0]} channels in dim 1 (B, C, *spatial), "
+                             f"got input of shape {tuple(x.shape)}")
         channels = x.shape[1]
         x2d = x.reshape(x.shape[0] * channels, math.prod(x.shape[2:]))
     check_param(weight, "weight", shape, x)

@@ -1,5 +1,6 @@
 """Replace the norm layers of an existing model, in place, and report what changed."""
 
+import warnings
 from collections import Counter
 from collections.abc import Callable
 
@@ -34,19 +35,30 @@ def replace_modules(model: torch.nn.Module, convert: Callable[[str, torch.nn.Mod
                     report: SwapReport | None = None) -> SwapReport:
     """Walk ``model`` and replace each submodule for which ``convert(name, module)`` returns a new
     module (a replaced module's children are not visited; ``model`` itself has no parent and is
-    never replaced). The new module takes the old one's training mode."""
+    never replaced). The new module takes the old one's training mode and forward hooks; a module
+    that appears in several places is converted once and stays shared."""
     report = report if report is not None else SwapReport()
+    converted: dict[int, torch.nn.Module | None] = {}
 
     def visit(parent: torch.nn.Module, prefix: str):
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(): the latter skips a module's second appearance.
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             name = f"{prefix}.{child_name}" if prefix else child_name
-            new = convert(name, child)
+            if id(child) not in converted:
+                new = convert(name, child)
+                if new is not None:
+                    new.train(child.training)
+                    new._forward_hooks.update(child._forward_hooks)
+                    new._forward_pre_hooks.update(child._forward_pre_hooks)
+                    report[f"{_short_name(type(child))} -> {_short_name(type(new))}"] += 1
+                converted[id(child)] = new
+            new = converted[id(child)]
             if new is None:
                 visit(child, name)
-                continue
-            new.train(child.training)
-            setattr(parent, child_name, new)
-            report[f"{_short_name(type(child))} -> {_short_name(type(new))}"] += 1
+            else:
+                setattr(parent, child_name, new)
 
     visit(model, "")
     return report
@@ -75,7 +87,8 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     (the DyT paper also adjusts ``alpha_init_value`` and the learning rate).
 
     Subclasses of these norms (e.g. timm's channels-first ``LayerNorm2d``) may compute something
-    else; they are listed in ``report.left_alone`` rather than replaced.
+    else; they are listed in ``report.left_alone`` rather than replaced. Forward hooks move to the
+    new layers; a norm shared by several parents stays shared. A swap that replaces nothing warns.
     """
     check_backend(backend)
     if to not in _TARGETS:
@@ -90,7 +103,8 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
 
     def convert(name, module):
         if type(module) not in _KNOWN_NORMS:
-            if isinstance(module, _KNOWN_NORMS) and not isinstance(module, (LayerNorm, RMSNorm)):
+            already_ours = target is None and isinstance(module, (LayerNorm, RMSNorm))
+            if isinstance(module, _KNOWN_NORMS) and not already_ours:
                 report.left_alone[f"{_short_name(type(module))} (unknown subclass of a norm)"] += 1
             return None
         is_rms = isinstance(module, torch.nn.RMSNorm)
@@ -110,4 +124,12 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
                       device=like.device if like is not None else None, dtype=like.dtype if like is not None else None,
                       backend=backend)
 
-    return replace_modules(model, convert, report)
+    if type(model) in _KNOWN_NORMS:
+        raise ValueError("swap replaces the norms inside a model; the model itself is a norm, which has no "
+                         "parent to hold its replacement: construct the normzoo layer directly instead")
+    replace_modules(model, convert, report)
+    if not report:
+        # A silent no-op hides a model whose norms we don't know (unsloth#4533): say so.
+        warnings.warn(f"normzoo.swap replaced nothing in {type(model).__name__}"
+                      + (f"; left alone: {dict(report.left_alone)}" if report.left_alone else ""), stacklevel=2)
+    return report

@@ -58,5 +58,10 @@ def test_every_kernel_compiles_for_hopper_without_spills():
         env=env, capture_output=True, text=True, timeout=480, cwd=Path(__file__).resolve().parent.parent,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    # 4 widths × 2 dtypes × (LayerNorm, RMSNorm, DyT, DyT channels-first, Derf, Derf channels-first)
-    assert out.stdout.count(" fwd ") == 48 and out.stdout.count(" bwd ") == 48, out.stdout
+    import re
+
+    summary = re.search(r"sm_90: (\d+) variants, 0 failed to compile, 0 spill", out.stdout)
+    assert summary, out.stdout[-2000:]
+    rows = [line for line in out.stdout.splitlines() if re.search(r" (fwd|bwd) ", line)]
+    # Every (op, pass, affine layout, parameter dtype) at 4 widths and 2 dtypes, each listed once.
+    assert len(rows) == int(summary.group(1)) > 300, out.stdout[-2000:]

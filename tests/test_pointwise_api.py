@@ -268,3 +268,14 @@ def test_swap_to_dyt_puts_parameterless_norms_on_the_models_device():
     normzoo.swap(model, to="dyt")
     assert model[1].alpha.device.type == "meta" and model[1].alpha.dtype == torch.float64
     assert model(torch.randn(2, 4, dtype=torch.float64, device="meta")).shape == (2, 4)
+
+
+@pytest.mark.parametrize("cls", [normzoo.DyT, normzoo.Derf])
+def test_modules_without_parameters_still_check_the_shape(cls):
+    with pytest.raises(ValueError, match=r"trailing dims are \(16,\)"):
+        cls(16, elementwise_affine=False)(torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"trailing dims are \(4, 8\)"):
+        cls((4, 8), elementwise_affine=False)(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="expected input with 6 channels"):
+        cls(6, elementwise_affine=False, channels_last=False)(torch.randn(2, 5, 3, 3))
+    assert cls((4, 8), elementwise_affine=False)(torch.randn(2, 4, 8)).shape == (2, 4, 8)

@@ -111,7 +111,9 @@ def test_tanh_and_its_derivative_are_accurate(device):
                                 params_per_row=False, compute_dw=False, db_dtype=None)
     exact_dt = 1 / torch.cosh(x.double()) ** 2
     rel_in_eps = (dx.double() - exact_dt).abs() / exact_dt / eps32
-    assert rel_in_eps.max() <= 8, rel_in_eps
+    # A GPU's exp rounds exp(−2|z|)'s argument, an error that grows like |z|·eps (the interpreter's
+    # exp is exact); 1 − t·t would instead be wrong by 100% past |z| ≈ 9.
+    assert (rel_in_eps <= 8 + x.double().abs()).all(), rel_in_eps
 
 
 def test_many_rows_per_program(device):

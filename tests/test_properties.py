@@ -5,8 +5,10 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="the property suite needs hypothesis (pip install -e '.[test]')")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from test_pointwise_kernels import run_and_compare as run_pointwise
 from test_rowwise_kernels import run_and_compare as run_rowwise

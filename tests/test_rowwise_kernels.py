@@ -12,7 +12,7 @@ import torch
 from helpers import assert_close
 from normzoo import reference
 from normzoo.kernels import rowwise_norm_backward, rowwise_norm_forward
-from normzoo.kernels.heuristics import rowwise_config
+from normzoo.kernels.heuristics import single_tile_limit
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (N, max_block_n): None keeps the real heuristic; a small cap forces the looped (multi-tile) path.
@@ -109,8 +109,8 @@ def test_fp32_params_with_16bit_input(is_rms, dtype, n, max_block_n, device):
 def test_single_tile_limit_and_one_past(is_rms, dtype, device):
     # The real heuristic, at the widest single-tile row and one column past it (forward and
     # backward have different limits; each side of both is covered).
-    fwd_limit = rowwise_config(1 << 20, dtype).block_n
-    bwd_limit = rowwise_config(1 << 20, dtype, backward=True).block_n
+    fwd_limit = single_tile_limit(dtype)
+    bwd_limit = single_tile_limit(dtype, backward=True)
     for n in sorted({fwd_limit, fwd_limit + 1, bwd_limit, bwd_limit + 1}):
         x, w, b = make_inputs(3, n, dtype, "weight+bias", dtype, device, is_rms)
         run_and_compare(x, w, b, is_rms)
@@ -145,7 +145,7 @@ def test_empty_input(device):
     dx, dw, db = rowwise_norm_backward(torch.empty(0, 16, device=device), x, w, mean, rstd,
                                        is_rms=False, compute_dw=True, db_dtype=torch.float32)
     assert dx.shape == (0, 16)
-    assert torch.equal(dw, torch.zeros(16)) and torch.equal(db, torch.zeros(16))
+    assert torch.equal(dw, torch.zeros(16, device=device)) and torch.equal(db, torch.zeros(16, device=device))
 
 
 def test_strided_rows(device):
@@ -196,7 +196,7 @@ def test_looped_backward_has_no_race_between_warps(is_rms, device):
     # The looped backward writes each row's c1/c2 from one thread and reads them from all: without
     # the barrier between its two passes other warps could read poison. Few rows per program
     # (one row block each) and many repeats make a missing barrier show.
-    n = rowwise_config(1 << 20, torch.bfloat16, backward=True).block_n + 1
+    n = single_tile_limit(torch.bfloat16, backward=True) + 1
     for _ in range(50):
         x, w, b = make_inputs(64, n, torch.bfloat16, "weight+bias", torch.float32, device, is_rms)
         run_and_compare(x, w, b, is_rms)

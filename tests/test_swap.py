@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 import normzoo
@@ -42,8 +43,28 @@ def test_swap_replaces_norms_and_keeps_everything_else(device):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_swap_twice_changes_nothing_the_second_time():
+def test_swap_twice_changes_nothing_the_second_time_and_says_so():
     model = tiny_model()
     normzoo.swap(model)
-    report = normzoo.swap(model)
+    with pytest.warns(UserWarning, match="replaced nothing in Sequential"):
+        report = normzoo.swap(model)
     assert report == {} and report.left_alone == {}
+
+
+def test_swap_keeps_hooks_and_shared_modules():
+    shared = torch.nn.LayerNorm(8)
+    model = torch.nn.Sequential(shared, torch.nn.Linear(8, 8), shared)
+    calls = []
+    shared.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    for to in (None, "dyt"):
+        report = normzoo.swap(model, to=to)
+        assert sum(report.values()) == 1  # one module, converted once
+        assert model[0] is model[2]
+    calls.clear()
+    model(torch.randn(2, 8))
+    assert calls == ["DyT", "DyT"]
+
+
+def test_swap_refuses_a_bare_norm():
+    with pytest.raises(ValueError, match="the model itself is a norm"):
+        normzoo.swap(torch.nn.LayerNorm(4))
