@@ -327,3 +327,13 @@ def test_compile_inductor_with_transposed_input_on_the_default_backend():
 def test_empty_normalized_shape_is_refused():
     with pytest.raises(ValueError, match="at least one dimension"):
         NF.layer_norm(torch.randn(3, 4), ())
+
+
+def test_compile_with_dynamic_shapes(device):
+    # Under dynamic=True, eps arrives as a SymFloat: validation must not call math functions on it.
+    torch._dynamo.reset()
+    model = _Block("triton").to(device)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for rows in (3, 7):
+        x = torch.randn(rows, 24, device=device)
+        torch.testing.assert_close(compiled(x), model(x))
