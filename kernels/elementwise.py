@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .heuristics import elementwise_config, num_compute_units
+from .heuristics import elementwise_config, split_rows
 from .launch import alloc, check_rows, device_guard
 from .tiles import load_tile, store_tile
 
@@ -236,13 +236,10 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
                 zeros(channels, weight.dtype) if compute_dw else None, zeros(channels, db_dtype) if compute_db else None)
 
     cfg = elementwise_config(N, max_block_n=max_block_n, backward=True)
-    row_blocks = triton.cdiv(M, cfg.block_m)
-    if params_per_row:
-        rows_per_program = cfg.block_m  # row sums are carried across column tiles in registers
+    if params_per_row:  # one row block per program: its row sums are carried across column tiles
+        rows_per_program, programs = cfg.block_m, triton.cdiv(M, cfg.block_m)
     else:
-        programs = min(row_blocks, 4 * num_compute_units(device))
-        rows_per_program = triton.cdiv(row_blocks, programs) * cfg.block_m
-    programs = triton.cdiv(M, rows_per_program)
+        rows_per_program, programs = split_rows(M, cfg.block_m, device)
 
     sums_shape = (M,) if params_per_row else (programs, N)
     dw_partial = alloc(sums_shape, torch.float32, device) if compute_dw else None

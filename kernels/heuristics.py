@@ -36,6 +36,16 @@ def num_compute_units(device: torch.device) -> int:
     return 4
 
 
+def split_rows(n_rows: int, block_m: int, device: torch.device) -> tuple[int, int]:
+    """``(rows_per_program, programs)`` for a backward whose programs each own a contiguous run of
+    rows and write one row of partial sums: enough programs to fill the machine a few times over,
+    each run a multiple of ``block_m``, and every program given at least one row."""
+    row_blocks = triton.cdiv(n_rows, block_m)
+    programs = min(row_blocks, 4 * num_compute_units(device))
+    rows_per_program = triton.cdiv(row_blocks, programs) * block_m
+    return rows_per_program, triton.cdiv(n_rows, rows_per_program)
+
+
 @dataclass(frozen=True)
 class RowwiseConfig:
     block_m: int  # rows per tile

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .heuristics import num_compute_units, rowwise_config
+from .heuristics import rowwise_config, split_rows
 from .launch import alloc, check_rows, device_guard
 from .tiles import load_tile, store_tile
 
@@ -260,12 +260,7 @@ def rowwise_norm_backward(
                 torch.zeros(N, dtype=db_dtype, device=device) if compute_db else None)
 
     cfg = rowwise_config(N, x.dtype, backward=True, max_block_n=max_block_n)
-    row_blocks = triton.cdiv(M, cfg.block_m)
-    # Enough programs to fill the machine a few times over; each owns a contiguous run of rows
-    # and writes one row of the partial-sum buffers.
-    programs = min(row_blocks, 4 * num_compute_units(device))
-    rows_per_program = triton.cdiv(row_blocks, programs) * cfg.block_m
-    programs = triton.cdiv(M, rows_per_program)
+    rows_per_program, programs = split_rows(M, cfg.block_m, device)
 
     dw_partial = alloc((programs, N), torch.float32, device) if compute_dw else None
     db_partial = alloc((programs, N), torch.float32, device) if compute_db else None
