@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .heuristics import elementwise_config, split_rows
+from .heuristics import launch_config, split_rows
 from .launch import alloc, check_rows, device_guard
+from .reduce import sum_partials
 from .tiles import load_tile, store_tile
 
 ACTIVATIONS = ("tanh", "erf")
@@ -202,7 +203,7 @@ def pointwise_forward(x, alpha, shift, weight, bias, *, activation: str, channel
     y = alloc((M, N), x.dtype, x.device)
     if M == 0 or N == 0:
         return y
-    cfg = elementwise_config(N, max_block_n=max_block_n)
+    cfg = launch_config("dyt" if activation == "tanh" else "derf", "fwd", N, x.dtype, x.device, max_block_n)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     with device_guard(x.device):
         _pointwise_fwd_kernel[grid](
@@ -235,11 +236,11 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
         return (dx, zeros(1, alpha.dtype), zeros(1, shift.dtype) if shift is not None else None,
                 zeros(channels, weight.dtype) if compute_dw else None, zeros(channels, db_dtype) if compute_db else None)
 
-    cfg = elementwise_config(N, max_block_n=max_block_n, backward=True)
+    cfg = launch_config("dyt" if activation == "tanh" else "derf", "bwd", N, x.dtype, device, max_block_n)
     if params_per_row:  # one row block per program: its row sums are carried across column tiles
         rows_per_program, programs = cfg.block_m, triton.cdiv(M, cfg.block_m)
     else:
-        rows_per_program, programs = split_rows(M, cfg.block_m, device)
+        rows_per_program, programs = split_rows(M, cfg, device)
 
     sums_shape = (M,) if params_per_row else (programs, N)
     dw_partial = alloc(sums_shape, torch.float32, device) if compute_dw else None
@@ -255,13 +256,12 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
 
-    def per_channel(partial, dtype):
-        # channels-first: row r is channel r mod C, so (B·C,) row sums fold to (B, C).
-        sums = partial.view(-1, channels).sum(0) if params_per_row else partial.sum(0)
-        return sums.to(dtype)
-
-    # Two separate reductions: slices of one result would alias, which custom ops forbid.
-    dalpha = scalar_partial[:, 0].sum().reshape(1).to(alpha.dtype)
-    dshift = scalar_partial[:, 1].sum().reshape(1).to(shift.dtype) if shift is not None else None
-    return (dx, dalpha, dshift, per_channel(dw_partial, weight.dtype) if compute_dw else None,
-            per_channel(db_partial, db_dtype) if compute_db else None)
+    dalpha = alloc((1,), alpha.dtype, device)
+    dshift = alloc((1,), shift.dtype, device) if shift is not None else None
+    dw = alloc((channels,), weight.dtype, device) if compute_dw else None
+    db = alloc((channels,), db_dtype, device) if compute_db else None
+    # channels-first: row r is channel r mod C, so the (B·C,) row sums are a (B, C) partial buffer.
+    fold = (lambda p: p.view(-1, channels)) if params_per_row else (lambda p: p)
+    sum_partials(fold(dw_partial) if compute_dw else None, fold(db_partial) if compute_db else None, dw, db,
+                 scalar_partial, dalpha, dshift)
+    return dx, dalpha, dshift, dw, db

@@ -1,22 +1,35 @@
-"""Launch configurations, in one place.
+"""Launch configurations, in one place: measured tables per GPU, with rules as the fallback.
 
-The numbers below are first choices from the hardware's shape (registers per thread, SM count),
-not yet tuned by measurement: no GPU has run them. Every choice is a pure function of the problem
-size, dtype and device, so a tuning pass only edits this file.
+A launch asks :func:`launch_config` for ``(op, pass, N, dtype, device)``. If a table measured on
+that GPU (``kernels/configs/<gpu>.json``, written by ``python -m benchmarks.tune``) has an entry for
+the key ``op|pass|dtype|next_power_of_2(N)``, its fields (``num_warps``, ``block_m``,
+``programs_per_sm``) replace the rule's; everything else (the column tile, single-tile or looped)
+always comes from the rules, so a table can change speed but never which code path runs. Results
+are deterministic for a given table: the reduction order follows the config.
+
+The rules are first choices from the hardware's shape (registers per SM, threads per program), not
+measurements; ``python -m benchmarks.compile_check`` reports what they compile to on sm_90.
 """
 
 import functools
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import triton
 
-# Above this many columns a row no longer fits in one tile of registers and the kernels loop over
-# column tiles instead. 16-bit rows fit twice as many elements as fp32 ones in the same registers.
+# Above this many bytes a row no longer fits one forward tile of registers, and the kernels loop
+# over column tiles instead (the backward, which holds more per column, takes half).
 MAX_SINGLE_TILE_BYTES = 32 * 1024
-# Elements one program touches per step; rows are packed into a tile until it holds this many.
+# Elements one program touches per step; rows are stacked into a tile until it holds this many.
 TARGET_TILE_ELEMENTS = 4096
+# Where measured tables live, one JSON file per GPU model.
+CONFIG_DIR = Path(__file__).parent / "configs"
+# The fields a table may set, and the values each may take.
+TUNABLE = {"num_warps": (1, 2, 4, 8, 16, 32), "block_m": (1, 2, 4, 8, 16, 32, 64), "programs_per_sm": (1, 2, 3, 4, 6, 8)}
+OPS = ("layernorm", "rmsnorm", "dyt", "derf")
 
 
 def interpreting() -> bool:
@@ -24,34 +37,93 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int  # rows per tile
+    block_n: int  # columns per tile
+    num_warps: int
+    single_tile: bool = True  # row-wise kernels: the whole row fits one tile (read once, kept in registers)
+    programs_per_sm: int = 1  # backward: programs launched per SM (a persistent grid of SMs × this)
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices
+# ----------------------------------------------------------------------------------------------
+
+
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _cuda_properties(index: int):
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.name
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def num_compute_units(device: torch.device) -> int:
     """Streaming multiprocessors on a GPU; a small fixed number under the CPU interpreter."""
     if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return _cuda_properties(_cuda_index(device))[0]
     return 4
 
 
-def split_rows(n_rows: int, block_m: int, device: torch.device) -> tuple[int, int]:
-    """``(rows_per_program, programs)`` for a backward whose programs each own a contiguous run of
-    rows and write one row of partial sums: enough programs to fill the machine a few times over,
-    each run a multiple of ``block_m``, and every program given at least one row."""
-    row_blocks = triton.cdiv(n_rows, block_m)
-    programs = min(row_blocks, 4 * num_compute_units(device))
-    rows_per_program = triton.cdiv(row_blocks, programs) * block_m
-    return rows_per_program, triton.cdiv(n_rows, rows_per_program)
+def device_name(device: torch.device) -> str | None:
+    """The GPU's model name as a table key (``"NVIDIA-H100-80GB-HBM3"``), or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return _cuda_properties(_cuda_index(device))[1].replace(" ", "-")
 
 
-@dataclass(frozen=True)
-class RowwiseConfig:
-    block_m: int  # rows per tile
-    block_n: int  # columns per tile
-    single_tile: bool  # the whole row fits in one tile (kept in registers, read once)
-    num_warps: int
+# ----------------------------------------------------------------------------------------------
+# Measured tables
+# ----------------------------------------------------------------------------------------------
+
+
+def config_key(op: str, pass_: str, dtype: torch.dtype, n_cols: int) -> str:
+    return f"{op}|{pass_}|{str(dtype).removeprefix('torch.')}|{triton.next_power_of_2(max(n_cols, 1))}"
+
+
+def validate_entry(key: str, entry: dict) -> dict:
+    op, pass_, _, _ = key.split("|")
+    if op not in OPS or pass_ not in ("fwd", "bwd"):
+        raise ValueError(f"bad config key {key!r}")
+    for field, value in entry.items():
+        if field not in TUNABLE or value not in TUNABLE[field]:
+            raise ValueError(f"config {key!r}: {field}={value!r} is not one of {TUNABLE.get(field)}")
+    return dict(entry)
+
+
+@functools.lru_cache(maxsize=1)
+def _tables() -> dict:
+    """{gpu name: {key: fields}} from every table in CONFIG_DIR."""
+    tables = {}
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        data = json.loads(path.read_text())
+        tables[data["gpu"]] = {k: validate_entry(k, v) for k, v in data["configs"].items()}
+    return tables
+
+
+def set_tuned(gpu: str, key: str, entry: dict | None) -> None:
+    """Set (or, with None, remove) one table entry in memory; the tuner uses this to try candidates."""
+    table = _tables().setdefault(gpu, {})
+    if entry is None:
+        table.pop(key, None)
+    else:
+        table[key] = validate_entry(key, entry)
+    launch_config.cache_clear()
+
+
+def tuned_entry(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: torch.device) -> dict | None:
+    gpu = device_name(device)
+    if gpu is None:
+        return None
+    return _tables().get(gpu, {}).get(config_key(op, pass_, dtype, n_cols))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules
+# ----------------------------------------------------------------------------------------------
 
 
 def single_tile_limit(dtype: torch.dtype, *, backward: bool = False) -> int:
@@ -61,46 +133,65 @@ def single_tile_limit(dtype: torch.dtype, *, backward: bool = False) -> int:
     return limit // 2 if backward else limit
 
 
-def rowwise_config(n_cols: int, dtype: torch.dtype, *, backward: bool = False, max_block_n: int | None = None) -> RowwiseConfig:
-    """Tile shape for the row-wise norm kernels.
-
-    ``max_block_n`` caps the column tile (tests use it to reach the looped path on small rows).
-    """
+def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: int | None) -> LaunchConfig:
     limit = single_tile_limit(dtype, backward=backward)
     if max_block_n is not None:
         limit = min(limit, triton.next_power_of_2(max_block_n))
     block_n = min(triton.next_power_of_2(max(n_cols, 1)), limit)
     single_tile = n_cols <= block_n
     if backward and not single_tile:
-        # The looped backward keeps two tiles' worth of row sums and accumulators live; at the full
-        # single-tile width a 16-bit LayerNorm with bias only hit 128 registers and spilled on
-        # sm_90 (compile_check). Half-width tiles cost nothing in bytes moved.
+        # The looped backward keeps two tiles' worth of row sums and accumulators live; half-width
+        # tiles keep it off the register limit and cost nothing in bytes moved.
         block_n //= 2
     block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 16))
-    num_warps = max(1, min(block_m * block_n // 256, 16))
-    return RowwiseConfig(block_m=block_m, block_n=block_n, single_tile=single_tile, num_warps=num_warps)
+    elements = block_m * block_n
+    if backward:
+        # 8 elements per thread and per live tensor (x, dy, dx, the dw/db accumulators): ~64-100
+        # registers, so 2+ programs of at most 8 warps share an SM and one program's loads are in
+        # flight while another reduces. Wider single-tile rows need 16 warps and fit one per SM.
+        num_warps = max(1, min(elements // 256, 16))
+        programs_per_sm = 2 if num_warps <= 8 else 1
+    else:
+        # Forward tiles are read once and written once: 8 elements (16 bytes in 16-bit) per thread.
+        num_warps = max(1, min(elements // 256, 16))
+        programs_per_sm = 1
+    return LaunchConfig(block_m, block_n, num_warps, single_tile, programs_per_sm)
 
 
-@dataclass(frozen=True)
-class ElementwiseConfig:
-    block_m: int
-    block_n: int
-    num_warps: int
-
-
-def elementwise_config(n_cols: int, *, backward: bool = False, max_block_n: int | None = None) -> ElementwiseConfig:
-    """Tile shape for the point-wise (DyT / Derf) kernels: about TARGET_TILE_ELEMENTS per tile
-    (half in backward, which holds x, dy, the activation and its derivative at once), columns up
-    to 1024 wide, rows stacked to fill the rest."""
-    target = TARGET_TILE_ELEMENTS // 2 if backward else TARGET_TILE_ELEMENTS
+def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None) -> LaunchConfig:
+    # Tiles of TARGET_TILE_ELEMENTS (columns up to 1024 wide, rows stacked to fill the rest),
+    # 8 elements per thread: 128-bit accesses in 16-bit, 2 x 128-bit in fp32.
     block_n = min(triton.next_power_of_2(max(n_cols, 1)), 1024)
     if max_block_n is not None:
         block_n = min(block_n, triton.next_power_of_2(max_block_n))
-    block_m = max(1, min(target // block_n, 64))
-    # 8 elements of each live tensor per thread in forward; backward keeps more tensors and the
-    # column accumulators live, so it gets 4 (more threads for the same tile) on wide tiles. On
-    # narrow ones (many short rows) 16 warps made ptxas spill even at 40 registers; 8 do not.
-    # (Both from compile_check's sm_90 report, not yet from timings.)
-    per_thread = 4 if backward and block_n >= 1024 else 8
-    num_warps = max(1, min(block_m * block_n // (32 * per_thread), 16))
-    return ElementwiseConfig(block_m=block_m, block_n=block_n, num_warps=num_warps)
+    block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 64))
+    if backward:
+        # Backward keeps four (BLOCK_M, BLOCK_N) fp32 accumulators live across its row loop, so
+        # half the tile, at the same 8 elements per thread; 2 programs per SM.
+        block_m = max(1, block_m // 2)
+    num_warps = max(1, min(block_m * block_n // 256, 16))
+    return LaunchConfig(block_m, block_n, num_warps, True, 2 if backward else 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: torch.device,
+                  max_block_n: int | None = None) -> LaunchConfig:
+    """The launch configuration for one kernel call. ``max_block_n`` caps the column tile (tests
+    use it to reach the looped path on small rows); a capped call ignores the measured tables."""
+    backward = pass_ == "bwd"
+    if op in ("layernorm", "rmsnorm"):
+        cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n)
+    else:
+        cfg = _elementwise_rule(n_cols, backward, max_block_n)
+    entry = tuned_entry(op, pass_, n_cols, dtype, device) if max_block_n is None else None
+    return replace(cfg, **entry) if entry else cfg
+
+
+def split_rows(n_rows: int, cfg: LaunchConfig, device: torch.device) -> tuple[int, int]:
+    """``(rows_per_program, programs)`` for a backward whose programs each own a contiguous run of
+    rows and write one row of partial sums: ``programs_per_sm`` programs per SM (a persistent
+    grid), each run a multiple of ``block_m``, every program given at least one row."""
+    row_blocks = triton.cdiv(n_rows, cfg.block_m)
+    programs = min(row_blocks, cfg.programs_per_sm * num_compute_units(device))
+    rows_per_program = triton.cdiv(row_blocks, programs) * cfg.block_m
+    return rows_per_program, triton.cdiv(n_rows, rows_per_program)

@@ -5,20 +5,26 @@ import os
 
 import torch
 
+# NORMZOO_POISON=1 (set by the test suite before normzoo is imported) makes every output buffer
+# start as NaN, so an element a kernel forgets to write fails a comparison instead of passing on
+# leftover memory. Read once: launchers are on the hot path.
+POISON = os.environ.get("NORMZOO_POISON") == "1"
+_NO_GUARD = contextlib.nullcontext()
+
 
 def alloc(shape, dtype, device):
-    """An output buffer. NORMZOO_POISON=1 (set by the test suite) fills it with NaN first, so an
-    element a kernel forgets to write fails a comparison instead of passing on leftover memory."""
-    if os.environ.get("NORMZOO_POISON") == "1":
+    """An output buffer (uninitialised, or NaN under NORMZOO_POISON=1)."""
+    if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
 def device_guard(device: torch.device):
-    """Launch on the tensor's own GPU, not the current one (apex#770 returned zeros on cuda:1)."""
-    if device.type == "cuda":
+    """Launch on the tensor's own GPU, not the current one (apex#770 returned zeros on cuda:1).
+    Triton launches on the current device, so switch only when the tensor lives elsewhere."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_GUARD
 
 
 def check_rows(*tensors: torch.Tensor) -> None:

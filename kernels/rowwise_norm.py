@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .heuristics import rowwise_config, split_rows
+from .heuristics import launch_config, split_rows
 from .launch import alloc, check_rows, device_guard
+from .reduce import sum_partials
 from .tiles import load_tile, store_tile
 
 
@@ -225,7 +226,7 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, max_block
     rstd = alloc((M,), torch.float32, x.device)
     if M == 0 or N == 0:
         return y, mean, rstd
-    cfg = rowwise_config(N, x.dtype, max_block_n=max_block_n)
+    cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
     grid = (triton.cdiv(M, cfg.block_m),)
     with device_guard(x.device):
         _norm_fwd_kernel[grid](
@@ -259,8 +260,8 @@ def rowwise_norm_backward(
         return (dx, torch.zeros(N, dtype=weight.dtype, device=device) if compute_dw else None,
                 torch.zeros(N, dtype=db_dtype, device=device) if compute_db else None)
 
-    cfg = rowwise_config(N, x.dtype, backward=True, max_block_n=max_block_n)
-    rows_per_program, programs = split_rows(M, cfg.block_m, device)
+    cfg = launch_config("rmsnorm" if is_rms else "layernorm", "bwd", N, x.dtype, device, max_block_n)
+    rows_per_program, programs = split_rows(M, cfg, device)
 
     dw_partial = alloc((programs, N), torch.float32, device) if compute_dw else None
     db_partial = alloc((programs, N), torch.float32, device) if compute_db else None
@@ -275,6 +276,8 @@ def rowwise_norm_backward(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
             num_warps=cfg.num_warps,
         )
-    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
-    db = db_partial.sum(0).to(db_dtype) if compute_db else None
+    dw = alloc((N,), weight.dtype, device) if compute_dw else None
+    db = alloc((N,), db_dtype, device) if compute_db else None
+    if compute_dw or compute_db:
+        sum_partials(dw_partial, db_partial, dw, db)
     return dx, dw, db

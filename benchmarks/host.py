@@ -1,0 +1,141 @@
+"""Host cost per eager call: the Python, dispatch and allocation time in front of every kernel.
+
+    python -m benchmarks.host                  # CPU: every Triton launch stubbed out (no kernel time)
+    python -m benchmarks.host --rows 1 16 256  # on a GPU: wall clock per call, launch-bound regime
+
+Without a GPU (or with ``--stub``) it runs the layers' Triton path with ``TRITON_INTERPRET=1`` and
+every launch replaced by a no-op, so what is timed is everything but the kernel: the method of
+ANCHORS.md (one thread, a 4 × 64 fp32 input that requires grad, against torch's own module on the
+same tensor). On a GPU it times whole calls (kernels included, synchronized) at a few small row
+counts, where a norm is launch-bound, against torch eager.
+
+Prints a table and, with ``--out``, writes it as JSON and Markdown. Reports the ratio normzoo /
+torch for the forward and the forward + backward; the targets (issue 11) are at most 2×.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.host", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", nargs="+", type=int, default=None,
+                   help="row counts to time (default: 4 when stubbed; 1 16 256 on a GPU)")
+    p.add_argument("--hidden", type=int, default=None, help="default: 64 when stubbed, 4096 on a GPU")
+    p.add_argument("--stub", action="store_true", help="stub out the launches even on a GPU machine")
+    p.add_argument("--repeats", type=int, default=2000, help="calls per timing (the median of 5 timings is kept)")
+    p.add_argument("--out", type=Path, default=None, help="directory for host-<label>.json/.md")
+    return p.parse_args(argv)
+
+
+def _stub_launches():
+    """Make every interpreted Triton launch a no-op (the kernels' time leaves the measurement)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    InterpretedFunction.run = lambda self, *args, **kwargs: None
+
+
+def layers(hidden: int, device, dtype):
+    """(name, normzoo layer, torch baseline) for every layer normzoo ships. DyT and Derf have no
+    torch counterpart; they are compared with torch.nn.LayerNorm, the layer they replace."""
+    import torch
+
+    import normzoo
+
+    kw = dict(device=device, dtype=dtype)
+    return [
+        ("LayerNorm", normzoo.LayerNorm(hidden, backend="triton", **kw), torch.nn.LayerNorm(hidden, **kw)),
+        ("RMSNorm", normzoo.RMSNorm(hidden, backend="triton", **kw), torch.nn.RMSNorm(hidden, **kw)),
+        ("DyT", normzoo.DyT(hidden, backend="triton", **kw), torch.nn.LayerNorm(hidden, **kw)),
+        ("Derf", normzoo.Derf(hidden, backend="triton", **kw), torch.nn.LayerNorm(hidden, **kw)),
+    ]
+
+
+def time_us(fn, repeats: int, sync) -> float:
+    """Median over 5 timings of the mean wall-clock µs per call of ``fn``."""
+    for _ in range(max(repeats // 10, 10)):
+        fn()
+    sync()
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        runs.append((time.perf_counter() - start) / repeats * 1e6)
+    return statistics.median(runs)
+
+
+def measure(rows_list, hidden, repeats, device, stubbed):
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    results = []
+    for rows in rows_list:
+        x = torch.randn(rows, hidden, device=device, requires_grad=True)
+        dy = torch.randn(rows, hidden, device=device)
+        for name, ours, theirs in layers(hidden, device, torch.float32):
+            row = {"layer": name, "rows": rows, "hidden": hidden, "baseline": f"torch.nn.{type(theirs).__name__}"}
+            for label, module in (("normzoo", ours), ("torch", theirs)):
+                row[f"{label}_fwd_us"] = time_us(lambda: module(x), repeats, sync)
+                row[f"{label}_fwdbwd_us"] = time_us(lambda: module(x).backward(dy), repeats, sync)
+            row["fwd_ratio"] = row["normzoo_fwd_us"] / row["torch_fwd_us"]
+            row["fwdbwd_ratio"] = row["normzoo_fwdbwd_us"] / row["torch_fwdbwd_us"]
+            results.append(row)
+    return results
+
+
+def markdown(results, header: str) -> str:
+    lines = [header, "",
+             "| layer | rows × N | normzoo fwd µs | baseline fwd µs | ratio | normzoo fwd+bwd µs | baseline fwd+bwd µs | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r['layer']} (vs {r['baseline']}) | {r['rows']} × {r['hidden']} | {r['normzoo_fwd_us']:.1f} | "
+            f"{r['torch_fwd_us']:.1f} | {r['fwd_ratio']:.2f}× | {r['normzoo_fwdbwd_us']:.1f} | "
+            f"{r['torch_fwdbwd_us']:.1f} | {r['fwdbwd_ratio']:.2f}× |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    stubbed = args.stub or not torch.cuda.is_available()
+    if stubbed:
+        if "normzoo" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            print("--stub needs TRITON_INTERPRET=1 before normzoo is imported", file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"  # before normzoo's kernels are defined
+        _stub_launches()
+    torch.set_num_threads(1)
+    device = "cpu" if stubbed else "cuda"
+    rows = args.rows or ([4] if stubbed else [1, 16, 256])
+    hidden = args.hidden or (64 if stubbed else 4096)
+    results = measure(rows, hidden, args.repeats, device, stubbed)
+
+    from .harness import environment
+
+    env = environment(device, smoke=False)
+    where = ("CPU, Triton launches stubbed out (host time only)" if stubbed
+             else f"{env['gpu']}, wall clock per call, kernels included")
+    header = (f"Host cost per eager call, fp32, input requires grad: {where}. "
+              f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}.")
+    table = markdown(results, header)
+    print(table)
+    if args.out:
+        label = "cpu-stubbed" if stubbed else env["gpu"].replace(" ", "-")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"host-{label}.json").write_text(json.dumps({"environment": env, "stubbed": stubbed,
+                                                                 "results": results}, indent=1) + "\n")
+        (args.out / f"host-{label}.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
