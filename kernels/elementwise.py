@@ -12,7 +12,17 @@ g = dy ⊙ w ⊙ act'(u):
 Inputs are 2-D views ``(rows, cols)``. Per-channel parameters run along the columns
 (channels-last: rows are tokens, columns channels) or, with ``PARAMS_PER_ROW``, one per row
 (channels-first (B, C, S) viewed as (B·C, S): row r holds channel r mod C). The column and scalar
-sums are per-program fp32 partials reduced in a second step: deterministic, no atomics.
+sums are per-program fp32 partials, accumulated element-wise in registers over a program's rows
+and reduced once at its end, then summed by a second launch (kernels/reduce.py): deterministic, no
+atomics.
+
+16-bit DyT forward (``FAST_TANH``) uses the GPU's ``tanh.approx.f32`` (one MUFU instruction, max
+relative error 2^-10.987 per the PTX ISA): below the rounding of an fp16 or bf16 output, and a
+tenth of the instructions of the exact path, which keeps the forward memory-bound. fp32 output and
+every backward keep the exact ``_tanh_and_derivative`` (dw may be fp32 even for 16-bit input).
+Triton's interpreter cannot run inline PTX, so under it ``_tanh_approx`` is an emulation that
+errs by the instruction's whole error bound (tests then check the 16-bit output against the
+tolerance table with that worst case); the GPU test run checks the real instruction.
 """
 
 import torch
@@ -20,8 +30,9 @@ import triton
 import triton.language as tl
 
 from .heuristics import launch_config, split_rows
-from .launch import alloc, check_rows, device_guard
+from .launch import alloc, alloc_like, cdiv, check_rows, device_guard
 from .reduce import sum_partials
+from .heuristics import interpreting
 from .tiles import load_tile, store_tile
 
 ACTIVATIONS = ("tanh", "erf")
@@ -66,6 +77,25 @@ def _activation(u, ACTIVATION: tl.constexpr):
     return act, dact
 
 
+# The largest relative error of tanh.approx.f32 (PTX ISA: 2^-10.987); the interpreter's emulation
+# below errs by exactly this much.
+TANH_APPROX_REL_ERROR = tl.constexpr(2.0 ** -10.987)
+
+if interpreting():
+
+    @triton.jit
+    def _tanh_approx(z):
+        t, _ = _tanh_and_derivative(z)
+        return t * (1.0 - TANH_APPROX_REL_ERROR)  # the instruction's worst case, toward zero
+
+else:
+
+    @triton.jit
+    def _tanh_approx(z):
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
 @triton.jit
 def _param_tile(P, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW: tl.constexpr):
     """A per-channel parameter broadcast to the (BLOCK_M, BLOCK_N) tile."""
@@ -87,6 +117,7 @@ def _pointwise_fwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PARAMS_PER_ROW: tl.constexpr,
+    FAST_TANH: tl.constexpr,  # tanh.approx.f32 (16-bit output only; see the module docstring)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -102,7 +133,10 @@ def _pointwise_fwd_kernel(
     u = x * tl.load(ALPHA).to(tl.float32)
     if HAS_SHIFT:
         u += tl.load(SHIFT).to(tl.float32)
-    y, _ = _activation(u, ACTIVATION)
+    if FAST_TANH:
+        y = _tanh_approx(u)
+    else:
+        y, _ = _activation(u, ACTIVATION)
     if HAS_WEIGHT:
         y = y * _param_tile(W, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
     if HAS_BIAS:
@@ -113,11 +147,11 @@ def _pointwise_fwd_kernel(
 @triton.jit
 def _pointwise_bwd_kernel(
     X, DY, DX, ALPHA, SHIFT, W,
-    DW_PARTIAL, DB_PARTIAL,  # (programs, N) fp32 column sums, or (M,) row sums when PARAMS_PER_ROW
-    SCALAR_PARTIAL,  # (programs, 2) fp32: this program's Σ g·x (dalpha) and Σ g (dshift)
+    PARTIALS,  # fp32 scratch: the dw sums at 0, the db sums at db_offset, the scalar sums at scalar_offset
     stride_x_row, stride_dy_row, stride_dx_row,
     M, N, C,
     rows_per_program,  # a multiple of BLOCK_M; exactly BLOCK_M when PARAMS_PER_ROW
+    db_offset, scalar_offset,
     ACTIVATION: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -127,23 +161,31 @@ def _pointwise_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """Each program owns rows [row_start, row_end) and writes its sums into PARTIALS:
+    dw / db, one row of N column sums per program (channels-last) or one sum per row
+    (PARAMS_PER_ROW), and two scalars (Σ g·x for dalpha, Σ g for dshift) per program."""
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
+    DB_PARTIAL = PARTIALS + db_offset
+    SCALAR_PARTIAL = PARTIALS + scalar_offset
     alpha = tl.load(ALPHA).to(tl.float32)
     shift = 0.0
     if HAS_SHIFT:
         shift = tl.load(SHIFT).to(tl.float32)
-    dalpha_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    dshift_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    # PARAMS_PER_ROW: one row block per program, its row sums carried across column tiles.
-    dw_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Every sum is accumulated element-wise over the row loop and reduced across the tile once, at
+    # the end: no cross-warp reduction (and barrier) inside the loop.
+    dalpha_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    dshift_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    dw_rows = tl.zeros([BLOCK_M], dtype=tl.float32)  # PARAMS_PER_ROW: carried across column tiles
     db_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        dw_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
-        db_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_WEIGHT and not PARAMS_PER_ROW:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]  # once per column tile
+        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for block_start in range(row_start, row_end, BLOCK_M):
             rows = block_start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
@@ -151,38 +193,40 @@ def _pointwise_bwd_kernel(
             x = load_tile(X, rows, stride_x_row, cols, mask)
             dy = load_tile(DY, rows, stride_dy_row, cols, mask)
             act, dact = _activation(x * alpha + shift, ACTIVATION)
-            # dy is 0 in masked positions, so g, dy·act and the sums below ignore them.
+            # dy is 0 in masked positions, so g, dy·act and every sum below ignore them.
             g = dy * dact
             if HAS_WEIGHT:
-                g = g * _param_tile(W, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
+                if PARAMS_PER_ROW:
+                    g = g * tl.load(W + rows % C, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+                else:
+                    g = g * w
             store_tile(DX, rows, stride_dx_row, cols, mask, g * alpha)
-            dalpha_acc += tl.sum(g * x, axis=0)
+            dalpha_acc += g * x
             if HAS_SHIFT:
-                dshift_acc += tl.sum(g, axis=0)
-            if PARAMS_PER_ROW:
-                if COMPUTE_DW:
-                    dw_rows += tl.sum(dy * act, axis=1)
-                if COMPUTE_DB:
-                    db_rows += tl.sum(dy, axis=1)
-            else:
-                if COMPUTE_DW:
-                    dw_cols += tl.sum(dy * act, axis=0)
-                if COMPUTE_DB:
-                    db_cols += tl.sum(dy, axis=0)
-        if not PARAMS_PER_ROW:
+                dshift_acc += g
+            if COMPUTE_DW:
+                dw_acc += dy * act
+            if COMPUTE_DB:
+                db_acc += dy
+        if PARAMS_PER_ROW:
+            if COMPUTE_DW:
+                dw_rows += tl.sum(dw_acc, axis=1)
+            if COMPUTE_DB:
+                db_rows += tl.sum(db_acc, axis=1)
+        else:
             partial_offset = pid.to(tl.int64) * N + cols
             if COMPUTE_DW:
-                tl.store(DW_PARTIAL + partial_offset, dw_cols, mask=col_mask)
+                tl.store(PARTIALS + partial_offset, tl.sum(dw_acc, axis=0), mask=col_mask)
             if COMPUTE_DB:
-                tl.store(DB_PARTIAL + partial_offset, db_cols, mask=col_mask)
+                tl.store(DB_PARTIAL + partial_offset, tl.sum(db_acc, axis=0), mask=col_mask)
     if PARAMS_PER_ROW:
         rows = row_start + tl.arange(0, BLOCK_M)
         if COMPUTE_DW:
-            tl.store(DW_PARTIAL + rows, dw_rows, mask=rows < row_end)
+            tl.store(PARTIALS + rows, dw_rows, mask=rows < row_end)
         if COMPUTE_DB:
             tl.store(DB_PARTIAL + rows, db_rows, mask=rows < row_end)
-    tl.store(SCALAR_PARTIAL + pid * 2, tl.sum(dalpha_acc, axis=0))
-    tl.store(SCALAR_PARTIAL + pid * 2 + 1, tl.sum(dshift_acc, axis=0))
+    tl.store(SCALAR_PARTIAL + pid * 2, tl.sum(tl.sum(dalpha_acc, axis=1), axis=0))
+    tl.store(SCALAR_PARTIAL + pid * 2 + 1, tl.sum(tl.sum(dshift_acc, axis=1), axis=0))
 
 
 def _check_activation(activation: str):
@@ -200,18 +244,18 @@ def pointwise_forward(x, alpha, shift, weight, bias, *, activation: str, channel
     _check_activation(activation)
     check_rows(x)
     M, N = x.shape
-    y = alloc((M, N), x.dtype, x.device)
+    y = alloc_like(x)
     if M == 0 or N == 0:
         return y
     cfg = launch_config("dyt" if activation == "tanh" else "derf", "fwd", N, x.dtype, x.device, max_block_n)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     with device_guard(x.device):
-        _pointwise_fwd_kernel[grid](
+        _pointwise_fwd_kernel[(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)](
             x, y, alpha, shift if shift is not None else alpha,
             weight if weight is not None else x, bias if bias is not None else x,
-            x.stride(0), y.stride(0), M, N, channels,
+            x.stride(0), N, M, N, channels,
             ACTIVATION=activation, HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, PARAMS_PER_ROW=params_per_row,
+            FAST_TANH=activation == "tanh" and x.dtype != torch.float32,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
     return y
@@ -230,7 +274,7 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
     M, N = x.shape
     device = x.device
     compute_db = db_dtype is not None
-    dx = alloc((M, N), x.dtype, device)
+    dx = alloc_like(x)
     if M == 0 or N == 0:
         zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=device)
         return (dx, zeros(1, alpha.dtype), zeros(1, shift.dtype) if shift is not None else None,
@@ -238,30 +282,27 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
 
     cfg = launch_config("dyt" if activation == "tanh" else "derf", "bwd", N, x.dtype, device, max_block_n)
     if params_per_row:  # one row block per program: its row sums are carried across column tiles
-        rows_per_program, programs = cfg.block_m, triton.cdiv(M, cfg.block_m)
+        rows_per_program, programs = cfg.block_m, cdiv(M, cfg.block_m)
     else:
         rows_per_program, programs = split_rows(M, cfg, device)
 
-    sums_shape = (M,) if params_per_row else (programs, N)
-    dw_partial = alloc(sums_shape, torch.float32, device) if compute_dw else None
-    db_partial = alloc(sums_shape, torch.float32, device) if compute_db else None
-    scalar_partial = alloc((programs, 2), torch.float32, device)
+    # One fp32 scratch buffer for every partial sum (one allocation): [dw | db | (dalpha, dshift) per program].
+    # channels-first: row r is channel r mod C, so M = B·C row sums are a (B, C) block of column sums.
+    parts, cols = (M // channels, channels) if params_per_row else (programs, N)
+    db_offset = parts * cols if compute_dw else 0
+    scalar_offset = db_offset + (parts * cols if compute_db else 0)
+    partials = alloc((scalar_offset + 2 * programs,), torch.float32, device)
     with device_guard(device):
         _pointwise_bwd_kernel[(programs,)](
-            x, dy, dx, alpha, shift if shift is not None else alpha, weight if weight is not None else x,
-            dw_partial if compute_dw else dx, db_partial if compute_db else dx, scalar_partial,
-            x.stride(0), dy.stride(0), dx.stride(0), M, N, channels, rows_per_program,
+            x, dy, dx, alpha, shift if shift is not None else alpha, weight if weight is not None else x, partials,
+            x.stride(0), dy.stride(0), N, M, N, channels, rows_per_program, db_offset, scalar_offset,
             ACTIVATION=activation, HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
             COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, PARAMS_PER_ROW=params_per_row,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
-
     dalpha = alloc((1,), alpha.dtype, device)
     dshift = alloc((1,), shift.dtype, device) if shift is not None else None
     dw = alloc((channels,), weight.dtype, device) if compute_dw else None
     db = alloc((channels,), db_dtype, device) if compute_db else None
-    # channels-first: row r is channel r mod C, so the (B·C,) row sums are a (B, C) partial buffer.
-    fold = (lambda p: p.view(-1, channels)) if params_per_row else (lambda p: p)
-    sum_partials(fold(dw_partial) if compute_dw else None, fold(db_partial) if compute_db else None, dw, db,
-                 scalar_partial, dalpha, dshift)
+    sum_partials(partials, parts, cols, db_offset, dw, db, scalar_offset, programs, dalpha, dshift)
     return dx, dalpha, dshift, dw, db

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import triton
 
+from .launch import cdiv
+
 # Above this many bytes a row no longer fits one forward tile of registers, and the kernels loop
 # over column tiles instead (the backward, which holds more per column, takes half).
 MAX_SINGLE_TILE_BYTES = 32 * 1024
@@ -35,6 +37,11 @@ OPS = ("layernorm", "rmsnorm", "dyt", "derf")
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_power_of_2(n: int) -> int:
+    """On the host (``triton.next_power_of_2`` is a jit function: a slow call from Python)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ def device_name(device: torch.device) -> str | None:
 
 
 def config_key(op: str, pass_: str, dtype: torch.dtype, n_cols: int) -> str:
-    return f"{op}|{pass_}|{str(dtype).removeprefix('torch.')}|{triton.next_power_of_2(max(n_cols, 1))}"
+    return f"{op}|{pass_}|{str(dtype).removeprefix('torch.')}|{next_power_of_2(max(n_cols, 1))}"
 
 
 def validate_entry(key: str, entry: dict) -> dict:
@@ -136,8 +143,8 @@ def single_tile_limit(dtype: torch.dtype, *, backward: bool = False) -> int:
 def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: int | None) -> LaunchConfig:
     limit = single_tile_limit(dtype, backward=backward)
     if max_block_n is not None:
-        limit = min(limit, triton.next_power_of_2(max_block_n))
-    block_n = min(triton.next_power_of_2(max(n_cols, 1)), limit)
+        limit = min(limit, next_power_of_2(max_block_n))
+    block_n = min(next_power_of_2(max(n_cols, 1)), limit)
     single_tile = n_cols <= block_n
     if backward and not single_tile:
         # The looped backward keeps two tiles' worth of row sums and accumulators live; half-width
@@ -161,9 +168,9 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
 def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None) -> LaunchConfig:
     # Tiles of TARGET_TILE_ELEMENTS (columns up to 1024 wide, rows stacked to fill the rest),
     # 8 elements per thread: 128-bit accesses in 16-bit, 2 x 128-bit in fp32.
-    block_n = min(triton.next_power_of_2(max(n_cols, 1)), 1024)
+    block_n = min(next_power_of_2(max(n_cols, 1)), 1024)
     if max_block_n is not None:
-        block_n = min(block_n, triton.next_power_of_2(max_block_n))
+        block_n = min(block_n, next_power_of_2(max_block_n))
     block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 64))
     if backward:
         # Backward keeps four (BLOCK_M, BLOCK_N) fp32 accumulators live across its row loop, so
@@ -191,7 +198,7 @@ def split_rows(n_rows: int, cfg: LaunchConfig, device: torch.device) -> tuple[in
     """``(rows_per_program, programs)`` for a backward whose programs each own a contiguous run of
     rows and write one row of partial sums: ``programs_per_sm`` programs per SM (a persistent
     grid), each run a multiple of ``block_m``, every program given at least one row."""
-    row_blocks = triton.cdiv(n_rows, cfg.block_m)
+    row_blocks = cdiv(n_rows, cfg.block_m)
     programs = min(row_blocks, cfg.programs_per_sm * num_compute_units(device))
-    rows_per_program = triton.cdiv(row_blocks, programs) * cfg.block_m
-    return rows_per_program, triton.cdiv(n_rows, rows_per_program)
+    rows_per_program = cdiv(row_blocks, programs) * cfg.block_m
+    return rows_per_program, cdiv(n_rows, rows_per_program)

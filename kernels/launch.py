@@ -12,11 +12,23 @@ POISON = os.environ.get("NORMZOO_POISON") == "1"
 _NO_GUARD = contextlib.nullcontext()
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (``triton.cdiv`` is a jit function: a slow call from Python)."""
+    return -(-a // b)
+
+
 def alloc(shape, dtype, device):
     """An output buffer (uninitialised, or NaN under NORMZOO_POISON=1)."""
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def alloc_like(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous output of x's shape, dtype and device (cheaper on the host than ``alloc``)."""
+    if POISON:
+        return torch.full_like(x, float("nan"), memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def device_guard(device: torch.device):
@@ -27,10 +39,10 @@ def device_guard(device: torch.device):
     return _NO_GUARD
 
 
-def check_rows(*tensors: torch.Tensor) -> None:
+def check_rows(x: torch.Tensor, *others: torch.Tensor) -> None:
     """Launchers take 2-D views of one shape whose rows are read with unit stride (any row stride;
     a one-element row needs none)."""
-    shape = tensors[0].shape
-    for t in tensors:
-        assert t.dim() == 2 and t.shape == shape, f"expected 2-D tensors of shape {tuple(shape)}, got {tuple(t.shape)}"
-        assert t.shape[1] <= 1 or t.stride(1) == 1, "rows must have unit stride"
+    for t in (x, *others):
+        if t.dim() != 2 or t.stride(1) != 1 and t.shape[1] > 1 or t is not x and t.shape != x.shape:
+            raise AssertionError(f"expected 2-D tensors of shape {tuple(x.shape)} with unit column stride, "
+                                 f"got shape {tuple(t.shape)}, strides {t.stride()}")

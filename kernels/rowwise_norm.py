@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .heuristics import launch_config, split_rows
-from .launch import alloc, check_rows, device_guard
+from .launch import alloc, alloc_like, cdiv, check_rows, device_guard
 from .reduce import sum_partials
 from .tiles import load_tile, store_tile
 
@@ -45,7 +45,8 @@ def _row_stats_single_tile(x, mask, N, eps, IS_RMS: tl.constexpr):
 
 @triton.jit
 def _norm_fwd_kernel(
-    X, Y, W, B, MEAN, RSTD,  # pointers; W, B, MEAN are unused when their flag is off
+    X, Y, W, B,  # pointers; W, B are unused when their flag is off
+    STATS,  # per-row fp32 statistics: rstd (M,) for RMSNorm; mean then rstd, (2, M), for LayerNorm
     stride_x_row, stride_y_row,  # elements between consecutive rows
     M, N,  # rows, columns
     eps,
@@ -103,9 +104,23 @@ def _norm_fwd_kernel(
                 y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
             store_tile(Y, rows, stride_y_row, cols, mask, y)
 
-    if not IS_RMS:
-        tl.store(MEAN + rows, mean, mask=row_mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+    if IS_RMS:
+        tl.store(STATS + rows, rstd, mask=row_mask)
+    else:
+        tl.store(STATS + rows, mean, mask=row_mask)
+        tl.store(STATS + M + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _load_stats(STATS, rows, row_mask, M, IS_RMS: tl.constexpr):
+    """(mean, rstd) of these rows; mean is a placeholder (rstd) for RMSNorm, which has none."""
+    if IS_RMS:
+        rstd = tl.load(STATS + rows, mask=row_mask, other=0.0)
+        mean = rstd
+    else:
+        mean = tl.load(STATS + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(STATS + M + rows, mask=row_mask, other=0.0)
+    return mean, rstd
 
 
 @triton.jit
@@ -121,12 +136,14 @@ def _x_hat(x, mean, rstd, IS_RMS: tl.constexpr):
 
 @triton.jit
 def _norm_bwd_kernel(
-    X, W, DY, DX, MEAN, RSTD,  # pointers; W and MEAN are unused when their flag is off
-    DW_PARTIAL, DB_PARTIAL,  # (num_programs, N) fp32: this program's column sums for dw, db
+    X, W, DY, DX,  # pointers; W is unused without a weight
+    STATS,  # the forward's per-row statistics (see _norm_fwd_kernel)
+    PARTIALS,  # fp32 (num_programs, N) column sums: dw's at 0, db's at db_offset
     ROW_SUMS,  # (M, 2) fp32 scratch for c1, c2 on the looped path
     stride_x_row, stride_dy_row, stride_dx_row,
     M, N,
     rows_per_program,  # a multiple of BLOCK_M
+    db_offset,
     IS_RMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
@@ -146,10 +163,7 @@ def _norm_bwd_kernel(
             rows = block_start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             rows64 = rows.to(tl.int64)
-            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-            mean = rstd  # placeholder: RMSNorm has no mean
-            if not IS_RMS:
-                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+            mean, rstd = _load_stats(STATS, rows, row_mask, M, IS_RMS)
             c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
             c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
             for col_start in range(0, N, BLOCK_N):
@@ -184,10 +198,7 @@ def _norm_bwd_kernel(
             rows64 = rows.to(tl.int64)
             x = load_tile(X, rows, stride_x_row, cols, mask)
             dy = load_tile(DY, rows, stride_dy_row, cols, mask)
-            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-            mean = rstd
-            if not IS_RMS:
-                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+            mean, rstd = _load_stats(STATS, rows, row_mask, M, IS_RMS)
             x_hat = _x_hat(x, mean, rstd, IS_RMS)
             wdy = dy
             if HAS_WEIGHT:
@@ -208,54 +219,52 @@ def _norm_bwd_kernel(
             if COMPUTE_DB:
                 db_acc += tl.sum(dy, axis=0)
         if COMPUTE_DW:
-            tl.store(DW_PARTIAL + partial_row + cols, dw_acc, mask=col_mask)
+            tl.store(PARTIALS + partial_row + cols, dw_acc, mask=col_mask)
         if COMPUTE_DB:
-            tl.store(DB_PARTIAL + partial_row + cols, db_acc, mask=col_mask)
+            tl.store(PARTIALS + db_offset + partial_row + cols, db_acc, mask=col_mask)
 
 
 def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, max_block_n: int | None = None):
     """Normalize each row of the 2-D ``x`` (last dim contiguous).
 
-    Returns ``(y, mean, rstd)``: ``y`` in x's dtype, ``mean`` and ``rstd`` per row in fp32
-    (``mean`` is empty for RMSNorm).
+    Returns ``(y, stats)``: ``y`` in x's dtype; ``stats`` the per-row fp32 statistics the backward
+    takes, ``rstd`` (M,) for RMSNorm and ``(mean, rstd)`` stacked as (2, M) for LayerNorm (one
+    buffer: one allocation on the host path).
     """
     check_rows(x)
     M, N = x.shape
-    y = alloc((M, N), x.dtype, x.device)
-    mean = alloc((0 if is_rms else M,), torch.float32, x.device)
-    rstd = alloc((M,), torch.float32, x.device)
+    y = alloc_like(x)
+    stats = alloc((M,) if is_rms else (2, M), torch.float32, x.device)
     if M == 0 or N == 0:
-        return y, mean, rstd
+        return y, stats
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
-    grid = (triton.cdiv(M, cfg.block_m),)
     with device_guard(x.device):
-        _norm_fwd_kernel[grid](
-            x, y, weight if weight is not None else x, bias if bias is not None else x,
-            mean if not is_rms else rstd, rstd,
-            x.stride(0), y.stride(0), M, N, eps,
+        _norm_fwd_kernel[(cdiv(M, cfg.block_m),)](
+            x, y, weight if weight is not None else x, bias if bias is not None else x, stats,
+            x.stride(0), N, M, N, eps,
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
             num_warps=cfg.num_warps,
         )
-    return y, mean, rstd
+    return y, stats
 
 
 def rowwise_norm_backward(
-    dy, x, weight, mean, rstd, *, is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None,
+    dy, x, weight, stats, *, is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None,
     max_block_n: int | None = None,
 ):
-    """Gradients of :func:`rowwise_norm_forward`.
+    """Gradients of :func:`rowwise_norm_forward` (``stats`` is its second result).
 
     Returns ``(dx, dw, db)``: dx in x's dtype; dw and db summed over rows in fp32 partials, one
-    row per program, then reduced and cast to the weight's dtype and ``db_dtype`` (the bias's).
-    ``db_dtype=None`` means no bias gradient. Absent ones are ``None``. Deterministic: no atomics,
-    a fixed reduction order.
+    row per program, then reduced by a second launch into the weight's dtype and ``db_dtype`` (the
+    bias's). ``db_dtype=None`` means no bias gradient. Absent ones are ``None``. Deterministic: no
+    atomics, a fixed reduction order.
     """
     check_rows(x, dy)
     M, N = x.shape
     device = x.device
     compute_db = db_dtype is not None
-    dx = alloc((M, N), x.dtype, device)
+    dx = alloc_like(x)
     if M == 0 or N == 0:
         return (dx, torch.zeros(N, dtype=weight.dtype, device=device) if compute_dw else None,
                 torch.zeros(N, dtype=db_dtype, device=device) if compute_db else None)
@@ -263,15 +272,15 @@ def rowwise_norm_backward(
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "bwd", N, x.dtype, device, max_block_n)
     rows_per_program, programs = split_rows(M, cfg, device)
 
-    dw_partial = alloc((programs, N), torch.float32, device) if compute_dw else None
-    db_partial = alloc((programs, N), torch.float32, device) if compute_db else None
+    # One fp32 scratch buffer for both column sums (one allocation): [dw (programs × N) | db (programs × N)].
+    db_offset = programs * N if compute_dw else 0
+    partials = alloc((db_offset + (programs * N if compute_db else 0),), torch.float32, device)
     row_sums = None if cfg.single_tile else alloc((M, 2), torch.float32, device)
     with device_guard(device):
         _norm_bwd_kernel[(programs,)](
-            x, weight if weight is not None else x, dy, dx, mean if not is_rms else rstd, rstd,
-            dw_partial if compute_dw else dx, db_partial if compute_db else dx,
-            row_sums if row_sums is not None else rstd,
-            x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per_program,
+            x, weight if weight is not None else x, dy, dx, stats, partials if compute_dw or compute_db else dx,
+            row_sums if row_sums is not None else stats,
+            x.stride(0), dy.stride(0), N, M, N, rows_per_program, db_offset,
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
             num_warps=cfg.num_warps,
@@ -279,5 +288,5 @@ def rowwise_norm_backward(
     dw = alloc((N,), weight.dtype, device) if compute_dw else None
     db = alloc((N,), db_dtype, device) if compute_db else None
     if compute_dw or compute_db:
-        sum_partials(dw_partial, db_partial, dw, db)
+        sum_partials(partials, programs, N, db_offset, dw, db)
     return dx, dw, db

@@ -5,7 +5,6 @@ keys, ``reset_parameters`` and ``isinstance`` checks are PyTorch's own; only ``f
 import torch
 from torch import Tensor
 
-from . import functional as F
 from . import ops
 from .ops import check_backend, normalized_shape_tuple
 
@@ -47,7 +46,9 @@ class LayerNorm(torch.nn.LayerNorm):
         self.backend = check_backend(backend)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
+        # ops directly rather than through F.layer_norm: one Python frame less per call.
+        return ops.rowwise_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, is_rms=False,
+                                backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
@@ -86,7 +87,8 @@ class RMSNorm(torch.nn.RMSNorm):
         self.backend = check_backend(backend)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, backend=self.backend)
+        return ops.rowwise_norm(input, self.normalized_shape, self.weight, None, self.eps, is_rms=True,
+                                backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"

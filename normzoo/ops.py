@@ -14,6 +14,7 @@ float64 inputs always take the reference: the kernels are for 16- and 32-bit flo
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 
 import torch
@@ -37,18 +38,29 @@ def check_backend(backend) -> str:
 
 
 def _interpreting() -> bool:
-    from normzoo.kernels.heuristics import interpreting
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # as normzoo.kernels.heuristics.interpreting
 
-    return interpreting()
+
+_kernels = None
+
+
+def _launchers():
+    """normzoo.kernels, imported on first use (it imports Triton), then held."""
+    global _kernels
+    if _kernels is None:
+        import normzoo.kernels as kernels
+
+        _kernels = kernels
+    return _kernels
 
 
 def use_triton(backend: str, x: Tensor) -> bool:
     """Whether ``x`` goes to the Triton kernels under ``backend``."""
+    if backend == "auto":
+        return x.is_cuda and x.dtype != torch.float64
     check_backend(backend)
     if backend == "torch" or x.dtype == torch.float64:
         return False
-    if backend == "auto":
-        return x.is_cuda
     if not x.is_cuda and not _interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {x.device}); "
@@ -57,8 +69,21 @@ def use_triton(backend: str, x: Tensor) -> bool:
     return True
 
 
+# Shapes already checked (a module passes the same tuple every call): a dict hit is the fast path.
+_CHECKED_SHAPES: dict[tuple, tuple[int, ...]] = {}
+
+
 def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
     """``int`` or sequence of ints -> tuple, as ``torch.nn.LayerNorm`` accepts."""
+    if type(normalized_shape) is tuple and normalized_shape in _CHECKED_SHAPES:
+        return _CHECKED_SHAPES[normalized_shape]
+    shape = _normalized_shape_tuple(normalized_shape)
+    if type(normalized_shape) is tuple and all(type(d) is int for d in normalized_shape):
+        _CHECKED_SHAPES[normalized_shape] = shape
+    return shape
+
+
+def _normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
     if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
         return (int(normalized_shape),)
     if isinstance(normalized_shape, (Sequence, torch.Size)) and not isinstance(normalized_shape, str):
@@ -73,6 +98,8 @@ def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
 
 
 def check_eps(eps) -> float:
+    if type(eps) is float and 0 <= eps < math.inf:  # the usual case, without the ABC checks below
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not (0 <= eps < math.inf):  # comparisons, not math.isfinite: eps is a SymFloat under dynamic shapes
@@ -93,7 +120,7 @@ def check_param(p, name: str, shape: tuple[int, ...], x: Tensor) -> None:
         return
     if not isinstance(p, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
-    if tuple(p.shape) != shape:
+    if p.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(p.shape)}")
     if p.device != x.device:
         raise ValueError(f"{name} is on {p.device} but input is on {x.device}; put them on the same device")
@@ -122,53 +149,95 @@ def _for_reference(t: Tensor | None) -> Tensor | None:
     return t.contiguous() if t is not None else None
 
 
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return reference.compute_dtype(x.dtype)
+def _rowwise_forward(x, weight, bias, eps, is_rms, triton):
+    """``(y, stats)``: the one forward implementation, behind both the eager autograd.Function and
+    the custom op. ``stats`` holds the per-row fp32 statistics the backward needs: rstd (M,) for
+    RMSNorm, mean and rstd stacked (2, M) for LayerNorm (as the kernels store them)."""
+    if triton:
+        return _launchers().rowwise_norm_forward(_for_kernels(x), _for_kernels(weight), _for_kernels(bias), eps,
+                                                 is_rms=is_rms)
+    x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
+    y, mean, rstd = reference.rowwise_norm_forward(x, weight, bias, eps, is_rms)
+    return y, (rstd if is_rms else torch.stack((mean, rstd)))
+
+
+def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton):
+    """``(dx, dw, db)``, a gradient not asked for ``None``; the one backward implementation."""
+    if triton:
+        return _launchers().rowwise_norm_backward(_for_kernels(dy), _for_kernels(x), _for_kernels(weight), stats,
+                                                  is_rms=is_rms, compute_dw=compute_dw, db_dtype=db_dtype)
+    dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
+    mean, rstd = (None, stats) if is_rms else stats
+    return reference.rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype)
+
+
+def _rowwise_save(ctx, inputs, output):
+    x, weight, bias, eps, is_rms, triton = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.is_rms, ctx.triton = is_rms, triton
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _rowwise_grads(ctx, dy, backward):
+    """The gradients for ``ctx``'s inputs, computed by ``backward`` (the eager implementation or the
+    custom op, which returns empty tensors where the other returns None)."""
+    x, weight, stats = ctx.saved_tensors
+    needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+    compute_dw = weight is not None and needs_dw
+    db_dtype = ctx.bias_dtype if needs_db else None
+    dx, dw, db = backward(dy, x, weight, stats, ctx.is_rms, compute_dw, db_dtype, ctx.triton)
+    return (dx if needs_dx else None, dw if compute_dw else None, db if db_dtype is not None else None,
+            None, None, None)
+
+
+class _RowwiseNorm(torch.autograd.Function):
+    """The eager path: an autograd.Function costs a fraction of a custom op's dispatch (DESIGN.md:
+    ~7 µs against ~40 µs a call). The statistics stay on ctx, not among the outputs, so autograd
+    never materializes zero gradients for them."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _rowwise_forward(*inputs)
+        _rowwise_save(ctx, inputs, output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _rowwise_grads(ctx, dy, _rowwise_backward)
+
+
+# What torch.compile sees: custom ops with fake implementations and a registered autograd
+# formula, opaque to the compiler (no graph break), running the same implementations.
 
 
 @torch.library.custom_op("normzoo::rowwise_norm_fwd", mutates_args=())
 def rowwise_norm_fwd(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool, triton: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(y, mean, rstd)`` for 2-D ``x``; ``mean`` is empty for RMSNorm."""
-    if triton:
-        from normzoo.kernels import rowwise_norm_forward
-
-        x, weight, bias = (_for_kernels(t) for t in (x, weight, bias))
-        return rowwise_norm_forward(x, weight, bias, eps, is_rms=is_rms)
-    x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
-    return reference.rowwise_norm_forward(x, weight, bias, eps, is_rms)
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(y, stats)`` for 2-D ``x``; see :func:`_rowwise_forward`."""
+    return _rowwise_forward(x, weight, bias, eps, is_rms, triton)
 
 
 @rowwise_norm_fwd.register_fake
 def _(x, weight, bias, eps, is_rms, triton):
     rows = x.shape[0]
-    stats = _stats_dtype(x)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty((0 if is_rms else rows,), dtype=stats), x.new_empty((rows,), dtype=stats))
+            x.new_empty((rows,) if is_rms else (2, rows), dtype=reference.compute_dtype(x.dtype)))
 
 
 @torch.library.custom_op("normzoo::rowwise_norm_bwd", mutates_args=())
 def rowwise_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor,
     is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None, triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dx, dw, db)``; ``db`` in ``db_dtype`` (the bias's; ``None``: no bias gradient).
     A gradient not asked for is an empty tensor."""
-    if triton:
-        from normzoo.kernels import rowwise_norm_backward
-
-        dy, x, weight = (_for_kernels(t) for t in (dy, x, weight))
-        dx, dw, db = rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms=is_rms, compute_dw=compute_dw,
-                                           db_dtype=db_dtype)
-    else:
-        dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
-        dx, dw, db = reference.rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype)
+    dx, dw, db = _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton)
     return dx, (dw if dw is not None else x.new_empty(0)), (db if db is not None else x.new_empty(0))
 
 
 @rowwise_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype, triton):
+def _(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton):
     n = x.shape[1]
     dw = x.new_empty((n,), dtype=weight.dtype) if compute_dw else x.new_empty(0)
     db = x.new_empty((n,), dtype=db_dtype) if db_dtype is not None else x.new_empty(0)
@@ -176,29 +245,17 @@ def _(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype, triton):
 
 
 def _rowwise_norm_setup_context(ctx, inputs, output):
-    x, weight, bias, eps, is_rms, triton = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.is_rms, ctx.triton = is_rms, triton
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.mark_non_differentiable(mean, rstd)
+    _rowwise_save(ctx, inputs, output)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
-def _rowwise_norm_backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-    compute_dw = weight is not None and needs_dw
-    db_dtype = ctx.bias_dtype if needs_db else None
-    dx, dw, db = rowwise_norm_bwd(dy, x, weight, mean, rstd, ctx.is_rms, compute_dw, db_dtype, ctx.triton)
-    return (
-        dx if needs_dx else None,
-        dw if compute_dw else None,
-        db if db_dtype is not None else None,
-        None, None, None,
-    )
+rowwise_norm_fwd.register_autograd(lambda ctx, dy, _dstats: _rowwise_grads(ctx, dy, rowwise_norm_bwd),
+                                   setup_context=_rowwise_norm_setup_context)
 
 
-rowwise_norm_fwd.register_autograd(_rowwise_norm_backward, setup_context=_rowwise_norm_setup_context)
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def rowwise_norm(
@@ -207,7 +264,8 @@ def rowwise_norm(
     """LayerNorm or RMSNorm over the trailing ``normalized_shape`` dims of ``x``, any leading dims."""
     check_input(x)
     shape = normalized_shape_tuple(normalized_shape)
-    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+    k = len(shape)
+    if x.dim() < k or x.shape[x.dim() - k:] != shape:
         raise ValueError(
             f"expected input whose trailing dims are normalized_shape={shape}, got input of shape {tuple(x.shape)}"
         )
@@ -218,17 +276,80 @@ def rowwise_norm(
     eps = check_eps(eps)
     triton = use_triton(backend, x)
 
-    n = math.prod(shape)
-    x2d = x.reshape(math.prod(x.shape[: x.dim() - len(shape)]), n)
-    w = weight.reshape(n) if weight is not None else None
-    b = bias.reshape(n) if bias is not None else None
-    y, _, _ = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton)
-    return y.view(x.shape)
+    # Rows of n: views where possible, and no call at all when x already is (rows, n).
+    n = shape[0] if k == 1 else math.prod(shape)
+    x2d = x if x.dim() == 2 and k == 1 else x.reshape(math.prod(x.shape[: x.dim() - k]), n)
+    w = weight if weight is None or k == 1 else weight.reshape(n)
+    b = bias if bias is None or k == 1 else bias.reshape(n)
+    if torch.compiler.is_compiling():
+        y = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton)[0]
+    elif _needs_grad(x2d, w, b):
+        y = _RowwiseNorm.apply(x2d, w, b, eps, is_rms, triton)
+    else:
+        y = _rowwise_forward(x2d, w, b, eps, is_rms, triton)[0]
+    return y if x2d is x else y.view(x.shape)
 
 
 # ----------------------------------------------------------------------------------------------
 # Point-wise normalization-free layers (DyT / Derf)
 # ----------------------------------------------------------------------------------------------
+
+
+def _pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row, triton):
+    if triton:
+        return _launchers().pointwise_forward(_for_kernels(x), alpha, shift, _for_kernels(weight), _for_kernels(bias),
+                                 activation=activation, channels=channels, params_per_row=params_per_row)
+    x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
+    return reference.pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row)
+
+
+def _pointwise_backward(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute_dw, db_dtype,
+                        triton):
+    """``(dx, dalpha, dshift, dw, db)``, a gradient not asked for ``None``."""
+    if triton:
+        return _launchers().pointwise_backward(_for_kernels(dy), _for_kernels(x), alpha, shift, _for_kernels(weight),
+                                  activation=activation, channels=channels, params_per_row=params_per_row,
+                                  compute_dw=compute_dw, db_dtype=db_dtype)
+    dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
+    return reference.pointwise_backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
+                                        compute_dw, db_dtype)
+
+
+def _pointwise_save(ctx, inputs):
+    x, alpha, shift, weight, bias, activation, channels, params_per_row, triton = inputs
+    ctx.save_for_backward(x, alpha, shift, weight)
+    ctx.activation, ctx.channels, ctx.params_per_row, ctx.triton = activation, channels, params_per_row, triton
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _pointwise_grads(ctx, dy, backward):
+    x, alpha, shift, weight = ctx.saved_tensors
+    needs_dx, needs_dalpha, needs_dshift, needs_dw, needs_db = ctx.needs_input_grad[:5]
+    compute_dw = weight is not None and needs_dw
+    db_dtype = ctx.bias_dtype if needs_db else None
+    dx, dalpha, dshift, dw, db = backward(dy, x, alpha, shift, weight, ctx.activation, ctx.channels,
+                                          ctx.params_per_row, compute_dw, db_dtype, ctx.triton)
+    return (
+        dx if needs_dx else None,
+        dalpha.view(alpha.shape) if needs_dalpha else None,
+        dshift.view(shift.shape) if shift is not None and needs_dshift else None,
+        dw if compute_dw else None,
+        db if db_dtype is not None else None,
+        None, None, None, None,
+    )
+
+
+class _Pointwise(torch.autograd.Function):
+    """The eager path of DyT / Derf (see :class:`_RowwiseNorm`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        _pointwise_save(ctx, inputs)
+        return _pointwise_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _pointwise_grads(ctx, dy, _pointwise_backward)
 
 
 @torch.library.custom_op("normzoo::pointwise_fwd", mutates_args=())
@@ -237,14 +358,7 @@ def pointwise_fwd(
     activation: str, channels: int, params_per_row: bool, triton: bool,
 ) -> Tensor:
     """``weight ⊙ act(alpha·x + shift) + bias`` on 2-D ``x``; see :mod:`normzoo.kernels.elementwise`."""
-    if triton:
-        from normzoo.kernels import pointwise_forward
-
-        x, weight, bias = (_for_kernels(t) for t in (x, weight, bias))
-        return pointwise_forward(x, alpha, shift, weight, bias, activation=activation, channels=channels,
-                                 params_per_row=params_per_row)
-    x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
-    return reference.pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row)
+    return _pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row, triton)
 
 
 @pointwise_fwd.register_fake
@@ -259,16 +373,8 @@ def pointwise_bwd(
     triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dalpha, dshift, dw, db)``; a gradient not computed is an empty tensor."""
-    if triton:
-        from normzoo.kernels import pointwise_backward
-
-        dy, x, weight = (_for_kernels(t) for t in (dy, x, weight))
-        grads = pointwise_backward(dy, x, alpha, shift, weight, activation=activation, channels=channels,
-                                   params_per_row=params_per_row, compute_dw=compute_dw, db_dtype=db_dtype)
-    else:
-        dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
-        grads = reference.pointwise_backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
-                                             compute_dw, db_dtype)
+    grads = _pointwise_backward(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute_dw,
+                                db_dtype, triton)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
@@ -283,33 +389,8 @@ def _(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute
     )
 
 
-def _pointwise_setup_context(ctx, inputs, output):
-    x, alpha, shift, weight, bias, activation, channels, params_per_row, triton = inputs
-    ctx.save_for_backward(x, alpha, shift, weight)
-    ctx.activation, ctx.channels, ctx.params_per_row, ctx.triton = activation, channels, params_per_row, triton
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
-def _pointwise_backward(ctx, dy):
-    x, alpha, shift, weight = ctx.saved_tensors
-    needs_dx, needs_dalpha, needs_dshift, needs_dw, needs_db = ctx.needs_input_grad[:5]
-    compute_dw = weight is not None and needs_dw
-    db_dtype = ctx.bias_dtype if needs_db else None
-    dx, dalpha, dshift, dw, db = pointwise_bwd(
-        dy, x, alpha, shift, weight, ctx.activation, ctx.channels, ctx.params_per_row, compute_dw, db_dtype,
-        ctx.triton,
-    )
-    return (
-        dx if needs_dx else None,
-        dalpha.view(alpha.shape) if needs_dalpha else None,
-        dshift.view(shift.shape) if shift is not None and needs_dshift else None,
-        dw if compute_dw else None,
-        db if db_dtype is not None else None,
-        None, None, None, None,
-    )
-
-
-pointwise_fwd.register_autograd(_pointwise_backward, setup_context=_pointwise_setup_context)
+pointwise_fwd.register_autograd(lambda ctx, dy: _pointwise_grads(ctx, dy, pointwise_bwd),
+                                setup_context=lambda ctx, inputs, output: _pointwise_save(ctx, inputs))
 
 
 def _check_scalar(t, name: str, x: Tensor) -> None:
@@ -342,10 +423,11 @@ def pointwise(
     if channels_last:
         param = weight if weight is not None else bias
         shape = expected or (tuple(param.shape) if param is not None else (x.shape[-1] if x.dim() else 1,))
-        if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        k = len(shape)
+        if x.dim() < k or x.shape[x.dim() - k:] != shape:
             raise ValueError(f"expected input whose trailing dims are {shape}, got input of shape {tuple(x.shape)}")
-        channels = math.prod(shape)
-        x2d = x.reshape(x.numel() // channels if channels else 0, channels)
+        channels = shape[0] if k == 1 else math.prod(shape)
+        x2d = x if x.dim() == 2 and k == 1 else x.reshape(x.numel() // channels if channels else 0, channels)
     else:
         if x.dim() < 2:
             raise ValueError(f"channels_last=False expects input of shape (B, C, *spatial), got {tuple(x.shape)}")
@@ -358,7 +440,13 @@ def pointwise(
     check_param(weight, "weight", shape, x)
     check_param(bias, "bias", shape, x)
     triton = use_triton(backend, x)
-    flat = lambda p, n: p.reshape(n) if p is not None else None
-    y = pointwise_fwd(x2d, flat(alpha, 1), flat(shift, 1), flat(weight, channels), flat(bias, channels), activation,
-                      channels, not channels_last, triton)
-    return y.view(x.shape)
+    flat = lambda p, n: p if p is None or p.dim() == 1 else p.reshape(n)  # (1,) scalars and (C,) params as they are
+    args = (x2d, flat(alpha, 1), flat(shift, 1), flat(weight, channels), flat(bias, channels), activation,
+            channels, not channels_last, triton)
+    if torch.compiler.is_compiling():
+        y = pointwise_fwd(*args)
+    elif _needs_grad(x2d, alpha, shift, weight, bias):
+        y = _Pointwise.apply(*args)
+    else:
+        y = _pointwise_forward(*args)
+    return y if x2d is x else y.view(x.shape)

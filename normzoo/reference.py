@@ -22,12 +22,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def rowwise_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool):
     """LayerNorm (``is_rms=False``) or RMSNorm of each row. Returns ``(y, mean, rstd)``.
 
-    ``mean`` is empty for RMSNorm; ``mean``/``rstd`` are in the compute dtype.
+    ``mean`` is None for RMSNorm; ``mean``/``rstd`` are in the compute dtype.
     """
     acc = compute_dtype(x.dtype)
     xf = x.to(acc)
     if is_rms:
-        mean = xf.new_empty(0)
+        mean = None
         rstd = torch.rsqrt(xf.square().mean(dim=-1) + eps)
         x_hat = xf * rstd[:, None]
     else:

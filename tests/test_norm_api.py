@@ -231,9 +231,9 @@ def test_opcheck(triton, is_rms, device):
     w = torch.randn(20, device=device, requires_grad=True)
     b = None if is_rms else torch.randn(20, device=device, requires_grad=True)
     torch.library.opcheck(ops.rowwise_norm_fwd, (x, w, b, 1e-5, is_rms, triton))
-    _, mean, rstd = ops.rowwise_norm_fwd(x, w, b, 1e-5, is_rms, triton)
+    _, stats = ops.rowwise_norm_fwd(x, w, b, 1e-5, is_rms, triton)
     db_dtype = None if is_rms else torch.float32
-    args = (torch.randn(6, 20, device=device), x.detach(), w.detach(), mean, rstd, is_rms, True, db_dtype, triton)
+    args = (torch.randn(6, 20, device=device), x.detach(), w.detach(), stats, is_rms, True, db_dtype, triton)
     torch.library.opcheck(ops.rowwise_norm_bwd, args)
 
 
@@ -309,9 +309,9 @@ def test_opcheck_noncontiguous(triton, device):
     x = torch.randn(20, 6, device=device).t().requires_grad_()
     w = torch.randn(20, device=device, requires_grad=True)
     torch.library.opcheck(ops.rowwise_norm_fwd, (x, w, w, 1e-5, False, triton))
-    _, mean, rstd = ops.rowwise_norm_fwd(x, w, w, 1e-5, False, triton)
+    _, stats = ops.rowwise_norm_fwd(x, w, w, 1e-5, False, triton)
     dy = torch.randn(20, 6, device=device).t()
-    torch.library.opcheck(ops.rowwise_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, False, True, torch.float32, triton))
+    torch.library.opcheck(ops.rowwise_norm_bwd, (dy, x.detach(), w.detach(), stats, False, True, torch.float32, triton))
 
 
 def test_compile_inductor_with_transposed_input_on_the_default_backend():

@@ -116,6 +116,27 @@ def test_tanh_and_its_derivative_are_accurate(device):
     assert (rel_in_eps <= 8 + x.double().abs()).all(), rel_in_eps
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_dyt_forward_uses_the_fast_tanh_within_its_bound(dtype, device):
+    # 16-bit DyT forward takes tanh.approx.f32 (on a GPU; under the interpreter an emulation that
+    # errs by the instruction's whole bound, 2^-10.987 relative). Either way, each output is within
+    # that bound plus the output's own rounding (one ulp: the interpreter's bf16 conversion does
+    # not round to nearest) of the exact tanh; fp32 keeps the exact path
+    # (test_tanh_and_its_derivative_are_accurate).
+    from normzoo.kernels.elementwise import TANH_APPROX_REL_ERROR
+
+    x = torch.linspace(-6, 6, 4001, device=device).to(dtype)[None, :]
+    one = torch.ones(1, device=device)
+    y = pointwise_forward(x, one, None, None, None, activation="tanh", channels=x.shape[1], params_per_row=False)
+    exact = torch.tanh(x.double())
+    ulp = torch.finfo(dtype).eps  # relative
+    rel = (y.double() - exact).abs() / exact.abs().clamp_min(1e-30)
+    assert rel.max() <= TANH_APPROX_REL_ERROR.value + ulp * (1 + TANH_APPROX_REL_ERROR.value), rel.max()
+    if not torch.cuda.is_available():
+        # The emulation must really be what ran: fp16's rounding does not hide all of its error.
+        assert dtype != torch.float16 or not torch.equal(y, exact.to(dtype))
+
+
 def test_many_rows_per_program(device):
     # 1500 rows over a handful of programs: each program's partial sums cover many row blocks.
     x = torch.randn(1500, 24, device=device)
