@@ -160,6 +160,7 @@ def _pointwise_bwd_kernel(
     PARAMS_PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # row blocks in flight (software pipelining of the row loop's loads)
 ):
     """Each program owns rows [row_start, row_end) and writes its sums into PARTIALS:
     dw / db, one row of N column sums per program (channels-last) or one sum per row
@@ -186,7 +187,7 @@ def _pointwise_bwd_kernel(
             w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]  # once per column tile
         dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for block_start in range(row_start, row_end, BLOCK_M):
+        for block_start in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
             rows = block_start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
@@ -298,7 +299,7 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
             x.stride(0), dy.stride(0), N, M, N, channels, rows_per_program, db_offset, scalar_offset,
             ACTIVATION=activation, HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
             COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, PARAMS_PER_ROW=params_per_row,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         )
     dalpha = alloc((1,), alpha.dtype, device)
     dshift = alloc((1,), shift.dtype, device) if shift is not None else None

@@ -30,7 +30,11 @@ TARGET_TILE_ELEMENTS = 4096
 # Where measured tables live, one JSON file per GPU model.
 CONFIG_DIR = Path(__file__).parent / "configs"
 # The fields a table may set, and the values each may take.
-TUNABLE = {"num_warps": (1, 2, 4, 8, 16, 32), "block_m": (1, 2, 4, 8, 16, 32, 64), "programs_per_sm": (1, 2, 3, 4, 6, 8)}
+TUNABLE = {"num_warps": (1, 2, 4, 8, 16, 32), "block_m": (1, 2, 4, 8, 16, 32, 64),
+           "programs_per_sm": (1, 2, 3, 4, 6, 8, 12, 16), "num_stages": (1, 2, 3, 4)}
+# A backward program owns at least this many rows, so its row of partial sums (N fp32 per
+# gradient) stays small next to the rows it reads: at 16 rows of 16-bit x and dy it is ≤ 1/8.
+MIN_ROWS_PER_PROGRAM = 16
 OPS = ("layernorm", "rmsnorm", "dyt", "derf")
 
 
@@ -51,6 +55,7 @@ class LaunchConfig:
     num_warps: int
     single_tile: bool = True  # row-wise kernels: the whole row fits one tile (read once, kept in registers)
     programs_per_sm: int = 1  # backward: programs launched per SM (a persistent grid of SMs × this)
+    num_stages: int = 1  # loads in flight in a kernel's loops (software pipelining through shared memory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,29 +145,37 @@ def single_tile_limit(dtype: torch.dtype, *, backward: bool = False) -> int:
     return limit // 2 if backward else limit
 
 
+def _resident_estimate(num_warps: int, regs_per_thread: int) -> int:
+    """Programs of ``num_warps`` that fit an SM (65536 registers, 64 warps), for registers
+    estimated from the fp32 values each thread keeps live: the persistent backward grid launches
+    this many per SM. ``compile_check`` reports the real registers and residency."""
+    return max(1, min(65536 // (regs_per_thread * 32 * num_warps), 64 // num_warps, 16))
+
+
 def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: int | None) -> LaunchConfig:
     limit = single_tile_limit(dtype, backward=backward)
     if max_block_n is not None:
         limit = min(limit, next_power_of_2(max_block_n))
     block_n = min(next_power_of_2(max(n_cols, 1)), limit)
     single_tile = n_cols <= block_n
-    if backward and not single_tile:
+    if not backward:
+        # Forward tiles are read once and written once: rows stacked to TARGET_TILE_ELEMENTS,
+        # 8 elements (16 bytes in 16-bit) per thread; the looped path pipelines its column loops.
+        block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 16))
+        num_warps = max(1, min(block_m * block_n // 256, 16))
+        return LaunchConfig(block_m, block_n, num_warps, single_tile, 1, 1 if single_tile else 2)
+    if not single_tile:
         # The looped backward keeps two tiles' worth of row sums and accumulators live; half-width
         # tiles keep it off the register limit and cost nothing in bytes moved.
         block_n //= 2
-    block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 16))
-    elements = block_m * block_n
-    if backward:
-        # 8 elements per thread and per live tensor (x, dy, dx, the dw/db accumulators): ~64-100
-        # registers, so 2+ programs of at most 8 warps share an SM and one program's loads are in
-        # flight while another reduces. Wider single-tile rows need 16 warps and fit one per SM.
-        num_warps = max(1, min(elements // 256, 16))
-        programs_per_sm = 2 if num_warps <= 8 else 1
-    else:
-        # Forward tiles are read once and written once: 8 elements (16 bytes in 16-bit) per thread.
-        num_warps = max(1, min(elements // 256, 16))
-        programs_per_sm = 1
-    return LaunchConfig(block_m, block_n, num_warps, single_tile, programs_per_sm)
+    # One row per step down to 1024 columns (narrower rows are stacked to 1024 elements): each
+    # program walks its rows with the next block's loads in flight (NUM_STAGES = 2) while it
+    # reduces the current one, and 8 elements per thread and live tensor (x, dy, w, dw, db: about
+    # 64 registers) leave room for several programs per SM instead of one wide one.
+    block_m = max(1, min(1024 // block_n, 16))
+    num_warps = max(1, min(block_m * block_n // 256, 16))
+    per_thread = block_m * block_n // (32 * num_warps)
+    return LaunchConfig(block_m, block_n, num_warps, single_tile, _resident_estimate(num_warps, 5 * per_thread + 24), 2)
 
 
 def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None) -> LaunchConfig:
@@ -172,12 +185,14 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None) -> L
     if max_block_n is not None:
         block_n = min(block_n, next_power_of_2(max_block_n))
     block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 64))
-    if backward:
-        # Backward keeps four (BLOCK_M, BLOCK_N) fp32 accumulators live across its row loop, so
-        # half the tile, at the same 8 elements per thread; 2 programs per SM.
-        block_m = max(1, block_m // 2)
+    if not backward:
+        return LaunchConfig(block_m, block_n, max(1, min(block_m * block_n // 256, 16)))
+    # Backward keeps four (BLOCK_M, BLOCK_N) fp32 accumulators live across its row loop, so half
+    # the tile at the same 8 elements per thread, the next row block's loads in flight.
+    block_m = max(1, block_m // 2)
     num_warps = max(1, min(block_m * block_n // 256, 16))
-    return LaunchConfig(block_m, block_n, num_warps, True, 2 if backward else 1)
+    per_thread = block_m * block_n // (32 * num_warps)
+    return LaunchConfig(block_m, block_n, num_warps, True, _resident_estimate(num_warps, 7 * per_thread + 24), 2)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -197,8 +212,10 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
 def split_rows(n_rows: int, cfg: LaunchConfig, device: torch.device) -> tuple[int, int]:
     """``(rows_per_program, programs)`` for a backward whose programs each own a contiguous run of
     rows and write one row of partial sums: ``programs_per_sm`` programs per SM (a persistent
-    grid), each run a multiple of ``block_m``, every program given at least one row."""
+    grid), fewer when that would leave a program under MIN_ROWS_PER_PROGRAM rows; each run a
+    multiple of ``block_m``, every program given at least one row."""
     row_blocks = cdiv(n_rows, cfg.block_m)
-    programs = min(row_blocks, cfg.programs_per_sm * num_compute_units(device))
+    programs = min(row_blocks, cfg.programs_per_sm * num_compute_units(device),
+                   max(1, n_rows // MIN_ROWS_PER_PROGRAM))
     rows_per_program = cdiv(row_blocks, programs) * cfg.block_m
     return rows_per_program, cdiv(n_rows, rows_per_program)

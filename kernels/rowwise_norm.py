@@ -56,6 +56,7 @@ def _norm_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # loads in flight in the looped path's column loops (software pipelining)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -76,7 +77,7 @@ def _norm_fwd_kernel(
         # update, which is as stable as two passes but reads the row only once.
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for col_start in range(0, N, BLOCK_N):
+        for col_start in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
             cols = col_start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
             x = load_tile(X, rows, stride_x_row, cols, mask)
@@ -93,7 +94,7 @@ def _norm_fwd_kernel(
                 m2 += tl.sum(dev * dev, axis=1) + delta * delta * (n_seen * n_tile / n_total)
         rstd = tl.rsqrt(m2 / N + eps)
         # Pass 2: normalize and write.
-        for col_start in range(0, N, BLOCK_N):
+        for col_start in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
             cols = col_start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
             x = load_tile(X, rows, stride_x_row, cols, mask)
@@ -151,6 +152,7 @@ def _norm_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # row blocks in flight: the next block's loads overlap this one's reductions
 ):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
@@ -166,7 +168,7 @@ def _norm_bwd_kernel(
             mean, rstd = _load_stats(STATS, rows, row_mask, M, IS_RMS)
             c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
             c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for col_start in range(0, N, BLOCK_N):
+            for col_start in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
                 cols = col_start + tl.arange(0, BLOCK_N)
                 col_mask = cols < N
                 mask = row_mask[:, None] & col_mask[None, :]
@@ -191,7 +193,7 @@ def _norm_bwd_kernel(
             w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for block_start in range(row_start, row_end, BLOCK_M):
+        for block_start in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
             rows = block_start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
@@ -243,7 +245,7 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, max_block
             x, y, weight if weight is not None else x, bias if bias is not None else x, stats,
             x.stride(0), N, M, N, eps,
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps,
         )
     return y, stats
@@ -282,7 +284,7 @@ def rowwise_norm_backward(
             row_sums if row_sums is not None else stats,
             x.stride(0), dy.stride(0), N, M, N, rows_per_program, db_offset,
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps,
         )
     dw = alloc((N,), weight.dtype, device) if compute_dw else None
