@@ -23,8 +23,10 @@ import triton
 from .launch import cdiv
 
 # Above this many bytes a row no longer fits one forward tile of registers, and the kernels loop
-# over column tiles instead (the backward, which holds more per column, takes half).
-MAX_SINGLE_TILE_BYTES = 32 * 1024
+# over column tiles instead (the backward, which holds more per column, takes half). At 32 KB a
+# 16-warp forward program needed 66-118 registers: one per SM, each exposing its whole load
+# latency (compile_check, sm_90); the looped path re-reads x from L2, not DRAM, at these widths.
+MAX_SINGLE_TILE_BYTES = 16 * 1024
 # Elements one program touches per step; rows are stacked into a tile until it holds this many.
 TARGET_TILE_ELEMENTS = 4096
 # Where measured tables live, one JSON file per GPU model.
@@ -139,10 +141,9 @@ def tuned_entry(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: to
 
 
 def single_tile_limit(dtype: torch.dtype, *, backward: bool = False) -> int:
-    """The widest row the norm kernels keep in registers in one tile. Backward holds x, dy, w and
-    two fp32 accumulators per column, so its limit is half the forward's."""
-    limit = MAX_SINGLE_TILE_BYTES // dtype.itemsize
-    return limit // 2 if backward else limit
+    """The widest row the norm kernels keep in registers in one tile: 8192 16-bit or 4096 fp32
+    values, forward and backward alike."""
+    return MAX_SINGLE_TILE_BYTES // dtype.itemsize
 
 
 def _resident_estimate(num_warps: int, regs_per_thread: int) -> int:
@@ -168,14 +169,28 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
         # The looped backward keeps two tiles' worth of row sums and accumulators live; half-width
         # tiles keep it off the register limit and cost nothing in bytes moved.
         block_n //= 2
+    # Rows whose length is not a multiple of 8 cannot be read 16 bytes at a time: every element is
+    # its own 2-4 byte load with its own address, and pipelining those through shared memory
+    # took a narrow DyT backward to 140-250 registers (compile_check, sm_90); they are not staged.
+    num_stages = 2 if n_cols % 8 == 0 else 1
+    if single_tile and dtype.itemsize == 2 and block_n * 2 == MAX_SINGLE_TILE_BYTES and num_stages == 2:
+        # The widest 16-bit single tiles run one 16-warp program per SM (the row and its
+        # accumulators fill the registers); a third stage deepens its prefetch, and at two ptxas squeezed bias-only
+        # LayerNorm to 64 registers and spilled (compile_check, sm_90).
+        num_stages = 3
     # One row per step down to 1024 columns (narrower rows are stacked to 1024 elements): each
     # program walks its rows with the next block's loads in flight (NUM_STAGES = 2) while it
     # reduces the current one, and 8 elements per thread and live tensor (x, dy, w, dw, db: about
     # 64 registers) leave room for several programs per SM instead of one wide one.
     block_m = max(1, min(1024 // block_n, 16))
-    num_warps = max(1, min(block_m * block_n // 256, 16))
+    # Except 16-bit rows of 4096, where 8 elements a thread at 16 warps took LayerNorm with weight
+    # and bias to 115 registers (one program per SM) and 16 at 8 warps takes 128 (two per SM):
+    # compile_check, sm_90.
+    per_thread = 16 if dtype.itemsize == 2 and block_n == 4096 and single_tile else 8
+    num_warps = max(1, min(block_m * block_n // (32 * per_thread), 16))
     per_thread = block_m * block_n // (32 * num_warps)
-    return LaunchConfig(block_m, block_n, num_warps, single_tile, _resident_estimate(num_warps, 5 * per_thread + 24), 2)
+    return LaunchConfig(block_m, block_n, num_warps, single_tile, _resident_estimate(num_warps, 5 * per_thread + 24),
+                        num_stages)
 
 
 def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None) -> LaunchConfig:
@@ -190,9 +205,13 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None) -> L
     # Backward keeps four (BLOCK_M, BLOCK_N) fp32 accumulators live across its row loop, so half
     # the tile at the same 8 elements per thread, the next row block's loads in flight.
     block_m = max(1, block_m // 2)
-    num_warps = max(1, min(block_m * block_n // 256, 16))
+    num_stages = 2 if n_cols % 8 == 0 else 1  # see _rowwise_rule
+    # Element-wise addresses (a row length not a multiple of 8): 4 values a thread, not 8, which
+    # took Derf's channels-first backward to 140+ registers (compile_check, sm_90).
+    num_warps = max(1, min(block_m * block_n // (256 if n_cols % 8 == 0 else 128), 16))
     per_thread = block_m * block_n // (32 * num_warps)
-    return LaunchConfig(block_m, block_n, num_warps, True, _resident_estimate(num_warps, 7 * per_thread + 24), 2)
+    return LaunchConfig(block_m, block_n, num_warps, True, _resident_estimate(num_warps, 7 * per_thread + 24),
+                        num_stages)
 
 
 @functools.lru_cache(maxsize=4096)

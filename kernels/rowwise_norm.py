@@ -68,9 +68,9 @@ def _norm_fwd_kernel(
         mean, rstd, x_hat = _row_stats_single_tile(x, mask, N, eps, IS_RMS)
         y = x_hat
         if HAS_WEIGHT:
-            y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            y = y * tl.load(W + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
         if HAS_BIAS:
-            y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            y = y + tl.load(B + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
         store_tile(Y, rows, stride_y_row, cols, mask, y)
     else:
         # Pass 1: statistics. LayerNorm merges per-tile (count, mean, M2) with Chan's parallel
@@ -80,7 +80,7 @@ def _norm_fwd_kernel(
         for col_start in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
             cols = col_start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
-            x = load_tile(X, rows, stride_x_row, cols, mask)
+            x = load_tile(X, rows, stride_x_row, cols, mask, "evict_last")
             if IS_RMS:
                 m2 += tl.sum(x * x, axis=1)
             else:
@@ -93,16 +93,17 @@ def _norm_fwd_kernel(
                 mean += delta * (n_tile / n_total)
                 m2 += tl.sum(dev * dev, axis=1) + delta * delta * (n_seen * n_tile / n_total)
         rstd = tl.rsqrt(m2 / N + eps)
-        # Pass 2: normalize and write.
+        # Pass 2: normalize and write. Pass 1's reads were marked evict_last, so this re-read of
+        # the row hits L2 rather than DRAM while the rows in flight fit in it.
         for col_start in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
             cols = col_start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
-            x = load_tile(X, rows, stride_x_row, cols, mask)
+            x = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
             y = (x - mean[:, None]) * rstd[:, None]
             if HAS_WEIGHT:
-                y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+                y = y * tl.load(W + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
             if HAS_BIAS:
-                y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+                y = y + tl.load(B + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
             store_tile(Y, rows, stride_y_row, cols, mask, y)
 
     if IS_RMS:
@@ -172,8 +173,8 @@ def _norm_bwd_kernel(
                 cols = col_start + tl.arange(0, BLOCK_N)
                 col_mask = cols < N
                 mask = row_mask[:, None] & col_mask[None, :]
-                x = load_tile(X, rows, stride_x_row, cols, mask)
-                wdy = load_tile(DY, rows, stride_dy_row, cols, mask)
+                x = load_tile(X, rows, stride_x_row, cols, mask, "evict_last")  # read again in pass B
+                wdy = load_tile(DY, rows, stride_dy_row, cols, mask, "evict_last")
                 if HAS_WEIGHT:
                     wdy = wdy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
                 c1 += tl.sum(_x_hat(x, mean, rstd, IS_RMS) * wdy, axis=1)
@@ -189,22 +190,34 @@ def _norm_bwd_kernel(
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_WEIGHT:  # loaded as a (1, BLOCK_N) row: the tile's own layout, no conversion
+            w = tl.load(W + cols[None, :], mask=col_mask[None, :], other=0.0).to(tl.float32)
+        # Column sums accumulate element-wise over the row loop and are reduced across the tile's
+        # rows once, after it (no reduction per row block).
+        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for block_start in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
             rows = block_start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
             rows64 = rows.to(tl.int64)
-            x = load_tile(X, rows, stride_x_row, cols, mask)
-            dy = load_tile(DY, rows, stride_dy_row, cols, mask)
+            if SINGLE_TILE:
+                x = load_tile(X, rows, stride_x_row, cols, mask)
+                dy = load_tile(DY, rows, stride_dy_row, cols, mask)
+            else:  # the last read of this part of the row
+                x = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
+                dy = load_tile(DY, rows, stride_dy_row, cols, mask, "evict_first")
             mean, rstd = _load_stats(STATS, rows, row_mask, M, IS_RMS)
             x_hat = _x_hat(x, mean, rstd, IS_RMS)
+            # The column sums first: dy is then dead before the row reductions below, whose
+            # barriers every live value waits across (8 registers a thread fewer in LayerNorm).
+            if COMPUTE_DW:
+                dw_acc += dy * x_hat
+            if COMPUTE_DB:
+                db_acc += dy
             wdy = dy
             if HAS_WEIGHT:
-                wdy = dy * w[None, :]
+                wdy = dy * w
             if SINGLE_TILE:
                 c1 = tl.sum(x_hat * wdy, axis=1) / N
                 c2 = tl.sum(wdy, axis=1) / N
@@ -216,14 +229,10 @@ def _norm_bwd_kernel(
             else:
                 dx = (wdy - x_hat * c1[:, None] - c2[:, None]) * rstd[:, None]
             store_tile(DX, rows, stride_dx_row, cols, mask, dx)
-            if COMPUTE_DW:
-                dw_acc += tl.sum(dy * x_hat, axis=0)
-            if COMPUTE_DB:
-                db_acc += tl.sum(dy, axis=0)
         if COMPUTE_DW:
-            tl.store(PARTIALS + partial_row + cols, dw_acc, mask=col_mask)
+            tl.store(PARTIALS + partial_row + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
         if COMPUTE_DB:
-            tl.store(PARTIALS + db_offset + partial_row + cols, db_acc, mask=col_mask)
+            tl.store(PARTIALS + db_offset + partial_row + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
 def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, max_block_n: int | None = None):
