@@ -1,17 +1,21 @@
-"""Benchmark normzoo against PyTorch eager and torch.compile.
+"""Benchmark normzoo against PyTorch eager, torch.compile and the peers (Liger-Kernel, quack).
 
     python -m benchmarks                          # every op, bf16 and fp32, full sweep
     python -m benchmarks --ops layernorm dyt derf --dtypes bf16 --rows 32768
     python -m benchmarks --ops rmsnorm --dtypes bf16 --rows 32768 --hidden 1024 4096
+    python -m benchmarks --providers normzoo compile compile-tuned   # opt-in: inductor's coordinate-descent tuning
     python -m benchmarks --smoke                  # CPU check of the harness (no timing claims)
 
 Writes ``<out>/<name>.json``, ``<out>/<name>.png`` and ``<out>/<name>.md`` (a table of GB/s and %
 of copy bandwidth). Without a CUDA GPU it says so and exits with status 2, unless ``--smoke``.
+The peers run where they import (one line says which did not); ``--budget-s`` stops the sweep
+before a shape that would start past the budget and still writes every file.
 """
 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -21,10 +25,15 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", nargs="+", default=["layernorm", "rmsnorm", "dyt", "derf"])
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    p.add_argument("--rows", nargs="+", type=int, default=[4096, 32768])
-    p.add_argument("--hidden", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--rows", nargs="+", type=int, default=None, help="default: 4096 32768 (--smoke: 64)")
+    p.add_argument("--hidden", nargs="+", type=int, default=None,
+                   help="default: 512 1024 2048 4096 8192 16384 32768 (--smoke: 128 300)")
     p.add_argument("--passes", nargs="+", default=["fwd", "bwd", "fwdbwd"], choices=["fwd", "bwd", "fwdbwd"])
-    p.add_argument("--providers", nargs="+", default=None, help="default: every provider of each op")
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="default: normzoo eager compile and the peers that import (liger, quack); "
+                        "compile-tuned only when named")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new shape after this many seconds; write what was measured")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default=None, help="file stem; default: <gpu>-<ops>")
     p.add_argument("--smoke", action="store_true",
@@ -44,50 +53,81 @@ def main(argv=None) -> int:
         return 2
 
     from . import harness
-    from .cases import CASES
+    from .cases import CASES, PEERS, default_providers, peer_providers
 
     unknown = [op for op in args.ops if op not in CASES]
     if unknown:
         print(f"unknown op(s) {unknown}; choose from {sorted(CASES)}", file=sys.stderr)
         return 2
     device = "cpu" if args.smoke else "cuda"
-    if args.smoke:
-        args.rows, args.hidden = [64], [128, 300]
-    torch._dynamo.config.cache_size_limit = 256  # one compiled graph per shape and dtype
+    args.rows = args.rows or ([64] if args.smoke else [4096, 32768])
+    args.hidden = args.hidden or ([128, 300] if args.smoke else [512, 1024, 2048, 4096, 8192, 16384, 32768])
+    if args.smoke and (max(args.rows) > 256 or max(args.hidden) > 4096):
+        print("--smoke runs the kernels in Triton's CPU interpreter: keep --rows <= 256 and --hidden <= 4096",
+              file=sys.stderr)
+        return 2
+    if not args.smoke:  # (touching torch._dynamo imports it: seconds that a smoke run, which compiles nothing, skips)
+        torch._dynamo.config.cache_size_limit = 256  # one compiled graph per shape and dtype
 
+    peers = {}
+    wanted_peers = [q for q in PEERS if args.providers is None or q in args.providers]
+    if args.smoke:
+        if wanted_peers:
+            print("peers: skipped in --smoke (they need a CUDA GPU)")
+    elif wanted_peers:
+        peers, notes = peer_providers(wanted_peers)
+        for note in notes:
+            print(note)
+
+    start = time.monotonic()
     copy_gbps = harness.copy_bandwidth_gbps(device, smoke=args.smoke)
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s")
     env = harness.environment(device, args.smoke)
     label = "smoke-cpu" if args.smoke else env["gpu"].replace(" ", "-")
     stem = args.name or f"{label}-{'-'.join(args.ops)}"
     points = []
-    for op in args.ops:
-        case = CASES[op]
-        providers = [q for q in (args.providers or case.providers) if q in case.providers]
-        if args.smoke:
-            providers = [q for q in providers if q != "compile"]  # inductor compiles take minutes on CPU
-        for dtype_name in args.dtypes:
-            dtype = getattr(torch, DTYPES[dtype_name])
-            for rows in args.rows:
-                for hidden in args.hidden:
-                    leaves = case.make_inputs(rows, hidden, dtype, device)
-                    dy = torch.randn(rows, hidden, dtype=dtype, device=device)
-                    for provider in providers:
-                        fn = case.providers[provider]
-                        for pass_ in args.passes:
-                            ms = _time_pass(harness, fn, leaves, dy, pass_, args.smoke)
-                            nbytes = case.bytes_moved(pass_, rows, hidden, dtype)
-                            gbps = nbytes / ms / 1e6
-                            point = harness.Point(op, provider, pass_, dtype_name, rows, hidden, ms, gbps,
-                                                  100 * gbps / copy_gbps)
-                            points.append(point)
-                            print(f"{op:10s} {pass_:6s} {dtype_name} rows={rows:6d} N={hidden:6d} "
-                                  f"{provider:8s} {ms:8.4f} ms {gbps:7.0f} GB/s {point.pct_copy:5.1f}%", flush=True)
-                    del leaves, dy
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-            # Save as we go: a sweep cut short by a time limit keeps what it measured.
-            _save(harness, args.out, stem, env, copy_gbps, points)
+    out_of_time = False
+    # Shapes outermost, in the order given (ops inside): a sweep cut short by --budget-s or a time
+    # limit has every op at the shapes it reached, and the files are rewritten after each shape.
+    shapes = [(d, rows, hidden) for d in args.dtypes for rows in args.rows for hidden in args.hidden]
+    for dtype_name, rows, hidden in shapes:
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            out_of_time = True
+            break
+        dtype = getattr(torch, DTYPES[dtype_name])
+        for op in args.ops:
+            case = CASES[op]
+            fns = {**case.providers, **peers.get(op, {})}
+            providers = [q for q in (args.providers or default_providers(case) + list(peers.get(op, {}))) if q in fns]
+            if args.smoke:  # inductor compiles take minutes on CPU
+                providers = [q for q in providers if q not in ("compile", "compile-tuned")]
+            leaves = case.make_inputs(rows, hidden, dtype, device)
+            dy = torch.randn(rows, hidden, dtype=dtype, device=device)
+            for provider in providers:
+                fn = fns[provider]
+                for pass_ in args.passes:
+                    what = f"{op:10s} {pass_:6s} {dtype_name} rows={rows:6d} N={hidden:6d} {provider:8s}"
+                    try:
+                        ms = harness.time_pass(fn, leaves, dy, pass_, smoke=args.smoke)
+                    except Exception as e:  # a peer that refuses a shape must not end the sweep
+                        if args.smoke and provider == "normzoo":
+                            raise
+                        print(f"{what} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        for t in leaves:
+                            t.grad = None
+                        continue
+                    nbytes = case.bytes_moved(pass_, rows, hidden, dtype)
+                    gbps = nbytes / ms / 1e6
+                    point = harness.Point(op, provider, pass_, dtype_name, rows, hidden, ms, gbps, 100 * gbps / copy_gbps)
+                    points.append(point)
+                    print(f"{what} {ms:8.4f} ms {gbps:7.0f} GB/s {point.pct_copy:5.1f}%", flush=True)
+            del leaves, dy
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        # Save as we go: a sweep cut short by a time limit keeps what it measured.
+        _save(harness, args.out, stem, env, copy_gbps, points)
+    if out_of_time:
+        print(f"budget of {args.budget_s:g} s spent: stopped before the end of the sweep", flush=True)
 
     path, table = _save(harness, args.out, stem, env, copy_gbps, points)
     png = harness.plot(points, copy_gbps, args.out / f"{stem}.png", f"{stem} (copy {copy_gbps:.0f} GB/s)")
@@ -99,19 +139,14 @@ def main(argv=None) -> int:
 def _save(harness, out, stem, env, copy_gbps, points):
     path = harness.write_results(out, stem, env, copy_gbps, points)
     table = harness.markdown_table(points)
+    tuned = env.get("tuned_configs")
+    launch = (f"normzoo launch configs: the rules + {Path(tuned['path']).name} ({tuned['entries']} entries)" if tuned
+              else "normzoo launch configs: the rules (no measured table for this GPU)")
     (out / f"{stem}.md").write_text(
         f"# {stem}\n\n{env.get('gpu') or 'CPU smoke run (not a measurement)'}, torch {env['torch']}, "
-        f"triton {env['triton']}, commit {env['git_commit']}; copy bandwidth {copy_gbps:.0f} GB/s.\n\n{table}\n")
+        f"triton {env['triton']}, commit {env['git_commit']}; copy bandwidth {copy_gbps:.0f} GB/s; "
+        f"{launch}.\n\n{table}\n")
     return path, table
-
-
-def _time_pass(harness, fn, leaves, dy, pass_, smoke):
-    if pass_ == "fwd":
-        return harness.time_ms(lambda: fn(*leaves), smoke=smoke)
-    if pass_ == "bwd":
-        y = fn(*leaves)
-        return harness.time_ms(lambda: y.backward(dy, retain_graph=True), smoke=smoke, grad_to_none=leaves)
-    return harness.time_ms(lambda: fn(*leaves).backward(dy), smoke=smoke, grad_to_none=leaves)
 
 
 if __name__ == "__main__":

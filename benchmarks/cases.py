@@ -1,4 +1,10 @@
-"""What the benchmark measures: each op's inputs, its providers, and the bytes it must move."""
+"""What the benchmark measures: each op's inputs, its providers, and the bytes it must move.
+
+Providers: ``normzoo``, ``eager`` (torch.nn.functional or the papers' modules), ``compile``
+(``torch.compile(dynamic=False)`` of eager), and, opt-in (``--providers compile-tuned``), compile
+with inductor's coordinate-descent tuning (20-60 s of compile per shape, ANCHORS.md). The peers
+Liger-Kernel (``liger``) and quack (``quack``) come from :func:`peer_providers` where importable.
+"""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,8 +52,26 @@ def _pointwise_inputs(with_shift: bool):
     return make
 
 
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
+def _compiled(fn, options=None):
+    """``torch.compile(fn, dynamic=False)``, built at the first call: importing dynamo takes seconds
+    that runs without a compiled provider (``--smoke``, the tuner) need not pay."""
+    built = []
+
+    def call(*args):
+        if not built:
+            built.append(torch.compile(fn, dynamic=False, options=options))
+        return built[0](*args)
+
+    return call
+
+
+def _compiled_tuned(fn):
+    # A function of its own, so that dynamo's per-code-object cache never hands this provider the
+    # graph that plain "compile" built from the same function without the tuning.
+    def tuned(*args):
+        return fn(*args)
+
+    return _compiled(tuned, {"coordinate_descent_tuning": True})
 
 
 def _layer_norm_eager(x, w, b):
@@ -74,6 +98,7 @@ CASES = {
             "normzoo": lambda x, w, b: NF.layer_norm(x, (x.shape[-1],), w, b, backend="triton"),
             "eager": _layer_norm_eager,
             "compile": _compiled(_layer_norm_eager),
+            "compile-tuned": _compiled_tuned(_layer_norm_eager),
         },
         fwd_tensors=2,  # read x, write y
         bwd_tensors=3,  # read x and dy, write dx
@@ -85,6 +110,7 @@ CASES = {
             "normzoo": lambda x, w: NF.rms_norm(x, (x.shape[-1],), w, 1e-6, backend="triton"),
             "eager": _rms_norm_eager,
             "compile": _compiled(_rms_norm_eager),
+            "compile-tuned": _compiled_tuned(_rms_norm_eager),
         },
         fwd_tensors=2,
         bwd_tensors=3,
@@ -96,6 +122,7 @@ CASES = {
             "normzoo": lambda x, alpha, w, b: NF.dyt(x, alpha, w, b, backend="triton"),
             "eager": _dyt_eager,
             "compile": _compiled(_dyt_eager),
+            "compile-tuned": _compiled_tuned(_dyt_eager),
         },
         fwd_tensors=2,
         bwd_tensors=3,
@@ -107,8 +134,94 @@ CASES = {
             "normzoo": lambda x, alpha, shift, w, b: NF.derf(x, alpha, shift, w, b, backend="triton"),
             "eager": _derf_eager,
             "compile": _compiled(_derf_eager),
+            "compile-tuned": _compiled_tuned(_derf_eager),
         },
         fwd_tensors=2,
         bwd_tensors=3,
     ),
 }
+
+# Providers that a sweep runs only when named with --providers.
+OPT_IN = frozenset({"compile-tuned"})
+
+
+def default_providers(case: OpCase) -> list[str]:
+    return [q for q in case.providers if q not in OPT_IN]
+
+
+# ----------------------------------------------------------------------------------------------
+# Peers (ANCHORS.md benchmarked liger-kernel 0.8.5 and quack-kernels 0.6.5). Imported only when
+# asked for, as each needs a CUDA GPU and quack's import alone takes seconds.
+# ----------------------------------------------------------------------------------------------
+
+
+def _liger_providers() -> dict:
+    from liger_kernel.ops import LigerDyTFunction, LigerLayerNormFunction, LigerRMSNormFunction
+
+    return {
+        "layernorm": lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5),
+        # in_place=False: Liger's default writes dx into the incoming dy, and the harness passes
+        # the same dy to every provider (and to every timed backward).
+        "rmsnorm": lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama", False),
+        "dyt": lambda x, alpha, w, b: LigerDyTFunction.apply(x, alpha, w, b),
+    }
+
+
+def _quack_providers() -> dict:
+    import quack.rmsnorm as qr
+
+    class QuackLayerNorm(torch.autograd.Function):
+        # quack ships LayerNorm as forward/backward functions (no autograd wrapper) that take fp32
+        # weight and bias: the fp32 copies are made once per parameter (outside the timed calls),
+        # and the gradients are cast back to the parameters' dtype.
+        @staticmethod
+        def forward(ctx, x, w, b):
+            w32, b32 = _fp32_copy(w), _fp32_copy(b)
+            y, rstd, mean = qr.layernorm_fwd(x, w32, b32, eps=1e-5, return_rstd=True, return_mean=True)
+            ctx.save_for_backward(x, w32, rstd, mean)
+            ctx.param_dtypes = (w.dtype, b.dtype)
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, w32, rstd, mean = ctx.saved_tensors
+            dx, dw, db = qr.layernorm_bwd(x, w32, dy.contiguous(), rstd, mean, has_bias=True)
+            return dx, dw.to(ctx.param_dtypes[0]), db.to(ctx.param_dtypes[1])
+
+    return {
+        "layernorm": QuackLayerNorm.apply,
+        "rmsnorm": lambda x, w: qr.rmsnorm(x, w, eps=1e-6),
+    }
+
+
+_FP32_COPIES: dict = {}
+
+
+def _fp32_copy(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.float32:
+        return t.detach()
+    hit = _FP32_COPIES.get(id(t))
+    if hit is None or hit[0] is not t or hit[1] != t._version:
+        hit = (t, t._version, t.detach().float())  # holding t keeps its id from being reused
+        _FP32_COPIES[id(t)] = hit
+    return hit[2]
+
+
+PEERS = {"liger": ("liger-kernel", _liger_providers), "quack": ("quack-kernels", _quack_providers)}
+
+
+def peer_providers(names=tuple(PEERS)) -> tuple[dict, list[str]]:
+    """``({op: {provider: fn}}, notes)`` for the peers in ``names`` that import here; one note per
+    peer that does not (the benchmark prints it and goes on without that peer)."""
+    by_op: dict = {}
+    notes = []
+    for name in names:
+        package, load = PEERS[name]
+        try:
+            fns = load()
+        except Exception as e:  # ImportError, or a broken install that fails while importing
+            notes.append(f"peers: {package} not importable, skipped ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        for op, fn in fns.items():
+            by_op.setdefault(op, {})[name] = fn
+    return by_op, notes

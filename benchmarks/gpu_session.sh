@@ -1,24 +1,142 @@
 #!/usr/bin/env bash
-# What a lent GPU session should run, as two calls of the device tool (each well inside its
-# 10-minute limit; the lease has 15 minutes in all). From the repository root, no install
-# needed (normzoo finds kernels/ in a checkout):
-#   bash benchmarks/gpu_session.sh tests   # the test suite on the GPU: compiled kernels, not the interpreter
-#   bash benchmarks/gpu_session.sh bench   # bf16, 32768 rows, N = 1024 4096 16384: JSON + Markdown (+ PNG)
-# Output goes to $OUT (set by the device tool) or benchmarks/results. Results are saved after
-# each op, so a run cut short by its timeout keeps what it measured.
+# One device-tool call, at most 9 minutes on one H100/H200, from the repository root (no install
+# needed: normzoo finds kernels/ in a checkout):
+#
+#   bash benchmarks/gpu_session.sh            # GPU: tests, host cost, tuning, benchmark
+#   bash benchmarks/gpu_session.sh --smoke    # CPU, TRITON_INTERPRET=1, toy sizes: checks this script (< 1 min)
+#
+# Phases, each under its own `timeout` (a slow phase cannot eat the others; the whole run stops
+# by TOTAL = 525 s), with the seconds each may take:
+#   peers   ~30  install Liger-Kernel (and quack) from .peers/ when present (../shared/tools/peer-wheels)
+#   tests   100  the kernel and API tests on the GPU (compiled kernels, not the interpreter), -x,
+#                8 xdist workers when pytest-xdist is there: most of the time is Triton compiling
+#   host     40  python -m benchmarks.host: host time per call at rows 1/16/256
+#   tune    110  python -m benchmarks.tune: bf16 at the benchmark's widths, 32768 rows, --budget-s;
+#                less if the bench would get under 240 s. Writes kernels/configs/<gpu>.json here,
+#                so the benchmark runs with the tuned table
+#   bench   260  python -m benchmarks: normzoo vs eager, compile, liger, quack; bf16, 32768 rows,
+#                N = 4096 1024 16384 (in that order; --budget-s stops before a width it cannot finish)
+# Output in $OUT (the device tool's, else benchmarks/results/session), 7 files at most (the tool
+# returns 8): session.log, tune-<gpu>.json, <gpu>-bf16-32768rows.{json,md,png}, host-<gpu>.{json,md}
+# (--smoke: the same with smoke-cpu for <gpu>, and no PNG unless matplotlib is installed).
+# quack also needs its big library unpacked on the same warm machine first, by a call just before
+# this one: carry [".peers-big"], command `bash .peers-big/unpack.sh` (both folders together are
+# over the tool's 64 MiB carry limit). Without it the benchmark runs Liger alone; without .peers/,
+# no peers. Either way it says so and goes on.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # examples/ and subprocesses find normzoo
-out=${OUT:-benchmarks/results}
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+smoke=0
 case "${1:-}" in
-  tests)
-    timeout 500 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu-tests.log" | tail -n 60 ;;
-  bench)
-    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | tr ' ' '-')
-    timeout 520 python3 -m benchmarks --ops layernorm rmsnorm dyt derf --dtypes bf16 --rows 32768 \
-      --hidden 1024 4096 16384 --out "$out" --name "$gpu-bf16-32768rows" 2>&1 | tail -n 70 ;;
-  *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|bench" >&2; exit 2 ;;
+  --smoke) smoke=1 ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu_session.sh [--smoke]" >&2; exit 2 ;;
 esac
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # subprocesses find normzoo and benchmarks
+out=${OUT:-benchmarks/results/session}
+mkdir -p "$out"
+log=$out/session.log
+: >"$log"
+TOTAL=${SESSION_TOTAL_S:-525}  # seconds for everything; the device tool's call limit is 600
+t0=$SECONDS
+say() { echo "[$((SECONDS - t0))s] $*" | tee -a "$log"; }
+summary=()
+
+# phase NAME CAP CMD...: run CMD under timeout (CAP seconds, less if the total would overrun), its
+# output into the log; `$limit` holds the seconds granted, for a budget the command can plan with.
+phase() {
+  local name=$1 cap=$2 left rc
+  shift 2
+  left=$((TOTAL - (SECONDS - t0)))
+  limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 15 ]; then
+    say "== $name: skipped (${left}s left of ${TOTAL}s)"; summary+=("$name: skipped"); return
+  fi
+  say "== $name (up to ${limit}s)"
+  local start=$SECONDS
+  timeout -k 10 "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  local what="rc=$rc"; [ $rc -eq 124 ] || [ $rc -eq 137 ] && what="TIMED OUT after ${limit}s"
+  say "== $name: $what in $((SECONDS - start))s"
+  summary+=("$name: $what in $((SECONDS - start))s")
+}
+
+if [ $smoke = 1 ]; then
+  export TRITON_INTERPRET=1
+  gpu=smoke-cpu
+  say "smoke run on the CPU (TRITON_INTERPRET=1): checks the script, measures nothing"
+else
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
+  gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+fi
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$log"
+say "git $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) modified file(s)"
+
+# -- peers ----------------------------------------------------------------------------------
+if [ $smoke = 0 ]; then
+  if [ -f .peers-big/unpack.sh ]; then
+    phase peers-big 60 bash .peers-big/unpack.sh
+  fi
+  if [ -f .peers/install.sh ]; then
+    say "== peers: source .peers/install.sh"
+    # Sourced (it exports PYTHONPATH); a local pip install of ~23 MB of wheels, bounded in practice.
+    source .peers/install.sh >>"$log" 2>&1 || say "peers: install failed, going on without them"
+    grep '^peers:' "$log" | tail -n 3
+  else
+    say "peers: no .peers/ folder (carry it to benchmark Liger-Kernel and quack); going on without them"
+  fi
+fi
+
+# -- tests (GPU only: under the interpreter this is the ordinary test suite) ---------------------
+if [ $smoke = 0 ]; then
+  par=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # compiles in parallel: most of the time is Triton's compiler
+  phase tests 100 python3 -m pytest -x -q -p no:cacheprovider $par tests/test_rowwise_kernels.py \
+    tests/test_pointwise_kernels.py tests/test_norm_api.py tests/test_pointwise_api.py
+  grep -E "passed|failed|error" "$log" | tail -n 2
+fi
+
+# -- host cost per call ---------------------------------------------------------------------
+if [ $smoke = 1 ]; then
+  phase host 60 python3 -m benchmarks.host --stub --out "$out" --repeats 20
+else
+  phase host 40 python3 -m benchmarks.host --out "$out" --repeats 300
+fi
+
+# -- tune -----------------------------------------------------------------------------------
+if [ $smoke = 1 ]; then
+  table=$out/tune-$gpu.json
+  phase tune 60 python3 -m benchmarks.tune --smoke --ops rmsnorm dyt --hidden 64 --out "$table"
+else
+  table=kernels/configs/$gpu.json  # where the kernels read it: the benchmark below uses it
+  cap=110; left=$((TOTAL - (SECONDS - t0) - 240)); [ $left -lt $cap ] && cap=$left  # leave the benchmark 240 s
+  phase tune $cap python3 -m benchmarks.tune --dtypes bf16 --hidden 4096 1024 16384 --rows 32768 \
+    --budget-s $((cap - 25))
+  [ -f "$table" ] && cp "$table" "$out/tune-$gpu.json"
+fi
+grep -E "^tuned |budget of" "$log" | tail -n 2
+
+# -- benchmark ------------------------------------------------------------------------------
+if [ $smoke = 1 ]; then
+  name=$gpu-bf16  # one norm and one pointwise op are enough to check the plumbing
+  phase bench 60 python3 -m benchmarks --smoke --ops layernorm dyt --dtypes bf16 --rows 16 \
+    --hidden 64 --out "$out" --name "$name"
+else
+  name=$gpu-bf16-32768rows
+  left=$((TOTAL - (SECONDS - t0)))
+  # Widths outermost, 4096 first: a cut keeps whole widths for every op. --budget-s: no new width
+  # after it; the last one (4 ops, up to 5 providers each, compiles included) needs ~60 s.
+  phase bench 260 python3 -m benchmarks --ops layernorm rmsnorm dyt derf --dtypes bf16 --rows 32768 \
+    --hidden 4096 1024 16384 --out "$out" --name "$name" --budget-s $(((left < 260 ? left : 260) - 70))
+fi
+
+# -- summary (the device tool returns the end of stdout) ----------------------------------------
+echo
+echo "== summary ($((SECONDS - t0))s of ${TOTAL}s)"
+printf '  %s\n' "${summary[@]}"
+grep -E "^peers:|failed:|REJECTED" "$log" | sort | uniq -c | head -n 20
+[ -f "$out/host-$gpu.md" ] && cat "$out/host-$gpu.md"
+[ -f "$out/host-cpu-stubbed.md" ] && cat "$out/host-cpu-stubbed.md"
+grep -E "^\[.*\]   .* -> " "$log" | sed 's/^\[[ 0-9.]*s\] *//' | tail -n 30  # the tuner's verdict per key
+[ -f "$out/$name.md" ] && cat "$out/$name.md"
+ls -la "$out"
+# Failing phases make the run fail (the files written so far are kept).
+for s in "${summary[@]}"; do case "$s" in *"rc=0 "*) ;; *) exit 1 ;; esac; done
+exit 0

@@ -32,13 +32,14 @@ class Point:
     pct_copy: float
 
 
-def time_ms(fn, *, smoke: bool, grad_to_none=None) -> float:
-    """Median milliseconds of ``fn()``. On CUDA: do_bench. In smoke mode (CPU): a few wall-clock
-    runs, only to exercise the code; those numbers are not measurements."""
+def time_ms(fn, *, smoke: bool, grad_to_none=None, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn()``. On CUDA: do_bench (``warmup`` and ``rep`` are its
+    milliseconds). In smoke mode (CPU): a few wall-clock runs, only to exercise the code; those
+    numbers are not measurements."""
     if not smoke:
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
     fn()
     times = []
     for _ in range(3):
@@ -48,6 +49,18 @@ def time_ms(fn, *, smoke: bool, grad_to_none=None) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def time_pass(fn, leaves, dy, pass_: str, *, smoke: bool, **timing) -> float:
+    """Milliseconds of one pass of ``fn(*leaves)``: "fwd" calls the forward only; "bwd" times
+    ``y.backward(dy, retain_graph=True)`` on one stored forward; "fwdbwd" both, each call fresh.
+    The benchmark and the tuner both time through here, so their numbers mean the same thing."""
+    if pass_ == "fwd":
+        return time_ms(lambda: fn(*leaves), smoke=smoke, **timing)
+    if pass_ == "bwd":
+        y = fn(*leaves)
+        return time_ms(lambda: y.backward(dy, retain_graph=True), smoke=smoke, grad_to_none=leaves, **timing)
+    return time_ms(lambda: fn(*leaves).backward(dy), smoke=smoke, grad_to_none=leaves, **timing)
 
 
 def copy_bandwidth_gbps(device: str, *, smoke: bool) -> float:
@@ -72,10 +85,24 @@ def environment(device: str, smoke: bool) -> dict:
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, sm_count=props.multi_processor_count, cuda=torch.version.cuda, driver=_driver())
+        env.update(gpu=props.name, sm_count=props.multi_processor_count, cuda=torch.version.cuda, driver=_driver(),
+                   tuned_configs=_tuned_table(props.name))
     else:
         env.update(gpu=None, cpu=platform.processor() or platform.machine())
     return env
+
+
+def _tuned_table(gpu: str) -> dict | None:
+    """Which measured launch table the kernels use on this GPU (kernels/configs/<gpu>.json), if any."""
+    try:
+        from normzoo.kernels import heuristics
+
+        path = heuristics.CONFIG_DIR / f"{gpu.replace(' ', '-')}.json"
+        if not path.is_file():
+            return None
+        return {"path": str(path), "entries": len(json.loads(path.read_text()).get("configs", {}))}
+    except (ImportError, OSError, ValueError, AttributeError):
+        return None
 
 
 def _git_commit() -> str | None:

@@ -1,0 +1,198 @@
+"""The launch-config tuner and the one-call GPU session script, on the CPU.
+
+Smoke runs (``--smoke``: Triton's interpreter, toy sizes) check the code paths and the files they
+write, not speed. The pure parts of the tuner (candidates, the choice) are tested directly.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks import tune
+from normzoo.kernels import heuristics as h
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(cmd, timeout=120, **extra_env):
+    env = {k: v for k, v in os.environ.items() if k != "NORMZOO_POISON"}
+    env.update(PYTHONPATH=str(ROOT), TRITON_INTERPRET="1", **extra_env)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _tune(*args, timeout=120):
+    return _run([sys.executable, "-m", "benchmarks.tune", "--smoke", *map(str, args)], timeout=timeout)
+
+
+def _check_record(key, record):
+    """A key's "measured" record: the rule first, every candidate a valid table entry, 12 at most."""
+    configs = [c["config"] for c in record["candidates"]]
+    assert configs[0] == record["rule"] and record["chosen"] in configs
+    assert 1 <= len(configs) <= 12 and len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs)
+    for c in configs:
+        h.validate_entry(key, c)
+        assert set(c) == set(tune.fields(key.split("|")[1]))
+    assert record["rule_kept"] == (record["chosen"] == record["rule"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates and the choice
+# ----------------------------------------------------------------------------------------------
+
+
+def test_candidates_respect_tunable_and_stay_small():
+    cpu = torch.device("cpu")  # no table off CUDA: launch_config is the rule
+    for op in h.OPS:
+        for pass_ in ("fwd", "bwd"):
+            for dtype in (torch.bfloat16, torch.float32):
+                for n in (1, 64, 1000, 1024, 4096, 16384, 32768, 131072):
+                    rule = h.launch_config(op, pass_, n, dtype, cpu)
+                    cands = tune.candidates(rule, pass_, h.TUNABLE, 8192)
+                    assert cands[0] == tune.entry_of(rule, pass_)
+                    assert len(cands) <= 8 and len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)
+                    key = h.config_key(op, pass_, dtype, n)
+                    for c in cands:
+                        h.validate_entry(key, c)
+                        assert set(c) == set(tune.fields(pass_))
+                        assert c["num_warps"] * 32 <= c["block_m"] * rule.block_n or c == cands[0]
+                    if pass_ == "fwd":  # programs per SM do not change a forward launch
+                        assert all("programs_per_sm" not in c for c in cands)
+
+
+def test_choose_keeps_the_rule_unless_a_candidate_is_2_percent_faster():
+    rule, a, b = {"num_warps": 4, "block_m": 8}, {"num_warps": 8, "block_m": 8}, {"num_warps": 4, "block_m": 4}
+    assert tune.choose([(rule, 1.0), (a, 0.985)]) == rule
+    assert tune.choose([(rule, 1.0), (a, 0.97)]) == a
+    assert tune.choose([(rule, 1.0), (a, 0.9), (b, 0.9)]) == a  # ties: the earlier candidate
+    assert tune.choose([(rule, 1.0), (a, None)]) == rule  # a rejected candidate never wins
+    assert tune.choose([(rule, 1.0), (a, 0.9), (b, 0.8)]) == b
+
+
+def test_combined_candidate_takes_each_knobs_best():
+    rule = h.LaunchConfig(block_m=8, block_n=512, num_warps=8, programs_per_sm=2)
+    base = tune.entry_of(rule, "bwd")
+    measured = [(base, 1.0), ({**base, "num_warps": 4}, 0.9), ({**base, "block_m": 16}, 0.8),
+                ({**base, "programs_per_sm": 1}, 1.1)]
+    assert tune.combined(measured, rule, h.TUNABLE, 8192) == {"num_warps": 4, "block_m": 16, "programs_per_sm": 2}
+    # One knob improved: nothing new to try.
+    assert tune.combined(measured[:2] + measured[3:], rule, h.TUNABLE, 8192) is None
+
+
+def test_a_table_entry_reaches_the_launch_and_results_repeat(device, monkeypatch):
+    # Same table -> same config -> bitwise the same results: nothing at launch is random.
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        monkeypatch.setattr(h, "device_name", lambda d: tune.SMOKE_GPU)  # tables are per GPU; off CUDA, pretend
+    gpu = h.device_name(dev)
+    op, pass_, dtype, n = "rmsnorm", "bwd", torch.float32, 256
+    key = h.config_key(op, pass_, dtype, n)
+    prev = h.tuned_entry(op, pass_, n, dtype, dev)
+    try:
+        h.set_tuned(gpu, key, None)
+        rule = h.launch_config(op, pass_, n, dtype, dev)
+        entry = tune.candidates(rule, pass_, h.TUNABLE, 8192)[-1]
+        h.set_tuned(gpu, key, entry)
+        assert tune.entry_of(h.launch_config(op, pass_, n, dtype, dev), pass_) == entry
+        import normzoo.functional as NF
+
+        x = torch.randn(100, n, device=dev, requires_grad=True)
+        w = torch.randn(n, device=dev, requires_grad=True)
+        dy = torch.randn(100, n, device=dev)
+        runs = []
+        for _ in range(2):
+            x.grad = w.grad = None
+            NF.rms_norm(x, (n,), w, 1e-6, backend="triton").backward(dy)
+            runs.append((x.grad.clone(), w.grad.clone()))
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        h.set_tuned(gpu, key, prev)
+        monkeypatch.undo()
+        h.launch_config.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# The tuner, end to end (smoke)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_smoke_run_writes_a_table_that_heuristics_loads(tmp_path, monkeypatch):
+    out = tmp_path / "configs" / f"{tune.SMOKE_GPU}.json"
+    # --jobs 1: the compile-worker path runs too.
+    r = _tune("--ops", "layernorm", "dyt", "--hidden", "64", "--jobs", "1", "--out", out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "precompiled" in r.stdout and "tuned 4 of 4 keys" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["gpu"] == tune.SMOKE_GPU and data["environment"]["smoke"] is True
+    assert data["tuner"]["complete"] and data["tuner"]["tuned"] == 4
+    keys = {f"{op}|{p}|bfloat16|64" for op in ("layernorm", "dyt") for p in ("fwd", "bwd")}
+    assert set(data["measured"]) == keys
+    for key, record in data["measured"].items():
+        _check_record(key, record)
+        assert all(c["ms"] > 0 for c in record["candidates"])  # none rejected: each matched the rule
+    for key, entry in data["configs"].items():  # only entries that beat the rule
+        h.validate_entry(key, entry)
+        assert entry == data["measured"][key]["chosen"] and not data["measured"][key]["rule_kept"]
+    # The kernels' loader reads it as it is (it ignores "measured", "environment", "tuner").
+    monkeypatch.setattr(h, "CONFIG_DIR", out.parent)
+    h._tables.cache_clear()
+    try:
+        assert h._tables()[tune.SMOKE_GPU] == data["configs"]
+    finally:
+        monkeypatch.undo()
+        h._tables.cache_clear()
+        h.launch_config.cache_clear()
+
+
+def test_budget_stops_cleanly_and_keeps_other_keys(tmp_path):
+    out = tmp_path / "t.json"
+    kept = {"rmsnorm|fwd|float32|4096": {"num_warps": 8}}
+    out.write_text(json.dumps({"gpu": tune.SMOKE_GPU, "configs": kept}))
+    r = _tune("--ops", "dyt", "--hidden", "64", "--budget-s", "0", "--out", out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "budget of 0 s spent" in r.stdout and "tuned 0 of 2 keys" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["configs"] == kept and data["measured"] == {}
+    assert data["tuner"]["tuned"] == 0 and not data["tuner"]["complete"]
+
+
+def test_smoke_never_writes_the_kernels_tables():
+    target = h.CONFIG_DIR / f"{tune.SMOKE_GPU}.json"
+    r = _tune("--ops", "dyt", "--hidden", "64", "--out", target)
+    assert r.returncode == 2 and "does not write under" in r.stderr
+    assert not target.exists()
+
+
+def test_another_gpus_table_is_not_overwritten(tmp_path):
+    out = tmp_path / "t.json"
+    out.write_text(json.dumps({"gpu": "NVIDIA-H100-80GB-HBM3", "configs": {}}))
+    r = _tune("--ops", "dyt", "--hidden", "64", "--budget-s", "0", "--out", out)
+    assert r.returncode != 0 and "not of this GPU" in r.stderr
+    assert json.loads(out.read_text())["gpu"] == "NVIDIA-H100-80GB-HBM3"
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU session script, end to end (smoke)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_session_script_smoke_runs_every_phase(tmp_path):
+    out = tmp_path / "out"
+    r = _run(["bash", "benchmarks/gpu_session.sh", "--smoke"], timeout=170, OUT=str(out))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    for phase in ("host", "tune", "bench"):
+        assert f"{phase}: rc=0" in r.stdout
+    files = sorted(p.name for p in out.iterdir())
+    # The device tool returns at most 8 files from $OUT.
+    assert len(files) <= 8 and all((out / f).is_file() for f in files), files
+    assert {"session.log", "tune-smoke-cpu.json", "smoke-cpu-bf16.json", "smoke-cpu-bf16.md",
+            "host-cpu-stubbed.json", "host-cpu-stubbed.md"} <= set(files), files
+    table = json.loads((out / "tune-smoke-cpu.json").read_text())
+    assert table["tuner"]["complete"] and table["measured"]
+    for key, record in table["measured"].items():
+        _check_record(key, record)
+    bench = json.loads((out / "smoke-cpu-bf16.json").read_text())
+    assert {(p["op"], p["provider"]) for p in bench["results"]} >= {("layernorm", "normzoo"), ("dyt", "eager")}
