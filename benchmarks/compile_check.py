@@ -1,21 +1,45 @@
-"""Compile every kernel variant the heuristics pick for a real GPU target, without a GPU.
+"""Compile, for a real GPU target and without a GPU, exactly the kernels normzoo's launchers launch.
 
-    python -m benchmarks.compile_check                 # sm_90 (Hopper), the default sweep
-    python -m benchmarks.compile_check --arch 80 --hidden 4096
+    python -m benchmarks.compile_check                          # sm_90, M = 32768 rows, 132 SMs
+    python -m benchmarks.compile_check --hidden 4096 --dtypes bf16 --ops rmsnorm
+    python -m benchmarks.compile_check --out benchmarks/results/compile-sm90   # + .md and .json
 
-The interpreter runs the kernels' arithmetic on CPU but never compiles them; this runs Triton's
-real compiler (to PTX and, with the ptxas Triton ships, to a cubin) and reads each variant's
-registers, spills and shared memory with cuobjdump. It catches code the compiler rejects and
-register spills on wide rows before any GPU time is spent. Prints one line per variant; exits 1 if
-any variant fails to compile or spills.
+How: every variant (op, pass, dtype, affine layout, width) calls the public launchers
+(``rowwise_norm_forward/backward``, ``pointwise_forward/backward``) on ``meta`` tensors, which
+cost no memory at any size and whose ``data_ptr()`` is their byte offset into a storage at address
+0, so fresh tensors look 16-byte aligned, as CUDA allocations are. ``JITFunction.run`` is replaced
+by a recorder: each ``kernel[grid](...)`` is bound and specialized by Triton's own launch code
+(``create_function_from_signature`` + ``JITFunction._pack_args``, i.e. ``native_specialize_impl``
+with the CUDA backend), which gives a pointer ``tt.divisibility = 16`` when it is 16-byte aligned,
+an int ``tt.divisibility = 16`` when it is a multiple of 16, and turns an int equal to 1 (and any
+None) into a constant. That signature, constexprs, attrs and options go to
+``triton.compile(ASTSource(...))`` for the target: the same kernel a launch on the GPU compiles.
+Identical compiles (same function, specialization and options) are compiled once.
+
+Reported per launch: tile, warps, registers, spill bytes and shared memory (from the cubin),
+resident programs per SM and what limits them, grid and waves at ``--rows`` rows on ``--sms``
+SMs, and the global load/store widths in the PTX, per pointer argument. Exit status 1 on any
+failed compile or launch, any spill, or a row kernel (one that reads or writes the (M, N)
+tensors) with fewer than 2 resident programs per SM that no entry of RESIDENCY_EXCEPTIONS
+explains. The column-sum reduce launched by every backward is reported separately: its grid is
+smaller than the SM count by design, so its residency is not judged.
 """
 
 import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # must precede the kernels' @triton.jit definitions
@@ -23,125 +47,674 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when 
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from normzoo.kernels import elementwise, rowwise_norm  # noqa: E402
-from normzoo.kernels.heuristics import elementwise_config, rowwise_config  # noqa: E402
+import normzoo.kernels as launchers  # noqa: E402
+from normzoo.kernels import heuristics  # noqa: E402
 
-TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_HIDDEN = [97, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+# Channels of the channels-first DyT/Derf views ((B, C, S) as (B·C, S) rows, one channel per row).
+CHANNELS_FIRST_C = 256
+
+# ------------------------------------------------------------------------------------------------
+# Occupancy model (Hopper, sm_90; the same numbers hold for sm_80/sm_89 except shared memory)
+# ------------------------------------------------------------------------------------------------
+
+REGS_PER_SM = 65536
+REG_UNIT_PER_THREAD = 8  # ptxas's count is rounded up to a multiple of 8 ...
+REG_UNIT_PER_WARP = 256  # ... and allocated per warp in units of 256
+SMEM_PER_SM = 228 * 1024
+SMEM_MAX_PER_PROGRAM = 227 * 1024
+SMEM_RESERVED_PER_PROGRAM = 1024  # the driver's per-block reservation (cuobjdump shows it as SHARED)
+THREADS_PER_SM = 2048
+PROGRAMS_PER_SM = 32
+MIN_RESIDENT = 2  # a row kernel needs a second program per SM to overlap one's loads with the other's math
 
 
-# Parameter layouts a model can hand the kernels: (weight, bias, parameters in fp32 rather than
-# the input's dtype). RMSNorm has no bias.
-AFFINE = [(False, False, False), (True, False, False), (True, True, False), (False, True, False),
-          (True, True, True)]
+def residency(regs: int, smem_dynamic: int, smem_static: int, num_warps: int) -> tuple[int, list[str]]:
+    """Programs of this kernel one SM holds at once, and the limit(s) that bind."""
+    regs_per_warp = math.ceil(math.ceil(regs / REG_UNIT_PER_THREAD) * REG_UNIT_PER_THREAD * 32
+                              / REG_UNIT_PER_WARP) * REG_UNIT_PER_WARP
+    smem = smem_dynamic + max(smem_static, SMEM_RESERVED_PER_PROGRAM)
+    limits = {
+        "regs": (REGS_PER_SM // regs_per_warp) // num_warps if regs_per_warp else PROGRAMS_PER_SM,
+        "smem": SMEM_PER_SM // smem if smem <= SMEM_MAX_PER_PROGRAM else 0,
+        "threads": THREADS_PER_SM // (num_warps * 32),
+        "programs": PROGRAMS_PER_SM,
+    }
+    resident = min(limits.values())
+    return resident, [name for name, value in limits.items() if value == resident]
 
 
-def _affine_modes(dtype, has_bias_option=True):
-    for has_w, has_b, fp32_params in AFFINE:
-        if (has_b and not has_bias_option) or (fp32_params and dtype == torch.float32):
+# ------------------------------------------------------------------------------------------------
+# Documented exceptions to the residency rule
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidencyException:
+    """Row-kernel launches allowed fewer than MIN_RESIDENT programs per SM, and why. A launch
+    matches when every field that is not None does: the variant's op, pass, dtype and affine
+    layout, and the launch's tile (``BLOCK_M`` × ``BLOCK_N``, and whether it spans the whole row)."""
+
+    reason: str
+    ops: tuple[str, ...]
+    passes: tuple[str, ...]
+    dtypes: tuple[str, ...] | None = None
+    affines: tuple[str, ...] | None = None
+    tile: tuple[int, int] | None = None  # (BLOCK_M, BLOCK_N)
+    whole_row: bool | None = None  # BLOCK_N >= N: the single-tile path
+    unaligned: bool | None = None  # N not a multiple of 8: rows cannot be read 16 bytes at a time
+
+    def matches(self, variant: "Variant", constexprs: dict) -> bool:
+        tile = (constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N"))
+        whole_row = tile[1] is not None and tile[1] >= variant.n
+        return (variant.op in self.ops and variant.pass_ in self.passes
+                and (self.dtypes is None or variant.dtype in self.dtypes)
+                and (self.affines is None or variant.affine in self.affines)
+                and (self.tile is None or tile == self.tile)
+                and (self.whole_row is None or whole_row == self.whole_row)
+                and (self.unaligned is None or (variant.n % 8 != 0) == self.unaligned))
+
+
+# Keep this short and honest: an entry says why no configuration of the kernel, as written, can
+# hold MIN_RESIDENT programs per SM, not that the current configuration doesn't.
+RESIDENCY_EXCEPTIONS: list[ResidencyException] = [
+    ResidencyException(
+        "single-tile backward holds x, dy (w) and the dw/db accumulators across its row loop: 3-5 x 8192 "
+        "fp32 = 96-160 KB of the 256 KB register file plus its staging; the looped path would fit two but "
+        "reads x and dy twice (5/3 the bytes). (Bias-only LayerNorm: at 2 stages ptxas held it to 64 "
+        "registers and spilled; 3 stages take 121 without a spill.)",
+        ops=("layernorm", "rmsnorm"), passes=("bwd",), dtypes=("bf16", "fp16"),
+        affines=("w", "wb", "b", "w-fp32", "wb-fp32"), tile=(1, 8192), whole_row=True),
+    ResidencyException(
+        "rows whose length is not a multiple of 8 cannot be read 16 bytes at a time: every element is its "
+        "own 2-4 byte access with its own 64-bit address, which is what fills the registers. A performance "
+        "limit, not a correctness one (the README asks for hidden sizes that are multiples of 8).",
+        ops=("layernorm", "rmsnorm", "dyt", "derf", "dyt-cf", "derf-cf"), passes=("fwd", "bwd"), unaligned=True),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# The sweep
+# ------------------------------------------------------------------------------------------------
+
+# op -> (launcher family, activation, params per row)
+OPS = {
+    "layernorm": ("rowwise", None, False),
+    "rmsnorm": ("rowwise", None, False),
+    "dyt": ("pointwise", "tanh", False),
+    "derf": ("pointwise", "erf", False),
+    "dyt-cf": ("pointwise", "tanh", True),
+    "derf-cf": ("pointwise", "erf", True),
+}
+# Affine layouts: (label, has weight, has bias, parameters in fp32 instead of the input's dtype).
+AFFINE = [("none", False, False, False), ("w", True, False, False), ("wb", True, True, False),
+          ("b", False, True, False), ("wb-fp32", True, True, True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    op: str
+    pass_: str
+    dtype: str
+    affine: str
+    n: int
+    rows: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} {self.pass_} {self.dtype} {self.affine} N={self.n}"
+
+
+def affine_layouts(op: str, dtype: str):
+    for label, has_w, has_b, fp32_params in AFFINE:
+        if fp32_params and dtype == "fp32":
+            continue  # the same as the input-dtype layout
+        if op == "rmsnorm" and has_b:
+            if label == "wb-fp32":  # RMSNorm has no bias: its fp32-parameter layout is the weight alone
+                yield "w-fp32", True, False, True
             continue
-        label = ("w" if has_w else "") + ("b" if has_b else "") or "none"
-        yield has_w, has_b, ("fp32" if fp32_params else TRITON_DTYPE[dtype]), label + ("-fp32" if fp32_params else "")
+        yield label, has_w, has_b, fp32_params
 
 
-def _rowwise_variants(hidden_sizes, dtypes):
-    for dtype in dtypes:
-        t = "*" + TRITON_DTYPE[dtype]
-        for n in hidden_sizes:
-            for is_rms in (False, True):
-                for has_w, has_b, p_dtype, affine in _affine_modes(dtype, has_bias_option=not is_rms):
-                    p = "*" + p_dtype
-                    name = f"{'rms' if is_rms else 'ln'} {{}} {TRITON_DTYPE[dtype]} N={n} {affine}"
-                    cfg = rowwise_config(n, dtype)
-                    sig = {"X": t, "Y": t, "W": p, "B": p, "MEAN": "*fp32", "RSTD": "*fp32",
-                           "stride_x_row": "i32", "stride_y_row": "i32", "M": "i32", "N": "i32", "eps": "fp32"}
-                    consts = dict(IS_RMS=is_rms, HAS_WEIGHT=has_w, HAS_BIAS=has_b, BLOCK_M=cfg.block_m,
-                                  BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile)
-                    yield name.format("fwd"), rowwise_norm._norm_fwd_kernel, sig, consts, cfg.num_warps
-
-                    cfg = rowwise_config(n, dtype, backward=True)
-                    sig = {"X": t, "W": p, "DY": t, "DX": t, "MEAN": "*fp32", "RSTD": "*fp32",
-                           "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "ROW_SUMS": "*fp32",
-                           "stride_x_row": "i32", "stride_dy_row": "i32", "stride_dx_row": "i32",
-                           "M": "i32", "N": "i32", "rows_per_program": "i32"}
-                    consts = dict(IS_RMS=is_rms, HAS_WEIGHT=has_w, COMPUTE_DW=has_w, COMPUTE_DB=has_b,
-                                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile)
-                    yield name.format("bwd"), rowwise_norm._norm_bwd_kernel, sig, consts, cfg.num_warps
+# ------------------------------------------------------------------------------------------------
+# Capturing launches
+# ------------------------------------------------------------------------------------------------
 
 
-def _pointwise_variants(hidden_sizes, dtypes):
-    for dtype in dtypes:
-        t = "*" + TRITON_DTYPE[dtype]
-        for n in hidden_sizes:
-            for activation in ("tanh", "erf"):
-                for per_row in (False, True):
-                    for has_w, has_b, p_dtype, affine in _affine_modes(dtype):
-                        p = "*" + p_dtype
-                        flags = dict(ACTIVATION=activation, HAS_SHIFT=activation == "erf", HAS_WEIGHT=has_w,
-                                     PARAMS_PER_ROW=per_row)
-                        name = (f"{'derf' if activation == 'erf' else 'dyt'}{'-cf' if per_row else ''} {{}} "
-                                f"{TRITON_DTYPE[dtype]} N={n} {affine}")
-                        cfg = elementwise_config(n)
-                        sig = {"X": t, "Y": t, "ALPHA": p, "SHIFT": p, "W": p, "B": p, "stride_x_row": "i32",
-                               "stride_y_row": "i32", "M": "i32", "N": "i32", "C": "i32"}
-                        consts = dict(flags, HAS_BIAS=has_b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-                        yield name.format("fwd"), elementwise._pointwise_fwd_kernel, sig, consts, cfg.num_warps
+@dataclasses.dataclass
+class Launch:
+    """One ``kernel[grid](...)`` call as Triton's launcher would specialize and compile it."""
 
-                        cfg = elementwise_config(n, backward=True)
-                        sig = {"X": t, "DY": t, "DX": t, "ALPHA": p, "SHIFT": p, "W": p, "DW_PARTIAL": "*fp32",
-                               "DB_PARTIAL": "*fp32", "SCALAR_PARTIAL": "*fp32", "stride_x_row": "i32",
-                               "stride_dy_row": "i32", "stride_dx_row": "i32", "M": "i32", "N": "i32", "C": "i32",
-                               "rows_per_program": "i32"}
-                        consts = dict(flags, COMPUTE_DW=has_w, COMPUTE_DB=has_b, BLOCK_M=cfg.block_m,
-                                      BLOCK_N=cfg.block_n)
-                        yield name.format("bwd"), elementwise._pointwise_bwd_kernel, sig, consts, cfg.num_warps
+    kernel: str  # "module.qualname" of the @triton.jit function
+    grid: tuple[int, ...]
+    signature: dict  # name -> type ("*bf16", "i32", "constexpr", ...), in parameter order
+    constexprs: dict  # (index,) -> value
+    attrs: dict  # (index,) -> [["tt.divisibility", 16]] or []
+    options: dict  # the backend's parsed options (num_warps, num_stages, ...)
+    row_params: list[str]  # pointer arguments bound to the variant's (M, N) row tensors
+
+    @property
+    def name(self) -> str:
+        return self.kernel.rsplit(".", 1)[-1]
+
+    @property
+    def named_constexprs(self) -> dict:
+        names = list(self.signature)
+        return {names[path[0]]: value for path, value in self.constexprs.items() if len(path) == 1}
+
+    @property
+    def compile_key(self) -> str:
+        return repr((self.kernel, self.signature, sorted(self.constexprs.items()), sorted(self.attrs.items()),
+                     sorted(self.options.items())))
 
 
-def variants(hidden_sizes, dtypes):
-    """(label, jit function, signature, constexprs, num_warps) for every kernel variant normzoo
-    can launch at these widths: each op, pass, affine layout and parameter dtype."""
-    yield from _rowwise_variants(hidden_sizes, dtypes)
-    yield from _pointwise_variants(hidden_sizes, dtypes)
+class LaunchRecorder:
+    """Replaces every Triton launch with a record of what it would compile for ``target``.
+
+    The binder and ``_pack_args`` are the ones ``JITFunction.run`` uses, with a backend made for
+    ``target`` instead of the (absent) current GPU, and the same launch-time knobs.
+    """
+
+    def __init__(self, target: GPUTarget, sms: int, gpu_name: str | None):
+        self.backend = make_backend(target)
+        self.sms = sms
+        self.gpu_name = gpu_name
+        self.binders = {}
+        self.launches = None
+        self.row_shape = None
+
+    def _run(self, fn, *args, grid, warmup, **kwargs):
+        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+        if fn not in self.binders:
+            self.binders[fn] = create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound_args, specialization, options = self.binders[fn](*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound_args, specialization,
+                                                              options)
+        if callable(grid):
+            grid = grid(bound_args)
+        row_params = [name for name, value in bound_args.items()
+                      if isinstance(value, torch.Tensor) and tuple(value.shape) == self.row_shape]
+        self.launches.append(Launch(f"{fn.fn.__module__}.{fn.fn.__qualname__}", tuple(grid), signature, constexprs,
+                                    attrs, dict(options.__dict__), row_params))
+        return None
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Patch Triton's launch, the SM count and (with a GPU name) the device's name, in every
+        normzoo.kernels module that imported them."""
+        recorder = self
+        patches = [(JITFunction, "run", lambda fn, *a, grid, warmup, **k: recorder._run(fn, *a, grid=grid,
+                                                                                          warmup=warmup, **k))]
+        replacements = [(heuristics.num_compute_units, lambda device: self.sms),
+                        (heuristics.device_name, lambda device: self.gpu_name)]
+        for module_name, module in list(sys.modules.items()):
+            if module_name.startswith("normzoo.kernels") and module is not None:
+                for attr, value in list(vars(module).items()):
+                    for original, replacement in replacements:
+                        if value is original:
+                            patches.append((module, attr, replacement))
+        saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
+        for owner, attr, value in patches:
+            setattr(owner, attr, value)
+        clear_config_cache = getattr(heuristics.launch_config, "cache_clear", lambda: None)
+        clear_config_cache()  # configs are cached per device, and what the device reports changed
+        try:
+            yield self
+        finally:
+            for owner, attr, value in saved:
+                setattr(owner, attr, value)
+            clear_config_cache()
+
+    @contextlib.contextmanager
+    def capture(self, row_shape):
+        self.launches, self.row_shape = [], tuple(row_shape)
+        try:
+            yield self.launches
+        finally:
+            self.launches = None
+
+
+def launches_of(recorder: LaunchRecorder, op: str, dtype: str, affine: tuple, n: int, rows: int) -> dict:
+    """{pass: [Launch, ...]} for one op, dtype, affine layout and width, by calling the launchers."""
+    family, activation, params_per_row = OPS[op]
+    _, has_w, has_b, fp32_params = affine
+    x_dtype = DTYPES[dtype]
+    p_dtype = torch.float32 if fp32_params else x_dtype
+    meta = torch.device("meta")  # shapes and dtypes without memory; fresh tensors look 16-byte aligned
+    channels = CHANNELS_FIRST_C if params_per_row else n
+    x = torch.empty(rows, n, dtype=x_dtype, device=meta)
+    dy = torch.empty(rows, n, dtype=x_dtype, device=meta)
+    w = torch.empty(channels, dtype=p_dtype, device=meta) if has_w else None
+    b = torch.empty(channels, dtype=p_dtype, device=meta) if has_b else None
+    db_dtype = p_dtype if has_b else None
+    out = {}
+    if family == "rowwise":
+        is_rms = op == "rmsnorm"
+        with recorder.capture(x.shape) as out["fwd"]:
+            # Whatever the forward saves for the backward (its results after y) goes back in as is.
+            _, *saved = launchers.rowwise_norm_forward(x, w, b, 1e-5, is_rms=is_rms)
+        with recorder.capture(x.shape) as out["bwd"]:
+            launchers.rowwise_norm_backward(dy, x, w, *saved, is_rms=is_rms, compute_dw=has_w, db_dtype=db_dtype)
+    else:
+        alpha = torch.empty(1, dtype=p_dtype, device=meta)
+        shift = torch.empty(1, dtype=p_dtype, device=meta) if activation == "erf" else None
+        common = dict(activation=activation, channels=channels, params_per_row=params_per_row)
+        with recorder.capture(x.shape) as out["fwd"]:
+            launchers.pointwise_forward(x, alpha, shift, w, b, **common)
+        with recorder.capture(x.shape) as out["bwd"]:
+            launchers.pointwise_backward(dy, x, alpha, shift, w, **common, compute_dw=has_w, db_dtype=db_dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiling (in worker processes) and reading the results back
+# ------------------------------------------------------------------------------------------------
+
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 def resource_usage(cubin: bytes) -> dict:
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    """REG, STACK (spilled registers), SHARED (static + the 1 KB reservation) and LOCAL of the
+    cubin's kernel, as cuobjdump reads them."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
-    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
-    return usage
+        out = subprocess.run([str(_BIN / "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
+_PARAM = re.compile(r"\[\s*\w+_param_(\d+)\s*\]")
+_REG = re.compile(r"%[a-z]+\d+")
+_PREDICATE = re.compile(r"^@!?%p\d+\s+")
+_WIDTH = re.compile(r"^[bsuf](\d+)$")
+_ADDRESS = re.compile(r"\[\s*(%[a-z]+\d+)")
+# Instructions without a destination register an address could be computed from.
+_NO_DEST = ("st.", "cp.", "red.", "bra", "bar.", "ret", "exit", "fence", "membar", "mbarrier", "prefetch", "trap")
+
+
+def _global_access(opcode: str, operands: str):
+    """(kind, bits, address register) for an instruction that touches global memory, else None.
+    kind: "ld"/"st" (ld.global, st.global), "atom" (atom/red), "cp.async" (a global -> shared
+    copy), "bulk" (cp.async.bulk / TMA, whose width is not in the instruction: bits 0)."""
+    parts = opcode.split(".")
+    addresses = _ADDRESS.findall(operands)
+    if parts[0] in ("ld", "st", "atom", "red") and len(parts) > 1 and parts[1] == "global":
+        vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d+", p)), 1)
+        bits = next((int(w.group(1)) for p in reversed(parts) if (w := _WIDTH.match(p))), 0)
+        kind = parts[0] if parts[0] in ("ld", "st") else "atom"
+        return kind, vector * bits, addresses[0] if addresses else None
+    if opcode.startswith("cp.async") and "global" in opcode:
+        # State spaces read destination first: ".shared.global" copies global -> shared.
+        spaces = [p.split("::")[0] for p in parts if p.split("::")[0] in ("shared", "global")]
+        address = addresses[spaces.index("global")] if len(addresses) > spaces.index("global") else None
+        if "bulk" in parts:
+            return "bulk", 0, address
+        size = operands.split(",")[2].strip() if operands.count(",") >= 2 else "0"
+        return "cp.async", int(size, 0) * 8 if re.fullmatch(r"0x[0-9a-fA-F]+|\d+", size) else 0, address
+    return None
+
+
+def global_accesses(ptx: str, param_names: list[str]) -> dict:
+    """{pointer argument: {kind: {bits: count}}}: every global load, store, atomic and async copy in
+    the PTX (a static count; see _global_access), its width in bits, and the kernel argument its
+    address is computed from.
+
+    ``param_names`` are the arguments that are PTX parameters, in order (constexprs are not).
+    The address register is traced back through every instruction that defines a register to
+    the ``ld.param`` it starts from; loaded values are not followed (they are data, not
+    addresses). An address reaching several pointer arguments, or none, is reported under "?".
+    """
+    sources: dict[str, set] = {}  # register -> registers and ("param", i) it is computed from
+    accesses = []  # (kind, bits, address register)
+    for raw in ptx.splitlines():
+        line = raw.split("//")[0].strip().rstrip(";")
+        if not line or line.startswith((".", "}", "{")) or line.endswith(":"):
+            continue  # directives, braces, labels
+        opcode, _, operands = _PREDICATE.sub("", line).replace("\t", " ").partition(" ")
+        access = _global_access(opcode, operands)
+        if access:
+            accesses.append(access)
+        if opcode.startswith(_NO_DEST):
+            continue
+        vector_dest = re.match(r"\s*\{([^}]*)\}", operands)
+        dests = _REG.findall(vector_dest.group(1)) if vector_dest else _REG.findall(operands)[:1]
+        if not dests:
+            continue
+        if opcode.startswith("ld.param"):
+            param = _PARAM.search(operands)
+            srcs = {("param", int(param.group(1)))} if param else set()
+        elif opcode.startswith(("ld.", "atom.")):
+            srcs = set()  # a loaded value is data, not an address
+        else:
+            rest = operands[vector_dest.end():] if vector_dest else operands.split(",", 1)[-1]
+            srcs = set(_REG.findall(rest))
+        for dest in dests:
+            sources.setdefault(dest, set()).update(srcs)
+
+    pointer_params = {i for i, name in enumerate(param_names) if name.startswith("*")}
+    reach_cache: dict[str, frozenset] = {}
+
+    def params_reached(register: str) -> frozenset:
+        if register in reach_cache:
+            return reach_cache[register]
+        seen, stack, found = set(), [register], set()
+        while stack:
+            r = stack.pop()
+            if r in seen:
+                continue
+            seen.add(r)
+            for src in sources.get(r, ()):
+                if isinstance(src, tuple):
+                    found.add(src[1])
+                else:
+                    stack.append(src)
+        reach_cache[register] = frozenset(found)
+        return reach_cache[register]
+
+    result: dict = {}
+    for kind, bits, address in accesses:
+        pointers = params_reached(address) & pointer_params if address else set()
+        owner = param_names[next(iter(pointers))].split(":", 1)[1] if len(pointers) == 1 else "?"
+        counts = result.setdefault(owner, {}).setdefault(kind, {})
+        counts[bits] = counts.get(bits, 0) + 1
+    return result
+
+
+def compile_one(job: dict) -> dict:
+    """Compile one specialization (runs in a worker process) and read its resources back."""
+    module_name, qualname = job["kernel"].rsplit(".", 1)
+    fn = getattr(importlib.import_module(module_name), qualname)
+    target = GPUTarget("cuda", job["arch"], 32)
+    try:
+        kernel = triton.compile(ASTSource(fn, job["signature"], job["constexprs"], job["attrs"]), target=target,
+                                options=job["options"])
+        usage = resource_usage(kernel.asm["cubin"])
+    except Exception as exc:  # reported per variant; the run then fails
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return {"error": f"{type(exc).__name__}: {first_line}"}
+    # PTX parameters: the non-constexpr arguments, in order ("type:name" so pointers are known).
+    param_names = [f"{ty}:{name}" for name, ty in job["signature"].items() if ty != "constexpr"]
+    return {
+        "regs": usage.get("REG", 0),
+        # Triton kernels allocate no local arrays: any stack frame or local memory is spilled registers.
+        "spill_bytes": usage.get("STACK", 0) + usage.get("LOCAL", 0),
+        "smem_dynamic": kernel.metadata.shared,
+        "smem_static": usage.get("SHARED", 0),
+        "accesses": global_accesses(kernel.asm["ptx"], param_names),
+    }
+
+
+def compile_all(launches: list[Launch], arch: int, jobs: int) -> dict:
+    """{compile key: result} for every distinct specialization, each compiled once."""
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.compile_key, dict(kernel=launch.kernel, signature=launch.signature,
+                                                    constexprs=launch.constexprs, attrs=launch.attrs,
+                                                    options=launch.options, arch=arch))
+    if jobs <= 1:
+        return {key: compile_one(job) for key, job in unique.items()}
+    # fork: the workers inherit the imported kernels (and TRITON_INTERPRET unset) at no cost.
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        return dict(zip(unique, pool.map(compile_one, unique.values(), chunksize=4)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def block_shape(constexprs: dict) -> str:
+    blocks = [str(v) for k, v in constexprs.items() if k.startswith("BLOCK_")]
+    return "×".join(blocks) if blocks else "-"
+
+
+ACCESS_KINDS = ("ld", "cp.async", "bulk", "st", "atom")
+
+
+def describe_accesses(accesses: dict) -> str:
+    """ "ld 128b×4, 32b×1; st 128b×2" over every argument (width "?": a bulk copy's, not static)."""
+    total = {kind: Counter() for kind in ACCESS_KINDS}
+    for per_kind in accesses.values():
+        for kind, counts in per_kind.items():
+            total[kind].update({int(bits): n for bits, n in counts.items()})
+    return "; ".join(f"{kind} " + ", ".join(f"{bits or '?'}b×{n}" for bits, n in sorted(c.items(), reverse=True))
+                     for kind, c in total.items() if c) or "-"
+
+
+def row_tensor_widths(accesses: dict, row_params: list[str]) -> dict:
+    """{argument: narrowest access width in bits} for the (M, N) row tensors the kernel touches
+    (bulk copies, whose width is not in the instruction, are left out)."""
+    widths = {}
+    for name in row_params:
+        known = [int(bits) for counts in accesses.get(name, {}).values() for bits in counts if int(bits) > 0]
+        if known:
+            widths[name] = min(known)
+    return widths
+
+
+def build_rows(records, results, sms: int):
+    rows = []
+    for variant, launch in records:
+        result = results[launch.compile_key]
+        consts = launch.named_constexprs
+        row = dict(variant=dataclasses.asdict(variant), label=variant.label, kernel=launch.name,
+                   role="row" if launch.row_params else "reduce", block=block_shape(consts),
+                   num_warps=launch.options["num_warps"], grid=list(launch.grid),
+                   constexprs=dict(consts),
+                   divisible_args=[list(launch.signature)[path[0]] for path, attr in sorted(launch.attrs.items())
+                                   if attr],
+                   **result)
+        if "error" not in result:
+            resident, limits = residency(result["regs"], result["smem_dynamic"], result["smem_static"],
+                                         launch.options["num_warps"])
+            programs = math.prod(launch.grid)
+            widths = row_tensor_widths(result["accesses"], launch.row_params)
+            row.update(resident=resident, limits=limits, programs=programs,
+                       waves=round(programs / (sms * resident), 2) if resident else math.inf,
+                       row_widths=widths, narrow_rows=variant.n % 16 == 0 and any(w < 128 for w in widths.values()))
+            exception = next((e for e in RESIDENCY_EXCEPTIONS if e.matches(variant, consts)), None)
+            row["low_residency"] = row["role"] == "row" and resident < MIN_RESIDENT
+            row["excepted"] = exception.reason if row["low_residency"] and exception else None
+            # Room for MIN_RESIDENT programs per SM, but a grid (a persistent backward's) of at most
+            # one per SM: not a failure of the rule, but the overlap it is for does not happen.
+            row["grid_underfills"] = row["role"] == "row" and resident >= MIN_RESIDENT and programs <= sms
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [("variant", 40), ("kernel", 22), ("block", 9), ("warps", 5), ("regs", 4), ("spill", 5), ("smem", 6),
+           ("res/SM", 13), ("grid", 8), ("waves", 6), ("row tensors", 15), ("global accesses (PTX)", 0)]
+
+
+def cells(row) -> list[str]:
+    if "error" in row:
+        return [row["label"], row["kernel"], row["block"], str(row["num_warps"]), "FAILED: " + row["error"]]
+    flag = ""
+    if row["low_residency"]:
+        flag = " (exc)" if row["excepted"] else " LOW"
+    widths = row["row_widths"]
+    narrow = min(widths.values()) if widths else None
+    return [row["label"], row["kernel"], row["block"], str(row["num_warps"]), str(row["regs"]),
+            str(row["spill_bytes"]), str(row["smem_dynamic"]), f"{row['resident']} ({','.join(row['limits'])}){flag}",
+            "×".join(map(str, row["grid"])), f"{row['waves']:.1f}", "-" if narrow is None else f"min {narrow}b",
+            describe_accesses(row["accesses"])]
+
+
+def print_table(rows):
+    print("  ".join(f"{name:{width}s}" for name, width in COLUMNS).rstrip())
+    for row in rows:
+        print("  ".join(f"{c:{w}s}" for c, (_, w) in zip(cells(row), COLUMNS)).rstrip())
+
+
+def summarize(rows, arch: int, compiled: int, launch_errors: list[str]) -> tuple[str, dict]:
+    main = [r for r in rows if r["role"] == "row"]
+    counts = dict(
+        variants=len(main), reduce_launches=len(rows) - len(main), kernels_compiled=compiled,
+        failed=sum("error" in r for r in rows) + len(launch_errors),
+        spills=sum(r.get("spill_bytes", 0) > 0 for r in rows),
+        below_min_resident=sum(bool(r.get("low_residency")) and not r.get("excepted") for r in rows),
+        excepted=sum(bool(r.get("excepted")) for r in rows),
+        narrow_row_access=sum(bool(r.get("narrow_rows")) for r in rows),
+        grid_underfills=sum(bool(r.get("grid_underfills")) for r in rows),
+    )
+    line = (f"sm_{arch}: {counts['variants']} variants + {counts['reduce_launches']} reduce launches "
+            f"({compiled} distinct kernels compiled), {counts['failed']} failed to compile, {counts['spills']} spill, "
+            f"{counts['below_min_resident']} below {MIN_RESIDENT} resident programs/SM "
+            f"({counts['excepted']} excepted), {counts['narrow_row_access']} with row accesses under 128 bits, "
+            f"{counts['grid_underfills']} with room for {MIN_RESIDENT}+ but a grid of one program per SM")
+    return line, counts
+
+
+def source_version() -> str:
+    """The commit the kernels were compiled from ("-dirty": with uncommitted changes), if known."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_markdown(path: Path, rows, summary: str, header: dict):
+    def table(selected):
+        names = [name for name, _ in COLUMNS]
+        out = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+        for row in selected:
+            c = cells(row)
+            out.append("| " + " | ".join(x.replace("|", "/") for x in c + [""] * (len(names) - len(c))) + " |")
+        return out
+
+    main = [r for r in rows if r["role"] == "row"]
+    low = [r for r in main if r.get("low_residency") and not r.get("excepted")]
+    lines = [
+        f"# compile_check: normzoo kernels compiled for sm_{header['arch']}",
+        "",
+        f"Generated by `python -m benchmarks.compile_check {header['argv']}` from {header['source']} "
+        f"(Triton {header['triton']}). "
+        "Nothing here ran on a GPU: each launch was specialized by Triton's own launch code (16-byte-aligned "
+        "pointers and ints divisible by 16 get `tt.divisibility=16`, ints equal to 1 become constants) and "
+        "compiled with its ptxas.",
+        "",
+        f"- Shape: M = {header['M']} rows, N as listed; channels-first DyT/Derf (`-cf`) view (B·C, S) rows with "
+        f"C = {CHANNELS_FIRST_C}, N = S. Parameters (weight, bias, alpha, shift) in the input's dtype, or fp32 "
+        "where the affine layout says `-fp32`.",
+        f"- Launch configs: the rules in kernels/heuristics.py for a {header['sms']}-SM GPU"
+        + (f", with the measured table for `{header['gpu']}`." if header["gpu"] else " (no measured table applied)."),
+        f"- Resident programs per SM: min of registers ({REGS_PER_SM} per SM, per-thread count rounded up to "
+        f"{REG_UNIT_PER_THREAD}, per-warp allocation unit {REG_UNIT_PER_WARP}), shared memory "
+        f"({SMEM_PER_SM // 1024} KB per SM, {SMEM_MAX_PER_PROGRAM // 1024} KB max per program, "
+        f"{SMEM_RESERVED_PER_PROGRAM} B reserved per program), threads ({THREADS_PER_SM} per SM) and "
+        f"{PROGRAMS_PER_SM} programs; the binding limit in parentheses. "
+        f"waves = grid / ({header['sms']} × resident).",
+        "- smem: Triton's dynamic shared memory per program, in bytes. spill: stack frame + local memory bytes.",
+        "- Global accesses: static count in the PTX, by width: `ld`/`st` (ld.global/st.global), `cp.async` "
+        "(global → shared copies), `bulk` (cp.async.bulk/TMA), `atom`. Row tensors: the narrowest access to an "
+        "(M, N) tensor (x, y, dy, dx); 128 bits is 8 × 16-bit or 4 × fp32 elements.",
+        "",
+        f"**{summary}**",
+        "",
+    ]
+    if header["launch_errors"] or any("error" in r for r in rows):
+        lines += ["## Failed", ""] + [f"- launch: {error}" for error in header["launch_errors"]]
+        lines += [f"- {r['label']} `{r['kernel']}`: {r['error']}" for r in rows if "error" in r] + [""]
+    spilled = [r for r in rows if r.get("spill_bytes")]
+    lines += ["## Spills", ""] + ([f"- {r['label']} `{r['kernel']}`: {r['spill_bytes']} B, {r['regs']} regs"
+                                   for r in spilled] or ["None."]) + [""]
+    lines += [f"## Row kernels below {MIN_RESIDENT} resident programs per SM (not excepted)", ""]
+    lines += table(low) if low else ["None."]
+    lines += ["", "## Excepted (RESIDENCY_EXCEPTIONS in benchmarks/compile_check.py)", ""]
+    for exception in RESIDENCY_EXCEPTIONS:
+        matched = [f"{r['label']} ({r['regs']} regs)" for r in main if r.get("excepted") == exception.reason]
+        lines.append(f"- {exception.reason}: " + ("; ".join(matched) if matched else "no variant needs it"))
+    lines += [] if RESIDENCY_EXCEPTIONS else ["None."]
+    narrow = [r for r in main if r.get("narrow_rows")]
+    lines += ["", "## Row tensors accessed narrower than 128 bits although N is a multiple of 16", ""]
+    lines += [f"- {r['label']} `{r['kernel']}`: " + ", ".join(f"{k} {v}b" for k, v in r["row_widths"].items())
+              for r in narrow] or ["None."]
+    underfilled = [r for r in main if r.get("grid_underfills")]
+    lines += ["", f"## Row kernels with room for {MIN_RESIDENT}+ programs per SM but a grid of at most one per SM "
+              f"(≤ {header['sms']} programs; a warning, not a failure)", ""]
+    lines += table(underfilled) if underfilled else ["None."]
+    lines += ["", "## Row and elementwise kernels", ""] + table(main)
+    lines += ["", "## Reduce launches (column sums of the backward's partials; residency not judged)", ""]
+    lines += table([r for r in rows if r["role"] != "row"])
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m benchmarks.compile_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
-    p.add_argument("--hidden", nargs="+", type=int, default=[97, 1024, 4096, 8192, 8193, 16384, 16385])
-    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--hidden", nargs="+", type=int, default=DEFAULT_HIDDEN, help="row widths N")
+    p.add_argument("--rows", type=int, default=32768, help="rows M (grid sizes and the backward's row split)")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    p.add_argument("--passes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    p.add_argument("--sms", type=int, default=132, help="SM count the launch rules see (H100 SXM / H200: 132)")
+    p.add_argument("--gpu", default=None, help="apply this GPU's measured table (kernels/configs), e.g. "
+                                               "NVIDIA-H100-80GB-HBM3; default: the rules alone")
+    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="compile processes (default: one per core, at most 8)")
+    p.add_argument("--out", type=Path, default=None, help="also write OUT.md and OUT.json")
+    p.add_argument("--quiet", action="store_true", help="print only flagged variants and the summary")
     args = p.parse_args(argv)
-    dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d] for d in args.dtypes]
-    target = GPUTarget("cuda", args.arch, 32)
-    compiled = failed = spilled = 0
-    print(f"{'variant':40s} {'warps':>5s} {'regs':>5s} {'spill(B)':>8s} {'smem(B)':>8s}")
-    for label, fn, sig, consts, num_warps in variants(args.hidden, dtypes):
-        try:
-            kernel = triton.compile(ASTSource(fn, sig, consts), target=target, options={"num_warps": num_warps})
-            usage = resource_usage(kernel.asm["cubin"])
-        except Exception as exc:  # report every variant, then fail
-            failed += 1
-            print(f"{label:40s} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            continue
-        compiled += 1
-        spill = usage.get("LOCAL", 0) + usage.get("STACK", 0)
-        spilled += spill > 0
-        print(f"{label:40s} {num_warps:5d} {usage.get('REG', -1):5d} {spill:8d} {kernel.metadata.shared:8d}"
-              + ("  SPILLS" if spill else ""))
-    print(f"sm_{args.arch}: {compiled + failed} variants, {failed} failed to compile, {spilled} spill")
-    return 1 if failed or spilled else 0
+
+    start = time.perf_counter()
+    tables = getattr(heuristics, "_tables", dict)()
+    if args.gpu and args.gpu not in tables:
+        print(f"note: no measured table for {args.gpu!r} (have: {sorted(tables) or 'none'}); the rules apply")
+    recorder = LaunchRecorder(GPUTarget("cuda", args.arch, 32), args.sms, args.gpu)
+    records, launch_errors = [], []
+    with recorder.installed():
+        for dtype in args.dtypes:
+            for n in args.hidden:
+                for op in args.ops:
+                    for affine in affine_layouts(op, dtype):
+                        try:
+                            per_pass = launches_of(recorder, op, dtype, affine, n, args.rows)
+                        except Exception as exc:  # a launcher that no longer accepts these arguments
+                            launch_errors.append(f"{op} {dtype} {affine[0]} N={n}: {type(exc).__name__}: {exc}")
+                            continue
+                        for pass_ in args.passes:
+                            variant = Variant(op, pass_, dtype, affine[0], n, args.rows)
+                            records += [(variant, launch) for launch in per_pass[pass_]]
+    results = compile_all([launch for _, launch in records], args.arch, args.jobs)
+    rows = build_rows(records, results, args.sms)
+    summary, counts = summarize(rows, args.arch, len(results), launch_errors)
+    elapsed = time.perf_counter() - start
+
+    shown = rows if not args.quiet else [
+        r for r in rows if "error" in r or r.get("spill_bytes") or (r.get("low_residency") and not r.get("excepted"))]
+    print_table(shown)
+    for error in launch_errors:
+        print(f"LAUNCH FAILED: {error}")
+    print(f"{summary} [{elapsed:.0f} s]")
+    if args.out:
+        header = dict(arch=args.arch, M=args.rows, sms=args.sms, gpu=args.gpu, argv=" ".join(argv),
+                      triton=triton.__version__, source=source_version(), launch_errors=launch_errors)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_markdown(Path(f"{args.out}.md"), rows, summary, header)
+        document = dict(header, summary=summary, counts=counts,
+                        exceptions=[dataclasses.asdict(e) for e in RESIDENCY_EXCEPTIONS])
+        # One row per line: compact, and a rerun diffs line by line.
+        head = json.dumps(document, indent=1, default=str)[:-2]
+        body = ",\n".join(json.dumps(row, default=str) for row in rows)
+        Path(f"{args.out}.json").write_text(f'{head},\n "rows": [\n{body}\n]}}\n')
+    return 1 if counts["failed"] or counts["spills"] or counts["below_min_resident"] else 0
 
 
 if __name__ == "__main__":

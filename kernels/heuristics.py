@@ -164,7 +164,8 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
         # 8 elements (16 bytes in 16-bit) per thread; the looped path pipelines its column loops.
         block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 16))
         num_warps = max(1, min(block_m * block_n // 256, 16))
-        return LaunchConfig(block_m, block_n, num_warps, single_tile, 1, 1 if single_tile else 2)
+        staged = not single_tile and n_cols % 8 == 0  # unaligned rows: see num_stages below
+        return LaunchConfig(block_m, block_n, num_warps, single_tile, 1, 2 if staged else 1)
     if not single_tile:
         # The looped backward keeps two tiles' worth of row sums and accumulators live; half-width
         # tiles keep it off the register limit and cost nothing in bytes moved.
@@ -206,8 +207,10 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None) -> L
     # the tile at the same 8 elements per thread, the next row block's loads in flight.
     block_m = max(1, block_m // 2)
     num_stages = 2 if n_cols % 8 == 0 else 1  # see _rowwise_rule
-    # Element-wise addresses (a row length not a multiple of 8): 4 values a thread, not 8, which
-    # took Derf's channels-first backward to 140+ registers (compile_check, sm_90).
+    if n_cols % 8:
+        # Element-wise addresses (a row length not a multiple of 8): half the tile at 4 values a
+        # thread; 8 took Derf's channels-first backward to 140+ registers (compile_check, sm_90).
+        block_m = max(1, block_m // 2)
     num_warps = max(1, min(block_m * block_n // (256 if n_cols % 8 == 0 else 128), 16))
     per_thread = block_m * block_n // (32 * num_warps)
     return LaunchConfig(block_m, block_n, num_warps, True, _resident_estimate(num_warps, 7 * per_thread + 24),
