@@ -253,7 +253,7 @@ def pointwise_forward(x, alpha, shift, weight, bias, *, activation: str, channel
         _pointwise_fwd_kernel[(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)](
             x, y, alpha, shift if shift is not None else alpha,
             weight if weight is not None else x, bias if bias is not None else x,
-            x.stride(0), N, M, N, channels,
+            x.stride()[0], N, M, N, channels,
             ACTIVATION=activation, HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, PARAMS_PER_ROW=params_per_row,
             FAST_TANH=activation == "tanh" and x.dtype != torch.float32,
@@ -296,7 +296,7 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
     with device_guard(device):
         _pointwise_bwd_kernel[(programs,)](
             x, dy, dx, alpha, shift if shift is not None else alpha, weight if weight is not None else x, partials,
-            x.stride(0), dy.stride(0), N, M, N, channels, rows_per_program, db_offset, scalar_offset,
+            x.stride()[0], dy.stride()[0], N, M, N, channels, rows_per_program, db_offset, scalar_offset,
             ACTIVATION=activation, HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
             COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, PARAMS_PER_ROW=params_per_row,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,

@@ -252,7 +252,7 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, max_block
     with device_guard(x.device):
         _norm_fwd_kernel[(cdiv(M, cfg.block_m),)](
             x, y, weight if weight is not None else x, bias if bias is not None else x, stats,
-            x.stride(0), N, M, N, eps,
+            x.stride()[0], N, M, N, eps,
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps,
@@ -291,7 +291,7 @@ def rowwise_norm_backward(
         _norm_bwd_kernel[(programs,)](
             x, weight if weight is not None else x, dy, dx, stats, partials if compute_dw or compute_db else dx,
             row_sums if row_sums is not None else stats,
-            x.stride(0), dy.stride(0), N, M, N, rows_per_program, db_offset,
+            x.stride()[0], dy.stride()[0], N, M, N, rows_per_program, db_offset,
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps,

@@ -133,12 +133,31 @@ def check_param(p, name: str, shape: tuple[int, ...], x: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _c_apply(function: type[torch.autograd.Function]):
+    """``function.apply`` without its Python wrapper, or None where this torch lacks the pieces.
+
+    ``Function.apply`` is a Python classmethod around the C++ ``_FunctionBase.apply``: it checks for
+    a ``setup_context`` (ours have none), hands the call to functorch when a transform is active,
+    and otherwise unwraps dead functorch wrappers (:func:`_unwrap`) and calls the C++ apply. The
+    callers below make the same checks inline, which saves about 2.5 µs of the ~7.5 µs a call
+    costs."""
+    try:
+        torch._C._are_functorch_transforms_active, torch._C._functorch.unwrap_if_dead  # noqa: B018
+        return super(torch.autograd.Function, function).apply
+    except AttributeError:
+        return None
+
+
+def _unwrap(t: Tensor | None) -> Tensor | None:
+    return t if t is None else torch._C._functorch.unwrap_if_dead(t)
+
+
 def _for_kernels(t: Tensor | None) -> Tensor | None:
     """The kernels honour any row stride but read along a row with unit stride: copy a tensor
     whose rows are strided (LightLLM#1467: strided q/k views were silently wrong in a kernel that
     assumed otherwise). A 1-D parameter is read as contiguous, so a strided or expanded one is
     copied too. Rows of one element need no unit stride."""
-    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+    if t is None or t.is_contiguous() or t.shape[-1] <= 1 or t.stride(-1) == 1:  # is_contiguous: the cheap test
         return t
     return t.contiguous()
 
@@ -205,6 +224,8 @@ class _RowwiseNorm(torch.autograd.Function):
     def backward(ctx, dy):
         return _rowwise_grads(ctx, dy, _rowwise_backward)
 
+
+_ROWWISE_C_APPLY = _c_apply(_RowwiseNorm)
 
 # What torch.compile sees: custom ops with fake implementations and a registered autograd
 # formula, opaque to the compiler (no graph break), running the same implementations.
@@ -284,7 +305,10 @@ def rowwise_norm(
     if torch.compiler.is_compiling():
         y = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton)[0]
     elif _needs_grad(x2d, w, b):
-        y = _RowwiseNorm.apply(x2d, w, b, eps, is_rms, triton)
+        if _ROWWISE_C_APPLY is None or torch._C._are_functorch_transforms_active():
+            y = _RowwiseNorm.apply(x2d, w, b, eps, is_rms, triton)
+        else:
+            y = _ROWWISE_C_APPLY(_unwrap(x2d), _unwrap(w), _unwrap(b), eps, is_rms, triton)
     else:
         y = _rowwise_forward(x2d, w, b, eps, is_rms, triton)[0]
     return y if x2d is x else y.view(x.shape)
@@ -350,6 +374,9 @@ class _Pointwise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         return _pointwise_grads(ctx, dy, _pointwise_backward)
+
+
+_POINTWISE_C_APPLY = _c_apply(_Pointwise)
 
 
 @torch.library.custom_op("normzoo::pointwise_fwd", mutates_args=())
@@ -446,7 +473,10 @@ def pointwise(
     if torch.compiler.is_compiling():
         y = pointwise_fwd(*args)
     elif _needs_grad(x2d, alpha, shift, weight, bias):
-        y = _Pointwise.apply(*args)
+        if _POINTWISE_C_APPLY is None or torch._C._are_functorch_transforms_active():
+            y = _Pointwise.apply(*args)
+        else:
+            y = _POINTWISE_C_APPLY(*(_unwrap(a) for a in args[:5]), *args[5:])
     else:
         y = _pointwise_forward(*args)
     return y if x2d is x else y.view(x.shape)
