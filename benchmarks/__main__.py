@@ -5,6 +5,7 @@
     python -m benchmarks --ops rmsnorm --dtypes bf16 --rows 32768 --hidden 1024 4096
     python -m benchmarks --providers normzoo compile compile-tuned   # opt-in: inductor's coordinate-descent tuning
     python -m benchmarks --smoke                  # CPU check of the harness (no timing claims)
+    python -m benchmarks --host [--out DIR]       # host cost per eager call (benchmarks/host.py): CPU or GPU
 
 Writes ``<out>/<name>.json``, ``<out>/<name>.png`` and ``<out>/<name>.md`` (a table of GB/s and %
 of copy bandwidth). Without a CUDA GPU it says so and exits with status 2, unless ``--smoke``.
@@ -42,6 +43,11 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--host" in argv:  # a different measurement with its own options: see benchmarks/host.py
+        from .host import main as host_main
+
+        return host_main([a for a in argv if a != "--host"])
     args = parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before normzoo's kernels are defined

@@ -19,10 +19,11 @@ Identical compiles (same function, specialization and options) are compiled once
 Reported per launch: tile, warps, registers, spill bytes and shared memory (from the cubin),
 resident programs per SM and what limits them, grid and waves at ``--rows`` rows on ``--sms``
 SMs, and the global load/store widths in the PTX, per pointer argument. Exit status 1 on any
-failed compile or launch, any spill, or a row kernel (one that reads or writes the (M, N)
+failed compile or launch, any spill, a row kernel (one that reads or writes the (M, N)
 tensors) with fewer than 2 resident programs per SM that no entry of RESIDENCY_EXCEPTIONS
-explains. The column-sum reduce launched by every backward is reported separately: its grid is
-smaller than the SM count by design, so its residency is not judged.
+explains, or a persistent backward grid larger than one wave (more programs than are resident).
+The column-sum reduce launched by every backward is reported separately: its grid is smaller
+than the SM count by design, so its residency is not judged.
 """
 
 import argparse
@@ -528,6 +529,13 @@ def build_rows(records, results, sms: int):
             # Room for MIN_RESIDENT programs per SM, but a grid (a persistent backward's) of at most
             # one per SM: not a failure of the rule, but the overlap it is for does not happen.
             row["grid_underfills"] = row["role"] == "row" and resident >= MIN_RESIDENT and programs <= sms
+            # A persistent grid (the backward's: every program owns an equal run of rows) larger
+            # than what is resident at once: the programs past it run as a second, partial wave and
+            # nearly double the kernel's time. The launch rule's programs_per_sm must not exceed
+            # the real residency.
+            # (Channels-first DyT/Derf backward is not persistent: one row block per program.)
+            row["tail_wave"] = (row["role"] == "row" and variant.pass_ == "bwd" and not variant.op.endswith("-cf")
+                                and programs > sms * resident)
         rows.append(row)
     return rows
 
@@ -566,11 +574,13 @@ def summarize(rows, arch: int, compiled: int, launch_errors: list[str]) -> tuple
         excepted=sum(bool(r.get("excepted")) for r in rows),
         narrow_row_access=sum(bool(r.get("narrow_rows")) for r in rows),
         grid_underfills=sum(bool(r.get("grid_underfills")) for r in rows),
+        tail_waves=sum(bool(r.get("tail_wave")) for r in rows),
     )
     line = (f"sm_{arch}: {counts['variants']} variants + {counts['reduce_launches']} reduce launches "
             f"({compiled} distinct kernels compiled), {counts['failed']} failed to compile, {counts['spills']} spill, "
             f"{counts['below_min_resident']} below {MIN_RESIDENT} resident programs/SM "
             f"({counts['excepted']} excepted), {counts['narrow_row_access']} with row accesses under 128 bits, "
+            f"{counts['tail_waves']} persistent grids larger than one wave, "
             f"{counts['grid_underfills']} with room for {MIN_RESIDENT}+ but a grid of one program per SM")
     return line, counts
 
@@ -640,6 +650,9 @@ def write_markdown(path: Path, rows, summary: str, header: dict):
     lines += ["", "## Row tensors accessed narrower than 128 bits although N is a multiple of 16", ""]
     lines += [f"- {r['label']} `{r['kernel']}`: " + ", ".join(f"{k} {v}b" for k, v in r["row_widths"].items())
               for r in narrow] or ["None."]
+    tails = [r for r in main if r.get("tail_wave")]
+    lines += ["", "## Persistent backward grids larger than one wave (programs > SMs × resident)", ""]
+    lines += table(tails) if tails else ["None."]
     underfilled = [r for r in main if r.get("grid_underfills")]
     lines += ["", f"## Row kernels with room for {MIN_RESIDENT}+ programs per SM but a grid of at most one per SM "
               f"(≤ {header['sms']} programs; a warning, not a failure)", ""]
@@ -714,7 +727,7 @@ def main(argv=None) -> int:
         head = json.dumps(document, indent=1, default=str)[:-2]
         body = ",\n".join(json.dumps(row, default=str) for row in rows)
         Path(f"{args.out}.json").write_text(f'{head},\n "rows": [\n{body}\n]}}\n')
-    return 1 if counts["failed"] or counts["spills"] or counts["below_min_resident"] else 0
+    return 1 if counts["failed"] or counts["spills"] or counts["below_min_resident"] or counts["tail_waves"] else 0
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ def parse_args(argv):
 
 def fields(pass_: str) -> tuple[str, ...]:
     """The knobs a table entry sets. The forward grid has one program per tile, so programs per SM
-    only matters to the backward."""
-    return ("num_warps", "block_m", "programs_per_sm") if pass_ == "bwd" else ("num_warps", "block_m")
+    only matters to the backward, as do pipeline stages (the forward's single tile has no loop)."""
+    return ("num_warps", "block_m", "programs_per_sm", "num_stages") if pass_ == "bwd" else ("num_warps", "block_m")
 
 
 def entry_of(cfg, pass_: str) -> dict:
@@ -92,7 +92,8 @@ def valid(entry: dict, rule, tunable: dict, max_tile: int) -> bool:
 
 def candidates(rule, pass_: str, tunable: dict, max_tile: int) -> list[dict]:
     """The rule first, then the rule with one knob changed: warps in WARPS, rows per tile halved
-    and doubled, programs per SM (backward) halved and doubled. At most 8."""
+    and doubled, programs per SM (backward) halved and doubled, pipeline stages (backward) 1 or 3.
+    At most 10."""
     base = entry_of(rule, pass_)
     out = [base]
 
@@ -108,6 +109,8 @@ def candidates(rule, pass_: str, tunable: dict, max_tile: int) -> list[dict]:
     if pass_ == "bwd":
         for p in (base["programs_per_sm"] // 2, base["programs_per_sm"] * 2):
             add(programs_per_sm=p)
+        for st in (1, 3):  # prefetch off, or one row block deeper
+            add(num_stages=st)
     return out
 
 

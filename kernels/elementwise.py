@@ -17,7 +17,7 @@ and reduced once at its end, then summed by a second launch (kernels/reduce.py):
 atomics.
 
 16-bit DyT forward (``FAST_TANH``) uses the GPU's ``tanh.approx.f32`` (one MUFU instruction, max
-relative error 2^-10.987 per the PTX ISA): below the rounding of an fp16 or bf16 output, and a
+relative error 2^-10.987 per the PTX ISA): about fp16's unit roundoff and far below bf16's, for a
 tenth of the instructions of the exact path, which keeps the forward memory-bound. fp32 output and
 every backward keep the exact ``_tanh_and_derivative`` (dw may be fp32 even for 16-bit input).
 Triton's interpreter cannot run inline PTX, so under it ``_tanh_approx`` is an emulation that

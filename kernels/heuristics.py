@@ -33,7 +33,7 @@ TARGET_TILE_ELEMENTS = 4096
 CONFIG_DIR = Path(__file__).parent / "configs"
 # The fields a table may set, and the values each may take.
 TUNABLE = {"num_warps": (1, 2, 4, 8, 16, 32), "block_m": (1, 2, 4, 8, 16, 32, 64),
-           "programs_per_sm": (1, 2, 3, 4, 6, 8, 12, 16), "num_stages": (1, 2, 3, 4)}
+           "programs_per_sm": tuple(range(1, 17)), "num_stages": (1, 2, 3, 4)}
 # A backward program owns at least this many rows, so its row of partial sums (N fp32 per
 # gradient) stays small next to the rows it reads: at 16 rows of 16-bit x and dy it is ≤ 1/8.
 MIN_ROWS_PER_PROGRAM = 16
@@ -140,7 +140,7 @@ def tuned_entry(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: to
 # ----------------------------------------------------------------------------------------------
 
 
-def single_tile_limit(dtype: torch.dtype, *, backward: bool = False) -> int:
+def single_tile_limit(dtype: torch.dtype) -> int:
     """The widest row the norm kernels keep in registers in one tile: 8192 16-bit or 4096 fp32
     values, forward and backward alike."""
     return MAX_SINGLE_TILE_BYTES // dtype.itemsize
@@ -154,7 +154,7 @@ def _resident_estimate(num_warps: int, regs_per_thread: int) -> int:
 
 
 def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: int | None) -> LaunchConfig:
-    limit = single_tile_limit(dtype, backward=backward)
+    limit = single_tile_limit(dtype)
     if max_block_n is not None:
         limit = min(limit, next_power_of_2(max_block_n))
     block_n = min(next_power_of_2(max(n_cols, 1)), limit)
@@ -176,8 +176,8 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     num_stages = 2 if n_cols % 8 == 0 else 1
     if single_tile and dtype.itemsize == 2 and block_n * 2 == MAX_SINGLE_TILE_BYTES and num_stages == 2:
         # The widest 16-bit single tiles run one 16-warp program per SM (the row and its
-        # accumulators fill the registers); a third stage deepens its prefetch, and at two ptxas squeezed bias-only
-        # LayerNorm to 64 registers and spilled (compile_check, sm_90).
+        # accumulators fill the registers); a third stage deepens its prefetch, and at two ptxas
+        # squeezed bias-only LayerNorm to 64 registers and spilled (compile_check, sm_90).
         num_stages = 3
     # One row per step down to 1024 columns (narrower rows are stacked to 1024 elements): each
     # program walks its rows with the next block's loads in flight (NUM_STAGES = 2) while it
@@ -188,10 +188,15 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     # and bias to 115 registers (one program per SM) and 16 at 8 warps takes 128 (two per SM):
     # compile_check, sm_90.
     per_thread = 16 if dtype.itemsize == 2 and block_n == 4096 and single_tile else 8
+    if n_cols % 8:
+        per_thread = 4  # element-wise addresses: see num_stages below
     num_warps = max(1, min(block_m * block_n // (32 * per_thread), 16))
     per_thread = block_m * block_n // (32 * num_warps)
-    return LaunchConfig(block_m, block_n, num_warps, single_tile, _resident_estimate(num_warps, 5 * per_thread + 24),
-                        num_stages)
+    # Registers ≈ 7 per value a thread holds + 16 (LayerNorm with weight and bias on sm_90: 72 at
+    # 8 values, 128 at 16; twice that per value with element-wise addresses); the estimate must not
+    # exceed the real residency (compile_check fails a persistent grid larger than one wave).
+    regs = (7 if n_cols % 8 == 0 else 14) * per_thread + 16
+    return LaunchConfig(block_m, block_n, num_warps, single_tile, _resident_estimate(num_warps, regs), num_stages)
 
 
 def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None) -> LaunchConfig:
@@ -213,7 +218,8 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None) -> L
         block_m = max(1, block_m // 2)
     num_warps = max(1, min(block_m * block_n // (256 if n_cols % 8 == 0 else 128), 16))
     per_thread = block_m * block_n // (32 * num_warps)
-    return LaunchConfig(block_m, block_n, num_warps, True, _resident_estimate(num_warps, 7 * per_thread + 24),
+    # Registers ≈ 12 per value a thread holds + 32 (Derf with weight and bias on sm_90: 128 at 8).
+    return LaunchConfig(block_m, block_n, num_warps, True, _resident_estimate(num_warps, 12 * per_thread + 32),
                         num_stages)
 
 

@@ -1,0 +1,83 @@
+"""Launches and torch ops per call, on the Triton path: a forward is one kernel launch, a backward
+at most two (the kernel and the deterministic partial-sum reduce), and no torch op around them
+computes anything (no sum, cast, zeros or copy: only allocations and views). Issue 11's rule.
+
+Launches are counted by wrapping Triton's launch entry point; torch ops by a dispatch mode that
+sees every aten call. Under the interpreter the kernels are not run (only counted): the count is
+what matters here, and the other tests check the values.
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import normzoo
+from normzoo.kernels import launch
+
+# What a launcher may ask of torch: output buffers, and views of its input and outputs.
+NON_COMPUTE_OPS = {"aten.empty.memory_format", "aten.empty_like.default", "aten.empty_strided.default",
+                   "aten.view.default", "aten._unsafe_view.default", "aten.alias.default"}
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the Triton kernels launched, in order."""
+    names = []
+    if torch.cuda.is_available():
+        from triton.runtime.jit import JITFunction
+
+        run = JITFunction.run
+
+        def counting_run(self, *args, **kwargs):
+            names.append(self.fn.__name__)
+            return run(self, *args, **kwargs)
+
+        monkeypatch.setattr(JITFunction, "run", counting_run)
+    else:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: names.append(self.fn.__name__))
+    monkeypatch.setattr(launch, "POISON", False)  # NaN-filled outputs are a fill op: off for the count
+    return names
+
+
+LAYERS = {
+    "layernorm": lambda d: normzoo.LayerNorm(64, backend="triton", device=d),
+    "layernorm-fp32-params-bf16": lambda d: normzoo.LayerNorm(64, backend="triton", device=d),
+    "rmsnorm": lambda d: normzoo.RMSNorm(64, backend="triton", device=d),
+    "dyt": lambda d: normzoo.DyT(64, backend="triton", device=d),
+    "derf": lambda d: normzoo.Derf(64, backend="triton", device=d),
+    "dyt-channels-first": lambda d: normzoo.DyT(8, channels_last=False, backend="triton", device=d),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_one_launch_forward_two_launch_backward_no_torch_compute(name, launches, device):
+    layer = LAYERS[name](device)
+    shape = (2, 8, 5, 5) if name.endswith("channels-first") else (2, 8, 4, 64)
+    dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32  # fp32 params, bf16 input
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+
+    with _OpLog() as forward_ops:
+        y = layer(x)
+    assert len(launches) == 1, launches
+    launches.clear()
+    with _OpLog() as backward_ops:
+        grads = torch.autograd.grad(y, [x, *layer.parameters()], dy)
+    assert len(launches) == 2 and launches[1] == "_sum_partials_kernel", launches
+    for when, ops in (("forward", forward_ops.ops), ("backward", backward_ops.ops)):
+        compute = [op for op in ops if op not in NON_COMPUTE_OPS]
+        assert not compute, f"{when} ran torch ops besides the kernels: {compute}"
+    # Each gradient comes back in its own tensor's dtype, straight from the kernels.
+    assert [g.dtype for g in grads] == [t.dtype for t in (x, *layer.parameters())]
