@@ -337,3 +337,16 @@ def test_compile_with_dynamic_shapes(device):
     for rows in (3, 7):
         x = torch.randn(rows, 24, device=device)
         torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+def test_export_sees_the_custom_ops(strict, device):
+    # Eager calls take an autograd.Function; traced ones (torch.compile, torch.export in both modes)
+    # must see the registered custom ops instead, or the trace would run the launcher on fake tensors.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), normzoo.LayerNorm(8, backend="triton"),
+                                normzoo.RMSNorm(8, backend="triton"), normzoo.DyT(8, backend="triton")).to(device)
+    x = torch.randn(4, 8, device=device)
+    program = torch.export.export(model, (x,), strict=strict)
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert {"normzoo.rowwise_norm_fwd.default", "normzoo.pointwise_fwd.default"} <= targets, targets
+    torch.testing.assert_close(program.module()(x), model(x))
