@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .heuristics import launch_config, split_rows
+from .heuristics import has_tanh_approx, launch_config, split_rows
 from .launch import alloc, alloc_like, cdiv, check_rows, device_guard
 from .reduce import sum_partials
 from .heuristics import interpreting
@@ -256,7 +256,7 @@ def pointwise_forward(x, alpha, shift, weight, bias, *, activation: str, channel
             x.stride()[0], N, M, N, channels,
             ACTIVATION=activation, HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, PARAMS_PER_ROW=params_per_row,
-            FAST_TANH=activation == "tanh" and x.dtype != torch.float32,
+            FAST_TANH=activation == "tanh" and x.dtype != torch.float32 and has_tanh_approx(x.device),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
     return y

@@ -82,6 +82,18 @@ def num_compute_units(device: torch.device) -> int:
     return 4
 
 
+@functools.lru_cache(maxsize=None)
+def _has_tanh_approx(index: int) -> bool:
+    # tanh.approx.f32 is PTX for sm_75 and newer; a ROCm build also reports CUDA devices.
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (7, 5)
+
+
+def has_tanh_approx(device: torch.device) -> bool:
+    """Whether the 16-bit DyT forward may use the GPU's tanh.approx.f32 (off CUDA: the interpreter,
+    which runs its emulation)."""
+    return device.type != "cuda" or _has_tanh_approx(_cuda_index(device))
+
+
 def device_name(device: torch.device) -> str | None:
     """The GPU's model name as a table key (``"NVIDIA-H100-80GB-HBM3"``), or None off CUDA."""
     if device.type != "cuda":
@@ -233,7 +245,9 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
         cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n)
     else:
         cfg = _elementwise_rule(n_cols, backward, max_block_n)
-    entry = tuned_entry(op, pass_, n_cols, dtype, device) if max_block_n is None else None
+    # Tables are measured at row lengths that are multiples of 8 and keyed by the next power of 2:
+    # other lengths (element-wise addresses, no staging) keep the rule.
+    entry = tuned_entry(op, pass_, n_cols, dtype, device) if max_block_n is None and n_cols % 8 == 0 else None
     return replace(cfg, **entry) if entry else cfg
 
 

@@ -41,8 +41,8 @@ def device_guard(device: torch.device):
 
 def check_rows(x: torch.Tensor, *others: torch.Tensor) -> None:
     """Launchers take 2-D views of one shape whose rows are read with unit stride (any row stride;
-    a one-element row needs none)."""
+    a one-element row, or no row at all, needs none)."""
     for t in (x, *others):
-        if t.dim() != 2 or t.stride()[1] != 1 and t.shape[1] > 1 or t is not x and t.shape != x.shape:
+        if t.dim() != 2 or t.stride()[1] != 1 and t.shape[1] > 1 and t.shape[0] > 0 or t is not x and t.shape != x.shape:
             raise AssertionError(f"expected 2-D tensors of shape {tuple(x.shape)} with unit column stride, "
                                  f"got shape {tuple(t.shape)}, strides {t.stride()}")

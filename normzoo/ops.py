@@ -1,9 +1,13 @@
 """Differentiable ops: the one place that validates input, flattens it to rows, and chooses
 Triton or the reference.
 
-Each op is a pair of ``torch.library`` custom ops (forward and backward) tied together with
-``register_autograd``, so eager mode, ``torch.compile(fullgraph=True)`` and ``opcheck`` all see one
-opaque, differentiable op. Both halves run the Triton kernels or the reference, as the caller chose.
+Each op has one forward and one backward implementation (Triton kernels or the reference, as the
+caller chose) and two ways in. A plain eager call goes through a ``torch.autograd.Function``
+(a few µs of host time), or straight to the forward when no gradient is needed. Everything else
+(``torch.compile``, ``torch.export``, functorch transforms, ``torch.jit.trace``, fake or meta
+tensors) goes through a pair of ``torch.library`` custom ops (forward and backward, tied together
+with ``register_autograd``, with fake implementations), which the compiler sees as one opaque,
+differentiable op and ``opcheck`` can check.
 
 Backends:
     ``"auto"``   Triton for CUDA tensors, the reference elsewhere.
@@ -76,7 +80,10 @@ _CHECKED_SHAPES: dict[tuple, tuple[int, ...]] = {}
 def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
     """``int`` or sequence of ints -> tuple, as ``torch.nn.LayerNorm`` accepts."""
     if type(normalized_shape) is tuple and normalized_shape in _CHECKED_SHAPES:
-        return _CHECKED_SHAPES[normalized_shape]
+        # (8.0,) == (8,) and hashes alike: the hit counts only for exact ints.
+        if type(normalized_shape[0]) is int if len(normalized_shape) == 1 else all(
+                type(d) is int for d in normalized_shape):
+            return _CHECKED_SHAPES[normalized_shape]
     shape = _normalized_shape_tuple(normalized_shape)
     if type(normalized_shape) is tuple and all(type(d) is int for d in normalized_shape):
         _CHECKED_SHAPES[normalized_shape] = shape
@@ -137,15 +144,49 @@ def _c_apply(function: type[torch.autograd.Function]):
     """``function.apply`` without its Python wrapper, or None where this torch lacks the pieces.
 
     ``Function.apply`` is a Python classmethod around the C++ ``_FunctionBase.apply``: it checks for
-    a ``setup_context`` (ours have none), hands the call to functorch when a transform is active,
-    and otherwise unwraps dead functorch wrappers (:func:`_unwrap`) and calls the C++ apply. The
-    callers below make the same checks inline, which saves about 2.5 µs of the ~7.5 µs a call
-    costs."""
+    a ``setup_context`` (ours have none), hands the call to functorch when a transform is active
+    (we send those calls to the custom ops instead, :func:`_traced`), and otherwise unwraps dead
+    functorch wrappers (:func:`_unwrap`) and calls the C++ apply. Doing the same inline saves about
+    2.5 µs of the ~7.5 µs a call costs."""
     try:
-        torch._C._are_functorch_transforms_active, torch._C._functorch.unwrap_if_dead  # noqa: B018
+        torch._C._functorch.unwrap_if_dead  # noqa: B018
         return super(torch.autograd.Function, function).apply
     except AttributeError:
         return None
+
+
+_FAKE = torch._C._TorchDispatchModeKey.FAKE
+_PROXY = torch._C._TorchDispatchModeKey.PROXY
+
+
+def _traced(x: Tensor) -> bool:
+    """Anything but a plain eager call: torch.compile / torch.export, functorch transforms (vmap,
+    grad, jacrev...), torch.jit.trace, FakeTensorMode or make_fx, meta tensors. These take the
+    registered custom ops (fake implementations, the dispatcher's transform rules); the launchers
+    would otherwise run on tensors that have no data."""
+    if (torch.compiler.is_compiling() or x.is_meta or torch._C._get_tracing_state() is not None
+            or torch._C._get_dispatch_mode(_FAKE) is not None or torch._C._get_dispatch_mode(_PROXY) is not None):
+        return True
+    if torch._C._are_functorch_transforms_active():
+        _refuse_forward_ad()
+        return True
+    return False
+
+
+def _refuse_forward_ad() -> None:
+    """No op has a forward-mode rule yet: refuse rather than return zero tangents."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch._C._functorch import TransformType
+
+    if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError("normzoo ops have no forward-mode AD rule yet (torch.func.jvp / jacfwd)")
+
+
+def _refuse_double_backward() -> None:
+    # Backward runs with grad mode on only under create_graph=True: the eager backward is not
+    # differentiable (a second-order term would be silently dropped), so say so.
+    if torch.is_grad_enabled():
+        raise RuntimeError("normzoo ops do not support double backward (create_graph=True) yet")
 
 
 def _unwrap(t: Tensor | None) -> Tensor | None:
@@ -222,6 +263,7 @@ class _RowwiseNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        _refuse_double_backward()
         return _rowwise_grads(ctx, dy, _rowwise_backward)
 
 
@@ -302,10 +344,12 @@ def rowwise_norm(
     x2d = x if x.dim() == 2 and k == 1 else x.reshape(math.prod(x.shape[: x.dim() - k]), n)
     w = weight if weight is None or k == 1 else weight.reshape(n)
     b = bias if bias is None or k == 1 else bias.reshape(n)
-    if torch.compiler.is_compiling():
+    if torch.autograd.forward_ad._current_level >= 0:
+        raise NotImplementedError("normzoo ops have no forward-mode AD rule yet (torch.autograd.forward_ad)")
+    if _traced(x2d):
         y = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton)[0]
     elif _needs_grad(x2d, w, b):
-        if _ROWWISE_C_APPLY is None or torch._C._are_functorch_transforms_active():
+        if _ROWWISE_C_APPLY is None:
             y = _RowwiseNorm.apply(x2d, w, b, eps, is_rms, triton)
         else:
             y = _ROWWISE_C_APPLY(_unwrap(x2d), _unwrap(w), _unwrap(b), eps, is_rms, triton)
@@ -373,6 +417,7 @@ class _Pointwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        _refuse_double_backward()
         return _pointwise_grads(ctx, dy, _pointwise_backward)
 
 
@@ -470,10 +515,12 @@ def pointwise(
     flat = lambda p, n: p if p is None or p.dim() == 1 else p.reshape(n)  # (1,) scalars and (C,) params as they are
     args = (x2d, flat(alpha, 1), flat(shift, 1), flat(weight, channels), flat(bias, channels), activation,
             channels, not channels_last, triton)
-    if torch.compiler.is_compiling():
+    if torch.autograd.forward_ad._current_level >= 0:
+        raise NotImplementedError("normzoo ops have no forward-mode AD rule yet (torch.autograd.forward_ad)")
+    if _traced(x2d):
         y = pointwise_fwd(*args)
     elif _needs_grad(x2d, alpha, shift, weight, bias):
-        if _POINTWISE_C_APPLY is None or torch._C._are_functorch_transforms_active():
+        if _POINTWISE_C_APPLY is None:
             y = _Pointwise.apply(*args)
         else:
             y = _POINTWISE_C_APPLY(*(_unwrap(a) for a in args[:5]), *args[5:])

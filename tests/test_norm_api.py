@@ -350,3 +350,79 @@ def test_export_sees_the_custom_ops(strict, device):
     targets = {str(node.target) for node in program.graph.nodes}
     assert {"normzoo.rowwise_norm_fwd.default", "normzoo.pointwise_fwd.default"} <= targets, targets
     torch.testing.assert_close(program.module()(x), model(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The eager path (an autograd.Function) and what it hands to the custom ops instead
+# ----------------------------------------------------------------------------------------------
+
+
+def _norm_layers(device):
+    return [normzoo.LayerNorm(8, backend="triton", device=device), normzoo.RMSNorm(8, backend="triton", device=device),
+            normzoo.DyT(8, backend="triton", device=device), normzoo.Derf(8, backend="triton", device=device)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_double_backward_raises_instead_of_dropping_terms(backend, device):
+    # The backward is not differentiable: create_graph=True must fail loudly, not return a
+    # gradient penalty without its second-order term.
+    for layer in _norm_layers(device):
+        layer.backend = backend
+        x = torch.randn(4, 8, device=device, requires_grad=True)
+        torch.autograd.grad(layer(x).square().sum(), x)  # first order is fine
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+
+
+def test_vmap_over_layers_with_trainable_parameters(device):
+    x = torch.randn(3, 4, 8, device=device)
+    for layer in _norm_layers(device):
+        torch.testing.assert_close(torch.vmap(layer)(x), layer(x))
+
+
+def test_fake_tensors_and_meta_take_the_fake_implementations(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for layer in _norm_layers(device):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            y = layer(torch.randn(4, 8, device=device))
+        assert y.shape == (4, 8)
+        meta = layer.to("meta")
+        assert meta(torch.randn(4, 8, device="meta")).shape == (4, 8)
+
+
+def test_jit_trace(device):
+    model = torch.nn.Sequential(*_norm_layers(device))
+    x = torch.randn(4, 8, device=device)
+    traced = torch.jit.trace(model, (x,), check_trace=False)
+    torch.testing.assert_close(traced(x), model(x))
+
+
+def test_forward_mode_ad_raises_until_it_has_a_rule(device):
+    import torch.autograd.forward_ad as fwAD
+
+    for layer in _norm_layers(device):
+        x, v = torch.randn(4, 8, device=device), torch.randn(4, 8, device=device)
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            torch.func.jvp(layer, (x,), (v,))
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+            layer(fwAD.make_dual(x, v))
+
+
+def test_normalized_shape_type_is_checked_even_after_a_cached_call(device):
+    x = torch.randn(2, 8, device=device)
+    NF.layer_norm(x, (8,))  # caches (8,)
+    with pytest.raises(TypeError, match="normalized_shape"):
+        NF.layer_norm(x, (8.0,))
+
+
+def test_empty_input_with_odd_strides(device):
+    # An empty view with a column stride of 2 (an MoE expert with no tokens, say) is not a layout
+    # error: nothing is read. Forward and backward return empty results and zero parameter grads.
+    x = torch.empty(0, 40, device=device)[:, ::2].requires_grad_()
+    for layer in (normzoo.LayerNorm(20, backend="triton", device=device), normzoo.DyT(20, backend="triton", device=device)):
+        y = layer(x)
+        assert y.shape == (0, 20)
+        y.sum().backward()
+        assert x.grad.shape == (0, 20) and all(torch.equal(p.grad, torch.zeros_like(p)) for p in layer.parameters())
+        x.grad = None
