@@ -27,7 +27,7 @@ def parse_args(argv):
                    help="row counts to time (default: 4 when stubbed; 1 16 256 on a GPU)")
     p.add_argument("--hidden", type=int, default=None, help="default: 64 when stubbed, 4096 on a GPU")
     p.add_argument("--stub", action="store_true", help="stub out the launches even on a GPU machine")
-    p.add_argument("--repeats", type=int, default=2000, help="calls per timing (the fastest of 7 timings is kept)")
+    p.add_argument("--repeats", type=int, default=1000, help="calls per timing (the fastest of 9 interleaved rounds is kept)")
     p.add_argument("--out", type=Path, default=None, help="directory for host-<label>.json/.md")
     return p.parse_args(argv)
 
@@ -55,20 +55,23 @@ def layers(hidden: int, device, dtype):
     ]
 
 
-def time_us(fn, repeats: int, sync) -> float:
-    """The fastest of 7 timings of the mean wall-clock µs per call of ``fn``: the minimum, since
-    other work on the machine only ever adds time."""
-    for _ in range(max(repeats // 10, 10)):
-        fn()
-    sync()
-    runs = []
-    for _ in range(7):
-        start = time.perf_counter()
-        for _ in range(repeats):
+def time_us(fns: dict, repeats: int, sync, rounds: int = 9) -> dict:
+    """For each of ``fns`` (label -> callable), the fastest of ``rounds`` timings of the mean
+    wall-clock µs per call. The callables take turns within each round, so a slow spell on the
+    machine hits them alike; the minimum, since other work only ever adds time."""
+    for fn in fns.values():
+        for _ in range(max(repeats // 10, 10)):
             fn()
-        sync()
-        runs.append((time.perf_counter() - start) / repeats * 1e6)
-    return min(runs)
+    sync()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            sync()
+            best[label] = min(best[label], (time.perf_counter() - start) / repeats * 1e6)
+    return best
 
 
 def measure(rows_list, hidden, repeats, device, stubbed):
@@ -79,11 +82,16 @@ def measure(rows_list, hidden, repeats, device, stubbed):
     for rows in rows_list:
         x = torch.randn(rows, hidden, device=device, requires_grad=True)
         dy = torch.randn(rows, hidden, device=device)
-        for name, ours, theirs in layers(hidden, device, torch.float32):
+        cases = layers(hidden, device, torch.float32)
+        # A throwaway pass first: the first timings of a process run slow (caches, clock ramp-up).
+        time_us({"warm-up": lambda: cases[0][1](x).backward(dy)}, repeats, sync, rounds=3)
+        for name, ours, theirs in cases:
             row = {"layer": name, "rows": rows, "hidden": hidden, "baseline": f"torch.nn.{type(theirs).__name__}"}
-            for label, module in (("normzoo", ours), ("torch", theirs)):
-                row[f"{label}_fwd_us"] = time_us(lambda: module(x), repeats, sync)
-                row[f"{label}_fwdbwd_us"] = time_us(lambda: module(x).backward(dy), repeats, sync)
+            fwd = time_us({"normzoo": lambda: ours(x), "torch": lambda: theirs(x)}, repeats, sync)
+            fwdbwd = time_us({"normzoo": lambda: ours(x).backward(dy), "torch": lambda: theirs(x).backward(dy)},
+                             repeats, sync)
+            for label in ("normzoo", "torch"):
+                row[f"{label}_fwd_us"], row[f"{label}_fwdbwd_us"] = fwd[label], fwdbwd[label]
             row["fwd_ratio"] = row["normzoo_fwd_us"] / row["torch_fwd_us"]
             row["fwdbwd_ratio"] = row["normzoo_fwdbwd_us"] / row["torch_fwdbwd_us"]
             results.append(row)
