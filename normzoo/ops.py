@@ -317,8 +317,17 @@ rowwise_norm_fwd.register_autograd(lambda ctx, dy, _dstats: _rowwise_grads(ctx, 
                                    setup_context=_rowwise_norm_setup_context)
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _route(x: Tensor, *params: Tensor | None) -> str:
+    """Which way a call goes: "custom_op" (anything traced, see :func:`_traced`), "function" (eager
+    and some tensor needs a gradient: the autograd.Function) or "forward" (eager, no gradient).
+    Forward-mode AD is refused: no op has a jvp rule yet."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        raise NotImplementedError("normzoo ops have no forward-mode AD rule yet (torch.autograd.forward_ad)")
+    if _traced(x):
+        return "custom_op"
+    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        return "function"
+    return "forward"
 
 
 def rowwise_norm(
@@ -344,11 +353,10 @@ def rowwise_norm(
     x2d = x if x.dim() == 2 and k == 1 else x.reshape(math.prod(x.shape[: x.dim() - k]), n)
     w = weight if weight is None or k == 1 else weight.reshape(n)
     b = bias if bias is None or k == 1 else bias.reshape(n)
-    if torch.autograd.forward_ad._current_level >= 0:
-        raise NotImplementedError("normzoo ops have no forward-mode AD rule yet (torch.autograd.forward_ad)")
-    if _traced(x2d):
+    route = _route(x2d, w, b)
+    if route == "custom_op":
         y = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton)[0]
-    elif _needs_grad(x2d, w, b):
+    elif route == "function":
         if _ROWWISE_C_APPLY is None:
             y = _RowwiseNorm.apply(x2d, w, b, eps, is_rms, triton)
         else:
@@ -515,15 +523,15 @@ def pointwise(
     flat = lambda p, n: p if p is None or p.dim() == 1 else p.reshape(n)  # (1,) scalars and (C,) params as they are
     args = (x2d, flat(alpha, 1), flat(shift, 1), flat(weight, channels), flat(bias, channels), activation,
             channels, not channels_last, triton)
-    if torch.autograd.forward_ad._current_level >= 0:
-        raise NotImplementedError("normzoo ops have no forward-mode AD rule yet (torch.autograd.forward_ad)")
-    if _traced(x2d):
+    route = _route(*args[:5])
+    if route == "custom_op":
         y = pointwise_fwd(*args)
-    elif _needs_grad(x2d, alpha, shift, weight, bias):
+    elif route == "function":
         if _POINTWISE_C_APPLY is None:
             y = _Pointwise.apply(*args)
         else:
-            y = _POINTWISE_C_APPLY(*(_unwrap(a) for a in args[:5]), *args[5:])
+            y = _POINTWISE_C_APPLY(_unwrap(x2d), _unwrap(args[1]), _unwrap(args[2]), _unwrap(args[3]),
+                                   _unwrap(args[4]), *args[5:])
     else:
         y = _pointwise_forward(*args)
     return y if x2d is x else y.view(x.shape)
