@@ -3,9 +3,10 @@
 A launch asks :func:`launch_config` for ``(op, pass, N, dtype, device)``. If a table measured on
 that GPU (``kernels/configs/<gpu>.json``, written by ``python -m benchmarks.tune``) has an entry for
 the key ``op|pass|dtype|next_power_of_2(N)``, its fields (``num_warps``, ``block_m``,
-``programs_per_sm``) replace the rule's; everything else (the column tile, single-tile or looped)
-always comes from the rules, so a table can change speed but never which code path runs. Results
-are deterministic for a given table: the reduction order follows the config.
+``programs_per_sm``, ``num_stages``) replace the rule's; everything else (the column tile,
+single-tile or looped) always comes from the rules, so a table can change speed but never which
+code path runs. Tables apply to row lengths that are multiples of 8 (where they are measured).
+Results are deterministic for a given table: the reduction order follows the config.
 
 The rules are first choices from the hardware's shape (registers per SM, threads per program), not
 measurements; ``python -m benchmarks.compile_check`` reports what they compile to on sm_90.
@@ -22,10 +23,10 @@ import triton
 
 from .launch import cdiv
 
-# Above this many bytes a row no longer fits one forward tile of registers, and the kernels loop
-# over column tiles instead (the backward, which holds more per column, takes half). At 32 KB a
-# 16-warp forward program needed 66-118 registers: one per SM, each exposing its whole load
-# latency (compile_check, sm_90); the looped path re-reads x from L2, not DRAM, at these widths.
+# Above this many bytes a row no longer fits one tile of registers, and the kernels loop over
+# column tiles instead (forward and backward alike). At 32 KB a 16-warp forward program needed
+# 66-118 registers: one per SM, each exposing its whole load latency (compile_check, sm_90); the
+# looped forward re-reads x from L2, not DRAM, at these widths.
 MAX_SINGLE_TILE_BYTES = 16 * 1024
 # Elements one program touches per step; rows are stacked into a tile until it holds this many.
 TARGET_TILE_ELEMENTS = 4096
@@ -34,8 +35,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 # The fields a table may set, and the values each may take.
 TUNABLE = {"num_warps": (1, 2, 4, 8, 16, 32), "block_m": (1, 2, 4, 8, 16, 32, 64),
            "programs_per_sm": tuple(range(1, 17)), "num_stages": (1, 2, 3, 4)}
-# A backward program owns at least this many rows, so its row of partial sums (N fp32 per
-# gradient) stays small next to the rows it reads: at 16 rows of 16-bit x and dy it is ≤ 1/8.
+# A backward program owns at least this many rows, so its row of partial sums stays small next to
+# the rows it moves: N fp32 per gradient written, then read by the reduce (8N bytes), against 96N
+# bytes of x, dy and dx over 16 rows of 16-bit values (1/12 a gradient).
 MIN_ROWS_PER_PROGRAM = 16
 OPS = ("layernorm", "rmsnorm", "dyt", "derf")
 
