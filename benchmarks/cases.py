@@ -2,7 +2,7 @@
 
 Providers: ``normzoo``, ``eager`` (torch.nn.functional or the papers' modules), ``compile``
 (``torch.compile(dynamic=False)`` of eager), and, opt-in (``--providers compile-tuned``), compile
-with inductor's coordinate-descent tuning (20-60 s of compile per shape, ANCHORS.md). The peers
+with inductor's coordinate-descent tuning (20-60 s of compile per shape, ../shared/ANCHORS.md). The peers
 Liger-Kernel (``liger``) and quack (``quack``) come from :func:`peer_providers` where importable.
 """
 
@@ -31,7 +31,7 @@ class OpCase:
 
 def _affine_inputs(with_bias: bool):
     def make(rows, hidden, dtype, device):
-        # Params in the activation dtype, as in a model cast with .to(bfloat16) (ANCHORS.md).
+        # Params in the activation dtype, as in a model cast with .to(bfloat16) (../shared/ANCHORS.md).
         x = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
         w = (1 + 0.1 * torch.randn(hidden, dtype=dtype, device=device)).requires_grad_()
         if not with_bias:
@@ -150,7 +150,7 @@ def default_providers(case: OpCase) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Peers (ANCHORS.md benchmarked liger-kernel 0.8.5 and quack-kernels 0.6.5). Imported only when
+# Peers (../shared/ANCHORS.md benchmarked liger-kernel 0.8.5 and quack-kernels 0.6.5). Imported only when
 # asked for, as each needs a CUDA GPU and quack's import alone takes seconds.
 # ----------------------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Timing, byte counting and reporting shared by every benchmark.
 
-Conventions (ANCHORS.md's, so our numbers compare with the peers' there):
+Conventions (../shared/ANCHORS.md's, so our numbers compare with the peers' there):
 - bytes are counted from first principles: each (rows × N) tensor read or written once;
 - time is the median of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs);
 - bandwidth is reported against a device-to-device copy of 1 GiB measured in the same run.

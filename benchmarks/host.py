@@ -5,8 +5,8 @@
 
 Without a GPU (or with ``--stub``) it runs the layers' Triton path with ``TRITON_INTERPRET=1`` and
 every launch replaced by a no-op, so what is timed is everything but the kernel: the method of
-ANCHORS.md (one thread, a 4 × 64 fp32 input that requires grad, against torch's own module on the
-same tensor). On a GPU it times whole calls (kernels included, synchronized) at a few small row
+../shared/ANCHORS.md (one thread, a 4 × 64 fp32 input that requires grad, against torch's own module
+on the same tensor). On a GPU it times whole calls (kernels included, synchronized) at a few small row
 counts, where a norm is launch-bound, against torch eager.
 
 Prints a table and, with ``--out``, writes it as JSON and Markdown. Reports the ratio normzoo /
