@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import triton
 
 from .launch import cdiv
 

@@ -18,7 +18,6 @@ float64 inputs always take the reference: the kernels are for 16- and 32-bit flo
 
 import math
 import numbers
-import os
 from collections.abc import Sequence
 
 import torch
@@ -41,10 +40,6 @@ def check_backend(backend) -> str:
     return backend
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # as normzoo.kernels.heuristics.interpreting
-
-
 _kernels = None
 
 
@@ -65,7 +60,7 @@ def use_triton(backend: str, x: Tensor) -> bool:
     check_backend(backend)
     if backend == "torch" or x.dtype == torch.float64:
         return False
-    if not x.is_cuda and not _interpreting():
+    if not x.is_cuda and not _launchers().heuristics.interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {x.device}); "
             "set TRITON_INTERPRET=1 to run the kernels on CPU, or use backend='auto'"
