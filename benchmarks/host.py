@@ -27,7 +27,9 @@ def parse_args(argv):
                    help="row counts to time (default: 4 when stubbed; 1 16 256 on a GPU)")
     p.add_argument("--hidden", type=int, default=None, help="default: 64 when stubbed, 4096 on a GPU")
     p.add_argument("--stub", action="store_true", help="stub out the launches even on a GPU machine")
-    p.add_argument("--repeats", type=int, default=1000, help="calls per timing (the fastest of 9 interleaved rounds is kept)")
+    p.add_argument("--repeats", type=int, default=300, help="calls per timing")
+    p.add_argument("--rounds", type=int, default=30,
+                   help="interleaved rounds; the fastest is kept (many short rounds ride out a noisy machine)")
     p.add_argument("--out", type=Path, default=None, help="directory for host-<label>.json/.md")
     return p.parse_args(argv)
 
@@ -55,7 +57,7 @@ def layers(hidden: int, device, dtype):
     ]
 
 
-def time_us(fns: dict, repeats: int, sync, rounds: int = 9) -> dict:
+def time_us(fns: dict, repeats: int, sync, rounds: int = 30) -> dict:
     """For each of ``fns`` (label -> callable), the fastest of ``rounds`` timings of the mean
     wall-clock µs per call. The callables take turns within each round, so a slow spell on the
     machine hits them alike; the minimum, since other work only ever adds time."""
@@ -74,7 +76,7 @@ def time_us(fns: dict, repeats: int, sync, rounds: int = 9) -> dict:
     return best
 
 
-def measure(rows_list, hidden, repeats, device, stubbed):
+def measure(rows_list, hidden, repeats, rounds, device, stubbed):
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -87,9 +89,9 @@ def measure(rows_list, hidden, repeats, device, stubbed):
         time_us({"warm-up": lambda: cases[0][1](x).backward(dy)}, repeats, sync, rounds=3)
         for name, ours, theirs in cases:
             row = {"layer": name, "rows": rows, "hidden": hidden, "baseline": f"torch.nn.{type(theirs).__name__}"}
-            fwd = time_us({"normzoo": lambda: ours(x), "torch": lambda: theirs(x)}, repeats, sync)
+            fwd = time_us({"normzoo": lambda: ours(x), "torch": lambda: theirs(x)}, repeats, sync, rounds)
             fwdbwd = time_us({"normzoo": lambda: ours(x).backward(dy), "torch": lambda: theirs(x).backward(dy)},
-                             repeats, sync)
+                             repeats, sync, rounds)
             for label in ("normzoo", "torch"):
                 row[f"{label}_fwd_us"], row[f"{label}_fwdbwd_us"] = fwd[label], fwdbwd[label]
             row["fwd_ratio"] = row["normzoo_fwd_us"] / row["torch_fwd_us"]
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
     device = "cpu" if stubbed else "cuda"
     rows = args.rows or ([4] if stubbed else [1, 16, 256])
     hidden = args.hidden or (64 if stubbed else 4096)
-    results = measure(rows, hidden, args.repeats, device, stubbed)
+    results = measure(rows, hidden, args.repeats, args.rounds, device, stubbed)
 
     from .harness import environment
 

@@ -46,6 +46,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Whether this process's kernels were defined for the interpreter: Triton reads TRITON_INTERPRET
+# when a kernel is decorated, so the kernels imported with this module run on CPU tensors iff this
+# is True, whatever the variable says later. Read once: it is asked on every CPU-tensor call.
+INTERPRETED = interpreting()
+
+
 def next_power_of_2(n: int) -> int:
     """On the host (``triton.next_power_of_2`` is a jit function: a slow call from Python)."""
     return 1 << (n - 1).bit_length() if n > 1 else 1
@@ -76,6 +82,7 @@ def _cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+@functools.lru_cache(maxsize=64)  # asked on every backward; a device's .type alone costs ~0.4 µs
 def num_compute_units(device: torch.device) -> int:
     """Streaming multiprocessors on a GPU; a small fixed number under the CPU interpreter."""
     if device.type == "cuda":
@@ -89,6 +96,7 @@ def _has_tanh_approx(index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (7, 5)
 
 
+@functools.lru_cache(maxsize=64)
 def has_tanh_approx(device: torch.device) -> bool:
     """Whether the 16-bit DyT forward may use the GPU's tanh.approx.f32 (off CUDA: the interpreter,
     which runs its emulation)."""

@@ -1,6 +1,11 @@
-"""Helpers every launcher shares: output allocation, device guard, layout checks."""
+"""Helpers every launcher shares: output allocation, device guard, layout checks.
+
+They sit on the host path of every call, so each is written for its cost as well as its job
+(a tensor's ``.device.type`` alone costs ~0.4 µs; ``x.is_cuda`` a quarter of that).
+"""
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -17,31 +22,46 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def alloc(shape, dtype, device):
-    """An output buffer (uninitialised, or NaN under NORMZOO_POISON=1)."""
+def alloc(like: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of ``numel`` elements on ``like``'s device (uninitialised, or NaN under
+    NORMZOO_POISON=1). Flat because the kernels address it by offsets, and an int size is the
+    cheapest allocation torch offers from Python."""
     if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+        return torch.full((numel,), float("nan"), dtype=dtype, device=like.device)
+    return like.new_empty(numel, dtype=dtype)
 
 
 def alloc_like(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous output of x's shape, dtype and device (cheaper on the host than ``alloc``)."""
+    """A contiguous output of x's shape, dtype and device."""
     if POISON:
         return torch.full_like(x, float("nan"), memory_format=torch.contiguous_format)
+    if x.is_contiguous():  # the layout it would keep anyway, and a cheaper call (~0.25 µs)
+        return torch.empty_like(x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def device_guard(device: torch.device):
-    """Launch on the tensor's own GPU, not the current one (apex#770 returned zeros on cuda:1).
-    Triton launches on the current device, so switch only when the tensor lives elsewhere."""
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
+@functools.lru_cache(maxsize=1)
+def _several_gpus() -> bool:
+    return torch.cuda.device_count() > 1
+
+
+def device_guard(x: torch.Tensor):
+    """Launch on ``x``'s own GPU, not the current one (apex#770 returned zeros on cuda:1). Triton
+    launches on the current device, so switch only when ``x`` lives elsewhere (never with one GPU)."""
+    if x.is_cuda and _several_gpus() and x.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
     return _NO_GUARD
 
 
 def check_rows(x: torch.Tensor, *others: torch.Tensor) -> None:
     """Launchers take 2-D views of one shape whose rows are read with unit stride (any row stride;
     a one-element row, or no row at all, needs none)."""
+    if x.dim() == 2 and x.is_contiguous():  # the usual case, tested first
+        for t in others:
+            if not (t.is_contiguous() and t.shape == x.shape):
+                break
+        else:
+            return
     for t in (x, *others):
         if t.dim() != 2 or t.stride()[1] != 1 and t.shape[1] > 1 and t.shape[0] > 0 or t is not x and t.shape != x.shape:
             raise AssertionError(f"expected 2-D tensors of shape {tuple(x.shape)} with unit column stride, "

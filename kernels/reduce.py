@@ -75,11 +75,11 @@ def sum_partials(partials, P, N, db_offset, dw, db, scalar_offset=0, P_scalar=0,
     ``P_scalar`` (dalpha, dshift) pairs at ``scalar_offset``. Each result is written in its own dtype;
     ``None`` ones are skipped."""
     block_p, block_n = _blocks(N, num_compute_units(partials.device))
-    with device_guard(partials.device):
+    with device_guard(partials):
         _sum_partials_kernel[(cdiv(N, block_n) if dw is not None or db is not None else 1,)](
             partials, dw if dw is not None else partials, db if db is not None else partials,
             dalpha if dalpha is not None else partials, dshift if dshift is not None else partials,
             P, N, db_offset, P_scalar, scalar_offset,
-            HAS_DW=dw is not None, HAS_DB=db is not None, HAS_ALPHA=dalpha is not None,
-            HAS_SHIFT=dshift is not None, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
+            # HAS_DW, HAS_DB, HAS_ALPHA, HAS_SHIFT, BLOCK_P, BLOCK_N (by position: cheaper on the host)
+            dw is not None, db is not None, dalpha is not None, dshift is not None, block_p, block_n, num_warps=4,
         )

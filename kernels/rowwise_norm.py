@@ -239,22 +239,23 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, max_block
     """Normalize each row of the 2-D ``x`` (last dim contiguous).
 
     Returns ``(y, stats)``: ``y`` in x's dtype; ``stats`` the per-row fp32 statistics the backward
-    takes, ``rstd`` (M,) for RMSNorm and ``(mean, rstd)`` stacked as (2, M) for LayerNorm (one
-    buffer: one allocation on the host path).
+    takes, ``rstd`` (M,) for RMSNorm and ``mean`` then ``rstd`` in one flat (2M,) buffer for
+    LayerNorm (one allocation on the host path).
     """
     check_rows(x)
     M, N = x.shape
     y = alloc_like(x)
-    stats = alloc((M,) if is_rms else (2, M), torch.float32, x.device)
+    stats = alloc(x, M if is_rms else 2 * M, torch.float32)
     if M == 0 or N == 0:
         return y, stats
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
-    with device_guard(x.device):
+    with device_guard(x):
         _norm_fwd_kernel[(cdiv(M, cfg.block_m),)](
             x, y, weight if weight is not None else x, bias if bias is not None else x, stats,
             x.stride()[0], N, M, N, eps,
-            IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile, NUM_STAGES=cfg.num_stages,
+            # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host):
+            # IS_RMS, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES.
+            is_rms, weight is not None, bias is not None, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages,
             num_warps=cfg.num_warps,
         )
     return y, stats
@@ -285,19 +286,19 @@ def rowwise_norm_backward(
 
     # One fp32 scratch buffer for both column sums (one allocation): [dw (programs × N) | db (programs × N)].
     db_offset = programs * N if compute_dw else 0
-    partials = alloc((db_offset + (programs * N if compute_db else 0),), torch.float32, device)
-    row_sums = None if cfg.single_tile else alloc((M, 2), torch.float32, device)
-    with device_guard(device):
+    partials = alloc(x, db_offset + (programs * N if compute_db else 0), torch.float32)
+    row_sums = None if cfg.single_tile else alloc(x, 2 * M, torch.float32)
+    with device_guard(x):
         _norm_bwd_kernel[(programs,)](
             x, weight if weight is not None else x, dy, dx, stats, partials if compute_dw or compute_db else dx,
             row_sums if row_sums is not None else stats,
             x.stride()[0], dy.stride()[0], N, M, N, rows_per_program, db_offset,
-            IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile, NUM_STAGES=cfg.num_stages,
-            num_warps=cfg.num_warps,
+            # IS_RMS, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES (by position)
+            is_rms, weight is not None, compute_dw, compute_db, cfg.block_m, cfg.block_n, cfg.single_tile,
+            cfg.num_stages, num_warps=cfg.num_warps,
         )
-    dw = alloc((N,), weight.dtype, device) if compute_dw else None
-    db = alloc((N,), db_dtype, device) if compute_db else None
+    dw = alloc(x, N, weight.dtype) if compute_dw else None
+    db = alloc(x, N, db_dtype) if compute_db else None
     if compute_dw or compute_db:
         sum_partials(partials, programs, N, db_offset, dw, db)
     return dx, dw, db

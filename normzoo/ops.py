@@ -56,16 +56,18 @@ def _launchers():
 def use_triton(backend: str, x: Tensor) -> bool:
     """Whether ``x`` goes to the Triton kernels under ``backend``."""
     if backend == "auto":
-        return x.is_cuda and x.dtype != torch.float64
-    check_backend(backend)
-    if backend == "torch" or x.dtype == torch.float64:
-        return False
-    if not x.is_cuda and not _launchers().heuristics.interpreting():
+        return x.is_cuda and x.dtype is not torch.float64
+    if backend == "triton":
+        if x.dtype is torch.float64:
+            return False
+        if x.is_cuda or _launchers().heuristics.INTERPRETED:
+            return True
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {x.device}); "
             "set TRITON_INTERPRET=1 to run the kernels on CPU, or use backend='auto'"
         )
-    return True
+    check_backend(backend)
+    return False
 
 
 # Shapes already checked (a module passes the same tuple every call): a dict hit is the fast path.
@@ -130,6 +132,23 @@ def check_param(p, name: str, shape: tuple[int, ...], x: Tensor) -> None:
         raise TypeError(f"{name} must have the input's dtype ({x.dtype}) or float32, got {p.dtype}")
 
 
+def check_affine(weight, bias, shape: tuple[int, ...], x: Tensor) -> None:
+    """:func:`check_param` for a layer's weight and bias, with one test for the usual case (every
+    call of a module makes it: a third of the checks' host time)."""
+    device, dtype = x.device, x.dtype
+    for p in (weight, bias):
+        if p is not None and not (isinstance(p, Tensor) and p.shape == shape and p.device == device
+                                  and (p.dtype is dtype or p.dtype is torch.float32)):
+            check_param(weight, "weight", shape, x)
+            check_param(bias, "bias", shape, x)
+
+
+def check_trailing_shape(x: Tensor, shape: tuple[int, ...], label: str = "normalized_shape=") -> None:
+    k = len(shape)
+    if x.shape[-1] != shape[0] if k == 1 and x.dim() else x.dim() < k or x.shape[x.dim() - k:] != shape:
+        raise ValueError(f"expected input whose trailing dims are {label}{shape}, got input of shape {tuple(x.shape)}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Row-wise norm (LayerNorm / RMSNorm)
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +159,7 @@ def _c_apply(function: type[torch.autograd.Function]):
 
     ``Function.apply`` is a Python classmethod around the C++ ``_FunctionBase.apply``: it checks for
     a ``setup_context`` (ours have none), hands the call to functorch when a transform is active
-    (we send those calls to the custom ops instead, :func:`_traced`), and otherwise unwraps dead
+    (we send those calls to the custom ops instead, :func:`_route`), and otherwise unwraps dead
     functorch wrappers (:func:`_unwrap`) and calls the C++ apply. Doing the same inline saves about
     2.5 µs of the ~7.5 µs a call costs."""
     try:
@@ -152,20 +171,6 @@ def _c_apply(function: type[torch.autograd.Function]):
 
 _FAKE = torch._C._TorchDispatchModeKey.FAKE
 _PROXY = torch._C._TorchDispatchModeKey.PROXY
-
-
-def _traced(x: Tensor) -> bool:
-    """Anything but a plain eager call: torch.compile / torch.export, functorch transforms (vmap,
-    grad, jacrev...), torch.jit.trace, FakeTensorMode or make_fx, meta tensors. These take the
-    registered custom ops (fake implementations, the dispatcher's transform rules); the launchers
-    would otherwise run on tensors that have no data."""
-    if (torch.compiler.is_compiling() or x.is_meta or torch._C._get_tracing_state() is not None
-            or torch._C._get_dispatch_mode(_FAKE) is not None or torch._C._get_dispatch_mode(_PROXY) is not None):
-        return True
-    if torch._C._are_functorch_transforms_active():
-        _refuse_forward_ad()
-        return True
-    return False
 
 
 def _refuse_forward_ad() -> None:
@@ -185,7 +190,10 @@ def _refuse_double_backward() -> None:
 
 
 def _unwrap(t: Tensor | None) -> Tensor | None:
-    return t if t is None else torch._C._functorch.unwrap_if_dead(t)
+    return t if t is None else _unwrap_if_dead(t)
+
+
+_unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)
 
 
 def _for_kernels(t: Tensor | None) -> Tensor | None:
@@ -207,13 +215,13 @@ def _for_reference(t: Tensor | None) -> Tensor | None:
 def _rowwise_forward(x, weight, bias, eps, is_rms, triton):
     """``(y, stats)``: the one forward implementation, behind both the eager autograd.Function and
     the custom op. ``stats`` holds the per-row fp32 statistics the backward needs: rstd (M,) for
-    RMSNorm, mean and rstd stacked (2, M) for LayerNorm (as the kernels store them)."""
+    RMSNorm, mean then rstd in one flat (2M,) buffer for LayerNorm (as the kernels store them)."""
     if triton:
         return _launchers().rowwise_norm_forward(_for_kernels(x), _for_kernels(weight), _for_kernels(bias), eps,
                                                  is_rms=is_rms)
     x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
     y, mean, rstd = reference.rowwise_norm_forward(x, weight, bias, eps, is_rms)
-    return y, (rstd if is_rms else torch.stack((mean, rstd)))
+    return y, (rstd if is_rms else torch.cat((mean, rstd)))
 
 
 def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton):
@@ -222,44 +230,41 @@ def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton
         return _launchers().rowwise_norm_backward(_for_kernels(dy), _for_kernels(x), _for_kernels(weight), stats,
                                                   is_rms=is_rms, compute_dw=compute_dw, db_dtype=db_dtype)
     dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
-    mean, rstd = (None, stats) if is_rms else stats
+    mean, rstd = (None, stats) if is_rms else stats.view(2, x.shape[0])
     return reference.rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype)
 
 
-def _rowwise_save(ctx, inputs, output):
-    x, weight, bias, eps, is_rms, triton = inputs
-    ctx.save_for_backward(x, weight, output[1])
-    ctx.is_rms, ctx.triton = is_rms, triton
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
 def _rowwise_grads(ctx, dy, backward):
-    """The gradients for ``ctx``'s inputs, computed by ``backward`` (the eager implementation or the
-    custom op, which returns empty tensors where the other returns None)."""
+    """``(dx, dw, db)`` for ``ctx``'s tensor inputs, ``None`` where not needed, computed by
+    ``backward`` (the eager implementation or the custom op, which returns empty tensors where the
+    other returns None). ``ctx.meta``: ``(is_rms, triton, bias_dtype)``."""
     x, weight, stats = ctx.saved_tensors
     needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+    is_rms, triton, bias_dtype = ctx.meta
     compute_dw = weight is not None and needs_dw
-    db_dtype = ctx.bias_dtype if needs_db else None
-    dx, dw, db = backward(dy, x, weight, stats, ctx.is_rms, compute_dw, db_dtype, ctx.triton)
-    return (dx if needs_dx else None, dw if compute_dw else None, db if db_dtype is not None else None,
-            None, None, None)
+    db_dtype = bias_dtype if needs_db else None
+    dx, dw, db = backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton)
+    return dx if needs_dx else None, dw if compute_dw else None, db if db_dtype is not None else None
 
 
 class _RowwiseNorm(torch.autograd.Function):
     """The eager path: an autograd.Function costs a fraction of a custom op's dispatch (~7 µs
     against ~40 µs a call on a 2-core CPU, ../shared/DESIGN.md). The statistics stay on ctx, not
-    among the outputs, so autograd never materializes zero gradients for them."""
+    among the outputs, so autograd never materializes zero gradients for them. The non-tensor
+    arguments travel as one tuple, ``spec = (eps, is_rms, triton)``: each argument of ``apply``
+    costs host time."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _rowwise_forward(*inputs)
-        _rowwise_save(ctx, inputs, output)
-        return output[0]
+    def forward(ctx, x, weight, bias, spec):
+        y, stats = _rowwise_forward(x, weight, bias, *spec)
+        ctx.save_for_backward(x, weight, stats)
+        ctx.meta = (spec[1], spec[2], bias.dtype if bias is not None else None)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         _refuse_double_backward()
-        return _rowwise_grads(ctx, dy, _rowwise_backward)
+        return *_rowwise_grads(ctx, dy, _rowwise_backward), None
 
 
 _ROWWISE_C_APPLY = _c_apply(_RowwiseNorm)
@@ -280,7 +285,7 @@ def rowwise_norm_fwd(
 def _(x, weight, bias, eps, is_rms, triton):
     rows = x.shape[0]
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty((rows,) if is_rms else (2, rows), dtype=reference.compute_dtype(x.dtype)))
+            x.new_empty((rows if is_rms else 2 * rows,), dtype=reference.compute_dtype(x.dtype)))
 
 
 @torch.library.custom_op("normzoo::rowwise_norm_bwd", mutates_args=())
@@ -303,24 +308,49 @@ def _(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton):
 
 
 def _rowwise_norm_setup_context(ctx, inputs, output):
-    _rowwise_save(ctx, inputs, output)
+    x, weight, bias, eps, is_rms, triton = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.meta = (is_rms, triton, bias.dtype if bias is not None else None)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
-rowwise_norm_fwd.register_autograd(lambda ctx, dy, _dstats: _rowwise_grads(ctx, dy, rowwise_norm_bwd),
-                                   setup_context=_rowwise_norm_setup_context)
+rowwise_norm_fwd.register_autograd(
+    lambda ctx, dy, _dstats: (*_rowwise_grads(ctx, dy, rowwise_norm_bwd), None, None, None),
+    setup_context=_rowwise_norm_setup_context)
+
+
+# Every call asks these, so they are looked up once (each dotted lookup costs host time).
+_forward_ad = torch.autograd.forward_ad
+_is_compiling = torch.compiler.is_compiling
+_tracing_state = torch._C._get_tracing_state
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_dispatch_mode = torch._C._get_dispatch_mode
+_functorch_transforms_active = torch._C._are_functorch_transforms_active
+_grad_enabled = torch.is_grad_enabled
 
 
 def _route(x: Tensor, *params: Tensor | None) -> str:
-    """Which way a call goes: "custom_op" (anything traced, see :func:`_traced`), "function" (eager
-    and some tensor needs a gradient: the autograd.Function) or "forward" (eager, no gradient).
+    """Which way a call goes:
+
+    - "custom_op": anything but a plain eager call: torch.compile / torch.export, functorch
+      transforms (vmap, grad, jacrev...), torch.jit.trace, FakeTensorMode or make_fx, meta tensors.
+      These take the registered custom ops (fake implementations, the dispatcher's transform
+      rules); the launchers would otherwise run on tensors that have no data.
+    - "function": eager, and some tensor needs a gradient: the autograd.Function.
+    - "forward": eager, no gradient.
+
     Forward-mode AD is refused: no op has a jvp rule yet."""
-    if torch.autograd.forward_ad._current_level >= 0:
+    if _forward_ad._current_level >= 0:
         raise NotImplementedError("normzoo ops have no forward-mode AD rule yet (torch.autograd.forward_ad)")
-    if _traced(x):
+    if (_is_compiling() or x.is_meta or _tracing_state() is not None
+            # An empty mode stack (the eager case) answers both mode questions in one call.
+            or _dispatch_stack_len() and (_dispatch_mode(_FAKE) is not None or _dispatch_mode(_PROXY) is not None)):
         return "custom_op"
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+    if _functorch_transforms_active():
+        _refuse_forward_ad()
+        return "custom_op"
+    if _grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return "function"
     return "forward"
 
@@ -331,19 +361,15 @@ def rowwise_norm(
     """LayerNorm or RMSNorm over the trailing ``normalized_shape`` dims of ``x``, any leading dims."""
     check_input(x)
     shape = normalized_shape_tuple(normalized_shape)
-    k = len(shape)
-    if x.dim() < k or x.shape[x.dim() - k:] != shape:
-        raise ValueError(
-            f"expected input whose trailing dims are normalized_shape={shape}, got input of shape {tuple(x.shape)}"
-        )
-    check_param(weight, "weight", shape, x)
-    check_param(bias, "bias", shape, x)
+    check_trailing_shape(x, shape)
+    check_affine(weight, bias, shape, x)
     if eps is None:  # torch.nn.RMSNorm's default: machine epsilon of the compute dtype
         eps = torch.finfo(reference.compute_dtype(x.dtype)).eps
     eps = check_eps(eps)
     triton = use_triton(backend, x)
 
     # Rows of n: views where possible, and no call at all when x already is (rows, n).
+    k = len(shape)
     n = shape[0] if k == 1 else math.prod(shape)
     x2d = x if x.dim() == 2 and k == 1 else x.reshape(math.prod(x.shape[: x.dim() - k]), n)
     w = weight if weight is None or k == 1 else weight.reshape(n)
@@ -353,9 +379,10 @@ def rowwise_norm(
         y = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton)[0]
     elif route == "function":
         if _ROWWISE_C_APPLY is None:
-            y = _RowwiseNorm.apply(x2d, w, b, eps, is_rms, triton)
+            y = _RowwiseNorm.apply(x2d, w, b, (eps, is_rms, triton))
         else:
-            y = _ROWWISE_C_APPLY(_unwrap(x2d), _unwrap(w), _unwrap(b), eps, is_rms, triton)
+            y = _ROWWISE_C_APPLY(_unwrap_if_dead(x2d), w if w is None else _unwrap_if_dead(w),
+                                 b if b is None else _unwrap_if_dead(b), (eps, is_rms, triton))
     else:
         y = _rowwise_forward(x2d, w, b, eps, is_rms, triton)[0]
     return y if x2d is x else y.view(x.shape)
@@ -386,42 +413,39 @@ def _pointwise_backward(dy, x, alpha, shift, weight, activation, channels, param
                                         compute_dw, db_dtype)
 
 
-def _pointwise_save(ctx, inputs):
-    x, alpha, shift, weight, bias, activation, channels, params_per_row, triton = inputs
-    ctx.save_for_backward(x, alpha, shift, weight)
-    ctx.activation, ctx.channels, ctx.params_per_row, ctx.triton = activation, channels, params_per_row, triton
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
 def _pointwise_grads(ctx, dy, backward):
+    """``(dx, dalpha, dshift, dw, db)`` for ``ctx``'s tensor inputs (see :func:`_rowwise_grads`).
+    ``ctx.meta``: ``(activation, channels, params_per_row, triton, bias_dtype)``."""
     x, alpha, shift, weight = ctx.saved_tensors
     needs_dx, needs_dalpha, needs_dshift, needs_dw, needs_db = ctx.needs_input_grad[:5]
+    activation, channels, params_per_row, triton, bias_dtype = ctx.meta
     compute_dw = weight is not None and needs_dw
-    db_dtype = ctx.bias_dtype if needs_db else None
-    dx, dalpha, dshift, dw, db = backward(dy, x, alpha, shift, weight, ctx.activation, ctx.channels,
-                                          ctx.params_per_row, compute_dw, db_dtype, ctx.triton)
+    db_dtype = bias_dtype if needs_db else None
+    dx, dalpha, dshift, dw, db = backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
+                                          compute_dw, db_dtype, triton)
     return (
         dx if needs_dx else None,
-        dalpha.view(alpha.shape) if needs_dalpha else None,
-        dshift.view(shift.shape) if shift is not None and needs_dshift else None,
+        dalpha if needs_dalpha else None,  # (1,), as the alpha and shift the ops take
+        dshift if shift is not None and needs_dshift else None,
         dw if compute_dw else None,
         db if db_dtype is not None else None,
-        None, None, None, None,
     )
 
 
 class _Pointwise(torch.autograd.Function):
-    """The eager path of DyT / Derf (see :class:`_RowwiseNorm`)."""
+    """The eager path of DyT / Derf (see :class:`_RowwiseNorm`);
+    ``spec = (activation, channels, params_per_row, triton)``."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        _pointwise_save(ctx, inputs)
-        return _pointwise_forward(*inputs)
+    def forward(ctx, x, alpha, shift, weight, bias, spec):
+        ctx.save_for_backward(x, alpha, shift, weight)
+        ctx.meta = (*spec, bias.dtype if bias is not None else None)
+        return _pointwise_forward(x, alpha, shift, weight, bias, *spec)
 
     @staticmethod
     def backward(ctx, dy):
         _refuse_double_backward()
-        return _pointwise_grads(ctx, dy, _pointwise_backward)
+        return *_pointwise_grads(ctx, dy, _pointwise_backward), None
 
 
 _POINTWISE_C_APPLY = _c_apply(_Pointwise)
@@ -464,8 +488,25 @@ def _(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute
     )
 
 
-pointwise_fwd.register_autograd(lambda ctx, dy: _pointwise_grads(ctx, dy, pointwise_bwd),
-                                setup_context=lambda ctx, inputs, output: _pointwise_save(ctx, inputs))
+def _pointwise_setup_context(ctx, inputs, output):
+    x, alpha, shift, weight, bias, *spec = inputs
+    ctx.save_for_backward(x, alpha, shift, weight)
+    ctx.meta = (*spec, bias.dtype if bias is not None else None)
+
+
+pointwise_fwd.register_autograd(lambda ctx, dy: (*_pointwise_grads(ctx, dy, pointwise_bwd), None, None, None, None),
+                                setup_context=_pointwise_setup_context)
+
+
+def _check_scalars(alpha, shift, x: Tensor) -> None:
+    """alpha (and shift, unless None): one-element float tensors on x's device."""
+    device = x.device
+    for t in (alpha, shift):
+        if t is not None and not (isinstance(t, Tensor) and t.numel() == 1 and t.dtype in FLOAT_DTYPES
+                                  and t.device == device):
+            _check_scalar(alpha, "alpha", x)
+            if shift is not None:
+                _check_scalar(shift, "shift", x)
 
 
 def _check_scalar(t, name: str, x: Tensor) -> None:
@@ -491,18 +532,14 @@ def pointwise(
     dim.
     """
     check_input(x)
-    _check_scalar(alpha, "alpha", x)
-    if shift is not None:
-        _check_scalar(shift, "shift", x)
+    _check_scalars(alpha, shift, x)
     expected = normalized_shape_tuple(normalized_shape) if normalized_shape is not None else None
     if channels_last:
         param = weight if weight is not None else bias
         shape = expected or (tuple(param.shape) if param is not None else (x.shape[-1] if x.dim() else 1,))
-        k = len(shape)
-        if x.dim() < k or x.shape[x.dim() - k:] != shape:
-            raise ValueError(f"expected input whose trailing dims are {shape}, got input of shape {tuple(x.shape)}")
-        channels = shape[0] if k == 1 else math.prod(shape)
-        x2d = x if x.dim() == 2 and k == 1 else x.reshape(x.numel() // channels if channels else 0, channels)
+        check_trailing_shape(x, shape, label="")
+        channels = shape[0] if len(shape) == 1 else math.prod(shape)
+        x2d = x if x.dim() == 2 and len(shape) == 1 else x.reshape(x.numel() // channels if channels else 0, channels)
     else:
         if x.dim() < 2:
             raise ValueError(f"channels_last=False expects input of shape (B, C, *spatial), got {tuple(x.shape)}")
@@ -512,21 +549,26 @@ def pointwise(
                              f"got input of shape {tuple(x.shape)}")
         channels = x.shape[1]
         x2d = x.reshape(x.shape[0] * channels, math.prod(x.shape[2:]))
-    check_param(weight, "weight", shape, x)
-    check_param(bias, "bias", shape, x)
+    check_affine(weight, bias, shape, x)
     triton = use_triton(backend, x)
-    flat = lambda p, n: p if p is None or p.dim() == 1 else p.reshape(n)  # (1,) scalars and (C,) params as they are
-    args = (x2d, flat(alpha, 1), flat(shift, 1), flat(weight, channels), flat(bias, channels), activation,
-            channels, not channels_last, triton)
-    route = _route(*args[:5])
+    # (1,) scalars and (C,) parameters as they are; others flattened to them.
+    if alpha.dim() != 1:
+        alpha = alpha.reshape(1)
+    if shift is not None and shift.dim() != 1:
+        shift = shift.reshape(1)
+    if len(shape) != 1:
+        weight = weight if weight is None else weight.reshape(channels)
+        bias = bias if bias is None else bias.reshape(channels)
+    spec = (activation, channels, not channels_last, triton)
+    route = _route(x2d, alpha, shift, weight, bias)
     if route == "custom_op":
-        y = pointwise_fwd(*args)
+        y = pointwise_fwd(x2d, alpha, shift, weight, bias, *spec)
     elif route == "function":
         if _POINTWISE_C_APPLY is None:
-            y = _Pointwise.apply(*args)
+            y = _Pointwise.apply(x2d, alpha, shift, weight, bias, spec)
         else:
-            y = _POINTWISE_C_APPLY(_unwrap(x2d), _unwrap(args[1]), _unwrap(args[2]), _unwrap(args[3]),
-                                   _unwrap(args[4]), *args[5:])
+            y = _POINTWISE_C_APPLY(_unwrap_if_dead(x2d), _unwrap_if_dead(alpha), _unwrap(shift), _unwrap(weight),
+                                   _unwrap(bias), spec)
     else:
-        y = _pointwise_forward(*args)
+        y = _pointwise_forward(x2d, alpha, shift, weight, bias, *spec)
     return y if x2d is x else y.view(x.shape)

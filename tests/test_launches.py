@@ -15,7 +15,7 @@ import normzoo
 from normzoo.kernels import launch
 
 # What a launcher may ask of torch: output buffers, and views of its input and outputs.
-NON_COMPUTE_OPS = {"aten.empty.memory_format", "aten.empty_like.default", "aten.empty_strided.default",
+NON_COMPUTE_OPS = {"aten.empty.memory_format", "aten.new_empty.default", "aten.empty_like.default", "aten.empty_strided.default",
                    "aten.view.default", "aten._unsafe_view.default", "aten.alias.default"}
 
 

@@ -216,7 +216,9 @@ def test_bad_input_raises_clear_errors(call, exc, match):
 
 def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
     # CPU tensors on purpose: this is the refusal a user gets without a GPU or the interpreter.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from normzoo.kernels import heuristics
+
+    monkeypatch.setattr(heuristics, "INTERPRETED", False)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         NF.layer_norm(torch.randn(2, 4), (4,), backend="triton")
 
@@ -426,3 +428,35 @@ def test_empty_input_with_odd_strides(device):
         y.sum().backward()
         assert x.grad.shape == (0, 20) and all(torch.equal(p.grad, torch.zeros_like(p)) for p in layer.parameters())
         x.grad = None
+
+
+@pytest.mark.parametrize("make", [lambda: normzoo.LayerNorm(8, backend="triton"), lambda: normzoo.RMSNorm(8, backend="triton"),
+                                  lambda: normzoo.DyT(8, backend="triton"), lambda: normzoo.Derf(8, backend="triton")],
+                         ids=["layernorm", "rmsnorm", "dyt", "derf"])
+def test_layers_use_what_the_module_attribute_returns(make, device):
+    """The layers read parameters from ``_parameters`` for speed; a parametrization, a plain
+    attribute or torch.func.functional_call must still decide what they use."""
+    from torch.nn.utils import parametrize
+
+    layer = make().to(device)
+    x = torch.randn(3, 8, device=device)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    plain = layer(x)
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    doubled = make().to(device)
+    doubled.load_state_dict({**layer.state_dict(), "weight": 2 * layer.weight.detach()})
+    parametrize.register_parametrization(layer, "weight", Double())
+    assert "weight" not in layer._parameters
+    assert_close(layer(x), doubled(x), "parametrized weight")
+    assert not torch.allclose(layer(x), plain)
+    parametrize.remove_parametrizations(layer, "weight")
+
+    swapped = torch.func.functional_call(layer, {"weight": torch.zeros(8, device=device)}, (x,))
+    bias = getattr(layer, "bias", None)
+    bias = bias if bias is not None else torch.zeros(8, device=device)
+    assert_close(swapped, bias.detach().expand(3, 8), "functional_call weight")

@@ -52,8 +52,8 @@ def run_and_compare(x, weight, bias, is_rms, eps=1e-5, max_block_n=None):
     dy = torch.randn_like(x)
     y_peer, dx_peer, dw_peer, db_peer, mean_peer, rstd_peer = torch_peer(x, weight, bias, dy, is_rms, eps)
     y, stats = rowwise_norm_forward(x, weight, bias, eps, is_rms=is_rms, max_block_n=max_block_n)
-    assert stats.shape == ((m,) if is_rms else (2, m)) and stats.dtype == torch.float32
-    mean, rstd = (None, stats) if is_rms else stats
+    assert stats.shape == ((m,) if is_rms else (2 * m,)) and stats.dtype == torch.float32
+    mean, rstd = (None, stats) if is_rms else stats.view(2, m)
     as64 = lambda t: None if t is None else t.double()
     y_ref, mean_ref, rstd_ref = reference.rowwise_norm_forward(x.double(), as64(weight), as64(bias), eps, is_rms)
     assert_close(y, y_ref, "y", x.dtype, peer=y_peer)
@@ -141,7 +141,7 @@ def test_empty_input(device):
     x = torch.empty(0, 16, device=device)
     w = torch.randn(16, device=device)
     y, stats = rowwise_norm_forward(x, w, w, 1e-5, is_rms=False)
-    assert y.shape == (0, 16) and stats.shape == (2, 0)
+    assert y.shape == (0, 16) and stats.shape == (0,)
     dx, dw, db = rowwise_norm_backward(torch.empty(0, 16, device=device), x, w, stats,
                                        is_rms=False, compute_dw=True, db_dtype=torch.float32)
     assert dx.shape == (0, 16)
