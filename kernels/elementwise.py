@@ -302,9 +302,9 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
             activation, shift is not None, weight is not None, compute_dw, compute_db, params_per_row,
             cfg.block_m, cfg.block_n, cfg.num_stages, num_warps=cfg.num_warps,
         )
-    dalpha = alloc(x, 1, alpha.dtype)
-    dshift = alloc(x, 1, shift.dtype) if shift is not None else None
-    dw = alloc(x, channels, weight.dtype) if compute_dw else None
-    db = alloc(x, channels, db_dtype) if compute_db else None
-    sum_partials(partials, parts, cols, db_offset, dw, db, scalar_offset, programs, dalpha, dshift)
+        dalpha = alloc(x, 1, alpha.dtype)
+        dshift = alloc(x, 1, shift.dtype) if shift is not None else None
+        dw = alloc(x, channels, weight.dtype) if compute_dw else None
+        db = alloc(x, channels, db_dtype) if compute_db else None
+        sum_partials(partials, parts, cols, db_offset, dw, db, scalar_offset, programs, dalpha, dshift)
     return dx, dalpha, dshift, dw, db

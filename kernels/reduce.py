@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .heuristics import next_power_of_2, num_compute_units
-from .launch import cdiv, device_guard
+from .launch import cdiv
 
 
 @triton.jit
@@ -73,13 +73,12 @@ def sum_partials(partials, P, N, db_offset, dw, db, scalar_offset=0, P_scalar=0,
     """In one launch: ``dw`` (and/or ``db``) = the sum over P rows of the (P, N) fp32 block of
     ``partials`` at offset 0 (``db_offset``), and ``dalpha``/``dshift`` = the sums of the
     ``P_scalar`` (dalpha, dshift) pairs at ``scalar_offset``. Each result is written in its own dtype;
-    ``None`` ones are skipped."""
+    ``None`` ones are skipped. Launchers call it under their own device guard."""
     block_p, block_n = _blocks(N, num_compute_units(partials.device))
-    with device_guard(partials):
-        _sum_partials_kernel[(cdiv(N, block_n) if dw is not None or db is not None else 1,)](
-            partials, dw if dw is not None else partials, db if db is not None else partials,
-            dalpha if dalpha is not None else partials, dshift if dshift is not None else partials,
-            P, N, db_offset, P_scalar, scalar_offset,
-            # HAS_DW, HAS_DB, HAS_ALPHA, HAS_SHIFT, BLOCK_P, BLOCK_N (by position: cheaper on the host)
-            dw is not None, db is not None, dalpha is not None, dshift is not None, block_p, block_n, num_warps=4,
-        )
+    _sum_partials_kernel[(cdiv(N, block_n) if dw is not None or db is not None else 1,)](
+        partials, dw if dw is not None else partials, db if db is not None else partials,
+        dalpha if dalpha is not None else partials, dshift if dshift is not None else partials,
+        P, N, db_offset, P_scalar, scalar_offset,
+        # HAS_DW, HAS_DB, HAS_ALPHA, HAS_SHIFT, BLOCK_P, BLOCK_N (by position: cheaper on the host)
+        dw is not None, db is not None, dalpha is not None, dshift is not None, block_p, block_n, num_warps=4,
+    )

@@ -297,8 +297,8 @@ def rowwise_norm_backward(
             is_rms, weight is not None, compute_dw, compute_db, cfg.block_m, cfg.block_n, cfg.single_tile,
             cfg.num_stages, num_warps=cfg.num_warps,
         )
-    dw = alloc(x, N, weight.dtype) if compute_dw else None
-    db = alloc(x, N, db_dtype) if compute_db else None
-    if compute_dw or compute_db:
-        sum_partials(partials, programs, N, db_offset, dw, db)
+        dw = alloc(x, N, weight.dtype) if compute_dw else None
+        db = alloc(x, N, db_dtype) if compute_db else None
+        if compute_dw or compute_db:
+            sum_partials(partials, programs, N, db_offset, dw, db)
     return dx, dw, db
