@@ -5,7 +5,9 @@ is contiguous, allocate outputs, and return tensors. ``normzoo.ops`` builds the 
 on top of them.
 """
 
-from .elementwise import pointwise_backward, pointwise_forward
-from .rowwise_norm import rowwise_norm_backward, rowwise_norm_forward
+from .elementwise import pointwise_backward, pointwise_forward, pointwise_residual_backward, pointwise_residual_forward
+from .rowwise_norm import (rowwise_norm_backward, rowwise_norm_forward, rowwise_residual_backward,
+                           rowwise_residual_forward)
 
-__all__ = ["rowwise_norm_forward", "rowwise_norm_backward", "pointwise_forward", "pointwise_backward"]
+__all__ = ["rowwise_norm_forward", "rowwise_norm_backward", "rowwise_residual_forward", "rowwise_residual_backward",
+           "pointwise_forward", "pointwise_backward", "pointwise_residual_forward", "pointwise_residual_backward"]

@@ -19,7 +19,8 @@ atomics.
 16-bit DyT forward (``FAST_TANH``) uses the GPU's ``tanh.approx.f32`` (one MUFU instruction, max
 relative error 2^-10.987 per the PTX ISA): about fp16's unit roundoff and far below bf16's, for a
 tenth of the instructions of the exact path, which keeps the forward memory-bound. fp32 output and
-every backward keep the exact ``_tanh_and_derivative`` (dw may be fp32 even for 16-bit input).
+every backward keep the exact ``_tanh_and_derivative`` (dw may be fp32 even for 16-bit input), and
+so does a fused residual op's layer whose output goes into the residual stream (``RES_MODE`` 2, 3).
 Triton's interpreter cannot run inline PTX, so under it ``_tanh_approx`` is an emulation that
 errs by the instruction's whole error bound (tests then check the 16-bit output against the
 tolerance table with that worst case); the GPU test run checks the real instruction.
@@ -30,8 +31,9 @@ import triton
 import triton.language as tl
 
 from .heuristics import INTERPRETED, has_tanh_approx, launch_config, split_rows
-from .launch import alloc, alloc_like, cdiv, check_rows, device_guard
+from .launch import alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard
 from .reduce import sum_partials
+from .rowwise_norm import RES_MODES
 from .tiles import load_tile, store_tile
 
 ACTIVATIONS = ("tanh", "erf")
@@ -106,17 +108,42 @@ def _param_tile(P, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW: tl.constex
 
 
 @triton.jit
+def _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION: tl.constexpr,
+               HAS_SHIFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+               PARAMS_PER_ROW: tl.constexpr, FAST_TANH: tl.constexpr):
+    """w ⊙ act(alpha·x + shift) + b on one fp32 tile."""
+    u = x * tl.load(ALPHA).to(tl.float32)
+    if HAS_SHIFT:
+        u += tl.load(SHIFT).to(tl.float32)
+    if FAST_TANH:
+        y = _tanh_approx(u)
+    else:
+        y, _ = _activation(u, ACTIVATION)
+    if HAS_WEIGHT:
+        y = y * _param_tile(W, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
+    if HAS_BIAS:
+        y = y + _param_tile(B, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
+    return y
+
+
+@triton.jit
 def _pointwise_fwd_kernel(
     X, Y, ALPHA, SHIFT, W, B,  # pointers; ALPHA/SHIFT hold one scalar each
-    stride_x_row, stride_y_row,
+    R, S,  # residual stream in and the sum out (RES_MODE != 0; see kernels/rowwise_norm.py)
+    ALPHA2, SHIFT2, W2, B2,  # the second layer of RES_NORM_ADD_NORM (y = layer2(s))
+    stride_x_row, stride_y_row, stride_r_row, stride_s_row,
     M, N,  # rows, columns of the 2-D view
     C,  # channels (rows are channel r mod C when PARAMS_PER_ROW)
+    scale,  # multiplies y (LayerNorm scaling's 1/√l; 1.0 otherwise)
     ACTIVATION: tl.constexpr,  # "tanh" (DyT) or "erf" (Derf)
     HAS_SHIFT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PARAMS_PER_ROW: tl.constexpr,
-    FAST_TANH: tl.constexpr,  # tanh.approx.f32 (16-bit output only; see the module docstring)
+    FAST_TANH: tl.constexpr,  # tanh.approx.f32 for y (16-bit only; see the module docstring), never for s
+    RES_MODE: tl.constexpr,  # 0 none, 1 add then layer, 2 layer then add, 3 layer, add, layer2
+    HAS_WEIGHT2: tl.constexpr,
+    HAS_BIAS2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -129,34 +156,45 @@ def _pointwise_fwd_kernel(
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
     x = load_tile(X, rows, stride_x_row, cols, mask)
-    u = x * tl.load(ALPHA).to(tl.float32)
-    if HAS_SHIFT:
-        u += tl.load(SHIFT).to(tl.float32)
-    if FAST_TANH:
-        y = _tanh_approx(u)
+    if RES_MODE == 1:
+        x = (x + load_tile(R, rows, stride_r_row, cols, mask)).to(S.dtype.element_ty).to(tl.float32)
+        store_tile(S, rows, stride_s_row, cols, mask, x)
+    if RES_MODE == 2 or RES_MODE == 3:
+        # This layer's output goes into the residual stream, which every later layer reads and
+        # adds to: the exact activation (tanh.approx's bias would accumulate there).
+        y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, HAS_SHIFT, HAS_WEIGHT,
+                       HAS_BIAS, PARAMS_PER_ROW, False)
+        s = (y + load_tile(R, rows, stride_r_row, cols, mask)).to(S.dtype.element_ty).to(tl.float32)
+        store_tile(S, rows, stride_s_row, cols, mask, s)
+        if RES_MODE == 3:
+            y = _pointwise(s, ALPHA2, SHIFT2, W2, B2, rows, row_mask, cols, col_mask, C, ACTIVATION, HAS_SHIFT,
+                           HAS_WEIGHT2, HAS_BIAS2, PARAMS_PER_ROW, FAST_TANH)
     else:
-        y, _ = _activation(u, ACTIVATION)
-    if HAS_WEIGHT:
-        y = y * _param_tile(W, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
-    if HAS_BIAS:
-        y = y + _param_tile(B, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
-    store_tile(Y, rows, stride_y_row, cols, mask, y)
+        y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, HAS_SHIFT, HAS_WEIGHT,
+                       HAS_BIAS, PARAMS_PER_ROW, FAST_TANH)
+    if RES_MODE != 2:
+        store_tile(Y, rows, stride_y_row, cols, mask, y * scale)
 
 
 @triton.jit
 def _pointwise_bwd_kernel(
     X, DY, DX, ALPHA, SHIFT, W,
     PARTIALS,  # fp32 scratch: the dw sums at 0, the db sums at db_offset, the scalar sums at scalar_offset
-    stride_x_row, stride_dy_row, stride_dx_row,
+    DRES,  # HAS_DRES: a gradient added to dx (the sum's, when x was the sum r + h of a fused add)
+    DX2,  # STORE_DX2: dx stored a second time, in DX2's dtype
+    stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_dx2_row,
     M, N, C,
     rows_per_program,  # a multiple of BLOCK_M; exactly BLOCK_M when PARAMS_PER_ROW
     db_offset, scalar_offset,
+    scale,  # the forward's y scale: dy is scaled by it on load
     ACTIVATION: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     PARAMS_PER_ROW: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    STORE_DX2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # row blocks in flight (software pipelining of the row loop's loads)
@@ -191,7 +229,7 @@ def _pointwise_bwd_kernel(
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
             x = load_tile(X, rows, stride_x_row, cols, mask)
-            dy = load_tile(DY, rows, stride_dy_row, cols, mask)
+            dy = load_tile(DY, rows, stride_dy_row, cols, mask) * scale
             act, dact = _activation(x * alpha + shift, ACTIVATION)
             # dy is 0 in masked positions, so g, dy·act and every sum below ignore them.
             g = dy * dact
@@ -200,7 +238,12 @@ def _pointwise_bwd_kernel(
                     g = g * tl.load(W + rows % C, mask=row_mask, other=0.0).to(tl.float32)[:, None]
                 else:
                     g = g * w
-            store_tile(DX, rows, stride_dx_row, cols, mask, g * alpha)
+            dx = g * alpha
+            if HAS_DRES:
+                dx += load_tile(DRES, rows, stride_dres_row, cols, mask)
+            store_tile(DX, rows, stride_dx_row, cols, mask, dx)
+            if STORE_DX2:
+                store_tile(DX2, rows, stride_dx2_row, cols, mask, dx)
             dalpha_acc += g * x
             if HAS_SHIFT:
                 dshift_acc += g
@@ -243,23 +286,51 @@ def pointwise_forward(x, alpha, shift, weight, bias, *, activation: str, channel
     """
     _check_activation(activation)
     check_rows(x)
-    M, N = x.shape
     y = alloc_like(x)
-    if M == 0 or N == 0:
-        return y
+    if x.shape[0] and x.shape[1]:
+        _launch_forward(x, y, alpha, shift, weight, bias, None, None, (None, None, None, None), activation, channels,
+                        params_per_row, 0, 1.0, max_block_n)
+    return y
+
+
+def pointwise_residual_forward(x, residual, alpha, shift, weight, bias, *, activation: str, mode: str,
+                               scale: float = 1.0, sum_dtype: torch.dtype | None = None, layer2=(None, None, None, None),
+                               max_block_n: int | None = None):
+    """DyT / Derf fused with the residual add next to it (channels-last, 2-D ``x`` and ``residual``).
+    ``mode`` as in :func:`normzoo.kernels.rowwise_norm.rowwise_residual_forward`; ``layer2`` is the
+    second layer's ``(alpha, shift, weight, bias)`` for ``"norm_add_norm"``. Returns ``(y, s)``
+    (y ``None`` for ``"norm_add"``): y in x's dtype, s in ``sum_dtype`` (default: the promoted dtype)."""
+    _check_activation(activation)
+    check_rows(x, residual)
+    M, N = x.shape
+    s = alloc_rows(x, sum_dtype or torch.promote_types(x.dtype, residual.dtype))
+    y = alloc_like(x) if mode != "norm_add" else None
+    if M and N:
+        _launch_forward(x, y, alpha, shift, weight, bias, residual, s, layer2, activation, N, False,
+                        RES_MODES[mode], scale, max_block_n)
+    return y, s
+
+
+def _launch_forward(x, y, alpha, shift, weight, bias, residual, s, layer2, activation, channels, params_per_row,
+                    res_mode, scale, max_block_n):
+    M, N = x.shape
+    alpha2, shift2, weight2, bias2 = layer2
     cfg = launch_config("dyt" if activation == "tanh" else "derf", "fwd", N, x.dtype, x.device, max_block_n)
+    fast_tanh = activation == "tanh" and x.dtype is not torch.float32 and has_tanh_approx(x.device)
     with device_guard(x):
         _pointwise_fwd_kernel[(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)](
-            x, y, alpha, shift if shift is not None else alpha,
+            x, y if y is not None else x, alpha, shift if shift is not None else alpha,
             weight if weight is not None else x, bias if bias is not None else x,
-            x.stride()[0], N, M, N, channels,
+            residual if residual is not None else x, s if s is not None else x,
+            alpha2 if alpha2 is not None else alpha, shift2 if shift2 is not None else alpha,
+            weight2 if weight2 is not None else x, bias2 if bias2 is not None else x,
+            x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, channels, scale,
             # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host): ACTIVATION,
-            # HAS_SHIFT, HAS_WEIGHT, HAS_BIAS, PARAMS_PER_ROW, FAST_TANH, BLOCK_M, BLOCK_N.
-            activation, shift is not None, weight is not None, bias is not None, params_per_row,
-            activation == "tanh" and x.dtype is not torch.float32 and has_tanh_approx(x.device),
-            cfg.block_m, cfg.block_n, num_warps=cfg.num_warps,
+            # HAS_SHIFT, HAS_WEIGHT, HAS_BIAS, PARAMS_PER_ROW, FAST_TANH, RES_MODE, HAS_WEIGHT2, HAS_BIAS2,
+            # BLOCK_M, BLOCK_N.
+            activation, shift is not None, weight is not None, bias is not None, params_per_row, fast_tanh,
+            res_mode, weight2 is not None, bias2 is not None, cfg.block_m, cfg.block_n, num_warps=cfg.num_warps,
         )
-    return y
 
 
 def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels: int, params_per_row: bool,
@@ -272,13 +343,40 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
     """
     _check_activation(activation)
     check_rows(x, dy)
+    dx, _, *grads = _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute_dw, db_dtype,
+                              None, alloc_like(x), None, 1.0, max_block_n)
+    return (dx, *grads)
+
+
+def pointwise_residual_backward(dy, x, alpha, shift, weight, *, activation: str, compute_dw: bool,
+                                db_dtype: torch.dtype | None, dres=None, dx_dtype: torch.dtype | None = None,
+                                dx2_dtype: torch.dtype | None = None, scale: float = 1.0,
+                                max_block_n: int | None = None):
+    """:func:`pointwise_backward` (channels-last) of ``y = layer(x)·scale`` whose input is a fused
+    add's sum: ``dx = dres + Jᵀ(dy·scale)``, in ``dx_dtype`` and, with ``dx2_dtype``, again in that
+    dtype (see :func:`normzoo.kernels.rowwise_norm.rowwise_residual_backward`). Returns
+    ``(dx, dx2, dalpha, dshift, dw, db)``."""
+    _check_activation(activation)
+    check_rows(x, dy) if dres is None else check_rows(x, dy, dres)
+    M, N = x.shape
+    dx = alloc_rows(x, dx_dtype or x.dtype)
+    dx2 = alloc_rows(x, dx2_dtype) if dx2_dtype is not None else None
+    return _backward(dy, x, alpha, shift, weight, activation, N, False, compute_dw, db_dtype, dres, dx, dx2, scale,
+                     max_block_n)
+
+
+def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute_dw, db_dtype, dres, dx, dx2,
+              scale, max_block_n):
     M, N = x.shape
     device = x.device
     compute_db = db_dtype is not None
-    dx = alloc_like(x)
     if M == 0 or N == 0:
+        if dres is not None:
+            dx.copy_(dres)
+        if dx2 is not None:
+            dx2.copy_(dx)
         zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=device)
-        return (dx, zeros(1, alpha.dtype), zeros(1, shift.dtype) if shift is not None else None,
+        return (dx, dx2, zeros(1, alpha.dtype), zeros(1, shift.dtype) if shift is not None else None,
                 zeros(channels, weight.dtype) if compute_dw else None, zeros(channels, db_dtype) if compute_db else None)
 
     cfg = launch_config("dyt" if activation == "tanh" else "derf", "bwd", N, x.dtype, device, max_block_n)
@@ -296,15 +394,17 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
     with device_guard(x):
         _pointwise_bwd_kernel[(programs,)](
             x, dy, dx, alpha, shift if shift is not None else alpha, weight if weight is not None else x, partials,
-            x.stride()[0], dy.stride()[0], N, M, N, channels, rows_per_program, db_offset, scalar_offset,
-            # ACTIVATION, HAS_SHIFT, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, PARAMS_PER_ROW, BLOCK_M, BLOCK_N,
-            # NUM_STAGES (by position)
+            dres if dres is not None else dx, dx2 if dx2 is not None else dx,
+            x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
+            M, N, channels, rows_per_program, db_offset, scalar_offset, scale,
+            # ACTIVATION, HAS_SHIFT, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, PARAMS_PER_ROW, HAS_DRES, STORE_DX2,
+            # BLOCK_M, BLOCK_N, NUM_STAGES (by position)
             activation, shift is not None, weight is not None, compute_dw, compute_db, params_per_row,
-            cfg.block_m, cfg.block_n, cfg.num_stages, num_warps=cfg.num_warps,
+            dres is not None, dx2 is not None, cfg.block_m, cfg.block_n, cfg.num_stages, num_warps=cfg.num_warps,
         )
         dalpha = alloc(x, 1, alpha.dtype)
         dshift = alloc(x, 1, shift.dtype) if shift is not None else None
         dw = alloc(x, channels, weight.dtype) if compute_dw else None
         db = alloc(x, channels, db_dtype) if compute_db else None
         sum_partials(partials, parts, cols, db_offset, dw, db, scalar_offset, programs, dalpha, dshift)
-    return dx, dalpha, dshift, dw, db
+    return dx, dx2, dalpha, dshift, dw, db

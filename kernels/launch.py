@@ -31,6 +31,14 @@ def alloc(like: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return like.new_empty(numel, dtype=dtype)
 
 
+def alloc_rows(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous 2-D output of ``like``'s shape in ``dtype``. Not a view of a flat buffer: an
+    autograd.Function's outputs must own their memory (a view could not be modified in place)."""
+    if POISON:
+        return torch.full(like.shape, float("nan"), dtype=dtype, device=like.device)
+    return like.new_empty(like.shape, dtype=dtype)
+
+
 def alloc_like(x: torch.Tensor) -> torch.Tensor:
     """A contiguous output of x's shape, dtype and device."""
     if POISON:

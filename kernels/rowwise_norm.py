@@ -15,6 +15,12 @@ Backward, with wdy = w ⊙ dy (or dy without a weight):
 ``IS_RMS`` switches between the two; ``HAS_WEIGHT`` / ``HAS_BIAS`` switch the affine terms. All
 arithmetic is fp32 whatever the storage dtype. Rows that fit one tile are loaded once and kept in
 registers (``SINGLE_TILE``); longer rows loop over column tiles.
+
+The residual add next to a norm is a switch of the same kernels (``RES_MODE``, normzoo.fused): the
+forward reads the residual stream r and writes the sum s (s = r + x before the norm, s = r + N(x)
+after it, or both sides with a second norm N2 on s), and scales y by ``scale``; the backward adds
+the sum's own gradient to dx (``HAS_DRES``), scales dy, and may store dx twice in two dtypes
+(``STORE_DX2``). The sum is normalized and differentiated as stored (rounded to s's dtype).
 """
 
 import torch
@@ -22,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .heuristics import launch_config, split_rows
-from .launch import alloc, alloc_like, cdiv, check_rows, device_guard
+from .launch import alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard
 from .reduce import sum_partials
 from .tiles import load_tile, store_tile
 
@@ -43,16 +49,74 @@ def _row_stats_single_tile(x, mask, N, eps, IS_RMS: tl.constexpr):
     return mean, rstd, x_hat
 
 
+# What a forward writes besides the norm (RES_MODE), with the residual stream r and the sum s:
+RES_NONE = tl.constexpr(0)  # y = N(x)·scale
+RES_ADD_NORM = tl.constexpr(1)  # s = r + x, y = N(s)·scale  (pre-norm: the add before the norm)
+RES_NORM_ADD = tl.constexpr(2)  # s = r + N(x)              (Peri-LN's output norm; no y)
+RES_NORM_ADD_NORM = tl.constexpr(3)  # s = r + N(x), y = N2(s)·scale  (Peri-LN between sublayers)
+RES_MODES = {"none": 0, "add_norm": 1, "norm_add": 2, "norm_add_norm": 3}
+
+
+@triton.jit
+def _affine(x_hat, W, B, cols, N, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """x_hat ⊙ w + b, the parameters loaded as a (1, BLOCK_N) row: the tile's own layout."""
+    y = x_hat
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _stored(S, value):
+    """``value`` as it reads back from S: the sum is normalized, and differentiated, as stored."""
+    return value.to(S.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _merge_stats(mean, m2, x, mask, col_start, N, BLOCK_N: tl.constexpr, IS_RMS: tl.constexpr):
+    """Fold one column tile into running (mean, M2) per row: Σx² for RMSNorm; for LayerNorm,
+    Chan's parallel update of (count, mean, M2), as stable as two passes but one read."""
+    if IS_RMS:
+        m2 += tl.sum(x * x, axis=1)
+    else:
+        n_seen = col_start * 1.0
+        n_tile = tl.minimum(N - col_start, BLOCK_N) * 1.0
+        tile_mean = tl.sum(x, axis=1) / n_tile
+        dev = tl.where(mask, x - tile_mean[:, None], 0.0)
+        delta = tile_mean - mean
+        n_total = n_seen + n_tile
+        mean += delta * (n_tile / n_total)
+        m2 += tl.sum(dev * dev, axis=1) + delta * delta * (n_seen * n_tile / n_total)
+    return mean, m2
+
+
+@triton.jit
+def _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS: tl.constexpr):
+    if IS_RMS:
+        tl.store(STATS + rows, rstd, mask=row_mask)
+    else:
+        tl.store(STATS + rows, mean, mask=row_mask)
+        tl.store(STATS + M + rows, rstd, mask=row_mask)
+
+
 @triton.jit
 def _norm_fwd_kernel(
     X, Y, W, B,  # pointers; W, B are unused when their flag is off
-    STATS,  # per-row fp32 statistics: rstd (M,) for RMSNorm; mean then rstd, (2, M), for LayerNorm
-    stride_x_row, stride_y_row,  # elements between consecutive rows
+    STATS,  # per-row fp32 statistics of N's input: rstd (M,) for RMSNorm; mean then rstd (2M,) for LayerNorm
+    R, S,  # residual stream in and the sum out (RES_MODE != 0)
+    W2, B2, STATS2,  # the second norm N2 (RES_NORM_ADD_NORM): its parameters and the statistics of s
+    stride_x_row, stride_y_row, stride_r_row, stride_s_row,  # elements between consecutive rows
     M, N,  # rows, columns
-    eps,
+    eps, eps2,
+    scale,  # multiplies y (LayerNorm scaling's 1/√l; 1.0 otherwise)
     IS_RMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    RES_MODE: tl.constexpr,
+    HAS_WEIGHT2: tl.constexpr,
+    HAS_BIAS2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
@@ -64,53 +128,68 @@ def _norm_fwd_kernel(
     if SINGLE_TILE:
         cols = tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (cols < N)[None, :]
-        x = load_tile(X, rows, stride_x_row, cols, mask)
-        mean, rstd, x_hat = _row_stats_single_tile(x, mask, N, eps, IS_RMS)
-        y = x_hat
-        if HAS_WEIGHT:
-            y = y * tl.load(W + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y = y + tl.load(B + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
-        store_tile(Y, rows, stride_y_row, cols, mask, y)
+        v = load_tile(X, rows, stride_x_row, cols, mask)
+        if RES_MODE == RES_ADD_NORM:
+            v = _stored(S, v + load_tile(R, rows, stride_r_row, cols, mask))
+            store_tile(S, rows, stride_s_row, cols, mask, v)
+        mean, rstd, v_hat = _row_stats_single_tile(v, mask, N, eps, IS_RMS)
+        _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
+        y = _affine(v_hat, W, B, cols, N, HAS_WEIGHT, HAS_BIAS)
+        if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
+            s = _stored(S, y + load_tile(R, rows, stride_r_row, cols, mask))
+            store_tile(S, rows, stride_s_row, cols, mask, s)
+            if RES_MODE == RES_NORM_ADD_NORM:
+                mean2, rstd2, s_hat = _row_stats_single_tile(s, mask, N, eps2, IS_RMS)
+                _store_stats(STATS2, rows, row_mask, M, mean2, rstd2, IS_RMS)
+                store_tile(Y, rows, stride_y_row, cols, mask, _affine(s_hat, W2, B2, cols, N, HAS_WEIGHT2, HAS_BIAS2) * scale)
+        else:
+            store_tile(Y, rows, stride_y_row, cols, mask, y * scale)
     else:
-        # Pass 1: statistics. LayerNorm merges per-tile (count, mean, M2) with Chan's parallel
-        # update, which is as stable as two passes but reads the row only once.
+        # Pass 1: statistics of N's input, read once (with RES_ADD_NORM it is the sum, written here).
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
         for col_start in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
             cols = col_start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
-            x = load_tile(X, rows, stride_x_row, cols, mask, "evict_last")
-            if IS_RMS:
-                m2 += tl.sum(x * x, axis=1)
-            else:
-                n_seen = col_start * 1.0
-                n_tile = tl.minimum(N - col_start, BLOCK_N) * 1.0
-                tile_mean = tl.sum(x, axis=1) / n_tile
-                dev = tl.where(mask, x - tile_mean[:, None], 0.0)
-                delta = tile_mean - mean
-                n_total = n_seen + n_tile
-                mean += delta * (n_tile / n_total)
-                m2 += tl.sum(dev * dev, axis=1) + delta * delta * (n_seen * n_tile / n_total)
+            v = load_tile(X, rows, stride_x_row, cols, mask, "evict_last")
+            if RES_MODE == RES_ADD_NORM:
+                v = _stored(S, v + load_tile(R, rows, stride_r_row, cols, mask))
+                store_tile(S, rows, stride_s_row, cols, mask, v)
+            mean, m2 = _merge_stats(mean, m2, v, mask, col_start, N, BLOCK_N, IS_RMS)
         rstd = tl.rsqrt(m2 / N + eps)
-        # Pass 2: normalize and write. Pass 1's reads were marked evict_last, so this re-read of
+        _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
+        if RES_MODE == RES_ADD_NORM:
+            tl.debug_barrier()  # pass 2 reads back the sums this program's threads wrote
+        # Pass 2: normalize (and add). Pass 1's reads were marked evict_last, so this re-read of
         # the row hits L2 rather than DRAM while the rows in flight fit in it.
+        mean2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m2_2 = tl.zeros([BLOCK_M], dtype=tl.float32)
         for col_start in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
             cols = col_start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
-            x = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
-            y = (x - mean[:, None]) * rstd[:, None]
-            if HAS_WEIGHT:
-                y = y * tl.load(W + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                y = y + tl.load(B + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
-            store_tile(Y, rows, stride_y_row, cols, mask, y)
-
-    if IS_RMS:
-        tl.store(STATS + rows, rstd, mask=row_mask)
-    else:
-        tl.store(STATS + rows, mean, mask=row_mask)
-        tl.store(STATS + M + rows, rstd, mask=row_mask)
+            if RES_MODE == RES_ADD_NORM:
+                v = load_tile(S, rows, stride_s_row, cols, mask, "evict_first")
+            else:
+                v = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
+            y = _affine((v - mean[:, None]) * rstd[:, None], W, B, cols, N, HAS_WEIGHT, HAS_BIAS)
+            if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
+                s = _stored(S, tl.where(mask, y, 0.0) + load_tile(R, rows, stride_r_row, cols, mask))
+                store_tile(S, rows, stride_s_row, cols, mask, s)
+                if RES_MODE == RES_NORM_ADD_NORM:
+                    mean2, m2_2 = _merge_stats(mean2, m2_2, s, mask, col_start, N, BLOCK_N, IS_RMS)
+            else:
+                store_tile(Y, rows, stride_y_row, cols, mask, y * scale)
+        if RES_MODE == RES_NORM_ADD_NORM:
+            # Pass 3: the second norm, over the sums just written (read back from L2).
+            rstd2 = tl.rsqrt(m2_2 / N + eps2)
+            _store_stats(STATS2, rows, row_mask, M, mean2, rstd2, IS_RMS)
+            tl.debug_barrier()
+            for col_start in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
+                cols = col_start + tl.arange(0, BLOCK_N)
+                mask = row_mask[:, None] & (cols < N)[None, :]
+                s = load_tile(S, rows, stride_s_row, cols, mask, "evict_first")
+                y = _affine((s - mean2[:, None]) * rstd2[:, None], W2, B2, cols, N, HAS_WEIGHT2, HAS_BIAS2)
+                store_tile(Y, rows, stride_y_row, cols, mask, y * scale)
 
 
 @triton.jit
@@ -142,14 +221,19 @@ def _norm_bwd_kernel(
     STATS,  # the forward's per-row statistics (see _norm_fwd_kernel)
     PARTIALS,  # fp32 (num_programs, N) column sums: dw's at 0, db's at db_offset
     ROW_SUMS,  # (M, 2) fp32 scratch for c1, c2 on the looped path
-    stride_x_row, stride_dy_row, stride_dx_row,
+    DRES,  # HAS_DRES: a gradient added to dx (the sum's, when x was the sum r + h of a fused add)
+    DX2,  # STORE_DX2: dx stored a second time, in DX2's dtype (the add's other input's gradient)
+    stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_dx2_row,
     M, N,
     rows_per_program,  # a multiple of BLOCK_M
     db_offset,
+    scale,  # the forward's y scale: dy is scaled by it on load
     IS_RMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    STORE_DX2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
@@ -174,7 +258,7 @@ def _norm_bwd_kernel(
                 col_mask = cols < N
                 mask = row_mask[:, None] & col_mask[None, :]
                 x = load_tile(X, rows, stride_x_row, cols, mask, "evict_last")  # read again in pass B
-                wdy = load_tile(DY, rows, stride_dy_row, cols, mask, "evict_last")
+                wdy = load_tile(DY, rows, stride_dy_row, cols, mask, "evict_last") * scale
                 if HAS_WEIGHT:
                     wdy = wdy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
                 c1 += tl.sum(_x_hat(x, mean, rstd, IS_RMS) * wdy, axis=1)
@@ -203,10 +287,10 @@ def _norm_bwd_kernel(
             rows64 = rows.to(tl.int64)
             if SINGLE_TILE:
                 x = load_tile(X, rows, stride_x_row, cols, mask)
-                dy = load_tile(DY, rows, stride_dy_row, cols, mask)
+                dy = load_tile(DY, rows, stride_dy_row, cols, mask) * scale
             else:  # the last read of this part of the row
                 x = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
-                dy = load_tile(DY, rows, stride_dy_row, cols, mask, "evict_first")
+                dy = load_tile(DY, rows, stride_dy_row, cols, mask, "evict_first") * scale
             mean, rstd = _load_stats(STATS, rows, row_mask, M, IS_RMS)
             x_hat = _x_hat(x, mean, rstd, IS_RMS)
             # The column sums first: dy is then dead before the row reductions below, whose
@@ -228,7 +312,11 @@ def _norm_bwd_kernel(
                 dx = (wdy - x_hat * c1[:, None]) * rstd[:, None]
             else:
                 dx = (wdy - x_hat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            if HAS_DRES:
+                dx += load_tile(DRES, rows, stride_dres_row, cols, mask)
             store_tile(DX, rows, stride_dx_row, cols, mask, dx)
+            if STORE_DX2:
+                store_tile(DX2, rows, stride_dx2_row, cols, mask, dx)
         if COMPUTE_DW:
             tl.store(PARTIALS + partial_row + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
         if COMPUTE_DB:
@@ -246,19 +334,52 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, max_block
     M, N = x.shape
     y = alloc_like(x)
     stats = alloc(x, M if is_rms else 2 * M, torch.float32)
-    if M == 0 or N == 0:
-        return y, stats
+    if M and N:
+        _launch_forward(x, y, weight, bias, stats, None, None, None, None, None, eps, 0.0, 1.0, is_rms, 0,
+                        max_block_n)
+    return y, stats
+
+
+def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: bool, mode: str, scale: float = 1.0,
+                             sum_dtype: torch.dtype | None = None, weight2=None, bias2=None, eps2: float = 0.0,
+                             max_block_n: int | None = None):
+    """A norm fused with the residual add next to it, on 2-D ``x`` and ``residual`` of one shape.
+
+    ``mode``: ``"add_norm"`` (s = residual + x, y = N(s)·scale), ``"norm_add"`` (s = residual +
+    N(x); no y) or ``"norm_add_norm"`` (s = residual + N(x), y = N2(s)·scale, N2 with ``weight2``,
+    ``bias2``, ``eps2``). s is stored in ``sum_dtype`` (default: x's and residual's promoted dtype)
+    and y in x's dtype. Returns ``(y, s, stats, stats2)``: ``stats`` of N's input (s for add_norm,
+    x otherwise), ``stats2`` of s for norm_add_norm; absent ones ``None``.
+    """
+    check_rows(x, residual)
+    M, N = x.shape
+    res_mode = RES_MODES[mode]
+    s = alloc_rows(x, sum_dtype or torch.promote_types(x.dtype, residual.dtype))
+    y = alloc_like(x) if mode != "norm_add" else None
+    stats = alloc(x, M if is_rms else 2 * M, torch.float32)
+    stats2 = alloc(x, M if is_rms else 2 * M, torch.float32) if mode == "norm_add_norm" else None
+    if M and N:
+        _launch_forward(x, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
+                        res_mode, max_block_n)
+    return y, s, stats, stats2
+
+
+def _launch_forward(x, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
+                    res_mode, max_block_n):
+    M, N = x.shape
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
     with device_guard(x):
         _norm_fwd_kernel[(cdiv(M, cfg.block_m),)](
-            x, y, weight if weight is not None else x, bias if bias is not None else x, stats,
-            x.stride()[0], N, M, N, eps,
-            # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host):
-            # IS_RMS, HAS_WEIGHT, HAS_BIAS, BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES.
-            is_rms, weight is not None, bias is not None, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages,
-            num_warps=cfg.num_warps,
+            x, y if y is not None else x, weight if weight is not None else x, bias if bias is not None else x, stats,
+            residual if residual is not None else x, s if s is not None else x,
+            weight2 if weight2 is not None else x, bias2 if bias2 is not None else x,
+            stats2 if stats2 is not None else stats,
+            x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, eps, eps2, scale,
+            # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host): IS_RMS,
+            # HAS_WEIGHT, HAS_BIAS, RES_MODE, HAS_WEIGHT2, HAS_BIAS2, BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES.
+            is_rms, weight is not None, bias is not None, res_mode, weight2 is not None, bias2 is not None,
+            cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, num_warps=cfg.num_warps,
         )
-    return y, stats
 
 
 def rowwise_norm_backward(
@@ -273,12 +394,35 @@ def rowwise_norm_backward(
     atomics, a fixed reduction order.
     """
     check_rows(x, dy)
+    dx, _, dw, db = _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, None, alloc_like(x), None, 1.0,
+                              max_block_n)
+    return dx, dw, db
+
+
+def rowwise_residual_backward(dy, x, weight, stats, *, is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None,
+                              dres=None, dx_dtype: torch.dtype | None = None, dx2_dtype: torch.dtype | None = None,
+                              scale: float = 1.0, max_block_n: int | None = None):
+    """:func:`rowwise_norm_backward` of ``y = N(x)·scale`` for a norm whose input ``x`` is a fused
+    add's sum: ``dx = dres + J_Nᵀ(dy·scale)`` (``dres``, the sum's own gradient, may be None),
+    stored in ``dx_dtype`` (default x's) and, with ``dx2_dtype``, a second time in that dtype (the
+    add's two inputs differ in dtype). Returns ``(dx, dx2, dw, db)``, absent ones ``None``."""
+    check_rows(x, dy) if dres is None else check_rows(x, dy, dres)
+    M, N = x.shape
+    dx = alloc_rows(x, dx_dtype or x.dtype)
+    dx2 = alloc_rows(x, dx2_dtype) if dx2_dtype is not None else None
+    return _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n)
+
+
+def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n):
     M, N = x.shape
     device = x.device
     compute_db = db_dtype is not None
-    dx = alloc_like(x)
     if M == 0 or N == 0:
-        return (dx, torch.zeros(N, dtype=weight.dtype, device=device) if compute_dw else None,
+        if dres is not None:
+            dx.copy_(dres)
+        if dx2 is not None:
+            dx2.copy_(dx)
+        return (dx, dx2, torch.zeros(N, dtype=weight.dtype, device=device) if compute_dw else None,
                 torch.zeros(N, dtype=db_dtype, device=device) if compute_db else None)
 
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "bwd", N, x.dtype, device, max_block_n)
@@ -291,14 +435,16 @@ def rowwise_norm_backward(
     with device_guard(x):
         _norm_bwd_kernel[(programs,)](
             x, weight if weight is not None else x, dy, dx, stats, partials if compute_dw or compute_db else dx,
-            row_sums if row_sums is not None else stats,
-            x.stride()[0], dy.stride()[0], N, M, N, rows_per_program, db_offset,
-            # IS_RMS, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES (by position)
-            is_rms, weight is not None, compute_dw, compute_db, cfg.block_m, cfg.block_n, cfg.single_tile,
-            cfg.num_stages, num_warps=cfg.num_warps,
+            row_sums if row_sums is not None else stats, dres if dres is not None else dx, dx2 if dx2 is not None else dx,
+            x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
+            M, N, rows_per_program, db_offset, scale,
+            # IS_RMS, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, HAS_DRES, STORE_DX2, BLOCK_M, BLOCK_N, SINGLE_TILE,
+            # NUM_STAGES (by position)
+            is_rms, weight is not None, compute_dw, compute_db, dres is not None, dx2 is not None,
+            cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, num_warps=cfg.num_warps,
         )
         dw = alloc(x, N, weight.dtype) if compute_dw else None
         db = alloc(x, N, db_dtype) if compute_db else None
         if compute_dw or compute_db:
             sum_partials(partials, programs, N, db_offset, dw, db)
-    return dx, dw, db
+    return dx, dx2, dw, db

@@ -15,9 +15,10 @@ _here = _Path(__file__).resolve().parent
 if not (_here / "kernels").is_dir() and (_here.parent / "kernels" / "__init__.py").is_file():
     __path__.append(str(_here.parent))
 
-from . import functional, ops, reference  # noqa: E402
+from . import functional, fused, ops, reference  # noqa: E402
 from .layers import Derf, DyT, LayerNorm, RMSNorm  # noqa: E402
+from .placement import ResidualStack  # noqa: E402
 from .swap import swap  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["LayerNorm", "RMSNorm", "DyT", "Derf", "swap", "functional", "ops", "reference"]
+__all__ = ["LayerNorm", "RMSNorm", "DyT", "Derf", "ResidualStack", "swap", "functional", "fused", "ops", "reference"]

@@ -4,11 +4,12 @@
 elsewhere; ``"triton"`` and ``"torch"`` force one of them (see :mod:`normzoo.ops`).
 """
 
+import torch
 from torch import Tensor
 
-from . import ops
+from . import fused, ops
 
-__all__ = ["layer_norm", "rms_norm", "dyt", "derf"]
+__all__ = ["layer_norm", "rms_norm", "dyt", "derf", "add_norm", "norm_add", "norm_add_norm"]
 
 
 def layer_norm(
@@ -91,3 +92,50 @@ def derf(
     """
     return ops.pointwise(input, alpha, shift, weight, bias, activation="erf", channels_last=channels_last,
                          backend=backend)
+
+
+# ---------------------------------------------------------------- norms fused with a residual add
+# ``norm``: a normzoo LayerNorm, RMSNorm, DyT or Derf (channels-last), or torch.nn.LayerNorm /
+# RMSNorm; its parameters, eps and backend are used. ``x`` is the residual stream, ``h`` a
+# sublayer's output, of one shape (..., *normalized_shape). ``s`` is stored in ``residual_dtype``
+# (default: x's and h's promoted dtype, e.g. torch.float32 for an fp32 stream beside bf16
+# activations) and ``y`` in h's dtype. See normzoo.fused for the gradients.
+
+
+def add_norm(x: Tensor, h: Tensor, norm: torch.nn.Module, *, scale: float = 1.0,
+             residual_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    r"""The residual add and the next norm in one pass (pre-norm blocks; Post-LN's output is ``y``).
+
+    .. math::
+        s = x + h, \qquad y = \mathrm{norm}(s) \cdot \text{scale}
+
+    Returns ``(y, s)``. ``scale`` folds LayerNorm scaling's :math:`1/\sqrt{l}` into the norm's output.
+    """
+    y, s = fused.fused_residual(x, h, norm, mode="add_norm", scale=scale, residual_dtype=residual_dtype)
+    return y, s
+
+
+def norm_add(x: Tensor, h: Tensor, norm: torch.nn.Module, *, residual_dtype: torch.dtype | None = None) -> Tensor:
+    r"""A norm on a sublayer's output and the residual add in one pass (Peri-LN's output norm).
+
+    .. math::
+        s = x + \mathrm{norm}(h)
+
+    Returns ``s``.
+    """
+    return fused.fused_residual(x, h, norm, mode="norm_add", residual_dtype=residual_dtype)[1]
+
+
+def norm_add_norm(x: Tensor, h: Tensor, norm_out: torch.nn.Module, norm_in: torch.nn.Module, *, scale: float = 1.0,
+                  residual_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    r"""Peri-LN between two sublayers in one pass: the first one's output norm, the residual add,
+    and the next one's input norm (one read of ``h`` and ``x``, one write of ``y`` and ``s``).
+
+    .. math::
+        s = x + \mathrm{norm\_out}(h), \qquad y = \mathrm{norm\_in}(s) \cdot \text{scale}
+
+    Both norms must be of one kind and shape. Returns ``(y, s)``.
+    """
+    y, s = fused.fused_residual(x, h, norm_out, norm_in, mode="norm_add_norm", scale=scale,
+                                residual_dtype=residual_dtype)
+    return y, s

@@ -16,7 +16,8 @@ from normzoo.kernels import launch
 
 # What a launcher may ask of torch: output buffers, and views of its input and outputs.
 NON_COMPUTE_OPS = {"aten.empty.memory_format", "aten.new_empty.default", "aten.empty_like.default", "aten.empty_strided.default",
-                   "aten.view.default", "aten._unsafe_view.default", "aten.alias.default"}
+                   "aten.view.default", "aten._unsafe_view.default", "aten.alias.default",
+                   "aten.detach.default"}  # detach: autograd saving an output for backward (an alias)
 
 
 class _OpLog(TorchDispatchMode):
@@ -81,3 +82,30 @@ def test_one_launch_forward_two_launch_backward_no_torch_compute(name, launches,
         assert not compute, f"{when} ran torch ops besides the kernels: {compute}"
     # Each gradient comes back in its own tensor's dtype, straight from the kernels.
     assert [g.dtype for g in grads] == [t.dtype for t in (x, *layer.parameters())]
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "dyt"])
+@pytest.mark.parametrize("mode, backward_launches", [("add_norm", 2), ("norm_add", 2), ("norm_add_norm", 4)])
+@pytest.mark.parametrize("residual_fp32", [False, True], ids=["bf16-stream", "fp32-stream"])
+def test_fused_residual_ops(kind, mode, backward_launches, residual_fp32, launches, device):
+    """One launch forward; backward one kernel and its reduce per norm; no torch compute around."""
+    from normzoo import fused
+
+    make = {"layernorm": normzoo.LayerNorm, "dyt": normzoo.DyT}[kind]
+    norms = [make(64, backend="triton", device=device) for _ in range(2 if mode == "norm_add_norm" else 1)]
+    x = torch.randn(2, 8, 64, device=device, dtype=torch.float32 if residual_fp32 else torch.bfloat16,
+                    requires_grad=True)
+    h = torch.randn(2, 8, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    with _OpLog() as forward_ops:
+        y, s = fused.fused_residual(x, h, *norms, mode=mode)
+    assert len(launches) == 1, launches
+    launches.clear()
+    outputs = [s] if y is None else [y, s]
+    params = [p for norm in norms for p in norm.parameters()]
+    grads_in = [torch.randn_like(t) for t in outputs]
+    with _OpLog() as backward_ops:
+        torch.autograd.grad(outputs, [x, h, *params], grads_in)
+    assert len(launches) == backward_launches and launches[1] == "_sum_partials_kernel", launches
+    for when, ops in (("forward", forward_ops.ops), ("backward", backward_ops.ops)):
+        compute = [op for op in ops if op not in NON_COMPUTE_OPS]
+        assert not compute, f"{when} ran torch ops besides the kernels: {compute}"

@@ -1,0 +1,410 @@
+"""Norms fused with the residual add next to them: every placement of a norm in a residual block.
+
+With ``x`` the residual stream, ``h`` a sublayer's output and ``N`` a norm (LayerNorm, RMSNorm,
+DyT or Derf), each op reads its inputs once and writes its outputs once:
+
+    add_norm       s = x + h,       y = N(s)·scale   -> (y, s)   pre-norm; Post-LN's N(x + F(x)) is its y
+    norm_add       s = x + N(h)                      -> s        Peri-LN's output norm
+    norm_add_norm  s = x + N(h),    y = N2(s)·scale  -> (y, s)   Peri-LN between sublayers
+
+``scale`` is LayerNorm scaling's 1/√l folded into the norm's output. ``s`` is stored in the
+promoted dtype of x and h, or ``residual_dtype`` (an fp32 residual stream beside 16-bit
+activations); ``y`` in h's dtype. The norm sees ``s`` as stored, so the forward equals the unfused
+sequence up to rounding of ``y``, and the backward differentiates what the forward computed.
+
+Backward, with dy and ds the incoming gradients (either may be absent), J the norm's Jacobian:
+
+    add_norm       dx = dh = ds + Jᵀ(dy·scale)
+    norm_add       dx = ds,  dh = J_Nᵀ ds
+    norm_add_norm  dx = ds + J_N2ᵀ(dy·scale),  dh = J_Nᵀ dx
+
+As for the plain norms (:mod:`normzoo.ops`): eager calls go through an ``autograd.Function``,
+traced ones through the registered custom ops ``normzoo::fused_residual_fwd``/``_bwd``, and both
+run the same implementation (the Triton launchers or the reference).
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import ops, reference
+from .ops import _route, _unwrap_if_dead, check_affine, check_eps, normalized_shape_tuple, use_triton
+
+MODES = ("add_norm", "norm_add", "norm_add_norm")
+KINDS = ("layernorm", "rmsnorm", "dyt", "derf")
+_ROWWISE = ("layernorm", "rmsnorm")
+
+
+# ----------------------------------------------------------------------------------------------
+# One implementation, forward and backward (Triton launchers or the reference)
+# ----------------------------------------------------------------------------------------------
+# A layer's parameters travel as (weight, bias, alpha, shift): alpha and shift are None for the
+# row-wise norms. Row-wise statistics are as the plain ops keep them (rstd, or mean then rstd).
+
+
+def _promoted(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """torch.promote_types for float dtypes, without a dispatcher call on every op."""
+    if a is b:
+        return a
+    if torch.float64 in (a, b):
+        return torch.float64
+    return torch.float32  # fp32 with anything, or fp16 with bf16
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _no_stats(like: Tensor) -> Tensor:
+    return like.new_empty(0, dtype=reference.compute_dtype(like.dtype))
+
+
+def _reference_norm(v, params, kind, eps, out_dtype, scale):
+    """(y, stats) of one layer on 2-D v, computed in fp32 (fp64 for fp64) and y·scale rounded once
+    to out_dtype, as the kernels store it."""
+    weight, bias, alpha, shift = params
+    vf = v.to(reference.compute_dtype(v.dtype))
+    if kind in _ROWWISE:
+        y, mean, rstd = reference.rowwise_norm_forward(vf, weight, bias, eps, kind == "rmsnorm")
+        stats = rstd if kind == "rmsnorm" else torch.cat((mean, rstd))
+    else:
+        y = reference.pointwise_forward(vf, alpha, shift, weight, bias, _ACTIVATION[kind], v.shape[1], False)
+        stats = _no_stats(v)
+    return (y * scale if scale != 1.0 else y).to(out_dtype), stats
+
+
+_ACTIVATION = {"dyt": "tanh", "derf": "erf"}
+
+
+def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, triton):
+    """``(y, s, stats1, stats2)`` on 2-D ``h`` and ``x``; ``y`` empty for norm_add, stats empty where
+    a layer keeps none (DyT/Derf) or there is no second norm. ``stats1`` belongs to N (on s for
+    add_norm, on h otherwise), ``stats2`` to N2 (on s)."""
+    s_dtype = sum_dtype or _promoted(x.dtype, h.dtype)
+    if triton:
+        k = ops._launchers()
+        h, x = ops._for_kernels(h), ops._for_kernels(x)
+        p1 = tuple(ops._for_kernels(p) for p in p1)
+        p2 = tuple(ops._for_kernels(p) for p in p2)
+        if kind in _ROWWISE:
+            y, s, stats1, stats2 = k.rowwise_residual_forward(
+                h, x, p1[0], p1[1], eps1, is_rms=kind == "rmsnorm", mode=mode, scale=scale, sum_dtype=s_dtype,
+                weight2=p2[0], bias2=p2[1], eps2=eps2)
+        else:
+            y, s = k.pointwise_residual_forward(h, x, p1[2], p1[3], p1[0], p1[1], activation=_ACTIVATION[kind],
+                                                mode=mode, scale=scale, sum_dtype=s_dtype,
+                                                layer2=(p2[2], p2[3], p2[0], p2[1]))
+            stats1 = stats2 = None
+        return (y if y is not None else _empty(h), s, stats1 if stats1 is not None else _no_stats(h),
+                stats2 if stats2 is not None else _no_stats(s))
+    h, x = h.contiguous(), x.contiguous()
+    acc = reference.compute_dtype(s_dtype)
+    if mode == "add_norm":
+        s = (x.to(acc) + h.to(acc)).to(s_dtype)
+        y, stats1 = _reference_norm(s, p1, kind, eps1, h.dtype, scale)
+        return y, s, stats1, _no_stats(s)
+    o, stats1 = _reference_norm(h, p1, kind, eps1, acc, 1.0)
+    s = (x.to(acc) + o).to(s_dtype)
+    if mode == "norm_add":
+        return _empty(h), s, stats1, _no_stats(s)
+    y, stats2 = _reference_norm(s, p2, kind, eps2, h.dtype, scale)
+    return y, s, stats1, stats2
+
+
+def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dres=None, dx_dtype=None,
+                   dx2_dtype=None, scale=1.0):
+    """``(dv, dv2, grads)`` of one layer on its input v: dv = dres + Jᵀ(dy·scale) in dx_dtype (and
+    again in dx2_dtype), grads = (dweight, dbias, dalpha, dshift), absent ones None."""
+    weight, _, alpha, shift = params
+    dx_dtype = dx_dtype or v.dtype
+    if triton:
+        k = ops._launchers()
+        dy, dres = ops._for_kernels(dy), ops._for_kernels(dres)
+        if kind in _ROWWISE:
+            dv, dv2, dw, db = k.rowwise_residual_backward(
+                dy, v, weight, stats, is_rms=kind == "rmsnorm", compute_dw=compute_dw, db_dtype=db_dtype, dres=dres,
+                dx_dtype=dx_dtype, dx2_dtype=dx2_dtype, scale=scale)
+            return dv, dv2, (dw, db, None, None)
+        dv, dv2, dalpha, dshift, dw, db = k.pointwise_residual_backward(
+            dy, v, alpha, shift, weight, activation=_ACTIVATION[kind], compute_dw=compute_dw, db_dtype=db_dtype,
+            dres=dres, dx_dtype=dx_dtype, dx2_dtype=dx2_dtype, scale=scale)
+        return dv, dv2, (dw, db, dalpha, dshift)
+    acc = reference.compute_dtype(v.dtype)
+    dy = dy.to(acc) * scale if scale != 1.0 else dy
+    if kind in _ROWWISE:
+        mean, rstd = (None, stats) if kind == "rmsnorm" else stats.view(2, v.shape[0])
+        dv, dw, db = reference.rowwise_norm_backward(dy.contiguous(), v.to(acc), weight, mean, rstd,
+                                                     kind == "rmsnorm", compute_dw, db_dtype)
+        grads = (dw, db, None, None)
+    else:
+        dv, dalpha, dshift, dw, db = reference.pointwise_backward(dy.contiguous(), v.to(acc), alpha, shift, weight,
+                                                                  _ACTIVATION[kind], v.shape[1], False, compute_dw,
+                                                                  db_dtype)
+        grads = (dw, db, dalpha, dshift)
+    if dres is not None:
+        dv = dv + dres.to(acc)
+    return dv.to(dx_dtype), dv.to(dx2_dtype) if dx2_dtype is not None else None, grads
+
+
+def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype, needs, db_dtypes,
+                    triton):
+    """``(dx, dh, grads1, grads2)``: gradients of :func:`_fused_forward` for the incoming ``dy``
+    (None for norm_add) and ``ds`` (either may be None: an output nothing used). ``needs`` =
+    (dweight1, dweight2) to compute; ``db_dtypes`` the biases' dtypes, None for no bias gradient."""
+    (dw1, dw2), (db1, db2) = needs, db_dtypes
+    none = (None, None, None, None)
+    if mode == "norm_add":
+        if ds is None:
+            return None, None, none, none
+        dh, _, grads1 = _norm_backward(ds, h, p1, stats1, kind, dw1, db1, triton, dx_dtype=h_dtype)
+        return (ds if ds.dtype == x_dtype else ds.to(x_dtype)), dh, grads1, none
+    # add_norm: the norm N on s; norm_add_norm: N2 on s, then N on h with ds + J_N2ᵀ dy.
+    params, stats, needs_w, db_dtype = (p1, stats1, dw1, db1) if mode == "add_norm" else (p2, stats2, dw2, db2)
+    if dy is None:  # y unused: the norm passes no gradient, but its parameters still get one (zero)
+        dy = torch.zeros_like(s)
+    if mode == "add_norm":
+        two_dtypes = h_dtype != x_dtype
+        dx, dh, grads = _norm_backward(dy, s, params, stats, kind, needs_w, db_dtype, triton, dres=ds,
+                                       dx_dtype=x_dtype, dx2_dtype=h_dtype if two_dtypes else None, scale=scale)
+        return dx, (dh if two_dtypes else dx), grads, none
+    # N's backward takes the sum's gradient at fp32, not as rounded into a 16-bit dx: a second,
+    # fp32 copy from the same kernel (what a single fused kernel would hold in registers).
+    wide = torch.float32 if x_dtype in (torch.float16, torch.bfloat16) else None
+    dx, dx_wide, grads = _norm_backward(dy, s, params, stats, kind, needs_w, db_dtype, triton, dres=ds,
+                                        dx_dtype=x_dtype, dx2_dtype=wide, scale=scale)
+    dh, _, grads1 = _norm_backward(dx_wide if wide else dx, h, p1, stats1, kind, dw1, db1, triton, dx_dtype=h_dtype)
+    return dx, dh, grads1, grads
+
+
+# ----------------------------------------------------------------------------------------------
+# The eager autograd.Function and the custom ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _save(ctx, h, x, p1, p2, spec, output):
+    mode = spec[1]
+    y, s, stats1, stats2 = output
+    ctx.save_for_backward(h if mode != "add_norm" else None, s, *p1, *p2, stats1, stats2)
+    ctx.spec = spec
+    ctx.x_dtype, ctx.h_dtype = x.dtype, h.dtype
+    ctx.db_dtypes = (p1[1].dtype if p1[1] is not None else None, p2[1].dtype if p2[1] is not None else None)
+
+
+def _grads(ctx, dy, ds, backward):
+    """Gradients for (h, x, *p1, *p2), from ``backward`` (the implementation or the custom op)."""
+    h, s, *rest = ctx.saved_tensors
+    p1, p2, (stats1, stats2) = tuple(rest[0:4]), tuple(rest[4:8]), rest[8:10]
+    kind, mode, _, _, scale, _, triton = ctx.spec
+    needs = ctx.needs_input_grad
+    needs_h, needs_x, needs1, needs2 = needs[0], needs[1], needs[2:6], needs[6:10]
+    compute = (p1[0] is not None and needs1[0], p2[0] is not None and needs2[0])
+    db_dtypes = (ctx.db_dtypes[0] if needs1[1] else None, ctx.db_dtypes[1] if needs2[1] else None)
+    dx, dh, grads1, grads2 = backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, ctx.x_dtype,
+                                      ctx.h_dtype, compute, db_dtypes, triton)
+    keep = lambda g, need: g if need else None
+    return (keep(dh, needs_h), keep(dx, needs_x), *map(keep, grads1, needs1), *map(keep, grads2, needs2))
+
+
+class _FusedResidual(torch.autograd.Function):
+    """The eager path (see :class:`normzoo.ops._RowwiseNorm`). ``spec`` = (kind, mode, eps1, eps2,
+    scale, sum_dtype, triton). Statistics stay on ctx; ``s`` is returned and saved."""
+
+    @staticmethod
+    def forward(ctx, h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, spec):
+        output = _fused_forward(h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), *spec)
+        _save(ctx, h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), spec, output)
+        ctx.set_materialize_grads(False)
+        if spec[1] == "norm_add":
+            ctx.mark_non_differentiable(output[0])
+        return output[0], output[1]
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        ops._refuse_double_backward()
+        return *_grads(ctx, dy, ds, _fused_backward), None
+
+
+@torch.library.custom_op("normzoo::fused_residual_fwd", mutates_args=())
+def fused_residual_fwd(
+    h: Tensor, x: Tensor, w1: Tensor | None, b1: Tensor | None, a1: Tensor | None, sh1: Tensor | None,
+    w2: Tensor | None, b2: Tensor | None, a2: Tensor | None, sh2: Tensor | None,
+    kind: str, mode: str, eps1: float, eps2: float, scale: float, sum_dtype: torch.dtype | None, triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, s, stats1, stats2)`` for 2-D ``h``, ``x``; see :func:`_fused_forward`."""
+    return _fused_forward(h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), kind, mode, eps1, eps2, scale, sum_dtype,
+                          triton)
+
+
+@fused_residual_fwd.register_fake
+def _(h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, kind, mode, eps1, eps2, scale, sum_dtype, triton):
+    rows = h.shape[0]
+    stats_len = (rows if kind == "rmsnorm" else 2 * rows) if kind in _ROWWISE else 0
+    s_dtype = sum_dtype or _promoted(x.dtype, h.dtype)
+    # Statistics in the compute dtype of the tensor they describe (fp32, or fp64 on the reference).
+    stats1_dtype = reference.compute_dtype(s_dtype if mode == "add_norm" else h.dtype)
+    stats2_dtype = reference.compute_dtype(s_dtype)
+    return (torch.empty_like(h, memory_format=torch.contiguous_format) if mode != "norm_add" else h.new_empty(0),
+            h.new_empty(h.shape, dtype=s_dtype), h.new_empty((stats_len,), dtype=stats1_dtype),
+            h.new_empty((stats_len if mode == "norm_add_norm" else 0,), dtype=stats2_dtype))
+
+
+@torch.library.custom_op("normzoo::fused_residual_bwd", mutates_args=())
+def fused_residual_bwd(
+    dy: Tensor | None, ds: Tensor | None, h: Tensor | None, s: Tensor,
+    w1: Tensor | None, b1: Tensor | None, a1: Tensor | None, sh1: Tensor | None,
+    w2: Tensor | None, b2: Tensor | None, a2: Tensor | None, sh2: Tensor | None, stats1: Tensor, stats2: Tensor,
+    kind: str, mode: str, scale: float, x_dtype: torch.dtype, h_dtype: torch.dtype, compute_dw1: bool, compute_dw2: bool,
+    db1_dtype: torch.dtype | None, db2_dtype: torch.dtype | None, triton: bool,
+) -> list[Tensor]:
+    """Returns ``[dx, dh, *grads1, *grads2]`` (grads: dweight, dbias, dalpha, dshift); a gradient
+    not computed is an empty tensor. An output may not alias an input or another output, so where
+    the gradient is one the autograd formula already has (:func:`_aliased`), it is empty too."""
+    dx, dh, grads1, grads2 = _fused_backward(dy, ds, h, s, (w1, b1, a1, sh1), (w2, b2, a2, sh2), stats1, stats2, kind,
+                                             mode, scale, x_dtype, h_dtype, (compute_dw1, compute_dw2),
+                                             (db1_dtype, db2_dtype), triton)
+    alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, ds)
+    dx, dh = (None if alias_dx else dx), (None if alias_dh else dh)
+    return [g if g is not None else s.new_empty(0) for g in (dx, dh, *grads1, *grads2)]
+
+
+def _aliased(mode, x_dtype, h_dtype, ds) -> tuple[bool, bool]:
+    """Which of (dx, dh) is not a new tensor: norm_add's dx is ds itself, add_norm's dh is dx."""
+    return (mode == "norm_add" and ds is not None and ds.dtype == x_dtype,
+            mode == "add_norm" and h_dtype == x_dtype)
+
+
+@fused_residual_bwd.register_fake
+def _(dy, ds, h, s, w1, b1, a1, sh1, w2, b2, a2, sh2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype,
+      compute_dw1, compute_dw2, db1_dtype, db2_dtype, triton):
+    empty = s.new_empty(0)
+    absent = (mode == "norm_add" and ds is None)
+    alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, ds)
+    dx = empty if absent or alias_dx else s.new_empty(s.shape, dtype=x_dtype)
+    dh = empty if absent or alias_dh else s.new_empty(s.shape, dtype=h_dtype)
+    n = s.shape[1]
+
+    def grads(w, b, a, sh, compute_dw, db_dtype, active):
+        if not active:
+            return [empty] * 4
+        return [s.new_empty((n,), dtype=w.dtype) if compute_dw else empty,
+                s.new_empty((n,), dtype=db_dtype) if db_dtype is not None else empty,
+                a.new_empty((1,)) if a is not None else empty, sh.new_empty((1,)) if sh is not None else empty]
+
+    first_active = not absent
+    second_active = mode == "norm_add_norm"
+    return [dx, dh, *grads(w1, b1, a1, sh1, compute_dw1, db1_dtype, first_active),
+            *grads(w2, b2, a2, sh2, compute_dw2, db2_dtype, second_active)]
+
+
+def _custom_op_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype, needs, db_dtypes,
+                        triton):
+    out = fused_residual_bwd(dy, ds, h, s, *p1, *p2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype, *needs,
+                             *db_dtypes, triton)
+    out = [g if g.numel() or g.dim() != 1 or g.shape[0] != 0 else None for g in out]
+    alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, ds)
+    dx = ds if alias_dx else out[0]
+    return dx, (dx if alias_dh else out[1]), tuple(out[2:6]), tuple(out[6:10])
+
+
+def _setup_context(ctx, inputs, output):
+    h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, kind, mode, eps1, eps2, scale, sum_dtype, triton = inputs
+    _save(ctx, h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), (kind, mode, eps1, eps2, scale, sum_dtype, triton), output)
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.set_materialize_grads(False)
+
+
+fused_residual_fwd.register_autograd(
+    lambda ctx, dy, ds, _d1, _d2: (*_grads(ctx, dy, ds, _custom_op_backward), None, None, None, None, None, None,
+                                   None),
+    setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point: a layer description, checks, rows
+# ----------------------------------------------------------------------------------------------
+
+
+def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
+    """``(kind, (weight, bias, alpha, shift), eps, normalized_shape, backend)`` of a norm module:
+    normzoo's LayerNorm, RMSNorm, DyT, Derf, or torch's LayerNorm / RMSNorm (backend "auto")."""
+    from . import layers
+
+    params = norm._parameters if isinstance(norm, torch.nn.Module) else {}
+    get = lambda name: params[name] if name in params else getattr(norm, name, None)  # noqa: E731
+    if isinstance(norm, torch.nn.LayerNorm):
+        kind, eps = "layernorm", norm.eps
+    elif isinstance(norm, torch.nn.RMSNorm):
+        kind, eps = "rmsnorm", norm.eps
+    elif isinstance(norm, (layers.DyT, layers.Derf)):
+        if not norm.channels_last:
+            raise ValueError("fused residual ops take channels-last DyT/Derf (a residual stream is (..., C))")
+        kind, eps = ("dyt" if isinstance(norm, layers.DyT) else "derf"), 0.0
+    else:
+        raise TypeError("norm must be a normzoo LayerNorm, RMSNorm, DyT or Derf (or torch.nn.LayerNorm / RMSNorm), "
+                        f"got {type(norm).__name__}")
+    bias = get("bias") if kind != "rmsnorm" else None
+    alpha = get("alpha") if kind in ("dyt", "derf") else None
+    shift = get("shift") if kind == "derf" else None
+    backend = getattr(norm, "backend", "auto")
+    return kind, (get("weight"), bias, alpha, shift), eps, tuple(norm.normalized_shape), backend
+
+
+def _check_layer(x: Tensor, kind, params, eps, shape):
+    weight, bias, alpha, shift = params
+    check_affine(weight, bias, shape, x)
+    if kind in ("dyt", "derf"):
+        ops._check_scalars(alpha, shift, x)
+    if eps is None:  # torch.nn.RMSNorm's default
+        eps = torch.finfo(reference.compute_dtype(x.dtype)).eps
+    return check_eps(eps)
+
+
+def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: float = 1.0,
+                   residual_dtype: torch.dtype | None = None) -> tuple[Tensor | None, Tensor]:
+    """``(y, s)`` of one of :data:`MODES` (y is None for norm_add), for ``x``, ``h`` of one shape
+    (..., *normalized_shape) and norm modules (see :func:`describe`)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    ops.check_input(x, "x")
+    ops.check_input(h, "h")
+    if x.shape != h.shape:
+        raise ValueError(f"x and h must have the same shape, got {tuple(x.shape)} and {tuple(h.shape)}")
+    if x.device != h.device:
+        raise ValueError(f"x is on {x.device} but h is on {h.device}; put them on the same device")
+    if residual_dtype is not None and residual_dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"residual_dtype must be a floating dtype or None, got {residual_dtype}")
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    kind, p1, eps1, shape, backend = describe(norm)
+    if (norm2 is None) != (mode != "norm_add_norm"):
+        raise ValueError("norm_add_norm takes two norms (norm_out, norm_in); the other modes take one")
+    shape = normalized_shape_tuple(shape)
+    ops.check_trailing_shape(h, shape)
+    eps1 = _check_layer(h, kind, p1, eps1, shape)
+    p2, eps2 = (None, None, None, None), 0.0
+    if norm2 is not None:
+        kind2, p2, eps2, shape2, backend2 = describe(norm2)
+        if kind2 != kind or tuple(shape2) != shape:
+            raise ValueError(f"norm_out and norm_in must be the same kind and shape, got {kind}{shape} and "
+                             f"{kind2}{tuple(shape2)}")
+        if backend2 != backend:
+            raise ValueError(f"norm_out and norm_in must share a backend, got {backend!r} and {backend2!r}")
+        eps2 = _check_layer(h, kind2, p2, eps2, shape)
+    # float64 anywhere takes the reference, as for the plain ops.
+    triton = use_triton(backend, h) and x.dtype is not torch.float64 and residual_dtype is not torch.float64
+
+    n = math.prod(shape)
+    h2d, x2d = h.reshape(-1, n), x.reshape(-1, n)
+    flat = lambda p: p if p is None or p.dim() == 1 else p.reshape(-1)  # noqa: E731
+    p1, p2 = tuple(map(flat, p1)), tuple(map(flat, p2))
+    spec = (kind, mode, eps1, eps2, float(scale), residual_dtype, triton)
+    route = _route(h2d, x2d, *p1, *p2)
+    if route == "custom_op":
+        y, s = fused_residual_fwd(h2d, x2d, *p1, *p2, *spec)[:2]
+    elif route == "function":
+        unwrap = lambda t: t if t is None else _unwrap_if_dead(t)  # noqa: E731
+        y, s = _FusedResidual.apply(unwrap(h2d), unwrap(x2d), *map(unwrap, p1), *map(unwrap, p2), spec)
+    else:
+        y, s = _fused_forward(h2d, x2d, p1, p2, *spec)[:2]
+    return (None if mode == "norm_add" else y.view(h.shape)), s.view(h.shape)

@@ -1,0 +1,182 @@
+"""Where the norms sit in a residual stream: Pre-LN, Post-LN, Peri-LN, Mix-LN and LayerNorm scaling,
+run on the fused residual ops so that every residual add happens inside a norm's kernel."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .layers import Derf, DyT, LayerNorm, RMSNorm
+
+__all__ = ["ResidualStack"]
+
+
+def _sublayers(layer) -> list:
+    """A layer's sublayers: a list, tuple or ModuleList of modules, or one bare module (an
+    ``nn.Sequential`` MLP counts as one sublayer)."""
+    if isinstance(layer, (list, tuple, torch.nn.ModuleList)):
+        subs = list(layer)
+    else:
+        subs = [layer]
+    for sub in subs:
+        if not isinstance(sub, torch.nn.Module):
+            raise TypeError(f"sublayers must be nn.Modules, got {type(sub).__name__}")
+    return subs
+
+PLACEMENTS = ("pre", "post", "peri", "mix", "scaled")
+NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "dyt": DyT, "derf": Derf}
+
+
+class ResidualStack(torch.nn.Module):
+    r"""A Transformer's residual stream through ``layers``, with the norms where ``placement`` puts them.
+
+    For each sublayer :math:`F` of layer :math:`l` (0-based, :math:`L` layers):
+
+    - ``"pre"``: :math:`x \leftarrow x + F(N_{in}(x))` (Transformers without Tears)
+    - ``"post"``: :math:`x \leftarrow N_{sum}(x + F(x))` (the original Transformer)
+    - ``"peri"``: :math:`x \leftarrow x + N_{out}(F(N_{in}(x)))` (Peri-LN, Gemma 2's layout)
+    - ``"mix"``: ``"post"`` in layers :math:`l < \lfloor \text{mix\_ratio} \cdot L \rfloor`, ``"pre"``
+      in the rest (Mix-LN)
+    - ``"scaled"``: :math:`x \leftarrow x + F(N_{in}(x) / \sqrt{l + 1})`, one factor for every
+      sublayer of layer :math:`l` (LayerNorm scaling, "The Curse of Depth")
+
+    then ``final_norm`` on the output. Each residual add runs inside a fused op with the norm next to
+    it (:func:`normzoo.functional.add_norm`, :func:`~normzoo.functional.norm_add_norm`, ...): the
+    stream is read and written once per sublayer, and the scaling factor is part of the norm's
+    output. The one exception is ``final_norm=False`` with a placement whose last add has no norm
+    after it (pre, mix, scaled): that add runs on its own.
+
+    The norms are ordinary normzoo modules in flat ``nn.ModuleList``\ s ``norm_in``, ``norm_out`` and
+    ``norm_sum`` with one entry per sublayer, in order (``None`` where the placement puts no such
+    norm), and ``final_norm`` (a module or ``None``).
+
+    Args:
+        layers: a sequence of L layers, each a sequence of sublayers mapping (..., dim) to
+            (..., dim), e.g. ``[[attn_0, mlp_0], [attn_1, mlp_1]]``; a bare module is a layer of one
+            sublayer.
+        dim (int): the width of the stream.
+        placement (str): ``"pre"``, ``"post"``, ``"peri"``, ``"mix"`` or ``"scaled"``. Keyword only.
+        norm (str): ``"layernorm"``, ``"rmsnorm"``, ``"dyt"`` or ``"derf"``. Default: ``"layernorm"``
+        eps (float, optional): the norms' eps (LayerNorm 1e-5 and RMSNorm ``None`` by default; DyT
+            and Derf have none).
+        final_norm (bool, optional): a norm after the last layer. Default: ``None``, which means
+            present for pre, peri, mix and scaled, absent for post.
+        mix_ratio (float): Mix-LN's share of Post-LN layers. Default: 0.25
+        device, dtype: of the norms' parameters.
+        backend (str): the norms' backend (``"auto"``, ``"triton"`` or ``"torch"``).
+
+    Shape:
+        - Input: :math:`(*, \text{dim})`
+        - Output: same shape (dtype: the promoted dtype of the input and the sublayers' outputs)
+
+    Examples::
+
+        >>> blocks = [[Attention(512), MLP(512)] for _ in range(6)]
+        >>> stack = normzoo.ResidualStack(blocks, 512, placement="peri", norm="rmsnorm")
+        >>> y = stack(torch.randn(2, 128, 512))
+    """
+
+    def __init__(self, layers, dim: int, *, placement: str, norm: str = "layernorm", eps: float | None = None,
+                 final_norm: bool | None = None, mix_ratio: float = 0.25, device=None, dtype=None,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {tuple(NORMS)}, got {norm!r}")
+        if eps is not None and norm in ("dyt", "derf"):
+            raise ValueError(f"{norm} has no eps; leave eps=None")
+        if not (0.0 <= mix_ratio <= 1.0):
+            raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio}")
+        if not isinstance(layers, (Sequence, torch.nn.ModuleList, torch.nn.Sequential)):
+            raise TypeError(f"layers must be a sequence of layers, got {type(layers).__name__}")
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleList(_sublayers(layer)) for layer in layers)
+        self.dim, self.placement, self.norm, self.mix_ratio = dim, placement, norm, mix_ratio
+        num_layers = len(self.layers)
+        self.num_post_layers = math.floor(mix_ratio * num_layers) if placement == "mix" else (
+            num_layers if placement == "post" else 0)
+
+        def make():
+            kwargs = dict(device=device, dtype=dtype, backend=backend)
+            if norm in ("layernorm", "rmsnorm") and eps is not None:
+                kwargs["eps"] = eps
+            return NORMS[norm](dim, **kwargs)
+
+        norm_in, norm_out, norm_sum = [], [], []
+        for layer_index, layer in enumerate(self.layers):
+            kind = self.sublayer_placement(layer_index)
+            for _ in layer:
+                norm_in.append(make() if kind in ("pre", "peri") else None)
+                norm_out.append(make() if kind == "peri" else None)
+                norm_sum.append(make() if kind == "post" else None)
+        self.norm_in = torch.nn.ModuleList(norm_in)
+        self.norm_out = torch.nn.ModuleList(norm_out)
+        self.norm_sum = torch.nn.ModuleList(norm_sum)
+        if final_norm is None:
+            final_norm = placement != "post"
+        self.final_norm = make() if final_norm else None
+
+    def sublayer_placement(self, layer_index: int) -> str:
+        """``"pre"``, ``"post"`` or ``"peri"``: how the sublayers of this layer sit in the stream
+        (mix resolves to post or pre; scaled is pre with a factor)."""
+        if self.placement in ("post", "mix"):
+            return "post" if layer_index < self.num_post_layers else "pre"
+        return "peri" if self.placement == "peri" else "pre"
+
+    def scale(self, layer_index: int) -> float:
+        """The factor on the input norms of layer ``layer_index``: 1/√(l+1) for ``"scaled"``, else 1."""
+        return 1.0 / math.sqrt(layer_index + 1) if self.placement == "scaled" else 1.0
+
+    def forward(self, x: Tensor, *, return_streams: bool = False):
+        """The output; with ``return_streams=True``, ``(output, streams)`` where ``streams[l]`` is the
+        residual stream after layer ``l`` (before ``final_norm``): what Peri-LN and the Curse of Depth
+        papers track the variance of."""
+        # The stream is x plus a pending sublayer output h (and, for peri, the output norm still to
+        # apply to it): the add waits for the next norm, so that both run as one fused op. A fused
+        # op's s is the stream after the sublayer before it.
+        h, pending_out_norm = None, None
+        streams, sublayer_counts = [], [len(layer) for layer in self.layers]
+        k = 0
+        for layer_index, layer in enumerate(self.layers):
+            kind, scale = self.sublayer_placement(layer_index), self.scale(layer_index)
+            for sublayer in layer:
+                if kind == "post":
+                    if h is not None:  # a pre/peri layer before a post one: no placement builds this
+                        raise RuntimeError("post-norm layers must come before pre-norm ones")
+                    x, _ = F.add_norm(x, sublayer(x), self.norm_sum[k])
+                    streams.append(x)
+                else:
+                    norm_in = self.norm_in[k]
+                    if h is None:  # the first input norm, or the first after post layers: no add before it
+                        y = norm_in(x)  # (layer 0 or after post layers: scale is 1 there)
+                    elif pending_out_norm is None:
+                        y, x = F.add_norm(x, h, norm_in, scale=scale)
+                        streams.append(x)
+                    else:
+                        y, x = F.norm_add_norm(x, h, pending_out_norm, norm_in, scale=scale)
+                        streams.append(x)
+                    h, pending_out_norm = sublayer(y), self.norm_out[k]
+                k += 1
+        final = self.final_norm
+        if h is None:
+            out = final(x) if final is not None else x
+        elif final is None:
+            x = F.norm_add(x, h, pending_out_norm) if pending_out_norm is not None else x + h
+            out = x
+        elif pending_out_norm is None:
+            out, x = F.add_norm(x, h, final)
+        else:
+            out, x = F.norm_add_norm(x, h, pending_out_norm, final)
+        if h is not None:
+            streams.append(x)
+        if not return_streams:
+            return out
+        # streams holds the stream after every sublayer; keep each layer's last.
+        ends = [sum(sublayer_counts[: i + 1]) - 1 for i in range(len(sublayer_counts))]
+        return out, [streams[e] for e in ends]
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, placement={self.placement!r}, norm={self.norm!r}, layers={len(self.layers)}"
+                + (f", mix_ratio={self.mix_ratio}" if self.placement == "mix" else ""))

@@ -1,0 +1,357 @@
+"""Norms fused with a residual add (normzoo.fused) and the ResidualStack built on them.
+
+Every fused op, on the reference and on the Triton kernels (under the interpreter on CPU), against
+the unfused PyTorch sequence computed in float64: both outputs and every gradient, for each norm
+kind, 32- and 16-bit activations, an fp32 residual stream, odd widths and the looped long-row path.
+"""
+
+import math
+
+import pytest
+import torch
+
+import normzoo
+import normzoo.functional as NF
+from helpers import assert_close
+from normzoo import fused
+
+KINDS = ["layernorm", "rmsnorm", "dyt", "derf"]
+BACKENDS = ["torch", "triton"]
+# (activation dtype, residual dtype): fp32 throughout, bf16 throughout, bf16 activations beside an
+# fp32 residual stream (the x given to the op, and the sum s, are fp32).
+PRECISIONS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+
+
+def make_norm(kind, n, backend, dtype=torch.float32, device="cpu"):
+    cls = {"layernorm": normzoo.LayerNorm, "rmsnorm": normzoo.RMSNorm, "dyt": normzoo.DyT, "derf": normzoo.Derf}[kind]
+    norm = cls(n, backend=backend, device=device, dtype=dtype)
+    with torch.no_grad():  # away from the initial values, so every parameter matters
+        for p in norm.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return norm
+
+
+def copy_of(norm, dtype=None):
+    """A copy on the reference path: in float64 the oracle, at its own dtype the peer (PyTorch's
+    op-by-op sequence at working precision, whose error the test rule allows twice over)."""
+    copy = type(norm)(norm.normalized_shape, backend="torch", dtype=dtype)
+    copy.load_state_dict({k: v.to(dtype) if dtype else v for k, v in norm.state_dict().items()})
+    return copy
+
+
+def unfused(mode, x, h, n1, n2, scale):
+    """The textbook sequence, op by op."""
+    if mode == "add_norm":
+        s = x + h
+        return n1(s) * scale, s
+    s = x + n1(h)
+    return (n2(s) * scale if mode == "norm_add_norm" else None), s
+
+
+def run_fused(mode, x, h, n1, n2, scale, residual_dtype=None):
+    if mode == "add_norm":
+        return NF.add_norm(x, h, n1, scale=scale, residual_dtype=residual_dtype)
+    if mode == "norm_add":
+        return None, NF.norm_add(x, h, n1, residual_dtype=residual_dtype)
+    return NF.norm_add_norm(x, h, n1, n2, scale=scale, residual_dtype=residual_dtype)
+
+
+def check_against_float64(kind, mode, act_dtype, res_dtype, n, backend, device, rows=5, scale=0.7, dy_on=True,
+                          ds_on=True):
+    n1 = make_norm(kind, n, backend, device=device)
+    n2 = make_norm(kind, n, backend, device=device) if mode == "norm_add_norm" else None
+    x = torch.randn(rows, n, device=device).to(res_dtype).requires_grad_()
+    h = torch.randn(rows, n, device=device).to(act_dtype).requires_grad_()
+    y, s = run_fused(mode, x, h, n1, n2, scale)
+    assert s.dtype == res_dtype and (y is None or y.dtype == act_dtype)
+
+    x64, h64 = x.detach().double().requires_grad_(), h.detach().double().requires_grad_()
+    m1, m2 = copy_of(n1, torch.float64), (copy_of(n2, torch.float64) if n2 is not None else None)
+    y64, s64 = unfused(mode, x64, h64, m1, m2, scale)
+    xp, hp = x.detach().clone().requires_grad_(), h.detach().clone().requires_grad_()
+    q1, q2 = copy_of(n1), (copy_of(n2) if n2 is not None else None)
+    yp, sp = unfused(mode, xp, hp, q1, q2, scale)
+    assert_close(s, s64.to(s.device), f"{mode} s", peer=sp)
+    if y is not None:
+        assert_close(y, y64.to(y.device), f"{mode} y", peer=yp)
+
+    # Incoming gradients in the outputs' dtypes, so every path sees the same values.
+    gy = torch.randn(rows, n, device=device).to(y.dtype) if (y is not None and dy_on) else None
+    gs = torch.randn(rows, n, device=device).to(s.dtype) if ds_on else None
+
+    def loss_of(outputs):
+        return sum(((t * g.to(t.dtype)).sum() for t, g in zip(outputs, (gy, gs)) if g is not None and t is not None),
+                   torch.zeros((), device=device))
+
+    params = [p for m in (n1, n2) if m is not None for p in m.parameters()]
+    params64 = [p for m in (m1, m2) if m is not None for p in m.parameters()]
+    params_peer = [p for m in (q1, q2) if m is not None for p in m.parameters()]
+    grads = torch.autograd.grad(loss_of((y, s)), [x, h, *params], allow_unused=True)
+    grads64 = torch.autograd.grad(loss_of((y64, s64)).double(), [x64, h64, *params64], allow_unused=True)
+    peers = torch.autograd.grad(loss_of((yp, sp)), [xp, hp, *params_peer], allow_unused=True)
+    names = ["dx", "dh"] + [f"d{name}" for m in (n1, n2) if m is not None for name, _ in m.named_parameters()]
+    for name, g, g64, peer, wrt in zip(names, grads, grads64, peers, [x, h, *params]):
+        if g64 is None:
+            assert g is None or not g.any(), f"{mode}: {name} should be absent or zero"
+            continue
+        assert g is not None, f"{mode}: {name} missing"
+        # Column and scalar sums cancel: judge them against Σ|terms| (helpers.assert_close).
+        assert_close(g, g64.to(g.device), f"{kind} {mode} {name}", dtype=wrt.dtype, peer=peer,
+                     scale=g64.abs().sum().item() if g64.numel() <= n else 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", PRECISIONS, ids=["fp32", "bf16", "bf16-fp32res"])
+@pytest.mark.parametrize("mode", fused.MODES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_ops_match_the_unfused_sequence(kind, mode, precision, backend, device):
+    act_dtype, res_dtype = precision
+    check_against_float64(kind, mode, act_dtype, res_dtype, 97, backend, device)
+
+
+@pytest.mark.parametrize("n", [1, 8, 33])
+@pytest.mark.parametrize("mode", fused.MODES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_ops_at_other_widths(kind, mode, n, device):
+    check_against_float64(kind, mode, torch.float32, torch.float32, n, "triton", device, rows=9)
+
+
+@pytest.mark.parametrize("mode", fused.MODES)
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_looped_long_row_path(kind, mode, device, monkeypatch):
+    """Rows wider than one tile loop over column tiles (2-3 passes): forced here at 16 columns."""
+    from normzoo.kernels import rowwise_norm
+
+    original = rowwise_norm.launch_config
+    monkeypatch.setattr(rowwise_norm, "launch_config",
+                        lambda op, pass_, n, dtype, dev, max_block_n=None: original(op, pass_, n, dtype, dev, 16))
+    assert not rowwise_norm.launch_config("layernorm", "fwd", 97, torch.float32, torch.device(device)).single_tile
+    for act_dtype, res_dtype in PRECISIONS:
+        check_against_float64(kind, mode, act_dtype, res_dtype, 97, "triton", device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_sum_gradient_alone(kind, backend, device):
+    """add_norm's dx = dh = ds + Jᵀ dy: the ds term on its own (quack#53 sent it through the
+    norm's Jacobian), the norm term on its own, and both."""
+    n1 = make_norm(kind, 16, backend, device=device)
+    x = torch.randn(4, 16, device=device, requires_grad=True)
+    h = torch.randn(4, 16, device=device, requires_grad=True)
+    gs = torch.randn(4, 16, device=device)
+    y, s = NF.add_norm(x, h, n1)
+    dx, dh = torch.autograd.grad((s * gs).sum(), [x, h])
+    torch.testing.assert_close(dx, gs, rtol=0, atol=0)  # exactly ds: nothing else may touch it
+    torch.testing.assert_close(dh, gs, rtol=0, atol=0)
+    for dy_on, ds_on in ((True, False), (True, True)):
+        check_against_float64(kind, "add_norm", torch.float32, torch.float32, 16, backend, device, dy_on=dy_on,
+                              ds_on=ds_on)
+    check_against_float64(kind, "norm_add_norm", torch.float32, torch.float32, 16, backend, device, dy_on=True,
+                          ds_on=False)
+    check_against_float64(kind, "norm_add_norm", torch.float32, torch.float32, 16, backend, device, dy_on=False,
+                          ds_on=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_16bit_params(backend, device):
+    n1 = make_norm("layernorm", 12, backend, device=device, dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 12, device=device, dtype=torch.bfloat16)
+    h = torch.randn(2, 3, 12, device=device, dtype=torch.bfloat16)
+    y, s = NF.add_norm(x, h, n1, residual_dtype=torch.float32)
+    assert y.shape == s.shape == (2, 3, 12) and y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    torch.testing.assert_close(s, x.float() + h.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_and_reference_agree_bitwise_in_the_sum(dtype, device):
+    """s = x + h is one fp32 add rounded once (to nearest even) on both paths."""
+    x = torch.randn(6, 40, device=device, dtype=dtype)
+    h = torch.randn(6, 40, device=device, dtype=dtype)
+    for backend in BACKENDS:
+        s = NF.add_norm(x, h, normzoo.RMSNorm(40, backend=backend, device=device))[1]
+        assert torch.equal(s, x + h), backend
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 5), normzoo.LayerNorm(4)), ValueError, "same shape"),
+        (lambda: NF.add_norm(torch.randn(2, 5), torch.randn(2, 5), normzoo.LayerNorm(4)), ValueError, "trailing dims"),
+        (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), torch.nn.Linear(4, 4)), TypeError, "norm must be"),
+        (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4), scale=0.0), ValueError, "scale"),
+        (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4), residual_dtype=torch.int32),
+         TypeError, "residual_dtype"),
+        (lambda: NF.norm_add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4), normzoo.RMSNorm(4)),
+         ValueError, "same kind"),
+        (lambda: NF.add_norm(torch.randn(2, 4, 3), torch.randn(2, 4, 3), normzoo.DyT(4, channels_last=False)),
+         ValueError, "channels-last"),
+        (lambda: fused.fused_residual(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4), mode="add"),
+         ValueError, "mode must be one of"),
+    ],
+)
+def test_bad_input_raises_clear_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_torch_norm_modules_are_accepted(device):
+    ln = torch.nn.LayerNorm(8, device=device)
+    x, h = torch.randn(3, 8, device=device), torch.randn(3, 8, device=device)
+    y, s = NF.add_norm(x, h, ln)
+    torch.testing.assert_close(y, ln(x + h))
+
+
+# ---------------------------------------------------------------- torch.library, torch.compile
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+@pytest.mark.parametrize("mode", fused.MODES)
+@pytest.mark.parametrize("kind", ["layernorm", "derf"])
+def test_opcheck(kind, mode, triton, device):
+    n1, n2 = make_norm(kind, 20, "torch", device=device), make_norm(kind, 20, "torch", device=device)
+    _, p1, eps, _, _ = fused.describe(n1)
+    _, p2, _, _, _ = fused.describe(n2) if mode == "norm_add_norm" else (None, (None,) * 4, None, None, None)
+    h = torch.randn(6, 20, device=device, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(6, 20, device=device, requires_grad=True)
+    p1 = tuple(p.detach().requires_grad_() if p is not None else None for p in p1)
+    p2 = tuple(p.detach().requires_grad_() if p is not None else None for p in p2)
+    args = (h, x, *p1, *p2, kind, mode, eps, eps, 0.5, None, triton)
+    torch.library.opcheck(fused.fused_residual_fwd, args)
+
+
+@pytest.mark.parametrize("placement", ["pre", "peri", "post"])
+def test_compile_fullgraph_matches_eager(placement, device):
+    torch.manual_seed(0)
+    layers = [[torch.nn.Linear(16, 16, device=device), torch.nn.Linear(16, 16, device=device)] for _ in range(2)]
+    stack = normzoo.ResidualStack(layers, 16, placement=placement, norm="rmsnorm", device=device,
+                                  backend="triton")
+    x = torch.randn(3, 5, 16, device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(stack, fullgraph=True, backend="aot_eager")
+    xc = x.clone().requires_grad_()
+    out = compiled(xc)
+    out.square().sum().backward()
+    grads = [xc.grad.clone()] + [p.grad.clone() for p in stack.parameters()]
+    stack.zero_grad()
+    xe = x.clone().requires_grad_()
+    eager = stack(xe)
+    eager.square().sum().backward()
+    torch.testing.assert_close(out, eager)
+    for g, p in zip(grads, [xe] + list(stack.parameters())):
+        torch.testing.assert_close(g, p.grad)
+
+
+# ---------------------------------------------------------------- ResidualStack
+
+
+def textbook(stack, x):
+    """Each placement's formula, written out with the stack's own modules and plain adds."""
+    k = 0
+    num_layers = len(stack.layers)
+    for layer_index, layer in enumerate(stack.layers):
+        for sublayer in layer:
+            placement = stack.placement
+            if placement == "mix":
+                placement = "post" if layer_index < math.floor(stack.mix_ratio * num_layers) else "pre"
+            if placement == "pre":
+                x = x + sublayer(stack.norm_in[k](x))
+            elif placement == "post":
+                x = stack.norm_sum[k](x + sublayer(x))
+            elif placement == "peri":
+                x = x + stack.norm_out[k](sublayer(stack.norm_in[k](x)))
+            else:  # scaled
+                x = x + sublayer(stack.norm_in[k](x) / math.sqrt(layer_index + 1))
+            k += 1
+    return stack.final_norm(x) if stack.final_norm is not None else x
+
+
+def make_stack(placement, norm, backend, device, num_layers=4, dim=16, **kwargs):
+    torch.manual_seed(1)
+    layers = [[torch.nn.Sequential(torch.nn.Linear(dim, dim, bias=False, device=device), torch.nn.Tanh()),
+               torch.nn.Linear(dim, dim, bias=False, device=device)] for _ in range(num_layers)]
+    stack = normzoo.ResidualStack(layers, dim, placement=placement, norm=norm, device=device, backend=backend,
+                                  **kwargs)
+    with torch.no_grad():
+        for name, p in stack.named_parameters():
+            if name.startswith("norm") or name.startswith("final"):
+                p.add_(0.2 * torch.randn_like(p))
+    return stack
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", KINDS)
+@pytest.mark.parametrize("placement", ["pre", "post", "peri", "mix", "scaled"])
+def test_stack_equals_its_textbook_formula(placement, norm, backend, device):
+    stack = make_stack(placement, norm, backend, device, mix_ratio=0.5)
+    x = torch.randn(2, 3, 16, device=device, requires_grad=True)
+    out = stack(x)
+    ref = textbook(stack, x)
+    assert_close(out, ref.detach(), f"{placement} output")
+    g = torch.randn_like(out)
+    params = list(stack.parameters())
+    grads = torch.autograd.grad((out * g).sum(), [x, *params], allow_unused=True)
+    grads_ref = torch.autograd.grad((ref * g).sum(), [x, *params], allow_unused=True)
+    for (name, p), got, want in zip([("x", x), *stack.named_parameters()], grads, grads_ref):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert_close(got, want, f"{placement} d{name}", scale=want.abs().sum().item() if p.dim() <= 1 else 0.0)
+
+
+def test_stack_norm_lists_mix_split_and_scales():
+    stack = make_stack("mix", "layernorm", "torch", "cpu", num_layers=8, mix_ratio=0.25)
+    post = [k // 2 < 2 for k in range(16)]  # 2 sublayers a layer; layers 0 and 1 are Post-LN
+    assert [m is not None for m in stack.norm_sum] == post
+    assert [m is not None for m in stack.norm_in] == [not p for p in post]
+    assert all(m is None for m in stack.norm_out) and stack.final_norm is not None
+    peri = make_stack("peri", "rmsnorm", "torch", "cpu", num_layers=3)
+    assert all(m is not None for m in peri.norm_in) and all(m is not None for m in peri.norm_out)
+    assert all(m is None for m in peri.norm_sum) and len(peri.norm_in) == 6
+    assert make_stack("post", "layernorm", "torch", "cpu").final_norm is None
+    assert make_stack("post", "layernorm", "torch", "cpu", final_norm=True).final_norm is not None
+    scaled = make_stack("scaled", "dyt", "torch", "cpu", num_layers=5)
+    assert [scaled.scale(layer) for layer in range(5)] == [1 / math.sqrt(layer + 1) for layer in range(5)]
+    assert make_stack("pre", "dyt", "torch", "cpu").scale(3) == 1.0
+    # Checkpoints are plain: the state_dict names say where each norm is.
+    assert "norm_out.1.weight" in peri.state_dict() and "norm_sum.0.weight" in stack.state_dict()
+
+
+class _RecordAdds(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.adds = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor):
+            self.adds.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("norm", KINDS)
+@pytest.mark.parametrize("placement", ["pre", "post", "peri", "mix", "scaled"])
+def test_no_residual_add_outside_the_fused_ops(placement, norm, device):
+    stack = make_stack(placement, norm, "triton", device, mix_ratio=0.5)
+    x = torch.randn(2, 3, 16, device=device)
+    with torch.no_grad(), _RecordAdds() as recorder:
+        stack(x)
+    assert recorder.adds == [], f"{placement}: {len(recorder.adds)} adds ran outside a kernel"
+    # The one documented exception: no final norm after a last add that has no norm of its own.
+    bare = make_stack("pre", norm, "triton", device, final_norm=False)
+    with torch.no_grad(), _RecordAdds() as recorder:
+        bare(x)
+    assert len(recorder.adds) == 1
+
+
+def test_stack_streams_and_arguments():
+    stack = make_stack("peri", "layernorm", "torch", "cpu", num_layers=3)
+    out, streams = stack(torch.randn(2, 16), return_streams=True)
+    assert len(streams) == 3 and all(s.shape == (2, 16) for s in streams)
+    with pytest.raises(ValueError, match="placement"):
+        normzoo.ResidualStack([], 4, placement="middle")
+    with pytest.raises(ValueError, match="norm must be"):
+        normzoo.ResidualStack([], 4, placement="pre", norm="batchnorm")
+    with pytest.raises(ValueError, match="no eps"):
+        normzoo.ResidualStack([], 4, placement="pre", norm="dyt", eps=1e-5)
+    with pytest.raises(TypeError, match="sublayers"):
+        normzoo.ResidualStack([[lambda t: t]], 4, placement="pre")
+    one = normzoo.ResidualStack([torch.nn.Linear(4, 4)], 4, placement="pre")  # a bare module: one sublayer
+    assert len(one.norm_in) == 1 and "placement='pre'" in repr(one)
