@@ -1,11 +1,17 @@
 """Benchmark normzoo against PyTorch eager, torch.compile and the peers (Liger-Kernel, quack).
 
-    python -m benchmarks                          # every op, bf16 and fp32, full sweep
+    python -m benchmarks                          # the four norms, bf16 and fp32, full sweep
     python -m benchmarks --ops layernorm dyt derf --dtypes bf16 --rows 32768
+    python -m benchmarks --ops fused --dtypes bf16 --rows 32768 --hidden 2048 4096 8192 16384
+    python -m benchmarks --ops add_norm-rmsnorm norm_add_norm-layernorm --dtypes bf16
     python -m benchmarks --ops rmsnorm --dtypes bf16 --rows 32768 --hidden 1024 4096
     python -m benchmarks --providers normzoo compile compile-tuned   # opt-in: inductor's coordinate-descent tuning
     python -m benchmarks --smoke                  # CPU check of the harness (no timing claims)
     python -m benchmarks --host [--out DIR]       # host cost per eager call (benchmarks/host.py): CPU or GPU
+
+``--ops`` takes case names (benchmarks/cases.py: layernorm, rmsnorm, dyt, derf, and the norms fused
+with the residual add, ``<add_norm|norm_add|norm_add_norm>-<norm>``) and group names: ``norms``,
+``add_norm``, ``norm_add``, ``norm_add_norm`` (that op over the four norms) and ``fused`` (all 12).
 
 Writes ``<out>/<name>.json``, ``<out>/<name>.png`` and ``<out>/<name>.md`` (a table of GB/s and %
 of copy bandwidth). Without a CUDA GPU it says so and exits with status 2, unless ``--smoke``.
@@ -24,7 +30,10 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ops", nargs="+", default=["layernorm", "rmsnorm", "dyt", "derf"])
+    p.add_argument("--ops", nargs="+", default=["norms"],
+                   help="cases or groups: norms (default: layernorm rmsnorm dyt derf), add_norm, norm_add, "
+                        "norm_add_norm, fused (all three over the four norms), or <op>-<norm>, e.g. "
+                        "add_norm-rmsnorm")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     p.add_argument("--rows", nargs="+", type=int, default=None, help="default: 4096 32768 (--smoke: 64)")
     p.add_argument("--hidden", nargs="+", type=int, default=None,
@@ -59,11 +68,13 @@ def main(argv=None) -> int:
         return 2
 
     from . import harness
-    from .cases import CASES, PEERS, default_providers, peer_providers
+    from .cases import CASES, GROUPS, PEERS, default_providers, expand_ops, peer_providers
 
+    op_names = list(args.ops)  # as given (groups unexpanded), for the file stem
+    args.ops = expand_ops(args.ops)
     unknown = [op for op in args.ops if op not in CASES]
     if unknown:
-        print(f"unknown op(s) {unknown}; choose from {sorted(CASES)}", file=sys.stderr)
+        print(f"unknown op(s) {unknown}; choose from {sorted(CASES)} or a group {sorted(GROUPS)}", file=sys.stderr)
         return 2
     device = "cpu" if args.smoke else "cuda"
     args.rows = args.rows or ([64] if args.smoke else [4096, 32768])
@@ -73,7 +84,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if not args.smoke:  # (touching torch._dynamo imports it: seconds that a smoke run, which compiles nothing, skips)
-        torch._dynamo.config.cache_size_limit = 256  # one compiled graph per shape and dtype
+        # One compiled graph per shape and dtype, and per case where cases share a code object
+        # (compile-tuned's wrapper): 16 cases x 28 shapes in a full sweep.
+        torch._dynamo.config.cache_size_limit = 1024
+        torch._dynamo.config.accumulated_cache_size_limit = 1024
 
     peers = {}
     wanted_peers = [q for q in PEERS if args.providers is None or q in args.providers]
@@ -90,7 +104,7 @@ def main(argv=None) -> int:
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s")
     env = harness.environment(device, args.smoke)
     label = "smoke-cpu" if args.smoke else env["gpu"].replace(" ", "-")
-    stem = args.name or f"{label}-{'-'.join(args.ops)}"
+    stem = args.name or f"{label}-{'-'.join(op_names)}"
     points = []
     out_of_time = False
     # Shapes outermost, in the order given (ops inside): a sweep cut short by --budget-s or a time
@@ -108,7 +122,7 @@ def main(argv=None) -> int:
             if args.smoke:  # inductor compiles take minutes on CPU
                 providers = [q for q in providers if q not in ("compile", "compile-tuned")]
             leaves = case.make_inputs(rows, hidden, dtype, device)
-            dy = torch.randn(rows, hidden, dtype=dtype, device=device)
+            dy = case.make_grads(rows, hidden, dtype, device)  # a tuple for several outputs: (dy, ds)
             for provider in providers:
                 fn = fns[provider]
                 for pass_ in args.passes:

@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu_session.sh            # GPU: tests, host cost, tuning, benchmark
 #   bash benchmarks/gpu_session.sh --smoke    # CPU, TRITON_INTERPRET=1, toy sizes: checks this script (< 1 min)
+#   bash benchmarks/gpu_session.sh --fused    # GPU: the fused residual ops only (peers, then bench-fused)
+#   bash benchmarks/gpu_session.sh --fused --smoke   # ... on the CPU, toy sizes (~10 s)
 #
 # Phases, each under its own `timeout` (a slow phase cannot eat the others; the whole run stops
 # by TOTAL = 525 s), with the seconds each may take:
@@ -19,17 +21,29 @@
 # Output in $OUT (the device tool's, else benchmarks/results/session), 7 files at most (the tool
 # returns 8): session.log, tune-<gpu>.json, <gpu>-bf16-32768rows.{json,md,png}, host-<gpu>.{json,md}
 # (--smoke: the same with smoke-cpu for <gpu>, and no PNG unless matplotlib is installed).
+#
+# --fused skips tests, host and tune, and runs one phase after the peers:
+#   bench-fused  480  python -m benchmarks on the norms fused with the residual add: normzoo vs the
+#                unfused sequence in eager and under torch.compile, and (add_norm-rmsnorm only, the
+#                one op the peers have) Liger-Kernel and quack; bf16, 32768 rows, N = 4096 16384
+#                2048 8192 (that order; --budget-s stops before a width it cannot finish), the ops
+#                in $FUSED_OPS (default: add_norm, norm_add, norm_add_norm on rmsnorm and
+#                layernorm; e.g. FUSED_OPS=fused for DyT and Derf too) and widths in $FUSED_HIDDEN.
+#                Output: session.log and <gpu>-fused-bf16-32768rows.{json,md,png}.
 # quack also needs its big library unpacked on the same warm machine first, by a call just before
 # this one: carry [".peers-big"], command `bash .peers-big/unpack.sh` (both folders together are
 # over the tool's 64 MiB carry limit). Without it the benchmark runs Liger alone; without .peers/,
 # no peers. Either way it says so and goes on.
 set -uo pipefail
 smoke=0
-case "${1:-}" in
-  --smoke) smoke=1 ;;
-  "") ;;
-  *) echo "usage: bash benchmarks/gpu_session.sh [--smoke]" >&2; exit 2 ;;
-esac
+fused=0
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) smoke=1 ;;
+    --fused) fused=1 ;;
+    *) echo "usage: bash benchmarks/gpu_session.sh [--smoke] [--fused]" >&2; exit 2 ;;
+  esac
+done
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # subprocesses find normzoo and benchmarks
 out=${OUT:-benchmarks/results/session}
 mkdir -p "$out"
@@ -85,8 +99,25 @@ if [ $smoke = 0 ]; then
   fi
 fi
 
+# -- fused residual ops alone (--fused): the benchmark, then the summary below ------------------
+if [ $fused = 1 ]; then
+  if [ $smoke = 1 ]; then
+    name=$gpu-fused-bf16
+    phase bench-fused 60 python3 -m benchmarks --smoke --ops add_norm-rmsnorm norm_add-layernorm norm_add_norm-dyt \
+      --dtypes bf16 --rows 16 --hidden 64 --out "$out" --name "$name"
+  else
+    name=$gpu-fused-bf16-32768rows
+    left=$((TOTAL - (SECONDS - t0)))
+    # The last width for 6 ops (3-5 providers, two torch.compile graphs per op) needs ~90 s: 120 kept.
+    phase bench-fused 480 python3 -m benchmarks \
+      --ops ${FUSED_OPS:-add_norm-rmsnorm add_norm-layernorm norm_add-rmsnorm norm_add-layernorm norm_add_norm-rmsnorm norm_add_norm-layernorm} \
+      --dtypes bf16 --rows 32768 --hidden ${FUSED_HIDDEN:-4096 16384 2048 8192} --out "$out" --name "$name" \
+      --budget-s $(((left < 480 ? left : 480) - 120))
+  fi
+fi
+
 # -- tests (GPU only: under the interpreter this is the ordinary test suite) ---------------------
-if [ $smoke = 0 ]; then
+if [ $smoke = 0 ] && [ $fused = 0 ]; then
   par=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # compiles in parallel: most of the time is Triton's compiler
   phase tests 100 python3 -m pytest -x -q -p no:cacheprovider $par tests/test_rowwise_kernels.py \
     tests/test_pointwise_kernels.py tests/test_norm_api.py tests/test_pointwise_api.py
@@ -94,14 +125,18 @@ if [ $smoke = 0 ]; then
 fi
 
 # -- host cost per call ---------------------------------------------------------------------
-if [ $smoke = 1 ]; then
+if [ $fused = 1 ]; then
+  :
+elif [ $smoke = 1 ]; then
   phase host 60 python3 -m benchmarks.host --stub --out "$out" --repeats 20
 else
   phase host 40 python3 -m benchmarks.host --out "$out" --repeats 300
 fi
 
 # -- tune -----------------------------------------------------------------------------------
-if [ $smoke = 1 ]; then
+if [ $fused = 1 ]; then
+  :
+elif [ $smoke = 1 ]; then
   table=$out/tune-$gpu.json
   phase tune 60 python3 -m benchmarks.tune --smoke --ops rmsnorm dyt --hidden 64 --out "$table"
 else
@@ -111,12 +146,14 @@ else
     --budget-s $((cap - 25))
   [ -f "$table" ] && cp "$table" "$out/tune-$gpu.json"
 fi
-grep -E "^tuned |budget of" "$log" | tail -n 2
+[ $fused = 0 ] && grep -E "^tuned |budget of" "$log" | tail -n 2
 
 # -- benchmark ------------------------------------------------------------------------------
-if [ $smoke = 1 ]; then
-  name=$gpu-bf16  # one norm and one pointwise op are enough to check the plumbing
-  phase bench 60 python3 -m benchmarks --smoke --ops layernorm dyt --dtypes bf16 --rows 16 \
+if [ $fused = 1 ]; then
+  :
+elif [ $smoke = 1 ]; then
+  name=$gpu-bf16  # one norm, one pointwise op and one fused op are enough to check the plumbing
+  phase bench 60 python3 -m benchmarks --smoke --ops layernorm dyt add_norm-rmsnorm --dtypes bf16 --rows 16 \
     --hidden 64 --out "$out" --name "$name"
 else
   name=$gpu-bf16-32768rows

@@ -54,13 +54,22 @@ def time_ms(fn, *, smoke: bool, grad_to_none=None, warmup: int = 25, rep: int = 
 def time_pass(fn, leaves, dy, pass_: str, *, smoke: bool, **timing) -> float:
     """Milliseconds of one pass of ``fn(*leaves)``: "fwd" calls the forward only; "bwd" times
     ``y.backward(dy, retain_graph=True)`` on one stored forward; "fwdbwd" both, each call fresh.
-    The benchmark and the tuner both time through here, so their numbers mean the same thing."""
+    A forward with several outputs (the fused residual ops' ``(y, s)``) returns a tuple, and ``dy``
+    is then a tuple too: one backward through all of them. The benchmark and the tuner both time
+    through here, so their numbers mean the same thing."""
     if pass_ == "fwd":
         return time_ms(lambda: fn(*leaves), smoke=smoke, **timing)
     if pass_ == "bwd":
         y = fn(*leaves)
-        return time_ms(lambda: y.backward(dy, retain_graph=True), smoke=smoke, grad_to_none=leaves, **timing)
-    return time_ms(lambda: fn(*leaves).backward(dy), smoke=smoke, grad_to_none=leaves, **timing)
+        return time_ms(lambda: _backward(y, dy, retain_graph=True), smoke=smoke, grad_to_none=leaves, **timing)
+    return time_ms(lambda: _backward(fn(*leaves), dy), smoke=smoke, grad_to_none=leaves, **timing)
+
+
+def _backward(y, dy, retain_graph: bool = False) -> None:
+    if isinstance(y, tuple):
+        torch.autograd.backward(y, dy, retain_graph=retain_graph)
+    else:
+        y.backward(dy, retain_graph=retain_graph)
 
 
 def copy_bandwidth_gbps(device: str, *, smoke: bool) -> float:

@@ -39,6 +39,69 @@ def test_bytes_are_counted_from_first_principles():
     assert CASES["layernorm"].bytes_moved("fwdbwd", 8, 16, torch.bfloat16) == 5 * 8 * 16 * 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode needs the interpreter; on a GPU run the real benchmark")
+def test_smoke_run_fused_residual_ops(tmp_path):
+    # One of each fused op, over a row-wise norm and a point-wise one: (y, s) outputs, two incoming
+    # gradients, two norms' parameters. Toy sizes: a few seconds under the interpreter.
+    ops = ["add_norm-rmsnorm", "norm_add-layernorm", "norm_add_norm-dyt"]
+    rc = main(["--smoke", "--ops", *ops, "--dtypes", "bf16", "--rows", "16", "--hidden", "64", "--out", str(tmp_path),
+               "--name", "f"])
+    assert rc == 0
+    results = json.loads((tmp_path / "f.json").read_text())["results"]
+    seen = {(r["op"], r["provider"], r["pass"]) for r in results}
+    assert seen == {(op, q, pass_) for op in ops for q in ("normzoo", "eager") for pass_ in ("fwd", "bwd", "fwdbwd")}
+    assert all(r["ms"] > 0 and r["gbps"] > 0 for r in results)
+    assert "| norm_add_norm-dyt | fwdbwd | bf16 | 16 | 64 |" in (tmp_path / "f.md").read_text()
+
+
+def test_fused_cases_agree_with_their_unfused_sequence():
+    # The benchmark's normzoo provider and its eager one compute the same thing, and the gradients
+    # reach every leaf (the parameters of the norm modules the fused op is given are the leaves).
+    from benchmarks.cases import CASES, GROUPS
+    from benchmarks.harness import _backward
+
+    torch.manual_seed(0)
+    for op in GROUPS["fused"]:
+        case = CASES[op]
+        leaves = case.make_inputs(8, 32, torch.float32, "cpu")
+        dy = case.make_grads(8, 32, torch.float32, "cpu")
+        outs, grads = {}, {}
+        for provider in ("normzoo", "eager"):
+            for t in leaves:
+                t.grad = None
+            out = case.providers[provider](*leaves)
+            _backward(out, dy)
+            outs[provider] = out
+            grads[provider] = [t.grad for t in leaves]
+        assert isinstance(outs["eager"], tuple) == (case.outputs == 2), op
+        torch.testing.assert_close(outs["normzoo"], outs["eager"], rtol=1e-4, atol=1e-4, msg=op)
+        assert all(g is not None for g in grads["normzoo"]), op
+        torch.testing.assert_close(grads["normzoo"], grads["eager"], rtol=1e-4, atol=1e-4, msg=op)
+
+
+def test_fused_bytes_are_counted_from_first_principles():
+    from benchmarks.cases import CASES, expand_ops
+
+    per = 8 * 16 * 2  # one (8, 16) bf16 tensor
+    expected = {  # (fwd, bwd) tensors: see benchmarks.cases.FusedCase
+        "add_norm": (4, 4),  # x, h, y, s | dy, ds, s, dx (= dh)
+        "norm_add": (3, 3),  # x, h, s | ds, h, dh (dx is ds)
+        "norm_add_norm": (4, 6),  # x, h, y, s | dy, ds, s, h, dx, dh
+    }
+    for mode, (fwd, bwd) in expected.items():
+        for op in expand_ops([mode]):
+            case = CASES[op]
+            assert case.bytes_moved("fwd", 8, 16, torch.bfloat16) == fwd * per
+            assert case.bytes_moved("bwd", 8, 16, torch.bfloat16) == bwd * per
+            assert case.bytes_moved("fwdbwd", 8, 16, torch.bfloat16) == (fwd + bwd) * per
+    # An fp32 residual stream beside bf16 activations: x, s, ds, dx in fp32, and dh a second write.
+    add_norm = CASES["add_norm-rmsnorm"]
+    assert add_norm.bytes_moved("fwd", 8, 16, torch.bfloat16, torch.float32) == 8 * 16 * (4 + 2 + 2 + 4)
+    assert add_norm.bytes_moved("bwd", 8, 16, torch.bfloat16, torch.float32) == 8 * 16 * (2 + 4 + 4 + 4 + 2)
+    assert expand_ops(["add_norm", "add_norm-rmsnorm", "layernorm"]) == [
+        "add_norm-layernorm", "add_norm-rmsnorm", "add_norm-dyt", "add_norm-derf", "layernorm"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_no_gpu_exits_cleanly(capsys):
     assert main(["--ops", "layernorm"]) == 2
