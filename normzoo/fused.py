@@ -225,6 +225,9 @@ class _FusedResidual(torch.autograd.Function):
         return *_grads(ctx, dy, ds, _fused_backward), None
 
 
+_FUSED_C_APPLY = ops._c_apply(_FusedResidual)
+
+
 @torch.library.custom_op("normzoo::fused_residual_fwd", mutates_args=())
 def fused_residual_fwd(
     h: Tensor, x: Tensor, w1: Tensor | None, b1: Tensor | None, a1: Tensor | None, sh1: Tensor | None,
@@ -403,8 +406,11 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
     if route == "custom_op":
         y, s = fused_residual_fwd(h2d, x2d, *p1, *p2, *spec)[:2]
     elif route == "function":
-        unwrap = lambda t: t if t is None else _unwrap_if_dead(t)  # noqa: E731
-        y, s = _FusedResidual.apply(unwrap(h2d), unwrap(x2d), *map(unwrap, p1), *map(unwrap, p2), spec)
+        if _FUSED_C_APPLY is None:
+            y, s = _FusedResidual.apply(h2d, x2d, *p1, *p2, spec)
+        else:
+            unwrap = lambda t: t if t is None else _unwrap_if_dead(t)  # noqa: E731
+            y, s = _FUSED_C_APPLY(unwrap(h2d), unwrap(x2d), *map(unwrap, p1), *map(unwrap, p2), spec)
     else:
         y, s = _fused_forward(h2d, x2d, p1, p2, *spec)[:2]
     return (None if mode == "norm_add" else y.view(h.shape)), s.view(h.shape)

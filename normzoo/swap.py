@@ -27,6 +27,25 @@ class SwapReport(Counter):
         return f"SwapReport(replaced={dict(self)}, left_alone={dict(self.left_alone)})"
 
 
+# Everything nn.Module keeps of a module's hooks. The dicts themselves move to the new module (not
+# copies), so a handle the user holds still removes its hook.
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _move_hooks(old: torch.nn.Module, new: torch.nn.Module) -> None:
+    for attr in _HOOK_DICTS:
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    new._is_full_backward_hook = old._is_full_backward_hook
+
+
+def _looks_like_a_norm(module: torch.nn.Module) -> bool:
+    """A class named like a per-token norm (``LlamaRMSNorm``, ``T5LayerNorm``, ``GroupNorm``...)."""
+    return type(module).__name__.endswith("Norm")
+
+
 def _short_name(cls: type) -> str:
     return f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"  # torch.LayerNorm, normzoo.LayerNorm
 
@@ -35,8 +54,9 @@ def replace_modules(model: torch.nn.Module, convert: Callable[[str, torch.nn.Mod
                     report: SwapReport | None = None) -> SwapReport:
     """Walk ``model`` and replace each submodule for which ``convert(name, module)`` returns a new
     module (a replaced module's children are not visited; ``model`` itself has no parent and is
-    never replaced). The new module takes the old one's training mode and forward hooks; a module
-    that appears in several places is converted once and stays shared."""
+    never replaced). The new module takes the old one's training mode and all its hooks (forward,
+    pre-forward, with kwargs, always called, backward, state_dict); a module that appears in
+    several places is converted once and stays shared."""
     report = report if report is not None else SwapReport()
     converted: dict[int, torch.nn.Module | None] = {}
 
@@ -50,8 +70,7 @@ def replace_modules(model: torch.nn.Module, convert: Callable[[str, torch.nn.Mod
                 new = convert(name, child)
                 if new is not None:
                     new.train(child.training)
-                    new._forward_hooks.update(child._forward_hooks)
-                    new._forward_pre_hooks.update(child._forward_pre_hooks)
+                    _move_hooks(child, new)
                     report[f"{_short_name(type(child))} -> {_short_name(type(new))}"] += 1
                 converted[id(child)] = new
             new = converted[id(child)]
@@ -87,8 +106,11 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     (the DyT paper also adjusts ``alpha_init_value`` and the learning rate).
 
     Subclasses of these norms (e.g. timm's channels-first ``LayerNorm2d``) may compute something
-    else; they are listed in ``report.left_alone`` rather than replaced. Forward hooks move to the
-    new layers; a norm shared by several parents stays shared. A swap that replaces nothing warns.
+    else, and other classes named like a norm (``LlamaRMSNorm``, ``GroupNorm``...) are not known to
+    normzoo: each is named in ``report.left_alone`` (``"path: class (why)"``) rather than replaced.
+    Every hook moves to the new layers (forward, pre-forward, with kwargs, always called, backward,
+    state_dict; handles keep working); a norm shared by several parents stays shared. A swap that
+    replaces nothing warns. :func:`unswap` gives back PyTorch's classes.
     """
     check_backend(backend)
     if to not in _TARGETS:
@@ -103,9 +125,12 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
 
     def convert(name, module):
         if type(module) not in _KNOWN_NORMS:
-            already_ours = target is None and isinstance(module, (LayerNorm, RMSNorm))
+            already_ours = isinstance(module, (LayerNorm, RMSNorm, DyT, Derf)) and (
+                target is None or isinstance(module, target))
             if isinstance(module, _KNOWN_NORMS) and not already_ours:
-                report.left_alone[f"{_short_name(type(module))} (unknown subclass of a norm)"] += 1
+                report.left_alone[f"{name}: {_short_name(type(module))} (unknown subclass of a norm)"] += 1
+            elif _looks_like_a_norm(module) and not already_ours:
+                report.left_alone[f"{name}: {_short_name(type(module))} (no exact normzoo equivalent known)"] += 1
             return None
         is_rms = isinstance(module, torch.nn.RMSNorm)
         if target is None:
@@ -132,4 +157,27 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
         # A silent no-op hides a model whose norms we don't know (unsloth#4533): say so.
         warnings.warn(f"normzoo.swap replaced nothing in {type(model).__name__}"
                       + (f"; left alone: {dict(report.left_alone)}" if report.left_alone else ""), stacklevel=2)
+    return report
+
+
+def unswap(model: torch.nn.Module) -> SwapReport:
+    """Give ``model`` back PyTorch's classes, in place: every normzoo ``LayerNorm`` / ``RMSNorm``
+    becomes ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` with the same parameters (shared tensors)
+    and hooks, so the model can be saved, exported or shared without normzoo. DyT and Derf have no
+    PyTorch class: they are named in ``report.left_alone`` and stay."""
+    report = SwapReport()
+
+    def convert(name, module):
+        if type(module) is LayerNorm:
+            new = torch.nn.LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
+                                     bias=module.bias is not None, device="meta")
+        elif type(module) is RMSNorm:
+            new = torch.nn.RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta")
+        else:
+            if isinstance(module, (DyT, Derf)):
+                report.left_alone[f"{name}: {_short_name(type(module))} (no PyTorch class to go back to)"] += 1
+            return None
+        return _share_parameters(module, new)
+
+    replace_modules(model, convert, report)
     return report

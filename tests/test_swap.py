@@ -68,3 +68,61 @@ def test_swap_keeps_hooks_and_shared_modules():
 def test_swap_refuses_a_bare_norm():
     with pytest.raises(ValueError, match="the model itself is a norm"):
         normzoo.swap(torch.nn.LayerNorm(4))
+
+
+def test_swap_moves_every_kind_of_hook_and_handles_still_work():
+    """The issue's example: a full backward hook was lost; a with_kwargs forward hook broke."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    seen = []
+    model[1].register_full_backward_hook(lambda *a: seen.append("backward"))
+    model[1].register_full_backward_pre_hook(lambda *a: seen.append("backward_pre"))
+    model[1].register_forward_hook(lambda m, args, kwargs, out: seen.append("forward_kwargs"), with_kwargs=True)
+    model[1].register_forward_pre_hook(lambda m, args, kwargs: seen.append("pre_kwargs"), with_kwargs=True)
+    always = model[1].register_forward_hook(lambda *a: seen.append("always"), always_call=True)
+    normzoo.swap(model)
+    assert type(model[1]) is normzoo.LayerNorm
+    model(torch.randn(2, 8, requires_grad=True)).sum().backward()
+    assert sorted(seen) == sorted(["pre_kwargs", "forward_kwargs", "always", "backward_pre", "backward"])
+    always.remove()  # a handle taken before the swap removes the hook from the new layer
+    seen.clear()
+    model(torch.randn(2, 8))
+    assert "always" not in seen and "forward_kwargs" in seen
+
+
+def test_swap_names_norm_like_modules_it_does_not_know():
+    class LlamaRMSNorm(torch.nn.Module):  # a model's own norm class, as Hugging Face models have
+        def __init__(self, n):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(n))
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), LlamaRMSNorm(4), torch.nn.GroupNorm(2, 4),
+                                torch.nn.LayerNorm(4))
+    report = normzoo.swap(model)
+    assert report == {"torch.LayerNorm -> normzoo.LayerNorm": 1}
+    assert sorted(report.left_alone) == [
+        "1: test_swap.test_swap_names_norm_like_modules_it_does_not_know.<locals>.LlamaRMSNorm "
+        "(no exact normzoo equivalent known)",
+        "2: torch.GroupNorm (no exact normzoo equivalent known)"]
+    assert type(model[1]) is LlamaRMSNorm
+
+
+def test_unswap_gives_back_torch_classes_with_the_same_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8, bias=False), torch.nn.RMSNorm(8, eps=1e-6))
+    originals = [model[1].weight, model[2].weight]
+    x = torch.randn(3, 8)
+    before = model(x)
+    normzoo.swap(model)
+    calls = []
+    model[1].register_forward_hook(lambda *a: calls.append(1))
+    report = normzoo.unswap(model)
+    assert report == {"normzoo.LayerNorm -> torch.LayerNorm": 1, "normzoo.RMSNorm -> torch.RMSNorm": 1}
+    assert type(model[1]) is torch.nn.LayerNorm and type(model[2]) is torch.nn.RMSNorm
+    assert model[1].weight is originals[0] and model[2].weight is originals[1] and model[1].bias is None
+    assert model[2].eps == 1e-6
+    torch.testing.assert_close(model(x), before)
+    assert calls == [1]
+    dyt = torch.nn.Sequential(torch.nn.Linear(4, 4), normzoo.DyT(4))
+    assert list(normzoo.unswap(dyt).left_alone) == ["1: normzoo.DyT (no PyTorch class to go back to)"]
