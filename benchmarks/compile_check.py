@@ -3,6 +3,7 @@
     python -m benchmarks.compile_check                          # sm_90, M = 32768 rows, 132 SMs
     python -m benchmarks.compile_check --hidden 4096 --dtypes bf16 --ops rmsnorm
     python -m benchmarks.compile_check --out benchmarks/results/compile-sm90   # + .md and .json
+    python -m benchmarks.compile_check --fused-modes                           # no fused residual variants
 
 How: every variant (op, pass, dtype, affine layout, width) calls the public launchers
 (``rowwise_norm_forward/backward``, ``pointwise_forward/backward``) on ``meta`` tensors, which
@@ -16,12 +17,23 @@ None) into a constant. That signature, constexprs, attrs and options go to
 ``triton.compile(ASTSource(...))`` for the target: the same kernel a launch on the GPU compiles.
 Identical compiles (same function, specialization and options) are compiled once.
 
+Fused residual variants (op, residual mode, activation dtype, residual-stream dtype, width) are
+captured the same way one level up: through ``normzoo.fused._fused_forward`` and
+``_fused_backward``, the implementation the ops layer's autograd.Function and custom ops run, with
+``triton=True``. So the forward is the one ``fused_residual`` launches (``RES_MODE`` 1-3, the sum
+stored in the stream's dtype, a second norm's parameters for norm_add_norm), and the backward is
+every launch its gradient makes for incoming dy and ds (add_norm: dres = ds, dx in the stream's
+dtype and a second dx in the activation's when they differ; norm_add: N's backward of ds;
+norm_add_norm: N2's backward with dres and an fp32 dx copy for a 16-bit stream, then N's plain
+backward of that fp32 gradient).
+
 Reported per launch: tile, warps, registers, spill bytes and shared memory (from the cubin),
 resident programs per SM and what limits them, grid and waves at ``--rows`` rows on ``--sms``
 SMs, and the global load/store widths in the PTX, per pointer argument. Exit status 1 on any
 failed compile or launch, any spill, a row kernel (one that reads or writes the (M, N)
 tensors) with fewer than 2 resident programs per SM that no entry of RESIDENCY_EXCEPTIONS
-explains, or a persistent backward grid larger than one wave (more programs than are resident).
+explains, or a persistent backward grid larger than one wave (more programs than are resident),
+among the plain norms' launches or the fused residual ops' (each has its own summary line).
 The column-sum reduce launched by every backward is reported separately: its grid is smaller
 than the SM count by design, so its residency is not judged.
 """
@@ -31,6 +43,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import importlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -57,7 +70,16 @@ import normzoo.kernels as launchers  # noqa: E402
 from normzoo.kernels import heuristics  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 DEFAULT_HIDDEN = [97, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+# Fused residual variants (normzoo.fused): fewer widths (representative ones, the 16-bit single-tile
+# limit, one unaligned), 16-bit activations beside a 16-bit or an fp32 residual stream.
+FUSED_OPS = ("layernorm", "rmsnorm", "dyt", "derf")
+FUSED_MODES = ("add_norm", "norm_add", "norm_add_norm")
+FUSED_HIDDEN = [97, 1024, 4096, 8192]
+# Weight and bias on every norm (RMSNorm has no bias), in the activation's dtype.
+FUSED_AFFINE = {"rmsnorm": ("w", True, False, False)}
+FUSED_AFFINE_DEFAULT = ("wb", True, True, False)
 # Channels of the channels-first DyT/Derf views ((B, C, S) as (B·C, S) rows, one channel per row).
 CHANNELS_FIRST_C = 256
 
@@ -100,7 +122,10 @@ def residency(regs: int, smem_dynamic: int, smem_static: int, num_warps: int) ->
 class ResidencyException:
     """Row-kernel launches allowed fewer than MIN_RESIDENT programs per SM, and why. A launch
     matches when every field that is not None does: the variant's op, pass, dtype and affine
-    layout, and the launch's tile (``BLOCK_M`` × ``BLOCK_N``, and whether it spans the whole row)."""
+    layout, and the launch's tile (``BLOCK_M`` × ``BLOCK_N``, and whether it spans the whole row).
+    A fused residual variant matches as its norm's op (its mode is a switch of the same kernel);
+    ``dtype`` is then the activation's, and the tile (which the kernel's own input dtype sets) tells
+    a 16-bit single-tile launch from an fp32 stream's looped one."""
 
     reason: str
     ops: tuple[str, ...]
@@ -166,10 +191,18 @@ class Variant:
     affine: str
     n: int
     rows: int
+    mode: str | None = None  # a fused residual variant's mode (FUSED_MODES); None: the plain norm
+    stream: str | None = None  # ... and its residual stream's (and sum's) dtype
 
     @property
     def label(self) -> str:
+        if self.mode:
+            return f"{self.op}:{self.mode} {self.pass_} {self.dtype}/{self.stream} {self.affine} N={self.n}"
         return f"{self.op} {self.pass_} {self.dtype} {self.affine} N={self.n}"
+
+    def asdict(self) -> dict:
+        fields = dataclasses.asdict(self)
+        return fields if self.mode else {k: v for k, v in fields.items() if k not in ("mode", "stream")}
 
 
 def affine_layouts(op: str, dtype: str):
@@ -199,6 +232,7 @@ class Launch:
     attrs: dict  # (index,) -> [["tt.divisibility", 16]] or []
     options: dict  # the backend's parsed options (num_warps, num_stages, ...)
     row_params: list[str]  # pointer arguments bound to the variant's (M, N) row tensors
+    row_dtypes: dict = dataclasses.field(default_factory=dict)  # distinct row tensors: argument -> dtype
 
     @property
     def name(self) -> str:
@@ -243,8 +277,15 @@ class LaunchRecorder:
             grid = grid(bound_args)
         row_params = [name for name, value in bound_args.items()
                       if isinstance(value, torch.Tensor) and tuple(value.shape) == self.row_shape]
+        # The row tensors the launch really passes: an argument bound to a tensor an earlier one
+        # already holds is a placeholder for an absent one (an unused Y, DRES, DX2, ...).
+        row_dtypes, seen = {}, set()
+        for name in row_params:
+            if id(bound_args[name]) not in seen:
+                seen.add(id(bound_args[name]))
+                row_dtypes[name] = DTYPE_NAMES.get(bound_args[name].dtype, str(bound_args[name].dtype))
         self.launches.append(Launch(f"{fn.fn.__module__}.{fn.fn.__qualname__}", tuple(grid), signature, constexprs,
-                                    attrs, dict(options.__dict__), row_params))
+                                    attrs, dict(options.__dict__), row_params, row_dtypes))
         return None
 
     @contextlib.contextmanager
@@ -312,6 +353,43 @@ def launches_of(recorder: LaunchRecorder, op: str, dtype: str, affine: tuple, n:
             launchers.pointwise_forward(x, alpha, shift, w, b, **common)
         with recorder.capture(x.shape) as out["bwd"]:
             launchers.pointwise_backward(dy, x, alpha, shift, w, **common, compute_dw=has_w, db_dtype=db_dtype)
+    return out
+
+
+def fused_launches_of(recorder: LaunchRecorder, op: str, mode: str, dtype: str, stream: str, affine: tuple, n: int,
+                      rows: int) -> dict:
+    """{pass: [Launch, ...]} for one fused residual op (normzoo.fused): activation h in ``dtype``,
+    residual stream x and the sum s in ``stream``, every norm with the ``affine`` layout. Runs the
+    ops layer's own forward and backward implementation with the Triton launchers, so the
+    launches (and their dtypes, dres and dx2 copies) are the ones a training step makes; the
+    backward gets both incoming gradients, dy (h's dtype) and ds (the stream's)."""
+    from normzoo import fused  # the ops layer; imported here so the plain sweep does not need it
+
+    _, has_w, has_b, fp32_params = affine
+    h_dtype, x_dtype = DTYPES[dtype], DTYPES[stream]
+    p_dtype = torch.float32 if fp32_params else h_dtype
+    meta = torch.device("meta")
+    pointwise = OPS[op][0] == "pointwise"
+
+    def layer():  # (weight, bias, alpha, shift), as normzoo.fused.describe returns them
+        param = lambda present, size=n: torch.empty(size, dtype=p_dtype, device=meta) if present else None  # noqa: E731
+        return (param(has_w), param(has_b), param(pointwise, 1), param(op == "derf", 1))
+
+    none = (None, None, None, None)
+    h = torch.empty(rows, n, dtype=h_dtype, device=meta)
+    x = torch.empty(rows, n, dtype=x_dtype, device=meta)
+    p1, p2 = layer(), (layer() if mode == "norm_add_norm" else none)
+    scale, eps = 1.0, 1e-5
+    out = {}
+    with recorder.capture(h.shape) as out["fwd"]:
+        y, s, stats1, stats2 = fused._fused_forward(h, x, p1, p2, op, mode, eps, eps, scale, None, True)
+    dy = torch.empty(rows, n, dtype=h_dtype, device=meta) if mode != "norm_add" else None
+    ds = torch.empty(rows, n, dtype=s.dtype, device=meta)
+    needs = (p1[0] is not None, p2[0] is not None)
+    db_dtypes = tuple(p[1].dtype if p[1] is not None else None for p in (p1, p2))
+    with recorder.capture(h.shape) as out["bwd"]:
+        fused._fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, op, mode, scale, x_dtype, h_dtype, needs,
+                              db_dtypes, True)
     return out
 
 
@@ -508,13 +586,15 @@ def build_rows(records, results, sms: int):
     for variant, launch in records:
         result = results[launch.compile_key]
         consts = launch.named_constexprs
-        row = dict(variant=dataclasses.asdict(variant), label=variant.label, kernel=launch.name,
+        row = dict(variant=variant.asdict(), label=variant.label, kernel=launch.name,
                    role="row" if launch.row_params else "reduce", block=block_shape(consts),
                    num_warps=launch.options["num_warps"], grid=list(launch.grid),
                    constexprs=dict(consts),
                    divisible_args=[list(launch.signature)[path[0]] for path, attr in sorted(launch.attrs.items())
                                    if attr],
                    **result)
+        if variant.mode:  # which tensors, in which dtypes: a fused backward makes two row launches
+            row["row_dtypes"] = launch.row_dtypes
         if "error" not in result:
             resident, limits = residency(result["regs"], result["smem_dynamic"], result["smem_static"],
                                          launch.options["num_warps"])
@@ -558,15 +638,21 @@ def cells(row) -> list[str]:
             describe_accesses(row["accesses"])]
 
 
+def describe_row_dtypes(row) -> str:
+    """ "X bf16, R fp32, S fp32": the distinct (M, N) tensors a fused variant's launch passes."""
+    return ", ".join(f"{name} {dtype}" for name, dtype in row.get("row_dtypes", {}).items())
+
+
 def print_table(rows):
     print("  ".join(f"{name:{width}s}" for name, width in COLUMNS).rstrip())
     for row in rows:
-        print("  ".join(f"{c:{w}s}" for c, (_, w) in zip(cells(row), COLUMNS)).rstrip())
+        line = "  ".join(f"{c:{w}s}" for c, (_, w) in zip(cells(row), COLUMNS)).rstrip()
+        print(line + (f"  [{describe_row_dtypes(row)}]" if row.get("row_dtypes") else ""))
 
 
-def summarize(rows, arch: int, compiled: int, launch_errors: list[str]) -> tuple[str, dict]:
+def count_rows(rows, compiled: int, launch_errors: list[str]) -> dict:
     main = [r for r in rows if r["role"] == "row"]
-    counts = dict(
+    return dict(
         variants=len(main), reduce_launches=len(rows) - len(main), kernels_compiled=compiled,
         failed=sum("error" in r for r in rows) + len(launch_errors),
         spills=sum(r.get("spill_bytes", 0) > 0 for r in rows),
@@ -576,12 +662,30 @@ def summarize(rows, arch: int, compiled: int, launch_errors: list[str]) -> tuple
         grid_underfills=sum(bool(r.get("grid_underfills")) for r in rows),
         tail_waves=sum(bool(r.get("tail_wave")) for r in rows),
     )
-    line = (f"sm_{arch}: {counts['variants']} variants + {counts['reduce_launches']} reduce launches "
-            f"({compiled} distinct kernels compiled), {counts['failed']} failed to compile, {counts['spills']} spill, "
+
+
+def verdicts(counts: dict) -> str:
+    return (f"{counts['failed']} failed to compile, {counts['spills']} spill, "
             f"{counts['below_min_resident']} below {MIN_RESIDENT} resident programs/SM "
             f"({counts['excepted']} excepted), {counts['narrow_row_access']} with row accesses under 128 bits, "
             f"{counts['tail_waves']} persistent grids larger than one wave, "
             f"{counts['grid_underfills']} with room for {MIN_RESIDENT}+ but a grid of one program per SM")
+
+
+def summarize(rows, arch: int, compiled: int, launch_errors: list[str]) -> tuple[str, dict]:
+    """The plain norms' line and counts (row and reduce launches of the single-op launchers)."""
+    counts = count_rows(rows, compiled, launch_errors)
+    line = (f"sm_{arch}: {counts['variants']} variants + {counts['reduce_launches']} reduce launches "
+            f"({compiled} distinct kernels compiled), " + verdicts(counts))
+    return line, counts
+
+
+def summarize_fused(rows, arch: int, compiled: int, new: int, launch_errors: list[str]) -> tuple[str, dict]:
+    """The fused residual ops' line and counts (their own rows: a second line, not folded into the first)."""
+    counts = count_rows(rows, compiled, launch_errors)
+    line = (f"sm_{arch} fused residual ops: {counts['variants']} row launches + {counts['reduce_launches']} reduce "
+            f"launches ({compiled} distinct kernels compiled, {new} of them not among the plain norms'), "
+            + verdicts(counts))
     return line, counts
 
 
@@ -594,14 +698,20 @@ def source_version() -> str:
         return "unknown"
 
 
-def write_markdown(path: Path, rows, summary: str, header: dict):
+def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: str | None = None):
     def table(selected):
         names = [name for name, _ in COLUMNS]
+        fused = any("row_dtypes" in row for row in selected)  # then: which tensors each launch passes
+        names += ["row tensor dtypes"] if fused else []
         out = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
         for row in selected:
             c = cells(row)
-            out.append("| " + " | ".join(x.replace("|", "/") for x in c + [""] * (len(names) - len(c))) + " |")
+            c = c + [""] * (len(COLUMNS) - len(c)) + ([describe_row_dtypes(row)] if fused else [])
+            out.append("| " + " | ".join(x.replace("|", "/") for x in c) + " |")
         return out
+
+    def name(row) -> str:
+        return f"{row['label']} `{row['kernel']}`" + (f" [{describe_row_dtypes(row)}]" if "row_dtypes" in row else "")
 
     main = [r for r in rows if r["role"] == "row"]
     low = [r for r in main if r.get("low_residency") and not r.get("excepted")]
@@ -629,26 +739,32 @@ def write_markdown(path: Path, rows, summary: str, header: dict):
         "- Global accesses: static count in the PTX, by width: `ld`/`st` (ld.global/st.global), `cp.async` "
         "(global → shared copies), `bulk` (cp.async.bulk/TMA), `atom`. Row tensors: the narrowest access to an "
         "(M, N) tensor (x, y, dy, dx); 128 bits is 8 × 16-bit or 4 × fp32 elements.",
+    ] + ([
+        "- Fused residual variants (`op:mode`, through normzoo.fused's own forward and backward): activation h "
+        "and y in the first dtype, residual stream x and sum s in the second (`bf16/fp32`), every norm with "
+        "weight and bias (RMSNorm: weight) in the activation's dtype; their backward gets both dy and ds.",
+    ] if fused_summary else []) + [
         "",
         f"**{summary}**",
         "",
-    ]
+    ] + ([f"**{fused_summary}**", ""] if fused_summary else [])
     if header["launch_errors"] or any("error" in r for r in rows):
         lines += ["## Failed", ""] + [f"- launch: {error}" for error in header["launch_errors"]]
-        lines += [f"- {r['label']} `{r['kernel']}`: {r['error']}" for r in rows if "error" in r] + [""]
+        lines += [f"- {name(r)}: {r['error']}" for r in rows if "error" in r] + [""]
     spilled = [r for r in rows if r.get("spill_bytes")]
-    lines += ["## Spills", ""] + ([f"- {r['label']} `{r['kernel']}`: {r['spill_bytes']} B, {r['regs']} regs"
+    lines += ["## Spills", ""] + ([f"- {name(r)}: {r['spill_bytes']} B, {r['regs']} regs"
                                    for r in spilled] or ["None."]) + [""]
     lines += [f"## Row kernels below {MIN_RESIDENT} resident programs per SM (not excepted)", ""]
     lines += table(low) if low else ["None."]
     lines += ["", "## Excepted (RESIDENCY_EXCEPTIONS in benchmarks/compile_check.py)", ""]
     for exception in RESIDENCY_EXCEPTIONS:
-        matched = [f"{r['label']} ({r['regs']} regs)" for r in main if r.get("excepted") == exception.reason]
+        matched = [f"{r['label']}" + (f" [{describe_row_dtypes(r)}]" if "row_dtypes" in r else "")
+                   + f" ({r['regs']} regs)" for r in main if r.get("excepted") == exception.reason]
         lines.append(f"- {exception.reason}: " + ("; ".join(matched) if matched else "no variant needs it"))
     lines += [] if RESIDENCY_EXCEPTIONS else ["None."]
     narrow = [r for r in main if r.get("narrow_rows")]
     lines += ["", "## Row tensors accessed narrower than 128 bits although N is a multiple of 16", ""]
-    lines += [f"- {r['label']} `{r['kernel']}`: " + ", ".join(f"{k} {v}b" for k, v in r["row_widths"].items())
+    lines += [f"- {name(r)}: " + ", ".join(f"{k} {v}b" for k, v in r["row_widths"].items())
               for r in narrow] or ["None."]
     tails = [r for r in main if r.get("tail_wave")]
     lines += ["", "## Persistent backward grids larger than one wave (programs > SMs × resident)", ""]
@@ -657,7 +773,14 @@ def write_markdown(path: Path, rows, summary: str, header: dict):
     lines += ["", f"## Row kernels with room for {MIN_RESIDENT}+ programs per SM but a grid of at most one per SM "
               f"(≤ {header['sms']} programs; a warning, not a failure)", ""]
     lines += table(underfilled) if underfilled else ["None."]
-    lines += ["", "## Row and elementwise kernels", ""] + table(main)
+    lines += ["", "## Row and elementwise kernels", ""] + table([r for r in main if "row_dtypes" not in r])
+    fused = [r for r in main if "row_dtypes" in r]
+    if fused:
+        lines += ["", "## Fused residual variants (normzoo.fused: the norm and the residual add next to it)", "",
+                  "Label `op:mode pass activation/stream affine N`. Forward: one launch (`RES_MODE` 1 add_norm, "
+                  "2 norm_add, 3 norm_add_norm). Backward: every row launch `_fused_backward` makes for incoming dy "
+                  "and ds, in order (norm_add_norm: N2's, with DRES and an fp32 DX2 for a 16-bit stream, then N's); "
+                  "the last column names the distinct (M, N) tensors each passes.", ""] + table(fused)
     lines += ["", "## Reduce launches (column sums of the backward's partials; residency not judged)", ""]
     lines += table([r for r in rows if r["role"] != "row"])
     path.write_text("\n".join(lines) + "\n")
@@ -677,6 +800,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     p.add_argument("--passes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    p.add_argument("--fused-modes", nargs="*", default=list(FUSED_MODES), choices=FUSED_MODES,
+                   help="fused residual modes to compile (normzoo.fused; none: --fused-modes alone), for the "
+                        "--ops among " + ", ".join(FUSED_OPS))
+    p.add_argument("--fused-hidden", nargs="+", type=int, default=FUSED_HIDDEN, help="row widths N of the fused "
+                   "variants")
+    p.add_argument("--fused-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES),
+                   help="activation (h, y) dtypes of the fused variants")
+    p.add_argument("--fused-streams", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES),
+                   help="residual stream (x) and sum (s) dtypes of the fused variants")
     p.add_argument("--sms", type=int, default=132, help="SM count the launch rules see (H100 SXM / H200: 132)")
     p.add_argument("--gpu", default=None, help="apply this GPU's measured table (kernels/configs), e.g. "
                                                "NVIDIA-H100-80GB-HBM3; default: the rules alone")
@@ -691,7 +823,7 @@ def main(argv=None) -> int:
     if args.gpu and args.gpu not in tables:
         print(f"note: no measured table for {args.gpu!r} (have: {sorted(tables) or 'none'}); the rules apply")
     recorder = LaunchRecorder(GPUTarget("cuda", args.arch, 32), args.sms, args.gpu)
-    records, launch_errors = [], []
+    records, launch_errors, fused_launch_errors = [], [], []
     with recorder.installed():
         for dtype in args.dtypes:
             for n in args.hidden:
@@ -705,29 +837,53 @@ def main(argv=None) -> int:
                         for pass_ in args.passes:
                             variant = Variant(op, pass_, dtype, affine[0], n, args.rows)
                             records += [(variant, launch) for launch in per_pass[pass_]]
+        for dtype, stream, n, op, mode in itertools.product(args.fused_dtypes, args.fused_streams, args.fused_hidden,
+                                                            [op for op in args.ops if op in FUSED_OPS],
+                                                            args.fused_modes):
+            affine = FUSED_AFFINE.get(op, FUSED_AFFINE_DEFAULT)
+            try:
+                per_pass = fused_launches_of(recorder, op, mode, dtype, stream, affine, n, args.rows)
+            except Exception as exc:
+                fused_launch_errors.append(f"{op}:{mode} {dtype}/{stream} {affine[0]} N={n}: "
+                                           f"{type(exc).__name__}: {exc}")
+                continue
+            for pass_ in args.passes:
+                variant = Variant(op, pass_, dtype, affine[0], n, args.rows, mode, stream)
+                records += [(variant, launch) for launch in per_pass[pass_]]
     results = compile_all([launch for _, launch in records], args.arch, args.jobs)
     rows = build_rows(records, results, args.sms)
-    summary, counts = summarize(rows, args.arch, len(results), launch_errors)
+    plain = [i for i, (variant, _) in enumerate(records) if not variant.mode]
+    fused = [i for i, (variant, _) in enumerate(records) if variant.mode]
+    plain_keys = {records[i][1].compile_key for i in plain}
+    fused_keys = {records[i][1].compile_key for i in fused}
+    summary, counts = summarize([rows[i] for i in plain], args.arch, len(plain_keys), launch_errors)
+    fused_summary = fused_counts = None
+    if fused or fused_launch_errors:
+        fused_summary, fused_counts = summarize_fused([rows[i] for i in fused], args.arch, len(fused_keys),
+                                                      len(fused_keys - plain_keys), fused_launch_errors)
     elapsed = time.perf_counter() - start
 
     shown = rows if not args.quiet else [
         r for r in rows if "error" in r or r.get("spill_bytes") or (r.get("low_residency") and not r.get("excepted"))]
     print_table(shown)
-    for error in launch_errors:
+    for error in launch_errors + fused_launch_errors:
         print(f"LAUNCH FAILED: {error}")
-    print(f"{summary} [{elapsed:.0f} s]")
+    print("\n".join(line for line in (summary, fused_summary) if line) + f" [{elapsed:.0f} s]")
     if args.out:
         header = dict(arch=args.arch, M=args.rows, sms=args.sms, gpu=args.gpu, argv=" ".join(argv),
-                      triton=triton.__version__, source=source_version(), launch_errors=launch_errors)
+                      triton=triton.__version__, source=source_version(),
+                      launch_errors=launch_errors + fused_launch_errors)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_markdown(Path(f"{args.out}.md"), rows, summary, header)
+        write_markdown(Path(f"{args.out}.md"), rows, summary, header, fused_summary)
         document = dict(header, summary=summary, counts=counts,
+                        **(dict(fused_summary=fused_summary, fused_counts=fused_counts) if fused_summary else {}),
                         exceptions=[dataclasses.asdict(e) for e in RESIDENCY_EXCEPTIONS])
         # One row per line: compact, and a rerun diffs line by line.
         head = json.dumps(document, indent=1, default=str)[:-2]
         body = ",\n".join(json.dumps(row, default=str) for row in rows)
         Path(f"{args.out}.json").write_text(f'{head},\n "rows": [\n{body}\n]}}\n')
-    return 1 if counts["failed"] or counts["spills"] or counts["below_min_resident"] or counts["tail_waves"] else 0
+    failing = [c for c in (counts, fused_counts) if c]
+    return 1 if any(c["failed"] or c["spills"] or c["below_min_resident"] or c["tail_waves"] for c in failing) else 0
 
 
 if __name__ == "__main__":

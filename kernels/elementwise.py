@@ -144,6 +144,7 @@ def _pointwise_fwd_kernel(
     RES_MODE: tl.constexpr,  # 0 none, 1 add then layer, 2 layer then add, 3 layer, add, layer2
     HAS_WEIGHT2: tl.constexpr,
     HAS_BIAS2: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -173,7 +174,9 @@ def _pointwise_fwd_kernel(
         y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, HAS_SHIFT, HAS_WEIGHT,
                        HAS_BIAS, PARAMS_PER_ROW, FAST_TANH)
     if RES_MODE != 2:
-        store_tile(Y, rows, stride_y_row, cols, mask, y * scale)
+        if HAS_SCALE:
+            y = y * scale
+        store_tile(Y, rows, stride_y_row, cols, mask, y)
 
 
 @triton.jit
@@ -195,6 +198,7 @@ def _pointwise_bwd_kernel(
     PARAMS_PER_ROW: tl.constexpr,
     HAS_DRES: tl.constexpr,
     STORE_DX2: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # row blocks in flight (software pipelining of the row loop's loads)
@@ -229,7 +233,9 @@ def _pointwise_bwd_kernel(
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
             x = load_tile(X, rows, stride_x_row, cols, mask)
-            dy = load_tile(DY, rows, stride_dy_row, cols, mask) * scale
+            dy = load_tile(DY, rows, stride_dy_row, cols, mask)
+            if HAS_SCALE:
+                dy = dy * scale
             act, dact = _activation(x * alpha + shift, ACTIVATION)
             # dy is 0 in masked positions, so g, dy·act and every sum below ignore them.
             g = dy * dact
@@ -327,9 +333,9 @@ def _launch_forward(x, y, alpha, shift, weight, bias, residual, s, layer2, activ
             x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, channels, scale,
             # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host): ACTIVATION,
             # HAS_SHIFT, HAS_WEIGHT, HAS_BIAS, PARAMS_PER_ROW, FAST_TANH, RES_MODE, HAS_WEIGHT2, HAS_BIAS2,
-            # BLOCK_M, BLOCK_N.
+            # HAS_SCALE, BLOCK_M, BLOCK_N.
             activation, shift is not None, weight is not None, bias is not None, params_per_row, fast_tanh,
-            res_mode, weight2 is not None, bias2 is not None, cfg.block_m, cfg.block_n, num_warps=cfg.num_warps,
+            res_mode, weight2 is not None, bias2 is not None, scale != 1.0, cfg.block_m, cfg.block_n, num_warps=cfg.num_warps,
         )
 
 
@@ -379,7 +385,8 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
         return (dx, dx2, zeros(1, alpha.dtype), zeros(1, shift.dtype) if shift is not None else None,
                 zeros(channels, weight.dtype) if compute_dw else None, zeros(channels, db_dtype) if compute_db else None)
 
-    cfg = launch_config("dyt" if activation == "tanh" else "derf", "bwd", N, x.dtype, device, max_block_n)
+    pass_ = "bwd_res" if dres is not None or dx2 is not None else "bwd"  # a fused op's backward moves more
+    cfg = launch_config("dyt" if activation == "tanh" else "derf", pass_, N, x.dtype, device, max_block_n)
     if params_per_row:  # one row block per program: its row sums are carried across column tiles
         rows_per_program, programs = cfg.block_m, cdiv(M, cfg.block_m)
     else:
@@ -398,9 +405,9 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
             x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
             M, N, channels, rows_per_program, db_offset, scalar_offset, scale,
             # ACTIVATION, HAS_SHIFT, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, PARAMS_PER_ROW, HAS_DRES, STORE_DX2,
-            # BLOCK_M, BLOCK_N, NUM_STAGES (by position)
+            # HAS_SCALE, BLOCK_M, BLOCK_N, NUM_STAGES (by position)
             activation, shift is not None, weight is not None, compute_dw, compute_db, params_per_row,
-            dres is not None, dx2 is not None, cfg.block_m, cfg.block_n, cfg.num_stages, num_warps=cfg.num_warps,
+            dres is not None, dx2 is not None, scale != 1.0, cfg.block_m, cfg.block_n, cfg.num_stages, num_warps=cfg.num_warps,
         )
         dalpha = alloc(x, 1, alpha.dtype)
         dshift = alloc(x, 1, shift.dtype) if shift is not None else None

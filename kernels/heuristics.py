@@ -174,8 +174,15 @@ def _resident_estimate(num_warps: int, regs_per_thread: int) -> int:
     return max(1, min(65536 // (regs_per_thread * 32 * num_warps), 64 // num_warps, 16))
 
 
-def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: int | None) -> LaunchConfig:
+def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: int | None,
+                  fused: bool = False) -> LaunchConfig:
     limit = single_tile_limit(dtype)
+    if fused:
+        # A fused residual backward also reads the sum's gradient and may store dx twice: about 2
+        # more registers per value (compile_check, sm_90: LayerNorm add_norm with an fp32 stream,
+        # 1×4096, 90 registers, one program per SM; bf16 norm_add_norm at 4096, 144). Rows wider
+        # than 2048 take the looped path.
+        limit = min(limit, 2048)
     if max_block_n is not None:
         limit = min(limit, next_power_of_2(max_block_n))
     block_n = min(next_power_of_2(max(n_cols, 1)), limit)
@@ -208,7 +215,7 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     # Except 16-bit rows of 4096, where 8 elements a thread at 16 warps took LayerNorm with weight
     # and bias to 115 registers (one program per SM) and 16 at 8 warps takes 128 (two per SM):
     # compile_check, sm_90.
-    per_thread = 16 if dtype.itemsize == 2 and block_n == 4096 and single_tile else 8
+    per_thread = 16 if dtype.itemsize == 2 and block_n == 4096 and single_tile and not fused else 8
     if n_cols % 8:
         per_thread = 4  # element-wise addresses: see num_stages below
     num_warps = max(1, min(block_m * block_n // (32 * per_thread), 16))
@@ -216,11 +223,11 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     # Registers ≈ 7 per value a thread holds + 16 (LayerNorm with weight and bias on sm_90: 72 at
     # 8 values, 128 at 16; twice that per value with element-wise addresses); the estimate must not
     # exceed the real residency (compile_check fails a persistent grid larger than one wave).
-    regs = (7 if n_cols % 8 == 0 else 14) * per_thread + 16
+    regs = (7 if n_cols % 8 == 0 else 14) * per_thread + 16 + (3 * per_thread if fused else 0)
     return LaunchConfig(block_m, block_n, num_warps, single_tile, _resident_estimate(num_warps, regs), num_stages)
 
 
-def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None) -> LaunchConfig:
+def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None, fused: bool = False) -> LaunchConfig:
     # Tiles of TARGET_TILE_ELEMENTS (columns up to 1024 wide, rows stacked to fill the rest),
     # 8 elements per thread: 128-bit accesses in 16-bit, 2 x 128-bit in fp32.
     block_n = min(next_power_of_2(max(n_cols, 1)), 1024)
@@ -237,23 +244,31 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None) -> L
         # Element-wise addresses (a row length not a multiple of 8): half the tile at 4 values a
         # thread; 8 took Derf's channels-first backward to 140+ registers (compile_check, sm_90).
         block_m = max(1, block_m // 2)
-    num_warps = max(1, min(block_m * block_n // (256 if n_cols % 8 == 0 else 128), 16))
+    # A fused residual backward (the sum's gradient read, dx stored twice) took Derf to 154-162
+    # registers at 8 values a thread and 95-113 at 4 in a 16-warp program (compile_check, sm_90):
+    # 4 values a thread and half the rows, so that two programs fit.
+    values = 8 if n_cols % 8 == 0 and not fused else 4
+    if fused:
+        block_m = max(1, block_m // 2)
+    num_warps = max(1, min(block_m * block_n // (32 * values), 16))
     per_thread = block_m * block_n // (32 * num_warps)
     # Registers ≈ 12 per value a thread holds + 32 (Derf with weight and bias on sm_90: 128 at 8).
-    return LaunchConfig(block_m, block_n, num_warps, True, _resident_estimate(num_warps, 12 * per_thread + 32),
-                        num_stages)
+    return LaunchConfig(block_m, block_n, num_warps, True,
+                        _resident_estimate(num_warps, (16 if fused else 12) * per_thread + 32), num_stages)
 
 
 @functools.lru_cache(maxsize=4096)
 def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: torch.device,
                   max_block_n: int | None = None) -> LaunchConfig:
     """The launch configuration for one kernel call. ``max_block_n`` caps the column tile (tests
-    use it to reach the looped path on small rows); a capped call ignores the measured tables."""
-    backward = pass_ == "bwd"
+    use it to reach the looped path on small rows); a capped call ignores the measured tables.
+    ``pass_``: ``"fwd"``, ``"bwd"``, or ``"bwd_res"`` (a fused residual op's backward, which moves
+    more per value: rules only, no table)."""
+    backward, fused = pass_ in ("bwd", "bwd_res"), pass_ == "bwd_res"
     if op in ("layernorm", "rmsnorm"):
-        cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n)
+        cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n, fused)
     else:
-        cfg = _elementwise_rule(n_cols, backward, max_block_n)
+        cfg = _elementwise_rule(n_cols, backward, max_block_n, fused)
     # Tables are measured at row lengths that are multiples of 8 and keyed by the next power of 2:
     # other lengths (element-wise addresses, no staging) keep the rule.
     entry = tuned_entry(op, pass_, n_cols, dtype, device) if max_block_n is None and n_cols % 8 == 0 else None

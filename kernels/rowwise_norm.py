@@ -58,13 +58,26 @@ RES_MODES = {"none": 0, "add_norm": 1, "norm_add": 2, "norm_add_norm": 3}
 
 
 @triton.jit
-def _affine(x_hat, W, B, cols, N, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """x_hat ⊙ w + b, the parameters loaded as a (1, BLOCK_N) row: the tile's own layout."""
+def _affine(x_hat, W, B, cols, N, w_offset, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+            HAS_OFFSET: tl.constexpr):
+    """x_hat ⊙ (w + w_offset) + b, the parameters loaded as a (1, BLOCK_N) row (the tile's own
+    layout); the offset (Gemma's 1 + w) is added in fp32, never to a 16-bit weight."""
     y = x_hat
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
+        w = tl.load(W + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
+        if HAS_OFFSET:
+            w += w_offset
+        y = y * w
     if HAS_BIAS:
         y = y + tl.load(B + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _scaled(y, scale, HAS_SCALE: tl.constexpr):
+    # A flag, not a multiply by 1.0: every switch a plain norm does not use compiles away.
+    if HAS_SCALE:
+        y = y * scale
     return y
 
 
@@ -111,12 +124,15 @@ def _norm_fwd_kernel(
     M, N,  # rows, columns
     eps, eps2,
     scale,  # multiplies y (LayerNorm scaling's 1/√l; 1.0 otherwise)
+    w_offset,  # added to the weight (1.0 for Gemma-style 1 + w; 0.0 otherwise)
     IS_RMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     RES_MODE: tl.constexpr,
     HAS_WEIGHT2: tl.constexpr,
     HAS_BIAS2: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
@@ -134,16 +150,17 @@ def _norm_fwd_kernel(
             store_tile(S, rows, stride_s_row, cols, mask, v)
         mean, rstd, v_hat = _row_stats_single_tile(v, mask, N, eps, IS_RMS)
         _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
-        y = _affine(v_hat, W, B, cols, N, HAS_WEIGHT, HAS_BIAS)
+        y = _affine(v_hat, W, B, cols, N, w_offset, HAS_WEIGHT, HAS_BIAS, HAS_OFFSET)
         if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
             s = _stored(S, y + load_tile(R, rows, stride_r_row, cols, mask))
             store_tile(S, rows, stride_s_row, cols, mask, s)
             if RES_MODE == RES_NORM_ADD_NORM:
                 mean2, rstd2, s_hat = _row_stats_single_tile(s, mask, N, eps2, IS_RMS)
                 _store_stats(STATS2, rows, row_mask, M, mean2, rstd2, IS_RMS)
-                store_tile(Y, rows, stride_y_row, cols, mask, _affine(s_hat, W2, B2, cols, N, HAS_WEIGHT2, HAS_BIAS2) * scale)
+                y = _affine(s_hat, W2, B2, cols, N, 0.0, HAS_WEIGHT2, HAS_BIAS2, False)
+                store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale, HAS_SCALE))
         else:
-            store_tile(Y, rows, stride_y_row, cols, mask, y * scale)
+            store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale, HAS_SCALE))
     else:
         # Pass 1: statistics of N's input, read once (with RES_ADD_NORM it is the sum, written here).
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -157,7 +174,6 @@ def _norm_fwd_kernel(
                 store_tile(S, rows, stride_s_row, cols, mask, v)
             mean, m2 = _merge_stats(mean, m2, v, mask, col_start, N, BLOCK_N, IS_RMS)
         rstd = tl.rsqrt(m2 / N + eps)
-        _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
         if RES_MODE == RES_ADD_NORM:
             tl.debug_barrier()  # pass 2 reads back the sums this program's threads wrote
         # Pass 2: normalize (and add). Pass 1's reads were marked evict_last, so this re-read of
@@ -171,14 +187,17 @@ def _norm_fwd_kernel(
                 v = load_tile(S, rows, stride_s_row, cols, mask, "evict_first")
             else:
                 v = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
-            y = _affine((v - mean[:, None]) * rstd[:, None], W, B, cols, N, HAS_WEIGHT, HAS_BIAS)
+            y = _affine((v - mean[:, None]) * rstd[:, None], W, B, cols, N, w_offset, HAS_WEIGHT, HAS_BIAS, HAS_OFFSET)
             if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
                 s = _stored(S, tl.where(mask, y, 0.0) + load_tile(R, rows, stride_r_row, cols, mask))
                 store_tile(S, rows, stride_s_row, cols, mask, s)
                 if RES_MODE == RES_NORM_ADD_NORM:
                     mean2, m2_2 = _merge_stats(mean2, m2_2, s, mask, col_start, N, BLOCK_N, IS_RMS)
             else:
-                store_tile(Y, rows, stride_y_row, cols, mask, y * scale)
+                store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale, HAS_SCALE))
+        # Stored after pass 2, not before it: with the store between the passes, ptxas spilled 8
+        # bytes in the fp32 LayerNorm forward (compile_check, sm_90).
+        _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
         if RES_MODE == RES_NORM_ADD_NORM:
             # Pass 3: the second norm, over the sums just written (read back from L2).
             rstd2 = tl.rsqrt(m2_2 / N + eps2)
@@ -188,8 +207,8 @@ def _norm_fwd_kernel(
                 cols = col_start + tl.arange(0, BLOCK_N)
                 mask = row_mask[:, None] & (cols < N)[None, :]
                 s = load_tile(S, rows, stride_s_row, cols, mask, "evict_first")
-                y = _affine((s - mean2[:, None]) * rstd2[:, None], W2, B2, cols, N, HAS_WEIGHT2, HAS_BIAS2)
-                store_tile(Y, rows, stride_y_row, cols, mask, y * scale)
+                y = _affine((s - mean2[:, None]) * rstd2[:, None], W2, B2, cols, N, 0.0, HAS_WEIGHT2, HAS_BIAS2, False)
+                store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale, HAS_SCALE))
 
 
 @triton.jit
@@ -227,13 +246,20 @@ def _norm_bwd_kernel(
     M, N,
     rows_per_program,  # a multiple of BLOCK_M
     db_offset,
-    scale,  # the forward's y scale: dy is scaled by it on load
+    # The forward's y scale: dy is scaled by it on load, behind HAS_SCALE on the single-tile path
+    # and always on the looped one. Measured on sm_90 (compile_check), not reasoned: with the
+    # multiply ptxas kept the looped fp32 LayerNorm backward at 64 registers (121 without), and
+    # without it the 16-bit 8192-wide single tile at 59 (100 with).
+    scale,
+    w_offset,  # the forward's weight offset
     IS_RMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     HAS_DRES: tl.constexpr,
     STORE_DX2: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
@@ -260,7 +286,10 @@ def _norm_bwd_kernel(
                 x = load_tile(X, rows, stride_x_row, cols, mask, "evict_last")  # read again in pass B
                 wdy = load_tile(DY, rows, stride_dy_row, cols, mask, "evict_last") * scale
                 if HAS_WEIGHT:
-                    wdy = wdy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                    w_row = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                    if HAS_OFFSET:
+                        w_row += w_offset
+                    wdy = wdy * w_row
                 c1 += tl.sum(_x_hat(x, mean, rstd, IS_RMS) * wdy, axis=1)
                 c2 += tl.sum(wdy, axis=1)
             tl.store(ROW_SUMS + rows64 * 2, c1 / N, mask=row_mask)
@@ -276,6 +305,8 @@ def _norm_bwd_kernel(
         col_mask = cols < N
         if HAS_WEIGHT:  # loaded as a (1, BLOCK_N) row: the tile's own layout, no conversion
             w = tl.load(W + cols[None, :], mask=col_mask[None, :], other=0.0).to(tl.float32)
+            if HAS_OFFSET:
+                w += w_offset
         # Column sums accumulate element-wise over the row loop and are reduced across the tile's
         # rows once, after it (no reduction per row block).
         dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -287,7 +318,7 @@ def _norm_bwd_kernel(
             rows64 = rows.to(tl.int64)
             if SINGLE_TILE:
                 x = load_tile(X, rows, stride_x_row, cols, mask)
-                dy = load_tile(DY, rows, stride_dy_row, cols, mask) * scale
+                dy = _scaled(load_tile(DY, rows, stride_dy_row, cols, mask), scale, HAS_SCALE)
             else:  # the last read of this part of the row
                 x = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
                 dy = load_tile(DY, rows, stride_dy_row, cols, mask, "evict_first") * scale
@@ -323,12 +354,14 @@ def _norm_bwd_kernel(
             tl.store(PARTIALS + db_offset + partial_row + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
-def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, max_block_n: int | None = None):
+def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_offset: float = 0.0,
+                         max_block_n: int | None = None):
     """Normalize each row of the 2-D ``x`` (last dim contiguous).
 
     Returns ``(y, stats)``: ``y`` in x's dtype; ``stats`` the per-row fp32 statistics the backward
     takes, ``rstd`` (M,) for RMSNorm and ``mean`` then ``rstd`` in one flat (2M,) buffer for
-    LayerNorm (one allocation on the host path).
+    LayerNorm (one allocation on the host path). ``weight_offset`` is added to the weight in fp32
+    (Gemma's ``1 + w``).
     """
     check_rows(x)
     M, N = x.shape
@@ -336,7 +369,7 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, max_block
     stats = alloc(x, M if is_rms else 2 * M, torch.float32)
     if M and N:
         _launch_forward(x, y, weight, bias, stats, None, None, None, None, None, eps, 0.0, 1.0, is_rms, 0,
-                        max_block_n)
+                        max_block_n, weight_offset)
     return y, stats
 
 
@@ -365,7 +398,7 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
 
 
 def _launch_forward(x, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
-                    res_mode, max_block_n):
+                    res_mode, max_block_n, weight_offset=0.0):
     M, N = x.shape
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
     with device_guard(x):
@@ -375,16 +408,18 @@ def _launch_forward(x, y, weight, bias, stats, residual, s, weight2, bias2, stat
             weight2 if weight2 is not None else x, bias2 if bias2 is not None else x,
             stats2 if stats2 is not None else stats,
             x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, eps, eps2, scale,
+            weight_offset,
             # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host): IS_RMS,
-            # HAS_WEIGHT, HAS_BIAS, RES_MODE, HAS_WEIGHT2, HAS_BIAS2, BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES.
+            # HAS_WEIGHT, HAS_BIAS, RES_MODE, HAS_WEIGHT2, HAS_BIAS2, HAS_SCALE, HAS_OFFSET, BLOCK_M, BLOCK_N,
+            # SINGLE_TILE, NUM_STAGES.
             is_rms, weight is not None, bias is not None, res_mode, weight2 is not None, bias2 is not None,
-            cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, num_warps=cfg.num_warps,
+            scale != 1.0, weight_offset != 0.0, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, num_warps=cfg.num_warps,
         )
 
 
 def rowwise_norm_backward(
     dy, x, weight, stats, *, is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None,
-    max_block_n: int | None = None,
+    weight_offset: float = 0.0, max_block_n: int | None = None,
 ):
     """Gradients of :func:`rowwise_norm_forward` (``stats`` is its second result).
 
@@ -395,7 +430,7 @@ def rowwise_norm_backward(
     """
     check_rows(x, dy)
     dx, _, dw, db = _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, None, alloc_like(x), None, 1.0,
-                              max_block_n)
+                              max_block_n, weight_offset)
     return dx, dw, db
 
 
@@ -413,7 +448,8 @@ def rowwise_residual_backward(dy, x, weight, stats, *, is_rms: bool, compute_dw:
     return _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n)
 
 
-def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n):
+def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n,
+              weight_offset=0.0):
     M, N = x.shape
     device = x.device
     compute_db = db_dtype is not None
@@ -425,7 +461,8 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
         return (dx, dx2, torch.zeros(N, dtype=weight.dtype, device=device) if compute_dw else None,
                 torch.zeros(N, dtype=db_dtype, device=device) if compute_db else None)
 
-    cfg = launch_config("rmsnorm" if is_rms else "layernorm", "bwd", N, x.dtype, device, max_block_n)
+    pass_ = "bwd_res" if dres is not None or dx2 is not None else "bwd"  # a fused op's backward moves more
+    cfg = launch_config("rmsnorm" if is_rms else "layernorm", pass_, N, x.dtype, device, max_block_n)
     rows_per_program, programs = split_rows(M, cfg, device)
 
     # One fp32 scratch buffer for both column sums (one allocation): [dw (programs × N) | db (programs × N)].
@@ -437,11 +474,11 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
             x, weight if weight is not None else x, dy, dx, stats, partials if compute_dw or compute_db else dx,
             row_sums if row_sums is not None else stats, dres if dres is not None else dx, dx2 if dx2 is not None else dx,
             x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
-            M, N, rows_per_program, db_offset, scale,
-            # IS_RMS, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, HAS_DRES, STORE_DX2, BLOCK_M, BLOCK_N, SINGLE_TILE,
-            # NUM_STAGES (by position)
-            is_rms, weight is not None, compute_dw, compute_db, dres is not None, dx2 is not None,
-            cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, num_warps=cfg.num_warps,
+            M, N, rows_per_program, db_offset, scale, weight_offset,
+            # IS_RMS, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, HAS_DRES, STORE_DX2, HAS_SCALE, HAS_OFFSET, BLOCK_M,
+            # BLOCK_N, SINGLE_TILE, NUM_STAGES (by position)
+            is_rms, weight is not None, compute_dw, compute_db, dres is not None, dx2 is not None, scale != 1.0,
+            weight_offset != 0.0, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, num_warps=cfg.num_warps,
         )
         dw = alloc(x, N, weight.dtype) if compute_dw else None
         db = alloc(x, N, db_dtype) if compute_db else None

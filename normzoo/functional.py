@@ -20,6 +20,7 @@ def layer_norm(
     eps: float = 1e-5,
     *,
     backend: str = "auto",
+    weight_offset: float = 0.0,
 ) -> Tensor:
     r"""Layer normalization over the trailing ``normalized_shape`` dimensions.
 
@@ -27,9 +28,11 @@ def layer_norm(
         y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
 
     Same arguments and result as :func:`torch.nn.functional.layer_norm`. ``weight``/``bias`` may be
-    float32 while ``input`` is float16/bfloat16; the output has the input's dtype.
+    float32 while ``input`` is float16/bfloat16; the output has the input's dtype. The weight
+    applied is ``weight + weight_offset``, added in fp32 (Gemma-style ``1 + w`` with 1.0).
     """
-    return ops.rowwise_norm(input, normalized_shape, weight, bias, eps, is_rms=False, backend=backend)
+    return ops.rowwise_norm(input, normalized_shape, weight, bias, eps, is_rms=False, backend=backend,
+                            weight_offset=weight_offset)
 
 
 def rms_norm(
@@ -39,6 +42,7 @@ def rms_norm(
     eps: float | None = None,
     *,
     backend: str = "auto",
+    weight_offset: float = 0.0,
 ) -> Tensor:
     r"""Root-mean-square normalization over the trailing ``normalized_shape`` dimensions.
 
@@ -47,8 +51,10 @@ def rms_norm(
 
     Same arguments and result as :func:`torch.nn.functional.rms_norm`; ``eps=None`` means
     ``torch.finfo(torch.float32).eps`` (``float64`` eps for float64 input), as in PyTorch.
+    ``weight_offset`` as for :func:`layer_norm` (Gemma's RMSNorm: 1.0).
     """
-    return ops.rowwise_norm(input, normalized_shape, weight, None, eps, is_rms=True, backend=backend)
+    return ops.rowwise_norm(input, normalized_shape, weight, None, eps, is_rms=True, backend=backend,
+                            weight_offset=weight_offset)
 
 
 def dyt(

@@ -346,6 +346,8 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
     else:
         raise TypeError("norm must be a normzoo LayerNorm, RMSNorm, DyT or Derf (or torch.nn.LayerNorm / RMSNorm), "
                         f"got {type(norm).__name__}")
+    if getattr(norm, "weight_offset", 0.0) != 0.0:
+        raise ValueError("fused residual ops do not take a weight_offset norm yet; use the norm and the add apart")
     bias = get("bias") if kind != "rmsnorm" else None
     alpha = get("alpha") if kind in ("dyt", "derf") else None
     shift = get("shift") if kind == "derf" else None

@@ -38,6 +38,9 @@ class LayerNorm(torch.nn.LayerNorm):
         bias (bool): with ``elementwise_affine``, whether to learn a bias. Default: ``True``
         backend (str): ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or
             ``"torch"``. Keyword only. Default: ``"auto"``
+        weight_offset (float): the layer applies ``weight + weight_offset`` (added in fp32);
+            with 1.0 the weight is zero-centred and starts at zeros (Gemma's ``1 + w``).
+            Keyword only. Default: 0.0
 
     Shape:
         - Input: :math:`(*, \text{normalized\_shape})`
@@ -50,18 +53,23 @@ class LayerNorm(torch.nn.LayerNorm):
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None, *, backend: str = "auto") -> None:
+                 device=None, dtype=None, *, backend: str = "auto", weight_offset: float = 0.0) -> None:
+        self.weight_offset = ops._check_weight_offset(weight_offset)  # before reset_parameters reads it
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
                          device=device, dtype=dtype)
         self.backend = check_backend(backend)
 
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        _zero_centre(self)
+
     def forward(self, input: Tensor) -> Tensor:
         # ops directly rather than through F.layer_norm: one Python frame less per call.
         return ops.rowwise_norm(input, self.normalized_shape, _param(self, "weight"), _param(self, "bias"), self.eps,
-                                is_rms=False, backend=self.backend)
+                                is_rms=False, backend=self.backend, weight_offset=self.weight_offset)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}"
+        return f"{super().extra_repr()}, backend={self.backend!r}" + _offset_repr(self)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -80,6 +88,7 @@ class RMSNorm(torch.nn.RMSNorm):
             ``torch.finfo(torch.float32).eps`` (float64's for float64 input), as in PyTorch.
         elementwise_affine (bool): learnable per-element ``weight`` (ones). Default: ``True``
         backend (str): ``"auto"``, ``"triton"`` or ``"torch"``, as for :class:`LayerNorm`.
+        weight_offset (float): as for :class:`LayerNorm` (Gemma's RMSNorm: ``weight_offset=1.0``).
 
     Shape:
         - Input: :math:`(*, \text{normalized\_shape})`
@@ -92,16 +101,33 @@ class RMSNorm(torch.nn.RMSNorm):
     """
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
-                 device=None, dtype=None, *, backend: str = "auto") -> None:
+                 device=None, dtype=None, *, backend: str = "auto", weight_offset: float = 0.0) -> None:
+        self.weight_offset = ops._check_weight_offset(weight_offset)  # before reset_parameters reads it
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
         self.backend = check_backend(backend)
 
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        _zero_centre(self)
+
     def forward(self, input: Tensor) -> Tensor:
         return ops.rowwise_norm(input, self.normalized_shape, _param(self, "weight"), None, self.eps, is_rms=True,
-                                backend=self.backend)
+                                backend=self.backend, weight_offset=self.weight_offset)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}"
+        return f"{super().extra_repr()}, backend={self.backend!r}" + _offset_repr(self)
+
+
+def _zero_centre(layer) -> None:
+    """A weight applied as ``weight + offset`` starts at ``1 - offset``: the layer starts as the
+    identity affine, like torch's (zeros for Gemma's ``1 + w``)."""
+    if layer.weight is not None and layer.weight_offset != 0.0:
+        with torch.no_grad():
+            layer.weight.fill_(1.0 - layer.weight_offset)
+
+
+def _offset_repr(layer) -> str:
+    return f", weight_offset={layer.weight_offset}" if layer.weight_offset != 0.0 else ""
 
 
 class _PointwiseNorm(torch.nn.Module):

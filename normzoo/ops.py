@@ -101,6 +101,14 @@ def _normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
     raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
 
 
+def _check_weight_offset(offset) -> float:
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real):
+        raise TypeError(f"weight_offset must be a float, got {type(offset).__name__}")
+    if not (-math.inf < offset < math.inf):
+        raise ValueError(f"weight_offset must be finite, got {offset}")
+    return float(offset)
+
+
 def check_eps(eps) -> float:
     if type(eps) is float and 0 <= eps < math.inf:  # the usual case, without the ABC checks below
         return eps
@@ -210,38 +218,39 @@ def _for_reference(t: Tensor | None) -> Tensor | None:
     return t.contiguous() if t is not None else None
 
 
-def _rowwise_forward(x, weight, bias, eps, is_rms, triton):
+def _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset=0.0):
     """``(y, stats)``: the one forward implementation, behind both the eager autograd.Function and
     the custom op. ``stats`` holds the per-row fp32 statistics the backward needs: rstd (M,) for
     RMSNorm, mean then rstd in one flat (2M,) buffer for LayerNorm (as the kernels store them)."""
     if triton:
         return _launchers().rowwise_norm_forward(_for_kernels(x), _for_kernels(weight), _for_kernels(bias), eps,
-                                                 is_rms=is_rms)
+                                                 is_rms=is_rms, weight_offset=weight_offset)
     x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
-    y, mean, rstd = reference.rowwise_norm_forward(x, weight, bias, eps, is_rms)
+    y, mean, rstd = reference.rowwise_norm_forward(x, weight, bias, eps, is_rms, weight_offset)
     return y, (rstd if is_rms else torch.cat((mean, rstd)))
 
 
-def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton):
+def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset=0.0):
     """``(dx, dw, db)``, a gradient not asked for ``None``; the one backward implementation."""
     if triton:
         return _launchers().rowwise_norm_backward(_for_kernels(dy), _for_kernels(x), _for_kernels(weight), stats,
-                                                  is_rms=is_rms, compute_dw=compute_dw, db_dtype=db_dtype)
+                                                  is_rms=is_rms, compute_dw=compute_dw, db_dtype=db_dtype,
+                                                  weight_offset=weight_offset)
     dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
     mean, rstd = (None, stats) if is_rms else stats.view(2, x.shape[0])
-    return reference.rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype)
+    return reference.rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype, weight_offset)
 
 
 def _rowwise_grads(ctx, dy, backward):
     """``(dx, dw, db)`` for ``ctx``'s tensor inputs, ``None`` where not needed, computed by
     ``backward`` (the eager implementation or the custom op, which returns empty tensors where the
-    other returns None). ``ctx.meta``: ``(is_rms, triton, bias_dtype)``."""
+    other returns None). ``ctx.meta``: ``(is_rms, triton, bias_dtype, weight_offset)``."""
     x, weight, stats = ctx.saved_tensors
     needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-    is_rms, triton, bias_dtype = ctx.meta
+    is_rms, triton, bias_dtype, weight_offset = ctx.meta
     compute_dw = weight is not None and needs_dw
     db_dtype = bias_dtype if needs_db else None
-    dx, dw, db = backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton)
+    dx, dw, db = backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset)
     return dx if needs_dx else None, dw if compute_dw else None, db if db_dtype is not None else None
 
 
@@ -249,14 +258,14 @@ class _RowwiseNorm(torch.autograd.Function):
     """The eager path: an autograd.Function costs a fraction of a custom op's dispatch (~7 µs
     against ~40 µs a call on a 2-core CPU, ../shared/DESIGN.md). The statistics stay on ctx, not
     among the outputs, so autograd never materializes zero gradients for them. The non-tensor
-    arguments travel as one tuple, ``spec = (eps, is_rms, triton)``: each argument of ``apply``
+    arguments travel as one tuple, ``spec = (eps, is_rms, triton, weight_offset)``: each argument of ``apply``
     costs host time."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, spec):
         y, stats = _rowwise_forward(x, weight, bias, *spec)
         ctx.save_for_backward(x, weight, stats)
-        ctx.meta = (spec[1], spec[2], bias.dtype if bias is not None else None)
+        ctx.meta = (spec[1], spec[2], bias.dtype if bias is not None else None, spec[3])
         return y
 
     @staticmethod
@@ -273,14 +282,15 @@ _ROWWISE_C_APPLY = _c_apply(_RowwiseNorm)
 
 @torch.library.custom_op("normzoo::rowwise_norm_fwd", mutates_args=())
 def rowwise_norm_fwd(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool, triton: bool
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool, triton: bool,
+    weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(y, stats)`` for 2-D ``x``; see :func:`_rowwise_forward`."""
-    return _rowwise_forward(x, weight, bias, eps, is_rms, triton)
+    return _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset)
 
 
 @rowwise_norm_fwd.register_fake
-def _(x, weight, bias, eps, is_rms, triton):
+def _(x, weight, bias, eps, is_rms, triton, weight_offset=0.0):
     rows = x.shape[0]
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty((rows if is_rms else 2 * rows,), dtype=reference.compute_dtype(x.dtype)))
@@ -289,16 +299,16 @@ def _(x, weight, bias, eps, is_rms, triton):
 @torch.library.custom_op("normzoo::rowwise_norm_bwd", mutates_args=())
 def rowwise_norm_bwd(
     dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor,
-    is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None, triton: bool,
+    is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None, triton: bool, weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dx, dw, db)``; ``db`` in ``db_dtype`` (the bias's; ``None``: no bias gradient).
     A gradient not asked for is an empty tensor."""
-    dx, dw, db = _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton)
+    dx, dw, db = _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset)
     return dx, (dw if dw is not None else x.new_empty(0)), (db if db is not None else x.new_empty(0))
 
 
 @rowwise_norm_bwd.register_fake
-def _(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton):
+def _(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset=0.0):
     n = x.shape[1]
     dw = x.new_empty((n,), dtype=weight.dtype) if compute_dw else x.new_empty(0)
     db = x.new_empty((n,), dtype=db_dtype) if db_dtype is not None else x.new_empty(0)
@@ -306,15 +316,15 @@ def _(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton):
 
 
 def _rowwise_norm_setup_context(ctx, inputs, output):
-    x, weight, bias, eps, is_rms, triton = inputs
+    x, weight, bias, eps, is_rms, triton, weight_offset = inputs
     ctx.save_for_backward(x, weight, output[1])
-    ctx.meta = (is_rms, triton, bias.dtype if bias is not None else None)
+    ctx.meta = (is_rms, triton, bias.dtype if bias is not None else None, weight_offset)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
 rowwise_norm_fwd.register_autograd(
-    lambda ctx, dy, _dstats: (*_rowwise_grads(ctx, dy, rowwise_norm_bwd), None, None, None),
+    lambda ctx, dy, _dstats: (*_rowwise_grads(ctx, dy, rowwise_norm_bwd), None, None, None, None),
     setup_context=_rowwise_norm_setup_context)
 
 
@@ -354,9 +364,11 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
 
 
 def rowwise_norm(
-    x: Tensor, normalized_shape, weight: Tensor | None, bias: Tensor | None, eps, *, is_rms: bool, backend: str
+    x: Tensor, normalized_shape, weight: Tensor | None, bias: Tensor | None, eps, *, is_rms: bool, backend: str,
+    weight_offset: float = 0.0,
 ) -> Tensor:
-    """LayerNorm or RMSNorm over the trailing ``normalized_shape`` dims of ``x``, any leading dims."""
+    """LayerNorm or RMSNorm over the trailing ``normalized_shape`` dims of ``x``, any leading dims;
+    the weight applied is ``weight + weight_offset`` (in fp32)."""
     check_input(x)
     shape = normalized_shape_tuple(normalized_shape)
     check_trailing_shape(x, shape)
@@ -364,6 +376,8 @@ def rowwise_norm(
     if eps is None:  # torch.nn.RMSNorm's default: machine epsilon of the compute dtype
         eps = torch.finfo(reference.compute_dtype(x.dtype)).eps
     eps = check_eps(eps)
+    if weight_offset != 0.0:  # the usual 0.0 needs no check
+        weight_offset = _check_weight_offset(weight_offset)
     triton = use_triton(backend, x)
 
     # Rows of n: views where possible, and no call at all when x already is (rows, n).
@@ -374,15 +388,15 @@ def rowwise_norm(
     b = bias if bias is None or k == 1 else bias.reshape(n)
     route = _route(x2d, w, b)
     if route == "custom_op":
-        y = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton)[0]
+        y = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton, weight_offset)[0]
     elif route == "function":
         if _ROWWISE_C_APPLY is None:
-            y = _RowwiseNorm.apply(x2d, w, b, (eps, is_rms, triton))
+            y = _RowwiseNorm.apply(x2d, w, b, (eps, is_rms, triton, weight_offset))
         else:
             y = _ROWWISE_C_APPLY(_unwrap_if_dead(x2d), w if w is None else _unwrap_if_dead(w),
-                                 b if b is None else _unwrap_if_dead(b), (eps, is_rms, triton))
+                                 b if b is None else _unwrap_if_dead(b), (eps, is_rms, triton, weight_offset))
     else:
-        y = _rowwise_forward(x2d, w, b, eps, is_rms, triton)[0]
+        y = _rowwise_forward(x2d, w, b, eps, is_rms, triton, weight_offset)[0]
     return y if x2d is x else y.view(x.shape)
 
 

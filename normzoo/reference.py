@@ -19,10 +19,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def rowwise_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool):
+def rowwise_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool,
+                         weight_offset: float = 0.0):
     """LayerNorm (``is_rms=False``) or RMSNorm of each row. Returns ``(y, mean, rstd)``.
 
-    ``mean`` is None for RMSNorm; ``mean``/``rstd`` are in the compute dtype.
+    ``mean`` is None for RMSNorm; ``mean``/``rstd`` are in the compute dtype. The weight applied is
+    ``weight + weight_offset`` (Gemma's ``1 + w``), in the compute dtype.
     """
     acc = compute_dtype(x.dtype)
     xf = x.to(acc)
@@ -37,7 +39,7 @@ def rowwise_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
         x_hat = x_centered * rstd[:, None]
     y = x_hat
     if weight is not None:
-        y = y * weight.to(acc)
+        y = y * (weight.to(acc) + weight_offset)
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype), mean, rstd
@@ -45,7 +47,7 @@ def rowwise_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
 
 def rowwise_norm_backward(
     dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, is_rms: bool,
-    compute_dw: bool, db_dtype: torch.dtype | None,
+    compute_dw: bool, db_dtype: torch.dtype | None, weight_offset: float = 0.0,
 ):
     """Gradients of :func:`rowwise_norm_forward`: ``(dx, dw, db)``, absent ones ``None``.
     ``db_dtype`` is the bias's dtype, ``None`` for no bias gradient."""
@@ -53,7 +55,7 @@ def rowwise_norm_backward(
     xf, dyf = x.to(acc), dy.to(acc)
     n = x.shape[-1]
     x_hat = (xf if is_rms else xf - mean[:, None]) * rstd[:, None]
-    wdy = dyf * weight.to(acc) if weight is not None else dyf
+    wdy = dyf * (weight.to(acc) + weight_offset) if weight is not None else dyf
     c1 = (x_hat * wdy).sum(dim=-1, keepdim=True) / max(n, 1)
     if is_rms:
         dx = (wdy - x_hat * c1) * rstd[:, None]

@@ -168,6 +168,9 @@ def unswap(model: torch.nn.Module) -> SwapReport:
     report = SwapReport()
 
     def convert(name, module):
+        if type(module) in (LayerNorm, RMSNorm) and module.weight_offset != 0.0:
+            report.left_alone[f"{name}: {_short_name(type(module))} (weight_offset: no PyTorch equivalent)"] += 1
+            return None
         if type(module) is LayerNorm:
             new = torch.nn.LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
                                      bias=module.bias is not None, device="meta")

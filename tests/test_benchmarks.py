@@ -110,10 +110,16 @@ def test_no_gpu_exits_cleanly(capsys):
 
 # The widths the sm_90 compile test sweeps: unaligned and tiny, a single-tile row, a looped row
 # that is not a multiple of 16. Every op, affine layout and parameter dtype at each.
-COMPILE_CHECK_ARGS = ["--hidden", "97", "4096", "16385", "--dtypes", "bf16", "fp32", "--quiet"]
+COMPILE_CHECK_ARGS = ["--hidden", "97", "4096", "16385", "--dtypes", "bf16", "fp32", "--quiet",
+                      # and the fused residual ops' launches (bf16 activations, bf16 or fp32 stream)
+                      "--fused-hidden", "97", "4096"]
 # (op, affine layout) pairs per dtype: LayerNorm 5 (4 in fp32, where "-fp32" params are the input's
 # dtype), RMSNorm 3 (2), DyT, Derf and their channels-first forms 5 each (4).
 LAYOUTS = {"bf16": 5 + 3 + 4 * 5, "fp32": 4 + 2 + 4 * 4}
+FUSED_SUMMARY = re.compile(
+    r"sm_90 fused residual ops: (?P<variants>\d+) row launches \+ (?P<reduces>\d+) reduce launches .*?"
+    r"(?P<failed>\d+) failed to compile, (?P<spills>\d+) spill, (?P<low>\d+) below 2 resident programs/SM"
+)
 SUMMARY = re.compile(
     r"sm_90: (?P<variants>\d+) variants \+ (?P<reduces>\d+) reduce launches \((?P<kernels>\d+) distinct kernels "
     r"compiled\), (?P<failed>\d+) failed to compile, (?P<spills>\d+) spill, (?P<low>\d+) below 2 resident programs/SM"
@@ -135,9 +141,11 @@ def compile_check_run():
         [sys.executable, "-m", "benchmarks.compile_check", *COMPILE_CHECK_ARGS],
         env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent,
     )
-    summary = SUMMARY.search(out.stdout)
-    assert summary, out.stdout[-3000:] + out.stderr[-3000:]
-    return out, {k: int(v) for k, v in summary.groupdict().items()}
+    summary, fused = SUMMARY.search(out.stdout), FUSED_SUMMARY.search(out.stdout)
+    assert summary and fused, out.stdout[-3000:] + out.stderr[-3000:]
+    counts = {k: int(v) for k, v in summary.groupdict().items()}
+    counts.update({f"fused_{k}": int(v) for k, v in fused.groupdict().items()})
+    return out, counts
 
 
 def test_every_kernel_compiles_for_hopper_without_spills(compile_check_run):
@@ -151,10 +159,13 @@ def test_every_kernel_compiles_for_hopper_without_spills(compile_check_run):
     assert counts["reduces"] > 0 and counts["kernels"] > 100, report
     assert counts["failed"] == 0, report
     assert counts["spills"] == 0, report
+    # The fused residual ops (add_norm, norm_add, norm_add_norm; every norm kind) likewise.
+    assert counts["fused_variants"] > 0 and counts["fused_failed"] == 0 and counts["fused_spills"] == 0, report
 
 
 def test_row_kernels_keep_two_programs_per_sm_on_hopper(compile_check_run):
     # The tool's verdict: also fails when a row kernel holds fewer than 2 programs per SM and no
     # documented exception (benchmarks/compile_check.py, RESIDENCY_EXCEPTIONS) explains it.
     out, counts = compile_check_run
-    assert counts["low"] == 0 and out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert counts["low"] == 0 and counts["fused_low"] == 0 and out.returncode == 0, \
+        out.stdout[-6000:] + out.stderr[-2000:]

@@ -460,3 +460,53 @@ def test_layers_use_what_the_module_attribute_returns(make, device):
     bias = getattr(layer, "bias", None)
     bias = bias if bias is not None else torch.zeros(8, device=device)
     assert_close(swapped, bias.detach().expand(3, 8), "functional_call weight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_weight_offset(is_rms, backend, device):
+    """weight + offset, added in fp32 (Gemma's 1 + w): the kernels and the reference against the
+    float64 reference, every gradient; a fresh layer starts as the identity affine (zeros)."""
+    cls = normzoo.RMSNorm if is_rms else normzoo.LayerNorm
+    layer = cls(40, backend=backend, device=device, weight_offset=1.0)
+    assert torch.equal(layer.weight, torch.zeros(40, device=device)) and "weight_offset=1.0" in repr(layer)
+    assert set(layer.state_dict()) == set(cls(40).state_dict())
+    plain = cls(40, device=device)
+    x = torch.randn(6, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
+    torch.testing.assert_close(layer(x), plain.to(torch.bfloat16)(x))
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.3)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *layer.parameters()], dy)
+    x64 = x.detach().double().requires_grad_()
+    params64 = [p.detach().double().requires_grad_() for p in layer.parameters()]
+    eps = torch.finfo(torch.float32).eps if is_rms else layer.eps  # RMSNorm's eps=None, resolved as for fp32 input
+    y64 = (NF.rms_norm(x64, (40,), params64[0], eps, backend="torch", weight_offset=1.0) if is_rms else
+           NF.layer_norm(x64, (40,), *params64, backend="torch", weight_offset=1.0))
+    grads64 = torch.autograd.grad(y64, [x64, *params64], dy.double())
+    assert_close(y, y64, "y")
+    for name, g, g64 in zip(["dx", "dweight", "dbias"], grads, grads64):
+        assert_close(g, g64, name, scale=g64.abs().sum().item() if g.dim() == 1 else 0.0)
+    # Gemma's own numerics: x̂ in fp32 times (1 + w) in fp32, one rounding.
+    x32 = x.detach().float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) if is_rms else None
+    if is_rms:
+        gemma = (x32 * rstd * (1.0 + layer.weight.detach().float())).to(torch.bfloat16)
+        assert_close(y, gemma.double(), "vs Gemma's formula", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+def test_opcheck_weight_offset(triton, device):
+    x = torch.randn(6, 20, device=device, requires_grad=True)
+    w = torch.randn(20, device=device, requires_grad=True)
+    torch.library.opcheck(ops.rowwise_norm_fwd, (x, w, None, 1e-6, True, triton, 1.0))
+
+
+def test_weight_offset_is_checked():
+    with pytest.raises(TypeError, match="weight_offset"):
+        normzoo.RMSNorm(4, weight_offset="1")
+    with pytest.raises(ValueError, match="weight_offset"):
+        NF.layer_norm(torch.randn(2, 4), (4,), torch.ones(4), weight_offset=float("inf"))
+    with pytest.raises(ValueError, match="weight_offset"):
+        NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.RMSNorm(4, weight_offset=1.0))
