@@ -24,6 +24,7 @@ run the same implementation (the Triton launchers or the reference).
 """
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -120,7 +121,7 @@ def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dre
     dx_dtype = dx_dtype or v.dtype
     if triton:
         k = ops._launchers()
-        dy, dres = ops._for_kernels(dy), ops._for_kernels(dres)
+        v, dy, dres = ops._for_kernels(v), ops._for_kernels(dy), ops._for_kernels(dres)
         if kind in _ROWWISE:
             dv, dv2, dw, db = k.rowwise_residual_backward(
                 dy, v, weight, stats, is_rms=kind == "rmsnorm", compute_dw=compute_dw, db_dtype=db_dtype, dres=dres,
@@ -182,10 +183,10 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
 # ----------------------------------------------------------------------------------------------
 
 
-def _save(ctx, h, x, p1, p2, spec, output):
+def _save(ctx, h, x, p1, p2, spec, output, save_s=True):
     mode = spec[1]
     y, s, stats1, stats2 = output
-    ctx.save_for_backward(h if mode != "add_norm" else None, s, *p1, *p2, stats1, stats2)
+    ctx.save_for_backward(h if mode != "add_norm" else None, s if save_s else None, *p1, *p2, stats1, stats2)
     ctx.spec = spec
     ctx.x_dtype, ctx.h_dtype = x.dtype, h.dtype
     ctx.db_dtypes = (p1[1].dtype if p1[1] is not None else None, p2[1].dtype if p2[1] is not None else None)
@@ -211,9 +212,11 @@ class _FusedResidual(torch.autograd.Function):
     scale, sum_dtype, triton). Statistics stay on ctx; ``s`` is returned and saved."""
 
     @staticmethod
-    def forward(ctx, h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, spec):
+    def forward(ctx, h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, spec, leaves):
         output = _fused_forward(h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), *spec)
-        _save(ctx, h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), spec, output)
+        # norm_add's backward never reads s: not saving it keeps an in-place edit of s legal.
+        _save(ctx, h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), spec, output, save_s=spec[1] != "norm_add")
+        ctx.leaves = leaves
         ctx.set_materialize_grads(False)
         if spec[1] == "norm_add":
             ctx.mark_non_differentiable(output[0])
@@ -222,7 +225,16 @@ class _FusedResidual(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, ds):
         ops._refuse_double_backward()
-        return *_grads(ctx, dy, ds, _fused_backward), None
+        dh, dx, *rest = _grads(ctx, dy, ds, _fused_backward)
+        # add_norm hands one tensor to both inputs, norm_add hands ds itself to x (no copy: the
+        # engine passes gradients on read-only). A leaf would keep such a tensor as its .grad and
+        # share it (with the other input's .grad, or the caller's ds) from then on: copy for leaves.
+        leaf_h, leaf_x = ctx.leaves
+        if dh is not None and leaf_h and (dh is dx or dh is ds):
+            dh = dh.clone()
+        if dx is not None and leaf_x and (dx is dh or dx is ds):
+            dx = dx.clone()
+        return dh, dx, *rest, None, None
 
 
 _FUSED_C_APPLY = ops._c_apply(_FusedResidual)
@@ -335,17 +347,19 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
 
     params = norm._parameters if isinstance(norm, torch.nn.Module) else {}
     get = lambda name: params[name] if name in params else getattr(norm, name, None)  # noqa: E731
-    if isinstance(norm, torch.nn.LayerNorm):
+    # Exact classes only: the ops read a norm's parameters and never call it, so a subclass with
+    # its own forward would be silently ignored.
+    if type(norm) in (torch.nn.LayerNorm, layers.LayerNorm):
         kind, eps = "layernorm", norm.eps
-    elif isinstance(norm, torch.nn.RMSNorm):
+    elif type(norm) in (torch.nn.RMSNorm, layers.RMSNorm):
         kind, eps = "rmsnorm", norm.eps
-    elif isinstance(norm, (layers.DyT, layers.Derf)):
+    elif type(norm) in (layers.DyT, layers.Derf):
         if not norm.channels_last:
             raise ValueError("fused residual ops take channels-last DyT/Derf (a residual stream is (..., C))")
         kind, eps = ("dyt" if isinstance(norm, layers.DyT) else "derf"), 0.0
     else:
-        raise TypeError("norm must be a normzoo LayerNorm, RMSNorm, DyT or Derf (or torch.nn.LayerNorm / RMSNorm), "
-                        f"got {type(norm).__name__}")
+        raise TypeError("norm must be a normzoo LayerNorm, RMSNorm, DyT or Derf, or torch.nn.LayerNorm / RMSNorm "
+                        f"(the class itself, not a subclass), got {type(norm).__name__}")
     if getattr(norm, "weight_offset", 0.0) != 0.0:
         raise ValueError("fused residual ops do not take a weight_offset norm yet; use the norm and the add apart")
     bias = get("bias") if kind != "rmsnorm" else None
@@ -355,13 +369,15 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
     return kind, (get("weight"), bias, alpha, shift), eps, tuple(norm.normalized_shape), backend
 
 
-def _check_layer(x: Tensor, kind, params, eps, shape):
+def _check_layer(x: Tensor, kind, params, eps, shape, reads: torch.dtype):
+    """Checks one layer's parameters against x; ``reads``: the dtype of what the norm normalizes
+    (h, or the sum s), whose machine epsilon is RMSNorm's ``eps=None``."""
     weight, bias, alpha, shift = params
     check_affine(weight, bias, shape, x)
     if kind in ("dyt", "derf"):
         ops._check_scalars(alpha, shift, x)
     if eps is None:  # torch.nn.RMSNorm's default
-        eps = torch.finfo(reference.compute_dtype(x.dtype)).eps
+        eps = torch.finfo(reference.compute_dtype(reads)).eps
     return check_eps(eps)
 
 
@@ -379,14 +395,17 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
         raise ValueError(f"x is on {x.device} but h is on {h.device}; put them on the same device")
     if residual_dtype is not None and residual_dtype not in ops.FLOAT_DTYPES:
         raise TypeError(f"residual_dtype must be a floating dtype or None, got {residual_dtype}")
-    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if not 0 < scale < math.inf:
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     kind, p1, eps1, shape, backend = describe(norm)
     if (norm2 is None) != (mode != "norm_add_norm"):
         raise ValueError("norm_add_norm takes two norms (norm_out, norm_in); the other modes take one")
     shape = normalized_shape_tuple(shape)
     ops.check_trailing_shape(h, shape)
-    eps1 = _check_layer(h, kind, p1, eps1, shape)
+    s_dtype = residual_dtype or _promoted(x.dtype, h.dtype)
+    eps1 = _check_layer(h, kind, p1, eps1, shape, s_dtype if mode == "add_norm" else h.dtype)
     p2, eps2 = (None, None, None, None), 0.0
     if norm2 is not None:
         kind2, p2, eps2, shape2, backend2 = describe(norm2)
@@ -395,7 +414,7 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
                              f"{kind2}{tuple(shape2)}")
         if backend2 != backend:
             raise ValueError(f"norm_out and norm_in must share a backend, got {backend!r} and {backend2!r}")
-        eps2 = _check_layer(h, kind2, p2, eps2, shape)
+        eps2 = _check_layer(h, kind2, p2, eps2, shape, s_dtype)
     # float64 anywhere takes the reference, as for the plain ops.
     triton = use_triton(backend, h) and x.dtype is not torch.float64 and residual_dtype is not torch.float64
 
@@ -408,11 +427,12 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
     if route == "custom_op":
         y, s = fused_residual_fwd(h2d, x2d, *p1, *p2, *spec)[:2]
     elif route == "function":
+        leaves = (h.requires_grad and h.is_leaf, x.requires_grad and x.is_leaf)
         if _FUSED_C_APPLY is None:
-            y, s = _FusedResidual.apply(h2d, x2d, *p1, *p2, spec)
+            y, s = _FusedResidual.apply(h2d, x2d, *p1, *p2, spec, leaves)
         else:
             unwrap = lambda t: t if t is None else _unwrap_if_dead(t)  # noqa: E731
-            y, s = _FUSED_C_APPLY(unwrap(h2d), unwrap(x2d), *map(unwrap, p1), *map(unwrap, p2), spec)
+            y, s = _FUSED_C_APPLY(unwrap(h2d), unwrap(x2d), *map(unwrap, p1), *map(unwrap, p2), spec, leaves)
     else:
         y, s = _fused_forward(h2d, x2d, p1, p2, *spec)[:2]
     return (None if mode == "norm_add" else y.view(h.shape)), s.view(h.shape)

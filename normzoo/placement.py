@@ -18,6 +18,8 @@ def _sublayers(layer) -> list:
     ``nn.Sequential`` MLP counts as one sublayer)."""
     if isinstance(layer, (list, tuple, torch.nn.ModuleList)):
         subs = list(layer)
+        if not subs:
+            raise ValueError("each layer needs at least one sublayer (an empty layer has no residual add)")
     else:
         subs = [layer]
     for sub in subs:
@@ -69,7 +71,15 @@ class ResidualStack(torch.nn.Module):
 
     Shape:
         - Input: :math:`(*, \text{dim})`
-        - Output: same shape (dtype: the promoted dtype of the input and the sublayers' outputs)
+        - Output: same shape. dtype: a norm's output takes the dtype of what the sublayer returned
+          (``h``), the stream the promoted dtype of the stream and ``h``. So the output of a stack
+          with a final norm, and Post-LN's stream (which is a norm's output), take the last
+          sublayer's dtype: under bf16 autocast they are bf16 where the unfused ``N(x + F(x))``
+          would be fp32.
+
+    The fused ops read the norms' parameters and never call the norm modules: forward hooks on
+    ``norm_in``/``norm_out``/``norm_sum``/``final_norm`` do not run (torch.nn.utils.parametrize
+    parametrizations do apply; the old hook-based ``weight_norm`` does not).
 
     Examples::
 

@@ -355,3 +355,79 @@ def test_stack_streams_and_arguments():
         normzoo.ResidualStack([[lambda t: t]], 4, placement="pre")
     one = normzoo.ResidualStack([torch.nn.Linear(4, 4)], 4, placement="pre")  # a bare module: one sublayer
     assert len(one.norm_in) == 1 and "placement='pre'" in repr(one)
+
+
+# ---------------------------------------------------------------- found in review
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leaf_gradients_are_their_own_tensors(backend, device):
+    """add_norm gives both inputs one gradient tensor and norm_add gives x the incoming ds: leaves
+    must not end up sharing it (accumulation and in-place edits would leak between them)."""
+    n = normzoo.LayerNorm(8, backend=backend, device=device)
+    w = torch.randn(4, 8, device=device)
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    h = torch.randn(4, 8, device=device, requires_grad=True)
+    for _ in range(2):
+        (NF.add_norm(x, h, n)[0] * w).sum().backward()
+    assert x.grad.data_ptr() != h.grad.data_ptr()
+    x_ref, h_ref = x.detach().clone().requires_grad_(), h.detach().clone().requires_grad_()
+    for _ in range(2):
+        (n(x_ref + h_ref) * w).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(h.grad, h_ref.grad)
+    g = torch.ones(4, 8, device=device)
+    x2 = torch.randn(4, 8, device=device, requires_grad=True)
+    NF.norm_add(x2, h, n).backward(g)
+    NF.norm_add(x2, h, n).backward(g)
+    assert torch.equal(g, torch.ones_like(g)) and torch.equal(x2.grad, 2 * g)
+
+
+def test_strided_rows_of_h_in_the_triton_backward(device):
+    n = normzoo.RMSNorm(8, backend="triton", device=device)
+    for mode in fused.MODES:
+        x = torch.randn(6, 8, device=device, requires_grad=True)
+        h = torch.randn(8, 6, device=device, requires_grad=True)
+        n2 = normzoo.RMSNorm(8, backend="triton", device=device) if mode == "norm_add_norm" else None
+        y, s = fused.fused_residual(x, h.t(), n, n2, mode=mode)
+        ((s.sum() + (y.sum() if y is not None else 0))).backward()
+        x_ref, h_ref = x.detach().clone().requires_grad_(), h.detach().clone().requires_grad_()
+        n_ref = normzoo.RMSNorm(8, backend="torch", device=device)
+        y_ref, s_ref = unfused(mode, x_ref, h_ref.t(), n_ref, n_ref if n2 is not None else None, 1.0)
+        ((s_ref.sum() + (y_ref.sum() if y_ref is not None else 0))).backward()
+        torch.testing.assert_close(h.grad, h_ref.grad, msg=mode)
+
+
+def test_norm_add_output_may_be_edited_in_place(device):
+    n = normzoo.LayerNorm(8, device=device)
+    x = torch.randn(3, 8, device=device, requires_grad=True)
+    h = torch.randn(3, 8, device=device, requires_grad=True)
+    s = NF.norm_add(x, h, n)
+    s.mul_(2)
+    s.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
+def test_rmsnorm_default_eps_follows_the_tensor_it_normalizes(device):
+    """eps=None is the machine epsilon of what the norm reads: an fp64 stream's, not h's fp32."""
+    n = torch.nn.RMSNorm(8, device=device)
+    x = torch.randn(3, 8, device=device, dtype=torch.float64) * 1e-4
+    h = torch.randn(3, 8, device=device) * 1e-4
+    y, s = NF.add_norm(x, h, n)
+    expected = torch.nn.functional.rms_norm(s, (8,), n.weight.double()).float()  # eps: float64's, as torch's
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    wrong_eps = torch.nn.functional.rms_norm(s, (8,), n.weight.double(), eps=torch.finfo(torch.float32).eps)
+    assert not torch.allclose(y, wrong_eps.float(), rtol=1e-3)  # the case tells the two apart
+
+
+def test_subclasses_with_their_own_forward_are_refused(device):
+    class Scaled(torch.nn.LayerNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(TypeError, match="not a subclass"):
+        NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), Scaled(4))
+    with pytest.raises(TypeError, match="scale must be a float"):
+        NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4), scale=torch.tensor(0.5))
+    with pytest.raises(ValueError, match="at least one sublayer"):
+        normzoo.ResidualStack([[], [torch.nn.Linear(4, 4)]], 4, placement="pre")
