@@ -93,9 +93,11 @@ def test_fused_residual_ops(kind, mode, backward_launches, residual_fp32, launch
 
     make = {"layernorm": normzoo.LayerNorm, "dyt": normzoo.DyT}[kind]
     norms = [make(64, backend="triton", device=device) for _ in range(2 if mode == "norm_add_norm" else 1)]
+    # Outputs of earlier ops, as in a model (for leaf inputs the backward copies the one gradient
+    # tensor it would otherwise hand to both, tests/test_fused.py::test_leaf_gradients_...).
     x = torch.randn(2, 8, 64, device=device, dtype=torch.float32 if residual_fp32 else torch.bfloat16,
-                    requires_grad=True)
-    h = torch.randn(2, 8, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+                    requires_grad=True) * 1
+    h = torch.randn(2, 8, 64, device=device, dtype=torch.bfloat16, requires_grad=True) * 1
     with _OpLog() as forward_ops:
         y, s = fused.fused_residual(x, h, *norms, mode=mode)
     assert len(launches) == 1, launches
