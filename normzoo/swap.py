@@ -14,6 +14,29 @@ from .ops import check_backend
 _KNOWN_NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm, LayerNorm, RMSNorm)
 _TARGETS = {None: None, "dyt": DyT, "derf": Derf}
 
+# Model libraries' own norm classes whose math a normzoo layer reproduces: the same fp32
+# computation and one rounding at the end. Keyed by class name (each model of Hugging Face
+# transformers has its own copy of the class); one entry per class: its eps attribute and the
+# offset its weight is applied with. Add a class here only after checking its forward.
+_MODEL_NORMS = {
+    "GemmaRMSNorm": ("eps", 1.0),  # (x̂ · (1 + w)) in fp32, then cast: weight_offset=1
+    "Gemma2RMSNorm": ("eps", 1.0),
+    "Gemma3RMSNorm": ("eps", 1.0),
+    "Olmo2RMSNorm": ("variance_epsilon", 0.0),  # (w · x̂) in fp32, then cast
+}
+# Classes whose math normzoo cannot reproduce exactly yet: named in report.left_alone with why.
+_NOT_EXACT = {
+    "LlamaRMSNorm": "rounds x̂ to the input dtype before the weight (normzoo rounds once, after it)",
+    "MistralRMSNorm": "rounds x̂ to the input dtype before the weight (normzoo rounds once, after it)",
+    "Qwen2RMSNorm": "rounds x̂ to the input dtype before the weight (normzoo rounds once, after it)",
+    "Qwen3RMSNorm": "rounds x̂ to the input dtype before the weight (normzoo rounds once, after it)",
+    "T5LayerNorm": "rounds x̂ to a 16-bit weight's dtype before the weight (normzoo rounds once, after it)",
+}
+
+
+def _from_transformers(module) -> bool:
+    return type(module).__module__.startswith("transformers.")
+
 
 class SwapReport(Counter):
     """Counts of ``"torch.LayerNorm -> normzoo.LayerNorm"``-style replacements; ``left_alone``
@@ -97,7 +120,10 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
 
     ``to=None`` (default): every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` becomes normzoo's
     fused equivalent, sharing its parameters. normzoo's layers subclass PyTorch's, so
-    ``isinstance`` checks and ``state_dict`` keys are kept, and outputs match.
+    ``isinstance`` checks and ``state_dict`` keys are kept, and outputs match. So do the Hugging
+    Face norm classes whose math normzoo reproduces (``_MODEL_NORMS``: Gemma's ``1 + w`` RMSNorms,
+    OLMo 2's); those that round x̂ before the weight (Llama, Mistral, Qwen2/3, T5) are named in
+    ``report.left_alone`` with why, never approximated.
 
     ``to="dyt"`` / ``to="derf"``: every LayerNorm / RMSNorm (PyTorch's or normzoo's) becomes a
     freshly initialised :class:`~normzoo.DyT` / :class:`~normzoo.Derf` over the same shape,
@@ -124,6 +150,16 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
         model_tensor = next(iter(model.buffers()), None)
 
     def convert(name, module):
+        cls_name = type(module).__name__
+        if target is None and cls_name in _MODEL_NORMS and _from_transformers(module):
+            eps_attr, offset = _MODEL_NORMS[cls_name]
+            new = RMSNorm(module.weight.shape, getattr(module, eps_attr), device="meta", backend=backend,
+                          weight_offset=offset)
+            new.__dict__["_normzoo_original"] = module  # for unswap (a plain attribute, not a submodule)
+            return _share_parameters(module, new)
+        if cls_name in _NOT_EXACT and _from_transformers(module):
+            report.left_alone[f"{name}: {_short_name(type(module))} ({_NOT_EXACT[cls_name]})"] += 1
+            return None
         if type(module) not in _KNOWN_NORMS:
             already_ours = isinstance(module, (LayerNorm, RMSNorm, DyT, Derf)) and (
                 target is None or isinstance(module, target))
@@ -161,13 +197,21 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
 
 
 def unswap(model: torch.nn.Module) -> SwapReport:
-    """Give ``model`` back PyTorch's classes, in place: every normzoo ``LayerNorm`` / ``RMSNorm``
-    becomes ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` with the same parameters (shared tensors)
-    and hooks, so the model can be saved, exported or shared without normzoo. DyT and Derf have no
-    PyTorch class: they are named in ``report.left_alone`` and stay."""
+    """Give ``model`` back its original classes, in place: a model's own norm class that
+    :func:`swap` replaced (Gemma's, say) comes back as it was, and every other normzoo
+    ``LayerNorm`` / ``RMSNorm`` becomes ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm``, each with the
+    same parameters (shared tensors) and hooks, so the model can be saved, exported or shared
+    without normzoo. DyT and Derf have no PyTorch class: they are named in ``report.left_alone``
+    and stay."""
     report = SwapReport()
 
     def convert(name, module):
+        original = module.__dict__.get("_normzoo_original")
+        if original is not None:  # a model's own class that swap replaced: give it back
+            for param_name, param in module.named_parameters(recurse=False):
+                original._parameters[param_name] = param
+            original.train(module.training)
+            return original
         if type(module) in (LayerNorm, RMSNorm) and module.weight_offset != 0.0:
             report.left_alone[f"{name}: {_short_name(type(module))} (weight_offset: no PyTorch equivalent)"] += 1
             return None

@@ -126,3 +126,64 @@ def test_unswap_gives_back_torch_classes_with_the_same_parameters():
     assert calls == [1]
     dyt = torch.nn.Sequential(torch.nn.Linear(4, 4), normzoo.DyT(4))
     assert list(normzoo.unswap(dyt).left_alone) == ["1: normzoo.DyT (no PyTorch class to go back to)"]
+
+
+# ---------------------------------------------------------------- Hugging Face models, built from configs
+
+
+def _tiny_hf_model(name, dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls = {"gemma": ("GemmaConfig", "GemmaForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+                             "llama": ("LlamaConfig", "LlamaForCausalLM")}[name]
+    config = getattr(transformers, config_cls)(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                               eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).to(dtype).eval()
+    with torch.no_grad():  # norm weights away from their initial values, so the offset matters
+        for name_, p in model.named_parameters():
+            if "norm" in name_:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name, count", [("gemma", 5), ("olmo2", 9)])
+def test_swap_hugging_face_norms_whose_math_normzoo_reproduces(name, count, dtype):
+    """Gemma's (1 + w) RMSNorm and OLMo 2's (w · x̂ in fp32, one rounding, its q/k norms included):
+    replaced, outputs unchanged in fp32 and bf16 (the same math, rounded at the same point), and
+    unswap gives the model's own classes back with the same parameters."""
+    model = _tiny_hf_model(name, dtype)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+    original_class = type(model.model.norm)
+    weight = model.model.norm.weight
+    report = normzoo.swap(model)
+    assert sum(report.values()) == count and not report.left_alone
+    assert type(model.model.norm) is normzoo.RMSNorm and model.model.norm.weight is weight
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)  # the reference path: the very same ops
+    assert sum(normzoo.unswap(model).values()) == count
+    assert type(model.model.norm) is original_class and model.model.norm.weight is weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
+def test_swap_hugging_face_norms_on_the_kernels():
+    model = _tiny_hf_model("gemma")
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+    normzoo.swap(model, backend="triton")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_swap_names_hugging_face_norms_it_cannot_reproduce():
+    model = _tiny_hf_model("llama")
+    with pytest.warns(UserWarning, match="replaced nothing in LlamaForCausalLM"):
+        report = normzoo.swap(model)
+    assert len(report.left_alone) == 5
+    assert all("LlamaRMSNorm (rounds x̂ to the input dtype before the weight" in k for k in report.left_alone)
