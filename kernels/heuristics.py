@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .launch import cdiv
+from .launch import INTERPRETED, cdiv  # noqa: F401 (INTERPRETED: asked through heuristics)
 
 # Above this many bytes a row no longer fits one tile of registers, and the kernels loop over
 # column tiles instead (forward and backward alike). At 32 KB a 16-warp forward program needed
@@ -46,10 +46,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Whether this process's kernels were defined for the interpreter: Triton reads TRITON_INTERPRET
-# when a kernel is decorated, so the kernels imported with this module run on CPU tensors iff this
-# is True, whatever the variable says later. Read once: it is asked on every CPU-tensor call.
-INTERPRETED = interpreting()
 
 
 def next_power_of_2(n: int) -> int:

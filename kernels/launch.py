@@ -7,6 +7,7 @@ They sit on the host path of every call, so each is written for its cost as well
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 
@@ -14,7 +15,13 @@ import torch
 # start as NaN, so an element a kernel forgets to write fails a comparison instead of passing on
 # leftover memory. Read once: launchers are on the hot path.
 POISON = os.environ.get("NORMZOO_POISON") == "1"
+# Whether this process's kernels were defined for Triton's CPU interpreter: Triton reads
+# TRITON_INTERPRET when a kernel is decorated, so this holds whatever the variable says later.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _NO_GUARD = contextlib.nullcontext()
+# Triton's CPU interpreter is not thread-safe (it patches triton.language while a kernel runs):
+# launches from several threads are serialized there. Compiled GPU launches need no lock.
+_INTERPRETER_LOCK = threading.RLock()
 
 
 def cdiv(a: int, b: int) -> int:
@@ -55,10 +62,11 @@ def _several_gpus() -> bool:
 
 def device_guard(x: torch.Tensor):
     """Launch on ``x``'s own GPU, not the current one (apex#770 returned zeros on cuda:1). Triton
-    launches on the current device, so switch only when ``x`` lives elsewhere (never with one GPU)."""
+    launches on the current device, so switch only when ``x`` lives elsewhere (never with one GPU).
+    Under the interpreter, the lock that serializes launches from several threads."""
     if x.is_cuda and _several_gpus() and x.get_device() != torch.cuda.current_device():
         return torch.cuda.device(x.device)
-    return _NO_GUARD
+    return _INTERPRETER_LOCK if INTERPRETED else _NO_GUARD
 
 
 def check_rows(x: torch.Tensor, *others: torch.Tensor) -> None:

@@ -510,3 +510,30 @@ def test_weight_offset_is_checked():
         NF.layer_norm(torch.randn(2, 4), (4,), torch.ones(4), weight_offset=float("inf"))
     with pytest.raises(ValueError, match="weight_offset"):
         NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.RMSNorm(4, weight_offset=1.0))
+
+
+def test_layers_can_be_called_from_several_threads(device):
+    """Triton's CPU interpreter is not thread-safe: launches are serialized there (14 of 16
+    threads failed before). On a GPU the threads launch concurrently and must agree too."""
+    import threading
+
+    layers = [normzoo.LayerNorm(64, backend="triton", device=device), normzoo.DyT(64, backend="triton", device=device)]
+    xs = [torch.randn(8, 64, device=device) for _ in range(16)]
+    expected = [[layer(x) for x in xs] for layer in layers]
+    failures = []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                for layer, want in zip(layers, expected):
+                    if not torch.equal(layer(xs[i]), want[i]):
+                        failures.append((i, "mismatch"))
+        except Exception as exc:  # noqa: BLE001 - any failure in a thread is the test's failure
+            failures.append((i, repr(exc)[:200]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
