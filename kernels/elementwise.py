@@ -31,9 +31,10 @@ import triton
 import triton.language as tl
 
 from .heuristics import INTERPRETED, has_tanh_approx, launch_config, split_rows
-from .launch import alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard
+from .launch import (alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard, empty_residual_grads,
+                     residual_grad_buffers)
 from .reduce import sum_partials
-from .rowwise_norm import RES_MODES
+from .rowwise_norm import RES_ADD_NORM, RES_MODES, RES_NORM_ADD, RES_NORM_ADD_NORM
 from .tiles import load_tile, store_tile
 
 ACTIVATIONS = ("tanh", "erf")
@@ -141,7 +142,7 @@ def _pointwise_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     PARAMS_PER_ROW: tl.constexpr,
     FAST_TANH: tl.constexpr,  # tanh.approx.f32 for y (16-bit only; see the module docstring), never for s
-    RES_MODE: tl.constexpr,  # 0 none, 1 add then layer, 2 layer then add, 3 layer, add, layer2
+    RES_MODE: tl.constexpr,  # RES_* in kernels/rowwise_norm.py: none, add then layer, layer then add, both
     HAS_WEIGHT2: tl.constexpr,
     HAS_BIAS2: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -157,23 +158,23 @@ def _pointwise_fwd_kernel(
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
     x = load_tile(X, rows, stride_x_row, cols, mask)
-    if RES_MODE == 1:
+    if RES_MODE == RES_ADD_NORM:
         x = (x + load_tile(R, rows, stride_r_row, cols, mask)).to(S.dtype.element_ty).to(tl.float32)
         store_tile(S, rows, stride_s_row, cols, mask, x)
-    if RES_MODE == 2 or RES_MODE == 3:
+    if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
         # This layer's output goes into the residual stream, which every later layer reads and
         # adds to: the exact activation (tanh.approx's bias would accumulate there).
         y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, HAS_SHIFT, HAS_WEIGHT,
                        HAS_BIAS, PARAMS_PER_ROW, False)
         s = (y + load_tile(R, rows, stride_r_row, cols, mask)).to(S.dtype.element_ty).to(tl.float32)
         store_tile(S, rows, stride_s_row, cols, mask, s)
-        if RES_MODE == 3:
+        if RES_MODE == RES_NORM_ADD_NORM:
             y = _pointwise(s, ALPHA2, SHIFT2, W2, B2, rows, row_mask, cols, col_mask, C, ACTIVATION, HAS_SHIFT,
                            HAS_WEIGHT2, HAS_BIAS2, PARAMS_PER_ROW, FAST_TANH)
     else:
         y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, HAS_SHIFT, HAS_WEIGHT,
                        HAS_BIAS, PARAMS_PER_ROW, FAST_TANH)
-    if RES_MODE != 2:
+    if RES_MODE != RES_NORM_ADD:
         if HAS_SCALE:
             y = y * scale
         store_tile(Y, rows, stride_y_row, cols, mask, y)
@@ -363,10 +364,8 @@ def pointwise_residual_backward(dy, x, alpha, shift, weight, *, activation: str,
     dtype (see :func:`normzoo.kernels.rowwise_norm.rowwise_residual_backward`). Returns
     ``(dx, dx2, dalpha, dshift, dw, db)``."""
     _check_activation(activation)
-    check_rows(x, dy) if dres is None else check_rows(x, dy, dres)
-    M, N = x.shape
-    dx = alloc_rows(x, dx_dtype or x.dtype)
-    dx2 = alloc_rows(x, dx2_dtype) if dx2_dtype is not None else None
+    dx, dx2 = residual_grad_buffers(x, dy, dres, dx_dtype, dx2_dtype)
+    N = x.shape[1]
     return _backward(dy, x, alpha, shift, weight, activation, N, False, compute_dw, db_dtype, dres, dx, dx2, scale,
                      max_block_n)
 
@@ -377,10 +376,7 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
     device = x.device
     compute_db = db_dtype is not None
     if M == 0 or N == 0:
-        if dres is not None:
-            dx.copy_(dres)
-        if dx2 is not None:
-            dx2.copy_(dx)
+        empty_residual_grads(dx, dx2, dres)
         zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=device)
         return (dx, dx2, zeros(1, alpha.dtype), zeros(1, shift.dtype) if shift is not None else None,
                 zeros(channels, weight.dtype) if compute_dw else None, zeros(channels, db_dtype) if compute_db else None)

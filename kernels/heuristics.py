@@ -14,7 +14,6 @@ measurements; ``python -m benchmarks.compile_check`` reports what they compile t
 
 import functools
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,11 +38,6 @@ TUNABLE = {"num_warps": (1, 2, 4, 8, 16, 32), "block_m": (1, 2, 4, 8, 16, 32, 64
 # bytes of x, dy and dx over 16 rows of 16-bit values (1/12 a gradient).
 MIN_ROWS_PER_PROGRAM = 16
 OPS = ("layernorm", "rmsnorm", "dyt", "derf")
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 

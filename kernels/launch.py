@@ -46,6 +46,21 @@ def alloc_rows(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return like.new_empty(like.shape, dtype=dtype)
 
 
+def residual_grad_buffers(x, dy, dres, dx_dtype, dx2_dtype):
+    """``(dx, dx2)`` for a fused residual op's backward, after checking the rows of x, dy and the
+    sum's gradient ``dres``: dx in ``dx_dtype`` (default x's), dx2 only with ``dx2_dtype``."""
+    check_rows(x, dy) if dres is None else check_rows(x, dy, dres)
+    return alloc_rows(x, dx_dtype or x.dtype), alloc_rows(x, dx2_dtype) if dx2_dtype is not None else None
+
+
+def empty_residual_grads(dx, dx2, dres) -> None:
+    """Zero rows or columns: no launch, but dx is still the sum's gradient (and dx2 its copy)."""
+    if dres is not None:
+        dx.copy_(dres)
+    if dx2 is not None:
+        dx2.copy_(dx)
+
+
 def alloc_like(x: torch.Tensor) -> torch.Tensor:
     """A contiguous output of x's shape, dtype and device."""
     if POISON:

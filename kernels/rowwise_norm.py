@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .heuristics import launch_config, split_rows
-from .launch import alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard
+from .launch import (alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard, empty_residual_grads,
+                     residual_grad_buffers)
 from .reduce import sum_partials
 from .tiles import load_tile, store_tile
 
@@ -441,10 +442,7 @@ def rowwise_residual_backward(dy, x, weight, stats, *, is_rms: bool, compute_dw:
     add's sum: ``dx = dres + J_Nᵀ(dy·scale)`` (``dres``, the sum's own gradient, may be None),
     stored in ``dx_dtype`` (default x's) and, with ``dx2_dtype``, a second time in that dtype (the
     add's two inputs differ in dtype). Returns ``(dx, dx2, dw, db)``, absent ones ``None``."""
-    check_rows(x, dy) if dres is None else check_rows(x, dy, dres)
-    M, N = x.shape
-    dx = alloc_rows(x, dx_dtype or x.dtype)
-    dx2 = alloc_rows(x, dx2_dtype) if dx2_dtype is not None else None
+    dx, dx2 = residual_grad_buffers(x, dy, dres, dx_dtype, dx2_dtype)
     return _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n)
 
 
@@ -454,10 +452,7 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
     device = x.device
     compute_db = db_dtype is not None
     if M == 0 or N == 0:
-        if dres is not None:
-            dx.copy_(dres)
-        if dx2 is not None:
-            dx2.copy_(dx)
+        empty_residual_grads(dx, dx2, dres)
         return (dx, dx2, torch.zeros(N, dtype=weight.dtype, device=device) if compute_dw else None,
                 torch.zeros(N, dtype=db_dtype, device=device) if compute_db else None)
 

@@ -23,6 +23,7 @@ traced ones through the registered custom ops ``normzoo::fused_residual_fwd``/``
 run the same implementation (the Triton launchers or the reference).
 """
 
+import functools
 import math
 import numbers
 
@@ -66,11 +67,10 @@ def _reference_norm(v, params, kind, eps, out_dtype, scale):
     to out_dtype, as the kernels store it."""
     weight, bias, alpha, shift = params
     vf = v.to(reference.compute_dtype(v.dtype))
-    if kind in _ROWWISE:
-        y, mean, rstd = reference.rowwise_norm_forward(vf, weight, bias, eps, kind == "rmsnorm")
-        stats = rstd if kind == "rmsnorm" else torch.cat((mean, rstd))
+    if kind in _ROWWISE:  # the plain ops' reference path: the same statistics layout
+        y, stats = ops._rowwise_forward(vf, weight, bias, eps, kind == "rmsnorm", False)
     else:
-        y = reference.pointwise_forward(vf, alpha, shift, weight, bias, _ACTIVATION[kind], v.shape[1], False)
+        y = ops._pointwise_forward(vf, alpha, shift, weight, bias, _ACTIVATION[kind], v.shape[1], False, False)
         stats = _no_stats(v)
     return (y * scale if scale != 1.0 else y).to(out_dtype), stats
 
@@ -133,15 +133,13 @@ def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dre
         return dv, dv2, (dw, db, dalpha, dshift)
     acc = reference.compute_dtype(v.dtype)
     dy = dy.to(acc) * scale if scale != 1.0 else dy
-    if kind in _ROWWISE:
-        mean, rstd = (None, stats) if kind == "rmsnorm" else stats.view(2, v.shape[0])
-        dv, dw, db = reference.rowwise_norm_backward(dy.contiguous(), v.to(acc), weight, mean, rstd,
-                                                     kind == "rmsnorm", compute_dw, db_dtype)
+    if kind in _ROWWISE:  # the plain ops' reference path
+        dv, dw, db = ops._rowwise_backward(dy, v.to(acc), weight, stats, kind == "rmsnorm", compute_dw, db_dtype,
+                                           False)
         grads = (dw, db, None, None)
     else:
-        dv, dalpha, dshift, dw, db = reference.pointwise_backward(dy.contiguous(), v.to(acc), alpha, shift, weight,
-                                                                  _ACTIVATION[kind], v.shape[1], False, compute_dw,
-                                                                  db_dtype)
+        dv, dalpha, dshift, dw, db = ops._pointwise_backward(dy, v.to(acc), alpha, shift, weight, _ACTIVATION[kind],
+                                                             v.shape[1], False, compute_dw, db_dtype, False)
         grads = (dw, db, dalpha, dshift)
     if dres is not None:
         dv = dv + dres.to(acc)
@@ -345,8 +343,6 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
     normzoo's LayerNorm, RMSNorm, DyT, Derf, or torch's LayerNorm / RMSNorm (backend "auto")."""
     from . import layers
 
-    params = norm._parameters if isinstance(norm, torch.nn.Module) else {}
-    get = lambda name: params[name] if name in params else getattr(norm, name, None)  # noqa: E731
     # Exact classes only: the ops read a norm's parameters and never call it, so a subclass with
     # its own forward would be silently ignored.
     if type(norm) in (torch.nn.LayerNorm, layers.LayerNorm):
@@ -362,6 +358,7 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
                         f"(the class itself, not a subclass), got {type(norm).__name__}")
     if getattr(norm, "weight_offset", 0.0) != 0.0:
         raise ValueError("fused residual ops do not take a weight_offset norm yet; use the norm and the add apart")
+    get = functools.partial(layers._param, norm)  # as the layers read them: parametrizations apply
     bias = get("bias") if kind != "rmsnorm" else None
     alpha = get("alpha") if kind in ("dyt", "derf") else None
     shift = get("shift") if kind == "derf" else None
