@@ -392,7 +392,7 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
         raise ValueError(f"x is on {x.device} but h is on {h.device}; put them on the same device")
     if residual_dtype is not None and residual_dtype not in ops.FLOAT_DTYPES:
         raise TypeError(f"residual_dtype must be a floating dtype or None, got {residual_dtype}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+    if type(scale) is not float and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
     if not 0 < scale < math.inf:
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
@@ -416,9 +416,12 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
     triton = use_triton(backend, h) and x.dtype is not torch.float64 and residual_dtype is not torch.float64
 
     n = math.prod(shape)
-    h2d, x2d = h.reshape(-1, n), x.reshape(-1, n)
-    flat = lambda p: p if p is None or p.dim() == 1 else p.reshape(-1)  # noqa: E731
-    p1, p2 = tuple(map(flat, p1)), tuple(map(flat, p2))
+    # Rows of n, and 1-D parameters: no call at all where they already are (the usual case).
+    as_rows = h.dim() == 2 and len(shape) == 1
+    h2d, x2d = (h, x) if as_rows else (h.reshape(-1, n), x.reshape(-1, n))
+    if not all(p is None or p.dim() == 1 for p in (*p1, *p2)):
+        flat = lambda p: p if p is None or p.dim() == 1 else p.reshape(-1)  # noqa: E731
+        p1, p2 = tuple(map(flat, p1)), tuple(map(flat, p2))
     spec = (kind, mode, eps1, eps2, float(scale), residual_dtype, triton)
     route = _route(h2d, x2d, *p1, *p2)
     if route == "custom_op":
@@ -432,4 +435,6 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
             y, s = _FUSED_C_APPLY(unwrap(h2d), unwrap(x2d), *map(unwrap, p1), *map(unwrap, p2), spec, leaves)
     else:
         y, s = _fused_forward(h2d, x2d, p1, p2, *spec)[:2]
+    if as_rows:
+        return (None if mode == "norm_add" else y), s
     return (None if mode == "norm_add" else y.view(h.shape)), s.view(h.shape)

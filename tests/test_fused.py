@@ -117,15 +117,17 @@ def test_fused_ops_at_other_widths(kind, mode, n, device):
 
 
 @pytest.mark.parametrize("mode", fused.MODES)
-@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_looped_long_row_path(kind, mode, device, monkeypatch):
-    """Rows wider than one tile loop over column tiles (2-3 passes): forced here at 16 columns."""
-    from normzoo.kernels import rowwise_norm
+    """Rows wider than one tile loop over column tiles (2-3 passes for the norms, several column
+    tiles for DyT/Derf): forced here at 16 columns."""
+    from normzoo.kernels import elementwise, rowwise_norm
 
-    original = rowwise_norm.launch_config
-    monkeypatch.setattr(rowwise_norm, "launch_config",
+    module = rowwise_norm if kind in ("layernorm", "rmsnorm") else elementwise
+    original = module.launch_config
+    monkeypatch.setattr(module, "launch_config",
                         lambda op, pass_, n, dtype, dev, max_block_n=None: original(op, pass_, n, dtype, dev, 16))
-    assert not rowwise_norm.launch_config("layernorm", "fwd", 97, torch.float32, torch.device(device)).single_tile
+    assert module.launch_config(kind, "fwd", 97, torch.float32, torch.device(device)).block_n == 16
     for act_dtype, res_dtype in PRECISIONS:
         check_against_float64(kind, mode, act_dtype, res_dtype, 97, "triton", device)
 
@@ -431,3 +433,26 @@ def test_subclasses_with_their_own_forward_are_refused(device):
         NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4), scale=torch.tensor(0.5))
     with pytest.raises(ValueError, match="at least one sublayer"):
         normzoo.ResidualStack([[], [torch.nn.Linear(4, 4)]], 4, placement="pre")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", fused.MODES)
+@pytest.mark.parametrize("kind", ["layernorm", "derf"])
+def test_zero_rows_and_incoming_gradients_left_alone(kind, mode, backend, device):
+    """No rows (an MoE expert with no tokens): empty outputs, zero parameter gradients, dx = ds.
+    And the incoming dy / ds are never written into (FIELD-NOTES: in-place dY broke peers)."""
+    n1 = make_norm(kind, 16, backend, device=device)
+    n2 = make_norm(kind, 16, backend, device=device) if mode == "norm_add_norm" else None
+    for rows in (0, 5):
+        x = torch.randn(rows, 16, device=device, requires_grad=True) * 1
+        h = torch.randn(rows, 16, device=device, dtype=torch.bfloat16, requires_grad=True) * 1
+        y, s = fused.fused_residual(x, h, n1, n2, mode=mode)
+        outputs = [t for t in (y, s) if t is not None]
+        grads_in = [torch.randn_like(t) for t in outputs]
+        before = [g.clone() for g in grads_in]
+        params = [p for m in (n1, n2) if m is not None for p in m.parameters()]
+        grads = torch.autograd.grad(outputs, [x, h, *params], grads_in)
+        assert all(torch.equal(g, b) for g, b in zip(grads_in, before)), "an incoming gradient was written"
+        if rows == 0:
+            assert all(t.shape == (0, 16) for t in outputs)
+            assert all(g.shape == p.shape and not g.any() for g, p in zip(grads[2:], params))
