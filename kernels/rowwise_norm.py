@@ -21,6 +21,11 @@ forward reads the residual stream r and writes the sum s (s = r + x before the n
 after it, or both sides with a second norm N2 on s), and scales y by ``scale``; the backward adds
 the sum's own gradient to dx (``HAS_DRES``), scales dy, and may store dx twice in two dtypes
 (``STORE_DX2``). The sum is normalized and differentiated as stored (rounded to s's dtype).
+
+``ROUND_X_HAT`` reproduces models that round x_hat before the weight multiplies it (Hugging Face's
+Llama family rounds it to the input's dtype, T5 to a 16-bit weight's): y = w ⊙ round(x_hat), the
+product rounded once more when stored (in y's dtype, which the caller chose). The backward treats
+the rounding as the identity (as autograd does a cast) and sums dw over the rounded x_hat.
 """
 
 import torch
@@ -72,6 +77,23 @@ def _affine(x_hat, W, B, cols, N, w_offset, HAS_WEIGHT: tl.constexpr, HAS_BIAS: 
     if HAS_BIAS:
         y = y + tl.load(B + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
     return y
+
+
+# Where x_hat is rounded before the weight (ROUND_X_HAT):
+ROUND_NONE = tl.constexpr(0)  # never (normzoo's own rule: fp32 until the one rounding of y)
+ROUND_TO_INPUT = tl.constexpr(1)  # to X's dtype (Llama, Mistral, Qwen2/3: `w * x_hat.to(input_dtype)`)
+ROUND_TO_WEIGHT = tl.constexpr(2)  # to W's dtype (T5 with a 16-bit weight)
+X_HAT_ROUNDING = {None: 0, "input": 1, "weight": 2}
+
+
+@triton.jit
+def _rounded(x_hat, X, W, ROUND_X_HAT: tl.constexpr):
+    """x_hat as the model stores it before the weight: rounded to X's or W's dtype (and back)."""
+    if ROUND_X_HAT == ROUND_TO_INPUT:
+        x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
+    elif ROUND_X_HAT == ROUND_TO_WEIGHT:
+        x_hat = x_hat.to(W.dtype.element_ty).to(tl.float32)
+    return x_hat
 
 
 @triton.jit
@@ -134,6 +156,7 @@ def _norm_fwd_kernel(
     HAS_BIAS2: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_OFFSET: tl.constexpr,
+    ROUND_X_HAT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
@@ -151,7 +174,7 @@ def _norm_fwd_kernel(
             store_tile(S, rows, stride_s_row, cols, mask, v)
         mean, rstd, v_hat = _row_stats_single_tile(v, mask, N, eps, IS_RMS)
         _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
-        y = _affine(v_hat, W, B, cols, N, w_offset, HAS_WEIGHT, HAS_BIAS, HAS_OFFSET)
+        y = _affine(_rounded(v_hat, X, W, ROUND_X_HAT), W, B, cols, N, w_offset, HAS_WEIGHT, HAS_BIAS, HAS_OFFSET)
         if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
             s = _stored(S, y + load_tile(R, rows, stride_r_row, cols, mask))
             store_tile(S, rows, stride_s_row, cols, mask, s)
@@ -188,7 +211,8 @@ def _norm_fwd_kernel(
                 v = load_tile(S, rows, stride_s_row, cols, mask, "evict_first")
             else:
                 v = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
-            y = _affine((v - mean[:, None]) * rstd[:, None], W, B, cols, N, w_offset, HAS_WEIGHT, HAS_BIAS, HAS_OFFSET)
+            v_hat = _rounded((v - mean[:, None]) * rstd[:, None], X, W, ROUND_X_HAT)
+            y = _affine(v_hat, W, B, cols, N, w_offset, HAS_WEIGHT, HAS_BIAS, HAS_OFFSET)
             if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
                 s = _stored(S, tl.where(mask, y, 0.0) + load_tile(R, rows, stride_r_row, cols, mask))
                 store_tile(S, rows, stride_s_row, cols, mask, s)
@@ -261,6 +285,7 @@ def _norm_bwd_kernel(
     STORE_DX2: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_OFFSET: tl.constexpr,
+    ROUND_X_HAT: tl.constexpr,  # the forward's: dw sums dy ⊙ x_hat as rounded there
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
@@ -328,7 +353,7 @@ def _norm_bwd_kernel(
             # The column sums first: dy is then dead before the row reductions below, whose
             # barriers every live value waits across (8 registers a thread fewer in LayerNorm).
             if COMPUTE_DW:
-                dw_acc += dy * x_hat
+                dw_acc += dy * _rounded(x_hat, X, W, ROUND_X_HAT)
             if COMPUTE_DB:
                 db_acc += dy
             wdy = dy
@@ -356,21 +381,22 @@ def _norm_bwd_kernel(
 
 
 def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_offset: float = 0.0,
-                         max_block_n: int | None = None):
+                         round_x_hat: int = 0, out_dtype: torch.dtype | None = None, max_block_n: int | None = None):
     """Normalize each row of the 2-D ``x`` (last dim contiguous).
 
-    Returns ``(y, stats)``: ``y`` in x's dtype; ``stats`` the per-row fp32 statistics the backward
-    takes, ``rstd`` (M,) for RMSNorm and ``mean`` then ``rstd`` in one flat (2M,) buffer for
-    LayerNorm (one allocation on the host path). ``weight_offset`` is added to the weight in fp32
-    (Gemma's ``1 + w``).
+    Returns ``(y, stats)``: ``y`` in ``out_dtype`` (default x's); ``stats`` the per-row fp32
+    statistics the backward takes, ``rstd`` (M,) for RMSNorm and ``mean`` then ``rstd`` in one flat
+    (2M,) buffer for LayerNorm (one allocation on the host path). ``weight_offset`` is added to the
+    weight in fp32 (Gemma's ``1 + w``). ``round_x_hat``: 0, or x_hat rounded to x's (1) or the
+    weight's (2) dtype before the weight multiplies it (``X_HAT_ROUNDING``).
     """
     check_rows(x)
     M, N = x.shape
-    y = alloc_like(x)
+    y = alloc_like(x) if out_dtype is None else alloc_rows(x, out_dtype)
     stats = alloc(x, M if is_rms else 2 * M, torch.float32)
     if M and N:
         _launch_forward(x, y, weight, bias, stats, None, None, None, None, None, eps, 0.0, 1.0, is_rms, 0,
-                        max_block_n, weight_offset)
+                        max_block_n, weight_offset, round_x_hat)
     return y, stats
 
 
@@ -399,7 +425,7 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
 
 
 def _launch_forward(x, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
-                    res_mode, max_block_n, weight_offset=0.0):
+                    res_mode, max_block_n, weight_offset=0.0, round_x_hat=0):
     M, N = x.shape
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
     with device_guard(x):
@@ -411,27 +437,28 @@ def _launch_forward(x, y, weight, bias, stats, residual, s, weight2, bias2, stat
             x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, eps, eps2, scale,
             weight_offset,
             # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host): IS_RMS,
-            # HAS_WEIGHT, HAS_BIAS, RES_MODE, HAS_WEIGHT2, HAS_BIAS2, HAS_SCALE, HAS_OFFSET, BLOCK_M, BLOCK_N,
-            # SINGLE_TILE, NUM_STAGES.
+            # HAS_WEIGHT, HAS_BIAS, RES_MODE, HAS_WEIGHT2, HAS_BIAS2, HAS_SCALE, HAS_OFFSET, ROUND_X_HAT, BLOCK_M,
+            # BLOCK_N, SINGLE_TILE, NUM_STAGES.
             is_rms, weight is not None, bias is not None, res_mode, weight2 is not None, bias2 is not None,
-            scale != 1.0, weight_offset != 0.0, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, num_warps=cfg.num_warps,
+            scale != 1.0, weight_offset != 0.0, round_x_hat, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, num_warps=cfg.num_warps,
         )
 
 
 def rowwise_norm_backward(
     dy, x, weight, stats, *, is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None,
-    weight_offset: float = 0.0, max_block_n: int | None = None,
+    weight_offset: float = 0.0, round_x_hat: int = 0, max_block_n: int | None = None,
 ):
     """Gradients of :func:`rowwise_norm_forward` (``stats`` is its second result).
 
     Returns ``(dx, dw, db)``: dx in x's dtype; dw and db summed over rows in fp32 partials, one
     row per program, then reduced by a second launch into the weight's dtype and ``db_dtype`` (the
     bias's). ``db_dtype=None`` means no bias gradient. Absent ones are ``None``. Deterministic: no
-    atomics, a fixed reduction order.
+    atomics, a fixed reduction order. ``dy`` may have another dtype than x (the forward's
+    ``out_dtype``).
     """
     check_rows(x, dy)
     dx, _, dw, db = _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, None, alloc_like(x), None, 1.0,
-                              max_block_n, weight_offset)
+                              max_block_n, weight_offset, round_x_hat)
     return dx, dw, db
 
 
@@ -447,7 +474,7 @@ def rowwise_residual_backward(dy, x, weight, stats, *, is_rms: bool, compute_dw:
 
 
 def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n,
-              weight_offset=0.0):
+              weight_offset=0.0, round_x_hat=0):
     M, N = x.shape
     device = x.device
     compute_db = db_dtype is not None
@@ -470,10 +497,10 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
             row_sums if row_sums is not None else stats, dres if dres is not None else dx, dx2 if dx2 is not None else dx,
             x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
             M, N, rows_per_program, db_offset, scale, weight_offset,
-            # IS_RMS, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, HAS_DRES, STORE_DX2, HAS_SCALE, HAS_OFFSET, BLOCK_M,
-            # BLOCK_N, SINGLE_TILE, NUM_STAGES (by position)
+            # IS_RMS, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, HAS_DRES, STORE_DX2, HAS_SCALE, HAS_OFFSET, ROUND_X_HAT,
+            # BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES (by position)
             is_rms, weight is not None, compute_dw, compute_db, dres is not None, dx2 is not None, scale != 1.0,
-            weight_offset != 0.0, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, num_warps=cfg.num_warps,
+            weight_offset != 0.0, round_x_hat, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, num_warps=cfg.num_warps,
         )
         dw = alloc(x, N, weight.dtype) if compute_dw else None
         db = alloc(x, N, db_dtype) if compute_db else None

@@ -43,6 +43,7 @@ def rms_norm(
     *,
     backend: str = "auto",
     weight_offset: float = 0.0,
+    x_hat_dtype: str | None = None,
 ) -> Tensor:
     r"""Root-mean-square normalization over the trailing ``normalized_shape`` dimensions.
 
@@ -51,10 +52,12 @@ def rms_norm(
 
     Same arguments and result as :func:`torch.nn.functional.rms_norm`; ``eps=None`` means
     ``torch.finfo(torch.float32).eps`` (``float64`` eps for float64 input), as in PyTorch.
-    ``weight_offset`` as for :func:`layer_norm` (Gemma's RMSNorm: 1.0).
+    ``weight_offset`` as for :func:`layer_norm` (Gemma's RMSNorm: 1.0). ``x_hat_dtype`` (``None``,
+    ``"input"`` or ``"weight"``): where x_hat is rounded before the weight, to reproduce a model's
+    own class (Llama's, T5's); see :class:`normzoo.RMSNorm`.
     """
     return ops.rowwise_norm(input, normalized_shape, weight, None, eps, is_rms=True, backend=backend,
-                            weight_offset=weight_offset)
+                            weight_offset=weight_offset, x_hat_dtype=x_hat_dtype)
 
 
 def dyt(

@@ -358,6 +358,8 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
                         f"(the class itself, not a subclass), got {type(norm).__name__}")
     if getattr(norm, "weight_offset", 0.0) != 0.0:
         raise ValueError("fused residual ops do not take a weight_offset norm yet; use the norm and the add apart")
+    if getattr(norm, "x_hat_dtype", None) is not None:
+        raise ValueError("fused residual ops do not take an x_hat_dtype norm yet; use the norm and the add apart")
     get = functools.partial(layers._param, norm)  # as the layers read them: parametrizations apply
     bias = get("bias") if kind != "rmsnorm" else None
     alpha = get("alpha") if kind in ("dyt", "derf") else None

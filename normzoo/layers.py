@@ -89,10 +89,18 @@ class RMSNorm(torch.nn.RMSNorm):
         elementwise_affine (bool): learnable per-element ``weight`` (ones). Default: ``True``
         backend (str): ``"auto"``, ``"triton"`` or ``"torch"``, as for :class:`LayerNorm`.
         weight_offset (float): as for :class:`LayerNorm` (Gemma's RMSNorm: ``weight_offset=1.0``).
+        x_hat_dtype (str, optional): where the normalized ``x_hat`` is rounded before the weight
+            multiplies it, to reproduce a model's own RMSNorm class exactly. ``None``: never
+            (fp32 throughout, one rounding to the input's dtype at the end). ``"input"``: to the
+            input's dtype, output in the promoted dtype of input and weight (Hugging Face's
+            Llama, Mistral, Qwen2/3: ``weight * x_hat.to(input_dtype)``). ``"weight"``: to a
+            16-bit weight's dtype, output in it; with an fp32 weight, an fp32 output (T5's
+            ``T5LayerNorm``). The backward treats the rounding as the identity, as autograd does
+            a cast. Keyword only. Default: ``None``
 
     Shape:
         - Input: :math:`(*, \text{normalized\_shape})`
-        - Output: same shape and dtype as the input
+        - Output: same shape as the input; same dtype unless ``x_hat_dtype`` says otherwise
 
     Examples::
 
@@ -101,10 +109,12 @@ class RMSNorm(torch.nn.RMSNorm):
     """
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
-                 device=None, dtype=None, *, backend: str = "auto", weight_offset: float = 0.0) -> None:
+                 device=None, dtype=None, *, backend: str = "auto", weight_offset: float = 0.0,
+                 x_hat_dtype: str | None = None) -> None:
         self.weight_offset = ops._check_weight_offset(weight_offset)  # before reset_parameters reads it
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
         self.backend = check_backend(backend)
+        self.x_hat_dtype = ops.check_x_hat_dtype(x_hat_dtype)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -112,10 +122,11 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         return ops.rowwise_norm(input, self.normalized_shape, _param(self, "weight"), None, self.eps, is_rms=True,
-                                backend=self.backend, weight_offset=self.weight_offset)
+                                backend=self.backend, weight_offset=self.weight_offset, x_hat_dtype=self.x_hat_dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}" + _offset_repr(self)
+        rounding = f", x_hat_dtype={self.x_hat_dtype!r}" if self.x_hat_dtype is not None else ""
+        return f"{super().extra_repr()}, backend={self.backend!r}" + _offset_repr(self) + rounding
 
 
 def _zero_centre(layer) -> None:

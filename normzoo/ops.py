@@ -218,39 +218,42 @@ def _for_reference(t: Tensor | None) -> Tensor | None:
     return t.contiguous() if t is not None else None
 
 
-def _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset=0.0):
+def _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, round_x_hat=0, out_dtype=None):
     """``(y, stats)``: the one forward implementation, behind both the eager autograd.Function and
     the custom op. ``stats`` holds the per-row fp32 statistics the backward needs: rstd (M,) for
-    RMSNorm, mean then rstd in one flat (2M,) buffer for LayerNorm (as the kernels store them)."""
+    RMSNorm, mean then rstd in one flat (2M,) buffer for LayerNorm (as the kernels store them).
+    ``round_x_hat`` and ``out_dtype``: see :func:`_x_hat_rounding`."""
     if triton:
         return _launchers().rowwise_norm_forward(_for_kernels(x), _for_kernels(weight), _for_kernels(bias), eps,
-                                                 is_rms=is_rms, weight_offset=weight_offset)
+                                                 is_rms=is_rms, weight_offset=weight_offset, round_x_hat=round_x_hat,
+                                                 out_dtype=out_dtype)
     x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
-    y, mean, rstd = reference.rowwise_norm_forward(x, weight, bias, eps, is_rms, weight_offset)
+    y, mean, rstd = reference.rowwise_norm_forward(x, weight, bias, eps, is_rms, weight_offset, round_x_hat, out_dtype)
     return y, (rstd if is_rms else torch.cat((mean, rstd)))
 
 
-def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset=0.0):
+def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset=0.0, round_x_hat=0):
     """``(dx, dw, db)``, a gradient not asked for ``None``; the one backward implementation."""
     if triton:
         return _launchers().rowwise_norm_backward(_for_kernels(dy), _for_kernels(x), _for_kernels(weight), stats,
                                                   is_rms=is_rms, compute_dw=compute_dw, db_dtype=db_dtype,
-                                                  weight_offset=weight_offset)
+                                                  weight_offset=weight_offset, round_x_hat=round_x_hat)
     dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
     mean, rstd = (None, stats) if is_rms else stats.view(2, x.shape[0])
-    return reference.rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype, weight_offset)
+    return reference.rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype, weight_offset,
+                                           round_x_hat)
 
 
 def _rowwise_grads(ctx, dy, backward):
     """``(dx, dw, db)`` for ``ctx``'s tensor inputs, ``None`` where not needed, computed by
     ``backward`` (the eager implementation or the custom op, which returns empty tensors where the
-    other returns None). ``ctx.meta``: ``(is_rms, triton, bias_dtype, weight_offset)``."""
+    other returns None). ``ctx.meta``: ``(is_rms, triton, bias_dtype, weight_offset, round_x_hat)``."""
     x, weight, stats = ctx.saved_tensors
     needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-    is_rms, triton, bias_dtype, weight_offset = ctx.meta
+    is_rms, triton, bias_dtype, weight_offset, round_x_hat = ctx.meta
     compute_dw = weight is not None and needs_dw
     db_dtype = bias_dtype if needs_db else None
-    dx, dw, db = backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset)
+    dx, dw, db = backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset, round_x_hat)
     return dx if needs_dx else None, dw if compute_dw else None, db if db_dtype is not None else None
 
 
@@ -258,14 +261,14 @@ class _RowwiseNorm(torch.autograd.Function):
     """The eager path: an autograd.Function costs a fraction of a custom op's dispatch (~7 µs
     against ~40 µs a call on a 2-core CPU, ../shared/DESIGN.md). The statistics stay on ctx, not
     among the outputs, so autograd never materializes zero gradients for them. The non-tensor
-    arguments travel as one tuple, ``spec = (eps, is_rms, triton, weight_offset)``: each argument of ``apply``
-    costs host time."""
+    arguments travel as one tuple, ``spec = (eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)``:
+    each argument of ``apply`` costs host time."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, spec):
         y, stats = _rowwise_forward(x, weight, bias, *spec)
         ctx.save_for_backward(x, weight, stats)
-        ctx.meta = (spec[1], spec[2], bias.dtype if bias is not None else None, spec[3])
+        ctx.meta = (spec[1], spec[2], bias.dtype if bias is not None else None, spec[3], spec[4])
         return y
 
     @staticmethod
@@ -283,16 +286,16 @@ _ROWWISE_C_APPLY = _c_apply(_RowwiseNorm)
 @torch.library.custom_op("normzoo::rowwise_norm_fwd", mutates_args=())
 def rowwise_norm_fwd(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool, triton: bool,
-    weight_offset: float = 0.0,
+    weight_offset: float = 0.0, round_x_hat: int = 0, out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(y, stats)`` for 2-D ``x``; see :func:`_rowwise_forward`."""
-    return _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset)
+    return _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)
 
 
 @rowwise_norm_fwd.register_fake
-def _(x, weight, bias, eps, is_rms, triton, weight_offset=0.0):
+def _(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, round_x_hat=0, out_dtype=None):
     rows = x.shape[0]
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+    return (torch.empty_like(x, memory_format=torch.contiguous_format, dtype=out_dtype or x.dtype),
             x.new_empty((rows if is_rms else 2 * rows,), dtype=reference.compute_dtype(x.dtype)))
 
 
@@ -300,15 +303,17 @@ def _(x, weight, bias, eps, is_rms, triton, weight_offset=0.0):
 def rowwise_norm_bwd(
     dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor,
     is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None, triton: bool, weight_offset: float = 0.0,
+    round_x_hat: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dx, dw, db)``; ``db`` in ``db_dtype`` (the bias's; ``None``: no bias gradient).
     A gradient not asked for is an empty tensor."""
-    dx, dw, db = _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset)
+    dx, dw, db = _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset,
+                                   round_x_hat)
     return dx, (dw if dw is not None else x.new_empty(0)), (db if db is not None else x.new_empty(0))
 
 
 @rowwise_norm_bwd.register_fake
-def _(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset=0.0):
+def _(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset=0.0, round_x_hat=0):
     n = x.shape[1]
     dw = x.new_empty((n,), dtype=weight.dtype) if compute_dw else x.new_empty(0)
     db = x.new_empty((n,), dtype=db_dtype) if db_dtype is not None else x.new_empty(0)
@@ -316,15 +321,15 @@ def _(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset=
 
 
 def _rowwise_norm_setup_context(ctx, inputs, output):
-    x, weight, bias, eps, is_rms, triton, weight_offset = inputs
+    x, weight, bias, eps, is_rms, triton, weight_offset, round_x_hat, out_dtype = inputs
     ctx.save_for_backward(x, weight, output[1])
-    ctx.meta = (is_rms, triton, bias.dtype if bias is not None else None, weight_offset)
+    ctx.meta = (is_rms, triton, bias.dtype if bias is not None else None, weight_offset, round_x_hat)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
 rowwise_norm_fwd.register_autograd(
-    lambda ctx, dy, _dstats: (*_rowwise_grads(ctx, dy, rowwise_norm_bwd), None, None, None, None),
+    lambda ctx, dy, _dstats: (*_rowwise_grads(ctx, dy, rowwise_norm_bwd), None, None, None, None, None, None),
     setup_context=_rowwise_norm_setup_context)
 
 
@@ -363,12 +368,42 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
     return "forward"
 
 
+_X_HAT_DTYPES = (None, "input", "weight")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_x_hat_dtype(x_hat_dtype) -> str | None:
+    if x_hat_dtype not in _X_HAT_DTYPES:
+        raise ValueError(f"x_hat_dtype must be one of {_X_HAT_DTYPES}, got {x_hat_dtype!r}")
+    return x_hat_dtype
+
+
+def _x_hat_rounding(x_hat_dtype: str, x: Tensor, weight: Tensor | None) -> tuple[int, torch.dtype]:
+    """``(round_x_hat, out_dtype)`` for a model that rounds x_hat before its weight multiplies it,
+    computing what its own code computes:
+
+    - ``"input"`` (Llama, Mistral, Qwen2/3): ``weight * x_hat.to(x.dtype)``: rounded to x's dtype,
+      output in the promotion of x's and the weight's dtypes.
+    - ``"weight"`` (T5): a 16-bit weight's dtype, output in it; with an fp32 weight, no rounding
+      and an fp32 output (x times an fp32 rstd is fp32).
+
+    ``round_x_hat``: 0 (none), 1 (to x's dtype), 2 (to the weight's), as the kernels number them.
+    """
+    if x_hat_dtype == "input":
+        code = 0 if x.dtype is torch.float32 or x.dtype is torch.float64 else 1
+        return code, torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
+    if weight is not None and weight.dtype in _HALF:
+        return 2, weight.dtype
+    return 0, torch.promote_types(x.dtype, torch.float32)
+
+
 def rowwise_norm(
     x: Tensor, normalized_shape, weight: Tensor | None, bias: Tensor | None, eps, *, is_rms: bool, backend: str,
-    weight_offset: float = 0.0,
+    weight_offset: float = 0.0, x_hat_dtype: str | None = None,
 ) -> Tensor:
     """LayerNorm or RMSNorm over the trailing ``normalized_shape`` dims of ``x``, any leading dims;
-    the weight applied is ``weight + weight_offset`` (in fp32)."""
+    the weight applied is ``weight + weight_offset`` (in fp32). ``x_hat_dtype`` (None, "input" or
+    "weight"): where x_hat is rounded before the weight, see :func:`_x_hat_rounding`."""
     check_input(x)
     shape = normalized_shape_tuple(normalized_shape)
     check_trailing_shape(x, shape)
@@ -378,6 +413,8 @@ def rowwise_norm(
     eps = check_eps(eps)
     if weight_offset != 0.0:  # the usual 0.0 needs no check
         weight_offset = _check_weight_offset(weight_offset)
+    round_x_hat, out_dtype = (0, None) if x_hat_dtype is None else _x_hat_rounding(check_x_hat_dtype(x_hat_dtype), x,
+                                                                                   weight)
     triton = use_triton(backend, x)
 
     # Rows of n: views where possible, and no call at all when x already is (rows, n).
@@ -388,15 +425,16 @@ def rowwise_norm(
     b = bias if bias is None or k == 1 else bias.reshape(n)
     route = _route(x2d, w, b)
     if route == "custom_op":
-        y = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton, weight_offset)[0]
+        y = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)[0]
     elif route == "function":
+        spec = (eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)
         if _ROWWISE_C_APPLY is None:
-            y = _RowwiseNorm.apply(x2d, w, b, (eps, is_rms, triton, weight_offset))
+            y = _RowwiseNorm.apply(x2d, w, b, spec)
         else:
             y = _ROWWISE_C_APPLY(_unwrap_if_dead(x2d), w if w is None else _unwrap_if_dead(w),
-                                 b if b is None else _unwrap_if_dead(b), (eps, is_rms, triton, weight_offset))
+                                 b if b is None else _unwrap_if_dead(b), spec)
     else:
-        y = _rowwise_forward(x2d, w, b, eps, is_rms, triton, weight_offset)[0]
+        y = _rowwise_forward(x2d, w, b, eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)[0]
     return y if x2d is x else y.view(x.shape)
 
 

@@ -19,12 +19,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _rounded(x_hat: Tensor, x: Tensor, weight: Tensor | None, round_x_hat: int) -> Tensor:
+    """x_hat rounded to x's (1) or the weight's (2) dtype and back, as some models store it before
+    the weight multiplies it (Llama's ``weight * x_hat.to(input_dtype)``); 0: as it is."""
+    if round_x_hat == 0:
+        return x_hat
+    return x_hat.to(x.dtype if round_x_hat == 1 else weight.dtype).to(x_hat.dtype)
+
+
 def rowwise_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool,
-                         weight_offset: float = 0.0):
+                         weight_offset: float = 0.0, round_x_hat: int = 0, out_dtype: torch.dtype | None = None):
     """LayerNorm (``is_rms=False``) or RMSNorm of each row. Returns ``(y, mean, rstd)``.
 
     ``mean`` is None for RMSNorm; ``mean``/``rstd`` are in the compute dtype. The weight applied is
-    ``weight + weight_offset`` (Gemma's ``1 + w``), in the compute dtype.
+    ``weight + weight_offset`` (Gemma's ``1 + w``), in the compute dtype, to x_hat rounded as
+    ``round_x_hat`` says (:func:`_rounded`); y is rounded once, to ``out_dtype`` (default x's).
     """
     acc = compute_dtype(x.dtype)
     xf = x.to(acc)
@@ -37,20 +46,21 @@ def rowwise_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
         x_centered = xf - mean[:, None]
         rstd = torch.rsqrt(x_centered.square().mean(dim=-1) + eps)
         x_hat = x_centered * rstd[:, None]
-    y = x_hat
+    y = _rounded(x_hat, x, weight, round_x_hat)
     if weight is not None:
         y = y * (weight.to(acc) + weight_offset)
     if bias is not None:
         y = y + bias.to(acc)
-    return y.to(x.dtype), mean, rstd
+    return y.to(out_dtype or x.dtype), mean, rstd
 
 
 def rowwise_norm_backward(
     dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, is_rms: bool,
-    compute_dw: bool, db_dtype: torch.dtype | None, weight_offset: float = 0.0,
+    compute_dw: bool, db_dtype: torch.dtype | None, weight_offset: float = 0.0, round_x_hat: int = 0,
 ):
     """Gradients of :func:`rowwise_norm_forward`: ``(dx, dw, db)``, absent ones ``None``.
-    ``db_dtype`` is the bias's dtype, ``None`` for no bias gradient."""
+    ``db_dtype`` is the bias's dtype, ``None`` for no bias gradient. The rounding of x_hat counts
+    as the identity (as autograd's cast does); dw sums over x_hat as rounded."""
     acc = compute_dtype(x.dtype)
     xf, dyf = x.to(acc), dy.to(acc)
     n = x.shape[-1]
@@ -62,7 +72,7 @@ def rowwise_norm_backward(
     else:
         c2 = wdy.sum(dim=-1, keepdim=True) / max(n, 1)
         dx = (wdy - x_hat * c1 - c2) * rstd[:, None]
-    dw = (dyf * x_hat).sum(dim=0).to(weight.dtype) if compute_dw else None
+    dw = (dyf * _rounded(x_hat, x, weight, round_x_hat)).sum(dim=0).to(weight.dtype) if compute_dw else None
     db = dyf.sum(dim=0).to(db_dtype) if db_dtype is not None else None
     return dx.to(x.dtype), dw, db
 

@@ -1,5 +1,10 @@
 """Replace the norm layers of an existing model, in place, and report what changed."""
 
+import ast
+import functools
+import importlib
+import inspect
+import textwrap
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -14,25 +19,69 @@ from .ops import check_backend
 _KNOWN_NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm, LayerNorm, RMSNorm)
 _TARGETS = {None: None, "dyt": DyT, "derf": Derf}
 
-# Model libraries' own norm classes whose math a normzoo layer reproduces: the same fp32
-# computation and one rounding at the end. Keyed by class name (each model of Hugging Face
-# transformers has its own copy of the class); one entry per class: its eps attribute and the
-# offset its weight is applied with. Add a class here only after checking its forward.
+# Hugging Face transformers' own norm classes whose math a normzoo RMSNorm reproduces, keyed by
+# class name: the model folder that defines it, its eps attribute, the offset its weight is applied
+# with, and where it rounds x̂ before the weight (RMSNorm's ``x_hat_dtype``). Add a class here only
+# after reading its forward: the fp32 statistics, then
+#   (x̂ · (1 + w)) in fp32, one cast:            Gemma 1/2/3             -> weight_offset=1.0
+#   (w · x̂) in fp32, one cast:                  OLMo 2                  -> the defaults
+#   w * x̂.to(input_dtype):                      Llama, Mistral, Qwen2/3 -> x_hat_dtype="input"
+#   x̂ to a 16-bit weight's dtype, then w * x̂:  T5                       -> x_hat_dtype="weight"
+# transformers copies these classes into each model under the model's name ("Copied from"): a class
+# whose methods are the same code as a listed class's counts as that class
+# (:func:`_model_norm_spec`), so Phi-3, Mixtral, DeepSeek-V3, Granite... are covered without a
+# line each. (Their fp64 path is fp32 arithmetic; normzoo computes fp64 input in fp64.)
 _MODEL_NORMS = {
-    "GemmaRMSNorm": ("eps", 1.0),  # (x̂ · (1 + w)) in fp32, then cast: weight_offset=1
-    "Gemma2RMSNorm": ("eps", 1.0),
-    "Gemma3RMSNorm": ("eps", 1.0),
-    "Olmo2RMSNorm": ("variance_epsilon", 0.0),  # (w · x̂) in fp32, then cast
+    "GemmaRMSNorm": ("gemma", "eps", 1.0, None),
+    "Gemma2RMSNorm": ("gemma2", "eps", 1.0, None),
+    "Gemma3RMSNorm": ("gemma3", "eps", 1.0, None),
+    "Olmo2RMSNorm": ("olmo2", "variance_epsilon", 0.0, None),
+    "LlamaRMSNorm": ("llama", "variance_epsilon", 0.0, "input"),
+    "MistralRMSNorm": ("mistral", "variance_epsilon", 0.0, "input"),
+    "Qwen2RMSNorm": ("qwen2", "variance_epsilon", 0.0, "input"),
+    "Qwen3RMSNorm": ("qwen3", "variance_epsilon", 0.0, "input"),  # its attention's per-head q_norm / k_norm too
+    "T5LayerNorm": ("t5", "variance_epsilon", 0.0, "weight"),
 }
-# Classes whose math normzoo cannot reproduce exactly yet: named in report.left_alone with why.
-_ROUNDS_TO_INPUT = "rounds x̂ to the input dtype before the weight (normzoo rounds once, after it)"
-_NOT_EXACT = {
-    "LlamaRMSNorm": _ROUNDS_TO_INPUT,
-    "MistralRMSNorm": _ROUNDS_TO_INPUT,
-    "Qwen2RMSNorm": _ROUNDS_TO_INPUT,
-    "Qwen3RMSNorm": _ROUNDS_TO_INPUT,
-    "T5LayerNorm": "rounds x̂ to a 16-bit weight's dtype before the weight (normzoo rounds once, after it)",
-}
+
+
+def _code(cls: type) -> str | None:
+    """The methods ``cls`` defines (``extra_repr`` aside) as syntax trees without docstrings: what
+    its forward and the helpers it calls compute. None where there is no source to read."""
+    trees = []
+    for name, method in sorted(vars(cls).items()):
+        if not inspect.isfunction(method) or name == "extra_repr":
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(method))).body[0]
+        except (OSError, TypeError, SyntaxError, IndexError):
+            return None
+        if tree.body and isinstance(tree.body[0], ast.Expr) and isinstance(tree.body[0].value, ast.Constant):
+            tree.body = tree.body[1:]
+        trees.append(ast.dump(tree))
+    return "\n".join(trees)
+
+
+@functools.cache
+def _model_norm_spec(cls: type) -> tuple | None:
+    """``(eps_attr, weight_offset, x_hat_dtype)`` for a transformers norm class that is, or repeats
+    token for token, a class of ``_MODEL_NORMS``; None otherwise. Only plain ``nn.Module``
+    subclasses: a subclass of something else inherits behaviour this does not read."""
+    if not cls.__module__.startswith("transformers.") or cls.__bases__ != (torch.nn.Module,):
+        return None
+    if cls.__name__ in _MODEL_NORMS:
+        return tuple(_MODEL_NORMS[cls.__name__][1:])
+    if not cls.__name__.endswith("Norm") or (code := _code(cls)) is None:
+        return None
+    for name, (folder, *spec) in _MODEL_NORMS.items():
+        try:
+            listed = getattr(importlib.import_module(f"transformers.models.{folder}.modeling_{folder}"), name)
+        except (ImportError, AttributeError):  # another transformers version
+            continue
+        if _code(listed) == code:
+            return tuple(spec)
+    return None
+# Classes named like a norm whose math normzoo does not reproduce: named in report.left_alone with why.
+_NOT_EXACT: dict[str, str] = {}
 
 
 def _from_transformers(module) -> bool:
@@ -123,8 +172,8 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     fused equivalent, sharing its parameters. normzoo's layers subclass PyTorch's, so
     ``isinstance`` checks and ``state_dict`` keys are kept, and outputs match. So do the Hugging
     Face norm classes whose math normzoo reproduces (``_MODEL_NORMS``: Gemma's ``1 + w`` RMSNorms,
-    OLMo 2's); those that round x̂ before the weight (Llama, Mistral, Qwen2/3, T5) are named in
-    ``report.left_alone`` with why, never approximated.
+    OLMo 2's, and those that round x̂ before the weight: Llama, Mistral, Qwen2/3 with its per-head
+    q/k norms, T5), each replaced by an :class:`~normzoo.RMSNorm` set to compute the same thing.
 
     ``to="dyt"`` / ``to="derf"``: every LayerNorm / RMSNorm (PyTorch's or normzoo's) becomes a
     freshly initialised :class:`~normzoo.DyT` / :class:`~normzoo.Derf` over the same shape,
@@ -133,7 +182,7 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     (the DyT paper also adjusts ``alpha_init_value`` and the learning rate).
 
     Subclasses of these norms (e.g. timm's channels-first ``LayerNorm2d``) may compute something
-    else, and other classes named like a norm (``LlamaRMSNorm``, ``GroupNorm``...) are not known to
+    else, and other classes named like a norm (``GroupNorm``, ``Phi3RMSNorm``...) are not known to
     normzoo: each is named in ``report.left_alone`` (``"path: class (why)"``) rather than replaced.
     Every hook moves to the new layers (forward, pre-forward, with kwargs, always called, backward,
     state_dict; handles keep working); a norm shared by several parents stays shared. A swap that
@@ -152,10 +201,10 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
 
     def convert(name, module):
         cls_name = type(module).__name__
-        if target is None and cls_name in _MODEL_NORMS and _from_transformers(module):
-            eps_attr, offset = _MODEL_NORMS[cls_name]
+        if target is None and (spec := _model_norm_spec(type(module))) is not None:
+            eps_attr, offset, x_hat_dtype = spec
             new = RMSNorm(module.weight.shape, getattr(module, eps_attr), device="meta", backend=backend,
-                          weight_offset=offset)
+                          weight_offset=offset, x_hat_dtype=x_hat_dtype)
             new.__dict__["_normzoo_original"] = module  # for unswap (a plain attribute, not a submodule)
             return _share_parameters(module, new)
         if cls_name in _NOT_EXACT and _from_transformers(module):

@@ -512,6 +512,81 @@ def test_weight_offset_is_checked():
         NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.RMSNorm(4, weight_offset=1.0))
 
 
+def _model_formula(x, w, eps, x_hat_dtype):
+    """What Hugging Face's Llama (``"input"``) and T5 (``"weight"``) RMSNorm classes compute."""
+    x32 = x.float()
+    x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if x_hat_dtype == "input":
+        return w * x_hat.to(x.dtype)
+    return w * (x_hat.to(w.dtype) if w.dtype in (torch.float16, torch.bfloat16) else x_hat)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_hat_dtype", ["input", "weight"])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                    (torch.bfloat16, torch.float32), (torch.float32, torch.float32)], ids=str)
+@pytest.mark.parametrize("n, max_block_n", [(40, None), (100, 32)], ids=["single_tile", "looped"])
+def test_x_hat_dtype_reproduces_the_models_formula(x_hat_dtype, dtypes, n, max_block_n, backend, device,
+                                                   monkeypatch):
+    """y bit-identical to the model's own formula on the reference; within one rounding of it on
+    the kernels (their fp32 sums run in another order); the output dtype is the formula's; every
+    gradient against float64 autograd of the same formula (the rounding counting as identity)."""
+    if max_block_n is not None:
+        if backend != "triton":
+            pytest.skip("a cap on the tile width is a kernel setting")
+        from normzoo.kernels import rowwise_norm as launchers
+        real = launchers.launch_config
+        monkeypatch.setattr(launchers, "launch_config", lambda *a: real(*a[:-1], max_block_n))
+    x_dtype, w_dtype = dtypes
+    layer = normzoo.RMSNorm(n, eps=1e-6, backend=backend, device=device, dtype=w_dtype, x_hat_dtype=x_hat_dtype)
+    with torch.no_grad():
+        layer.weight.normal_(1, 0.5)
+    x = (torch.randn(6, n, device=device) * 3).to(x_dtype).requires_grad_()
+    y = layer(x)
+    expected = _model_formula(x.detach(), layer.weight.detach(), 1e-6, x_hat_dtype)
+    assert y.dtype == expected.dtype and f"x_hat_dtype={x_hat_dtype!r}" in repr(layer)
+    if backend == "torch":
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    elif y.dtype is torch.float32:
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(y, expected, rtol=2 ** -7, atol=0)  # at most one flipped rounding
+        assert (y != expected).float().mean() < 0.05
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, [x, layer.weight], dy)
+    assert dx.dtype == x.dtype and dw.dtype == w_dtype
+    x64 = x.detach().double().requires_grad_()
+    w64 = layer.weight.detach().double().requires_grad_()
+    y64 = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6))
+    dx64, dw64 = torch.autograd.grad(y64, [x64, w64], dy.double())
+    assert_close(dx, dx64, "dx")
+    # dw sums dy over x̂ as rounded: compare with the same sum, in float64.
+    dw_rounded = (dy.double() * _model_formula(x.detach(), torch.ones_like(layer.weight), 1e-6, x_hat_dtype).double()
+                  ).sum(0)
+    assert_close(dw, dw_rounded, "dw", scale=dw_rounded.abs().sum().item())
+
+
+def test_x_hat_dtype_is_checked_and_kept_out_of_fused_ops():
+    with pytest.raises(ValueError, match="x_hat_dtype must be one of"):
+        normzoo.RMSNorm(4, x_hat_dtype="fp32")
+    with pytest.raises(ValueError, match="x_hat_dtype must be one of"):
+        NF.rms_norm(torch.randn(2, 4), (4,), torch.ones(4), x_hat_dtype=torch.float32)
+    with pytest.raises(ValueError, match="x_hat_dtype"):
+        NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.RMSNorm(4, x_hat_dtype="input"))
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+def test_opcheck_x_hat_dtype(triton, device):
+    x = torch.randn(6, 20, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(20, device=device, requires_grad=True)
+    torch.library.opcheck(ops.rowwise_norm_fwd, (x, w, None, 1e-6, True, triton, 0.0, 1, torch.float32))
+
+
+def test_compile_fullgraph_with_x_hat_dtype(device):
+    layer = normzoo.RMSNorm(24, eps=1e-6, backend="triton", device=device, dtype=torch.bfloat16, x_hat_dtype="input")
+    assert_compiled_matches_eager(layer, torch.randn(3, 5, 24, device=device, dtype=torch.bfloat16), "aot_eager")
+
+
 def test_layers_can_be_called_from_several_threads(device):
     """Triton's CPU interpreter is not thread-safe: launches are serialized there (14 of 16
     threads failed before). On a GPU the threads launch concurrently and must agree too."""
