@@ -9,7 +9,8 @@ from torch import Tensor
 
 from . import fused, ops
 
-__all__ = ["layer_norm", "rms_norm", "dyt", "derf", "add_norm", "norm_add", "norm_add_norm"]
+__all__ = ["layer_norm", "rms_norm", "dyt", "derf", "add_norm", "norm_add", "norm_add_norm", "qk_norm", "scale_norm",
+           "crms_norm"]
 
 
 def layer_norm(
@@ -148,3 +149,40 @@ def norm_add_norm(x: Tensor, h: Tensor, norm_out: torch.nn.Module, norm_in: torc
     y, s = fused.fused_residual(x, h, norm_out, norm_in, mode="norm_add_norm", scale=scale,
                                 residual_dtype=residual_dtype)
     return y, s
+
+
+def qk_norm(q: Tensor, k: Tensor, q_weight: Tensor | None = None, k_weight: Tensor | None = None, eps: float = 1e-6,
+            *, norm: str = "rms", backend: str = "auto") -> tuple[Tensor, Tensor]:
+    r"""QK-norm: the queries and keys of attention normalized over their last dim, both in one
+    launch, read where they lie (views of a fused ``qkv`` projection with any head and row
+    strides are not copied, as long as their leading dims fold into two levels).
+
+    - ``norm="rms"`` (Qwen3 per head: ``q`` (..., H, head_dim) with weights (head_dim,); OLMo 2
+      over all heads: ``q`` (..., H·head_dim) with weights (H·head_dim,)):
+      :math:`q \cdot \gamma_q / \sqrt{\mathrm{mean}(q^2) + \epsilon}`, and likewise for k.
+    - ``norm="l2"`` (the QK-norm paper): :math:`g \cdot q / \max(\lVert q\rVert_2, \epsilon)` and
+      :math:`k / \max(\lVert k\rVert_2, \epsilon)`, with ``q_weight`` the paper's learnable (1,)
+      scale g (or None) and ``k_weight`` None: the attention then takes ``scale=1.0``, as g replaces
+      :math:`1/\sqrt{d}`.
+
+    Returns ``(q_normed, k_normed)``, contiguous, in q's and k's dtypes. q and k may differ in
+    heads (grouped-query attention) and, over all heads, in width.
+    """
+    return ops.headwise_norm(q, q_weight, k, k_weight, eps, norm=norm, backend=backend)
+
+
+def scale_norm(input: Tensor, scale: Tensor, eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
+    r"""ScaleNorm (Transformers without Tears): :math:`g \cdot x / \max(\lVert x\rVert_2, \epsilon)`
+    over the last dim, ``scale`` the (1,) learnable g (initially :math:`\sqrt{C}`)."""
+    return ops.headwise_norm(input, scale, None, None, eps, norm="l2", backend=backend)
+
+
+def crms_norm(input: Tensor, eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
+    r"""CRMSNorm (Pre-RMSNorm and Pre-CRMSNorm Transformers) over the last dim, of size C−1: the
+    input is a zero-mean vector of C values with its last one, :math:`-\sum z`, left out.
+
+    .. math::
+        y = \frac{z}{\sqrt{(\sum z^2 + (\sum z)^2)/C + \epsilon}}
+
+    No affine (a Pre-LN model's γ, β fold into the next Linear when it is converted)."""
+    return ops.headwise_norm(input, None, None, None, eps, norm="crms", backend=backend)

@@ -8,7 +8,7 @@ from torch import Tensor
 from . import ops
 from .ops import check_backend, normalized_shape_tuple
 
-__all__ = ["LayerNorm", "RMSNorm", "DyT", "Derf"]
+__all__ = ["LayerNorm", "RMSNorm", "DyT", "Derf", "ScaleNorm", "QKNorm", "CRMSNorm"]
 
 
 def _param(module: torch.nn.Module, name: str):
@@ -269,3 +269,144 @@ class Derf(_PointwiseNorm):
     def extra_repr(self) -> str:
         return super().extra_repr().replace(", elementwise_affine",
                                             f", shift_init_value={self.shift_init_value}, elementwise_affine", 1)
+
+
+class ScaleNorm(torch.nn.Module):
+    r"""ScaleNorm, from "Transformers without Tears" (https://arxiv.org/abs/1910.05895).
+
+    .. math::
+        y = g \cdot \frac{x}{\max(\lVert x \rVert_2, \epsilon)}
+
+    over the last dim, with one learnable scalar :math:`g` (``scale``, initially :math:`\sqrt{C}`,
+    so a row starts with the RMS of 1 an RMSNorm would give it).
+
+    Args:
+        dim (int): the size C of the last dim.
+        eps (float): a floor on the norm. Default: 1e-5
+        backend (str): ``"auto"``, ``"triton"`` or ``"torch"`` (see :class:`LayerNorm`).
+
+    Shape:
+        - Input: :math:`(*, C)`; output: the same shape and dtype, contiguous.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None, *, backend: str = "auto") -> None:
+        super().__init__()
+        (self.dim,) = normalized_shape_tuple(dim)
+        self.eps = ops.check_eps(eps)
+        self.backend = check_backend(backend)
+        self.scale = torch.nn.Parameter(torch.empty(1, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.constant_(self.scale, self.dim ** 0.5)
+
+    def forward(self, input: Tensor) -> Tensor:
+        _check_last_dim(input, self.dim)
+        return ops.headwise_norm(input, _param(self, "scale"), None, None, self.eps, norm="l2", backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, backend={self.backend!r}"
+
+
+class QKNorm(torch.nn.Module):
+    r"""QK-norm: normalizes attention's queries and keys, both in one launch; ``forward(q, k)``
+    returns ``(q_normed, k_normed)``. q and k are read where they lie: views of a fused ``qkv``
+    projection, (B, S, H, head_dim) or (B, S, H·head_dim), with any head and row strides.
+
+    - ``norm="rms"``, per head (Qwen3: ``dim=head_dim``) or over all heads (OLMo 2:
+      ``dim=H·head_dim``, with ``k_dim`` for grouped-query attention's narrower k): RMSNorm of q
+      and of k, each with its own weight (ones), eps 1e-6 by default. Attention keeps its
+      :math:`1/\sqrt{d}`.
+    - ``norm="l2"`` (Query-Key Normalization for Transformers): :math:`g \cdot \hat q` and
+      :math:`\hat k`, L2-normalized, with one learnable ``scale`` g (initially ``scale_init``;
+      the paper: :math:`\log_2(L^2 - L)`, L the 97.5th-percentile training length) standing in for
+      :math:`1/\sqrt{d}`: call attention with ``scale=1.0``.
+
+    Args:
+        dim (int): the last dim of q (head_dim per head, or H·head_dim over all heads).
+        eps (float): RMSNorm's eps, or the L2 form's floor on the norm. Default: 1e-6
+        norm (str): ``"rms"`` or ``"l2"``. Keyword only. Default: ``"rms"``
+        k_dim (int, optional): the last dim of k when it differs from q's. Keyword only.
+        elementwise_affine (bool): ``"rms"``: learn ``q_weight`` and ``k_weight``. Default: ``True``
+        scale_init (float): ``"l2"``: the initial g. Required there.
+        backend (str): ``"auto"``, ``"triton"`` or ``"torch"`` (see :class:`LayerNorm`).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None, *, norm: str = "rms",
+                 k_dim: int | None = None, elementwise_affine: bool = True, scale_init: float | None = None,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if norm not in ("rms", "l2"):
+            raise ValueError(f"norm must be 'rms' or 'l2', got {norm!r}")
+        if norm == "l2" and scale_init is None:
+            raise ValueError("norm='l2' needs scale_init (the paper's g = log2(L² − L) for training length L)")
+        (self.dim,) = normalized_shape_tuple(dim)
+        (self.k_dim,) = normalized_shape_tuple(k_dim if k_dim is not None else dim)
+        self.eps = ops.check_eps(eps)
+        self.norm = norm
+        self.elementwise_affine = elementwise_affine
+        self.scale_init = scale_init
+        self.backend = check_backend(backend)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        affine = norm == "rms" and elementwise_affine
+        self.q_weight = torch.nn.Parameter(torch.empty(self.dim, **factory_kwargs)) if affine else None
+        self.k_weight = torch.nn.Parameter(torch.empty(self.k_dim, **factory_kwargs)) if affine else None
+        self.scale = torch.nn.Parameter(torch.empty(1, **factory_kwargs)) if norm == "l2" else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.q_weight, self.k_weight):
+            if w is not None:
+                torch.nn.init.ones_(w)
+        if self.scale is not None:
+            torch.nn.init.constant_(self.scale, self.scale_init)
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        _check_last_dim(q, self.dim, "q")
+        _check_last_dim(k, self.k_dim, "k")
+        if self.norm == "l2":
+            return ops.headwise_norm(q, _param(self, "scale"), k, None, self.eps, norm="l2", backend=self.backend)
+        return ops.headwise_norm(q, _param(self, "q_weight"), k, _param(self, "k_weight"), self.eps, norm="rms",
+                                 backend=self.backend)
+
+    def extra_repr(self) -> str:
+        dims = f"{self.dim}" + (f", k_dim={self.k_dim}" if self.k_dim != self.dim else "")
+        extra = f", scale_init={self.scale_init}" if self.norm == "l2" else f", elementwise_affine={self.elementwise_affine}"
+        return f"{dims}, eps={self.eps}, norm={self.norm!r}{extra}, backend={self.backend!r}"
+
+
+class CRMSNorm(torch.nn.Module):
+    r"""CRMSNorm, from "Pre-RMSNorm and Pre-CRMSNorm Transformers" (https://arxiv.org/abs/2305.14858).
+
+    .. math::
+        y = \frac{z}{\sqrt{(\sum z^2 + (\sum z)^2)/C + \epsilon}}
+
+    over the last dim, of size C−1: ``z`` is a zero-mean vector of C values with its last one,
+    :math:`-\sum z`, left out, and ``y`` the first C−1 values of its RMSNorm. No parameters: a
+    Pre-LN model converted to Pre-CRMSNorm folds LayerNorm's γ, β into the next Linear
+    (:func:`normzoo.convert.to_pre_crmsnorm`).
+
+    Args:
+        dim (int): C − 1, the compressed width.
+        eps (float): added to the mean square. Default: 1e-5
+        backend (str): ``"auto"``, ``"triton"`` or ``"torch"`` (see :class:`LayerNorm`).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, backend: str = "auto") -> None:
+        super().__init__()
+        (self.dim,) = normalized_shape_tuple(dim)
+        self.normalized_shape = (self.dim,)
+        self.eps = ops.check_eps(eps)
+        self.backend = check_backend(backend)
+
+    def forward(self, input: Tensor) -> Tensor:
+        _check_last_dim(input, self.dim)
+        return ops.headwise_norm(input, None, None, None, self.eps, norm="crms", backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, backend={self.backend!r}"
+
+
+def _check_last_dim(x, dim: int, what: str = "input") -> None:
+    if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[-1] != dim):
+        raise ValueError(f"expected {what} whose last dim is {dim}, got {what} of shape {tuple(x.shape)}")

@@ -624,3 +624,178 @@ def pointwise(
     else:
         y = _pointwise_forward(x2d, alpha, shift, weight, bias, *spec)
     return y if x2d is x else y.view(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Head-wise norms: QK-norm (q and k in one launch), ScaleNorm, CRMSNorm
+# ----------------------------------------------------------------------------------------------
+
+HEADWISE_NORMS = ("rms", "l2", "crms")
+
+
+def _headwise_for_kernels(t: Tensor | None) -> Tensor | None:
+    """As it lies where the kernels can address its rows in two levels (q, k as views of a fused
+    qkv projection); copied otherwise."""
+    if t is None or t.is_contiguous():
+        return t
+    if (t.shape[-1] <= 1 or t.stride(-1) == 1) and _launchers().headwise_norm.rows_2d(t) is not None:
+        return t
+    return t.contiguous()
+
+
+def _rows_of(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+
+
+def _headwise_forward(a, wa, b, wb, eps, norm, triton):
+    """``(ya, yb)`` (yb None without b), each of its input's shape, contiguous."""
+    if triton:
+        return _launchers().headwise_norm_forward(_headwise_for_kernels(a), _for_kernels(wa), _headwise_for_kernels(b),
+                                                  _for_kernels(wb), eps, norm=norm)
+    ya = reference.headwise_norm_forward(_rows_of(a).contiguous(), wa, eps, norm).view(a.shape)
+    yb = reference.headwise_norm_forward(_rows_of(b).contiguous(), wb, eps, norm).view(b.shape) if b is not None else None
+    return ya, yb
+
+
+def _headwise_backward(dya, a, wa, dyb, b, wb, eps, norm, triton, dw_a, dw_b):
+    """``(dxa, dxb, dwa, dwb)``, absent ones ``None``."""
+    if triton:
+        rows = lambda dy: None if dy is None else _for_kernels(_rows_of(dy))  # noqa: E731
+        return _launchers().headwise_norm_backward(rows(dya), _headwise_for_kernels(a), _for_kernels(wa), rows(dyb),
+                                                   _headwise_for_kernels(b), _for_kernels(wb), eps, norm=norm,
+                                                   dw_a=dw_a, dw_b=dw_b)
+    dxa, dwa = reference.headwise_norm_backward(_rows_of(dya).contiguous(), _rows_of(a).contiguous(), wa, eps, norm,
+                                                dw_a and wa is not None)
+    dxb = dwb = None
+    if b is not None:
+        dxb, dwb = reference.headwise_norm_backward(_rows_of(dyb).contiguous(), _rows_of(b).contiguous(), wb, eps,
+                                                    norm, dw_b and wb is not None)
+        dxb = dxb.view(b.shape)
+    return dxa.view(a.shape), dxb, dwa, dwb
+
+
+def _headwise_grads(ctx, dya, dyb, backward):
+    a, wa, b, wb = ctx.saved_tensors
+    eps, norm, triton = ctx.meta
+    needs = ctx.needs_input_grad
+    if b is not None and dyb is None:  # only ya was used: b's rows get a zero gradient
+        dyb = torch.zeros(b.shape, dtype=b.dtype, device=b.device)
+    if dya is None:
+        dya = torch.zeros(a.shape, dtype=a.dtype, device=a.device)
+    dxa, dxb, dwa, dwb = backward(dya, a, wa, dyb, b, wb, eps, norm, triton, needs[1] and wa is not None,
+                                  needs[3] and wb is not None)
+    return (dxa if needs[0] else None, dwa if needs[1] and wa is not None else None,
+            dxb if b is not None and needs[2] else None, dwb if needs[3] and wb is not None else None)
+
+
+class _HeadwiseNorm(torch.autograd.Function):
+    """The eager path (see :class:`_RowwiseNorm`); ``spec = (eps, norm, triton)``. Returns
+    ``(ya, yb)``, yb None without b."""
+
+    @staticmethod
+    def forward(ctx, a, wa, b, wb, spec):
+        ctx.save_for_backward(a, wa, b, wb)
+        ctx.meta = spec
+        ctx.set_materialize_grads(False)
+        return _headwise_forward(a, wa, b, wb, *spec)
+
+    @staticmethod
+    def backward(ctx, dya, dyb):
+        _refuse_double_backward()
+        return *_headwise_grads(ctx, dya, dyb, _headwise_backward), None
+
+
+@torch.library.custom_op("normzoo::headwise_norm_fwd", mutates_args=())
+def headwise_norm_fwd(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | None, eps: float, norm: str,
+                      triton: bool) -> tuple[Tensor, Tensor]:
+    """``(ya, yb)``; yb empty without b. See :func:`_headwise_forward`."""
+    ya, yb = _headwise_forward(a, wa, b, wb, eps, norm, triton)
+    return ya, yb if yb is not None else a.new_empty(0)
+
+
+@headwise_norm_fwd.register_fake
+def _(a, wa, b, wb, eps, norm, triton):
+    return torch.empty(a.shape, dtype=a.dtype, device=a.device), (
+        torch.empty(b.shape, dtype=b.dtype, device=b.device) if b is not None else a.new_empty(0))
+
+
+@torch.library.custom_op("normzoo::headwise_norm_bwd", mutates_args=())
+def headwise_norm_bwd(dya: Tensor, a: Tensor, wa: Tensor | None, dyb: Tensor | None, b: Tensor | None,
+                      wb: Tensor | None, eps: float, norm: str, triton: bool, dw_a: bool,
+                      dw_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dxa, dxb, dwa, dwb)``; a gradient not computed is an empty tensor."""
+    grads = _headwise_backward(dya, a, wa, dyb, b, wb, eps, norm, triton, dw_a, dw_b)
+    return tuple(g if g is not None else a.new_empty(0) for g in grads)
+
+
+@headwise_norm_bwd.register_fake
+def _(dya, a, wa, dyb, b, wb, eps, norm, triton, dw_a, dw_b):
+    return (torch.empty(a.shape, dtype=a.dtype, device=a.device),
+            torch.empty(b.shape, dtype=b.dtype, device=b.device) if b is not None else a.new_empty(0),
+            wa.new_empty(wa.shape) if dw_a else a.new_empty(0), wb.new_empty(wb.shape) if dw_b else a.new_empty(0))
+
+
+def _headwise_setup_context(ctx, inputs, output):
+    a, wa, b, wb, eps, norm, triton = inputs
+    ctx.save_for_backward(a, wa, b, wb)
+    ctx.meta = (eps, norm, triton)
+    ctx.set_materialize_grads(False)
+
+
+def _headwise_custom_op_grads(ctx, dya, dyb):
+    a, wa, b, wb = ctx.saved_tensors
+    grads = _headwise_grads(ctx, dya, dyb if b is not None else None, lambda *args: headwise_norm_bwd(*args))
+    return (*grads, None, None, None)
+
+
+headwise_norm_fwd.register_autograd(_headwise_custom_op_grads, setup_context=_headwise_setup_context)
+_HEADWISE_C_APPLY = _c_apply(_HeadwiseNorm)
+
+
+def _check_headwise_weight(w, name: str, x: Tensor, n: int) -> None:
+    if w is None:
+        return
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
+    if w.shape not in ((n,), (1,)):
+        raise ValueError(f"{name} must have shape ({n},) (one value per channel) or (1,) (one scale), "
+                         f"got {tuple(w.shape)}")
+    if w.device != x.device:
+        raise ValueError(f"{name} is on {w.device} but its input is on {x.device}; put them on the same device")
+    if w.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{name} must have its input's dtype ({x.dtype}) or float32, got {w.dtype}")
+
+
+def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | None, eps, *, norm: str,
+                  backend: str):
+    """The rows (last dim) of ``a`` and, in the same launch, of ``b`` (or None), normalized as
+    ``norm`` says (``"rms"``, ``"l2"``, ``"crms"``; see :func:`normzoo.reference.headwise_norm_forward`),
+    each times its weight (None, per channel, or a (1,) scale). Any leading dims and strides: a view
+    of a fused projection is read in place where its rows fold into two levels. Returns ``ya`` without
+    b, else ``(ya, yb)``."""
+    if norm not in HEADWISE_NORMS:
+        raise ValueError(f"norm must be one of {HEADWISE_NORMS}, got {norm!r}")
+    for t, name in ((a, "q" if b is not None else "input"), (b, "k")):
+        if t is not None:
+            check_input(t, name)
+            if t.dim() == 0:
+                raise ValueError(f"{name} must have at least one dimension")
+    _check_headwise_weight(wa, "q_weight" if b is not None else "weight", a, a.shape[-1])
+    if b is not None:
+        if b.device != a.device:
+            raise ValueError(f"q is on {a.device} but k is on {b.device}")
+        _check_headwise_weight(wb, "k_weight", b, b.shape[-1])
+        if wa is not None and wb is not None and (wa.numel() == 1) != (wb.numel() == 1):
+            raise ValueError("q_weight and k_weight must both be per-channel or both be (1,) scales")
+    eps = check_eps(eps)
+    triton = use_triton(backend, a) and (b is None or b.dtype is not torch.float64)
+    spec = (eps, norm, triton)
+    route = _route(a, wa, b, wb)
+    if route == "custom_op":
+        ya, yb = headwise_norm_fwd(a, wa, b, wb, *spec)
+        yb = yb if b is not None else None
+    elif route == "function":
+        ya, yb = (_HeadwiseNorm.apply if _HEADWISE_C_APPLY is None else _HEADWISE_C_APPLY)(a, wa, b, wb, spec)
+    else:
+        ya, yb = _headwise_forward(a, wa, b, wb, *spec)
+    return ya if b is None else (ya, yb)

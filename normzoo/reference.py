@@ -135,3 +135,53 @@ def pointwise_backward(dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | Non
     dw = _fold_per_channel(dyf * act, channels, params_per_row).to(weight.dtype) if compute_dw else None
     db = _fold_per_channel(dyf, channels, params_per_row).to(db_dtype) if db_dtype is not None else None
     return dx, dalpha, dshift, dw, db
+
+
+def _headwise_stats(xf: Tensor, eps: float, norm: str):
+    """(rstd, row sum or None, where L2's eps floor did not hold or None) of 2-D ``xf``."""
+    n = xf.shape[-1]
+    sumsq = xf.square().sum(dim=-1)
+    if norm == "rms":
+        return torch.rsqrt(sumsq / max(n, 1) + eps), None, None
+    if norm == "l2":
+        floor = torch.tensor(eps, dtype=xf.dtype).square()  # eps² in the compute dtype, as the kernel
+        return torch.rsqrt(torch.maximum(sumsq, floor)), None, sumsq > floor
+    total = xf.sum(dim=-1)
+    return torch.rsqrt((sumsq + total * total) / (n + 1) + eps), total, None
+
+
+def headwise_norm_forward(x: Tensor, weight: Tensor | None, eps: float, norm: str) -> Tensor:
+    """Each row of 2-D ``x`` normalized as ``norm`` says (``normzoo.kernels.headwise_norm``):
+    ``"rms"``: x / √(mean x² + eps); ``"l2"``: x / max(‖x‖₂, eps) (ScaleNorm, QK-norm's L2 form);
+    ``"crms"``: x / √((Σx² + (Σx)²)/(N+1) + eps) (CRMSNorm). ``weight``: None, per column, or one
+    element that scales every column."""
+    acc = compute_dtype(x.dtype)
+    xf = x.to(acc)
+    rstd, _, _ = _headwise_stats(xf, eps, norm)
+    y = xf * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(acc)
+    return y.to(x.dtype)
+
+
+def headwise_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, norm: str, compute_dw: bool):
+    """Gradients of :func:`headwise_norm_forward`: ``(dx, dw)``; dw summed over every column too
+    for a one-element weight, ``None`` unless asked."""
+    acc = compute_dtype(x.dtype)
+    xf, dyf = x.to(acc), dy.to(acc)
+    n = x.shape[-1]
+    rstd, total, live = _headwise_stats(xf, eps, norm)
+    x_hat = xf * rstd[:, None]
+    wdy = dyf * weight.to(acc) if weight is not None else dyf
+    c = (x_hat * wdy).sum(dim=-1, keepdim=True)
+    if norm == "rms":
+        dx = (wdy - x_hat * c / max(n, 1)) * rstd[:, None]
+    elif norm == "l2":
+        dx = (wdy - x_hat * torch.where(live[:, None], c, 0.0)) * rstd[:, None]
+    else:
+        dx = (wdy - (x_hat + (rstd * total)[:, None]) * c / (n + 1)) * rstd[:, None]
+    dw = None
+    if compute_dw:
+        dw = (dyf * x_hat).sum(dim=0)
+        dw = (dw.sum().reshape(1) if weight.numel() == 1 else dw).to(weight.dtype)
+    return dx.to(x.dtype), dw

@@ -111,3 +111,23 @@ def test_fused_residual_ops(kind, mode, backward_launches, residual_fp32, launch
     for when, ops in (("forward", forward_ops.ops), ("backward", backward_ops.ops)):
         compute = [op for op in ops if op not in NON_COMPUTE_OPS]
         assert not compute, f"{when} ran torch ops besides the kernels: {compute}"
+
+
+@pytest.mark.parametrize("norm", ["rms", "l2"])
+def test_qk_norm_is_one_launch_for_q_and_k(norm, launches, device):
+    """q and k, views of one fused projection: one forward launch for both, a backward of one kernel
+    and one reduce, no copy of the views and no torch compute around."""
+    qk = normzoo.QKNorm(16, norm=norm, scale_init=4.0 if norm == "l2" else None, backend="triton", device=device)
+    qkv = torch.randn(2, 8, 3 * 4 * 16, device=device, requires_grad=True) * 1
+    q, k, _ = qkv.unflatten(-1, (3, 4, 16)).unbind(-3)
+    with _OpLog() as forward_ops:
+        qo, ko = qk(q, k)
+    assert len(launches) == 1, launches
+    launches.clear()
+    grads_in = [torch.randn_like(qo), torch.randn_like(ko)]
+    with _OpLog() as backward_ops:
+        torch.autograd.grad([qo, ko], [q, k, *qk.parameters()], grads_in)
+    assert len(launches) == 2 and launches[1] == "_sum_partials_kernel", launches
+    for when, ops in (("forward", forward_ops.ops), ("backward", backward_ops.ops)):
+        compute = [op for op in ops if op not in NON_COMPUTE_OPS]
+        assert not compute, f"{when} ran torch ops besides the kernels: {compute}"

@@ -1,0 +1,291 @@
+"""Norms of short rows read where they lie: QK-norm (q and k in one launch), ScaleNorm, CRMSNorm.
+
+Each row x (N values, one tile of registers) is normalized on its own, as ``NORM`` says:
+
+    RMS:   rstd = 1/√(Σx²/N + eps)                  (QK-norm of Qwen3 per head, OLMo 2 over heads)
+    L2:    rstd = 1/max(√Σx², eps)                  (ScaleNorm; the QK-norm paper's q̂, k̂)
+    CRMS:  rstd = 1/√((Σx² + (Σx)²)/(N+1) + eps)    (CRMSNorm: x is a zero-mean vector of N+1
+                                                      values with its last one, −Σx, left out)
+    y = w ⊙ (x·rstd), w per column, one scalar for every column (stride 0), or absent.
+
+Backward, with wdy = w ⊙ dy, x_hat = x·rstd and c = Σ(x_hat ⊙ wdy):
+
+    RMS:   dx = rstd·(wdy − x_hat·c/N)
+    L2:    dx = rstd·(wdy − x_hat·c)               (rstd·wdy where the eps floor held)
+    CRMS:  dx = rstd·(wdy − (x_hat + rstd·Σx)·c/(N+1))
+    dw = Σ_rows dy ⊙ x_hat                         (summed over the columns too for a scalar w)
+
+The rows of a tensor are addressed in two levels, ``row = outer·H + inner`` at
+``outer·stride_outer + inner·stride_inner``: q, k as (B, S, H, D) views of a fused qkv projection
+are read in place (B and S fold into one level), never copied. Two tensors (A and B: q and k) share
+one launch: the first programs take A's rows, the rest B's. Outputs and dx are contiguous. No
+statistics are stored: the backward recomputes them from x (the row is loaded anyway).
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .heuristics import LaunchConfig, next_power_of_2, split_rows
+from .launch import alloc, cdiv, device_guard
+from .reduce import sum_partials
+
+NORM_RMS = tl.constexpr(1)
+NORM_L2 = tl.constexpr(2)
+NORM_CRMS = tl.constexpr(3)
+NORMS = {"rms": 1, "l2": 2, "crms": 3}
+# Rows wider than this are refused: one tile of registers per row is the design (QK-norm's heads,
+# or a model's width for ScaleNorm / CRMSNorm), and past it a program spills.
+MAX_N = 65536
+
+
+@triton.jit
+def _row_offsets(rows, H, stride_outer, stride_inner):
+    rows = rows.to(tl.int64)
+    return (rows // H) * stride_outer + (rows % H) * stride_inner
+
+
+@triton.jit
+def _stats(x, N, eps, NORM: tl.constexpr):
+    """(rstd, row sum, whether the normalizing term's gradient applies) of a (BLOCK_M, BLOCK_N)
+    fp32 tile, zero where masked."""
+    sumsq = tl.sum(x * x, axis=1)
+    total = tl.zeros_like(sumsq)
+    live = sumsq == sumsq  # all true
+    if NORM == NORM_RMS:
+        rstd = tl.rsqrt(sumsq / N + eps)
+    elif NORM == NORM_L2:
+        floor = eps * eps
+        live = sumsq > floor  # under the floor the norm is the constant eps: no gradient through it
+        rstd = tl.rsqrt(tl.maximum(sumsq, floor))
+    else:
+        total = tl.sum(x, axis=1)
+        rstd = tl.rsqrt((sumsq + total * total) / (N + 1) + eps)
+    return rstd, total, live
+
+
+@triton.jit
+def _load_rows(X, rows, row_mask, cols, N, H, stride_outer, stride_inner):
+    mask = row_mask[:, None] & (cols < N)[None, :]
+    offsets = _row_offsets(rows, H, stride_outer, stride_inner)[:, None] + cols[None, :]
+    return tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32), mask
+
+
+@triton.jit
+def _weight(W, cols, N, w_stride, HAS_W: tl.constexpr):
+    if HAS_W:
+        return tl.load(W + cols * w_stride, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return 1.0
+
+
+@triton.jit
+def _forward_rows(X, Y, W, block, M, N, H, stride_outer, stride_inner, w_stride, eps,
+                  NORM: tl.constexpr, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    x, mask = _load_rows(X, rows, row_mask, cols, N, H, stride_outer, stride_inner)
+    rstd, _, _ = _stats(x, N, eps, NORM)
+    y = x * rstd[:, None] * _weight(W, cols, N, w_stride, HAS_W)
+    tl.store(Y + rows.to(tl.int64)[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _headwise_fwd_kernel(
+    XA, YA, WA, XB, YB, WB,  # B (and a W) unused when its flag is off
+    M_a, N_a, H_a, so_a, si_a, ws_a,  # rows, columns, inner rows per outer, the two row strides, w's stride
+    M_b, N_b, H_b, so_b, si_b, ws_b,
+    programs_a,  # programs [0, programs_a) take A's row blocks, the rest B's
+    eps,
+    NORM: tl.constexpr, HAS_WA: tl.constexpr, HAS_B: tl.constexpr, HAS_WB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < programs_a:
+        _forward_rows(XA, YA, WA, pid, M_a, N_a, H_a, so_a, si_a, ws_a, eps, NORM, HAS_WA, BLOCK_M, BLOCK_N)
+    elif HAS_B:
+        _forward_rows(XB, YB, WB, pid - programs_a, M_b, N_b, H_b, so_b, si_b, ws_b, eps, NORM, HAS_WB, BLOCK_M,
+                      BLOCK_N)
+
+
+@triton.jit
+def _backward_rows(X, DY, DX, W, PARTIALS, program, rows_per_program, M, N, H, stride_outer, stride_inner,
+                   stride_dy, w_stride, eps, NORM: tl.constexpr, HAS_W: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                   SCALAR_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = tl.arange(0, BLOCK_N)
+    w = _weight(W, cols, N, w_stride, HAS_W)
+    row_start = program * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for block_start in range(row_start, row_end, BLOCK_M):
+        rows = block_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        x, mask = _load_rows(X, rows, row_mask, cols, N, H, stride_outer, stride_inner)
+        rows64 = rows.to(tl.int64)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd, total, live = _stats(x, N, eps, NORM)
+        x_hat = x * rstd[:, None]
+        if COMPUTE_DW:
+            dw_acc += dy * x_hat
+        wdy = dy * w
+        c = tl.sum(x_hat * wdy, axis=1)
+        if NORM == NORM_RMS:
+            dx = (wdy - x_hat * (c / N)[:, None]) * rstd[:, None]
+        elif NORM == NORM_L2:
+            dx = (wdy - x_hat * tl.where(live, c, 0.0)[:, None]) * rstd[:, None]
+        else:
+            dx = (wdy - (x_hat + (rstd * total)[:, None]) * (c / (N + 1))[:, None]) * rstd[:, None]
+        tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if COMPUTE_DW:
+        if SCALAR_W:  # one partial a program: the weight is one value for every column
+            tl.store(PARTIALS + program, tl.sum(tl.sum(dw_acc, axis=1), axis=0))
+        else:
+            tl.store(PARTIALS + program.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=cols < N)
+
+
+@triton.jit
+def _headwise_bwd_kernel(
+    XA, DYA, DXA, WA, XB, DYB, DXB, WB,
+    PARTIALS,  # fp32 (programs, N) column sums of dw: A's at 0, B's at b_offset (one each for a scalar w)
+    M_a, N_a, H_a, so_a, si_a, sdy_a, ws_a, rows_per_program_a,
+    M_b, N_b, H_b, so_b, si_b, sdy_b, ws_b, rows_per_program_b,
+    programs,  # per tensor: programs [0, programs) take A, [programs, 2·programs) take B
+    b_offset, eps,
+    NORM: tl.constexpr, HAS_WA: tl.constexpr, DW_A: tl.constexpr, HAS_B: tl.constexpr, HAS_WB: tl.constexpr,
+    DW_B: tl.constexpr, SCALAR_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < programs:
+        _backward_rows(XA, DYA, DXA, WA, PARTIALS, pid, rows_per_program_a, M_a, N_a, H_a, so_a, si_a, sdy_a, ws_a,
+                       eps, NORM, HAS_WA, DW_A, SCALAR_W, BLOCK_M, BLOCK_N)
+    elif HAS_B:
+        _backward_rows(XB, DYB, DXB, WB, PARTIALS + b_offset, pid - programs, rows_per_program_b, M_b, N_b, H_b,
+                       so_b, si_b, sdy_b, ws_b, eps, NORM, HAS_WB, DW_B, SCALAR_W, BLOCK_M, BLOCK_N)
+
+
+@functools.lru_cache(maxsize=256)
+def _config(n: int) -> LaunchConfig:
+    """One row of N in a tile, rows stacked to ~4096 elements, ~8 elements a thread. A rule, not a
+    measurement: these kernels have no tuning table yet."""
+    block_n = next_power_of_2(max(n, 1))
+    block_m = max(1, min(64, 4096 // block_n))
+    num_warps = max(1, min(32, block_m * block_n // 256))
+    return LaunchConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, programs_per_sm=2)
+
+
+def rows_2d(t: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``(M, H, stride_outer, stride_inner)`` addressing the rows of ``t`` (..., N) in two levels,
+    or None when its leading dims do not fold into two (the caller copies it). The last dim must
+    have unit stride (or one element)."""
+    shape, strides = t.shape[:-1], t.stride()[:-1]
+    levels = []  # [size, stride], outermost first; a dim folds into the one inside it when contiguous with it
+    for size, stride in zip(shape, strides):
+        if size == 1:
+            continue
+        if levels and levels[-1][1] == size * stride:
+            levels[-1] = [levels[-1][0] * size, stride]
+        else:
+            levels.append([size, stride])
+    if len(levels) > 2:
+        return None
+    while len(levels) < 2:
+        levels.insert(0, [1, 0])
+    (outer, so), (inner, si) = levels
+    return outer * inner, inner, so, si
+
+
+def _check(t: torch.Tensor) -> tuple[int, int, int, int]:
+    layout = rows_2d(t)
+    if layout is None or t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise AssertionError(f"rows of shape {tuple(t.shape)}, strides {t.stride()} need a copy first")
+    if t.shape[-1] > MAX_N:
+        raise ValueError(f"rows of {t.shape[-1]} values: these kernels take rows of at most {MAX_N}")
+    return layout
+
+
+def headwise_norm_forward(a, wa, b, wb, eps: float, *, norm: str):
+    """Normalize the rows (last dim) of ``a`` and, in the same launch, of ``b`` (or None), each
+    with its weight (None, per column, or a one-element scale). Returns ``(ya, yb)``, contiguous,
+    in each input's dtype."""
+    M_a, H_a, so_a, si_a = _check(a)
+    N_a = a.shape[-1]
+    ya = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    yb = None
+    if b is not None:
+        M_b, H_b, so_b, si_b = _check(b)
+        N_b = b.shape[-1]
+        yb = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+    else:
+        M_b = N_b = H_b = so_b = si_b = 0
+    cfg = _config(max(N_a, N_b))
+    programs_a = cdiv(M_a, cfg.block_m) if N_a else 0
+    programs_b = cdiv(M_b, cfg.block_m) if N_b else 0
+    if programs_a + programs_b:
+        with device_guard(a):
+            _headwise_fwd_kernel[(programs_a + programs_b,)](
+                a, ya, wa if wa is not None else a, b if b is not None else a, yb if yb is not None else ya,
+                wb if wb is not None else a,
+                M_a, N_a, H_a, so_a, si_a, _w_stride(wa), M_b, N_b, H_b, so_b, si_b, _w_stride(wb),
+                programs_a, eps,
+                NORMS[norm], wa is not None, b is not None, wb is not None, cfg.block_m, cfg.block_n,
+                num_warps=cfg.num_warps,
+            )
+    return ya, yb
+
+
+def _w_stride(w) -> int:
+    return 0 if w is None or w.numel() == 1 else 1
+
+
+def headwise_norm_backward(dya, a, wa, dyb, b, wb, eps: float, *, norm: str, dw_a: bool, dw_b: bool):
+    """Gradients of :func:`headwise_norm_forward`: ``(dxa, dxb, dwa, dwb)`` (dx contiguous, in
+    each input's dtype; dw in each weight's dtype, ``None`` where not asked). ``dya``/``dyb`` are
+    2-D (rows, N) with unit column stride. Both weights, where present, have one kind: per
+    column, or one-element scales."""
+    M_a, H_a, so_a, si_a = _check(a)
+    N_a = a.shape[-1]
+    dxa = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    dxb = None
+    M_b = N_b = H_b = so_b = si_b = 0
+    if b is not None:
+        M_b, H_b, so_b, si_b = _check(b)
+        N_b = b.shape[-1]
+        dxb = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+    dw_a, dw_b = dw_a and wa is not None, dw_b and wb is not None
+    scalar_w = (wa if wa is not None else wb) is not None and (wa if wa is not None else wb).numel() == 1
+    cfg = _config(max(N_a, N_b))
+    rows_per_program_a, programs = split_rows(max(M_a, M_b, 1), cfg, a.device)
+    rows_per_program_a = cdiv(cdiv(M_a, programs), cfg.block_m) * cfg.block_m or cfg.block_m
+    rows_per_program_b = cdiv(cdiv(M_b, programs), cfg.block_m) * cfg.block_m or cfg.block_m
+    width_a, width_b = (1, 1) if scalar_w else (N_a, N_b)  # a row of partials per program and tensor
+    b_offset = programs * width_a
+    partials = alloc(a, b_offset + programs * width_b if dw_a or dw_b else 1, torch.float32)
+    dwa = alloc(a, wa.numel(), wa.dtype) if dw_a else None
+    dwb = alloc(a, wb.numel(), wb.dtype) if dw_b else None
+    if M_a * N_a + M_b * N_b == 0:
+        for dw in (dwa, dwb):
+            if dw is not None:
+                dw.zero_()
+        return dxa, dxb, dwa, dwb
+    with device_guard(a):
+        _headwise_bwd_kernel[((2 if b is not None else 1) * programs,)](
+            a, dya, dxa, wa if wa is not None else a, b if b is not None else a, dyb if dyb is not None else dya,
+            dxb if dxb is not None else dxa, wb if wb is not None else a, partials,
+            M_a, N_a, H_a, so_a, si_a, dya.stride(0), _w_stride(wa), rows_per_program_a,
+            M_b, N_b, H_b, so_b, si_b, dyb.stride(0) if dyb is not None else 0, _w_stride(wb), rows_per_program_b,
+            programs, b_offset, eps,
+            NORMS[norm], wa is not None, dw_a, b is not None, wb is not None, dw_b, scalar_w, cfg.block_m, cfg.block_n,
+            num_warps=cfg.num_warps,
+        )
+        # dwa from the first block of partials, dwb from the second: one reduce launch where the
+        # two have one width (every program writes its row, zeros where it had no rows).
+        if dw_a and dw_b and width_a == width_b:
+            sum_partials(partials, programs, width_a, b_offset, dwa, dwb)
+        else:
+            if dw_a:
+                sum_partials(partials, programs, width_a, 0, dwa, None)
+            if dw_b:
+                sum_partials(partials[b_offset:], programs, width_b, 0, dwb, None)
+    return dxa, dxb, dwa, dwb

@@ -1,0 +1,217 @@
+"""QK-norm, ScaleNorm and CRMSNorm: the head-wise kernels (under the interpreter without a GPU) and
+the reference, against float64 autograd of each formula as its paper writes it."""
+
+import math
+
+import pytest
+import torch
+
+import normzoo
+import normzoo.functional as NF
+from helpers import assert_close
+from normzoo import ops, reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def formula(x, w, eps, norm):
+    """Each norm as written in its paper, in float64 autograd."""
+    if norm == "rms":
+        y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    elif norm == "l2":
+        y = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    else:  # CRMSNorm: the RMSNorm of [z, −Σz], first C−1 values
+        full = torch.cat([x, -x.sum(-1, keepdim=True)], dim=-1)
+        y = (full * torch.rsqrt(full.square().mean(-1, keepdim=True) + eps))[..., :-1]
+    return y * w if w is not None else y
+
+
+def qkv_views(batch, seq, heads, kv_heads, head_dim, dtype, device, per_head=True):
+    """q and k as views of one fused projection (B, S, (H + 2·Hkv)·D), as attention makes them."""
+    qkv = (torch.randn(batch, seq, (heads + 2 * kv_heads) * head_dim, device=device) * 2 + 0.5).to(dtype)
+    q = qkv[..., : heads * head_dim]
+    k = qkv[..., heads * head_dim: (heads + kv_heads) * head_dim]
+    if per_head:
+        q, k = q.unflatten(-1, (heads, head_dim)), k.unflatten(-1, (kv_heads, head_dim))
+    return qkv, q, k
+
+
+def check_pair(q, k, wq, wk, eps, norm, backend):
+    """Forward and every gradient of the pair against float64 autograd of the formula."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (q, k, wq, wk)]
+    qo, ko = NF.qk_norm(*leaves, eps=eps, norm=norm, backend=backend)
+    assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == q.dtype and qo.is_contiguous()
+    dq, dk = torch.randn_like(qo), torch.randn_like(ko)
+    params = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad((qo, ko), params, (dq, dk))
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in (q, k, wq, wk)]
+    qo64, ko64 = formula(leaves64[0], leaves64[2], eps, norm), formula(leaves64[1], leaves64[3], eps, norm)
+    grads64 = torch.autograd.grad((qo64, ko64), [t for t in leaves64 if t is not None], (dq.double(), dk.double()))
+    assert_close(qo, qo64, "q", q.dtype)
+    assert_close(ko, ko64, "k", k.dtype)
+    for name, g, g64 in zip(["dq", "dk", "dwq", "dwk"], grads, grads64):
+        assert_close(g, g64, name, g.dtype, scale=g64.abs().sum().item() if g.dim() == 1 else 0.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["per_head", "all_heads"])
+def test_qk_norm_rms_reads_a_fused_projection_in_place(layout, dtype, backend, device):
+    """Qwen3 (per head, weights (head_dim,)) and OLMo 2 (over all heads, weights (H·head_dim,)),
+    grouped-query k narrower than q, on views of one qkv tensor."""
+    _, q, k = qkv_views(2, 5, 4, 2, 16, dtype, device, per_head=layout == "per_head")
+    wq = torch.randn(q.shape[-1], device=device) * 0.5 + 1
+    wk = torch.randn(k.shape[-1], device=device) * 0.5 + 1
+    check_pair(q, k, wq.to(dtype), wk.to(dtype), 1e-6, "rms", backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qk_norm_l2_with_the_papers_scale(dtype, backend, device):
+    _, q, k = qkv_views(3, 4, 2, 2, 32, dtype, device)
+    scale = torch.tensor([math.log2(97.5 ** 2 - 97.5)], device=device)
+    check_pair(q, k, scale, None, 1e-6, "l2", backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("norm", ["l2", "crms"])
+@pytest.mark.parametrize("n", [1, 7, 64, 300])
+def test_scale_norm_and_crms_norm(norm, n, backend, device):
+    x = torch.randn(2, 3, n, device=device) * 3
+    leaves = [x.clone().requires_grad_()]
+    if norm == "l2":
+        leaves.append(torch.tensor([n ** 0.5], device=device, requires_grad=True))
+        y = NF.scale_norm(*leaves, backend=backend)
+    else:
+        y = NF.crms_norm(*leaves, backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    y64 = formula(leaves64[0], leaves64[1] if norm == "l2" else None, 1e-5, norm)
+    grads64 = torch.autograd.grad(y64, leaves64, dy.double())
+    assert_close(y, y64, "y")
+    # dx = rstd·(w·dy − …) cancels when dy is nearly parallel to x̂ (a one-element row always is):
+    # judge it against the size of its terms, ‖w·dy·rstd‖, as the rowwise kernels' tests do.
+    x64 = x.double()
+    rstd = (1 / x64.norm(dim=-1, keepdim=True).clamp_min(1e-5) if norm == "l2" else
+            torch.rsqrt((x64.square().sum(-1, keepdim=True) + x64.sum(-1, keepdim=True) ** 2) / (n + 1) + 1e-5))
+    dx_scale = (dy.double() * rstd * (leaves64[1].detach() if norm == "l2" else 1.0)).norm().item()
+    assert_close(grads[0], grads64[0], "dx", scale=dx_scale)
+    if norm == "l2":
+        assert_close(grads[1], grads64[1], "dscale", scale=(dy.double() * y64.detach()).abs().sum().item())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_l2_floor_holds_for_a_zero_row(backend, device):
+    """A zero row (or one under eps): y = g·x/eps, and no gradient through the (constant) norm."""
+    x = torch.zeros(3, 8, device=device)
+    x[1] = torch.randn(8, device=device)
+    x[2] = 1e-9
+    x.requires_grad_()
+    g = torch.tensor([2.0], device=device, requires_grad=True)
+    y = NF.scale_norm(x, g, eps=1e-5, backend=backend)
+    assert torch.equal(y[0], torch.zeros(8, device=device))
+    dy = torch.randn_like(y)
+    dx, = torch.autograd.grad(y, [x], dy)
+    torch.testing.assert_close(dx[0], 2.0 * dy[0] / 1e-5, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dx[2], 2.0 * dy[2] / 1e-5, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["rms", "l2", "crms"])
+def test_reference_backward_gradcheck(norm):
+    x = (torch.randn(4, 9, dtype=torch.float64) * 2).requires_grad_()
+    w = torch.randn(1 if norm == "l2" else 9, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x, w: ops.headwise_norm(x, w, None, None, 1e-5, norm=norm, backend="torch"),
+                             (x, w))
+    # The hand-written backward is the formula's derivative, not just consistent with itself.
+    y = formula(x, w, 1e-5, norm)
+    dy = torch.randn_like(y)
+    expected = torch.autograd.grad(y, [x, w], dy)
+    got = reference.headwise_norm_backward(dy, x.detach(), w.detach(), 1e-5, norm, True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_views_that_fold_into_two_levels_are_not_copied(device):
+    from normzoo.kernels.headwise_norm import rows_2d
+
+    qkv, q, k = qkv_views(2, 5, 4, 2, 16, torch.float32, device)
+    assert rows_2d(q) == (40, 4, 128, 16)  # (B·S, H) rows: B and S fold into one level of stride 128
+    assert ops._headwise_for_kernels(q) is q and ops._headwise_for_kernels(k) is k
+    transposed = q.transpose(1, 2)  # (B, H, S, D) of a (B, S, H, D) view: three levels, copied
+    assert rows_2d(transposed) is None
+    assert ops._headwise_for_kernels(transposed).is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_three_level_views_and_a_one_sided_gradient(backend, device):
+    _, q, k = qkv_views(2, 5, 4, 4, 8, torch.float32, device)
+    check_pair(q.transpose(1, 2), k.transpose(1, 2), None, None, 1e-6, "rms", backend)
+    # Only q's output used: k still gets a (zero) gradient, q its own.
+    qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
+    qo, _ = NF.qk_norm(qq, kk, backend=backend)
+    qo.sum().backward()
+    assert torch.equal(kk.grad, torch.zeros_like(kk)) and qq.grad.abs().sum() > 0
+
+
+def test_modules(device):
+    sn = normzoo.ScaleNorm(64, device=device)
+    assert sn.scale.item() == pytest.approx(8.0) and "64, eps=1e-05" in repr(sn)
+    qk = normzoo.QKNorm(16, k_dim=8, device=device)
+    assert qk.q_weight.shape == (16,) and qk.k_weight.shape == (8,) and "k_dim=8" in repr(qk)
+    q, k = torch.randn(2, 3, 16, device=device), torch.randn(2, 3, 8, device=device)
+    qo, ko = qk(q, k)
+    torch.testing.assert_close(qo, formula(q, None, 1e-6, "rms"))
+    l2 = normzoo.QKNorm(16, norm="l2", scale_init=10.0, device=device)
+    assert l2.q_weight is None and l2.scale.item() == 10.0
+    qo, ko = l2(q, q)
+    torch.testing.assert_close(qo, 10 * ko)
+    cr = normzoo.CRMSNorm(63)
+    z = torch.randn(4, 63)
+    torch.testing.assert_close(cr(z), formula(z, None, 1e-5, "crms").float())
+    assert set(normzoo.QKNorm(16).state_dict()) == {"q_weight", "k_weight"}
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: NF.qk_norm(torch.randn(2, 4), torch.randn(2, 4), norm="ln"), ValueError, "norm must be one of"),
+    (lambda: NF.qk_norm(torch.randn(2, 4), torch.randn(2, 4), torch.ones(3)), ValueError, r"q_weight must have shape \(4,\)"),
+    (lambda: NF.qk_norm(torch.randn(2, 4), torch.randn(2, 4), torch.ones(1), torch.ones(4)), ValueError, "both"),
+    (lambda: NF.scale_norm(torch.randn(2, 4), torch.ones(1), eps=-1.0), ValueError, "eps"),
+    (lambda: NF.crms_norm(torch.tensor(1.0)), ValueError, "at least one dimension"),
+    (lambda: NF.qk_norm(torch.randn(2, 4), [1.0]), TypeError, "k must be a torch.Tensor"),
+    (lambda: normzoo.QKNorm(8, norm="l2"), ValueError, "scale_init"),
+    (lambda: normzoo.ScaleNorm(8)(torch.randn(2, 4)), ValueError, "last dim is 8"),
+])
+def test_bad_input_raises_clear_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+def test_opcheck(triton, device):
+    _, q, k = qkv_views(2, 3, 2, 1, 8, torch.float32, device)
+    wq = torch.randn(8, device=device, requires_grad=True)
+    wk = torch.randn(8, device=device, requires_grad=True)
+    torch.library.opcheck(ops.headwise_norm_fwd, (q.detach().requires_grad_(), wq, k.detach().requires_grad_(), wk,
+                                                  1e-6, "rms", triton))
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    torch.library.opcheck(ops.headwise_norm_fwd, (x, torch.ones(1, device=device, requires_grad=True), None, None,
+                                                  1e-5, "l2", triton))
+
+
+def test_compile_fullgraph_matches_eager(device):
+    from helpers import assert_compiled_matches_eager
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(32, 3 * 32)
+            self.qk_norm = normzoo.QKNorm(8, backend="triton")
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).unflatten(-1, (3, 4, 8)).unbind(-3)
+            q, k = self.qk_norm(q, k)
+            return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                    v.transpose(1, 2))
+
+    assert_compiled_matches_eager(Attention().to(device), torch.randn(2, 5, 32, device=device), "aot_eager")
