@@ -31,6 +31,7 @@ import triton.language as tl
 from .heuristics import LaunchConfig, next_power_of_2, split_rows
 from .launch import alloc, cdiv, device_guard
 from .reduce import sum_partials
+from .tiles import rstd_of
 
 NORM_RMS = tl.constexpr(1)
 NORM_L2 = tl.constexpr(2)
@@ -55,14 +56,14 @@ def _stats(x, N, eps, NORM: tl.constexpr):
     total = tl.zeros_like(sumsq)
     live = sumsq == sumsq  # all true
     if NORM == NORM_RMS:
-        rstd = tl.rsqrt(sumsq / N + eps)
+        rstd = rstd_of(sumsq / N + eps)
     elif NORM == NORM_L2:
         floor = eps * eps
         live = sumsq > floor  # under the floor the norm is the constant eps: no gradient through it
-        rstd = tl.rsqrt(tl.maximum(sumsq, floor))
+        rstd = rstd_of(tl.maximum(sumsq, floor))
     else:
         total = tl.sum(x, axis=1)
-        rstd = tl.rsqrt((sumsq + total * total) / (N + 1) + eps)
+        rstd = rstd_of((sumsq + total * total) / (N + 1) + eps)
     return rstd, total, live
 
 
@@ -198,6 +199,8 @@ def rows_2d(t: torch.Tensor) -> tuple[int, int, int, int] | None:
 
 def _check(t: torch.Tensor) -> tuple[int, int, int, int]:
     layout = rows_2d(t)
+    if t.numel() == 0:  # nothing to address (an empty view may have any strides, even 0)
+        return t.numel(), 1, 0, 0
     if layout is None or t.shape[-1] > 1 and t.stride(-1) != 1:
         raise AssertionError(f"rows of shape {tuple(t.shape)}, strides {t.stride()} need a copy first")
     if t.shape[-1] > MAX_N:

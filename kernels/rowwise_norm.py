@@ -36,7 +36,7 @@ from .heuristics import launch_config, split_rows
 from .launch import (alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard, empty_residual_grads,
                      residual_grad_buffers)
 from .reduce import sum_partials
-from .tiles import load_tile, store_tile
+from .tiles import load_tile, rstd_of, store_tile
 
 
 @triton.jit
@@ -44,13 +44,13 @@ def _row_stats_single_tile(x, mask, N, eps, IS_RMS: tl.constexpr):
     """x: (BLOCK_M, BLOCK_N) fp32, zero where masked. Returns (mean, rstd, x_hat)."""
     if IS_RMS:
         mean = tl.zeros_like(tl.sum(x, axis=1))
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+        rstd = rstd_of(tl.sum(x * x, axis=1) / N + eps)
         x_hat = x * rstd[:, None]
     else:
         mean = tl.sum(x, axis=1) / N
         # Two passes over registers (centre, then square): no E[x²] − E[x]² cancellation.
         x_centered = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(x_centered * x_centered, axis=1) / N + eps)
+        rstd = rstd_of(tl.sum(x_centered * x_centered, axis=1) / N + eps)
         x_hat = x_centered * rstd[:, None]
     return mean, rstd, x_hat
 
@@ -197,7 +197,7 @@ def _norm_fwd_kernel(
                 v = _stored(S, v + load_tile(R, rows, stride_r_row, cols, mask))
                 store_tile(S, rows, stride_s_row, cols, mask, v)
             mean, m2 = _merge_stats(mean, m2, v, mask, col_start, N, BLOCK_N, IS_RMS)
-        rstd = tl.rsqrt(m2 / N + eps)
+        rstd = rstd_of(m2 / N + eps)
         if RES_MODE == RES_ADD_NORM:
             tl.debug_barrier()  # pass 2 reads back the sums this program's threads wrote
         # Pass 2: normalize (and add). Pass 1's reads were marked evict_last, so this re-read of
@@ -225,7 +225,7 @@ def _norm_fwd_kernel(
         _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
         if RES_MODE == RES_NORM_ADD_NORM:
             # Pass 3: the second norm, over the sums just written (read back from L2).
-            rstd2 = tl.rsqrt(m2_2 / N + eps2)
+            rstd2 = rstd_of(m2_2 / N + eps2)
             _store_stats(STATS2, rows, row_mask, M, mean2, rstd2, IS_RMS)
             tl.debug_barrier()
             for col_start in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):

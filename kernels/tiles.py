@@ -18,3 +18,12 @@ def store_tile(ptr, rows, stride_row, cols, mask, value):
     """Store an fp32 tile in the tensor's own dtype."""
     offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
     tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rstd_of(mean_square):
+    """1/√(mean square + eps), NaN where the mean square overflowed fp32 (a row of magnitude
+    ~1e19 or more): rsqrt(inf) is 0, which would turn the row into the bias, finite and wrong;
+    NaN says the row could not be normalized (torch's LayerNorm gives NaN there too)."""
+    rstd = tl.rsqrt(mean_square)
+    return tl.where(rstd == 0.0, float("nan"), rstd)

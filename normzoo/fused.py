@@ -222,7 +222,11 @@ class _FusedResidual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, ds):
-        ops._refuse_double_backward()
+        if torch.is_grad_enabled():
+            # create_graph=True: the second-order terms would need x and h, which the forward does
+            # not keep (keeping them would cost every training step memory). Refuse, never drop.
+            raise RuntimeError("the fused residual ops do not support double backward (create_graph=True); for "
+                               "second-order gradients use the norm and the add apart (normzoo's plain norms do)")
         dh, dx, *rest = _grads(ctx, dy, ds, _fused_backward)
         # add_norm hands one tensor to both inputs, norm_add hands ds itself to x (no copy: the
         # engine passes gradients on read-only). A leaf would keep such a tensor as its .grad and
@@ -428,6 +432,8 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
     route = _route(h2d, x2d, *p1, *p2)
     if route == "custom_op":
         y, s = fused_residual_fwd(h2d, x2d, *p1, *p2, *spec)[:2]
+    elif route == "composite":  # forward-mode AD and torch.func transforms: the reference, as torch ops
+        y, s = _fused_forward(h2d, x2d, p1, p2, *spec[:-1], False)[:2]
     elif route == "function":
         leaves = (h.requires_grad and h.is_leaf, x.requires_grad and x.is_leaf)
         if _FUSED_C_APPLY is None:

@@ -181,20 +181,20 @@ _FAKE = torch._C._TorchDispatchModeKey.FAKE
 _PROXY = torch._C._TorchDispatchModeKey.PROXY
 
 
-def _refuse_forward_ad() -> None:
-    """No op has a forward-mode rule yet: refuse rather than return zero tangents."""
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    from torch._C._functorch import TransformType
-
-    if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
-        raise NotImplementedError("normzoo ops have no forward-mode AD rule yet (torch.func.jvp / jacfwd)")
-
-
-def _refuse_double_backward() -> None:
-    # Backward runs with grad mode on only under create_graph=True: the eager backward is not
-    # differentiable (a second-order term would be silently dropped), so say so.
-    if torch.is_grad_enabled():
-        raise RuntimeError("normzoo ops do not support double backward (create_graph=True) yet")
+def _second_order(composite, inputs, needs, grad_outputs):
+    """Gradients of ``composite(*inputs)`` (the op's reference math: differentiable torch ops)
+    for a backward run with ``create_graph=True``: autograd through the reference, so the gradients
+    are themselves differentiable (double backward, gradient penalties). ``needs``: which inputs
+    want one; ``None`` elsewhere. ``composite`` returns one output or a tuple matching
+    ``grad_outputs`` (a ``None`` gradient skips its output)."""
+    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+    with torch.enable_grad():
+        outputs = composite(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and g is not None]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                   allow_unused=True) if wanted and pairs else [None] * len(wanted))
+    return tuple(next(got) if need and t is not None else None for t, need in zip(inputs, needs))
 
 
 # Function.apply unwraps dead functorch wrappers (tensors that escaped a transform) before the C++
@@ -269,12 +269,30 @@ class _RowwiseNorm(torch.autograd.Function):
         y, stats = _rowwise_forward(x, weight, bias, *spec)
         ctx.save_for_backward(x, weight, stats)
         ctx.meta = (spec[1], spec[2], bias.dtype if bias is not None else None, spec[3], spec[4])
+        ctx.spec = spec
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        _refuse_double_backward()
+        if _grad_enabled():  # create_graph=True: differentiable gradients, through the reference math
+            return *_rowwise_second_order(ctx, dy), None
         return *_rowwise_grads(ctx, dy, _rowwise_backward), None
+
+
+def _rowwise_composite(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, round_x_hat=0, out_dtype=None):
+    """The forward as differentiable torch ops (the reference): what forward-mode AD, torch.func
+    transforms and double backward differentiate."""
+    return reference.rowwise_norm_forward(x, weight, bias, eps, is_rms, weight_offset, round_x_hat, out_dtype)[0]
+
+
+def _rowwise_second_order(ctx, dy):
+    x, weight, _ = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    # y is linear in the bias: its gradient is Σ dy whatever the bias (not saved), and the others
+    # do not depend on it.
+    dx, dw = _second_order(lambda x, w: _rowwise_composite(x, w, None, *ctx.spec), (x, weight), needs[:2], (dy,))
+    db = dy.to(reference.compute_dtype(dy.dtype)).sum(0).to(ctx.meta[2]) if needs[2] and ctx.meta[2] else None
+    return dx, dw, db
 
 
 _ROWWISE_C_APPLY = _c_apply(_RowwiseNorm)
@@ -353,16 +371,18 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
     - "function": eager, and some tensor needs a gradient: the autograd.Function.
     - "forward": eager, no gradient.
 
-    Forward-mode AD is refused: no op has a jvp rule yet."""
+    - "composite": forward-mode AD (``torch.autograd.forward_ad``) or a torch.func transform (jvp,
+      jacfwd, grad, jacrev, vmap, functional_call under them): the op's reference math as
+      differentiable torch ops, which every transform knows how to differentiate and batch.
+      Not the kernels: the transforms' own rules then apply to each torch op."""
     if _forward_ad._current_level >= 0:
-        raise NotImplementedError("normzoo ops have no forward-mode AD rule yet (torch.autograd.forward_ad)")
+        return "composite"
     if (_is_compiling() or x.is_meta or _tracing_state() is not None
             # An empty mode stack (the eager case) answers both mode questions in one call.
             or _dispatch_stack_len() and (_dispatch_mode(_FAKE) is not None or _dispatch_mode(_PROXY) is not None)):
         return "custom_op"
     if _functorch_transforms_active():
-        _refuse_forward_ad()
-        return "custom_op"
+        return "composite"
     if _grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return "function"
     return "forward"
@@ -426,6 +446,8 @@ def rowwise_norm(
     route = _route(x2d, w, b)
     if route == "custom_op":
         y = rowwise_norm_fwd(x2d, w, b, eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)[0]
+    elif route == "composite":
+        y = _rowwise_composite(x2d, w, b, eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)
     elif route == "function":
         spec = (eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)
         if _ROWWISE_C_APPLY is None:
@@ -494,8 +516,27 @@ class _Pointwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        _refuse_double_backward()
+        if _grad_enabled():  # create_graph=True: differentiable gradients, through the reference math
+            return *_pointwise_second_order(ctx, dy), None
         return *_pointwise_grads(ctx, dy, _pointwise_backward), None
+
+
+def _pointwise_composite(x, alpha, shift, weight, bias, activation, channels, params_per_row, triton):
+    """The forward as differentiable torch ops (see :func:`_rowwise_composite`)."""
+    return reference.pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row)
+
+
+def _pointwise_second_order(ctx, dy):
+    x, alpha, shift, weight = ctx.saved_tensors
+    activation, channels, params_per_row, triton, bias_dtype = ctx.meta
+    needs = ctx.needs_input_grad
+    grads = _second_order(lambda *t: _pointwise_composite(*t, None, activation, channels, params_per_row, triton),
+                          (x, alpha, shift, weight), needs[:4], (dy,))
+    db = None
+    if needs[4] and bias_dtype is not None:  # y is linear in the bias (not saved): Σ dy per channel
+        db = reference._fold_per_channel(dy.to(reference.compute_dtype(dy.dtype)), channels, params_per_row)
+        db = db.to(bias_dtype)
+    return (*grads, db)
 
 
 _POINTWISE_C_APPLY = _c_apply(_Pointwise)
@@ -613,6 +654,8 @@ def pointwise(
     route = _route(x2d, alpha, shift, weight, bias)
     if route == "custom_op":
         y = pointwise_fwd(x2d, alpha, shift, weight, bias, *spec)
+    elif route == "composite":
+        y = _pointwise_composite(x2d, alpha, shift, weight, bias, *spec)
     elif route == "function":
         if _POINTWISE_C_APPLY is None:
             y = _Pointwise.apply(x2d, alpha, shift, weight, bias, spec)
@@ -701,7 +744,10 @@ class _HeadwiseNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dya, dyb):
-        _refuse_double_backward()
+        if _grad_enabled():  # create_graph=True: differentiable gradients, through the reference math
+            eps, norm, _ = ctx.meta
+            composite = lambda *t: _headwise_forward(*t, eps, norm, False)  # noqa: E731
+            return *_second_order(composite, ctx.saved_tensors, ctx.needs_input_grad[:4], (dya, dyb)), None
         return *_headwise_grads(ctx, dya, dyb, _headwise_backward), None
 
 
@@ -794,6 +840,8 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
     if route == "custom_op":
         ya, yb = headwise_norm_fwd(a, wa, b, wb, *spec)
         yb = yb if b is not None else None
+    elif route == "composite":  # the reference (differentiable torch ops; see _route)
+        ya, yb = _headwise_forward(a, wa, b, wb, eps, norm, False)
     elif route == "function":
         ya, yb = (_HeadwiseNorm.apply if _HEADWISE_C_APPLY is None else _HEADWISE_C_APPLY)(a, wa, b, wb, spec)
     else:

@@ -14,6 +14,13 @@ import torch
 from torch import Tensor
 
 
+def rstd_of(mean_square: Tensor) -> Tensor:
+    """1/√(mean square + eps), NaN where the mean square overflowed (a row too large to normalize:
+    rsqrt(inf) = 0 would turn it into the bias, finite and wrong), as the kernels do."""
+    rstd = torch.rsqrt(mean_square)
+    return torch.where(rstd == 0, torch.nan, rstd)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the math is done in: fp64 stays fp64, everything else is fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -39,12 +46,12 @@ def rowwise_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     xf = x.to(acc)
     if is_rms:
         mean = None
-        rstd = torch.rsqrt(xf.square().mean(dim=-1) + eps)
+        rstd = rstd_of(xf.square().mean(dim=-1) + eps)
         x_hat = xf * rstd[:, None]
     else:
         mean = xf.mean(dim=-1)
         x_centered = xf - mean[:, None]
-        rstd = torch.rsqrt(x_centered.square().mean(dim=-1) + eps)
+        rstd = rstd_of(x_centered.square().mean(dim=-1) + eps)
         x_hat = x_centered * rstd[:, None]
     y = _rounded(x_hat, x, weight, round_x_hat)
     if weight is not None:
@@ -142,12 +149,12 @@ def _headwise_stats(xf: Tensor, eps: float, norm: str):
     n = xf.shape[-1]
     sumsq = xf.square().sum(dim=-1)
     if norm == "rms":
-        return torch.rsqrt(sumsq / max(n, 1) + eps), None, None
+        return rstd_of(sumsq / max(n, 1) + eps), None, None
     if norm == "l2":
         floor = torch.tensor(eps, dtype=xf.dtype).square()  # eps² in the compute dtype, as the kernel
-        return torch.rsqrt(torch.maximum(sumsq, floor)), None, sumsq > floor
+        return rstd_of(torch.maximum(sumsq, floor)), None, sumsq > floor
     total = xf.sum(dim=-1)
-    return torch.rsqrt((sumsq + total * total) / (n + 1) + eps), total, None
+    return rstd_of((sumsq + total * total) / (n + 1) + eps), total, None
 
 
 def headwise_norm_forward(x: Tensor, weight: Tensor | None, eps: float, norm: str) -> Tensor:

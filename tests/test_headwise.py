@@ -215,3 +215,19 @@ def test_compile_fullgraph_matches_eager(device):
                                                                     v.transpose(1, 2))
 
     assert_compiled_matches_eager(Attention().to(device), torch.randn(2, 5, 32, device=device), "aot_eager")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_inputs_of_any_layout(backend, device):
+    """No rows (an MoE expert that got no tokens, an expanded empty view): empty outputs, zero
+    weight gradients, no launch error."""
+    x = torch.randn(0, 1, device=device).expand(0, 8).requires_grad_()
+    g = torch.ones(1, device=device, requires_grad=True)
+    NF.scale_norm(x, g, backend=backend).sum().backward()
+    assert x.grad.shape == (0, 8) and torch.equal(g.grad, torch.zeros(1, device=device))
+    q = torch.randn(0, 4, 8, device=device, requires_grad=True)
+    w = torch.ones(8, device=device, requires_grad=True)
+    qo, ko = NF.qk_norm(q, torch.randn(2, 3, 8, device=device), w, w, backend=backend)
+    assert qo.shape == (0, 4, 8) and ko.shape == (2, 3, 8)
+    qo.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(8, device=device))

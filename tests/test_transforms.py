@@ -1,0 +1,173 @@
+"""Function transforms, forward-mode AD and double backward, for every op normzoo ships (issue 14,
+items 1-3), on the reference and the Triton path. Under these, normzoo runs its reference math as
+differentiable torch ops (``normzoo.ops._route``: "composite"); double backward differentiates the
+same math from the eager autograd path. Each result is checked against an independent float64
+computation: torch's own norm where one exists, the paper's formula otherwise."""
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
+
+import normzoo
+import normzoo.functional as NF
+
+BACKENDS = ["torch", "triton"]
+
+
+def _formula(name):
+    """Independent float64 definitions, from the papers (and torch's own norms)."""
+    F = torch.nn.functional
+    return {
+        "layernorm": lambda x, p: F.layer_norm(x, (x.shape[-1],), p["weight"], p["bias"], 1e-5),
+        "rmsnorm": lambda x, p: F.rms_norm(x, (x.shape[-1],), p["weight"], 1e-6),
+        "gemma": lambda x, p: F.rms_norm(x, (x.shape[-1],), None, 1e-6) * (1 + p["weight"]),
+        "dyt": lambda x, p: p["weight"] * torch.tanh(p["alpha"] * x) + p["bias"],
+        "derf": lambda x, p: p["weight"] * torch.erf(p["alpha"] * x + p["shift"]) + p["bias"],
+        "scalenorm": lambda x, p: p["scale"] * x / x.norm(dim=-1, keepdim=True).clamp_min(1e-5),
+        "crmsnorm": lambda x, p: (lambda f: (f * torch.rsqrt(f.square().mean(-1, keepdim=True) + 1e-5))[..., :-1])(
+            torch.cat([x, -x.sum(-1, keepdim=True)], -1)),
+    }[name]
+
+
+def _layer(name, backend):
+    n = 8
+    layer = {
+        "layernorm": lambda: normzoo.LayerNorm(n, backend=backend),
+        "rmsnorm": lambda: normzoo.RMSNorm(n, eps=1e-6, backend=backend),
+        "gemma": lambda: normzoo.RMSNorm(n, eps=1e-6, backend=backend, weight_offset=1.0),
+        "dyt": lambda: normzoo.DyT(n, backend=backend),
+        "derf": lambda: normzoo.Derf(n, backend=backend),
+        "scalenorm": lambda: normzoo.ScaleNorm(n, backend=backend),
+        "crmsnorm": lambda: normzoo.CRMSNorm(n, backend=backend),
+    }[name]()
+    with torch.no_grad():  # parameters away from their initial values, so every term shows
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return layer
+
+
+LAYERS = ["layernorm", "rmsnorm", "gemma", "dyt", "derf", "scalenorm", "crmsnorm"]
+
+
+def _params64(layer):
+    return {k: v.detach().double() for k, v in layer.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_jvp_jacfwd_and_forward_ad_match_the_formula(name, backend):
+    layer = _layer(name, backend)
+    x, v = torch.randn(4, 8) * 2, torch.randn(4, 8)
+    _, tangent = jvp(layer, (x,), (v,))
+    _, expected = jvp(lambda t: _formula(name)(t, _params64(layer)), (x.double(),), (v.double(),))
+    torch.testing.assert_close(tangent.double(), expected, rtol=1e-4, atol=1e-5)
+    assert tangent.abs().max() > 0
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = layer(fwAD.make_dual(x, v))
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent.double(), expected, rtol=1e-4, atol=1e-5)
+    jac = jacfwd(layer)(x[0])
+    jac64 = jacrev(lambda t: _formula(name)(t, _params64(layer)))(x[0].double())
+    torch.testing.assert_close(jac.double(), jac64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_grad_jacrev_and_per_sample_gradients(name, backend):
+    """torch.func.grad and jacrev, and vmap(grad) per-sample gradients (as DP-SGD takes them),
+    against a loop of float64 autograd, one sample at a time."""
+    layer = _layer(name, backend)
+    x = torch.randn(5, 8) * 2
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    loss = lambda p, xi: functional_call(layer, p, (xi,)).square().sum()  # noqa: E731
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x) if params else {}
+    for i in range(x.shape[0] if params else 0):
+        p64 = {k: v.double().requires_grad_() for k, v in params.items()}
+        out = _formula(name)(x[i].double(), p64).square().sum()
+        expected = torch.autograd.grad(out, list(p64.values()), allow_unused=True)
+        for (k, got), e in zip(per_sample.items(), expected):
+            torch.testing.assert_close(got[i].double(), e, rtol=1e-4, atol=1e-5, msg=k)
+    dx = grad(lambda t: layer(t).sin().sum())(x)
+    x64 = x.double().requires_grad_()
+    (dx64,) = torch.autograd.grad(_formula(name)(x64, _params64(layer)).sin().sum(), x64)
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-4, atol=1e-5)
+    assert jacrev(layer)(x[0]).shape == (8, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_double_backward(name, backend):
+    """A gradient penalty: d/dθ of ‖∂L/∂x‖², through the eager autograd path (create_graph=True),
+    against float64 autograd of the formula; and gradgradcheck in float64."""
+    layer = _layer(name, backend)
+    x = (torch.randn(3, 8) * 2).requires_grad_()
+    (gx,) = torch.autograd.grad(layer(x).sin().sum(), x, create_graph=True)
+    params = list(layer.parameters())
+    penalty = gx.square().sum()
+    got = torch.autograd.grad(penalty, [x, *params])
+    x64 = x.detach().double().requires_grad_()
+    p64 = {k: v.requires_grad_() for k, v in _params64(layer).items()}
+    (gx64,) = torch.autograd.grad(_formula(name)(x64, p64).sin().sum(), x64, create_graph=True)
+    expected = torch.autograd.grad(gx64.square().sum(), [x64, *p64.values()])
+    for g, e in zip(got, expected):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+    layer64 = _layer(name, backend).double()
+    xs = (torch.randn(2, 8, dtype=torch.float64) * 2).requires_grad_()
+    torch.autograd.gradgradcheck(lambda t, *ps: functional_call(
+        layer64, dict(zip([k for k, _ in layer64.named_parameters()], ps)), (t,)), (xs, *[
+            p.detach().requires_grad_() for p in layer64.parameters()]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qk_norm_under_transforms_and_double_backward(backend):
+    q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 2, 8)
+    wq, wk = torch.randn(8) + 1, torch.randn(8) + 1
+    f = lambda q, k: NF.qk_norm(q, k, wq, wk, backend=backend)  # noqa: E731
+    ref = lambda q, k: (NF.rms_norm(q.double(), (8,), wq.double(), 1e-6, backend="torch"),  # noqa: E731
+                        NF.rms_norm(k.double(), (8,), wk.double(), 1e-6, backend="torch"))
+    vq, vk = torch.randn_like(q), torch.randn_like(k)
+    _, (tq, tk) = jvp(f, (q, k), (vq, vk))
+    _, (eq, ek) = jvp(ref, (q.double(), k.double()), (vq.double(), vk.double()))
+    torch.testing.assert_close(tq.double(), eq, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tk.double(), ek, rtol=1e-4, atol=1e-5)
+    qq = q.clone().requires_grad_()
+    (g,) = torch.autograd.grad(f(qq, k)[0].sin().sum(), qq, create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), qq)
+    q64 = q.double().requires_grad_()
+    (g64,) = torch.autograd.grad(ref(q64, k)[0].sin().sum(), q64, create_graph=True)
+    (gg64,) = torch.autograd.grad(g64.square().sum(), q64)
+    torch.testing.assert_close(gg.double(), gg64, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_residual_ops_under_transforms_and_double_backward_refused(backend):
+    norm = normzoo.RMSNorm(8, eps=1e-6, backend=backend)
+    x, h, v = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    f = lambda x, h: NF.add_norm(x, h, norm)[0]  # noqa: E731
+    _, tangent = jvp(f, (x, h), (v, v))
+    _, expected = jvp(lambda x, h: torch.nn.functional.rms_norm(x + h, (8,), norm.weight.detach().double(), 1e-6),
+                      (x.double(), h.double()), (v.double(), v.double()))
+    torch.testing.assert_close(tangent.double(), expected, rtol=1e-4, atol=1e-5)
+    dh = grad(lambda h: f(x, h).square().sum())(h)
+    h64 = h.double().requires_grad_()
+    (dh64,) = torch.autograd.grad(torch.nn.functional.rms_norm(x.double() + h64, (8,), norm.weight.detach().double(),
+                                                               1e-6).square().sum(), h64)
+    torch.testing.assert_close(dh.double(), dh64, rtol=1e-4, atol=1e-5)
+    hh = h.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        torch.autograd.grad(f(x, hh).sum(), hh, create_graph=True)
+
+
+def test_compile_still_takes_the_custom_ops(monkeypatch):
+    """The composite route is for transforms only: torch.compile keeps the opaque custom op."""
+    seen = []
+    real = normzoo.ops._rowwise_composite
+    monkeypatch.setattr(normzoo.ops, "_rowwise_composite", lambda *a: seen.append(1) or real(*a))
+    torch._dynamo.reset()
+    layer = normzoo.LayerNorm(8, backend="triton")
+    out = torch.compile(layer, fullgraph=True, backend="aot_eager")(torch.randn(2, 8))
+    assert out.shape == (2, 8) and not seen and math.isfinite(out.sum().item())
