@@ -420,6 +420,8 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
         eps2 = _check_layer(h, kind2, p2, eps2, shape, s_dtype)
     # float64 anywhere takes the reference, as for the plain ops.
     triton = use_triton(backend, h) and x.dtype is not torch.float64 and residual_dtype is not torch.float64
+    if triton:
+        ops.refuse_dtensor(h, "the fused residual ops")
 
     n = math.prod(shape)
     # Rows of n, and 1-D parameters: no call at all where they already are (the usual case).

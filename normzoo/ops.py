@@ -212,6 +212,65 @@ def _for_kernels(t: Tensor | None) -> Tensor | None:
     return t.contiguous()
 
 
+_wrapper_types = None
+
+
+def _wrapper_tensor_types() -> tuple:
+    """``(DTensor, AsyncCollectiveTensor)``: tensor subclasses without storage of their own that
+    tensor parallelism hands a layer (empty tuples where torch.distributed is absent)."""
+    global _wrapper_types
+    if _wrapper_types is None:
+        try:
+            from torch.distributed._functional_collectives import AsyncCollectiveTensor
+            from torch.distributed.tensor import DTensor
+            _wrapper_types = (DTensor, AsyncCollectiveTensor)
+        except ImportError:
+            _wrapper_types = ((), ())
+    return _wrapper_types
+
+
+def _waited(t: Tensor) -> Tensor:
+    """A functional collective's pending result (say, a gradient that a reduce-scatter produced)
+    as the tensor it will be: the kernels need its data."""
+    if type(t) is not Tensor and isinstance(t, _wrapper_tensor_types()[1]):
+        return t.wait()
+    return t
+
+
+def refuse_dtensor(x: Tensor, what: str) -> None:
+    """Ops whose kernels do not take DTensors yet say so (rather than fail on a missing storage)."""
+    if type(x) is not Tensor and isinstance(x, _wrapper_tensor_types()[0]):
+        raise TypeError(f"{what} do not take DTensors on the Triton kernels yet; use backend='torch' for these "
+                        "layers under tensor parallelism (the reference runs on DTensors op by op)")
+
+
+def _on_local_shards(op, x, params, whole_dims):
+    """``op(x_local, *params_local)`` for a DTensor ``x``, as a DTensor of x's placements: each rank
+    normalizes its own rows, so a sequence- or batch-sharded input costs no communication (as
+    torch's norms). A row must be whole: a shard of one of ``whole_dims`` (the normalized or channel
+    dims), or a partial sum, is gathered first. Parameters are used replicated; their gradient is a
+    partial sum over each mesh dim along which the rows are sharded."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    DTensor = _wrapper_tensor_types()[0]
+    mesh = x.device_mesh
+    placements = [Replicate() if p.is_partial() or p.is_shard() and p.dim % x.ndim in whole_dims else p
+                  for p in x.placements]
+    if placements != list(x.placements):
+        x = x.redistribute(mesh, placements)
+    grad_placements = [Partial() if p.is_shard() else Replicate() for p in placements]
+    local = []
+    for t in params:
+        if isinstance(t, DTensor):
+            if not all(p.is_replicate() for p in t.placements):
+                t = t.redistribute(mesh, [Replicate()] * mesh.ndim)
+            t = t.to_local(grad_placements=grad_placements)
+        local.append(t)
+    y = op(x.to_local(), *local)
+    return DTensor.from_local(y, mesh, placements, run_check=False, shape=x.shape,
+                              stride=torch.empty(x.shape, device="meta").stride())
+
+
 def _for_reference(t: Tensor | None) -> Tensor | None:
     # The reference's outputs follow its input's memory layout; the fake implementations promise
     # contiguous outputs, so give it contiguous input (torch.compile checks the strides).
@@ -235,7 +294,7 @@ def _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, ro
 def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset=0.0, round_x_hat=0):
     """``(dx, dw, db)``, a gradient not asked for ``None``; the one backward implementation."""
     if triton:
-        return _launchers().rowwise_norm_backward(_for_kernels(dy), _for_kernels(x), _for_kernels(weight), stats,
+        return _launchers().rowwise_norm_backward(_for_kernels(_waited(dy)), _for_kernels(x), _for_kernels(weight), stats,
                                                   is_rms=is_rms, compute_dw=compute_dw, db_dtype=db_dtype,
                                                   weight_offset=weight_offset, round_x_hat=round_x_hat)
     dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
@@ -425,6 +484,13 @@ def rowwise_norm(
     the weight applied is ``weight + weight_offset`` (in fp32). ``x_hat_dtype`` (None, "input" or
     "weight"): where x_hat is rounded before the weight, see :func:`_x_hat_rounding`."""
     check_input(x)
+    if type(x) is not Tensor:  # a subclass: tensor parallelism's DTensor, or a collective's pending result
+        if isinstance(x, _wrapper_tensor_types()[0]):
+            k = len(normalized_shape_tuple(normalized_shape))
+            return _on_local_shards(lambda x, w, b: rowwise_norm(
+                x, normalized_shape, w, b, eps, is_rms=is_rms, backend=backend, weight_offset=weight_offset,
+                x_hat_dtype=x_hat_dtype), x, (weight, bias), range(x.dim() - k, x.dim()))
+        x = _waited(x)
     shape = normalized_shape_tuple(normalized_shape)
     check_trailing_shape(x, shape)
     check_affine(weight, bias, shape, x)
@@ -477,7 +543,7 @@ def _pointwise_backward(dy, x, alpha, shift, weight, activation, channels, param
                         triton):
     """``(dx, dalpha, dshift, dw, db)``, a gradient not asked for ``None``."""
     if triton:
-        return _launchers().pointwise_backward(_for_kernels(dy), _for_kernels(x), alpha, shift, _for_kernels(weight),
+        return _launchers().pointwise_backward(_for_kernels(_waited(dy)), _for_kernels(x), alpha, shift, _for_kernels(weight),
                                   activation=activation, channels=channels, params_per_row=params_per_row,
                                   compute_dw=compute_dw, db_dtype=db_dtype)
     dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
@@ -623,6 +689,16 @@ def pointwise(
     dim.
     """
     check_input(x)
+    if type(x) is not Tensor:  # tensor parallelism's DTensor, or a collective's pending result (rowwise_norm)
+        if isinstance(x, _wrapper_tensor_types()[0]):
+            param = weight if weight is not None else bias
+            k = (len(normalized_shape_tuple(normalized_shape)) if normalized_shape is not None else
+                 param.dim() if param is not None else 1)
+            whole = range(x.dim() - k, x.dim()) if channels_last else (1,)
+            return _on_local_shards(lambda x, a, s, w, b: pointwise(
+                x, a, s, w, b, activation=activation, channels_last=channels_last, backend=backend,
+                normalized_shape=normalized_shape), x, (alpha, shift, weight, bias), whole)
+        x = _waited(x)
     _check_scalars(alpha, shift, x)
     expected = normalized_shape_tuple(normalized_shape) if normalized_shape is not None else None
     if channels_last:
@@ -835,6 +911,8 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
             raise ValueError("q_weight and k_weight must both be per-channel or both be (1,) scales")
     eps = check_eps(eps)
     triton = use_triton(backend, a) and (b is None or b.dtype is not torch.float64)
+    if triton:
+        refuse_dtensor(a, "QK-norm, ScaleNorm and CRMSNorm")
     spec = (eps, norm, triton)
     route = _route(a, wa, b, wb)
     if route == "custom_op":

@@ -389,29 +389,16 @@ def test_what_the_norm_layers_are_handed(runs, wrapper, backend):
 SEQUENCE_PARALLEL_SWAPS = {"torch.LayerNorm -> normzoo.LayerNorm": 1, "torch.RMSNorm -> normzoo.RMSNorm": 1}
 
 
-def test_sequence_parallel_dtensor_norms_on_the_reference(runs):
-    """Under tensor parallelism the norms get DTensors (input Shard(1), weight Replicate): the
-    reference (backend "torch", what "auto" runs on CPU) computes on them op by op, and trains
-    like torch's layers."""
-    seen = _result(runs, "sequence_parallel/torch", 0)["seen"]
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sequence_parallel_dtensor_norms(runs, backend):
+    """Under tensor parallelism the norms get DTensors (input Shard(1), weight Replicate). normzoo
+    runs the op on each rank's local rows (no gather: a row is whole on its rank) and returns a
+    DTensor of the input's placements; the weight's gradient is a partial sum. On the reference
+    and on the kernels it trains like torch's layers."""
+    seen = _result(runs, f"sequence_parallel/{backend}", 0)["seen"]
     assert seen == ["normzoo.LayerNorm: input DTensor, weight DTensor Parameter",
                     "normzoo.RMSNorm: input DTensor, weight DTensor Parameter"]
-    _check_same_training(runs, "sequence_parallel", "torch", SEQUENCE_PARALLEL_SWAPS)
-
-
-class KernelsGotAWrapperTensor(Exception):
-    """The known failure below, and only it."""
-
-
-@pytest.mark.xfail(raises=KernelsGotAWrapperTensor, strict=True,
-                   reason="the Triton path does not take DTensor inputs yet: the launchers get the DTensor "
-                   "(or, for the gradient, an AsyncCollectiveTensor) wrapper, which has no storage")
-def test_sequence_parallel_dtensor_norms_on_the_kernels(runs):
-    for rank in range(WORLD_SIZE):
-        error = runs[rank]["sequence_parallel/triton"].get("error", "")
-        if "RuntimeError: Attempted to access the data pointer on an invalid python storage" in error:
-            raise KernelsGotAWrapperTensor(error)
-    _check_same_training(runs, "sequence_parallel", "triton", SEQUENCE_PARALLEL_SWAPS)
+    _check_same_training(runs, "sequence_parallel", backend, SEQUENCE_PARALLEL_SWAPS)
 
 
 if __name__ == "__main__":

@@ -231,3 +231,26 @@ def test_empty_inputs_of_any_layout(backend, device):
     assert qo.shape == (0, 4, 8) and ko.shape == (2, 3, 8)
     qo.sum().backward()
     assert torch.equal(w.grad, torch.zeros(8, device=device))
+
+
+def test_dtensor_input_on_the_kernels_is_refused_clearly(tmp_path):
+    """The head-wise and fused ops do not run DTensors on the kernels yet: a TypeError that says
+    what to do, not a failure on the wrapper's missing storage."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        x = distribute_tensor(torch.randn(2, 4, 8), mesh, [Shard(1)])
+        with pytest.raises(TypeError, match="use backend='torch'"):
+            NF.scale_norm(x, torch.ones(1), backend="triton")
+        with pytest.raises(TypeError, match="use backend='torch'"):
+            NF.add_norm(x, x, normzoo.RMSNorm(8, backend="triton"))
+        # The plain norms take it: local rows, a DTensor back with the input's placements.
+        y = normzoo.RMSNorm(8, backend="triton")(x)
+        assert y.placements == x.placements
+        torch.testing.assert_close(y.full_tensor(), NF.rms_norm(x.full_tensor(), (8,), torch.ones(8)))
+    finally:
+        dist.destroy_process_group()
