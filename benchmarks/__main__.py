@@ -8,6 +8,7 @@
     python -m benchmarks --providers normzoo compile compile-tuned   # opt-in: inductor's coordinate-descent tuning
     python -m benchmarks --smoke                  # CPU check of the harness (no timing claims)
     python -m benchmarks --host [--out DIR]       # host cost per eager call (benchmarks/host.py): CPU or GPU
+    python -m benchmarks --train-step [--tiny]    # a Llama training step with and without normzoo.swap (train_step.py)
 
 ``--ops`` takes case names (benchmarks/cases.py: layernorm, rmsnorm, dyt, derf, and the norms fused
 with the residual add, ``<add_norm|norm_add|norm_add_norm>-<norm>``) and group names: ``norms``,
@@ -57,6 +58,10 @@ def main(argv=None) -> int:
         from .host import main as host_main
 
         return host_main([a for a in argv if a != "--host"])
+    if "--train-step" in argv:  # likewise: benchmarks/train_step.py
+        from .train_step import main as train_step_main
+
+        return train_step_main([a for a in argv if a != "--train-step"])
     args = parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before normzoo's kernels are defined

@@ -13,13 +13,18 @@
 #   tests   100  the kernel and API tests on the GPU (compiled kernels, not the interpreter), -x,
 #                8 xdist workers when pytest-xdist is there: most of the time is Triton compiling
 #   host     40  python -m benchmarks.host: host time per call at rows 1/16/256
+#   train-step 90  python -m benchmarks --train-step: forward + backward + AdamW of a 134M-parameter
+#                Llama (bf16, 8 x 2048 tokens), torch vs normzoo.swap, 3 warmup + 10 timed steps
+#                each; ~30-40 s expected (imports, first-step compiles), taken from tune's share
 #   tune    110  python -m benchmarks.tune: bf16 at the benchmark's widths, 32768 rows, --budget-s;
 #                less if the bench would get under 240 s. Writes kernels/configs/<gpu>.json here,
 #                so the benchmark runs with the tuned table
 #   bench   260  python -m benchmarks: normzoo vs eager, compile, liger, quack; bf16, 32768 rows,
 #                N = 4096 1024 16384 (in that order; --budget-s stops before a width it cannot finish)
-# Output in $OUT (the device tool's, else benchmarks/results/session), 7 files at most (the tool
-# returns 8): session.log, tune-<gpu>.json, <gpu>-bf16-32768rows.{json,md,png}, host-<gpu>.{json,md}
+# Output in $OUT (the device tool's, else benchmarks/results/session), 8 files at most (the tool
+# returns 8): session.log, tune-<gpu>.json, <gpu>-bf16-32768rows.{json,md,png}, host-<gpu>.{json,md},
+# train-step-<gpu>.json (its table is printed in the summary; `python -m benchmarks.train_step
+# --from-json F --out DIR` writes its .md and .png)
 # (--smoke: the same with smoke-cpu for <gpu>, and no PNG unless matplotlib is installed).
 #
 # --fused skips tests, host and tune, and runs one phase after the peers:
@@ -120,7 +125,7 @@ fi
 if [ $smoke = 0 ] && [ $fused = 0 ]; then
   par=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # compiles in parallel: most of the time is Triton's compiler
   phase tests 100 python3 -m pytest -x -q -p no:cacheprovider $par tests/test_rowwise_kernels.py \
-    tests/test_pointwise_kernels.py tests/test_norm_api.py tests/test_pointwise_api.py
+    tests/test_pointwise_kernels.py tests/test_norm_api.py tests/test_pointwise_api.py tests/test_gpu_only.py
   grep -E "passed|failed|error" "$log" | tail -n 2
 fi
 
@@ -131,6 +136,15 @@ elif [ $smoke = 1 ]; then
   phase host 60 python3 -m benchmarks.host --stub --out "$out" --repeats 20
 else
   phase host 40 python3 -m benchmarks.host --out "$out" --repeats 300
+fi
+
+# -- a training step, with and without normzoo.swap (JSON only: the tool returns 8 files) ------
+if [ $fused = 1 ]; then
+  :
+elif [ $smoke = 1 ]; then
+  phase train-step 60 python3 -m benchmarks --train-step --tiny --out "$out" --formats json
+else
+  phase train-step 90 python3 -m benchmarks --train-step --out "$out" --formats json --budget-s 40
 fi
 
 # -- tune -----------------------------------------------------------------------------------
@@ -171,6 +185,7 @@ printf '  %s\n' "${summary[@]}"
 grep -E "^peers:|failed:|REJECTED" "$log" | sort | uniq -c | head -n 20
 [ -f "$out/host-$gpu.md" ] && cat "$out/host-$gpu.md"
 [ -f "$out/host-cpu-stubbed.md" ] && cat "$out/host-cpu-stubbed.md"
+[ -f "$out/train-step-$gpu.json" ] && python3 -m benchmarks.train_step --from-json "$out/train-step-$gpu.json"
 grep -E "^\[.*\]   .* -> " "$log" | sed 's/^\[[ 0-9.]*s\] *//' | tail -n 30  # the tuner's verdict per key
 [ -f "$out/$name.md" ] && cat "$out/$name.md"
 ls -la "$out"
