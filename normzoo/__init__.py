@@ -16,9 +16,9 @@ if not (_here / "kernels").is_dir() and (_here.parent / "kernels" / "__init__.py
     __path__.append(str(_here.parent))
 
 from . import convert, functional, fused, ops, reference  # noqa: E402
-from .layers import CRMSNorm, Derf, DyT, LayerNorm, QKNorm, RMSNorm, ScaleNorm  # noqa: E402
+from .layers import CRMSNorm, Derf, DyT, LayerNorm, LayerNorm2d, QKNorm, RMSNorm, ScaleNorm  # noqa: E402
 from .placement import ResidualStack  # noqa: E402
 from .swap import swap, unswap  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["LayerNorm", "RMSNorm", "DyT", "Derf", "ScaleNorm", "QKNorm", "CRMSNorm", "ResidualStack", "swap", "unswap", "convert", "functional", "fused", "ops", "reference"]
+__all__ = ["LayerNorm", "LayerNorm2d", "RMSNorm", "DyT", "Derf", "ScaleNorm", "QKNorm", "CRMSNorm", "ResidualStack", "swap", "unswap", "convert", "functional", "fused", "ops", "reference"]

@@ -8,7 +8,7 @@ from torch import Tensor
 from . import ops
 from .ops import check_backend, normalized_shape_tuple
 
-__all__ = ["LayerNorm", "RMSNorm", "DyT", "Derf", "ScaleNorm", "QKNorm", "CRMSNorm"]
+__all__ = ["LayerNorm", "LayerNorm2d", "RMSNorm", "DyT", "Derf", "ScaleNorm", "QKNorm", "CRMSNorm"]
 
 
 def _param(module: torch.nn.Module, name: str):
@@ -70,6 +70,46 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}" + _offset_repr(self)
+
+
+class LayerNorm2d(LayerNorm):
+    r"""LayerNorm over the channels of (B, C, H, W) feature maps, as timm's ``LayerNorm2d`` (the
+    channels-first LayerNorm of ConvNeXt): the input is permuted to (B, H, W, C), normalized over C
+    by :class:`LayerNorm`'s op, and the result permuted back, so the output has the strides timm's
+    has (channels-last in memory). :func:`normzoo.swap` replaces timm's ``LayerNorm2d`` with it.
+
+    The arguments, parameters and ``state_dict`` keys are :class:`LayerNorm`'s, with
+    ``normalized_shape`` the channel count C (one int). The default eps is LayerNorm's 1e-5; timm's
+    and ConvNeXt's is 1e-6: pass ``eps=1e-6`` to match them.
+
+    This layer is here to reproduce timm's exactly, not for speed (none is claimed): normzoo reads
+    each row of C values with unit stride, and in an NCHW-contiguous tensor C is the strided dim,
+    so both the Triton and the reference path copy the permuted input to a contiguous
+    (B, H, W, C) tensor first (and in backward an incoming gradient whose C is strided). A
+    ``torch.channels_last`` input permutes to a contiguous tensor and is read in place.
+
+    Shape:
+        - Input: :math:`(B, C, H, W)`
+        - Output: the same shape and dtype as the input
+
+    Examples::
+
+        >>> norm = normzoo.LayerNorm2d(64, eps=1e-6)
+        >>> y = norm(torch.randn(2, 64, 14, 14))
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None, *, backend: str = "auto", weight_offset: float = 0.0) -> None:
+        if len(normalized_shape_tuple(normalized_shape)) != 1:
+            raise ValueError(f"LayerNorm2d normalizes over dim 1: normalized_shape must be one int C, "
+                             f"got {normalized_shape!r}")
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, backend=backend,
+                         weight_offset=weight_offset)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Tensor) and input.dim() != 4:
+            raise ValueError(f"LayerNorm2d expects (B, C, H, W) input, got shape {tuple(input.shape)}")
+        return super().forward(input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class RMSNorm(torch.nn.RMSNorm):

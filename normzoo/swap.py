@@ -4,6 +4,8 @@ import ast
 import functools
 import importlib
 import inspect
+import re
+import sys
 import textwrap
 import warnings
 from collections import Counter
@@ -11,12 +13,13 @@ from collections.abc import Callable
 
 import torch
 
-from .layers import Derf, DyT, LayerNorm, RMSNorm
+from .layers import Derf, DyT, LayerNorm, LayerNorm2d, RMSNorm
 from .ops import check_backend
 
-# The classes whose behaviour we know exactly. A subclass of one of them (timm's LayerNorm2d
-# permutes NCHW input, say) may compute something else, so it is reported, never replaced.
-_KNOWN_NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm, LayerNorm, RMSNorm)
+# The classes whose behaviour we know exactly. A subclass of one of them (one that permutes its
+# input or casts it, say) may compute something else, so it is reported, never replaced, unless it
+# is listed below (timm's, Hugging Face's).
+_KNOWN_NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm, LayerNorm, LayerNorm2d, RMSNorm)
 _TARGETS = {None: None, "dyt": DyT, "derf": Derf}
 
 # Hugging Face transformers' own norm classes whose math a normzoo RMSNorm reproduces, keyed by
@@ -80,12 +83,53 @@ def _model_norm_spec(cls: type) -> tuple | None:
         if _code(listed) == code:
             return tuple(spec)
     return None
-# Classes named like a norm whose math normzoo does not reproduce: named in report.left_alone with why.
-_NOT_EXACT: dict[str, str] = {}
 
 
-def _from_transformers(module) -> bool:
-    return type(module).__module__.startswith("transformers.")
+# timm's norm layers (timm.layers.norm), recognised by class name and that module: a model's own
+# class of the same name elsewhere, or a subclass (metaformer's LayerNorm2dNoBias), is not one of
+# them. Read in timm 1.0.31 (CI pins 1.0.29, on the local index); these three forwards are the
+# same code since 1.0.13 (before it RmsNorm computed in the input dtype), the oldest timm whose
+# layers swap replaces. Each is replaced where
+# a normzoo layer computes exactly what it computes with timm's fast_norm off (timm's default):
+#   LayerNorm    F.layer_norm over the trailing dims, as torch.nn.LayerNorm       -> LayerNorm
+#   LayerNorm2d  (B, C, H, W) permuted to (B, H, W, C), F.layer_norm over C,
+#                permuted back                                                   -> LayerNorm2d
+#   RmsNorm      F.rms_norm over the trailing dims, as torch.nn.RMSNorm          -> RMSNorm
+# A layer built while timm's fast_norm was on (``module._fast_norm`` True) calls apex's kernel where
+# apex is installed, and under autocast computes in the autocast dtype, not fp32: left alone.
+_TIMM_NORMS = {"LayerNorm": LayerNorm, "LayerNorm2d": LayerNorm2d, "RmsNorm": RMSNorm}
+_TIMM_MIN_VERSION = (1, 0, 13)
+_TIMM_FP32 = "computes on fp32 copies of input and parameters and casts back; not verified against normzoo"
+_TIMM_ACT = "a norm, an activation and dropout in one module: no normzoo equivalent"
+# timm's other norm layers (timm.layers.norm, timm.layers.norm_act): named in report.left_alone with why.
+_TIMM_NOT_EXACT = {
+    "LayerNormFp32": _TIMM_FP32, "LayerNorm2dFp32": _TIMM_FP32, "RmsNormFp32": _TIMM_FP32,
+    "RmsNorm2dFp32": _TIMM_FP32, "SimpleNormFp32": _TIMM_FP32, "SimpleNorm2dFp32": _TIMM_FP32,
+    "RmsNorm2d": "RMS over dim 1 by elementwise torch ops in the input dtype: no normzoo layer rounds so",
+    "SimpleNorm": "x / sqrt(unbiased variance + eps), not centred: no normzoo equivalent",
+    "SimpleNorm2d": "x / sqrt(unbiased variance + eps) over dim 1, not centred: no normzoo equivalent",
+    "LayerNormExp2d": "non-contiguous input takes elementwise torch ops, not layer_norm",
+    "GroupNorm": "statistics over groups of channels and space: no normzoo equivalent",
+    "GroupNorm1": "statistics over all channels and space: no normzoo equivalent",
+    **dict.fromkeys(("LayerNormAct", "LayerNormActFp32", "LayerNormAct2d", "LayerNormAct2dFp32", "RmsNormAct",
+                     "RmsNormActFp32", "RmsNormAct2d", "RmsNormAct2dFp32", "GroupNormAct", "GroupNorm1Act"), _TIMM_ACT),
+}
+
+
+def _timm_norm(module: torch.nn.Module) -> tuple[type | None, str | None] | None:
+    """``(normzoo class, None)`` for a timm norm layer that swap replaces, ``(None, why)`` for one it
+    leaves alone, None for a module that is not one of timm's norm layers."""
+    cls = type(module)
+    if cls.__module__ == "timm.layers.norm" and cls.__name__ in _TIMM_NORMS:
+        version = getattr(sys.modules.get("timm"), "__version__", "0")
+        if tuple(int(v) for v in re.findall(r"\d+", version)[:3]) < _TIMM_MIN_VERSION:
+            return None, f"timm {version}: swap knows these layers from timm 1.0.13 on"
+        if getattr(module, "_fast_norm", True):
+            return None, "timm fast_norm on: apex's kernel, or the autocast dtype under autocast"
+        return _TIMM_NORMS[cls.__name__], None
+    if cls.__module__ in ("timm.layers.norm", "timm.layers.norm_act") and cls.__name__ in _TIMM_NOT_EXACT:
+        return None, _TIMM_NOT_EXACT[cls.__name__]
+    return None
 
 
 class SwapReport(Counter):
@@ -173,17 +217,21 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     ``isinstance`` checks and ``state_dict`` keys are kept, and outputs match. So do the Hugging
     Face norm classes whose math normzoo reproduces (``_MODEL_NORMS``: Gemma's ``1 + w`` RMSNorms,
     OLMo 2's, and those that round x̂ before the weight: Llama, Mistral, Qwen2/3 with its per-head
-    q/k norms, T5), each replaced by an :class:`~normzoo.RMSNorm` set to compute the same thing.
+    q/k norms, T5), each replaced by an :class:`~normzoo.RMSNorm` set to compute the same thing,
+    and timm's ``LayerNorm``, ``LayerNorm2d`` and ``RmsNorm`` (``_TIMM_NORMS``, with timm's
+    fast_norm off), by :class:`~normzoo.LayerNorm`, :class:`~normzoo.LayerNorm2d` and
+    :class:`~normzoo.RMSNorm`. :func:`unswap` gives these models their own classes back.
 
     ``to="dyt"`` / ``to="derf"``: every LayerNorm / RMSNorm (PyTorch's or normzoo's) becomes a
     freshly initialised :class:`~normzoo.DyT` / :class:`~normzoo.Derf` over the same shape,
-    dtype and device, with a bias where the norm had one (RMSNorm: none). This changes the
+    dtype and device, with a bias where the norm had one (RMSNorm: none; normzoo's channels-first
+    ``LayerNorm2d`` becomes a ``channels_last=False`` one). This changes the
     architecture: train the converted model, don't expect a pretrained one to keep its quality
     (the DyT paper also adjusts ``alpha_init_value`` and the learning rate).
 
-    Subclasses of these norms (e.g. timm's channels-first ``LayerNorm2d``) may compute something
-    else, and other classes named like a norm (``GroupNorm``, ``Phi3RMSNorm``...) are not known to
-    normzoo: each is named in ``report.left_alone`` (``"path: class (why)"``) rather than replaced.
+    Other subclasses of these norms may compute something else, and other classes named like a
+    norm (``GroupNorm``, timm's ``RmsNorm2d``...) are not known to normzoo: each is named in
+    ``report.left_alone`` (``"path: class (why)"``) rather than replaced.
     Every hook moves to the new layers (forward, pre-forward, with kwargs, always called, backward,
     state_dict; handles keep working); a norm shared by several parents stays shared. A swap that
     replaces nothing warns. :func:`unswap` gives back PyTorch's classes.
@@ -200,16 +248,25 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
         model_tensor = next(iter(model.buffers()), None)
 
     def convert(name, module):
-        cls_name = type(module).__name__
         if target is None and (spec := _model_norm_spec(type(module))) is not None:
             eps_attr, offset, x_hat_dtype = spec
             new = RMSNorm(module.weight.shape, getattr(module, eps_attr), device="meta", backend=backend,
                           weight_offset=offset, x_hat_dtype=x_hat_dtype)
             new.__dict__["_normzoo_original"] = module  # for unswap (a plain attribute, not a submodule)
             return _share_parameters(module, new)
-        if cls_name in _NOT_EXACT and _from_transformers(module):
-            report.left_alone[f"{name}: {_short_name(type(module))} ({_NOT_EXACT[cls_name]})"] += 1
-            return None
+        if target is None and (timm := _timm_norm(module)) is not None:
+            new_cls, why = timm
+            if new_cls is None:
+                report.left_alone[f"{name}: {_short_name(type(module))} ({why})"] += 1
+                return None
+            if new_cls is RMSNorm:
+                new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta",
+                              backend=backend)
+            else:
+                new = new_cls(module.normalized_shape, module.eps, module.elementwise_affine,
+                              bias=module.bias is not None, device="meta", backend=backend)
+            new.__dict__["_normzoo_original"] = module  # for unswap, as for Hugging Face's classes
+            return _share_parameters(module, new)
         if type(module) not in _KNOWN_NORMS:
             already_ours = isinstance(module, (LayerNorm, RMSNorm, DyT, Derf)) and (
                 target is None or isinstance(module, target))
@@ -220,7 +277,7 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
             return None
         is_rms = isinstance(module, torch.nn.RMSNorm)
         if target is None:
-            if type(module) in (LayerNorm, RMSNorm):
+            if type(module) in (LayerNorm, LayerNorm2d, RMSNorm):
                 return None  # already ours
             if is_rms:
                 new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta",
@@ -232,6 +289,7 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
         like = module.weight if module.weight is not None else model_tensor
         return target(module.normalized_shape, alpha_init_value=alpha_init_value,
                       elementwise_affine=module.elementwise_affine, bias=not is_rms and module.bias is not None,
+                      channels_last=type(module) is not LayerNorm2d,  # LayerNorm2d: over dim 1 of (B, C, H, W)
                       device=like.device if like is not None else None, dtype=like.dtype if like is not None else None,
                       backend=backend)
 
@@ -248,11 +306,11 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
 
 def unswap(model: torch.nn.Module) -> SwapReport:
     """Give ``model`` back its original classes, in place: a model's own norm class that
-    :func:`swap` replaced (Gemma's, say) comes back as it was, and every other normzoo
+    :func:`swap` replaced (Gemma's or timm's, say) comes back as it was, and every other normzoo
     ``LayerNorm`` / ``RMSNorm`` becomes ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm``, each with the
     same parameters (shared tensors) and hooks, so the model can be saved, exported or shared
-    without normzoo. DyT and Derf have no PyTorch class: they are named in ``report.left_alone``
-    and stay."""
+    without normzoo. DyT, Derf and a ``LayerNorm2d`` built by hand have no PyTorch class: they are
+    named in ``report.left_alone`` and stay."""
     report = SwapReport()
 
     def convert(name, module):
@@ -271,7 +329,7 @@ def unswap(model: torch.nn.Module) -> SwapReport:
         elif type(module) is RMSNorm:
             new = torch.nn.RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta")
         else:
-            if isinstance(module, (DyT, Derf)):
+            if isinstance(module, (DyT, Derf, LayerNorm2d)):
                 report.left_alone[f"{name}: {_short_name(type(module))} (no PyTorch class to go back to)"] += 1
             return None
         return _share_parameters(module, new)
