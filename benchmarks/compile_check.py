@@ -4,6 +4,7 @@
     python -m benchmarks.compile_check --hidden 4096 --dtypes bf16 --ops rmsnorm
     python -m benchmarks.compile_check --out benchmarks/results/compile-sm90   # + .md and .json
     python -m benchmarks.compile_check --fused-modes                           # no fused residual variants
+    python -m benchmarks.compile_check --switches --headwise                   # nor model switches, head-wise norms
 
 How: every variant (op, pass, dtype, affine layout, width) calls the public launchers
 (``rowwise_norm_forward/backward``, ``pointwise_forward/backward``) on ``meta`` tensors, which
@@ -27,13 +28,28 @@ dtype and a second dx in the activation's when they differ; norm_add: N's backwa
 norm_add_norm: N2's backward with dres and an fp32 dx copy for a 16-bit stream, then N's plain
 backward of that fp32 gradient).
 
+Model switches of the plain norms' kernels (``SWITCHES``) go through the ops layer's own forward
+and backward too (``normzoo.ops._rowwise_forward`` / ``_rowwise_backward``): x̂ rounded before the
+weight (``ROUND_X_HAT``; the code and y's dtype from ``normzoo.ops._x_hat_rounding``, the rule a
+layer's ``x_hat_dtype`` follows: Llama's "input", T5's "weight") and Gemma's ``1 + w``
+(``weight_offset``, ``HAS_OFFSET``). Each switch variant is compiled beside its plain twin, the
+same launch with the switch off (``round_x_hat=0`` with the same y dtype, ``weight_offset=0``),
+and reported against it.
+
+Head-wise norms (``kernels/headwise_norm.py``, through ``normzoo.ops._headwise_forward`` /
+``_headwise_backward``): QK-norm with q and k as views of a fused qkv projection (per head, ``--rows``
+tokens of ``QK_HEADS`` heads, or over all heads), RMS or L2 with a scale; ScaleNorm and CRMSNorm
+over (``--rows``, N) rows, CRMSNorm also at the compressed widths C − 1 a converted model runs it at.
+One tile per row at every width up to the kernels' 65536.
+
 Reported per launch: tile, warps, registers, spill bytes and shared memory (from the cubin),
 resident programs per SM and what limits them, grid and waves at ``--rows`` rows on ``--sms``
 SMs, and the global load/store widths in the PTX, per pointer argument. Exit status 1 on any
 failed compile or launch, any spill, a row kernel (one that reads or writes the (M, N)
 tensors) with fewer than 2 resident programs per SM that no entry of RESIDENCY_EXCEPTIONS
 explains, or a persistent backward grid larger than one wave (more programs than are resident),
-among the plain norms' launches or the fused residual ops' (each has its own summary line).
+among the plain norms' launches, the fused residual ops', the model switches' or the head-wise norms' (each
+family has its own summary line).
 The column-sum reduce launched by every backward is reported separately: its grid is smaller
 than the SM count by design, so its residency is not judged.
 """
@@ -82,6 +98,23 @@ FUSED_AFFINE = {"rmsnorm": ("w", True, False, False)}
 FUSED_AFFINE_DEFAULT = ("wb", True, True, False)
 # Channels of the channels-first DyT/Derf views ((B, C, S) as (B·C, S) rows, one channel per row).
 CHANNELS_FIRST_C = 256
+# Model switches of the plain norms' kernels: name -> ({op: affine layouts}, x_hat_dtype, weight_offset).
+# x_hat_dtype goes through normzoo.ops._x_hat_rounding (the ROUND_X_HAT code and y's dtype); a
+# layout where it gives code 0 (an fp32 input) is skipped, as the switch never reaches the kernel.
+SWITCHES = {
+    "x_hat=input": ({"rmsnorm": ("w", "w-fp32")}, "input", 0.0),  # Llama, Mistral, Qwen2/3 (fp32 w: y fp32)
+    "x_hat=weight": ({"rmsnorm": ("w",)}, "weight", 0.0),  # T5 with a 16-bit weight
+    "offset": ({"rmsnorm": ("w", "w-fp32"), "layernorm": ("wb",)}, None, 1.0),  # Gemma's 1 + w; LayerNorm1P
+}
+SWITCH_HIDDEN = [2048, 4096, 8192, 16384]  # single-tile in 16-bit up to 8192, looped at 16384
+# Head-wise norms (kernels/headwise_norm.py). "qknorm" is QK-norm's RMS (per head and over all heads)
+# and L2 (with a scale) forms.
+HEADWISE_OPS = ("qknorm", "scalenorm", "crmsnorm")
+HEADWISE_HIDDEN = [1024, 4096, 8192, 16384, 32768, 65536]  # ScaleNorm and CRMSNorm (the kernels take up to 65536)
+CRMS_COMPRESSED = [767, 4095]  # CRMSNorm's width C − 1 in a converted model: GPT-2 (C = 768), C = 4096
+QK_HEAD_DIMS = [64, 128, 256]
+QK_HEADS = (32, 8)  # query and key/value heads (GQA) in one fused qkv row: Llama 3 8B, Qwen3-8B
+QK_ALL_HEADS = [(4096, 4096), (4096, 1024)]  # over all heads (OLMo 2): q's and k's widths, MHA and GQA
 
 # ------------------------------------------------------------------------------------------------
 # Occupancy model (Hopper, sm_90; the same numbers hold for sm_80/sm_89 except shared memory)
@@ -125,7 +158,8 @@ class ResidencyException:
     layout, and the launch's tile (``BLOCK_M`` × ``BLOCK_N``, and whether it spans the whole row).
     A fused residual variant matches as its norm's op (its mode is a switch of the same kernel);
     ``dtype`` is then the activation's, and the tile (which the kernel's own input dtype sets) tells
-    a 16-bit single-tile launch from an fp32 stream's looped one."""
+    a 16-bit single-tile launch from an fp32 stream's looped one. A model switch variant
+    (``SWITCHES``) matches as its norm's op too: the switch is a constexpr of the same kernel."""
 
     reason: str
     ops: tuple[str, ...]
@@ -193,16 +227,31 @@ class Variant:
     rows: int
     mode: str | None = None  # a fused residual variant's mode (FUSED_MODES); None: the plain norm
     stream: str | None = None  # ... and its residual stream's (and sum's) dtype
+    switch: str | None = None  # a model switch of the plain norm's kernel (SWITCHES)
+    layout: str | None = None  # a head-wise variant's tensors, where there is more than one (QK-norm)
+
+    @property
+    def family(self) -> str:
+        """ "plain", "fused", "switch" or "headwise": each family has its own summary line."""
+        if self.mode:
+            return "fused"
+        if self.switch:
+            return "switch"
+        return "headwise" if self.op.split("-")[0] in HEADWISE_OPS else "plain"
 
     @property
     def label(self) -> str:
         if self.mode:
             return f"{self.op}:{self.mode} {self.pass_} {self.dtype}/{self.stream} {self.affine} N={self.n}"
-        return f"{self.op} {self.pass_} {self.dtype} {self.affine} N={self.n}"
+        if self.switch:
+            return f"{self.op}[{self.switch}] {self.pass_} {self.dtype} {self.affine} N={self.n}"
+        layout = f" ({self.layout})" if self.layout else ""
+        return f"{self.op} {self.pass_} {self.dtype} {self.affine} N={self.n}{layout}"
 
     def asdict(self) -> dict:
-        fields = dataclasses.asdict(self)
-        return fields if self.mode else {k: v for k, v in fields.items() if k not in ("mode", "stream")}
+        # The optional fields only where set: a plain or fused variant's record is as it always was.
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v is not None or k not in ("mode", "stream", "switch", "layout")}
 
 
 def affine_layouts(op: str, dtype: str):
@@ -262,7 +311,7 @@ class LaunchRecorder:
         self.gpu_name = gpu_name
         self.binders = {}
         self.launches = None
-        self.row_shape = None
+        self.row_shapes = set()
 
     def _run(self, fn, *args, grid, warmup, **kwargs):
         kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
@@ -276,7 +325,7 @@ class LaunchRecorder:
         if callable(grid):
             grid = grid(bound_args)
         row_params = [name for name, value in bound_args.items()
-                      if isinstance(value, torch.Tensor) and tuple(value.shape) == self.row_shape]
+                      if isinstance(value, torch.Tensor) and tuple(value.shape) in self.row_shapes]
         # The row tensors the launch really passes: an argument bound to a tensor an earlier one
         # already holds is a placeholder for an absent one (an unused Y, DRES, DX2, ...).
         row_dtypes, seen = {}, set()
@@ -316,8 +365,10 @@ class LaunchRecorder:
             clear_config_cache()
 
     @contextlib.contextmanager
-    def capture(self, row_shape):
-        self.launches, self.row_shape = [], tuple(row_shape)
+    def capture(self, *row_shapes):
+        """Record the launches made inside: tensors of one of ``row_shapes`` are row tensors (the
+        head-wise norms have several: q's and k's views and their 2-D gradients)."""
+        self.launches, self.row_shapes = [], {tuple(shape) for shape in row_shapes}
         try:
             yield self.launches
         finally:
@@ -390,6 +441,123 @@ def fused_launches_of(recorder: LaunchRecorder, op: str, mode: str, dtype: str, 
     with recorder.capture(h.shape) as out["bwd"]:
         fused._fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, op, mode, scale, x_dtype, h_dtype, needs,
                               db_dtypes, True)
+    return out
+
+
+def switch_launches_of(recorder: LaunchRecorder, op: str, switch: str, dtype: str, affine: tuple, n: int,
+                       rows: int) -> tuple[dict, dict] | None:
+    """``({pass: [Launch, ...]}, twin's)`` for one model switch (SWITCHES) of LayerNorm/RMSNorm, and
+    for its plain twin (the same calls with the switch off, y in the same dtype), through the ops
+    layer's own forward and backward (normzoo.ops._rowwise_forward / _rowwise_backward) with the
+    Triton launchers. None where the switch does not reach the kernel (x̂ rounding of an fp32 input)."""
+    from normzoo import ops  # the ops layer; imported here so the plain sweep does not need it
+
+    _, x_hat_dtype, weight_offset = SWITCHES[switch]
+    _, has_w, has_b, fp32_params = affine
+    x_dtype = DTYPES[dtype]
+    p_dtype = torch.float32 if fp32_params else x_dtype
+    meta = torch.device("meta")
+    x = torch.empty(rows, n, dtype=x_dtype, device=meta)
+    w = torch.empty(n, dtype=p_dtype, device=meta) if has_w else None
+    b = torch.empty(n, dtype=p_dtype, device=meta) if has_b else None
+    round_x_hat, out_dtype = ops._x_hat_rounding(x_hat_dtype, x, w) if x_hat_dtype else (0, x_dtype)
+    if round_x_hat == 0 and weight_offset == 0.0:
+        return None
+    is_rms = op == "rmsnorm"
+    db_dtype = p_dtype if has_b else None
+    per_call = []
+    for offset, code in ((weight_offset, round_x_hat), (0.0, 0)):  # the switch, then its plain twin
+        out = {}
+        with recorder.capture(x.shape) as out["fwd"]:
+            y, stats = ops._rowwise_forward(x, w, b, 1e-5, is_rms, True, offset, code, out_dtype)
+        dy = torch.empty(rows, n, dtype=y.dtype, device=meta)  # the gradient of y, in y's dtype
+        with recorder.capture(x.shape) as out["bwd"]:
+            ops._rowwise_backward(dy, x, w, stats, is_rms, has_w, db_dtype, True, offset, code)
+        per_call.append(out)
+    return per_call[0], per_call[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadwiseCase:
+    """One head-wise launch pair: ``op`` "qknorm-rms", "qknorm-l2", "scalenorm" or "crmsnorm"."""
+
+    op: str
+    dtype: str
+    affine: str  # "w" / "w-fp32": a weight per column; "scale": one element; "none"
+    n: int  # the first tensor's (q's) row width
+    heads: tuple[int, int] | None = None  # QK-norm per head: q's and k's heads in one fused qkv row
+    k_n: int | None = None  # QK-norm over all heads: k's width
+
+    @property
+    def norm(self) -> str:
+        return {"scalenorm": "l2", "crmsnorm": "crms"}.get(self.op, self.op.rsplit("-", 1)[-1])
+
+    @property
+    def layout(self) -> str | None:
+        if self.heads:
+            return f"q {self.heads[0]} + k {self.heads[1]} heads of a fused qkv"
+        if self.k_n:
+            return f"q {self.n} + k {self.k_n} wide, all heads of a fused qkv"
+        return None
+
+
+def headwise_cases(ops: list[str], dtypes: list[str], hidden: list[int], crms_hidden: list[int],
+                   head_dims: list[int], qk_dtypes: list[str]) -> list[HeadwiseCase]:
+    cases = []
+    if "qknorm" in ops:
+        for dtype in qk_dtypes:
+            for d in head_dims:  # per head (Qwen3): weights (head_dim,), in the activation's dtype or fp32
+                cases += [HeadwiseCase("qknorm-rms", dtype, affine, d, heads=QK_HEADS)
+                          for affine in ("w", "w-fp32") if not (affine == "w-fp32" and dtype == "fp32")]
+            for n, k_n in QK_ALL_HEADS:  # over all heads (OLMo 2): weights (H·head_dim,)
+                cases.append(HeadwiseCase("qknorm-rms", dtype, "w", n, k_n=k_n))
+            for d in head_dims:  # the QK-norm paper: q scaled by a learned g, k by nothing
+                cases.append(HeadwiseCase("qknorm-l2", dtype, "scale", d, heads=QK_HEADS))
+    for dtype in dtypes:
+        if "scalenorm" in ops:
+            cases += [HeadwiseCase("scalenorm", dtype, "scale", n) for n in hidden]
+        if "crmsnorm" in ops:
+            cases += [HeadwiseCase("crmsnorm", dtype, "none", n) for n in sorted(set(hidden) | set(crms_hidden))]
+    return cases
+
+
+def headwise_launches_of(recorder: LaunchRecorder, case: HeadwiseCase, rows: int) -> dict:
+    """{pass: [Launch, ...]} for one head-wise case, through the ops layer's own forward and
+    backward (normzoo.ops._headwise_forward / _headwise_backward) with the Triton launchers. QK-norm:
+    ``rows`` tokens (as (2, rows/2) batch and sequence), q and k views of one fused qkv projection
+    read where they lie, both in one launch; the others: (rows, N) rows."""
+    from normzoo import ops
+
+    x_dtype = DTYPES[case.dtype]
+    p_dtype = torch.float32 if case.affine.endswith("-fp32") else x_dtype
+    meta = torch.device("meta")
+    batch = 2 if rows % 2 == 0 else 1
+    if case.heads:
+        hq, hk = case.heads
+        qkv = torch.empty(batch, rows // batch, hq + 2 * hk, case.n, dtype=x_dtype, device=meta)
+        a, b = qkv[:, :, :hq], qkv[:, :, hq:hq + hk]
+    elif case.k_n:
+        qkv = torch.empty(batch, rows // batch, case.n + 2 * case.k_n, dtype=x_dtype, device=meta)
+        a, b = qkv[..., :case.n], qkv[..., case.n:case.n + case.k_n]
+    else:
+        a, b = torch.empty(rows, case.n, dtype=x_dtype, device=meta), None
+    if case.affine == "scale":  # one g, for q (or ScaleNorm's input) alone
+        wa, wb = torch.empty(1, dtype=p_dtype, device=meta), None
+    elif case.affine == "none":
+        wa = wb = None
+    else:
+        wa = torch.empty(a.shape[-1], dtype=p_dtype, device=meta)
+        wb = torch.empty(b.shape[-1], dtype=p_dtype, device=meta)
+    shapes = [t.shape for t in (a, b) if t is not None]
+    shapes += [(math.prod(shape[:-1]), shape[-1]) for shape in shapes]  # the 2-D gradients the backward gets
+    eps = 1e-6 if case.op.startswith("qknorm") else 1e-5
+    out = {}
+    with recorder.capture(*shapes) as out["fwd"]:
+        ya, yb = ops._headwise_forward(a, wa, b, wb, eps, case.norm, True)
+    dya = torch.empty(ya.shape, dtype=ya.dtype, device=meta)
+    dyb = torch.empty(yb.shape, dtype=yb.dtype, device=meta) if yb is not None else None
+    with recorder.capture(*shapes) as out["bwd"]:
+        ops._headwise_backward(dya, a, wa, dyb, b, wb, eps, case.norm, True, wa is not None, wb is not None)
     return out
 
 
@@ -508,6 +676,23 @@ def global_accesses(ptx: str, param_names: list[str]) -> dict:
     return result
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line: the error's first line and, for a chain (Triton's CompilationError wraps one per
+    inlined @jit function), the innermost one's function and its last line, which says what failed."""
+    def lines(e):
+        return [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = f"{type(exc).__name__}: {(lines(exc) or [''])[0]}"
+    if root is not exc:
+        where = next((line for line in lines(root) if line.startswith("def ")), "")
+        text += f" ... in {where.split('(')[0].removeprefix('def ')}: " if where else " ... "
+        text += (lines(root) or [type(root).__name__])[-1]
+    return text[:400]
+
+
 def compile_one(job: dict) -> dict:
     """Compile one specialization (runs in a worker process) and read its resources back."""
     module_name, qualname = job["kernel"].rsplit(".", 1)
@@ -518,8 +703,7 @@ def compile_one(job: dict) -> dict:
                                 options=job["options"])
         usage = resource_usage(kernel.asm["cubin"])
     except Exception as exc:  # reported per variant; the run then fails
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return {"error": f"{type(exc).__name__}: {first_line}"}
+        return {"error": describe_error(exc)}
     # PTX parameters: the non-constexpr arguments, in order ("type:name" so pointers are known).
     param_names = [f"{ty}:{name}" for name, ty in job["signature"].items() if ty != "constexpr"]
     return {
@@ -581,9 +765,11 @@ def row_tensor_widths(accesses: dict, row_params: list[str]) -> dict:
     return widths
 
 
-def build_rows(records, results, sms: int):
+def build_rows(records, results, sms: int, twins: dict | None = None):
+    """One report row per record; ``twins``: {record index: the plain twin's Launch} of the model
+    switch variants, whose resources go into the row's "twin"."""
     rows = []
-    for variant, launch in records:
+    for index, (variant, launch) in enumerate(records):
         result = results[launch.compile_key]
         consts = launch.named_constexprs
         row = dict(variant=variant.asdict(), label=variant.label, kernel=launch.name,
@@ -593,8 +779,8 @@ def build_rows(records, results, sms: int):
                    divisible_args=[list(launch.signature)[path[0]] for path, attr in sorted(launch.attrs.items())
                                    if attr],
                    **result)
-        if variant.mode:  # which tensors, in which dtypes: a fused backward makes two row launches
-            row["row_dtypes"] = launch.row_dtypes
+        if variant.family != "plain":  # which tensors, in which dtypes: a fused backward makes two row
+            row["row_dtypes"] = launch.row_dtypes  # launches, a switch may store y in fp32, QK-norm has four
         if "error" not in result:
             resident, limits = residency(result["regs"], result["smem_dynamic"], result["smem_static"],
                                          launch.options["num_warps"])
@@ -616,6 +802,17 @@ def build_rows(records, results, sms: int):
             # (Channels-first DyT/Derf backward is not persistent: one row block per program.)
             row["tail_wave"] = (row["role"] == "row" and variant.pass_ == "bwd" and not variant.op.endswith("-cf")
                                 and programs > sms * resident)
+            twin = (twins or {}).get(index)
+            twin_result = results.get(twin.compile_key, {}) if twin else {}
+            if twin and "error" not in twin_result:
+                twin_resident, twin_limits = residency(twin_result["regs"], twin_result["smem_dynamic"],
+                                                       twin_result["smem_static"], twin.options["num_warps"])
+                row["twin"] = dict(kernel=twin.name, block=block_shape(twin.named_constexprs),
+                                   num_warps=twin.options["num_warps"], regs=twin_result["regs"],
+                                   spill_bytes=twin_result["spill_bytes"], smem_dynamic=twin_result["smem_dynamic"],
+                                   resident=twin_resident, limits=twin_limits,
+                                   row_widths=row_tensor_widths(twin_result["accesses"], twin.row_params),
+                                   same_kernel=twin.compile_key == launch.compile_key)
         rows.append(row)
     return rows
 
@@ -638,6 +835,14 @@ def cells(row) -> list[str]:
             describe_accesses(row["accesses"])]
 
 
+def describe_twin(twin: dict) -> str:
+    """ "72 regs, 0 B spill, 3/SM (regs)": a model switch's plain twin (the same kernel when the switch
+    compiled to nothing new)."""
+    same = ", the same kernel" if twin["same_kernel"] else ""
+    return (f"{twin['regs']} regs, {twin['spill_bytes']} B spill, {twin['resident']}/SM "
+            f"({','.join(twin['limits'])}){same}")
+
+
 def describe_row_dtypes(row) -> str:
     """ "X bf16, R fp32, S fp32": the distinct (M, N) tensors a fused variant's launch passes."""
     return ", ".join(f"{name} {dtype}" for name, dtype in row.get("row_dtypes", {}).items())
@@ -647,7 +852,8 @@ def print_table(rows):
     print("  ".join(f"{name:{width}s}" for name, width in COLUMNS).rstrip())
     for row in rows:
         line = "  ".join(f"{c:{w}s}" for c, (_, w) in zip(cells(row), COLUMNS)).rstrip()
-        print(line + (f"  [{describe_row_dtypes(row)}]" if row.get("row_dtypes") else ""))
+        twin = f"  [plain twin: {describe_twin(row['twin'])}]" if row.get("twin") else ""
+        print(line + (f"  [{describe_row_dtypes(row)}]" if row.get("row_dtypes") else "") + twin)
 
 
 def count_rows(rows, compiled: int, launch_errors: list[str]) -> dict:
@@ -689,6 +895,26 @@ def summarize_fused(rows, arch: int, compiled: int, new: int, launch_errors: lis
     return line, counts
 
 
+def summarize_switches(rows, arch: int, compiled: int, new: int, launch_errors: list[str]) -> tuple[str, dict]:
+    """The model switches' line and counts, with their registers against their plain twins'."""
+    counts = count_rows(rows, compiled, launch_errors)
+    deltas = [r["regs"] - r["twin"]["regs"] for r in rows if r["role"] == "row" and r.get("twin")]
+    counts["regs_vs_twin"] = [min(deltas), max(deltas)] if deltas else None
+    versus = (f"registers against their plain twins {min(deltas):+d} to {max(deltas):+d}, " if deltas else "")
+    line = (f"sm_{arch} model switches (x_hat rounding, weight offset): {counts['variants']} row launches + "
+            f"{counts['reduce_launches']} reduce launches ({compiled} distinct kernels compiled, {new} of them not "
+            f"among the plain norms'), " + versus + verdicts(counts))
+    return line, counts
+
+
+def summarize_headwise(rows, arch: int, compiled: int, launch_errors: list[str]) -> tuple[str, dict]:
+    """The head-wise norms' line and counts (kernels of their own)."""
+    counts = count_rows(rows, compiled, launch_errors)
+    line = (f"sm_{arch} head-wise norms (QK-norm, ScaleNorm, CRMSNorm): {counts['variants']} row launches + "
+            f"{counts['reduce_launches']} reduce launches ({compiled} distinct kernels compiled), " + verdicts(counts))
+    return line, counts
+
+
 def source_version() -> str:
     """The commit the kernels were compiled from ("-dirty": with uncommitted changes), if known."""
     try:
@@ -698,15 +924,28 @@ def source_version() -> str:
         return "unknown"
 
 
-def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: str | None = None):
+def row_family(row) -> str:
+    """A report row's variant family (Variant.family): "plain", "fused", "switch" or "headwise"."""
+    variant = row["variant"]
+    if variant.get("mode"):
+        return "fused"
+    if variant.get("switch"):
+        return "switch"
+    return "headwise" if variant["op"].split("-")[0] in HEADWISE_OPS else "plain"
+
+
+def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: str | None = None,
+                   switch_summary: str | None = None, headwise_summary: str | None = None):
     def table(selected):
         names = [name for name, _ in COLUMNS]
         fused = any("row_dtypes" in row for row in selected)  # then: which tensors each launch passes
-        names += ["row tensor dtypes"] if fused else []
+        twins = any("twin" in row for row in selected)  # then: the plain twin's resources
+        names += (["row tensor dtypes"] if fused else []) + (["plain twin"] if twins else [])
         out = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
         for row in selected:
             c = cells(row)
             c = c + [""] * (len(COLUMNS) - len(c)) + ([describe_row_dtypes(row)] if fused else [])
+            c += [describe_twin(row["twin"]) if "twin" in row else ""] if twins else []
             out.append("| " + " | ".join(x.replace("|", "/") for x in c) + " |")
         return out
 
@@ -743,11 +982,22 @@ def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: 
         "- Fused residual variants (`op:mode`, through normzoo.fused's own forward and backward): activation h "
         "and y in the first dtype, residual stream x and sum s in the second (`bf16/fp32`), every norm with "
         "weight and bias (RMSNorm: weight) in the activation's dtype; their backward gets both dy and ds.",
-    ] if fused_summary else []) + [
+    ] if fused_summary else []) + ([
+        "- Model switches (`op[switch]`, through normzoo.ops' own forward and backward): `x_hat=input` (Llama: "
+        "x̂ rounded to x's dtype, `ROUND_X_HAT` 1; with an fp32 weight y is fp32), `x_hat=weight` (T5: to the "
+        "16-bit weight's, 2), `offset` (Gemma's 1 + w, `HAS_OFFSET`). Each beside its plain twin: the same "
+        "launch with the switch off and y in the same dtype.",
+    ] if switch_summary else []) + ([
+        f"- Head-wise norms (kernels/headwise_norm.py, through normzoo.ops' own forward and backward): QK-norm "
+        f"over {header['M']} tokens, q and k views of one fused qkv projection in one launch (per head: "
+        f"{QK_HEADS[0]} q and {QK_HEADS[1]} k heads, M = tokens × heads; or over all heads), `qknorm-rms` with "
+        "weights, `qknorm-l2` with q's one-element scale g; ScaleNorm (`scale`: g) and CRMSNorm (no parameters) "
+        f"over M = {header['M']} rows. One tile per row at every width.",
+    ] if headwise_summary else []) + [
         "",
         f"**{summary}**",
         "",
-    ] + ([f"**{fused_summary}**", ""] if fused_summary else [])
+    ] + [text for line in (fused_summary, switch_summary, headwise_summary) if line for text in (f"**{line}**", "")]
     if header["launch_errors"] or any("error" in r for r in rows):
         lines += ["## Failed", ""] + [f"- launch: {error}" for error in header["launch_errors"]]
         lines += [f"- {name(r)}: {r['error']}" for r in rows if "error" in r] + [""]
@@ -773,14 +1023,24 @@ def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: 
     lines += ["", f"## Row kernels with room for {MIN_RESIDENT}+ programs per SM but a grid of at most one per SM "
               f"(≤ {header['sms']} programs; a warning, not a failure)", ""]
     lines += table(underfilled) if underfilled else ["None."]
-    lines += ["", "## Row and elementwise kernels", ""] + table([r for r in main if "row_dtypes" not in r])
-    fused = [r for r in main if "row_dtypes" in r]
+    lines += ["", "## Row and elementwise kernels", ""] + table([r for r in main if row_family(r) == "plain"])
+    fused = [r for r in main if row_family(r) == "fused"]
     if fused:
         lines += ["", "## Fused residual variants (normzoo.fused: the norm and the residual add next to it)", "",
                   "Label `op:mode pass activation/stream affine N`. Forward: one launch (`RES_MODE` 1 add_norm, "
                   "2 norm_add, 3 norm_add_norm). Backward: every row launch `_fused_backward` makes for incoming dy "
                   "and ds, in order (norm_add_norm: N2's, with DRES and an fp32 DX2 for a 16-bit stream, then N's); "
                   "the last column names the distinct (M, N) tensors each passes.", ""] + table(fused)
+    switched = [r for r in main if row_family(r) == "switch"]
+    if switched:
+        lines += ["", "## Model switches against their plain twins (x̂ rounding, weight offset)", "",
+                  "Label `op[switch] pass dtype affine N`. The last column: the same launch with the switch off "
+                  "(`round_x_hat=0` with y in the same dtype, `weight_offset=0`).", ""] + table(switched)
+    headwise = [r for r in main if row_family(r) == "headwise"]
+    if headwise:
+        lines += ["", "## Head-wise norms (QK-norm, ScaleNorm, CRMSNorm: kernels/headwise_norm.py)", "",
+                  "Label `op pass dtype affine N (layout)`: QK-norm's N is q's width (head_dim per head); its "
+                  "launches take q's rows (XA, YA, DYA, DXA) and k's (XB, ...) in one grid.", ""] + table(headwise)
     lines += ["", "## Reduce launches (column sums of the backward's partials; residency not judged)", ""]
     lines += table([r for r in rows if r["role"] != "row"])
     path.write_text("\n".join(lines) + "\n")
@@ -796,7 +1056,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compile_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     p.add_argument("--hidden", nargs="+", type=int, default=DEFAULT_HIDDEN, help="row widths N")
-    p.add_argument("--rows", type=int, default=32768, help="rows M (grid sizes and the backward's row split)")
+    p.add_argument("--rows", type=int, default=32768, help="rows M (grid sizes and the backward's row split); "
+                                                          "QK-norm: tokens, each a row per head")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     p.add_argument("--passes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
@@ -809,6 +1070,23 @@ def main(argv=None) -> int:
                    help="activation (h, y) dtypes of the fused variants")
     p.add_argument("--fused-streams", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES),
                    help="residual stream (x) and sum (s) dtypes of the fused variants")
+    p.add_argument("--switches", nargs="*", default=list(SWITCHES), choices=list(SWITCHES),
+                   help="model switches of LayerNorm/RMSNorm to compile beside their plain twins (none: --switches "
+                        "alone), for the --ops among layernorm, rmsnorm")
+    p.add_argument("--switch-hidden", nargs="+", type=int, default=SWITCH_HIDDEN, help="row widths N of the model "
+                   "switch variants")
+    p.add_argument("--switch-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES),
+                   help="input dtypes of the model switch variants (x̂ rounding applies to 16-bit inputs only)")
+    p.add_argument("--headwise", nargs="*", default=list(HEADWISE_OPS), choices=HEADWISE_OPS,
+                   help="head-wise norms to compile (kernels/headwise_norm.py; none: --headwise alone)")
+    p.add_argument("--headwise-hidden", nargs="+", type=int, default=HEADWISE_HIDDEN,
+                   help="row widths N of ScaleNorm and CRMSNorm")
+    p.add_argument("--headwise-dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES),
+                   help="dtypes of ScaleNorm and CRMSNorm")
+    p.add_argument("--crms-hidden", nargs="*", type=int, default=CRMS_COMPRESSED,
+                   help="more CRMSNorm widths: the C − 1 of a converted model of width C")
+    p.add_argument("--qk-head-dims", nargs="+", type=int, default=QK_HEAD_DIMS, help="QK-norm's head_dim per head")
+    p.add_argument("--qk-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES), help="QK-norm's q and k dtype")
     p.add_argument("--sms", type=int, default=132, help="SM count the launch rules see (H100 SXM / H200: 132)")
     p.add_argument("--gpu", default=None, help="apply this GPU's measured table (kernels/configs), e.g. "
                                                "NVIDIA-H100-80GB-HBM3; default: the rules alone")
@@ -823,7 +1101,8 @@ def main(argv=None) -> int:
     if args.gpu and args.gpu not in tables:
         print(f"note: no measured table for {args.gpu!r} (have: {sorted(tables) or 'none'}); the rules apply")
     recorder = LaunchRecorder(GPUTarget("cuda", args.arch, 32), args.sms, args.gpu)
-    records, launch_errors, fused_launch_errors = [], [], []
+    records, launch_errors, fused_launch_errors, switch_launch_errors, headwise_launch_errors = [], [], [], [], []
+    twins = {}  # record index -> the plain twin's Launch (model switches)
     with recorder.installed():
         for dtype in args.dtypes:
             for n in args.hidden:
@@ -850,39 +1129,82 @@ def main(argv=None) -> int:
             for pass_ in args.passes:
                 variant = Variant(op, pass_, dtype, affine[0], n, args.rows, mode, stream)
                 records += [(variant, launch) for launch in per_pass[pass_]]
-    results = compile_all([launch for _, launch in records], args.arch, args.jobs)
-    rows = build_rows(records, results, args.sms)
-    plain = [i for i, (variant, _) in enumerate(records) if not variant.mode]
-    fused = [i for i, (variant, _) in enumerate(records) if variant.mode]
-    plain_keys = {records[i][1].compile_key for i in plain}
-    fused_keys = {records[i][1].compile_key for i in fused}
-    summary, counts = summarize([rows[i] for i in plain], args.arch, len(plain_keys), launch_errors)
-    fused_summary = fused_counts = None
-    if fused or fused_launch_errors:
-        fused_summary, fused_counts = summarize_fused([rows[i] for i in fused], args.arch, len(fused_keys),
-                                                      len(fused_keys - plain_keys), fused_launch_errors)
+        for switch, dtype, n in itertools.product(args.switches, args.switch_dtypes, args.switch_hidden):
+            layouts, _, _ = SWITCHES[switch]
+            for op in [op for op in args.ops if op in layouts]:
+                for affine in [a for a in affine_layouts(op, dtype) if a[0] in layouts[op]]:
+                    try:
+                        launched = switch_launches_of(recorder, op, switch, dtype, affine, n, args.rows)
+                    except Exception as exc:
+                        switch_launch_errors.append(f"{op}[{switch}] {dtype} {affine[0]} N={n}: "
+                                                    f"{type(exc).__name__}: {exc}")
+                        continue
+                    if launched is None:  # the switch does not reach the kernel (x̂ rounding of fp32)
+                        continue
+                    for pass_ in args.passes:
+                        variant = Variant(op, pass_, dtype, affine[0], n, args.rows, switch=switch)
+                        own, twin = launched[0][pass_], launched[1][pass_]
+                        for i, launch in enumerate(own):
+                            if len(twin) == len(own):
+                                twins[len(records)] = twin[i]
+                            records.append((variant, launch))
+        for case in headwise_cases(args.headwise, args.headwise_dtypes, args.headwise_hidden, args.crms_hidden,
+                                   args.qk_head_dims, args.qk_dtypes):
+            try:
+                per_pass = headwise_launches_of(recorder, case, args.rows)
+            except Exception as exc:
+                headwise_launch_errors.append(f"{case.op} {case.dtype} {case.affine} N={case.n}"
+                                              + (f" ({case.layout})" if case.layout else "")
+                                              + f": {type(exc).__name__}: {exc}")
+                continue
+            for pass_ in args.passes:
+                variant = Variant(case.op, pass_, case.dtype, case.affine, case.n, args.rows, layout=case.layout)
+                records += [(variant, launch) for launch in per_pass[pass_]]
+    results = compile_all([launch for _, launch in records] + list(twins.values()), args.arch, args.jobs)
+    rows = build_rows(records, results, args.sms, twins)
+    members = {family: [i for i, (variant, _) in enumerate(records) if variant.family == family]
+               for family in ("plain", "fused", "switch", "headwise")}
+    keys = {family: {records[i][1].compile_key for i in indices} for family, indices in members.items()}
+    summary, counts = summarize([rows[i] for i in members["plain"]], args.arch, len(keys["plain"]), launch_errors)
+    fused_summary = fused_counts = switch_summary = switch_counts = headwise_summary = headwise_counts = None
+    if members["fused"] or fused_launch_errors:
+        fused_summary, fused_counts = summarize_fused([rows[i] for i in members["fused"]], args.arch,
+                                                      len(keys["fused"]), len(keys["fused"] - keys["plain"]),
+                                                      fused_launch_errors)
+    if members["switch"] or switch_launch_errors:
+        switch_summary, switch_counts = summarize_switches([rows[i] for i in members["switch"]], args.arch,
+                                                           len(keys["switch"]), len(keys["switch"] - keys["plain"]),
+                                                           switch_launch_errors)
+    if members["headwise"] or headwise_launch_errors:
+        headwise_summary, headwise_counts = summarize_headwise([rows[i] for i in members["headwise"]], args.arch,
+                                                               len(keys["headwise"]), headwise_launch_errors)
+    summaries = (summary, fused_summary, switch_summary, headwise_summary)
+    all_launch_errors = launch_errors + fused_launch_errors + switch_launch_errors + headwise_launch_errors
     elapsed = time.perf_counter() - start
 
     shown = rows if not args.quiet else [
         r for r in rows if "error" in r or r.get("spill_bytes") or (r.get("low_residency") and not r.get("excepted"))]
     print_table(shown)
-    for error in launch_errors + fused_launch_errors:
+    for error in all_launch_errors:
         print(f"LAUNCH FAILED: {error}")
-    print("\n".join(line for line in (summary, fused_summary) if line) + f" [{elapsed:.0f} s]")
+    print("\n".join(line for line in summaries if line) + f" [{elapsed:.0f} s]")
     if args.out:
         header = dict(arch=args.arch, M=args.rows, sms=args.sms, gpu=args.gpu, argv=" ".join(argv),
                       triton=triton.__version__, source=source_version(),
-                      launch_errors=launch_errors + fused_launch_errors)
+                      launch_errors=all_launch_errors)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_markdown(Path(f"{args.out}.md"), rows, summary, header, fused_summary)
+        write_markdown(Path(f"{args.out}.md"), rows, summary, header, fused_summary, switch_summary, headwise_summary)
         document = dict(header, summary=summary, counts=counts,
                         **(dict(fused_summary=fused_summary, fused_counts=fused_counts) if fused_summary else {}),
+                        **(dict(switch_summary=switch_summary, switch_counts=switch_counts) if switch_summary else {}),
+                        **(dict(headwise_summary=headwise_summary, headwise_counts=headwise_counts)
+                           if headwise_summary else {}),
                         exceptions=[dataclasses.asdict(e) for e in RESIDENCY_EXCEPTIONS])
         # One row per line: compact, and a rerun diffs line by line.
         head = json.dumps(document, indent=1, default=str)[:-2]
         body = ",\n".join(json.dumps(row, default=str) for row in rows)
         Path(f"{args.out}.json").write_text(f'{head},\n "rows": [\n{body}\n]}}\n')
-    failing = [c for c in (counts, fused_counts) if c]
+    failing = [c for c in (counts, fused_counts, switch_counts, headwise_counts) if c]
     return 1 if any(c["failed"] or c["spills"] or c["below_min_resident"] or c["tail_waves"] for c in failing) else 0
 
 

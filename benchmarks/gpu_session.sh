@@ -135,7 +135,7 @@ if [ $fused = 1 ]; then
 elif [ $smoke = 1 ]; then
   phase host 60 python3 -m benchmarks.host --stub --out "$out" --repeats 20
 else
-  phase host 40 python3 -m benchmarks.host --out "$out" --repeats 300
+  phase host 40 python3 -m benchmarks.host --out "$out" --repeats 300 --rounds 10  # 7 layers x 3 row counts: ~10-20 s
 fi
 
 # -- a training step, with and without normzoo.swap (JSON only: the tool returns 8 files) ------

@@ -42,18 +42,34 @@ def _stub_launches():
 
 
 def layers(hidden: int, device, dtype):
-    """(name, normzoo layer, torch baseline) for every layer normzoo ships. DyT and Derf have no
-    torch counterpart; they are compared with torch.nn.LayerNorm, the layer they replace."""
+    """(name, normzoo call, torch baseline call, baseline's name) for every layer normzoo ships;
+    each call takes x and returns its outputs as a tuple. DyT, Derf and ScaleNorm have no torch
+    counterpart; they are compared with the layer they replace (LayerNorm, RMSNorm). QK-norm (q and
+    k in one launch) is compared with what a model writes without it: two torch RMSNorms."""
     import torch
 
     import normzoo
 
     kw = dict(device=device, dtype=dtype)
+
+    def one(layer):
+        return lambda x: (layer(x),)
+
+    torch_rms = torch.nn.RMSNorm(hidden, **kw)
+    q_norm, k_norm = torch.nn.RMSNorm(hidden, **kw), torch.nn.RMSNorm(hidden, **kw)
+    qk = normzoo.QKNorm(hidden, backend="triton", **kw)
     return [
-        ("LayerNorm", normzoo.LayerNorm(hidden, backend="triton", **kw), torch.nn.LayerNorm(hidden, **kw)),
-        ("RMSNorm", normzoo.RMSNorm(hidden, backend="triton", **kw), torch.nn.RMSNorm(hidden, **kw)),
-        ("DyT", normzoo.DyT(hidden, backend="triton", **kw), torch.nn.LayerNorm(hidden, **kw)),
-        ("Derf", normzoo.Derf(hidden, backend="triton", **kw), torch.nn.LayerNorm(hidden, **kw)),
+        ("LayerNorm", one(normzoo.LayerNorm(hidden, backend="triton", **kw)), one(torch.nn.LayerNorm(hidden, **kw)),
+         "torch.nn.LayerNorm"),
+        ("RMSNorm", one(normzoo.RMSNorm(hidden, backend="triton", **kw)), one(torch_rms), "torch.nn.RMSNorm"),
+        ("DyT", one(normzoo.DyT(hidden, backend="triton", **kw)), one(torch.nn.LayerNorm(hidden, **kw)),
+         "torch.nn.LayerNorm"),
+        ("Derf", one(normzoo.Derf(hidden, backend="triton", **kw)), one(torch.nn.LayerNorm(hidden, **kw)),
+         "torch.nn.LayerNorm"),
+        ("RMSNorm, Llama's rounding", one(normzoo.RMSNorm(hidden, backend="triton", x_hat_dtype="input", **kw)),
+         one(torch_rms), "torch.nn.RMSNorm"),
+        ("ScaleNorm", one(normzoo.ScaleNorm(hidden, backend="triton", **kw)), one(torch_rms), "torch.nn.RMSNorm"),
+        ("QKNorm (q and k)", lambda x: qk(x, x), lambda x: (q_norm(x), k_norm(x)), "2 × torch.nn.RMSNorm"),
     ]
 
 
@@ -85,12 +101,16 @@ def measure(rows_list, hidden, repeats, rounds, device, stubbed):
         x = torch.randn(rows, hidden, device=device, requires_grad=True)
         dy = torch.randn(rows, hidden, device=device)
         cases = layers(hidden, device, torch.float32)
+
+        def backward(outputs):
+            torch.autograd.backward(outputs, (dy,) * len(outputs))
+
         # A throwaway pass first: the first timings of a process run slow (caches, clock ramp-up).
-        time_us({"warm-up": lambda: cases[0][1](x).backward(dy)}, repeats, sync, rounds=3)
-        for name, ours, theirs in cases:
-            row = {"layer": name, "rows": rows, "hidden": hidden, "baseline": f"torch.nn.{type(theirs).__name__}"}
+        time_us({"warm-up": lambda: backward(cases[0][1](x))}, repeats, sync, rounds=3)
+        for name, ours, theirs, baseline in cases:
+            row = {"layer": name, "rows": rows, "hidden": hidden, "baseline": baseline}
             fwd = time_us({"normzoo": lambda: ours(x), "torch": lambda: theirs(x)}, repeats, sync, rounds)
-            fwdbwd = time_us({"normzoo": lambda: ours(x).backward(dy), "torch": lambda: theirs(x).backward(dy)},
+            fwdbwd = time_us({"normzoo": lambda: backward(ours(x)), "torch": lambda: backward(theirs(x))},
                              repeats, sync, rounds)
             for label in ("normzoo", "torch"):
                 row[f"{label}_fwd_us"], row[f"{label}_fwdbwd_us"] = fwd[label], fwdbwd[label]

@@ -6,7 +6,7 @@ Each row x (N values, one tile of registers) is normalized on its own, as ``NORM
     L2:    rstd = 1/max(√Σx², eps)                  (ScaleNorm; the QK-norm paper's q̂, k̂)
     CRMS:  rstd = 1/√((Σx² + (Σx)²)/(N+1) + eps)    (CRMSNorm: x is a zero-mean vector of N+1
                                                       values with its last one, −Σx, left out)
-    y = w ⊙ (x·rstd), w per column, one scalar for every column (stride 0), or absent.
+    y = w ⊙ (x·rstd), w per column, one scalar for every column (loaded once), or absent.
 
 Backward, with wdy = w ⊙ dy, x_hat = x·rstd and c = Σ(x_hat ⊙ wdy):
 
@@ -75,48 +75,58 @@ def _load_rows(X, rows, row_mask, cols, N, H, stride_outer, stride_inner):
 
 
 @triton.jit
-def _weight(W, cols, N, w_stride, HAS_W: tl.constexpr):
-    if HAS_W:
-        return tl.load(W + cols * w_stride, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    return 1.0
+def _weight(W, cols, N, SCALAR_W: tl.constexpr):
+    """The weight as a (1, BLOCK_N) row, or its one value, loaded once for every column. (One
+    return: Triton's compiler rejects a function that returns from inside a branch and after it,
+    though its interpreter runs it; benchmarks/compile_check.py found it.)"""
+    if SCALAR_W:
+        w = tl.load(W).to(tl.float32)
+    else:
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return w
 
 
 @triton.jit
-def _forward_rows(X, Y, W, block, M, N, H, stride_outer, stride_inner, w_stride, eps,
-                  NORM: tl.constexpr, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _forward_rows(X, Y, W, block, M, N, H, stride_outer, stride_inner, eps,
+                  NORM: tl.constexpr, HAS_W: tl.constexpr, SCALAR_W: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < M
     x, mask = _load_rows(X, rows, row_mask, cols, N, H, stride_outer, stride_inner)
     rstd, _, _ = _stats(x, N, eps, NORM)
-    y = x * rstd[:, None] * _weight(W, cols, N, w_stride, HAS_W)
+    y = x * rstd[:, None]
+    if HAS_W:
+        y = y * _weight(W, cols, N, SCALAR_W)
     tl.store(Y + rows.to(tl.int64)[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _headwise_fwd_kernel(
     XA, YA, WA, XB, YB, WB,  # B (and a W) unused when its flag is off
-    M_a, N_a, H_a, so_a, si_a, ws_a,  # rows, columns, inner rows per outer, the two row strides, w's stride
-    M_b, N_b, H_b, so_b, si_b, ws_b,
+    M_a, N_a, H_a, so_a, si_a,  # rows, columns, inner rows per outer, the two row strides
+    M_b, N_b, H_b, so_b, si_b,
     programs_a,  # programs [0, programs_a) take A's row blocks, the rest B's
     eps,
     NORM: tl.constexpr, HAS_WA: tl.constexpr, HAS_B: tl.constexpr, HAS_WB: tl.constexpr,
+    SCALAR_W: tl.constexpr,  # the weights are one value each (ScaleNorm's g, QK-norm's l2 scale)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < programs_a:
-        _forward_rows(XA, YA, WA, pid, M_a, N_a, H_a, so_a, si_a, ws_a, eps, NORM, HAS_WA, BLOCK_M, BLOCK_N)
+        _forward_rows(XA, YA, WA, pid, M_a, N_a, H_a, so_a, si_a, eps, NORM, HAS_WA, SCALAR_W, BLOCK_M, BLOCK_N)
     elif HAS_B:
-        _forward_rows(XB, YB, WB, pid - programs_a, M_b, N_b, H_b, so_b, si_b, ws_b, eps, NORM, HAS_WB, BLOCK_M,
+        _forward_rows(XB, YB, WB, pid - programs_a, M_b, N_b, H_b, so_b, si_b, eps, NORM, HAS_WB, SCALAR_W, BLOCK_M,
                       BLOCK_N)
 
 
 @triton.jit
 def _backward_rows(X, DY, DX, W, PARTIALS, program, rows_per_program, M, N, H, stride_outer, stride_inner,
-                   stride_dy, w_stride, eps, NORM: tl.constexpr, HAS_W: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                   stride_dy, eps, NORM: tl.constexpr, HAS_W: tl.constexpr, COMPUTE_DW: tl.constexpr,
                    SCALAR_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = tl.arange(0, BLOCK_N)
-    w = _weight(W, cols, N, w_stride, HAS_W)
+    if HAS_W:
+        w = _weight(W, cols, N, SCALAR_W)
     row_start = program * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -130,7 +140,9 @@ def _backward_rows(X, DY, DX, W, PARTIALS, program, rows_per_program, M, N, H, s
         x_hat = x * rstd[:, None]
         if COMPUTE_DW:
             dw_acc += dy * x_hat
-        wdy = dy * w
+        wdy = dy
+        if HAS_W:
+            wdy = dy * w
         c = tl.sum(x_hat * wdy, axis=1)
         if NORM == NORM_RMS:
             dx = (wdy - x_hat * (c / N)[:, None]) * rstd[:, None]
@@ -150,8 +162,8 @@ def _backward_rows(X, DY, DX, W, PARTIALS, program, rows_per_program, M, N, H, s
 def _headwise_bwd_kernel(
     XA, DYA, DXA, WA, XB, DYB, DXB, WB,
     PARTIALS,  # fp32 (programs, N) column sums of dw: A's at 0, B's at b_offset (one each for a scalar w)
-    M_a, N_a, H_a, so_a, si_a, sdy_a, ws_a, rows_per_program_a,
-    M_b, N_b, H_b, so_b, si_b, sdy_b, ws_b, rows_per_program_b,
+    M_a, N_a, H_a, so_a, si_a, sdy_a, rows_per_program_a,
+    M_b, N_b, H_b, so_b, si_b, sdy_b, rows_per_program_b,
     programs,  # per tensor: programs [0, programs) take A, [programs, 2·programs) take B
     b_offset, eps,
     NORM: tl.constexpr, HAS_WA: tl.constexpr, DW_A: tl.constexpr, HAS_B: tl.constexpr, HAS_WB: tl.constexpr,
@@ -159,21 +171,26 @@ def _headwise_bwd_kernel(
 ):
     pid = tl.program_id(0)
     if pid < programs:
-        _backward_rows(XA, DYA, DXA, WA, PARTIALS, pid, rows_per_program_a, M_a, N_a, H_a, so_a, si_a, sdy_a, ws_a,
+        _backward_rows(XA, DYA, DXA, WA, PARTIALS, pid, rows_per_program_a, M_a, N_a, H_a, so_a, si_a, sdy_a,
                        eps, NORM, HAS_WA, DW_A, SCALAR_W, BLOCK_M, BLOCK_N)
     elif HAS_B:
         _backward_rows(XB, DYB, DXB, WB, PARTIALS + b_offset, pid - programs, rows_per_program_b, M_b, N_b, H_b,
-                       so_b, si_b, sdy_b, ws_b, eps, NORM, HAS_WB, DW_B, SCALAR_W, BLOCK_M, BLOCK_N)
+                       so_b, si_b, sdy_b, eps, NORM, HAS_WB, DW_B, SCALAR_W, BLOCK_M, BLOCK_N)
 
 
 @functools.lru_cache(maxsize=256)
-def _config(n: int) -> LaunchConfig:
-    """One row of N in a tile, rows stacked to ~4096 elements, ~8 elements a thread. A rule, not a
-    measurement: these kernels have no tuning table yet."""
+def _config(n: int, pair: bool) -> LaunchConfig:
+    """One row of N in a tile, rows stacked to ~4096 elements, ~8 elements a thread; 16 warps up to
+    16384 values, 32 past it (compile_check, sm_90: 32 warps cap a thread at 64 registers and the
+    backward spilled at 16384; 16 warps spill more than 32 from 32768 on, where both spill).
+    The backward's persistent grid: 2 programs an SM for one tensor, 1 each for a pair (q and k: 2
+    an SM in all, one wave where 2 fit). A rule, not a measurement: no tuning table yet."""
     block_n = next_power_of_2(max(n, 1))
     block_m = max(1, min(64, 4096 // block_n))
-    num_warps = max(1, min(32, block_m * block_n // 256))
-    return LaunchConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, programs_per_sm=2)
+    num_warps = max(1, min(16 if block_n <= 16384 else 32, block_m * block_n // 256))
+    # From 8192 values one backward program fills an SM (registers): a grid of one an SM, one wave.
+    return LaunchConfig(block_m=block_m, block_n=block_n, num_warps=num_warps,
+                        programs_per_sm=1 if pair or block_n >= 8192 else 2)
 
 
 def rows_2d(t: torch.Tensor) -> tuple[int, int, int, int] | None:
@@ -222,7 +239,7 @@ def headwise_norm_forward(a, wa, b, wb, eps: float, *, norm: str):
         yb = torch.empty(b.shape, dtype=b.dtype, device=b.device)
     else:
         M_b = N_b = H_b = so_b = si_b = 0
-    cfg = _config(max(N_a, N_b))
+    cfg = _config(max(N_a, N_b), b is not None)
     programs_a = cdiv(M_a, cfg.block_m) if N_a else 0
     programs_b = cdiv(M_b, cfg.block_m) if N_b else 0
     if programs_a + programs_b:
@@ -230,16 +247,18 @@ def headwise_norm_forward(a, wa, b, wb, eps: float, *, norm: str):
             _headwise_fwd_kernel[(programs_a + programs_b,)](
                 a, ya, wa if wa is not None else a, b if b is not None else a, yb if yb is not None else ya,
                 wb if wb is not None else a,
-                M_a, N_a, H_a, so_a, si_a, _w_stride(wa), M_b, N_b, H_b, so_b, si_b, _w_stride(wb),
-                programs_a, eps,
-                NORMS[norm], wa is not None, b is not None, wb is not None, cfg.block_m, cfg.block_n,
+                M_a, N_a, H_a, so_a, si_a, M_b, N_b, H_b, so_b, si_b, programs_a, eps,
+                NORMS[norm], wa is not None, b is not None, wb is not None, _scalar_weights(wa, wb), cfg.block_m,
+                cfg.block_n,
                 num_warps=cfg.num_warps,
             )
     return ya, yb
 
 
-def _w_stride(w) -> int:
-    return 0 if w is None or w.numel() == 1 else 1
+def _scalar_weights(wa, wb) -> bool:
+    """Whether the weights are one value each (ops checks that a pair's weights agree)."""
+    w = wa if wa is not None else wb
+    return w is not None and w.numel() == 1
 
 
 def headwise_norm_backward(dya, a, wa, dyb, b, wb, eps: float, *, norm: str, dw_a: bool, dw_b: bool):
@@ -257,8 +276,8 @@ def headwise_norm_backward(dya, a, wa, dyb, b, wb, eps: float, *, norm: str, dw_
         N_b = b.shape[-1]
         dxb = torch.empty(b.shape, dtype=b.dtype, device=b.device)
     dw_a, dw_b = dw_a and wa is not None, dw_b and wb is not None
-    scalar_w = (wa if wa is not None else wb) is not None and (wa if wa is not None else wb).numel() == 1
-    cfg = _config(max(N_a, N_b))
+    scalar_w = _scalar_weights(wa, wb)
+    cfg = _config(max(N_a, N_b), b is not None)
     rows_per_program_a, programs = split_rows(max(M_a, M_b, 1), cfg, a.device)
     rows_per_program_a = cdiv(cdiv(M_a, programs), cfg.block_m) * cfg.block_m or cfg.block_m
     rows_per_program_b = cdiv(cdiv(M_b, programs), cfg.block_m) * cfg.block_m or cfg.block_m
@@ -276,8 +295,8 @@ def headwise_norm_backward(dya, a, wa, dyb, b, wb, eps: float, *, norm: str, dw_
         _headwise_bwd_kernel[((2 if b is not None else 1) * programs,)](
             a, dya, dxa, wa if wa is not None else a, b if b is not None else a, dyb if dyb is not None else dya,
             dxb if dxb is not None else dxa, wb if wb is not None else a, partials,
-            M_a, N_a, H_a, so_a, si_a, dya.stride(0), _w_stride(wa), rows_per_program_a,
-            M_b, N_b, H_b, so_b, si_b, dyb.stride(0) if dyb is not None else 0, _w_stride(wb), rows_per_program_b,
+            M_a, N_a, H_a, so_a, si_a, dya.stride(0), rows_per_program_a,
+            M_b, N_b, H_b, so_b, si_b, dyb.stride(0) if dyb is not None else 0, rows_per_program_b,
             programs, b_offset, eps,
             NORMS[norm], wa is not None, dw_a, b is not None, wb is not None, dw_b, scalar_w, cfg.block_m, cfg.block_n,
             num_warps=cfg.num_warps,

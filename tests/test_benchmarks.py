@@ -112,7 +112,10 @@ def test_no_gpu_exits_cleanly(capsys):
 # that is not a multiple of 16. Every op, affine layout and parameter dtype at each.
 COMPILE_CHECK_ARGS = ["--hidden", "97", "4096", "16385", "--dtypes", "bf16", "fp32", "--quiet",
                       # and the fused residual ops' launches (bf16 activations, bf16 or fp32 stream)
-                      "--fused-hidden", "97", "4096"]
+                      "--fused-hidden", "97", "4096",
+                      # and the model switches (x_hat rounding, weight offset), single-tile and looped;
+                      # the head-wise norms run apart (headwise_run): their verdict is their own
+                      "--switch-hidden", "4096", "16384", "--headwise"]
 # (op, affine layout) pairs per dtype: LayerNorm 5 (4 in fp32, where "-fp32" params are the input's
 # dtype), RMSNorm 3 (2), DyT, Derf and their channels-first forms 5 each (4).
 LAYOUTS = {"bf16": 5 + 3 + 4 * 5, "fp32": 4 + 2 + 4 * 4}
@@ -120,16 +123,31 @@ FUSED_SUMMARY = re.compile(
     r"sm_90 fused residual ops: (?P<variants>\d+) row launches \+ (?P<reduces>\d+) reduce launches .*?"
     r"(?P<failed>\d+) failed to compile, (?P<spills>\d+) spill, (?P<low>\d+) below 2 resident programs/SM"
 )
+SWITCH_SUMMARY = re.compile(
+    r"sm_90 model switches \(x_hat rounding, weight offset\): (?P<variants>\d+) row launches \+ "
+    r"(?P<reduces>\d+) reduce launches .*?(?P<failed>\d+) failed to compile, (?P<spills>\d+) spill, "
+    r"(?P<low>\d+) below 2 resident programs/SM"
+)
+HEADWISE_SUMMARY = re.compile(
+    r"sm_90 head-wise norms \(QK-norm, ScaleNorm, CRMSNorm\): (?P<variants>\d+) row launches \+ (?P<reduces>\d+) "
+    r"reduce launches .*?(?P<failed>\d+) failed to compile, (?P<spills>\d+) spill, (?P<low>\d+) below 2 resident "
+    r"programs/SM \(\d+ excepted\), (?P<narrow>\d+) with row accesses under 128 bits"
+)
+# The head-wise sweep: QK-norm per head (rms with bf16 and fp32 weights, l2 with a scale) and over
+# all heads (MHA and GQA widths), ScaleNorm and CRMSNorm at two widths and CRMSNorm's C - 1 of 4096.
+HEADWISE_ARGS = ["--hidden", "4096", "--dtypes", "bf16", "--ops", "rmsnorm", "--fused-modes", "--switches", "--quiet",
+                 "--headwise-hidden", "1024", "4096", "--headwise-dtypes", "bf16", "--crms-hidden", "4095",
+                 "--qk-head-dims", "128"]
+HEADWISE_CASES = 2 + 2 + 1 + 2 + 3  # qknorm-rms per head (w, w-fp32), all heads (2), l2; ScaleNorm; CRMSNorm
 SUMMARY = re.compile(
     r"sm_90: (?P<variants>\d+) variants \+ (?P<reduces>\d+) reduce launches \((?P<kernels>\d+) distinct kernels "
     r"compiled\), (?P<failed>\d+) failed to compile, (?P<spills>\d+) spill, (?P<low>\d+) below 2 resident programs/SM"
 )
 
 
-@pytest.fixture(scope="module")
-def compile_check_run():
-    """``python -m benchmarks.compile_check`` over COMPILE_CHECK_ARGS, in a clean process (Triton's
-    real compiler needs TRITON_INTERPRET unset before the kernels are defined)."""
+def _run_compile_check(args):
+    """``python -m benchmarks.compile_check`` over ``args``, in a clean process (Triton's real
+    compiler needs TRITON_INTERPRET unset before the kernels are defined)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
@@ -137,15 +155,31 @@ def compile_check_run():
     except Exception as exc:  # noqa: BLE001 - any failure means no toolchain to compile with
         pytest.skip(f"this triton install has no CUDA backend toolchain (ptxas): {exc}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compile_check", *COMPILE_CHECK_ARGS],
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile_check", *args],
         env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent,
     )
-    summary, fused = SUMMARY.search(out.stdout), FUSED_SUMMARY.search(out.stdout)
-    assert summary and fused, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def compile_check_run():
+    """The plain norms, the fused residual ops and the model switches (COMPILE_CHECK_ARGS)."""
+    out = _run_compile_check(COMPILE_CHECK_ARGS)
+    summary, fused, switch = (r.search(out.stdout) for r in (SUMMARY, FUSED_SUMMARY, SWITCH_SUMMARY))
+    assert summary and fused and switch, out.stdout[-3000:] + out.stderr[-3000:]
     counts = {k: int(v) for k, v in summary.groupdict().items()}
     counts.update({f"fused_{k}": int(v) for k, v in fused.groupdict().items()})
+    counts.update({f"switch_{k}": int(v) for k, v in switch.groupdict().items()})
     return out, counts
+
+
+@pytest.fixture(scope="module")
+def headwise_run():
+    """The head-wise norms (HEADWISE_ARGS; the plain sweep cut to one variant pair)."""
+    out = _run_compile_check(HEADWISE_ARGS)
+    headwise = HEADWISE_SUMMARY.search(out.stdout)
+    assert headwise, out.stdout[-3000:] + out.stderr[-3000:]
+    return out, {k: int(v) for k, v in headwise.groupdict().items()}
 
 
 def test_every_kernel_compiles_for_hopper_without_spills(compile_check_run):
@@ -161,11 +195,31 @@ def test_every_kernel_compiles_for_hopper_without_spills(compile_check_run):
     assert counts["spills"] == 0, report
     # The fused residual ops (add_norm, norm_add, norm_add_norm; every norm kind) likewise.
     assert counts["fused_variants"] > 0 and counts["fused_failed"] == 0 and counts["fused_spills"] == 0, report
+    # And the model switches (x_hat rounding to the input's and the weight's dtype, weight offset) at
+    # 4096 and 16384: RMSNorm 2 + 1 + 2 layouts and LayerNorm's wb, forward and backward, bf16 only.
+    assert counts["switch_variants"] == 2 * 2 * (2 + 1 + 2 + 1), report
+    assert counts["switch_failed"] == 0 and counts["switch_spills"] == 0, report
 
 
 def test_row_kernels_keep_two_programs_per_sm_on_hopper(compile_check_run):
     # The tool's verdict: also fails when a row kernel holds fewer than 2 programs per SM and no
     # documented exception (benchmarks/compile_check.py, RESIDENCY_EXCEPTIONS) explains it.
     out, counts = compile_check_run
-    assert counts["low"] == 0 and counts["fused_low"] == 0 and out.returncode == 0, \
+    assert counts["low"] == 0 and counts["fused_low"] == 0 and counts["switch_low"] == 0 and out.returncode == 0, \
         out.stdout[-6000:] + out.stderr[-2000:]
+
+
+def test_headwise_norms_are_compiled_with_full_width_row_accesses(headwise_run):
+    # Every head-wise case reaches the kernels (q and k as views of a fused qkv, read in place), and
+    # the (M, N) tensors of every row width that is a multiple of 16 are read and written 128 bits at
+    # a time (CRMSNorm's C - 1 widths are not: element-wise, as any unaligned row).
+    out, counts = headwise_run
+    assert counts["variants"] == 2 * HEADWISE_CASES and counts["reduces"] > 0, out.stdout[-4000:]
+    assert counts["narrow"] == 0, out.stdout[-4000:]
+
+
+def test_headwise_norms_compile_for_hopper_without_spills(headwise_run):
+    # Under the interpreter any kernel runs; only a real compile shows what ptxas takes (this test
+    # found _weight's two returns, which Triton's compiler rejects and its interpreter runs).
+    out, counts = headwise_run
+    assert counts["failed"] == 0 and counts["spills"] == 0, out.stdout[-6000:] + out.stderr[-2000:]
