@@ -147,7 +147,7 @@ def _norm_fwd_kernel(
     M, N,  # rows, columns
     eps, eps2,
     scale,  # multiplies y (LayerNorm scaling's 1/√l; 1.0 otherwise)
-    w_offset,  # added to the weight (1.0 for Gemma-style 1 + w; 0.0 otherwise)
+    w_offset,  # added to the weight, and N2's (1.0 for Gemma-style 1 + w; 0.0 otherwise)
     IS_RMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -181,7 +181,7 @@ def _norm_fwd_kernel(
             if RES_MODE == RES_NORM_ADD_NORM:
                 mean2, rstd2, s_hat = _row_stats_single_tile(s, mask, N, eps2, IS_RMS)
                 _store_stats(STATS2, rows, row_mask, M, mean2, rstd2, IS_RMS)
-                y = _affine(s_hat, W2, B2, cols, N, 0.0, HAS_WEIGHT2, HAS_BIAS2, False)
+                y = _affine(s_hat, W2, B2, cols, N, w_offset, HAS_WEIGHT2, HAS_BIAS2, HAS_OFFSET)
                 store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale, HAS_SCALE))
         else:
             store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale, HAS_SCALE))
@@ -232,7 +232,8 @@ def _norm_fwd_kernel(
                 cols = col_start + tl.arange(0, BLOCK_N)
                 mask = row_mask[:, None] & (cols < N)[None, :]
                 s = load_tile(S, rows, stride_s_row, cols, mask, "evict_first")
-                y = _affine((s - mean2[:, None]) * rstd2[:, None], W2, B2, cols, N, 0.0, HAS_WEIGHT2, HAS_BIAS2, False)
+                y = _affine((s - mean2[:, None]) * rstd2[:, None], W2, B2, cols, N, w_offset, HAS_WEIGHT2, HAS_BIAS2,
+                            HAS_OFFSET)
                 store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale, HAS_SCALE))
 
 
@@ -402,14 +403,15 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_of
 
 def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: bool, mode: str, scale: float = 1.0,
                              sum_dtype: torch.dtype | None = None, weight2=None, bias2=None, eps2: float = 0.0,
-                             max_block_n: int | None = None):
+                             weight_offset: float = 0.0, max_block_n: int | None = None):
     """A norm fused with the residual add next to it, on 2-D ``x`` and ``residual`` of one shape.
 
     ``mode``: ``"add_norm"`` (s = residual + x, y = N(s)·scale), ``"norm_add"`` (s = residual +
     N(x); no y) or ``"norm_add_norm"`` (s = residual + N(x), y = N2(s)·scale, N2 with ``weight2``,
     ``bias2``, ``eps2``). s is stored in ``sum_dtype`` (default: x's and residual's promoted dtype)
     and y in x's dtype. Returns ``(y, s, stats, stats2)``: ``stats`` of N's input (s for add_norm,
-    x otherwise), ``stats2`` of s for norm_add_norm; absent ones ``None``.
+    x otherwise), ``stats2`` of s for norm_add_norm; absent ones ``None``. ``weight_offset`` is
+    added to both norms' weights (Gemma's 1 + w).
     """
     check_rows(x, residual)
     M, N = x.shape
@@ -420,7 +422,7 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
     stats2 = alloc(x, M if is_rms else 2 * M, torch.float32) if mode == "norm_add_norm" else None
     if M and N:
         _launch_forward(x, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
-                        res_mode, max_block_n)
+                        res_mode, max_block_n, weight_offset)
     return y, s, stats, stats2
 
 
@@ -464,13 +466,14 @@ def rowwise_norm_backward(
 
 def rowwise_residual_backward(dy, x, weight, stats, *, is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None,
                               dres=None, dx_dtype: torch.dtype | None = None, dx2_dtype: torch.dtype | None = None,
-                              scale: float = 1.0, max_block_n: int | None = None):
+                              scale: float = 1.0, weight_offset: float = 0.0, max_block_n: int | None = None):
     """:func:`rowwise_norm_backward` of ``y = N(x)·scale`` for a norm whose input ``x`` is a fused
     add's sum: ``dx = dres + J_Nᵀ(dy·scale)`` (``dres``, the sum's own gradient, may be None),
     stored in ``dx_dtype`` (default x's) and, with ``dx2_dtype``, a second time in that dtype (the
     add's two inputs differ in dtype). Returns ``(dx, dx2, dw, db)``, absent ones ``None``."""
     dx, dx2 = residual_grad_buffers(x, dy, dres, dx_dtype, dx2_dtype)
-    return _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n)
+    return _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n,
+                     weight_offset)
 
 
 def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n,

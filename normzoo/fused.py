@@ -62,13 +62,13 @@ def _no_stats(like: Tensor) -> Tensor:
     return like.new_empty(0, dtype=reference.compute_dtype(like.dtype))
 
 
-def _reference_norm(v, params, kind, eps, out_dtype, scale):
+def _reference_norm(v, params, kind, eps, out_dtype, scale, weight_offset=0.0):
     """(y, stats) of one layer on 2-D v, computed in fp32 (fp64 for fp64) and y·scale rounded once
     to out_dtype, as the kernels store it."""
     weight, bias, alpha, shift = params
     vf = v.to(reference.compute_dtype(v.dtype))
     if kind in _ROWWISE:  # the plain ops' reference path: the same statistics layout
-        y, stats = ops._rowwise_forward(vf, weight, bias, eps, kind == "rmsnorm", False)
+        y, stats = ops._rowwise_forward(vf, weight, bias, eps, kind == "rmsnorm", False, weight_offset)
     else:
         y = ops._pointwise_forward(vf, alpha, shift, weight, bias, _ACTIVATION[kind], v.shape[1], False, False)
         stats = _no_stats(v)
@@ -78,10 +78,10 @@ def _reference_norm(v, params, kind, eps, out_dtype, scale):
 _ACTIVATION = {"dyt": "tanh", "derf": "erf"}
 
 
-def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, triton):
+def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset=0.0):
     """``(y, s, stats1, stats2)`` on 2-D ``h`` and ``x``; ``y`` empty for norm_add, stats empty where
     a layer keeps none (DyT/Derf) or there is no second norm. ``stats1`` belongs to N (on s for
-    add_norm, on h otherwise), ``stats2`` to N2 (on s)."""
+    add_norm, on h otherwise), ``stats2`` to N2 (on s). ``weight_offset``: both norms' (rowwise)."""
     s_dtype = sum_dtype or _promoted(x.dtype, h.dtype)
     if triton:
         k = ops._launchers()
@@ -91,7 +91,7 @@ def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, trito
         if kind in _ROWWISE:
             y, s, stats1, stats2 = k.rowwise_residual_forward(
                 h, x, p1[0], p1[1], eps1, is_rms=kind == "rmsnorm", mode=mode, scale=scale, sum_dtype=s_dtype,
-                weight2=p2[0], bias2=p2[1], eps2=eps2)
+                weight2=p2[0], bias2=p2[1], eps2=eps2, weight_offset=weight_offset)
         else:
             y, s = k.pointwise_residual_forward(h, x, p1[2], p1[3], p1[0], p1[1], activation=_ACTIVATION[kind],
                                                 mode=mode, scale=scale, sum_dtype=s_dtype,
@@ -103,18 +103,18 @@ def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, trito
     acc = reference.compute_dtype(s_dtype)
     if mode == "add_norm":
         s = (x.to(acc) + h.to(acc)).to(s_dtype)
-        y, stats1 = _reference_norm(s, p1, kind, eps1, h.dtype, scale)
+        y, stats1 = _reference_norm(s, p1, kind, eps1, h.dtype, scale, weight_offset)
         return y, s, stats1, _no_stats(s)
-    o, stats1 = _reference_norm(h, p1, kind, eps1, acc, 1.0)
+    o, stats1 = _reference_norm(h, p1, kind, eps1, acc, 1.0, weight_offset)
     s = (x.to(acc) + o).to(s_dtype)
     if mode == "norm_add":
         return _empty(h), s, stats1, _no_stats(s)
-    y, stats2 = _reference_norm(s, p2, kind, eps2, h.dtype, scale)
+    y, stats2 = _reference_norm(s, p2, kind, eps2, h.dtype, scale, weight_offset)
     return y, s, stats1, stats2
 
 
 def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dres=None, dx_dtype=None,
-                   dx2_dtype=None, scale=1.0):
+                   dx2_dtype=None, scale=1.0, weight_offset=0.0):
     """``(dv, dv2, grads)`` of one layer on its input v: dv = dres + Jᵀ(dy·scale) in dx_dtype (and
     again in dx2_dtype), grads = (dweight, dbias, dalpha, dshift), absent ones None."""
     weight, _, alpha, shift = params
@@ -125,7 +125,7 @@ def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dre
         if kind in _ROWWISE:
             dv, dv2, dw, db = k.rowwise_residual_backward(
                 dy, v, weight, stats, is_rms=kind == "rmsnorm", compute_dw=compute_dw, db_dtype=db_dtype, dres=dres,
-                dx_dtype=dx_dtype, dx2_dtype=dx2_dtype, scale=scale)
+                dx_dtype=dx_dtype, dx2_dtype=dx2_dtype, scale=scale, weight_offset=weight_offset)
             return dv, dv2, (dw, db, None, None)
         dv, dv2, dalpha, dshift, dw, db = k.pointwise_residual_backward(
             dy, v, alpha, shift, weight, activation=_ACTIVATION[kind], compute_dw=compute_dw, db_dtype=db_dtype,
@@ -135,7 +135,7 @@ def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dre
     dy = dy.to(acc) * scale if scale != 1.0 else dy
     if kind in _ROWWISE:  # the plain ops' reference path
         dv, dw, db = ops._rowwise_backward(dy, v.to(acc), weight, stats, kind == "rmsnorm", compute_dw, db_dtype,
-                                           False)
+                                           False, weight_offset)
         grads = (dw, db, None, None)
     else:
         dv, dalpha, dshift, dw, db = ops._pointwise_backward(dy, v.to(acc), alpha, shift, weight, _ACTIVATION[kind],
@@ -147,7 +147,7 @@ def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dre
 
 
 def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype, needs, db_dtypes,
-                    triton):
+                    triton, weight_offset=0.0):
     """``(dx, dh, grads1, grads2)``: gradients of :func:`_fused_forward` for the incoming ``dy``
     (None for norm_add) and ``ds`` (either may be None: an output nothing used). ``needs`` =
     (dweight1, dweight2) to compute; ``db_dtypes`` the biases' dtypes, None for no bias gradient."""
@@ -156,7 +156,8 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
     if mode == "norm_add":
         if ds is None:
             return None, None, none, none
-        dh, _, grads1 = _norm_backward(ds, h, p1, stats1, kind, dw1, db1, triton, dx_dtype=h_dtype)
+        dh, _, grads1 = _norm_backward(ds, h, p1, stats1, kind, dw1, db1, triton, dx_dtype=h_dtype,
+                                       weight_offset=weight_offset)
         return (ds if ds.dtype == x_dtype else ds.to(x_dtype)), dh, grads1, none
     # add_norm: the norm N on s; norm_add_norm: N2 on s, then N on h with ds + J_N2ᵀ dy.
     params, stats, needs_w, db_dtype = (p1, stats1, dw1, db1) if mode == "add_norm" else (p2, stats2, dw2, db2)
@@ -165,14 +166,16 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
     if mode == "add_norm":
         two_dtypes = h_dtype != x_dtype
         dx, dh, grads = _norm_backward(dy, s, params, stats, kind, needs_w, db_dtype, triton, dres=ds,
-                                       dx_dtype=x_dtype, dx2_dtype=h_dtype if two_dtypes else None, scale=scale)
+                                       dx_dtype=x_dtype, dx2_dtype=h_dtype if two_dtypes else None, scale=scale,
+                                       weight_offset=weight_offset)
         return dx, (dh if two_dtypes else dx), grads, none
     # N's backward takes the sum's gradient at fp32, not as rounded into a 16-bit dx: a second,
     # fp32 copy from the same kernel (what a single fused kernel would hold in registers).
     wide = torch.float32 if x_dtype in (torch.float16, torch.bfloat16) else None
     dx, dx_wide, grads = _norm_backward(dy, s, params, stats, kind, needs_w, db_dtype, triton, dres=ds,
-                                        dx_dtype=x_dtype, dx2_dtype=wide, scale=scale)
-    dh, _, grads1 = _norm_backward(dx_wide if wide else dx, h, p1, stats1, kind, dw1, db1, triton, dx_dtype=h_dtype)
+                                        dx_dtype=x_dtype, dx2_dtype=wide, scale=scale, weight_offset=weight_offset)
+    dh, _, grads1 = _norm_backward(dx_wide if wide else dx, h, p1, stats1, kind, dw1, db1, triton, dx_dtype=h_dtype,
+                                   weight_offset=weight_offset)
     return dx, dh, grads1, grads
 
 
@@ -194,20 +197,20 @@ def _grads(ctx, dy, ds, backward):
     """Gradients for (h, x, *p1, *p2), from ``backward`` (the implementation or the custom op)."""
     h, s, *rest = ctx.saved_tensors
     p1, p2, (stats1, stats2) = tuple(rest[0:4]), tuple(rest[4:8]), rest[8:10]
-    kind, mode, _, _, scale, _, triton = ctx.spec
+    kind, mode, _, _, scale, _, triton, weight_offset = ctx.spec
     needs = ctx.needs_input_grad
     needs_h, needs_x, needs1, needs2 = needs[0], needs[1], needs[2:6], needs[6:10]
     compute = (p1[0] is not None and needs1[0], p2[0] is not None and needs2[0])
     db_dtypes = (ctx.db_dtypes[0] if needs1[1] else None, ctx.db_dtypes[1] if needs2[1] else None)
     dx, dh, grads1, grads2 = backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, ctx.x_dtype,
-                                      ctx.h_dtype, compute, db_dtypes, triton)
+                                      ctx.h_dtype, compute, db_dtypes, triton, weight_offset)
     keep = lambda g, need: g if need else None
     return (keep(dh, needs_h), keep(dx, needs_x), *map(keep, grads1, needs1), *map(keep, grads2, needs2))
 
 
 class _FusedResidual(torch.autograd.Function):
     """The eager path (see :class:`normzoo.ops._RowwiseNorm`). ``spec`` = (kind, mode, eps1, eps2,
-    scale, sum_dtype, triton). Statistics stay on ctx; ``s`` is returned and saved."""
+    scale, sum_dtype, triton, weight_offset). Statistics stay on ctx; ``s`` is returned and saved."""
 
     @staticmethod
     def forward(ctx, h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, spec, leaves):
@@ -247,14 +250,15 @@ def fused_residual_fwd(
     h: Tensor, x: Tensor, w1: Tensor | None, b1: Tensor | None, a1: Tensor | None, sh1: Tensor | None,
     w2: Tensor | None, b2: Tensor | None, a2: Tensor | None, sh2: Tensor | None,
     kind: str, mode: str, eps1: float, eps2: float, scale: float, sum_dtype: torch.dtype | None, triton: bool,
+    weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, s, stats1, stats2)`` for 2-D ``h``, ``x``; see :func:`_fused_forward`."""
     return _fused_forward(h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), kind, mode, eps1, eps2, scale, sum_dtype,
-                          triton)
+                          triton, weight_offset)
 
 
 @fused_residual_fwd.register_fake
-def _(h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, kind, mode, eps1, eps2, scale, sum_dtype, triton):
+def _(h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset=0.0):
     rows = h.shape[0]
     stats_len = (rows if kind == "rmsnorm" else 2 * rows) if kind in _ROWWISE else 0
     s_dtype = sum_dtype or _promoted(x.dtype, h.dtype)
@@ -272,14 +276,14 @@ def fused_residual_bwd(
     w1: Tensor | None, b1: Tensor | None, a1: Tensor | None, sh1: Tensor | None,
     w2: Tensor | None, b2: Tensor | None, a2: Tensor | None, sh2: Tensor | None, stats1: Tensor, stats2: Tensor,
     kind: str, mode: str, scale: float, x_dtype: torch.dtype, h_dtype: torch.dtype, compute_dw1: bool, compute_dw2: bool,
-    db1_dtype: torch.dtype | None, db2_dtype: torch.dtype | None, triton: bool,
+    db1_dtype: torch.dtype | None, db2_dtype: torch.dtype | None, triton: bool, weight_offset: float = 0.0,
 ) -> list[Tensor]:
     """Returns ``[dx, dh, *grads1, *grads2]`` (grads: dweight, dbias, dalpha, dshift); a gradient
     not computed is an empty tensor. An output may not alias an input or another output, so where
     the gradient is one the autograd formula already has (:func:`_aliased`), it is empty too."""
     dx, dh, grads1, grads2 = _fused_backward(dy, ds, h, s, (w1, b1, a1, sh1), (w2, b2, a2, sh2), stats1, stats2, kind,
                                              mode, scale, x_dtype, h_dtype, (compute_dw1, compute_dw2),
-                                             (db1_dtype, db2_dtype), triton)
+                                             (db1_dtype, db2_dtype), triton, weight_offset)
     alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, ds)
     dx, dh = (None if alias_dx else dx), (None if alias_dh else dh)
     return [g if g is not None else s.new_empty(0) for g in (dx, dh, *grads1, *grads2)]
@@ -293,7 +297,7 @@ def _aliased(mode, x_dtype, h_dtype, ds) -> tuple[bool, bool]:
 
 @fused_residual_bwd.register_fake
 def _(dy, ds, h, s, w1, b1, a1, sh1, w2, b2, a2, sh2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype,
-      compute_dw1, compute_dw2, db1_dtype, db2_dtype, triton):
+      compute_dw1, compute_dw2, db1_dtype, db2_dtype, triton, weight_offset=0.0):
     empty = s.new_empty(0)
     absent = (mode == "norm_add" and ds is None)
     alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, ds)
@@ -315,9 +319,9 @@ def _(dy, ds, h, s, w1, b1, a1, sh1, w2, b2, a2, sh2, stats1, stats2, kind, mode
 
 
 def _custom_op_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype, needs, db_dtypes,
-                        triton):
+                        triton, weight_offset):
     out = fused_residual_bwd(dy, ds, h, s, *p1, *p2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype, *needs,
-                             *db_dtypes, triton)
+                             *db_dtypes, triton, weight_offset)
     out = [g if g.numel() or g.dim() != 1 or g.shape[0] != 0 else None for g in out]
     alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, ds)
     dx = ds if alias_dx else out[0]
@@ -325,15 +329,16 @@ def _custom_op_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale,
 
 
 def _setup_context(ctx, inputs, output):
-    h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, kind, mode, eps1, eps2, scale, sum_dtype, triton = inputs
-    _save(ctx, h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), (kind, mode, eps1, eps2, scale, sum_dtype, triton), output)
+    h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset = inputs
+    _save(ctx, h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2),
+          (kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset), output)
     ctx.mark_non_differentiable(output[2], output[3])
     ctx.set_materialize_grads(False)
 
 
 fused_residual_fwd.register_autograd(
     lambda ctx, dy, ds, _d1, _d2: (*_grads(ctx, dy, ds, _custom_op_backward), None, None, None, None, None, None,
-                                   None),
+                                   None, None),
     setup_context=_setup_context)
 
 
@@ -360,8 +365,6 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
     else:
         raise TypeError("norm must be a normzoo LayerNorm, RMSNorm, DyT or Derf, or torch.nn.LayerNorm / RMSNorm "
                         f"(the class itself, not a subclass), got {type(norm).__name__}")
-    if getattr(norm, "weight_offset", 0.0) != 0.0:
-        raise ValueError("fused residual ops do not take a weight_offset norm yet; use the norm and the add apart")
     if getattr(norm, "x_hat_dtype", None) is not None:
         raise ValueError("fused residual ops do not take an x_hat_dtype norm yet; use the norm and the add apart")
     get = functools.partial(layers._param, norm)  # as the layers read them: parametrizations apply
@@ -417,6 +420,9 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
                              f"{kind2}{tuple(shape2)}")
         if backend2 != backend:
             raise ValueError(f"norm_out and norm_in must share a backend, got {backend!r} and {backend2!r}")
+        if getattr(norm2, "weight_offset", 0.0) != getattr(norm, "weight_offset", 0.0):
+            raise ValueError("norm_out and norm_in must share a weight_offset (the kernel applies one to both), got "
+                             f"{norm.weight_offset} and {norm2.weight_offset}")
         eps2 = _check_layer(h, kind2, p2, eps2, shape, s_dtype)
     # float64 anywhere takes the reference, as for the plain ops.
     triton = use_triton(backend, h) and x.dtype is not torch.float64 and residual_dtype is not torch.float64
@@ -430,12 +436,13 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
     if not all(p is None or p.dim() == 1 for p in (*p1, *p2)):
         flat = lambda p: p if p is None or p.dim() == 1 else p.reshape(-1)  # noqa: E731
         p1, p2 = tuple(map(flat, p1)), tuple(map(flat, p2))
-    spec = (kind, mode, eps1, eps2, float(scale), residual_dtype, triton)
+    # Gemma 2/3's sandwich norms are (1 + w) RMSNorms: the offset rides along, added in fp32.
+    spec = (kind, mode, eps1, eps2, float(scale), residual_dtype, triton, getattr(norm, "weight_offset", 0.0))
     route = _route(h2d, x2d, *p1, *p2)
     if route == "custom_op":
         y, s = fused_residual_fwd(h2d, x2d, *p1, *p2, *spec)[:2]
     elif route == "composite":  # forward-mode AD and torch.func transforms: the reference, as torch ops
-        y, s = _fused_forward(h2d, x2d, p1, p2, *spec[:-1], False)[:2]
+        y, s = _fused_forward(h2d, x2d, p1, p2, *spec[:6], False, spec[7])[:2]
     elif route == "function":
         leaves = (h.requires_grad and h.is_leaf, x.requires_grad and x.is_leaf)
         if _FUSED_C_APPLY is None:

@@ -22,9 +22,10 @@ BACKENDS = ["torch", "triton"]
 PRECISIONS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
 
 
-def make_norm(kind, n, backend, dtype=torch.float32, device="cpu"):
+def make_norm(kind, n, backend, dtype=torch.float32, device="cpu", weight_offset=0.0):
     cls = {"layernorm": normzoo.LayerNorm, "rmsnorm": normzoo.RMSNorm, "dyt": normzoo.DyT, "derf": normzoo.Derf}[kind]
-    norm = cls(n, backend=backend, device=device, dtype=dtype)
+    offset = {"weight_offset": weight_offset} if weight_offset else {}
+    norm = cls(n, backend=backend, device=device, dtype=dtype, **offset)
     with torch.no_grad():  # away from the initial values, so every parameter matters
         for p in norm.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -34,7 +35,8 @@ def make_norm(kind, n, backend, dtype=torch.float32, device="cpu"):
 def copy_of(norm, dtype=None):
     """A copy on the reference path: in float64 the oracle, at its own dtype the peer (PyTorch's
     op-by-op sequence at working precision, whose error the test rule allows twice over)."""
-    copy = type(norm)(norm.normalized_shape, backend="torch", dtype=dtype)
+    offset = {"weight_offset": norm.weight_offset} if getattr(norm, "weight_offset", 0.0) else {}
+    copy = type(norm)(norm.normalized_shape, backend="torch", dtype=dtype, **offset)
     copy.load_state_dict({k: v.to(dtype) if dtype else v for k, v in norm.state_dict().items()})
     return copy
 
@@ -57,9 +59,9 @@ def run_fused(mode, x, h, n1, n2, scale, residual_dtype=None):
 
 
 def check_against_float64(kind, mode, act_dtype, res_dtype, n, backend, device, rows=5, scale=0.7, dy_on=True,
-                          ds_on=True):
-    n1 = make_norm(kind, n, backend, device=device)
-    n2 = make_norm(kind, n, backend, device=device) if mode == "norm_add_norm" else None
+                          ds_on=True, weight_offset=0.0):
+    n1 = make_norm(kind, n, backend, device=device, weight_offset=weight_offset)
+    n2 = make_norm(kind, n, backend, device=device, weight_offset=weight_offset) if mode == "norm_add_norm" else None
     x = torch.randn(rows, n, device=device).to(res_dtype).requires_grad_()
     h = torch.randn(rows, n, device=device).to(act_dtype).requires_grad_()
     y, s = run_fused(mode, x, h, n1, n2, scale)
@@ -116,6 +118,22 @@ def test_fused_ops_at_other_widths(kind, mode, n, device):
     check_against_float64(kind, mode, torch.float32, torch.float32, n, "triton", device, rows=9)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", PRECISIONS[1:], ids=["bf16", "bf16-fp32res"])
+@pytest.mark.parametrize("mode", fused.MODES)
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_weight_offset_norms(kind, mode, precision, backend, device):
+    """Gemma 2/3's sandwich norms are (1 + w) RMSNorms: the fused ops take a weight_offset norm
+    (both norms of norm_add_norm share it), added in fp32 as in the plain layers."""
+    check_against_float64(kind, mode, *precision, 24, backend, device, weight_offset=1.0)
+
+
+def test_weight_offset_must_match_across_the_two_norms():
+    with pytest.raises(ValueError, match="share a weight_offset"):
+        NF.norm_add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.RMSNorm(4, weight_offset=1.0),
+                         normzoo.RMSNorm(4))
+
+
 @pytest.mark.parametrize("mode", fused.MODES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_looped_long_row_path(kind, mode, device, monkeypatch):
@@ -130,6 +148,8 @@ def test_looped_long_row_path(kind, mode, device, monkeypatch):
     assert module.launch_config(kind, "fwd", 97, torch.float32, torch.device(device)).block_n == 16
     for act_dtype, res_dtype in PRECISIONS:
         check_against_float64(kind, mode, act_dtype, res_dtype, 97, "triton", device)
+    if kind in ("layernorm", "rmsnorm"):
+        check_against_float64(kind, mode, torch.bfloat16, torch.float32, 97, "triton", device, weight_offset=1.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -219,6 +239,8 @@ def test_opcheck(kind, mode, triton, device):
     p2 = tuple(p.detach().requires_grad_() if p is not None else None for p in p2)
     args = (h, x, *p1, *p2, kind, mode, eps, eps, 0.5, None, triton)
     torch.library.opcheck(fused.fused_residual_fwd, args)
+    if kind == "layernorm":
+        torch.library.opcheck(fused.fused_residual_fwd, (*args, 1.0))
 
 
 @pytest.mark.parametrize("placement", ["pre", "peri", "post"])
