@@ -21,7 +21,6 @@ before a shape that would start past the budget and still writes every file.
 """
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -63,16 +62,12 @@ def main(argv=None) -> int:
 
         return train_step_main([a for a in argv if a != "--train-step"])
     args = parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before normzoo's kernels are defined
+    from . import harness
+
+    if (status := harness.missing_gpu(args.smoke, "GPU kernels", "--smoke")) is not None:
+        return status
     import torch
 
-    if not args.smoke and not torch.cuda.is_available():
-        print("No CUDA GPU found: this benchmark times GPU kernels. Run it on a machine with a GPU, "
-              "or pass --smoke to check the harness on the CPU.", file=sys.stderr)
-        return 2
-
-    from . import harness
     from .cases import CASES, GROUPS, PEERS, default_providers, expand_ops, peer_providers
 
     op_names = list(args.ops)  # as given (groups unexpanded), for the file stem

@@ -7,9 +7,11 @@ Conventions (../shared/ANCHORS.md's, so our numbers compare with the peers' ther
 """
 
 import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +19,19 @@ from pathlib import Path
 import torch
 
 PASSES = ("fwd", "bwd", "fwdbwd")
+
+
+def missing_gpu(cpu_check: bool, what: str, flag: str) -> int | None:
+    """Before normzoo is imported: for a CPU check run (``flag``), Triton's interpreter; otherwise a
+    CUDA GPU, or exit status 2 with why. None when the run can go on."""
+    if cpu_check:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before normzoo's kernels are defined
+        return None
+    if torch.cuda.is_available():
+        return None
+    print(f"No CUDA GPU found: this benchmark times {what}. Run it on a machine with a GPU, or pass {flag} to "
+          "check it on the CPU.", file=sys.stderr)
+    return 2
 
 
 @dataclass

@@ -28,7 +28,6 @@ and exits with status 2, unless ``--tiny``, which runs the kernels in Triton's C
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -358,16 +357,12 @@ def main(argv=None) -> int:
                 plot(data, args.out / f"{data['name']}.png")
         return 0
     args.out = args.out or Path("benchmarks/results")
-    if args.tiny:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before normzoo's kernels are defined
+    from .harness import environment, missing_gpu
+
+    if (status := missing_gpu(args.tiny, "a training step on a GPU", "--tiny")) is not None:
+        return status
     import torch
     import transformers
-
-    if not args.tiny and not torch.cuda.is_available():
-        print("No CUDA GPU found: this benchmark times a training step on a GPU. Run it on a machine with a GPU, "
-              "or pass --tiny to check it on the CPU.", file=sys.stderr)
-        return 2
-    from .harness import environment
 
     device = "cpu" if args.tiny else "cuda"
     dtype = getattr(torch, DTYPES[args.dtype])
