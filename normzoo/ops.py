@@ -865,9 +865,8 @@ def _headwise_setup_context(ctx, inputs, output):
 
 
 def _headwise_custom_op_grads(ctx, dya, dyb):
-    a, wa, b, wb = ctx.saved_tensors
-    grads = _headwise_grads(ctx, dya, dyb if b is not None else None, lambda *args: headwise_norm_bwd(*args))
-    return (*grads, None, None, None)
+    b = ctx.saved_tensors[2]  # without b, yb is the op's empty placeholder: its gradient means nothing
+    return (*_headwise_grads(ctx, dya, dyb if b is not None else None, headwise_norm_bwd), None, None, None)
 
 
 headwise_norm_fwd.register_autograd(_headwise_custom_op_grads, setup_context=_headwise_setup_context)

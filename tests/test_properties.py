@@ -38,9 +38,9 @@ from hypothesis import strategies as st  # noqa: E402
 import normzoo  # noqa: E402
 import normzoo.functional as NF  # noqa: E402
 from helpers import RTOL, assert_close, rel_error  # noqa: E402
-from normzoo import fused, reference  # noqa: E402
-from normzoo.kernels import pointwise_backward, pointwise_forward  # noqa: E402
+from normzoo import fused  # noqa: E402
 from test_headwise import formula as headwise_formula  # noqa: E402
+from test_pointwise_kernels import run_and_compare as run_pointwise  # noqa: E402
 from test_rowwise_kernels import run_and_compare as run_rowwise  # noqa: E402
 
 _COMMON = dict(deadline=None, database=None, print_blob=True,
@@ -331,45 +331,6 @@ def test_rowwise_options(data, is_rms, dtype, fp32_params, lead, two_dim_shape, 
 # ---------------------------------------------------------------------------------------------- pointwise
 
 
-def check_pointwise(x, alpha, shift, weight, bias, layout_kw, activation, max_block_n):
-    """test_pointwise_kernels.run_and_compare, with y = w·act(u) + b judged against the size of its
-    two terms, ‖|w·act(u)| + |b|‖, where they cancel: 16-bit DyT takes a fast tanh whose error is
-    bounded relative to tanh (TANH_APPROX_REL_ERROR, about half the fp16 table), not to y."""
-    as64 = lambda t: None if t is None else t.double()  # noqa: E731
-    kw = dict(activation=activation, **layout_kw)
-    where = (activation, layout_kw["channels"], layout_kw["params_per_row"])
-    y = pointwise_forward(x, alpha, shift, weight, bias, max_block_n=max_block_n, **kw)
-    y_ref = reference.pointwise_forward(x.double(), as64(alpha), as64(shift), as64(weight), as64(bias), *where)
-    y_peer = reference.pointwise_forward(x, alpha, shift, weight, bias, *where)  # fp32 arithmetic
-    y_size = 0.0
-    if bias is not None:
-        term = reference.pointwise_forward(x.double(), as64(alpha), as64(shift), as64(weight), None, *where)
-        y_size = (term.abs() + (y_ref - term).abs()).norm().item()
-    assert torch.isfinite(y).all()
-    assert_close(y, y_ref, "y", x.dtype, peer=y_peer, scale=y_size)
-
-    dy = torch.randn_like(x)
-    dy_before = dy.clone()
-    flags = dict(compute_dw=weight is not None)
-    db_dtype = bias.dtype if bias is not None else None
-    grads = pointwise_backward(dy, x, alpha, shift, weight, max_block_n=max_block_n, db_dtype=db_dtype, **kw, **flags)
-    assert torch.equal(dy, dy_before), "backward wrote into the incoming gradient"
-    refs = reference.pointwise_backward(dy.double(), x.double(), as64(alpha), as64(shift), as64(weight), *where,
-                                        db_dtype=torch.float64 if bias is not None else None, **flags)
-    peers = reference.pointwise_backward(dy, x, alpha, shift, weight, *where, db_dtype=db_dtype, **flags)
-    dtypes = [x.dtype, alpha.dtype, alpha.dtype, weight.dtype if weight is not None else None, db_dtype]
-    # dalpha = Σ g·x and dshift = Σ g over every element can cancel: judge them against Σ|terms|.
-    g = refs[0].double() / alpha.double()
-    scales = [0.0, (g * x.double()).abs().sum().item(), g.abs().sum().item(), 0.0, 0.0]
-    for name, got, ref, peer, dtype, scale in zip(["dx", "dalpha", "dshift", "dw", "db"], grads, refs, peers,
-                                                  dtypes, scales):
-        if ref is None:
-            assert got is None, name
-            continue
-        assert torch.isfinite(got).all(), name
-        assert_close(got, ref, name, dtype, peer=peer, scale=scale)
-
-
 @given(data=st.data(), activation=st.sampled_from(["tanh", "erf"]), dtype=DTYPES, rows=st.integers(1, 30),
        channels_first=st.booleans(), affine=st.sampled_from(["none", "weight", "weight+bias"]),
        fp32_params=st.booleans(), max_block_n=st.sampled_from([None, 16]))
@@ -385,8 +346,8 @@ def test_pointwise_kernels(data, activation, dtype, rows, channels_first, affine
         if activation == "erf" else None
     w = torch.randn(channels, device=device).to(param_dtype) if affine != "none" else None
     b = torch.randn(channels, device=device).to(param_dtype) if affine == "weight+bias" else None
-    check_pointwise(x, alpha, shift, w, b, dict(channels=channels, params_per_row=channels_first), activation,
-                    max_block_n)
+    run_pointwise(x, alpha, shift, w, b, dict(channels=channels, params_per_row=channels_first), activation,
+                  max_block_n, y_by_terms=True)
 
 
 # ---------------------------------------------------------------------------------------------- fused
@@ -505,7 +466,8 @@ def test_fused_residual(data, kind, mode, h_dtype, x_is_fp32, residual, fp32_par
     yp = (mp[-1](sp) * scale).to(h_dtype) if mode != "norm_add" else None
 
     # s = x + N(h) and y = N(s) = core + bias are sums whose terms may cancel (16-bit DyT's fast tanh
-    # errs relative to tanh, not to y; see check_pointwise): judge them against their terms' size.
+    # errs relative to tanh, not to y; see test_pointwise_kernels.run_and_compare): judge them
+    # against their terms' size.
     def parts(m, v):
         out = m(v).detach()
         bias = getattr(m, "bias", None)
