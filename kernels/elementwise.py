@@ -35,7 +35,7 @@ from .launch import (alloc, alloc_like, alloc_rows, cdiv, check_rows, device_gua
                      residual_grad_buffers)
 from .reduce import sum_partials
 from .rowwise_norm import RES_ADD_NORM, RES_MODES, RES_NORM_ADD, RES_NORM_ADD_NORM
-from .tiles import load_tile, store_tile
+from .tiles import load_tile, store_column_sums, store_tile
 
 ACTIVATIONS = ("tanh", "erf")
 
@@ -184,6 +184,7 @@ def _pointwise_fwd_kernel(
 def _pointwise_bwd_kernel(
     X, DY, DX, ALPHA, SHIFT, W,
     PARTIALS,  # fp32 scratch: the dw sums at 0, the db sums at db_offset, the scalar sums at scalar_offset
+    DW, DB, DALPHA, DSHIFT,  # DIRECT (a one-program grid): the gradients themselves, in their own dtypes
     DRES,  # HAS_DRES: a gradient added to dx (the sum's, when x was the sum r + h of a fused add)
     DX2,  # STORE_DX2: dx stored a second time, in DX2's dtype
     stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_dx2_row,
@@ -203,10 +204,12 @@ def _pointwise_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # row blocks in flight (software pipelining of the row loop's loads)
+    DIRECT: tl.constexpr,  # one program, each row its own channel or all rows one sum: the gradients written here
 ):
     """Each program owns rows [row_start, row_end) and writes its sums into PARTIALS:
     dw / db, one row of N column sums per program (channels-last) or one sum per row
-    (PARAMS_PER_ROW), and two scalars (Σ g·x for dalpha, Σ g for dshift) per program."""
+    (PARAMS_PER_ROW), and two scalars (Σ g·x for dalpha, Σ g for dshift) per program. With
+    DIRECT those sums are the gradients, stored in DW, DB, DALPHA, DSHIFT: no reduce launch."""
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -266,17 +269,30 @@ def _pointwise_bwd_kernel(
         else:
             partial_offset = pid.to(tl.int64) * N + cols
             if COMPUTE_DW:
-                tl.store(PARTIALS + partial_offset, tl.sum(dw_acc, axis=0), mask=col_mask)
+                store_column_sums(PARTIALS, DW, partial_offset, cols, col_mask, dw_acc, DIRECT)
             if COMPUTE_DB:
-                tl.store(DB_PARTIAL + partial_offset, tl.sum(db_acc, axis=0), mask=col_mask)
+                store_column_sums(DB_PARTIAL, DB, partial_offset, cols, col_mask, db_acc, DIRECT)
     if PARAMS_PER_ROW:
         rows = row_start + tl.arange(0, BLOCK_M)
-        if COMPUTE_DW:
-            tl.store(PARTIALS + rows, dw_rows, mask=rows < row_end)
-        if COMPUTE_DB:
-            tl.store(DB_PARTIAL + rows, db_rows, mask=rows < row_end)
-    tl.store(SCALAR_PARTIAL + pid * 2, tl.sum(tl.sum(dalpha_acc, axis=1), axis=0))
-    tl.store(SCALAR_PARTIAL + pid * 2 + 1, tl.sum(tl.sum(dshift_acc, axis=1), axis=0))
+        if DIRECT:  # one image: row r is channel r
+            if COMPUTE_DW:
+                tl.store(DW + rows, dw_rows.to(DW.dtype.element_ty), mask=rows < row_end)
+            if COMPUTE_DB:
+                tl.store(DB + rows, db_rows.to(DB.dtype.element_ty), mask=rows < row_end)
+        else:
+            if COMPUTE_DW:
+                tl.store(PARTIALS + rows, dw_rows, mask=rows < row_end)
+            if COMPUTE_DB:
+                tl.store(DB_PARTIAL + rows, db_rows, mask=rows < row_end)
+    dalpha = tl.sum(tl.sum(dalpha_acc, axis=1), axis=0)
+    dshift = tl.sum(tl.sum(dshift_acc, axis=1), axis=0)
+    if DIRECT:
+        tl.store(DALPHA, dalpha.to(DALPHA.dtype.element_ty))
+        if HAS_SHIFT:
+            tl.store(DSHIFT, dshift.to(DSHIFT.dtype.element_ty))
+    else:
+        tl.store(SCALAR_PARTIAL + pid * 2, dalpha)
+        tl.store(SCALAR_PARTIAL + pid * 2 + 1, dshift)
 
 
 def _check_activation(activation: str):
@@ -388,26 +404,32 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
     else:
         rows_per_program, programs = split_rows(M, cfg, device)
 
+    dalpha = alloc(x, 1, alpha.dtype)
+    dshift = alloc(x, 1, shift.dtype) if shift is not None else None
+    dw = alloc(x, channels, weight.dtype) if compute_dw else None
+    db = alloc(x, channels, db_dtype) if compute_db else None
     # One fp32 scratch buffer for every partial sum (one allocation): [dw | db | (dalpha, dshift) per program].
     # channels-first: row r is channel r mod C, so M = B·C row sums are a (B, C) block of column sums.
+    # Few rows (one program; channels-first, one image) need no scratch: the kernel writes the gradients.
     parts, cols = (M // channels, channels) if params_per_row else (programs, N)
+    direct = programs == 1 and parts == 1
     db_offset = parts * cols if compute_dw else 0
     scalar_offset = db_offset + (parts * cols if compute_db else 0)
-    partials = alloc(x, scalar_offset + 2 * programs, torch.float32)
+    partials = None if direct else alloc(x, scalar_offset + 2 * programs, torch.float32)
     with device_guard(x):
         _pointwise_bwd_kernel[(programs,)](
-            x, dy, dx, alpha, shift if shift is not None else alpha, weight if weight is not None else x, partials,
+            x, dy, dx, alpha, shift if shift is not None else alpha, weight if weight is not None else x,
+            partials if partials is not None else dx, dw if dw is not None else dx, db if db is not None else dx,
+            dalpha, dshift if dshift is not None else dalpha,
             dres if dres is not None else dx, dx2 if dx2 is not None else dx,
             x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
             M, N, channels, rows_per_program, db_offset, scalar_offset, scale,
             # ACTIVATION, HAS_SHIFT, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, PARAMS_PER_ROW, HAS_DRES, STORE_DX2,
-            # HAS_SCALE, BLOCK_M, BLOCK_N, NUM_STAGES (by position)
+            # HAS_SCALE, BLOCK_M, BLOCK_N, NUM_STAGES, DIRECT (by position)
             activation, shift is not None, weight is not None, compute_dw, compute_db, params_per_row,
-            dres is not None, dx2 is not None, scale != 1.0, cfg.block_m, cfg.block_n, cfg.num_stages, num_warps=cfg.num_warps,
+            dres is not None, dx2 is not None, scale != 1.0, cfg.block_m, cfg.block_n, cfg.num_stages, direct,
+            num_warps=cfg.num_warps,
         )
-        dalpha = alloc(x, 1, alpha.dtype)
-        dshift = alloc(x, 1, shift.dtype) if shift is not None else None
-        dw = alloc(x, channels, weight.dtype) if compute_dw else None
-        db = alloc(x, channels, db_dtype) if compute_db else None
-        sum_partials(partials, parts, cols, db_offset, dw, db, scalar_offset, programs, dalpha, dshift)
+        if partials is not None:
+            sum_partials(partials, parts, cols, db_offset, dw, db, scalar_offset, programs, dalpha, dshift)
     return dx, dx2, dalpha, dshift, dw, db

@@ -36,7 +36,7 @@ from .heuristics import launch_config, split_rows
 from .launch import (alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard, empty_residual_grads,
                      residual_grad_buffers)
 from .reduce import sum_partials
-from .tiles import load_tile, rstd_of, store_tile
+from .tiles import load_tile, rstd_of, store_column_sums, store_tile
 
 
 @triton.jit
@@ -265,6 +265,7 @@ def _norm_bwd_kernel(
     X, W, DY, DX,  # pointers; W is unused without a weight
     STATS,  # the forward's per-row statistics (see _norm_fwd_kernel)
     PARTIALS,  # fp32 (num_programs, N) column sums: dw's at 0, db's at db_offset
+    DW, DB,  # DIRECT (a one-program grid): dw and db themselves, written in their own dtypes
     ROW_SUMS,  # (M, 2) fp32 scratch for c1, c2 on the looped path
     DRES,  # HAS_DRES: a gradient added to dx (the sum's, when x was the sum r + h of a fused add)
     DX2,  # STORE_DX2: dx stored a second time, in DX2's dtype (the add's other input's gradient)
@@ -291,6 +292,7 @@ def _norm_bwd_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # row blocks in flight: the next block's loads overlap this one's reductions
+    DIRECT: tl.constexpr,  # one program owns every row: it writes dw and db, no reduce launch follows
 ):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
@@ -376,9 +378,9 @@ def _norm_bwd_kernel(
             if STORE_DX2:
                 store_tile(DX2, rows, stride_dx2_row, cols, mask, dx)
         if COMPUTE_DW:
-            tl.store(PARTIALS + partial_row + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+            store_column_sums(PARTIALS, DW, partial_row + cols, cols, col_mask, dw_acc, DIRECT)
         if COMPUTE_DB:
-            tl.store(PARTIALS + db_offset + partial_row + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+            store_column_sums(PARTIALS + db_offset, DB, partial_row + cols, cols, col_mask, db_acc, DIRECT)
 
 
 def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_offset: float = 0.0,
@@ -396,7 +398,7 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_of
     y = alloc_like(x) if out_dtype is None else alloc_rows(x, out_dtype)
     stats = alloc(x, M if is_rms else 2 * M, torch.float32)
     if M and N:
-        _launch_forward(x, y, weight, bias, stats, None, None, None, None, None, eps, 0.0, 1.0, is_rms, 0,
+        _launch_forward(x, M, N, y, weight, bias, stats, None, None, None, None, None, eps, 0.0, 1.0, is_rms, 0,
                         max_block_n, weight_offset, round_x_hat)
     return y, stats
 
@@ -421,17 +423,16 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
     stats = alloc(x, M if is_rms else 2 * M, torch.float32)
     stats2 = alloc(x, M if is_rms else 2 * M, torch.float32) if mode == "norm_add_norm" else None
     if M and N:
-        _launch_forward(x, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
+        _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
                         res_mode, max_block_n, weight_offset)
     return y, s, stats, stats2
 
 
-def _launch_forward(x, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
+def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
                     res_mode, max_block_n, weight_offset=0.0, round_x_hat=0):
-    M, N = x.shape
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
     with device_guard(x):
-        _norm_fwd_kernel[(cdiv(M, cfg.block_m),)](
+        _norm_fwd_kernel[(-(-M // cfg.block_m),)](  # cdiv, inline
             x, y if y is not None else x, weight if weight is not None else x, bias if bias is not None else x, stats,
             residual if residual is not None else x, s if s is not None else x,
             weight2 if weight2 is not None else x, bias2 if bias2 is not None else x,
@@ -490,23 +491,29 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", pass_, N, x.dtype, device, max_block_n)
     rows_per_program, programs = split_rows(M, cfg, device)
 
-    # One fp32 scratch buffer for both column sums (one allocation): [dw (programs × N) | db (programs × N)].
+    dw = alloc(x, N, weight.dtype) if compute_dw else None
+    db = alloc(x, N, db_dtype) if compute_db else None
+    # Few rows (one program): the kernel writes dw and db itself. Otherwise one fp32 scratch
+    # buffer for both column sums (one allocation), [dw (programs × N) | db (programs × N)], and
+    # a second launch reduces it.
+    direct = programs == 1
     db_offset = programs * N if compute_dw else 0
-    partials = alloc(x, db_offset + (programs * N if compute_db else 0), torch.float32)
+    partials = (alloc(x, db_offset + (programs * N if compute_db else 0), torch.float32)
+                if not direct and (compute_dw or compute_db) else None)
     row_sums = None if cfg.single_tile else alloc(x, 2 * M, torch.float32)
     with device_guard(x):
         _norm_bwd_kernel[(programs,)](
-            x, weight if weight is not None else x, dy, dx, stats, partials if compute_dw or compute_db else dx,
+            x, weight if weight is not None else x, dy, dx, stats, partials if partials is not None else dx,
+            dw if dw is not None else dx, db if db is not None else dx,
             row_sums if row_sums is not None else stats, dres if dres is not None else dx, dx2 if dx2 is not None else dx,
             x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
             M, N, rows_per_program, db_offset, scale, weight_offset,
             # IS_RMS, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, HAS_DRES, STORE_DX2, HAS_SCALE, HAS_OFFSET, ROUND_X_HAT,
-            # BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES (by position)
+            # BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES, DIRECT (by position)
             is_rms, weight is not None, compute_dw, compute_db, dres is not None, dx2 is not None, scale != 1.0,
-            weight_offset != 0.0, round_x_hat, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, num_warps=cfg.num_warps,
+            weight_offset != 0.0, round_x_hat, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, direct,
+            num_warps=cfg.num_warps,
         )
-        dw = alloc(x, N, weight.dtype) if compute_dw else None
-        db = alloc(x, N, db_dtype) if compute_db else None
-        if compute_dw or compute_db:
+        if partials is not None:
             sum_partials(partials, programs, N, db_offset, dw, db)
     return dx, dx2, dw, db

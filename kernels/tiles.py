@@ -27,3 +27,15 @@ def rstd_of(mean_square):
     NaN says the row could not be normalized (torch's LayerNorm gives NaN there too)."""
     rstd = tl.rsqrt(mean_square)
     return tl.where(rstd == 0.0, float("nan"), rstd)
+
+
+@triton.jit
+def store_column_sums(PARTIAL, FINAL, partial_offsets, cols, col_mask, acc, DIRECT: tl.constexpr):
+    """The column sums of a backward's (rows × cols) accumulator: as fp32 partials at
+    ``partial_offsets`` for the reduce launch, or, when one program owns every row (``DIRECT``),
+    as the gradient itself, in FINAL's dtype: a one-launch backward, no scratch buffer."""
+    sums = tl.sum(acc, axis=0)
+    if DIRECT:
+        tl.store(FINAL + cols, sums.to(FINAL.dtype.element_ty), mask=col_mask)
+    else:
+        tl.store(PARTIAL + partial_offsets, sums, mask=col_mask)

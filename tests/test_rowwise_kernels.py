@@ -98,6 +98,17 @@ def test_kernels_match_reference(is_rms, dtype, n, max_block_n, affine, device):
 
 
 @pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,max_block_n", [(97, None), (300, 64)])
+@pytest.mark.parametrize("affine", AFFINE)
+def test_few_rows_one_program_writes_the_gradients(is_rms, dtype, n, max_block_n, affine, device):
+    # Under 32 rows one program owns them all and stores dw/db in the parameters' dtype itself
+    # (no partials, no reduce launch); the other tests' 37 rows take the two-launch path.
+    x, w, b = make_inputs(5, n, dtype, affine, dtype, device, is_rms)
+    run_and_compare(x, w, b, is_rms, max_block_n=max_block_n)
+
+
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n,max_block_n", [(97, None), (300, 64)])
 def test_fp32_params_with_16bit_input(is_rms, dtype, n, max_block_n, device):
