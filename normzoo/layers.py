@@ -21,6 +21,12 @@ def _param(module: torch.nn.Module, name: str):
     return params[name] if name in params else getattr(module, name)
 
 
+def _params(module: torch.nn.Module, *names: str) -> list:
+    """:func:`_param` of each name, in one call (a layer's forward reads two to four)."""
+    params = module._parameters
+    return [params[name] if name in params else getattr(module, name) for name in names]
+
+
 class LayerNorm(torch.nn.LayerNorm):
     r"""Layer Normalization (https://arxiv.org/abs/1607.06450) with fused Triton kernels on CUDA.
 
@@ -65,8 +71,9 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         # ops directly rather than through F.layer_norm: one Python frame less per call.
-        return ops.rowwise_norm(input, self.normalized_shape, _param(self, "weight"), _param(self, "bias"), self.eps,
-                                is_rms=False, backend=self.backend, weight_offset=self.weight_offset)
+        weight, bias = _params(self, "weight", "bias")
+        return ops.rowwise_norm(input, self.normalized_shape, weight, bias, self.eps, is_rms=False,
+                                backend=self.backend, weight_offset=self.weight_offset)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}" + _offset_repr(self)
@@ -255,10 +262,9 @@ class DyT(_PointwiseNorm):
         self.reset_parameters()
 
     def forward(self, input: Tensor) -> Tensor:
-        return ops.pointwise(input, _param(self, "alpha"), None, _param(self, "weight"), _param(self, "bias"),
-                             activation="tanh",
-                             channels_last=self.channels_last, backend=self.backend,
-                             normalized_shape=self.normalized_shape)
+        alpha, weight, bias = _params(self, "alpha", "weight", "bias")
+        return ops.pointwise(input, alpha, None, weight, bias, activation="tanh", channels_last=self.channels_last,
+                             backend=self.backend, normalized_shape=self.normalized_shape)
 
 
 class Derf(_PointwiseNorm):
@@ -301,8 +307,8 @@ class Derf(_PointwiseNorm):
         torch.nn.init.constant_(self.shift, self.shift_init_value)
 
     def forward(self, input: Tensor) -> Tensor:
-        return ops.pointwise(input, _param(self, "alpha"), _param(self, "shift"), _param(self, "weight"),
-                             _param(self, "bias"), activation="erf",
+        alpha, shift, weight, bias = _params(self, "alpha", "shift", "weight", "bias")
+        return ops.pointwise(input, alpha, shift, weight, bias, activation="erf",
                              channels_last=self.channels_last, backend=self.backend,
                              normalized_shape=self.normalized_shape)
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from . import reference
 
 BACKENDS = ("auto", "triton", "torch")
+_F64 = torch.float64
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -58,9 +59,9 @@ def use_triton(backend: str, x: Tensor) -> bool:
     if backend == "auto":
         return x.is_cuda and x.dtype is not torch.float64
     if backend == "triton":
-        if x.dtype is torch.float64:
+        if x.dtype is _F64:
             return False
-        if x.is_cuda or _launchers().heuristics.INTERPRETED:
+        if x.is_cuda or (_kernels or _launchers()).heuristics.INTERPRETED:
             return True
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {x.device}); "
@@ -283,9 +284,12 @@ def _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, ro
     RMSNorm, mean then rstd in one flat (2M,) buffer for LayerNorm (as the kernels store them).
     ``round_x_hat`` and ``out_dtype``: see :func:`_x_hat_rounding`."""
     if triton:
-        return _launchers().rowwise_norm_forward(_for_kernels(x), _for_kernels(weight), _for_kernels(bias), eps,
-                                                 is_rms=is_rms, weight_offset=weight_offset, round_x_hat=round_x_hat,
-                                                 out_dtype=out_dtype)
+        # _for_kernels's first test inline: contiguous input is the rule.
+        return (_kernels or _launchers()).rowwise_norm_forward(
+            x if x.is_contiguous() else _for_kernels(x),
+            weight if weight is None or weight.is_contiguous() else _for_kernels(weight),
+            bias if bias is None or bias.is_contiguous() else _for_kernels(bias), eps, is_rms=is_rms, weight_offset=weight_offset,
+            round_x_hat=round_x_hat, out_dtype=out_dtype)
     x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
     y, mean, rstd = reference.rowwise_norm_forward(x, weight, bias, eps, is_rms, weight_offset, round_x_hat, out_dtype)
     return y, (rstd if is_rms else torch.cat((mean, rstd)))
@@ -483,25 +487,31 @@ def rowwise_norm(
     """LayerNorm or RMSNorm over the trailing ``normalized_shape`` dims of ``x``, any leading dims;
     the weight applied is ``weight + weight_offset`` (in fp32). ``x_hat_dtype`` (None, "input" or
     "weight"): where x_hat is rounded before the weight, see :func:`_x_hat_rounding`."""
-    check_input(x)
-    if type(x) is not Tensor:  # a subclass: tensor parallelism's DTensor, or a collective's pending result
+    # The usual case's tests inline (each Python call on this path costs ~0.1 µs); the check_*
+    # helpers run only where a quick test fails, to raise their errors or handle the rare case.
+    if type(x) is not Tensor:  # not a tensor, or a subclass: tensor parallelism's DTensor, a collective's result
+        check_input(x)
         if isinstance(x, _wrapper_tensor_types()[0]):
             k = len(normalized_shape_tuple(normalized_shape))
             return _on_local_shards(lambda x, w, b: rowwise_norm(
                 x, normalized_shape, w, b, eps, is_rms=is_rms, backend=backend, weight_offset=weight_offset,
                 x_hat_dtype=x_hat_dtype), x, (weight, bias), range(x.dim() - k, x.dim()))
         x = _waited(x)
+    elif x.dtype not in FLOAT_DTYPES:
+        check_input(x)
     shape = normalized_shape_tuple(normalized_shape)
     check_trailing_shape(x, shape)
-    check_affine(weight, bias, shape, x)
-    if eps is None:  # torch.nn.RMSNorm's default: machine epsilon of the compute dtype
-        eps = torch.finfo(reference.compute_dtype(x.dtype)).eps
-    eps = check_eps(eps)
+    if weight is not None or bias is not None:
+        check_affine(weight, bias, shape, x)
+    if type(eps) is not float or not 0.0 <= eps < math.inf:
+        if eps is None:  # torch.nn.RMSNorm's default: machine epsilon of the compute dtype
+            eps = torch.finfo(reference.compute_dtype(x.dtype)).eps
+        eps = check_eps(eps)
     if weight_offset != 0.0:  # the usual 0.0 needs no check
         weight_offset = _check_weight_offset(weight_offset)
     round_x_hat, out_dtype = (0, None) if x_hat_dtype is None else _x_hat_rounding(check_x_hat_dtype(x_hat_dtype), x,
                                                                                    weight)
-    triton = use_triton(backend, x)
+    triton = x.is_cuda and x.dtype is not _F64 if backend == "auto" else use_triton(backend, x)
 
     # Rows of n: views where possible, and no call at all when x already is (rows, n).
     k = len(shape)
@@ -532,9 +542,12 @@ def rowwise_norm(
 
 
 def _pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row, triton):
-    if triton:
-        return _launchers().pointwise_forward(_for_kernels(x), alpha, shift, _for_kernels(weight), _for_kernels(bias),
-                                 activation=activation, channels=channels, params_per_row=params_per_row)
+    if triton:  # _for_kernels's first test inline, as in _rowwise_forward
+        return (_kernels or _launchers()).pointwise_forward(
+            x if x.is_contiguous() else _for_kernels(x), alpha, shift,
+            weight if weight is None or weight.is_contiguous() else _for_kernels(weight),
+            bias if bias is None or bias.is_contiguous() else _for_kernels(bias),
+            activation=activation, channels=channels, params_per_row=params_per_row)
     x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
     return reference.pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row)
 
@@ -688,8 +701,8 @@ def pointwise(
     parameters to read it from; without it, the weight's (or bias's) shape, else the input's last
     dim.
     """
-    check_input(x)
     if type(x) is not Tensor:  # tensor parallelism's DTensor, or a collective's pending result (rowwise_norm)
+        check_input(x)
         if isinstance(x, _wrapper_tensor_types()[0]):
             param = weight if weight is not None else bias
             k = (len(normalized_shape_tuple(normalized_shape)) if normalized_shape is not None else
@@ -699,6 +712,8 @@ def pointwise(
                 x, a, s, w, b, activation=activation, channels_last=channels_last, backend=backend,
                 normalized_shape=normalized_shape), x, (alpha, shift, weight, bias), whole)
         x = _waited(x)
+    elif x.dtype not in FLOAT_DTYPES:
+        check_input(x)
     _check_scalars(alpha, shift, x)
     expected = normalized_shape_tuple(normalized_shape) if normalized_shape is not None else None
     if channels_last:
@@ -716,8 +731,9 @@ def pointwise(
                              f"got input of shape {tuple(x.shape)}")
         channels = x.shape[1]
         x2d = x.reshape(x.shape[0] * channels, math.prod(x.shape[2:]))
-    check_affine(weight, bias, shape, x)
-    triton = use_triton(backend, x)
+    if weight is not None or bias is not None:
+        check_affine(weight, bias, shape, x)
+    triton = x.is_cuda and x.dtype is not _F64 if backend == "auto" else use_triton(backend, x)
     # (1,) scalars and (C,) parameters as they are; others flattened to them.
     if alpha.dim() != 1:
         alpha = alpha.reshape(1)
