@@ -11,6 +11,12 @@ counts, where a norm is launch-bound, against torch eager.
 
 Prints a table and, with ``--out``, writes it as JSON and Markdown. Reports the ratio normzoo /
 torch for the forward and the forward + backward; the targets (issue 11) are at most 2×.
+
+``--instructions`` (CPU, needs ``valgrind``) counts instructions per call instead of timing: the
+same stubbed calls, run once under callgrind, which dumps its counters at each ``os.getppid()``
+the run makes between cases. A count does not drift with the machine's load (a shared 2-core VM's
+timings move by ±10% from one run to the next), so it is the figure to compare before and after a
+host-path change; it is not time (cache misses and waits cost time and no instructions).
 """
 
 import argparse
@@ -31,6 +37,9 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=30,
                    help="interleaved rounds; the fastest is kept (many short rounds ride out a noisy machine)")
     p.add_argument("--out", type=Path, default=None, help="directory for host-<label>.json/.md")
+    p.add_argument("--instructions", action="store_true",
+                   help="count instructions per call under valgrind's callgrind instead of timing (CPU, stubbed)")
+    p.add_argument("--segments", type=Path, default=None, help=argparse.SUPPRESS)  # the run callgrind watches
     return p.parse_args(argv)
 
 
@@ -120,15 +129,92 @@ def measure(rows_list, hidden, repeats, rounds, device, stubbed):
     return results
 
 
+def run_segments(rows: int, hidden: int, repeats: int, out: Path) -> None:
+    """The run ``--instructions`` watches: after every case is warm, each (layer, implementation,
+    pass) runs ``repeats`` calls and then ``os.getppid()``, where callgrind dumps its counters
+    (``--dump-before=getppid``); the segment names go to ``out``/segments.json."""
+    import gc
+
+    import torch
+
+    x = torch.randn(rows, hidden, requires_grad=True)
+    dy = torch.randn(rows, hidden)
+    calls = []
+    for name, ours, theirs, baseline in layers(hidden, "cpu", torch.float32):
+        for label, fn in (("normzoo", ours), ("torch", theirs)):
+            calls.append(((name, baseline, label, "fwd"), (lambda fn: lambda: fn(x))(fn)))
+            calls.append(((name, baseline, label, "fwdbwd"), (lambda fn: lambda: torch.autograd.backward(
+                outs := fn(x), (dy,) * len(outs)))(fn)))
+    for _, call in calls:  # warm: the first calls fill caches and lazy state
+        for _ in range(20):
+            call()
+    # As timeit: no cyclic garbage collection inside a segment (a full collection after importing
+    # torch walks every object, a billion instructions landing in whichever segment it hits);
+    # the calls free what they allocate by reference counting.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    os.getppid()  # the end of the set-up
+    for _, call in calls:
+        for _ in range(repeats):
+            call()
+        os.getppid()
+    (out / "segments.json").write_text(json.dumps([key for key, _ in calls]))
+
+
+def count_instructions(rows: int, hidden: int, repeats: int) -> list:
+    """Rows of :func:`measure`'s form with instructions (thousands) per call in place of µs."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind on PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cmd = ["valgrind", "--tool=callgrind", "--dump-before=getppid", f"--callgrind-out-file={tmp}/cg.out",
+               sys.executable, "-m", "benchmarks.host", "--segments", str(tmp), "--rows", str(rows),
+               "--hidden", str(hidden), "--repeats", str(repeats)]
+        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        segments = json.loads((tmp / "segments.json").read_text())
+        dumps = sorted(tmp.glob("cg.out.*"), key=lambda f: int(f.suffix[1:]))
+
+        def total(path):
+            for line in path.read_text().splitlines():
+                if line.startswith(("totals:", "summary:")):
+                    return int(line.split()[1])
+            raise ValueError(f"no totals in {path}")
+
+        # Dump 1 ends the set-up; dump i + 1 holds segment i.
+        if len(dumps) < len(segments) + 1:
+            raise RuntimeError(f"callgrind wrote {len(dumps)} dumps for {len(segments)} segments")
+        counts = [total(f) / repeats / 1000 for f in dumps[1:1 + len(segments)]]
+    by_key = {tuple(seg): n for seg, n in zip(segments, counts)}
+    results = []
+    for name, baseline in dict.fromkeys((seg[0], seg[1]) for seg in segments):
+        row = {"layer": name, "rows": rows, "hidden": hidden, "baseline": baseline, "unit": "kIr"}
+        for label in ("normzoo", "torch"):
+            for pass_ in ("fwd", "fwdbwd"):
+                row[f"{label}_{pass_}_kir"] = by_key[(name, baseline, label, pass_)]
+        row["fwd_ratio"] = row["normzoo_fwd_kir"] / row["torch_fwd_kir"]
+        row["fwdbwd_ratio"] = row["normzoo_fwdbwd_kir"] / row["torch_fwdbwd_kir"]
+        results.append(row)
+    return results
+
+
 def markdown(results, header: str) -> str:
+    unit = "kIr" if results and results[0].get("unit") == "kIr" else "µs"
+    key = "kir" if unit == "kIr" else "us"
     lines = [header, "",
-             "| layer | rows × N | normzoo fwd µs | baseline fwd µs | ratio | normzoo fwd+bwd µs | baseline fwd+bwd µs | ratio |",
+             f"| layer | rows × N | normzoo fwd {unit} | baseline fwd {unit} | ratio | normzoo fwd+bwd {unit} | "
+             f"baseline fwd+bwd {unit} | ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
-            f"| {r['layer']} (vs {r['baseline']}) | {r['rows']} × {r['hidden']} | {r['normzoo_fwd_us']:.1f} | "
-            f"{r['torch_fwd_us']:.1f} | {r['fwd_ratio']:.2f}× | {r['normzoo_fwdbwd_us']:.1f} | "
-            f"{r['torch_fwdbwd_us']:.1f} | {r['fwdbwd_ratio']:.2f}× |")
+            f"| {r['layer']} (vs {r['baseline']}) | {r['rows']} × {r['hidden']} | {r[f'normzoo_fwd_{key}']:.1f} | "
+            f"{r[f'torch_fwd_{key}']:.1f} | {r['fwd_ratio']:.2f}× | {r[f'normzoo_fwdbwd_{key}']:.1f} | "
+            f"{r[f'torch_fwdbwd_{key}']:.1f} | {r['fwdbwd_ratio']:.2f}× |")
     return "\n".join(lines)
 
 
@@ -136,7 +222,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    stubbed = args.stub or not torch.cuda.is_available()
+    stubbed = args.stub or args.instructions or args.segments is not None or not torch.cuda.is_available()
     if stubbed:
         if "normzoo" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             print("--stub needs TRITON_INTERPRET=1 before normzoo is imported", file=sys.stderr)
@@ -147,19 +233,27 @@ def main(argv=None) -> int:
     device = "cpu" if stubbed else "cuda"
     rows = args.rows or ([4] if stubbed else [1, 16, 256])
     hidden = args.hidden or (64 if stubbed else 4096)
-    results = measure(rows, hidden, args.repeats, args.rounds, device, stubbed)
+    if args.segments is not None:
+        run_segments(rows[0], hidden, args.repeats, args.segments)
+        return 0
+    if args.instructions:
+        results = [r for n in rows for r in count_instructions(n, hidden, min(args.repeats, 200))]
+    else:
+        results = measure(rows, hidden, args.repeats, args.rounds, device, stubbed)
 
     from .harness import environment
 
     env = environment(device, smoke=False)
     where = ("CPU, Triton launches stubbed out (host time only)" if stubbed
              else f"{env['gpu']}, wall clock per call, kernels included")
+    if args.instructions:
+        where = "CPU, Triton launches stubbed out, thousands of instructions per call (callgrind)"
     header = (f"Host cost per eager call, fp32, input requires grad: {where}. "
               f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}.")
     table = markdown(results, header)
     print(table)
     if args.out:
-        label = "cpu-stubbed" if stubbed else env["gpu"].replace(" ", "-")
+        label = "cpu-instructions" if args.instructions else "cpu-stubbed" if stubbed else env["gpu"].replace(" ", "-")
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"host-{label}.json").write_text(json.dumps({"environment": env, "stubbed": stubbed,
                                                                  "results": results}, indent=1) + "\n")

@@ -32,6 +32,27 @@ def test_smoke_run_writes_results(tmp_path):
     assert "| layernorm | fwd | fp32 |" in (tmp_path / "t.md").read_text()
 
 
+def test_host_instruction_segments_and_table(tmp_path):
+    """--instructions's watched run (here without valgrind): every case warm, then one segment per
+    (layer, implementation, pass), named in order; and the table of kIr rows."""
+    from benchmarks import host
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "benchmarks.host", "--segments", str(tmp_path), "--repeats", "2"],
+                   check=True, cwd=root, capture_output=True, timeout=300)
+    segments = json.loads((tmp_path / "segments.json").read_text())
+    names = [name for name, *_ in host.layers(8, "cpu", torch.float32)]
+    assert len(segments) == 4 * len(names)
+    assert [tuple(s[2:]) for s in segments[:4]] == [("normzoo", "fwd"), ("normzoo", "fwdbwd"), ("torch", "fwd"),
+                                                    ("torch", "fwdbwd")]
+    assert list(dict.fromkeys(s[0] for s in segments)) == names
+    row = {"layer": "LayerNorm", "rows": 4, "hidden": 64, "baseline": "torch.nn.LayerNorm", "unit": "kIr",
+           "normzoo_fwd_kir": 130.0, "torch_fwd_kir": 65.0, "normzoo_fwdbwd_kir": 300.0, "torch_fwdbwd_kir": 250.0,
+           "fwd_ratio": 2.0, "fwdbwd_ratio": 1.2}
+    table = host.markdown([row], "header")
+    assert "normzoo fwd kIr" in table and "| 130.0 | 65.0 | 2.00× | 300.0 | 250.0 | 1.20× |" in table
+
+
 def test_bytes_are_counted_from_first_principles():
     from benchmarks.cases import CASES
 
