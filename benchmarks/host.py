@@ -187,7 +187,7 @@ def count_instructions(rows: int, hidden: int, repeats: int) -> list:
             raise ValueError(f"no totals in {path}")
 
         # Dump 1 ends the set-up; dump i + 1 holds segment i.
-        if len(dumps) < len(segments) + 1:
+        if len(dumps) != len(segments) + 1:  # another getppid() in the run would shift every count
             raise RuntimeError(f"callgrind wrote {len(dumps)} dumps for {len(segments)} segments")
         counts = [total(f) / repeats / 1000 for f in dumps[1:1 + len(segments)]]
     by_key = {tuple(seg): n for seg, n in zip(segments, counts)}

@@ -14,7 +14,8 @@ Inputs are 2-D views ``(rows, cols)``. Per-channel parameters run along the colu
 (channels-first (B, C, S) viewed as (B·C, S): row r holds channel r mod C). The column and scalar
 sums are per-program fp32 partials, accumulated element-wise in registers over a program's rows
 and reduced once at its end, then summed by a second launch (kernels/reduce.py): deterministic, no
-atomics.
+atomics. A grid of one program (under 32 rows; channels-first, one image) writes the gradients
+itself instead (``DIRECT``).
 
 16-bit DyT forward (``FAST_TANH``) uses the GPU's ``tanh.approx.f32`` (one MUFU instruction, max
 relative error 2^-10.987 per the PTX ISA): about fp16's unit roundoff and far below bf16's, for a
@@ -410,9 +411,10 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
     db = alloc(x, channels, db_dtype) if compute_db else None
     # One fp32 scratch buffer for every partial sum (one allocation): [dw | db | (dalpha, dshift) per program].
     # channels-first: row r is channel r mod C, so M = B·C row sums are a (B, C) block of column sums.
-    # Few rows (one program; channels-first, one image) need no scratch: the kernel writes the gradients.
+    # Few rows (one program; channels-first, one image or no dw/db) need no scratch: the kernel
+    # writes the gradients.
     parts, cols = (M // channels, channels) if params_per_row else (programs, N)
-    direct = programs == 1 and parts == 1
+    direct = programs == 1 and (parts == 1 or not (compute_dw or compute_db))
     db_offset = parts * cols if compute_dw else 0
     scalar_offset = db_offset + (parts * cols if compute_db else 0)
     partials = None if direct else alloc(x, scalar_offset + 2 * programs, torch.float32)

@@ -4,6 +4,8 @@ A backward kernel's programs each write one row of column sums (dweight, dbias) 
 two scalar sums (dalpha, dshift) into one fp32 scratch buffer. One launch of
 :func:`_sum_partials_kernel` reduces all of them, in a fixed order (deterministic, no atomics), and
 writes each gradient in its parameter's dtype, so a backward is two launches and no torch ops.
+A backward grid of one program (under 32 rows) skips this step: its kernel writes the gradients
+itself (the kernels' ``DIRECT`` switch).
 """
 
 import functools

@@ -455,7 +455,7 @@ def rowwise_norm_backward(
 
     Returns ``(dx, dw, db)``: dx in x's dtype; dw and db summed over rows in fp32 partials, one
     row per program, then reduced by a second launch into the weight's dtype and ``db_dtype`` (the
-    bias's). ``db_dtype=None`` means no bias gradient. Absent ones are ``None``. Deterministic: no
+    bias's); a grid of one program (under 32 rows) writes them itself. ``db_dtype=None`` means no bias gradient. Absent ones are ``None``. Deterministic: no
     atomics, a fixed reduction order. ``dy`` may have another dtype than x (the forward's
     ``out_dtype``).
     """

@@ -199,8 +199,10 @@ def _second_order(composite, inputs, needs, grad_outputs):
 
 
 # Function.apply unwraps dead functorch wrappers (tensors that escaped a transform) before the C++
-# apply; the eager paths below do the same, inline.
+# apply; the eager paths below do the same, inline. A wrapper is a plain Tensor, never an
+# nn.Parameter: a layer's own parameters skip the call (~1k instructions each).
 _unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)
+_Parameter = torch.nn.Parameter
 
 
 def _for_kernels(t: Tensor | None) -> Tensor | None:
@@ -529,8 +531,8 @@ def rowwise_norm(
         if _ROWWISE_C_APPLY is None:
             y = _RowwiseNorm.apply(x2d, w, b, spec)
         else:
-            y = _ROWWISE_C_APPLY(_unwrap_if_dead(x2d), w if w is None else _unwrap_if_dead(w),
-                                 b if b is None else _unwrap_if_dead(b), spec)
+            y = _ROWWISE_C_APPLY(_unwrap_if_dead(x2d), w if w is None or type(w) is _Parameter else _unwrap_if_dead(w),
+                                 b if b is None or type(b) is _Parameter else _unwrap_if_dead(b), spec)
     else:
         y = _rowwise_forward(x2d, w, b, eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)[0]
     return y if x2d is x else y.view(x.shape)
@@ -718,6 +720,8 @@ def pointwise(
     expected = normalized_shape_tuple(normalized_shape) if normalized_shape is not None else None
     if channels_last:
         param = weight if weight is not None else bias
+        if param is not None and not isinstance(param, Tensor):  # its TypeError, before its shape is read
+            check_param(param, "weight" if param is weight else "bias", (), x)
         shape = expected or (tuple(param.shape) if param is not None else (x.shape[-1] if x.dim() else 1,))
         check_trailing_shape(x, shape, label="")
         channels = shape[0] if len(shape) == 1 else math.prod(shape)
@@ -752,10 +756,11 @@ def pointwise(
         if _POINTWISE_C_APPLY is None:
             y = _Pointwise.apply(x2d, alpha, shift, weight, bias, spec)
         else:
-            y = _POINTWISE_C_APPLY(_unwrap_if_dead(x2d), _unwrap_if_dead(alpha),
-                                   shift if shift is None else _unwrap_if_dead(shift),
-                                   weight if weight is None else _unwrap_if_dead(weight),
-                                   bias if bias is None else _unwrap_if_dead(bias), spec)
+            y = _POINTWISE_C_APPLY(_unwrap_if_dead(x2d),
+                                   alpha if type(alpha) is _Parameter else _unwrap_if_dead(alpha),
+                                   shift if shift is None or type(shift) is _Parameter else _unwrap_if_dead(shift),
+                                   weight if weight is None or type(weight) is _Parameter else _unwrap_if_dead(weight),
+                                   bias if bias is None or type(bias) is _Parameter else _unwrap_if_dead(bias), spec)
     else:
         y = _pointwise_forward(x2d, alpha, shift, weight, bias, *spec)
     return y if x2d is x else y.view(x.shape)

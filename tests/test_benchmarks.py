@@ -222,6 +222,26 @@ def test_every_kernel_compiles_for_hopper_without_spills(compile_check_run):
     assert counts["switch_failed"] == 0 and counts["switch_spills"] == 0, report
 
 
+def test_one_program_backwards_compile_for_hopper_without_spills():
+    """At 16 rows every backward grid is one program, which writes the gradients itself (the
+    kernels' DIRECT switch, no reduce launch): the sweep above, at 32768 rows, never compiles it.
+    A spill of at most 16 bytes is tolerated there (compile_check's SPILL_TOLERATED_BYTES)."""
+    out = _run_compile_check(["--rows", "16", "--passes", "bwd", "--hidden", "64", "97", "4096", "16385", "--dtypes",
+                              "bf16", "fp32", "--quiet", "--fused-hidden", "97", "4096", "--switch-hidden", "4096",
+                              "16384", "--headwise"])
+    summary, fused, switch = (r.search(out.stdout) for r in (SUMMARY, FUSED_SUMMARY, SWITCH_SUMMARY))
+    report = out.stdout[-4000:] + out.stderr[-2000:]
+    assert summary and fused and switch, report
+    counts = {k: int(v) for k, v in summary.groupdict().items()}
+    assert counts["variants"] == 4 * sum(LAYOUTS.values()), report
+    # Reduces are left only where one program sees several channels-first images: at most the
+    # channels-first DyT and Derf variants (5 affine layouts in bf16, 4 in fp32) at each width.
+    assert 0 < counts["reduces"] <= 2 * (5 + 4) * 4, report
+    for found in (summary, fused, switch):
+        assert int(found["failed"]) == 0 and int(found["spills"]) == 0, report
+    assert int(fused["reduces"]) == 0 and int(switch["reduces"]) == 0, report
+
+
 def test_row_kernels_keep_two_programs_per_sm_on_hopper(compile_check_run):
     # The tool's verdict: also fails when a row kernel holds fewer than 2 programs per SM and no
     # documented exception (benchmarks/compile_check.py, RESIDENCY_EXCEPTIONS) explains it.

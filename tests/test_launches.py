@@ -74,11 +74,11 @@ def backward_launches_ok(launches, kernels: int, reduce: bool) -> bool:
 
 @pytest.mark.parametrize("rows", ["64-rows", "8-rows"])
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_one_launch_forward_two_launch_backward_no_torch_compute(name, rows, launches, device):
+def test_one_launch_forward_at_most_two_backward_no_torch_compute(name, rows, launches, device):
     layer = LAYERS[name](device)
     few = rows == "8-rows"  # one program: the backward kernel writes dw/db itself (channels-first: one image)
     if name.endswith("channels-first"):
-        shape = (1, 8, 5, 5) if few else (2, 8, 5, 5)
+        shape = (1, 8, 4, 4) if few else (2, 8, 5, 5)
     else:
         shape = (2, 4, 64) if few else (2, 8, 4, 64)
     dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32  # fp32 params, bf16 input

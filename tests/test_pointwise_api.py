@@ -148,6 +148,8 @@ def test_modules_match_functional(device):
         (lambda: NF.dyt(torch.randn(3, 4), torch.ones(1, dtype=torch.int32)), TypeError, "floating-point"),
         (lambda: NF.derf(torch.randn(3, 4), torch.ones(1), torch.ones(3)), ValueError, "shift must have exactly"),
         (lambda: NF.dyt(torch.randn(3, 4), torch.ones(1), torch.ones(5)), ValueError, "trailing dims"),
+        (lambda: NF.dyt(torch.randn(3, 4), torch.ones(1), [1.0] * 4), TypeError, "weight must be a torch.Tensor"),
+        (lambda: NF.dyt(torch.randn(3, 4), torch.ones(1), None, (0.0,) * 4), TypeError, "bias must be a torch.Tensor"),
         (lambda: NF.dyt(torch.randn(3, 4, 2), torch.ones(1), torch.ones(5), channels_last=False), ValueError,
          r"weight must have shape \(4,\)"),
         (lambda: NF.dyt(torch.randn(4), torch.ones(1), channels_last=False), ValueError, r"\(B, C, \*spatial\)"),

@@ -12,13 +12,16 @@ ACTIVATIONS = ["tanh", "erf"]
 # (rows, cols, channels, params_per_row, max_block_n): channels-last rows × C, or a channels-first
 # (B·C, S) view; a small max_block_n makes the kernels loop over column tiles. Under 32 rows (and,
 # channels-first, one image) one program owns every row and its backward writes the gradients
-# itself: C1, C300 and B1C5 take that path, the others the partial sums and their reduce.
+# itself: C1, C96, C300, C320 and B1C5S48 take that path, the others the partial sums and their
+# reduce.
 LAYOUTS = {
     "last-C1": (9, 1, 1, False, None),
     "last-C97": (37, 97, 97, False, None),
     "last-C300-looped": (21, 300, 300, False, 64),
     "first-B3C5S49": (15, 49, 5, True, None),
-    "first-B1C5S49": (5, 49, 5, True, None),  # one image, one program: the kernel writes the gradients
+    "first-B1C5S48": (5, 48, 5, True, None),  # one image, one program: the kernel writes the gradients
+    "last-C96": (9, 96, 96, False, None),  # one program, as the next: the kernel writes the gradients
+    "last-C320-looped": (21, 320, 320, False, 64),
     "first-B2C7S1": (14, 1, 7, True, None),
     "first-B2C3S200-looped": (6, 200, 3, True, 32),
 }
