@@ -111,6 +111,16 @@ def test_fused_ops_match_the_unfused_sequence(kind, mode, precision, backend, de
     check_against_float64(kind, mode, act_dtype, res_dtype, 97, backend, device)
 
 
+@pytest.mark.parametrize("precision", PRECISIONS[::2], ids=["fp32", "bf16-fp32res"])
+@pytest.mark.parametrize("mode", fused.MODES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_ops_with_partial_sums(kind, mode, precision, device):
+    # 37 rows: two programs, whose fp32 partials (with the sum's gradient, the second dx and the
+    # scale) a reduce launch sums; the other tests' few rows take the one-program path.
+    act_dtype, res_dtype = precision
+    check_against_float64(kind, mode, act_dtype, res_dtype, 97, "triton", device, rows=37)
+
+
 @pytest.mark.parametrize("n", [1, 8, 33])
 @pytest.mark.parametrize("mode", fused.MODES)
 @pytest.mark.parametrize("kind", KINDS)

@@ -331,7 +331,7 @@ def test_rowwise_options(data, is_rms, dtype, fp32_params, lead, two_dim_shape, 
 # ---------------------------------------------------------------------------------------------- pointwise
 
 
-@given(data=st.data(), activation=st.sampled_from(["tanh", "erf"]), dtype=DTYPES, rows=st.integers(1, 30),
+@given(data=st.data(), activation=st.sampled_from(["tanh", "erf"]), dtype=DTYPES, rows=st.integers(1, 40),
        channels_first=st.booleans(), affine=st.sampled_from(["none", "weight", "weight+bias"]),
        fp32_params=st.booleans(), max_block_n=st.sampled_from([None, 16]))
 def test_pointwise_kernels(data, activation, dtype, rows, channels_first, affine, fp32_params, max_block_n, device):
@@ -404,7 +404,7 @@ def term_sizes(kind, m64, v64, g):
 
 @given(data=st.data(), kind=st.sampled_from(list(fused.KINDS)), mode=st.sampled_from(list(fused.MODES)),
        h_dtype=DTYPES, x_is_fp32=st.booleans(), residual=st.sampled_from(["default", "float32", "h", "bfloat16"]),
-       fp32_params=st.booleans(), lead=st.lists(st.integers(1, 5), min_size=1, max_size=2),
+       fp32_params=st.booleans(), lead=st.lists(st.integers(1, 7), min_size=1, max_size=2),
        layouts=st.tuples(st.sampled_from(LAYOUTS), st.sampled_from(LAYOUTS)),
        affine=st.sampled_from(["none", "weight", "weight+bias"]), scale=st.sampled_from([1.0, 0.5, 3 ** -0.5]),
        eps=st.sampled_from([1e-5, 1e-6, 0.1]), alpha=st.sampled_from([0.05, 0.5, 2.0]),
