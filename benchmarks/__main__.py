@@ -29,7 +29,10 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+        epilog="Other measurements, each with options of its own (see its --help): --host (host cost per call: "
+               "python -m benchmarks --host --help), --train-step (python -m benchmarks --train-step --help).")
     p.add_argument("--ops", nargs="+", default=["norms"],
                    help="cases or groups: norms (default: layernorm rmsnorm dyt derf), add_norm, norm_add, "
                         "norm_add_norm, fused (all three over the four norms), or <op>-<norm>, e.g. "

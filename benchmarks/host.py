@@ -40,7 +40,10 @@ def parse_args(argv):
     p.add_argument("--instructions", action="store_true",
                    help="count instructions per call under valgrind's callgrind instead of timing (CPU, stubbed)")
     p.add_argument("--segments", type=Path, default=None, help=argparse.SUPPRESS)  # the run callgrind watches
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.rounds < 1:
+        p.error("--repeats and --rounds must be at least 1")
+    return args
 
 
 def _stub_launches():

@@ -382,7 +382,7 @@ def _check_layer(x: Tensor, kind, params, eps, shape, reads: torch.dtype):
     check_affine(weight, bias, shape, x)
     if kind in ("dyt", "derf"):
         ops._check_scalars(alpha, shift, x)
-    if eps is None:  # torch.nn.RMSNorm's default
+    if eps is None and kind == "rmsnorm":  # torch.nn.RMSNorm's default (LayerNorm's None: check_eps's TypeError)
         eps = torch.finfo(reference.compute_dtype(reads)).eps
     return check_eps(eps)
 

@@ -61,6 +61,7 @@ class LayerNorm(torch.nn.LayerNorm):
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None, *, backend: str = "auto", weight_offset: float = 0.0) -> None:
         self.weight_offset = ops._check_weight_offset(weight_offset)  # before reset_parameters reads it
+        normalized_shape_tuple(normalized_shape)  # its ValueError/TypeError, not torch's RuntimeError from empty()
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
                          device=device, dtype=dtype)
         self.backend = check_backend(backend)
@@ -159,6 +160,7 @@ class RMSNorm(torch.nn.RMSNorm):
                  device=None, dtype=None, *, backend: str = "auto", weight_offset: float = 0.0,
                  x_hat_dtype: str | None = None) -> None:
         self.weight_offset = ops._check_weight_offset(weight_offset)  # before reset_parameters reads it
+        normalized_shape_tuple(normalized_shape)  # as LayerNorm
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
         self.backend = check_backend(backend)
         self.x_hat_dtype = ops.check_x_hat_dtype(x_hat_dtype)

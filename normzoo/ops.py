@@ -90,6 +90,8 @@ def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
 
 def _normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
     if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        if normalized_shape < 0:
+            raise ValueError(f"normalized_shape must not be negative, got {normalized_shape}")
         return (int(normalized_shape),)
     if isinstance(normalized_shape, (Sequence, torch.Size)) and not isinstance(normalized_shape, str):
         dims = tuple(normalized_shape)
@@ -506,9 +508,9 @@ def rowwise_norm(
     if weight is not None or bias is not None:
         check_affine(weight, bias, shape, x)
     if type(eps) is not float or not 0.0 <= eps < math.inf:
-        if eps is None:  # torch.nn.RMSNorm's default: machine epsilon of the compute dtype
+        if eps is None and is_rms:  # torch.nn.RMSNorm's default, the compute dtype's machine epsilon
             eps = torch.finfo(reference.compute_dtype(x.dtype)).eps
-        eps = check_eps(eps)
+        eps = check_eps(eps)  # LayerNorm's eps=None included: a TypeError, as torch's
     if weight_offset != 0.0:  # the usual 0.0 needs no check
         weight_offset = _check_weight_offset(weight_offset)
     round_x_hat, out_dtype = (0, None) if x_hat_dtype is None else _x_hat_rounding(check_x_hat_dtype(x_hat_dtype), x,

@@ -231,7 +231,11 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
 
     Other subclasses of these norms may compute something else, and other classes named like a
     norm (``GroupNorm``, timm's ``RmsNorm2d``...) are not known to normzoo: each is named in
-    ``report.left_alone`` (``"path: class (why)"``) rather than replaced.
+    ``report.left_alone`` (``"path: class (why)"``) rather than replaced. So are, with ``to``
+    "dyt" or "derf", the norms of ``torch.nn.TransformerEncoderLayer``: in eval its fused fast path
+    reads them as LayerNorms (their ``eps``, weight and bias), which a DyT is not. With ``to=None``
+    they are replaced, but that fast path (eval, no gradient) still runs torch's own kernel on
+    their parameters, not normzoo's.
     Every hook moves to the new layers (forward, pre-forward, with kwargs, always called, backward,
     state_dict; handles keep working); a norm shared by several parents stays shared. A swap that
     replaces nothing warns. :func:`unswap` gives back PyTorch's classes.
@@ -247,7 +251,18 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     if model_tensor is None:
         model_tensor = next(iter(model.buffers()), None)
 
+    # torch's TransformerEncoderLayer reads its norms' eps and, in eval, runs LayerNorm math on
+    # their parameters itself (its fused fast path): a DyT/Derf there would crash or be ignored.
+    encoder_norms = set()
+    if target is not None:
+        encoder_norms = {id(norm) for layer in model.modules() if isinstance(layer, torch.nn.TransformerEncoderLayer)
+                         for norm in (layer.norm1, layer.norm2)}
+
     def convert(name, module):
+        if id(module) in encoder_norms:
+            report.left_alone[f"{name}: {_short_name(type(module))} (nn.TransformerEncoderLayer's fast path "
+                              f"reads its norms as LayerNorms)"] += 1
+            return None
         if target is None and (spec := _model_norm_spec(type(module))) is not None:
             eps_attr, offset, x_hat_dtype = spec
             new = RMSNorm(module.weight.shape, getattr(module, eps_attr), device="meta", backend=backend,

@@ -205,6 +205,13 @@ def test_module_device_dtype_and_mixed_precision(device):
         (lambda: NF.layer_norm(torch.randn(3, 4), "4"), TypeError, "normalized_shape"),
         (lambda: NF.layer_norm(torch.randn(3, 4), (4,), eps=-1.0), ValueError, "eps"),
         (lambda: NF.layer_norm(torch.randn(3, 4), (4,), eps="1e-5"), TypeError, "eps"),
+        # torch.nn.LayerNorm has no eps=None default (RMSNorm's machine epsilon): a TypeError, as torch's
+        (lambda: normzoo.LayerNorm(4, eps=None)(torch.randn(3, 4)), TypeError, "eps must be a float"),
+        (lambda: NF.layer_norm(torch.randn(3, 4), -1), ValueError, "must not be negative"),
+        (lambda: normzoo.LayerNorm(-1), ValueError, "must not be negative"),
+        (lambda: normzoo.RMSNorm((2, -4)), ValueError, "must not have negative sizes"),
+        (lambda: normzoo.LayerNorm("8"), TypeError, "normalized_shape must be an int"),
+        (lambda: normzoo.LayerNorm([8.0]), TypeError, "normalized_shape must be an int"),
         (lambda: NF.layer_norm(torch.randn(3, 4), (4,), backend="cuda"), ValueError, "backend must be one of"),
         (lambda: normzoo.RMSNorm(4, backend="fast"), ValueError, "backend must be one of"),
     ],

@@ -110,6 +110,23 @@ def test_swap_names_norm_like_modules_it_does_not_know():
     assert type(model[1]) is LlamaRMSNorm
 
 
+@pytest.mark.parametrize("to", ["dyt", "derf"])
+def test_swap_to_dyt_leaves_transformer_encoder_layer_norms(to):
+    """nn.TransformerEncoderLayer's eval fast path reads its norms' eps and runs LayerNorm math on
+    their parameters: a DyT there crashed in eval (no eps) or would be bypassed. They stay, named;
+    the encoder's final norm, which it only calls, is converted; eval still runs."""
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 2, norm=torch.nn.LayerNorm(16), enable_nested_tensor=False)
+    report = normzoo.swap(model, to=to)
+    assert sum(report.values()) == 1 and isinstance(model.norm, normzoo.DyT if to == "dyt" else normzoo.Derf)
+    assert len(report.left_alone) == 4 and all("TransformerEncoderLayer's fast path" in k for k in report.left_alone)
+    assert type(model.layers[0].norm1) is torch.nn.LayerNorm
+    x = torch.randn(2, 5, 16)
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == x.shape
+
+
 def test_unswap_gives_back_torch_classes_with_the_same_parameters():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8, bias=False), torch.nn.RMSNorm(8, eps=1e-6))
     originals = [model[1].weight, model[2].weight]
