@@ -455,9 +455,9 @@ def rowwise_norm_backward(
 
     Returns ``(dx, dw, db)``: dx in x's dtype; dw and db summed over rows in fp32 partials, one
     row per program, then reduced by a second launch into the weight's dtype and ``db_dtype`` (the
-    bias's); a grid of one program (under 32 rows) writes them itself. ``db_dtype=None`` means no bias gradient. Absent ones are ``None``. Deterministic: no
-    atomics, a fixed reduction order. ``dy`` may have another dtype than x (the forward's
-    ``out_dtype``).
+    bias's); a grid of one program (under 32 rows) writes them itself. ``db_dtype=None`` means no
+    bias gradient. Absent ones are ``None``. Deterministic: no atomics, a fixed reduction order.
+    ``dy`` may have another dtype than x (the forward's ``out_dtype``).
     """
     check_rows(x, dy)
     dx, _, dw, db = _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, None, alloc_like(x), None, 1.0,

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
-from .ops import _route, _unwrap_if_dead, check_affine, check_eps, normalized_shape_tuple, use_triton
+from .ops import _Parameter, _route, _unwrap_if_dead, check_affine, check_eps, normalized_shape_tuple, use_triton
 
 MODES = ("add_norm", "norm_add", "norm_add_norm")
 KINDS = ("layernorm", "rmsnorm", "dyt", "derf")
@@ -448,7 +448,8 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
         if _FUSED_C_APPLY is None:
             y, s = _FusedResidual.apply(h2d, x2d, *p1, *p2, spec, leaves)
         else:
-            unwrap = lambda t: t if t is None else _unwrap_if_dead(t)  # noqa: E731
+            # As ops.rowwise_norm: a parameter is never a functorch wrapper.
+            unwrap = lambda t: t if t is None or type(t) is _Parameter else _unwrap_if_dead(t)  # noqa: E731
             y, s = _FUSED_C_APPLY(unwrap(h2d), unwrap(x2d), *map(unwrap, p1), *map(unwrap, p2), spec, leaves)
     else:
         y, s = _fused_forward(h2d, x2d, p1, p2, *spec)[:2]

@@ -26,7 +26,6 @@ from torch import Tensor
 from . import reference
 
 BACKENDS = ("auto", "triton", "torch")
-_F64 = torch.float64
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -59,7 +58,7 @@ def use_triton(backend: str, x: Tensor) -> bool:
     if backend == "auto":
         return x.is_cuda and x.dtype is not torch.float64
     if backend == "triton":
-        if x.dtype is _F64:
+        if x.dtype is torch.float64:
             return False
         if x.is_cuda or (_kernels or _launchers()).heuristics.INTERPRETED:
             return True
@@ -292,8 +291,8 @@ def _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, ro
         return (_kernels or _launchers()).rowwise_norm_forward(
             x if x.is_contiguous() else _for_kernels(x),
             weight if weight is None or weight.is_contiguous() else _for_kernels(weight),
-            bias if bias is None or bias.is_contiguous() else _for_kernels(bias), eps, is_rms=is_rms, weight_offset=weight_offset,
-            round_x_hat=round_x_hat, out_dtype=out_dtype)
+            bias if bias is None or bias.is_contiguous() else _for_kernels(bias),
+            eps, is_rms=is_rms, weight_offset=weight_offset, round_x_hat=round_x_hat, out_dtype=out_dtype)
     x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
     y, mean, rstd = reference.rowwise_norm_forward(x, weight, bias, eps, is_rms, weight_offset, round_x_hat, out_dtype)
     return y, (rstd if is_rms else torch.cat((mean, rstd)))
@@ -515,7 +514,7 @@ def rowwise_norm(
         weight_offset = _check_weight_offset(weight_offset)
     round_x_hat, out_dtype = (0, None) if x_hat_dtype is None else _x_hat_rounding(check_x_hat_dtype(x_hat_dtype), x,
                                                                                    weight)
-    triton = x.is_cuda and x.dtype is not _F64 if backend == "auto" else use_triton(backend, x)
+    triton = x.is_cuda and x.dtype is not torch.float64 if backend == "auto" else use_triton(backend, x)
 
     # Rows of n: views where possible, and no call at all when x already is (rows, n).
     k = len(shape)
@@ -533,7 +532,8 @@ def rowwise_norm(
         if _ROWWISE_C_APPLY is None:
             y = _RowwiseNorm.apply(x2d, w, b, spec)
         else:
-            y = _ROWWISE_C_APPLY(_unwrap_if_dead(x2d), w if w is None or type(w) is _Parameter else _unwrap_if_dead(w),
+            y = _ROWWISE_C_APPLY(_unwrap_if_dead(x2d),
+                                 w if w is None or type(w) is _Parameter else _unwrap_if_dead(w),
                                  b if b is None or type(b) is _Parameter else _unwrap_if_dead(b), spec)
     else:
         y = _rowwise_forward(x2d, w, b, eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)[0]
@@ -739,7 +739,7 @@ def pointwise(
         x2d = x.reshape(x.shape[0] * channels, math.prod(x.shape[2:]))
     if weight is not None or bias is not None:
         check_affine(weight, bias, shape, x)
-    triton = x.is_cuda and x.dtype is not _F64 if backend == "auto" else use_triton(backend, x)
+    triton = x.is_cuda and x.dtype is not torch.float64 if backend == "auto" else use_triton(backend, x)
     # (1,) scalars and (C,) parameters as they are; others flattened to them.
     if alpha.dim() != 1:
         alpha = alpha.reshape(1)
