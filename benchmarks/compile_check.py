@@ -319,8 +319,10 @@ class LaunchRecorder:
 
     def _run(self, fn, *args, grid, warmup, **kwargs):
         kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+        # The launch-time knobs this Triton has (3.6, on the GPU image, lacks the fpsan one).
+        for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+            if hasattr(knobs.compilation, knob):
+                kwargs[knob] = getattr(knobs.compilation, knob)
         if fn not in self.binders:
             self.binders[fn] = create_function_from_signature(fn.signature, fn.params, self.backend)
         bound_args, specialization, options = self.binders[fn](*args, **kwargs)

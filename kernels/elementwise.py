@@ -158,16 +158,16 @@ def _pointwise_fwd_kernel(
     row_mask = rows < M
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
-    x = load_tile(X, rows, stride_x_row, cols, mask)
+    x = load_tile(X, rows, stride_x_row, cols, mask, "")
     if RES_MODE == RES_ADD_NORM:
-        x = (x + load_tile(R, rows, stride_r_row, cols, mask)).to(S.dtype.element_ty).to(tl.float32)
+        x = (x + load_tile(R, rows, stride_r_row, cols, mask, "")).to(S.dtype.element_ty).to(tl.float32)
         store_tile(S, rows, stride_s_row, cols, mask, x)
     if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
         # This layer's output goes into the residual stream, which every later layer reads and
         # adds to: the exact activation (tanh.approx's bias would accumulate there).
         y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, HAS_SHIFT, HAS_WEIGHT,
                        HAS_BIAS, PARAMS_PER_ROW, False)
-        s = (y + load_tile(R, rows, stride_r_row, cols, mask)).to(S.dtype.element_ty).to(tl.float32)
+        s = (y + load_tile(R, rows, stride_r_row, cols, mask, "")).to(S.dtype.element_ty).to(tl.float32)
         store_tile(S, rows, stride_s_row, cols, mask, s)
         if RES_MODE == RES_NORM_ADD_NORM:
             y = _pointwise(s, ALPHA2, SHIFT2, W2, B2, rows, row_mask, cols, col_mask, C, ACTIVATION, HAS_SHIFT,
@@ -237,8 +237,8 @@ def _pointwise_bwd_kernel(
             rows = block_start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
-            x = load_tile(X, rows, stride_x_row, cols, mask)
-            dy = load_tile(DY, rows, stride_dy_row, cols, mask)
+            x = load_tile(X, rows, stride_x_row, cols, mask, "")
+            dy = load_tile(DY, rows, stride_dy_row, cols, mask, "")
             if HAS_SCALE:
                 dy = dy * scale
             act, dact = _activation(x * alpha + shift, ACTIVATION)
@@ -251,7 +251,7 @@ def _pointwise_bwd_kernel(
                     g = g * w
             dx = g * alpha
             if HAS_DRES:
-                dx += load_tile(DRES, rows, stride_dres_row, cols, mask)
+                dx += load_tile(DRES, rows, stride_dres_row, cols, mask, "")
             store_tile(DX, rows, stride_dx_row, cols, mask, dx)
             if STORE_DX2:
                 store_tile(DX2, rows, stride_dx2_row, cols, mask, dx)

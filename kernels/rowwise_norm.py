@@ -168,15 +168,15 @@ def _norm_fwd_kernel(
     if SINGLE_TILE:
         cols = tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (cols < N)[None, :]
-        v = load_tile(X, rows, stride_x_row, cols, mask)
+        v = load_tile(X, rows, stride_x_row, cols, mask, "")
         if RES_MODE == RES_ADD_NORM:
-            v = _stored(S, v + load_tile(R, rows, stride_r_row, cols, mask))
+            v = _stored(S, v + load_tile(R, rows, stride_r_row, cols, mask, ""))
             store_tile(S, rows, stride_s_row, cols, mask, v)
         mean, rstd, v_hat = _row_stats_single_tile(v, mask, N, eps, IS_RMS)
         _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
         y = _affine(_rounded(v_hat, X, W, ROUND_X_HAT), W, B, cols, N, w_offset, HAS_WEIGHT, HAS_BIAS, HAS_OFFSET)
         if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
-            s = _stored(S, y + load_tile(R, rows, stride_r_row, cols, mask))
+            s = _stored(S, y + load_tile(R, rows, stride_r_row, cols, mask, ""))
             store_tile(S, rows, stride_s_row, cols, mask, s)
             if RES_MODE == RES_NORM_ADD_NORM:
                 mean2, rstd2, s_hat = _row_stats_single_tile(s, mask, N, eps2, IS_RMS)
@@ -194,7 +194,7 @@ def _norm_fwd_kernel(
             mask = row_mask[:, None] & (cols < N)[None, :]
             v = load_tile(X, rows, stride_x_row, cols, mask, "evict_last")
             if RES_MODE == RES_ADD_NORM:
-                v = _stored(S, v + load_tile(R, rows, stride_r_row, cols, mask))
+                v = _stored(S, v + load_tile(R, rows, stride_r_row, cols, mask, ""))
                 store_tile(S, rows, stride_s_row, cols, mask, v)
             mean, m2 = _merge_stats(mean, m2, v, mask, col_start, N, BLOCK_N, IS_RMS)
         rstd = rstd_of(m2 / N + eps)
@@ -214,7 +214,7 @@ def _norm_fwd_kernel(
             v_hat = _rounded((v - mean[:, None]) * rstd[:, None], X, W, ROUND_X_HAT)
             y = _affine(v_hat, W, B, cols, N, w_offset, HAS_WEIGHT, HAS_BIAS, HAS_OFFSET)
             if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
-                s = _stored(S, tl.where(mask, y, 0.0) + load_tile(R, rows, stride_r_row, cols, mask))
+                s = _stored(S, tl.where(mask, y, 0.0) + load_tile(R, rows, stride_r_row, cols, mask, ""))
                 store_tile(S, rows, stride_s_row, cols, mask, s)
                 if RES_MODE == RES_NORM_ADD_NORM:
                     mean2, m2_2 = _merge_stats(mean2, m2_2, s, mask, col_start, N, BLOCK_N, IS_RMS)
@@ -346,8 +346,8 @@ def _norm_bwd_kernel(
             mask = row_mask[:, None] & col_mask[None, :]
             rows64 = rows.to(tl.int64)
             if SINGLE_TILE:
-                x = load_tile(X, rows, stride_x_row, cols, mask)
-                dy = _scaled(load_tile(DY, rows, stride_dy_row, cols, mask), scale, HAS_SCALE)
+                x = load_tile(X, rows, stride_x_row, cols, mask, "")
+                dy = _scaled(load_tile(DY, rows, stride_dy_row, cols, mask, ""), scale, HAS_SCALE)
             else:  # the last read of this part of the row
                 x = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
                 dy = load_tile(DY, rows, stride_dy_row, cols, mask, "evict_first") * scale
@@ -373,7 +373,7 @@ def _norm_bwd_kernel(
             else:
                 dx = (wdy - x_hat * c1[:, None] - c2[:, None]) * rstd[:, None]
             if HAS_DRES:
-                dx += load_tile(DRES, rows, stride_dres_row, cols, mask)
+                dx += load_tile(DRES, rows, stride_dres_row, cols, mask, "")
             store_tile(DX, rows, stride_dx_row, cols, mask, dx)
             if STORE_DX2:
                 store_tile(DX2, rows, stride_dx2_row, cols, mask, dx)

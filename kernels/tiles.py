@@ -5,10 +5,11 @@ import triton.language as tl
 
 
 @triton.jit
-def load_tile(ptr, rows, stride_row, cols, mask, EVICTION: tl.constexpr = ""):
+def load_tile(ptr, rows, stride_row, cols, mask, EVICTION: tl.constexpr):
     """A (rows × cols) tile of a 2-D tensor with unit column stride, as fp32, 0 where masked.
     Row offsets are int64: rows × stride overflows int32 past 2^31 elements. ``EVICTION`` is an L2
-    hint: "evict_last" for data read again soon, "evict_first" for a last read."""
+    hint: "evict_last" for data read again soon, "evict_first" for a last read, "" for none.
+    It has no default: Triton 3.6 passes a nested call's default as a plain str, not a constexpr."""
     offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
     return tl.load(ptr + offsets, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
 
