@@ -77,7 +77,9 @@ class LayerNorm(torch.nn.LayerNorm):
                                 backend=self.backend, weight_offset=self.weight_offset)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}" + _offset_repr(self)
+        # torch's own format, spelled out: torch 2.11's LayerNorm leaves out bias=.
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"bias={self.bias is not None}, backend={self.backend!r}" + _offset_repr(self))
 
 
 class LayerNorm2d(LayerNorm):

@@ -60,7 +60,8 @@ def use_triton(backend: str, x: Tensor) -> bool:
     if backend == "triton":
         if x.dtype is torch.float64:
             return False
-        if x.is_cuda or (_kernels or _launchers()).heuristics.INTERPRETED:
+        # Meta tensors take the op's fake implementation: shapes only, no kernel, on any machine.
+        if x.is_cuda or x.is_meta or (_kernels or _launchers()).heuristics.INTERPRETED:
             return True
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {x.device}); "

@@ -179,7 +179,9 @@ def _on_reference(module, dtype=None):
 def _check_against_reference(case, module, inputs, douts, outputs, grads, where=""):
     """``outputs`` and ``grads`` (the kernels', for ``inputs`` and ``douts``) against float64, with
     the reference at working precision as the peer (helpers.assert_close's rule); parameter
-    gradients within PARAM_GRAD_TOL."""
+    gradients within PARAM_GRAD_TOL plus twice the peer's own error: a scalar gradient (DyT's and
+    Derf's alpha) is a sum whose terms cancel, and the bf16 rounding of its inputs (the fused sum s)
+    moves it by up to ~1% at working precision whoever computes it."""
     leaves64 = [t.detach().double().requires_grad_() for t in inputs]
     want = _run(case, _on_reference(module, torch.float64), leaves64, [d.double() for d in douts])
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
@@ -196,7 +198,8 @@ def _check_against_reference(case, module, inputs, douts, outputs, grads, where=
             assert_close(got, ref, what, peer=p)
         else:
             err = rel_error(got, ref, RTOL[got.dtype])
-            assert err <= PARAM_GRAD_TOL, f"{what}: relative error {err:.3g} > {PARAM_GRAD_TOL} against float64"
+            allowed = PARAM_GRAD_TOL + 2 * rel_error(p, ref, RTOL[p.dtype])
+            assert err <= allowed, f"{what}: relative error {err:.3g} > {allowed:.3g} against float64"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,12 @@ def make_inputs(m, n, dtype, affine, param_dtype, device, is_rms, scale=3.0, shi
 def torch_peer(x, weight, bias, dy, is_rms, eps):
     """PyTorch's own results at the input's precision (the tolerance's peer term):
     y, dx, dw, db, mean, rstd."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    # CUDA's layer_norm refuses parameters of another dtype than the input (torch 2.11); the CPU
+    # kernel takes them, so a mixed-precision peer runs there.
+    mixed = weight is not None and weight.dtype != x.dtype
+    peer_device = "cpu" if mixed and not is_rms else x.device
+    leaves = [t.detach().to(peer_device).requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    dy = dy.to(peer_device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rms_norm warns that mixed dtypes skip its fused path
         if is_rms:
@@ -44,7 +49,8 @@ def torch_peer(x, weight, bias, dy, is_rms, eps):
     else:
         _, mean, rstd = torch.native_layer_norm(xf, (x.shape[1],), None, None, eps)
         mean, rstd = mean.view(-1), rstd.view(-1)
-    return (y.detach(), *(t.grad if t is not None else None for t in leaves), mean, rstd)
+    back = lambda t: None if t is None else t.to(x.device)
+    return (back(y.detach()), *(back(t.grad) if t is not None else None for t in leaves), mean, rstd)
 
 
 def run_and_compare(x, weight, bias, is_rms, eps=1e-5, max_block_n=None):
