@@ -16,6 +16,8 @@
 #                H100, 2026-11-27: 614 tests in 100 s)
 #   host     60  python -m benchmarks.host: host time per call at rows 1/16/256 (the H100: ~25 s
 #                at 100 calls x 5 rounds; 300 x 10 did not finish in 40 s)
+#   host-cached 40  the same with NORMZOO_CACHED_LAUNCH=1 (Triton's binder skipped once a kernel is
+#                compiled: kernels/launch.py), its table in the log and the summary
 #   train-step 90  python -m benchmarks --train-step: forward + backward + AdamW of a 134M-parameter
 #                Llama (bf16, 8 x 2048 tokens), torch vs normzoo.swap, 3 warmup + 10 timed steps
 #                each; ~30-40 s expected (imports, first-step compiles), taken from tune's share
@@ -142,6 +144,8 @@ elif [ $smoke = 1 ]; then
   phase host 60 python3 -m benchmarks.host --stub --out "$out" --repeats 20
 else
   phase host 60 python3 -m benchmarks.host --out "$out" --repeats 100 --rounds 5  # 7 layers x 3 row counts
+  # The same with the opt-in cached launch (kernels/launch.py), its table into the log only.
+  phase host-cached 40 env NORMZOO_CACHED_LAUNCH=1 python3 -m benchmarks.host --repeats 100 --rounds 5
 fi
 
 # -- a training step, with and without normzoo.swap (JSON only: the tool returns 8 files) ------
@@ -192,6 +196,7 @@ printf '  %s\n' "${summary[@]}"
 grep -E "^peers:|failed:|REJECTED" "$log" | sort | uniq -c | head -n 20
 [ -f "$out/host-$gpu.md" ] && cat "$out/host-$gpu.md"
 [ -f "$out/host-cpu-stubbed.md" ] && cat "$out/host-cpu-stubbed.md"
+awk '/== host-cached \(/,/== host-cached:/' "$log" | grep '^|' | sed '1i NORMZOO_CACHED_LAUNCH=1:'  # its table
 [ -f "$out/train-step-$gpu.json" ] && python3 -m benchmarks.train_step --from-json "$out/train-step-$gpu.json"
 grep -E "^\[.*\]   .* -> " "$log" | sed 's/^\[[ 0-9.]*s\] *//' | tail -n 30  # the tuner's verdict per key
 [ -f "$out/$name.md" ] && cat "$out/$name.md"

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .heuristics import INTERPRETED, has_tanh_approx, launch_config, split_rows
 from .launch import (alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard, empty_residual_grads,
-                     residual_grad_buffers)
+                     launch, residual_grad_buffers)
 from .reduce import sum_partials
 from .rowwise_norm import RES_ADD_NORM, RES_MODES, RES_NORM_ADD, RES_NORM_ADD_NORM
 from .tiles import load_tile, store_column_sums, store_tile
@@ -342,7 +342,7 @@ def _launch_forward(x, y, alpha, shift, weight, bias, residual, s, layer2, activ
     cfg = launch_config("dyt" if activation == "tanh" else "derf", "fwd", N, x.dtype, x.device, max_block_n)
     fast_tanh = activation == "tanh" and x.dtype is not torch.float32 and has_tanh_approx(x.device)
     with device_guard(x):
-        _pointwise_fwd_kernel[(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)](
+        launch(_pointwise_fwd_kernel, cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),
             x, y if y is not None else x, alpha, shift if shift is not None else alpha,
             weight if weight is not None else x, bias if bias is not None else x,
             residual if residual is not None else x, s if s is not None else x,
@@ -419,7 +419,7 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
     scalar_offset = db_offset + (parts * cols if compute_db else 0)
     partials = None if direct else alloc(x, scalar_offset + 2 * programs, torch.float32)
     with device_guard(x):
-        _pointwise_bwd_kernel[(programs,)](
+        launch(_pointwise_bwd_kernel, programs,
             x, dy, dx, alpha, shift if shift is not None else alpha, weight if weight is not None else x,
             partials if partials is not None else dx, dw if dw is not None else dx, db if db is not None else dx,
             dalpha, dshift if dshift is not None else dalpha,

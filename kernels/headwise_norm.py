@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .heuristics import LaunchConfig, next_power_of_2, split_rows
-from .launch import alloc, cdiv, device_guard
+from .launch import alloc, cdiv, device_guard, launch
 from .reduce import sum_partials
 from .tiles import rstd_of
 
@@ -244,7 +244,7 @@ def headwise_norm_forward(a, wa, b, wb, eps: float, *, norm: str):
     programs_b = cdiv(M_b, cfg.block_m) if N_b else 0
     if programs_a + programs_b:
         with device_guard(a):
-            _headwise_fwd_kernel[(programs_a + programs_b,)](
+            launch(_headwise_fwd_kernel, programs_a + programs_b,
                 a, ya, wa if wa is not None else a, b if b is not None else a, yb if yb is not None else ya,
                 wb if wb is not None else a,
                 M_a, N_a, H_a, so_a, si_a, M_b, N_b, H_b, so_b, si_b, programs_a, eps,
@@ -292,7 +292,7 @@ def headwise_norm_backward(dya, a, wa, dyb, b, wb, eps: float, *, norm: str, dw_
                 dw.zero_()
         return dxa, dxb, dwa, dwb
     with device_guard(a):
-        _headwise_bwd_kernel[((2 if b is not None else 1) * programs,)](
+        launch(_headwise_bwd_kernel, (2 if b is not None else 1) * programs,
             a, dya, dxa, wa if wa is not None else a, b if b is not None else a, dyb if dyb is not None else dya,
             dxb if dxb is not None else dxa, wb if wb is not None else a, partials,
             M_a, N_a, H_a, so_a, si_a, dya.stride(0), rows_per_program_a,

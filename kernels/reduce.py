@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .heuristics import next_power_of_2, num_compute_units
-from .launch import cdiv
+from .launch import cdiv, launch
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def sum_partials(partials, P, N, db_offset, dw, db, scalar_offset=0, P_scalar=0,
     ``P_scalar`` (dalpha, dshift) pairs at ``scalar_offset``. Each result is written in its own dtype;
     ``None`` ones are skipped. Launchers call it under their own device guard."""
     block_p, block_n = _blocks(N, num_compute_units(partials.device))
-    _sum_partials_kernel[(cdiv(N, block_n) if dw is not None or db is not None else 1,)](
+    launch(_sum_partials_kernel, cdiv(N, block_n) if dw is not None or db is not None else 1,
         partials, dw if dw is not None else partials, db if db is not None else partials,
         dalpha if dalpha is not None else partials, dshift if dshift is not None else partials,
         P, N, db_offset, P_scalar, scalar_offset,

@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from .heuristics import launch_config, split_rows
-from .launch import (alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard, empty_residual_grads,
-                     residual_grad_buffers)
+from .launch import (alloc, alloc_like, alloc_rows, check_rows, device_guard, empty_residual_grads,
+                     launch, residual_grad_buffers)
 from .reduce import sum_partials
 from .tiles import load_tile, rstd_of, store_column_sums, store_tile
 
@@ -432,7 +432,7 @@ def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2
                     res_mode, max_block_n, weight_offset=0.0, round_x_hat=0):
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
     with device_guard(x):
-        _norm_fwd_kernel[(-(-M // cfg.block_m),)](  # cdiv, inline
+        launch(_norm_fwd_kernel, -(-M // cfg.block_m),  # cdiv, inline
             x, y if y is not None else x, weight if weight is not None else x, bias if bias is not None else x, stats,
             residual if residual is not None else x, s if s is not None else x,
             weight2 if weight2 is not None else x, bias2 if bias2 is not None else x,
@@ -502,7 +502,7 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
                 if not direct and (compute_dw or compute_db) else None)
     row_sums = None if cfg.single_tile else alloc(x, 2 * M, torch.float32)
     with device_guard(x):
-        _norm_bwd_kernel[(programs,)](
+        launch(_norm_bwd_kernel, programs,
             x, weight if weight is not None else x, dy, dx, stats, partials if partials is not None else dx,
             dw if dw is not None else dx, db if db is not None else dx,
             row_sums if row_sums is not None else stats, dres if dres is not None else dx, dx2 if dx2 is not None else dx,

@@ -150,3 +150,71 @@ def test_qk_norm_is_one_launch_for_q_and_k(norm, launches, device):
     for when, ops in (("forward", forward_ops.ops), ("backward", backward_ops.ops)):
         compute = [op for op in ops if op not in NON_COMPUTE_OPS]
         assert not compute, f"{when} ran torch ops besides the kernels: {compute}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The cached launch's specialization key (NORMZOO_CACHED_LAUNCH=1) against Triton's own binder
+# ----------------------------------------------------------------------------------------------
+
+
+def _recorded_launches(monkeypatch):
+    """(kernel, args) of the launches a few calls make, through normzoo.kernels.launch.launch."""
+    import normzoo.functional as NF
+
+    calls = []
+
+    def record(kernel, programs, *args, num_warps):
+        calls.append((kernel, args))
+
+    monkeypatch.setattr(launch, "_cached", record)
+    monkeypatch.setattr(launch, "POISON", False)
+    x = torch.randn(40, 64, requires_grad=True)
+    for layer in (normzoo.LayerNorm(64, backend="triton"), normzoo.DyT(64, backend="triton")):
+        layer(x).sum().backward()
+    NF.add_norm(x, torch.randn(40, 64), normzoo.RMSNorm(64, backend="triton"))[0].sum().backward()
+    q, k = torch.randn(4, 3, 2, 16), torch.randn(4, 3, 1, 16)
+    NF.qk_norm(q, k, torch.ones(16), torch.ones(16), 1e-6, backend="triton")
+    return calls
+
+
+def test_cached_launch_key_separates_every_specialization_triton_makes(monkeypatch):
+    """Two launches with the same ``specialization_key`` must compile to the same kernel, or the
+    cached launch would run one specialized for other arguments (say, 16-byte alignment that a
+    view's pointer does not have). Checked against Triton's own binder for an sm_90 backend (no
+    GPU needed) on each launched kernel's real arguments, varied: every tensor aligned or one
+    element off, every runtime int among values Triton tells apart."""
+    import random
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    rng = random.Random(0)
+    kernels = {}
+    for kernel, args in _recorded_launches(monkeypatch):
+        jit = JITFunction(kernel.fn)  # under the interpreter the kernel is an InterpretedFunction
+        positions = frozenset(i for i, p in enumerate(jit.params) if p.is_constexpr)
+        binder = create_function_from_signature(jit.signature, jit.params, backend)
+        specs = kernels.setdefault(kernel.fn.__name__, {})
+        for _ in range(60):
+            varied = []
+            for i, a in enumerate(args):
+                if i in positions or a is None or type(a) in (bool, float):
+                    varied.append(a)
+                elif type(a) is int:
+                    varied.append(rng.choice([a, 1, 16, 17, 48, 2**31 + 16, 2**31 + 1]))
+                else:  # a tensor: itself, or a view one element further on (8 bytes or fewer off)
+                    varied.append(a if rng.random() < 0.5 else a.reshape(-1)[1:])
+            key = launch.specialization_key(positions, tuple(varied))
+            spec = repr(binder(*varied, num_warps=4, debug=False)[1])
+            assert specs.setdefault(key, spec) == spec, f"{kernel.fn.__name__}: one key, two specializations"
+        assert len(specs) > 1  # the variations did reach different specializations
+    assert {"_norm_fwd_kernel", "_norm_bwd_kernel", "_pointwise_fwd_kernel", "_pointwise_bwd_kernel",
+            "_headwise_fwd_kernel"} <= set(kernels)
+
+
+def test_cached_launch_is_off_by_default_and_under_the_interpreter():
+    assert launch._cached is None
+    launch.set_cached_launch(True)  # the interpreter compiles nothing to cache: stays off
+    assert launch._cached is None
