@@ -170,6 +170,7 @@ class ResidencyException:
     tile: tuple[int, int] | None = None  # (BLOCK_M, BLOCK_N)
     whole_row: bool | None = None  # BLOCK_N >= N: the single-tile path
     unaligned: bool | None = None  # N not a multiple of 8: rows cannot be read 16 bytes at a time
+    modes: tuple[str, ...] | None = None  # fused residual modes (FUSED_MODES) only; None: any variant
 
     def matches(self, variant: "Variant", constexprs: dict) -> bool:
         tile = (constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N"))
@@ -179,7 +180,8 @@ class ResidencyException:
                 and (self.affines is None or variant.affine in self.affines)
                 and (self.tile is None or tile == self.tile)
                 and (self.whole_row is None or whole_row == self.whole_row)
-                and (self.unaligned is None or (variant.n % 8 != 0) == self.unaligned))
+                and (self.unaligned is None or (variant.n % 8 != 0) == self.unaligned)
+                and (self.modes is None or variant.mode in self.modes))
 
 
 # Keep this short and honest: an entry says why no configuration of the kernel, as written, can
@@ -200,7 +202,8 @@ RESIDENCY_EXCEPTIONS: list[ResidencyException] = [
         "x, dy, the sum's gradient and the dw/db accumulators at 8 values a thread fill 85-122 registers of "
         "a 16-warp program (LayerNorm; RMSNorm fits two). The looped path fits 7 programs per SM but reads x "
         "and dy twice: 44% of copy bandwidth on an H100 against 85% for the plain single-tile backward.",
-        ops=("layernorm",), passes=("bwd",), dtypes=("bf16", "fp16"), tile=(1, 4096), whole_row=True),
+        ops=("layernorm",), passes=("bwd",), dtypes=("bf16", "fp16"), tile=(1, 4096), whole_row=True,
+        modes=FUSED_MODES),
     ResidencyException(
         "rows whose length is not a multiple of 8 cannot be read 16 bytes at a time: every element is its "
         "own 2-4 byte access with its own 64-bit address, which is what fills the registers. A performance "

@@ -138,7 +138,10 @@ class _CachedLaunch:
     each :func:`specialization_key` goes through Triton and keeps its compiled kernel; later ones
     call that kernel's launcher directly, as Triton's own run does after its lookup. Set
     ``NORMZOO_CACHED_LAUNCH=1`` (GPU only; under the interpreter there is nothing compiled).
-    Experimental until timed on a GPU: Triton's launch hooks (profilers) take the plain path."""
+    Experimental until timed on a GPU: Triton's launch hooks (profilers) take the plain path, but
+    what Triton's run also checks per launch is skipped (its pre-run hooks, globals changed since
+    the compile, debug or instrumentation knobs changed after it): set those before the first
+    launch, or leave this off."""
 
     def __init__(self):
         from triton import knobs

@@ -168,12 +168,16 @@ def _recorded_launches(monkeypatch):
 
     monkeypatch.setattr(launch, "_cached", record)
     monkeypatch.setattr(launch, "POISON", False)
-    x = torch.randn(40, 64, requires_grad=True)
-    for layer in (normzoo.LayerNorm(64, backend="triton"), normzoo.DyT(64, backend="triton")):
-        layer(x).sum().backward()
-    NF.add_norm(x, torch.randn(40, 64), normzoo.RMSNorm(64, backend="triton"))[0].sum().backward()
-    q, k = torch.randn(4, 3, 2, 16), torch.randn(4, 3, 1, 16)
-    NF.qk_norm(q, k, torch.ones(16), torch.ones(16), 1e-6, backend="triton")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(40, 64, dtype=dtype, requires_grad=True)
+        for layer in (normzoo.LayerNorm(64, backend="triton", dtype=dtype), normzoo.DyT(64, backend="triton", dtype=dtype)):
+            layer(x).sum().backward()
+        NF.add_norm(x, torch.randn(40, 64, dtype=dtype), normzoo.RMSNorm(64, backend="triton", dtype=dtype))[0].sum().backward()
+        q = torch.randn(4, 3, 2, 16, dtype=dtype, requires_grad=True)
+        k = torch.randn(4, 3, 1, 16, dtype=dtype, requires_grad=True)
+        sum(t.sum() for t in NF.qk_norm(q, k, torch.ones(16, dtype=dtype, requires_grad=True),
+                                         torch.ones(16, dtype=dtype, requires_grad=True), 1e-6,
+                                         backend="triton")).backward()
     return calls
 
 
@@ -181,37 +185,45 @@ def test_cached_launch_key_separates_every_specialization_triton_makes(monkeypat
     """Two launches with the same ``specialization_key`` must compile to the same kernel, or the
     cached launch would run one specialized for other arguments (say, 16-byte alignment that a
     view's pointer does not have). Checked against Triton's own binder for an sm_90 backend (no
-    GPU needed) on each launched kernel's real arguments, varied: every tensor aligned or one
-    element off, every runtime int among values Triton tells apart."""
-    import random
-
+    GPU needed) on each launched kernel's real arguments (fp32 and bf16), one argument at a time
+    replaced by each value Triton could tell apart from it: a tensor one element off or in
+    another dtype, an int that is 1, divisible by 16 or not, past int32 or int64, a constexpr
+    flipped or doubled."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
+    def alternatives(a, constexpr):
+        if constexpr:
+            return [not a] if type(a) is bool else [a * 2] if type(a) is int else []
+        if a is None or type(a) is bool:
+            return []
+        if type(a) is int:
+            return [1, 16, 17, 48, -16, 2**31 + 16, 2**31 + 1, 2**63 + 16]
+        if type(a) is float:
+            return [0.5]
+        other = torch.float16 if a.dtype != torch.float16 else torch.float32
+        return [a.reshape(-1)[1:], a.to(other), a.reshape(-1)[1:].to(other)]
+
     backend = make_backend(GPUTarget("cuda", 90, 32))
-    rng = random.Random(0)
-    kernels = {}
+    kernels, checked, told_apart = set(), 0, 0
     for kernel, args in _recorded_launches(monkeypatch):
         jit = JITFunction(kernel.fn)  # under the interpreter the kernel is an InterpretedFunction
         positions = frozenset(i for i, p in enumerate(jit.params) if p.is_constexpr)
         binder = create_function_from_signature(jit.signature, jit.params, backend)
-        specs = kernels.setdefault(kernel.fn.__name__, {})
-        for _ in range(60):
-            varied = []
-            for i, a in enumerate(args):
-                if i in positions or a is None or type(a) in (bool, float):
-                    varied.append(a)
-                elif type(a) is int:
-                    varied.append(rng.choice([a, 1, 16, 17, 48, 2**31 + 16, 2**31 + 1]))
-                else:  # a tensor: itself, or a view one element further on (8 bytes or fewer off)
-                    varied.append(a if rng.random() < 0.5 else a.reshape(-1)[1:])
-            key = launch.specialization_key(positions, tuple(varied))
-            spec = repr(binder(*varied, num_warps=4, debug=False)[1])
-            assert specs.setdefault(key, spec) == spec, f"{kernel.fn.__name__}: one key, two specializations"
-        assert len(specs) > 1  # the variations did reach different specializations
+        kernels.add(kernel.fn.__name__)
+        for i, a in enumerate(args):
+            specs = {}
+            for value in [a, *alternatives(a, i in positions)]:
+                varied = (*args[:i], value, *args[i + 1:])
+                key = launch.specialization_key(positions, varied)
+                spec = repr(binder(*varied, num_warps=4, debug=False)[1])
+                assert specs.setdefault(key, spec) == spec, f"{kernel.fn.__name__} argument {i}: one key, two kernels"
+                checked += 1
+            told_apart += len(set(specs.values())) > 1
     assert {"_norm_fwd_kernel", "_norm_bwd_kernel", "_pointwise_fwd_kernel", "_pointwise_bwd_kernel",
-            "_headwise_fwd_kernel"} <= set(kernels)
+            "_headwise_fwd_kernel", "_headwise_bwd_kernel", "_sum_partials_kernel"} <= kernels
+    assert told_apart > 100 and checked > 1000  # the variations did reach other specializations
 
 
 def test_cached_launch_is_off_by_default_and_under_the_interpreter():
