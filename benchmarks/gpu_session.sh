@@ -14,9 +14,9 @@
 #                fused backward at its 16-bit single-tile limit; stops after 20 failures; 8 xdist
 #                workers when pytest-xdist is there: most of the time is Triton compiling (the
 #                H100, 2026-11-27: 614 tests in 100 s)
-#   host     60  python -m benchmarks.host: host time per call at rows 1/16/256 (the H100: ~25 s
+#   host     45  python -m benchmarks.host: host time per call at rows 1/16/256 (the H100: ~25 s
 #                at 100 calls x 5 rounds; 300 x 10 did not finish in 40 s)
-#   host-cached 40  the same with NORMZOO_CACHED_LAUNCH=1 (Triton's binder skipped once a kernel is
+#   host-cached 30  the same with NORMZOO_CACHED_LAUNCH=1 (Triton's binder skipped once a kernel is
 #                compiled: kernels/launch.py), its table in the log and the summary
 #   train-step 90  python -m benchmarks --train-step: forward + backward + AdamW of a 134M-parameter
 #                Llama (bf16, 8 x 2048 tokens), torch vs normzoo.swap, 3 warmup + 10 timed steps
@@ -143,9 +143,9 @@ if [ $fused = 1 ]; then
 elif [ $smoke = 1 ]; then
   phase host 60 python3 -m benchmarks.host --stub --out "$out" --repeats 20
 else
-  phase host 60 python3 -m benchmarks.host --out "$out" --repeats 100 --rounds 5  # 7 layers x 3 row counts
+  phase host 45 python3 -m benchmarks.host --out "$out" --repeats 100 --rounds 5  # 7 layers x 3 row counts
   # The same with the opt-in cached launch (kernels/launch.py), its table into the log only.
-  phase host-cached 40 env NORMZOO_CACHED_LAUNCH=1 python3 -m benchmarks.host --repeats 100 --rounds 5
+  phase host-cached 30 env NORMZOO_CACHED_LAUNCH=1 python3 -m benchmarks.host --repeats 100 --rounds 5
 fi
 
 # -- a training step, with and without normzoo.swap (JSON only: the tool returns 8 files) ------
