@@ -173,10 +173,9 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
         # one 16-warp program (compile_check, sm_90: LayerNorm 85-122 registers, one program per
         # SM; RMSNorm 64, two): the looped path fits 7 small programs per SM but reads x and dy
         # twice, and measured 44% of copy bandwidth at 4096 on an H100 where the plain single-tile
-        # backward made 85%. fp32 streams (twice the bytes per value) take the looped path past 2048.
-        limit = min(limit, 4096 if dtype.itemsize == 2 else 2048)
-        if n_cols > limit:
-            limit = min(limit, 2048)  # wider rows: the looped tiles as before (halved below), unmeasured
+        # backward made 85%. fp32 streams (twice the bytes per value) take the looped path past 2048,
+        # and so do wider 16-bit rows, with the looped tiles they had before (halved below, unmeasured).
+        limit = min(limit, 4096 if dtype.itemsize == 2 and n_cols <= 4096 else 2048)
     if max_block_n is not None:
         limit = min(limit, next_power_of_2(max_block_n))
     block_n = min(next_power_of_2(max(n_cols, 1)), limit)

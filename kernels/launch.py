@@ -114,7 +114,7 @@ def launch(kernel, programs: int, *args, num_warps: int):
     return kernel.run(*args, grid=(programs,), warmup=False, num_warps=num_warps)
 
 
-def specialization_key(constexpr_positions: tuple, args: tuple) -> tuple:
+def specialization_key(constexpr_positions: frozenset, args: tuple) -> tuple:
     """What Triton's binder specializes a launch on, from the arguments themselves: constexprs by
     value, tensors by dtype and 16-byte alignment, ints by (== 1, divisible by 16, int32 range,
     int64 range), None as such, floats as fp32. Two launches with the same key compile to the same
