@@ -5,6 +5,7 @@ the unfused PyTorch sequence computed in float64: both outputs and every gradien
 kind, 32- and 16-bit activations, an fp32 residual stream, odd widths and the looped long-row path.
 """
 
+import copy
 import math
 
 import pytest
@@ -36,18 +37,65 @@ def copy_of(norm, dtype=None):
     """A copy on the reference path: in float64 the oracle, at its own dtype the peer (PyTorch's
     op-by-op sequence at working precision, whose error the test rule allows twice over)."""
     offset = {"weight_offset": norm.weight_offset} if getattr(norm, "weight_offset", 0.0) else {}
-    copy = type(norm)(norm.normalized_shape, backend="torch", dtype=dtype, **offset)
+    device = next(norm.parameters()).device  # the test's device: the oracle runs beside the kernels
+    copy = type(norm)(norm.normalized_shape, backend="torch", device=device, dtype=dtype, **offset)
     copy.load_state_dict({k: v.to(dtype) if dtype else v for k, v in norm.state_dict().items()})
     return copy
 
 
-def unfused(mode, x, h, n1, n2, scale):
-    """The textbook sequence, op by op."""
+def watch_terms(norm):
+    """Records the input of ``norm``'s next call and the gradient that reaches its output:
+    ``[input, output_grad]``, filled in by the forward and the backward."""
+    seen = [None, None]
+
+    def hook(module, args, out):
+        seen[0] = args[0].detach()
+        out.register_hook(lambda g: seen.__setitem__(1, g))
+
+    norm.register_forward_hook(hook)
+    return seen
+
+
+def input_grad_terms(norm, v, g):
+    """‖w ⊙ g · rstd‖: the size of the terms a LayerNorm's or RMSNorm's input gradient is summed
+    from (0 for the pointwise DyT and Derf, whose gradient does not cancel, or an unused norm)."""
+    if g is None or not isinstance(norm, (normzoo.LayerNorm, normzoo.RMSNorm)):
+        return 0.0
+    centred = v - v.mean(-1, keepdim=True) if isinstance(norm, normzoo.LayerNorm) else v
+    eps = norm.eps if norm.eps is not None else torch.finfo(v.dtype).eps
+    rstd = (centred.square().mean(-1, keepdim=True) + eps).rsqrt()
+    w = norm.weight + getattr(norm, "weight_offset", 0.0) if norm.weight is not None else 1.0
+    return (w * g * rstd).norm().item()
+
+
+def scalar_grad_terms(norm, v, g) -> dict:
+    """Σ|terms| of DyT's and Derf's scalar gradients, by parameter name: dalpha = Σ g·w·act'(u)·v
+    and dshift = Σ g·w·act'(u) sum every element and cancel, so their error scales with the terms,
+    not with the small result (the size test_pointwise_kernels judges them against, too)."""
+    if g is None or not isinstance(norm, (normzoo.DyT, normzoo.Derf)):
+        return {}
+    shift = norm.shift if isinstance(norm, normzoo.Derf) else 0.0
+    u = norm.alpha * v + shift
+    slope = 1 - torch.tanh(u).square() if isinstance(norm, normzoo.DyT) else 2 / math.sqrt(math.pi) * torch.exp(-u * u)
+    terms = (g * (norm.weight if norm.weight is not None else 1.0) * slope).abs()
+    return {"alpha": (terms * v.abs()).sum().item(), "shift": terms.sum().item()}
+
+
+def unfused(mode, x, h, n1, n2, scale, stored_as=None):
+    """The textbook sequence, op by op. ``stored_as``: the dtype the fused ops store the sum in;
+    the float64 oracle rounds its sum to it (the gradient passes the rounding as autograd passes a
+    cast), because the fused ops normalize and differentiate the sum as stored. Without that the
+    oracle would be another function: in bf16 a scalar gradient such as Derf's dalpha, a sum over
+    every element that cancels, moved by up to 200x the fp32 tolerance from the rounding alone."""
     if mode == "add_norm":
-        s = x + h
+        s = _as_stored(x + h, stored_as)
         return n1(s) * scale, s
-    s = x + n1(h)
+    s = _as_stored(x + n1(h), stored_as)
     return (n2(s) * scale if mode == "norm_add_norm" else None), s
+
+
+def _as_stored(s, dtype):
+    return s if dtype is None else s + (s.to(dtype).to(s.dtype) - s).detach()
 
 
 def run_fused(mode, x, h, n1, n2, scale, residual_dtype=None):
@@ -69,7 +117,8 @@ def check_against_float64(kind, mode, act_dtype, res_dtype, n, backend, device, 
 
     x64, h64 = x.detach().double().requires_grad_(), h.detach().double().requires_grad_()
     m1, m2 = copy_of(n1, torch.float64), (copy_of(n2, torch.float64) if n2 is not None else None)
-    y64, s64 = unfused(mode, x64, h64, m1, m2, scale)
+    seen = [watch_terms(m) for m in (m1, m2) if m is not None]
+    y64, s64 = unfused(mode, x64, h64, m1, m2, scale, stored_as=res_dtype)
     xp, hp = x.detach().clone().requires_grad_(), h.detach().clone().requires_grad_()
     q1, q2 = copy_of(n1), (copy_of(n2) if n2 is not None else None)
     yp, sp = unfused(mode, xp, hp, q1, q2, scale)
@@ -91,15 +140,23 @@ def check_against_float64(kind, mode, act_dtype, res_dtype, n, backend, device, 
     grads = torch.autograd.grad(loss_of((y, s)), [x, h, *params], allow_unused=True)
     grads64 = torch.autograd.grad(loss_of((y64, s64)).double(), [x64, h64, *params64], allow_unused=True)
     peers = torch.autograd.grad(loss_of((yp, sp)), [xp, hp, *params_peer], allow_unused=True)
+    # dx and dh pass through the norms' input gradients, which cancel (a one-element LayerNorm's is
+    # exactly 0, from terms of size rstd = 1/√eps): judge them against the terms, as
+    # test_rowwise_kernels does, plus the sum's gradient that joins them.
+    input_terms = sum(input_grad_terms(m, *s_) for m, s_ in zip((m1, m2), seen)) + (gs.double().norm().item()
+                                                                                  if gs is not None else 0.0)
     names = ["dx", "dh"] + [f"d{name}" for m in (n1, n2) if m is not None for name, _ in m.named_parameters()]
-    for name, g, g64, peer, wrt in zip(names, grads, grads64, peers, [x, h, *params]):
+    scales = [input_terms, input_terms] + [
+        scalar_grad_terms(m, *s_).get(name, 0.0) for m, s_ in zip((m1, m2), seen) for name, _ in m.named_parameters()]
+    for name, g, g64, peer, wrt, scale in zip(names, grads, grads64, peers, [x, h, *params], scales):
         if g64 is None:
             assert g is None or not g.any(), f"{mode}: {name} should be absent or zero"
             continue
         assert g is not None, f"{mode}: {name} missing"
-        # Column and scalar sums cancel: judge them against Σ|terms| (helpers.assert_close).
+        # Sums that cancel are judged against the size of their terms (helpers.assert_close): dx,
+        # dh and the scalar sums as computed above, a column sum against Σ|its entries|.
         assert_close(g, g64.to(g.device), f"{kind} {mode} {name}", dtype=wrt.dtype, peer=peer,
-                     scale=g64.abs().sum().item() if g64.numel() <= n else 0.0)
+                     scale=scale or (g64.abs().sum().item() if g64.numel() <= n else 0.0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -331,18 +388,28 @@ def make_stack(placement, norm, backend, device, num_layers=4, dim=16, **kwargs)
 @pytest.mark.parametrize("placement", ["pre", "post", "peri", "mix", "scaled"])
 def test_stack_equals_its_textbook_formula(placement, norm, backend, device):
     stack = make_stack(placement, norm, backend, device, mix_ratio=0.5)
+    # The oracle: the formula in float64 on the reference path; the peer: the formula at fp32.
+    stack64 = copy.deepcopy(stack).double()
+    for module in stack64.modules():
+        if hasattr(module, "backend"):
+            module.backend = "torch"
+    seen = {name: watch_terms(m) for name, m in stack64.named_modules() if isinstance(m, (normzoo.DyT, normzoo.Derf))}
     x = torch.randn(2, 3, 16, device=device, requires_grad=True)
-    out = stack(x)
-    ref = textbook(stack, x)
-    assert_close(out, ref.detach(), f"{placement} output")
+    x64 = x.detach().double().requires_grad_()
+    out, ref64, peer = stack(x), textbook(stack64, x64), textbook(stack, x)
+    assert_close(out, ref64.detach(), f"{placement} output", peer=peer.detach())
     g = torch.randn_like(out)
     params = list(stack.parameters())
     grads = torch.autograd.grad((out * g).sum(), [x, *params], allow_unused=True)
-    grads_ref = torch.autograd.grad((ref * g).sum(), [x, *params], allow_unused=True)
-    for (name, p), got, want in zip([("x", x), *stack.named_parameters()], grads, grads_ref):
+    grads64 = torch.autograd.grad((ref64 * g.double()).sum(), [x64, *stack64.parameters()], allow_unused=True)
+    grads_peer = torch.autograd.grad((peer * g).sum(), [x, *params], allow_unused=True)
+    for (name, p), got, want, peer_grad in zip([("x", x), *stack.named_parameters()], grads, grads64, grads_peer):
         assert (got is None) == (want is None), name
         if got is not None:
-            assert_close(got, want, f"{placement} d{name}", scale=want.abs().sum().item() if p.dim() <= 1 else 0.0)
+            owner, _, param = name.rpartition(".")
+            terms = scalar_grad_terms(stack64.get_submodule(owner), *seen[owner]).get(param) if owner in seen else None
+            assert_close(got, want, f"{placement} d{name}", dtype=p.dtype, peer=peer_grad,
+                         scale=terms or (want.abs().sum().item() if p.dim() <= 1 else 0.0))
 
 
 def test_stack_norm_lists_mix_split_and_scales():
