@@ -53,6 +53,16 @@ def test_host_instruction_segments_and_table(tmp_path):
     assert "normzoo fwd kIr" in table and "| 130.0 | 65.0 | 2.00× | 300.0 | 250.0 | 1.20× |" in table
 
 
+def test_host_profile_runs(capsys):
+    """The GPU session's host diagnostic: its timings and three profiles, here on toy sizes."""
+    from benchmarks import host_profile
+
+    assert host_profile.main(["--calls", "2", "--rows", "2", "--hidden", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "normzoo.LayerNorm fwd+bwd" in out and "triton kernel.run(...)" in out
+    assert out.count("calls, by own time") == 3
+
+
 def test_bytes_are_counted_from_first_principles():
     from benchmarks.cases import CASES
 
