@@ -165,16 +165,15 @@ def _resident_estimate(num_warps: int, regs_per_thread: int) -> int:
 
 
 def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: int | None,
-                  fused: bool = False) -> LaunchConfig:
+                  fused: bool = False, two_stores: bool = False) -> LaunchConfig:
     limit = single_tile_limit(dtype)
     if fused:
-        # A fused residual backward also reads the sum's gradient and may store dx twice: about 2
-        # more registers per value. 16-bit rows up to 4096 stay one tile, at 8 values a thread in
-        # one 16-warp program (compile_check, sm_90: LayerNorm 85-122 registers, one program per
-        # SM; RMSNorm 64, two): the looped path fits 7 small programs per SM but reads x and dy
-        # twice, and measured 44% of copy bandwidth at 4096 on an H100 where the plain single-tile
-        # backward made 85%. fp32 streams (twice the bytes per value) take the looped path past 2048,
-        # and so do wider 16-bit rows, with the looped tiles they had before (halved below, unmeasured).
+        # A fused residual backward also reads the sum's gradient (and with ``two_stores`` stores
+        # dx twice). 16-bit rows up to 4096 stay one tile: the looped path fits 7 small programs
+        # per SM but reads x and dy twice, and measured 44% of copy bandwidth at 4096 on an H100
+        # where the plain single-tile backward made 85% (the one-tile fused backward, in 16-warp
+        # programs: 49-55%). fp32 streams (twice the bytes per value) take the looped path past
+        # 2048, and so do wider 16-bit rows, with the looped tiles they had before (halved below).
         limit = min(limit, 4096 if dtype.itemsize == 2 and n_cols <= 4096 else 2048)
     if max_block_n is not None:
         limit = min(limit, next_power_of_2(max_block_n))
@@ -207,8 +206,10 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     block_m = max(1, min(1024 // block_n, 16))
     # Except 16-bit rows of 4096, where 8 elements a thread at 16 warps took LayerNorm with weight
     # and bias to 115 registers (one program per SM) and 16 at 8 warps takes 128 (two per SM):
-    # compile_check, sm_90.
-    per_thread = 16 if dtype.itemsize == 2 and block_n == 4096 and single_tile and not fused else 8
+    # compile_check, sm_90. A fused backward that reads the sum's gradient too fits the same (122),
+    # but one that also stores dx twice took 144 at 16 a thread (one 8-warp program per SM) and
+    # takes 85 at 8 (one 16-warp program): twice the warps to hide its loads behind.
+    per_thread = 16 if dtype.itemsize == 2 and block_n == 4096 and single_tile and not two_stores else 8
     if n_cols % 8:
         per_thread = 4  # element-wise addresses: see num_stages below
     num_warps = max(1, min(block_m * block_n // (32 * per_thread), 16))
@@ -216,7 +217,9 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     # Registers ≈ 7 per value a thread holds + 16 (LayerNorm with weight and bias on sm_90: 72 at
     # 8 values, 128 at 16; twice that per value with element-wise addresses); the estimate must not
     # exceed the real residency (compile_check fails a persistent grid larger than one wave).
-    regs = (7 if n_cols % 8 == 0 else 14) * per_thread + 16 + (3 * per_thread if fused else 0)
+    # The fused backward's extra operands cost ~3 more per value at 8 values a thread; at 16, ptxas
+    # held every 16-bit 4096-wide single tile, fused or not, to 128 or fewer (compile_check).
+    regs = (7 if n_cols % 8 == 0 else 14) * per_thread + 16 + (3 * per_thread if fused and per_thread < 16 else 0)
     return LaunchConfig(block_m, block_n, num_warps, single_tile, _resident_estimate(num_warps, regs), num_stages)
 
 
@@ -255,11 +258,11 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
                   max_block_n: int | None = None) -> LaunchConfig:
     """The launch configuration for one kernel call. ``max_block_n`` caps the column tile (tests
     use it to reach the looped path on small rows); a capped call ignores the measured tables.
-    ``pass_``: ``"fwd"``, ``"bwd"``, or ``"bwd_res"`` (a fused residual op's backward, which moves
-    more per value: rules only, no table)."""
-    backward, fused = pass_ in ("bwd", "bwd_res"), pass_ == "bwd_res"
+    ``pass_``: ``"fwd"``, ``"bwd"``, ``"bwd_res"`` (a fused residual op's backward, which also
+    reads the sum's gradient: rules only, no table) or ``"bwd_res2"`` (the same, storing dx twice)."""
+    backward, fused = pass_ in ("bwd", "bwd_res", "bwd_res2"), pass_ in ("bwd_res", "bwd_res2")
     if op in ("layernorm", "rmsnorm"):
-        cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n, fused)
+        cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n, fused, pass_ == "bwd_res2")
     else:
         cfg = _elementwise_rule(n_cols, backward, max_block_n, fused)
     # Tables are measured at row lengths that are multiples of 8 and keyed by the next power of 2:

@@ -487,7 +487,8 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
         return (dx, dx2, torch.zeros(N, dtype=weight.dtype, device=device) if compute_dw else None,
                 torch.zeros(N, dtype=db_dtype, device=device) if compute_db else None)
 
-    pass_ = "bwd_res" if dres is not None or dx2 is not None else "bwd"  # a fused op's backward moves more
+    # A fused op's backward moves more: the sum's gradient in, dx maybe twice out.
+    pass_ = "bwd" if dres is None and dx2 is None else "bwd_res2" if dx2 is not None else "bwd_res"
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", pass_, N, x.dtype, device, max_block_n)
     rows_per_program, programs = split_rows(M, cfg, device)
 
