@@ -46,6 +46,11 @@ def device():
     return DEVICE
 
 
+# NORMZOO_TEST_SEED=k runs the suite on other random inputs: a tolerance that holds at one seed
+# only is luck (a GPU draws other numbers from the same seed). CI uses 0.
+SEED = int(os.environ.get("NORMZOO_TEST_SEED", "0"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
