@@ -214,12 +214,18 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
         per_thread = 4  # element-wise addresses: see num_stages below
     num_warps = max(1, min(block_m * block_n // (32 * per_thread), 16))
     per_thread = block_m * block_n // (32 * num_warps)
-    # Registers ≈ 7 per value a thread holds + 16 (LayerNorm with weight and bias on sm_90: 72 at
-    # 8 values, 128 at 16; twice that per value with element-wise addresses); the estimate must not
-    # exceed the real residency (compile_check fails a persistent grid larger than one wave).
+    # Registers ≈ 7 per value a thread holds + 16 on the single-tile path (LayerNorm with weight
+    # and bias on sm_90: 72 at 8 values, 128 at 16; twice that per value with element-wise
+    # addresses), 5 on the looped path, which holds one column tile and no whole row (32-64 at 8
+    # values across the plain norms' layouts and dtypes). The estimate must not exceed the real
+    # residency (compile_check fails a persistent grid larger than one wave), and should not fall
+    # short of it either: at 7 the looped 16-warp backward launched one program per SM where two
+    # fit, and the H100 timed that rule at N = 16384 (bf16) at 2.90 ms (LayerNorm) and 2.80
+    # (RMSNorm) against 2.14 and 2.07 with two programs per SM (benchmarks.tune's candidates).
     # The fused backward's extra operands cost ~3 more per value at 8 values a thread; at 16, ptxas
     # held every 16-bit 4096-wide single tile, fused or not, to 128 or fewer (compile_check).
-    regs = (7 if n_cols % 8 == 0 else 14) * per_thread + 16 + (3 * per_thread if fused and per_thread < 16 else 0)
+    per_value = (7 if single_tile else 5) if n_cols % 8 == 0 else 14
+    regs = per_value * per_thread + 16 + (3 * per_thread if fused and per_thread < 16 else 0)
     return LaunchConfig(block_m, block_n, num_warps, single_tile, _resident_estimate(num_warps, regs), num_stages)
 
 
