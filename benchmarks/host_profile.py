@@ -38,7 +38,8 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as benchmarks.host; restored at the end (the tests call main())
     x = torch.randn(args.rows, args.hidden, device=device, requires_grad=True)
     dy = torch.randn_like(x)
     ours = normzoo.LayerNorm(args.hidden, backend="triton", device=device)
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(22)
         body = text.getvalue()
         print(f"\n== {label}: {args.calls} calls, by own time\n" + body[body.find("ncalls"):])
+    torch.set_num_threads(threads)
     return 0
 
 
