@@ -10,11 +10,13 @@
 # Phases, each under its own `timeout` (a slow phase cannot eat the others; the whole run stops
 # by TOTAL = 525 s), with the seconds each may take:
 #   peers   ~30  install Liger-Kernel (and quack) from .peers/ when present (../shared/tools/peer-wheels)
-#   tests   165  the kernel, API and fused-op tests on the GPU (compiled kernels, not the
-#                interpreter); stops after 20 failures; one xdist worker per 1-2 cores when
-#                pytest-xdist is there: most of the time is Triton compiling (the H100, 16 cores,
-#                2026-11-27: 630 tests in 113 s, test_fused.py's 295 in 43 s). Verbose, so a
-#                phase cut by its limit still names every test that failed before the cut
+#   tests   170  the kernel, API and fused-op tests on the GPU (compiled kernels, not the
+#                interpreter); stops after 20 failures; with pytest-xdist, 14 workers on 16 or more
+#                cores, else 8: most of the time is Triton compiling (the H100, 16 cores, two
+#                calls on 2026-11-27, benchmarks/results/session-NVIDIA-H100-80GB-HBM3-tests.log:
+#                the other five files' 630 tests in 113 s, test_fused.py's 295 in 43 s; the tune
+#                phase then gets what is left, ~25 s). Verbose, so a phase cut by its limit still
+#                names every test that failed before the cut
 #   host     45  python -m benchmarks.host: host time per call at rows 1/16/256 (the H100: ~38 s
 #                at 100 calls x 5 rounds; 300 x 10 did not finish in 40 s)
 #   train-step 90  python -m benchmarks --train-step: forward + backward + AdamW of a 134M-parameter
@@ -131,7 +133,7 @@ fi
 if [ $smoke = 0 ] && [ $fused = 0 ]; then
   workers=$(( $(nproc) > 15 ? 14 : 8 ))
   par=$(python3 -c "import xdist" 2>/dev/null && echo "-n $workers")  # compiles in parallel: most of the time is Triton's compiler
-  phase tests 165 python3 -m pytest --maxfail=20 -v -rf --tb=short -p no:cacheprovider $par \
+  phase tests 170 python3 -m pytest --maxfail=20 -v -rf --tb=short -p no:cacheprovider $par \
     tests/test_rowwise_kernels.py tests/test_pointwise_kernels.py tests/test_norm_api.py tests/test_pointwise_api.py \
     tests/test_gpu_only.py tests/test_fused.py
   grep -E "^FAILED|\] FAILED| passed| failed" "$log" | sort -u | tail -n 25

@@ -223,8 +223,10 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     # fit, and the H100 timed that rule at N = 16384 (bf16) at 2.90 ms (LayerNorm) and 2.80
     # (RMSNorm) against 2.14 and 2.07 with two programs per SM (benchmarks.tune's candidates).
     # The fused backward's extra operands cost ~3 more per value at 8 values a thread; at 16, ptxas
-    # held every 16-bit 4096-wide single tile, fused or not, to 128 or fewer (compile_check).
-    per_value = (7 if single_tile else 5) if n_cols % 8 == 0 else 14
+    # held every 16-bit 4096-wide single tile, fused or not, to 128 or fewer (compile_check). Its
+    # looped tiles keep the single tile's 7 (55-80 registers at 8 values in 4 warps: the lower
+    # estimate would leave no margin there for another Triton version's register count).
+    per_value = (7 if single_tile or fused else 5) if n_cols % 8 == 0 else 14
     regs = per_value * per_thread + 16 + (3 * per_thread if fused and per_thread < 16 else 0)
     return LaunchConfig(block_m, block_n, num_warps, single_tile, _resident_estimate(num_warps, regs), num_stages)
 
