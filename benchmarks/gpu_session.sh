@@ -13,7 +13,7 @@
 #   tests   170  the kernel, API and fused-op tests on the GPU (compiled kernels, not the
 #                interpreter); stops after 20 failures; with pytest-xdist, 14 workers on 16 or more
 #                cores, else 8: most of the time is Triton compiling (the H100, 16 cores, two
-#                calls on 2026-11-27, benchmarks/results/session-NVIDIA-H100-80GB-HBM3-tests.log:
+#                calls on 2026-11-27, benchmarks/results/session-NVIDIA-H100-80GB-HBM3-run2-tests.log:
 #                the other five files' 630 tests in 113 s, test_fused.py's 295 in 43 s; the tune
 #                phase then gets what is left, ~25 s). Verbose, so a phase cut by its limit still
 #                names every test that failed before the cut
