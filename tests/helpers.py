@@ -8,6 +8,7 @@ one-element RMSNorm) where no fp32 algorithm does better than the conditioning a
 well-conditioned inputs it is small and the table decides.
 """
 
+import copy
 import math
 
 import torch
@@ -58,3 +59,37 @@ def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, compi
     torch.testing.assert_close(y, y_eager)
     for g, p in zip(grads, [x] + list(model.parameters())):
         torch.testing.assert_close(g, p.grad)
+
+
+def on_reference(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A copy of ``module`` (a norm, or a model holding norms) whose norms run on the pure-PyTorch
+    path (``backend="torch"``), in ``dtype`` if given: the float64 oracle, or the peer."""
+    copied = copy.deepcopy(module) if dtype is None else copy.deepcopy(module).to(dtype)
+    for m in copied.modules():
+        if hasattr(m, "backend"):
+            m.backend = "torch"
+    return copied
+
+
+def term_sizes(kind: str, m64: torch.nn.Module, v64: torch.Tensor, g: torch.Tensor):
+    """For norm ``m64`` (float64) at rows ``v64`` and an incoming gradient of size ``g`` (|·|,
+    elementwise): the size of the terms of its input gradient (elementwise) and of each parameter
+    gradient (by name), the scale their rounding errors grow with."""
+    weight = m64.weight.detach() if getattr(m64, "weight", None) is not None else torch.ones_like(v64[0])
+    if kind in ("layernorm", "rmsnorm"):
+        weight = weight + getattr(m64, "weight_offset", 0.0)
+        centred = v64 if kind == "rmsnorm" else v64 - v64.mean(-1, keepdim=True)
+        eps = m64.eps if m64.eps is not None else torch.finfo(v64.dtype).eps  # RMSNorm's default
+        r = torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)
+        x_hat = centred * r
+        return g * weight.abs() * r, {"weight": (g * x_hat.abs()).sum(0).norm().item(), "bias": g.sum(0).norm().item()}
+    shift = m64.shift.detach() if kind == "derf" else 0.0
+    u = (m64.alpha.detach() * v64 + shift).detach()
+    if kind == "dyt":
+        act, slope = torch.tanh(u), 1 - torch.tanh(u) ** 2
+    else:
+        act, slope = torch.erf(u), 2 / math.sqrt(math.pi) * torch.exp(-u * u)
+    through = g * weight.abs() * slope
+    return through * m64.alpha.detach().abs(), {
+        "weight": (g * act.abs()).sum(0).norm().item(), "bias": g.sum(0).norm().item(),
+        "alpha": (through * v64.abs()).sum().item(), "shift": through.sum().item()}

@@ -5,7 +5,6 @@ the unfused PyTorch sequence computed in float64: both outputs and every gradien
 kind, 32- and 16-bit activations, an fp32 residual stream, odd widths and the looped long-row path.
 """
 
-import copy
 import math
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 import normzoo
 import normzoo.functional as NF
-from helpers import assert_close
+from helpers import assert_close, on_reference, term_sizes
 from normzoo import fused
 
 KINDS = ["layernorm", "rmsnorm", "dyt", "derf"]
@@ -33,16 +32,6 @@ def make_norm(kind, n, backend, dtype=torch.float32, device="cpu", weight_offset
     return norm
 
 
-def copy_of(norm, dtype=None):
-    """A copy on the reference path: in float64 the oracle, at its own dtype the peer (PyTorch's
-    op-by-op sequence at working precision, whose error the test rule allows twice over)."""
-    offset = {"weight_offset": norm.weight_offset} if getattr(norm, "weight_offset", 0.0) else {}
-    device = next(norm.parameters()).device  # the test's device: the oracle runs beside the kernels
-    copy = type(norm)(norm.normalized_shape, backend="torch", device=device, dtype=dtype, **offset)
-    copy.load_state_dict({k: v.to(dtype) if dtype else v for k, v in norm.state_dict().items()})
-    return copy
-
-
 def watch_terms(norm):
     """Records the input of ``norm``'s next call and the gradient that reaches its output:
     ``[input, output_grad]``, filled in by the forward and the backward."""
@@ -56,29 +45,16 @@ def watch_terms(norm):
     return seen
 
 
-def input_grad_terms(norm, v, g):
-    """‖w ⊙ g · rstd‖: the size of the terms a LayerNorm's or RMSNorm's input gradient is summed
-    from (0 for the pointwise DyT and Derf, whose gradient does not cancel, or an unused norm)."""
-    if g is None or not isinstance(norm, (normzoo.LayerNorm, normzoo.RMSNorm)):
-        return 0.0
-    centred = v - v.mean(-1, keepdim=True) if isinstance(norm, normzoo.LayerNorm) else v
-    eps = norm.eps if norm.eps is not None else torch.finfo(v.dtype).eps
-    rstd = (centred.square().mean(-1, keepdim=True) + eps).rsqrt()
-    w = norm.weight + getattr(norm, "weight_offset", 0.0) if norm.weight is not None else 1.0
-    return (w * g * rstd).norm().item()
-
-
-def scalar_grad_terms(norm, v, g) -> dict:
-    """Σ|terms| of DyT's and Derf's scalar gradients, by parameter name: dalpha = Σ g·w·act'(u)·v
-    and dshift = Σ g·w·act'(u) sum every element and cancel, so their error scales with the terms,
-    not with the small result (the size test_pointwise_kernels judges them against, too)."""
-    if g is None or not isinstance(norm, (normzoo.DyT, normzoo.Derf)):
-        return {}
-    shift = norm.shift if isinstance(norm, normzoo.Derf) else 0.0
-    u = norm.alpha * v + shift
-    slope = 1 - torch.tanh(u).square() if isinstance(norm, normzoo.DyT) else 2 / math.sqrt(math.pi) * torch.exp(-u * u)
-    terms = (g * (norm.weight if norm.weight is not None else 1.0) * slope).abs()
-    return {"alpha": (terms * v.abs()).sum().item(), "shift": terms.sum().item()}
+def grad_terms(kind, norm, v, g):
+    """:func:`helpers.term_sizes` of a watched float64 norm (input, gradient reaching its output):
+    ``(‖input-gradient terms‖, {parameter: Σ|terms|})``. The input-gradient size counts for
+    LayerNorm and RMSNorm only, whose input gradient cancels (a one-element LayerNorm's is exactly
+    0, from terms of size rstd = 1/√eps); DyT's and Derf's does not. Their scalar gradients do
+    (dalpha, dshift: sums over every element), so those are judged against Σ|terms|."""
+    if g is None:  # an unused norm
+        return 0.0, {}
+    through, params = term_sizes(kind, norm, v, g.abs())
+    return (through.norm().item() if kind in ("layernorm", "rmsnorm") else 0.0), params
 
 
 def unfused(mode, x, h, n1, n2, scale, stored_as=None):
@@ -116,11 +92,11 @@ def check_against_float64(kind, mode, act_dtype, res_dtype, n, backend, device, 
     assert s.dtype == res_dtype and (y is None or y.dtype == act_dtype)
 
     x64, h64 = x.detach().double().requires_grad_(), h.detach().double().requires_grad_()
-    m1, m2 = copy_of(n1, torch.float64), (copy_of(n2, torch.float64) if n2 is not None else None)
+    m1, m2 = on_reference(n1, torch.float64), (on_reference(n2, torch.float64) if n2 is not None else None)
     seen = [watch_terms(m) for m in (m1, m2) if m is not None]
     y64, s64 = unfused(mode, x64, h64, m1, m2, scale, stored_as=res_dtype)
     xp, hp = x.detach().clone().requires_grad_(), h.detach().clone().requires_grad_()
-    q1, q2 = copy_of(n1), (copy_of(n2) if n2 is not None else None)
+    q1, q2 = on_reference(n1), (on_reference(n2) if n2 is not None else None)
     yp, sp = unfused(mode, xp, hp, q1, q2, scale)
     assert_close(s, s64.to(s.device), f"{mode} s", peer=sp)
     if y is not None:
@@ -143,11 +119,12 @@ def check_against_float64(kind, mode, act_dtype, res_dtype, n, backend, device, 
     # dx and dh pass through the norms' input gradients, which cancel (a one-element LayerNorm's is
     # exactly 0, from terms of size rstd = 1/√eps): judge them against the terms, as
     # test_rowwise_kernels does, plus the sum's gradient that joins them.
-    input_terms = sum(input_grad_terms(m, *s_) for m, s_ in zip((m1, m2), seen)) + (gs.double().norm().item()
-                                                                                  if gs is not None else 0.0)
+    terms = [grad_terms(kind, m, *s_) for m, s_ in zip((m1, m2), seen)]
+    input_terms = sum(t[0] for t in terms) + (gs.double().norm().item() if gs is not None else 0.0)
     names = ["dx", "dh"] + [f"d{name}" for m in (n1, n2) if m is not None for name, _ in m.named_parameters()]
     scales = [input_terms, input_terms] + [
-        scalar_grad_terms(m, *s_).get(name, 0.0) for m, s_ in zip((m1, m2), seen) for name, _ in m.named_parameters()]
+        t[1].get(name, 0.0) if name in ("alpha", "shift") else 0.0
+        for m, t in zip((m1, m2), terms) for name, _ in m.named_parameters()]
     for name, g, g64, peer, wrt, scale in zip(names, grads, grads64, peers, [x, h, *params], scales):
         if g64 is None:
             assert g is None or not g.any(), f"{mode}: {name} should be absent or zero"
@@ -384,15 +361,6 @@ def make_stack(placement, norm, backend, device, num_layers=4, dim=16, **kwargs)
     return stack
 
 
-def on_reference(stack, dtype=None):
-    """A copy of ``stack`` whose norms run on the pure-PyTorch path, in ``dtype`` if given."""
-    stack = copy.deepcopy(stack) if dtype is None else copy.deepcopy(stack).to(dtype)
-    for module in stack.modules():
-        if hasattr(module, "backend"):
-            module.backend = "torch"
-    return stack
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", KINDS)
 @pytest.mark.parametrize("placement", ["pre", "post", "peri", "mix", "scaled"])
@@ -416,7 +384,8 @@ def test_stack_equals_its_textbook_formula(placement, norm, backend, device):
         assert (got is None) == (want is None), name
         if got is not None:
             owner, _, param = name.rpartition(".")
-            terms = scalar_grad_terms(stack64.get_submodule(owner), *seen[owner]).get(param) if owner in seen else None
+            terms = (grad_terms(norm, stack64.get_submodule(owner), *seen[owner])[1].get(param)
+                     if owner in seen and param in ("alpha", "shift") else None)
             assert_close(got, want, f"{placement} d{name}", dtype=p.dtype, peer=peer_grad,
                          scale=terms or (want.abs().sum().item() if p.dim() <= 1 else 0.0))
 

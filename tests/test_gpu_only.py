@@ -21,7 +21,6 @@ tests/test_rowwise_kernels.py::test_looped_backward_has_no_race_between_warps, i
 """
 
 import contextlib
-import copy
 import threading
 import warnings
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch
 
 import normzoo
 import normzoo.functional as NF
-from helpers import RTOL, assert_close, rel_error
+from helpers import RTOL, assert_close, on_reference, rel_error
 from normzoo import fused
 
 pytestmark = pytest.mark.skipif(
@@ -165,17 +164,6 @@ def _names(case, module):
     return [*case.outputs, *(f"d{n}" for n in case.input_names), *(f"d{n}" for n, _ in module.named_parameters())]
 
 
-def _on_reference(module, dtype=None):
-    """A copy of ``module`` on the pure-PyTorch path (``backend="torch"``), in ``dtype``."""
-    ref = copy.deepcopy(module)
-    if dtype is not None:
-        ref = ref.to(dtype)
-    for m in ref.modules():
-        if hasattr(m, "backend"):
-            m.backend = "torch"
-    return ref
-
-
 def _check_against_reference(case, module, inputs, douts, outputs, grads, where=""):
     """``outputs`` and ``grads`` (the kernels', for ``inputs`` and ``douts``) against float64, with
     the reference at working precision as the peer (helpers.assert_close's rule); parameter
@@ -183,9 +171,9 @@ def _check_against_reference(case, module, inputs, douts, outputs, grads, where=
     Derf's alpha) is a sum whose terms cancel, and the bf16 rounding of its inputs (the fused sum s)
     moves it by up to ~1% at working precision whoever computes it."""
     leaves64 = [t.detach().double().requires_grad_() for t in inputs]
-    want = _run(case, _on_reference(module, torch.float64), leaves64, [d.double() for d in douts])
+    want = _run(case, on_reference(module, torch.float64), leaves64, [d.double() for d in douts])
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    peer = _run(case, _on_reference(module), leaves, douts)
+    peer = _run(case, on_reference(module), leaves, douts)
     elementwise = len(outputs) + len(inputs)
     for i, (name, got, ref, p) in enumerate(zip(_names(case, module), [*outputs, *grads], [*want[0], *want[1]],
                                                 [*peer[0], *peer[1]])):

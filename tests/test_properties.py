@@ -22,7 +22,6 @@ process, e.g. ``HYPOTHESIS_PROFILE=long pytest tests/test_properties.py -k test_
 falsifying example (printed with its reproduce_failure blob) replays exactly.
 """
 import contextlib
-import copy
 import math
 import os
 import warnings
@@ -37,7 +36,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import normzoo  # noqa: E402
 import normzoo.functional as NF  # noqa: E402
-from helpers import RTOL, assert_close, rel_error  # noqa: E402
+from helpers import RTOL, assert_close, on_reference, rel_error, term_sizes  # noqa: E402
 from normzoo import fused  # noqa: E402
 from test_headwise import formula as headwise_formula  # noqa: E402
 from test_pointwise_kernels import run_and_compare as run_pointwise  # noqa: E402
@@ -373,35 +372,6 @@ def build_norm(kind, n, dtype, affine, eps, alpha, shift, device):
     return norm
 
 
-def reference_copy(norm, dtype):
-    """The same norm on the reference path, its parameters in ``dtype``."""
-    other = copy.deepcopy(norm).to(dtype)
-    other.backend = "torch"
-    return other
-
-
-def term_sizes(kind, m64, v64, g):
-    """For norm ``m64`` (float64) at rows ``v64`` and an incoming gradient of size ``g`` (|·|,
-    elementwise): the size of the terms of its input gradient (elementwise) and of each parameter
-    gradient (by name), the scale their rounding errors grow with."""
-    weight = m64.weight.detach() if getattr(m64, "weight", None) is not None else torch.ones_like(v64[0])
-    if kind in ("layernorm", "rmsnorm"):
-        centred = v64 if kind == "rmsnorm" else v64 - v64.mean(-1, keepdim=True)
-        r = torch.rsqrt(centred.square().mean(-1, keepdim=True) + m64.eps)
-        x_hat = centred * r
-        return g * weight.abs() * r, {"weight": (g * x_hat.abs()).sum(0).norm().item(), "bias": g.sum(0).norm().item()}
-    shift = m64.shift.detach() if kind == "derf" else 0.0
-    u = (m64.alpha.detach() * v64 + shift).detach()
-    if kind == "dyt":
-        act, slope = torch.tanh(u), 1 - torch.tanh(u) ** 2
-    else:
-        act, slope = torch.erf(u), 2 / math.sqrt(math.pi) * torch.exp(-u * u)
-    through = g * weight.abs() * slope
-    return through * m64.alpha.detach().abs(), {
-        "weight": (g * act.abs()).sum(0).norm().item(), "bias": g.sum(0).norm().item(),
-        "alpha": (through * v64.abs()).sum().item(), "shift": through.sum().item()}
-
-
 @given(data=st.data(), kind=st.sampled_from(list(fused.KINDS)), mode=st.sampled_from(list(fused.MODES)),
        h_dtype=DTYPES, x_is_fp32=st.booleans(), residual=st.sampled_from(["default", "float32", "h", "bfloat16"]),
        fp32_params=st.booleans(), lead=st.lists(st.integers(1, 7), min_size=1, max_size=2),
@@ -448,7 +418,7 @@ def test_fused_residual(data, kind, mode, h_dtype, x_is_fp32, residual, fp32_par
     # float64: the unfused sequence, with s's stored values (straight through: gradient as identity).
     rows = lambda t: t.reshape(-1, n)  # noqa: E731
     x64, h64 = rows(x.detach().double()).requires_grad_(), rows(h.detach().double()).requires_grad_()
-    m64 = [reference_copy(m, torch.float64) for m in norms]
+    m64 = [on_reference(m, torch.float64) for m in norms]
     stored = rows(s.detach().double())
 
     def sequence(x_in, h_in, mean_off=False):
@@ -460,7 +430,7 @@ def test_fused_residual(data, kind, mode, h_dtype, x_is_fp32, residual, fp32_par
     y64, s64 = sequence(x64, h64)
     # Peer: the same sequence op by op at working precision (parameters in fp32), as test_fused's.
     xp, hp = rows(x.detach()).clone().requires_grad_(), rows(h.detach()).clone().requires_grad_()
-    mp = [reference_copy(m, torch.float32) for m in norms]
+    mp = [on_reference(m, torch.float32) for m in norms]
     added = hp if mode == "add_norm" else mp[0](hp).to(h_dtype)
     sp = (xp.float() + added.float()).to(s_dtype)
     yp = (mp[-1](sp) * scale).to(h_dtype) if mode != "norm_add" else None
