@@ -32,7 +32,7 @@ Model switches of the plain norms' kernels (``SWITCHES``) go through the ops lay
 and backward too (``normzoo.ops._rowwise_forward`` / ``_rowwise_backward``): x̂ rounded before the
 weight (``ROUND_X_HAT``; the code and y's dtype from ``normzoo.ops._x_hat_rounding``, the rule a
 layer's ``x_hat_dtype`` follows: Llama's "input", T5's "weight") and Gemma's ``1 + w``
-(``weight_offset``, ``HAS_OFFSET``). Each switch variant is compiled beside its plain twin, the
+(``weight_offset``: ``w_offset`` passed, not None). Each switch variant is compiled beside its plain twin, the
 same launch with the switch off (``round_x_hat=0`` with the same y dtype, ``weight_offset=0``),
 and reported against it.
 
@@ -1009,7 +1009,7 @@ def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: 
     ] if fused_summary else []) + ([
         "- Model switches (`op[switch]`, through normzoo.ops' own forward and backward): `x_hat=input` (Llama: "
         "x̂ rounded to x's dtype, `ROUND_X_HAT` 1; with an fp32 weight y is fp32), `x_hat=weight` (T5: to the "
-        "16-bit weight's, 2), `offset` (Gemma's 1 + w, `HAS_OFFSET`). Each beside its plain twin: the same "
+        "16-bit weight's, 2), `offset` (Gemma's 1 + w: `w_offset` passed, not None). Each beside its plain twin: the same "
         "launch with the switch off and y in the same dtype.",
     ] if switch_summary else []) + ([
         f"- Head-wise norms (kernels/headwise_norm.py, through normzoo.ops' own forward and backward): QK-norm "

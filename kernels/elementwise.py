@@ -111,42 +111,35 @@ def _param_tile(P, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW: tl.constex
 
 @triton.jit
 def _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION: tl.constexpr,
-               HAS_SHIFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                PARAMS_PER_ROW: tl.constexpr, FAST_TANH: tl.constexpr):
-    """w ⊙ act(alpha·x + shift) + b on one fp32 tile."""
+    """w ⊙ act(alpha·x + shift) + b on one fp32 tile; SHIFT, W and B may be None (absent)."""
     u = x * tl.load(ALPHA).to(tl.float32)
-    if HAS_SHIFT:
+    if SHIFT is not None:
         u += tl.load(SHIFT).to(tl.float32)
     if FAST_TANH:
         y = _tanh_approx(u)
     else:
         y, _ = _activation(u, ACTIVATION)
-    if HAS_WEIGHT:
+    if W is not None:
         y = y * _param_tile(W, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
-    if HAS_BIAS:
+    if B is not None:
         y = y + _param_tile(B, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW)
     return y
 
 
 @triton.jit
 def _pointwise_fwd_kernel(
-    X, Y, ALPHA, SHIFT, W, B,  # pointers; ALPHA/SHIFT hold one scalar each
+    X, Y, ALPHA, SHIFT, W, B,  # pointers; ALPHA/SHIFT hold one scalar each; absent ones None
     R, S,  # residual stream in and the sum out (RES_MODE != 0; see kernels/rowwise_norm.py)
     ALPHA2, SHIFT2, W2, B2,  # the second layer of RES_NORM_ADD_NORM (y = layer2(s))
     stride_x_row, stride_y_row, stride_r_row, stride_s_row,
     M, N,  # rows, columns of the 2-D view
     C,  # channels (rows are channel r mod C when PARAMS_PER_ROW)
-    scale,  # multiplies y (LayerNorm scaling's 1/√l; 1.0 otherwise)
+    scale,  # multiplies y (LayerNorm scaling's 1/√l; None for 1)
     ACTIVATION: tl.constexpr,  # "tanh" (DyT) or "erf" (Derf)
-    HAS_SHIFT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     PARAMS_PER_ROW: tl.constexpr,
     FAST_TANH: tl.constexpr,  # tanh.approx.f32 for y (16-bit only; see the module docstring), never for s
     RES_MODE: tl.constexpr,  # RES_* in kernels/rowwise_norm.py: none, add then layer, layer then add, both
-    HAS_WEIGHT2: tl.constexpr,
-    HAS_BIAS2: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -165,18 +158,16 @@ def _pointwise_fwd_kernel(
     if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
         # This layer's output goes into the residual stream, which every later layer reads and
         # adds to: the exact activation (tanh.approx's bias would accumulate there).
-        y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, HAS_SHIFT, HAS_WEIGHT,
-                       HAS_BIAS, PARAMS_PER_ROW, False)
+        y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, PARAMS_PER_ROW, False)
         s = (y + load_tile(R, rows, stride_r_row, cols, mask, "")).to(S.dtype.element_ty).to(tl.float32)
         store_tile(S, rows, stride_s_row, cols, mask, s)
         if RES_MODE == RES_NORM_ADD_NORM:
-            y = _pointwise(s, ALPHA2, SHIFT2, W2, B2, rows, row_mask, cols, col_mask, C, ACTIVATION, HAS_SHIFT,
-                           HAS_WEIGHT2, HAS_BIAS2, PARAMS_PER_ROW, FAST_TANH)
+            y = _pointwise(s, ALPHA2, SHIFT2, W2, B2, rows, row_mask, cols, col_mask, C, ACTIVATION, PARAMS_PER_ROW,
+                           FAST_TANH)
     else:
-        y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, HAS_SHIFT, HAS_WEIGHT,
-                       HAS_BIAS, PARAMS_PER_ROW, FAST_TANH)
+        y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, PARAMS_PER_ROW, FAST_TANH)
     if RES_MODE != RES_NORM_ADD:
-        if HAS_SCALE:
+        if scale is not None:
             y = y * scale
         store_tile(Y, rows, stride_y_row, cols, mask, y)
 
@@ -310,10 +301,11 @@ def pointwise_forward(x, alpha, shift, weight, bias, *, activation: str, channel
     """
     _check_activation(activation)
     check_rows(x)
+    M, N = x.shape
     y = alloc_like(x)
-    if x.shape[0] and x.shape[1]:
-        _launch_forward(x, y, alpha, shift, weight, bias, None, None, (None, None, None, None), activation, channels,
-                        params_per_row, 0, 1.0, max_block_n)
+    if M and N:
+        _launch_forward(x, M, N, y, alpha, shift, weight, bias, None, None, (None, None, None, None), activation,
+                        channels, params_per_row, 0, 1.0, max_block_n)
     return y
 
 
@@ -330,31 +322,26 @@ def pointwise_residual_forward(x, residual, alpha, shift, weight, bias, *, activ
     s = alloc_rows(x, sum_dtype or torch.promote_types(x.dtype, residual.dtype))
     y = alloc_like(x) if mode != "norm_add" else None
     if M and N:
-        _launch_forward(x, y, alpha, shift, weight, bias, residual, s, layer2, activation, N, False,
+        _launch_forward(x, M, N, y, alpha, shift, weight, bias, residual, s, layer2, activation, N, False,
                         RES_MODES[mode], scale, max_block_n)
     return y, s
 
 
-def _launch_forward(x, y, alpha, shift, weight, bias, residual, s, layer2, activation, channels, params_per_row,
+def _launch_forward(x, M, N, y, alpha, shift, weight, bias, residual, s, layer2, activation, channels, params_per_row,
                     res_mode, scale, max_block_n):
-    M, N = x.shape
     alpha2, shift2, weight2, bias2 = layer2
     cfg = launch_config("dyt" if activation == "tanh" else "derf", "fwd", N, x.dtype, x.device, max_block_n)
     fast_tanh = activation == "tanh" and x.dtype is not torch.float32 and has_tanh_approx(x.device)
     with device_guard(x):
+        # Absent operands as None (see kernels/rowwise_norm.py: constants to Triton, and at most
+        # 26 arguments, passed on CPython's stack).
         launch(_pointwise_fwd_kernel, cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),
-            x, y if y is not None else x, alpha, shift if shift is not None else alpha,
-            weight if weight is not None else x, bias if bias is not None else x,
-            residual if residual is not None else x, s if s is not None else x,
-            alpha2 if alpha2 is not None else alpha, shift2 if shift2 is not None else alpha,
-            weight2 if weight2 is not None else x, bias2 if bias2 is not None else x,
-            x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, channels, scale,
-            # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host): ACTIVATION,
-            # HAS_SHIFT, HAS_WEIGHT, HAS_BIAS, PARAMS_PER_ROW, FAST_TANH, RES_MODE, HAS_WEIGHT2, HAS_BIAS2,
-            # HAS_SCALE, BLOCK_M, BLOCK_N.
-            activation, shift is not None, weight is not None, bias is not None, params_per_row, fast_tanh,
-            res_mode, weight2 is not None, bias2 is not None, scale != 1.0, cfg.block_m, cfg.block_n, num_warps=cfg.num_warps,
-        )
+               x, y, alpha, shift, weight, bias, residual, s, alpha2, shift2, weight2, bias2,
+               x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, channels,
+               scale if scale != 1.0 else None,
+               # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host):
+               # ACTIVATION, PARAMS_PER_ROW, FAST_TANH, RES_MODE, BLOCK_M, BLOCK_N.
+               activation, params_per_row, fast_tanh, res_mode, cfg.block_m, cfg.block_n, num_warps=cfg.num_warps)
 
 
 def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels: int, params_per_row: bool,

@@ -12,7 +12,10 @@ Backward, with wdy = w ⊙ dy (or dy without a weight):
     dx = (wdy − x_hat·c1 − c2)·rstd          (RMSNorm: no c2)
     dw = Σ_rows dy ⊙ x_hat,   db = Σ_rows dy
 
-``IS_RMS`` switches between the two; ``HAS_WEIGHT`` / ``HAS_BIAS`` switch the affine terms. All
+``IS_RMS`` switches between the two. An optional operand the launch passes as ``None`` (a weight, a
+bias, the residual stream, ``scale`` = 1, ``w_offset`` = 0 in the forward) is a constant to
+Triton, so ``W is not None`` switches its terms off at compile time like a ``tl.constexpr`` flag,
+without the flag's argument (each argument costs host time on every launch). All
 arithmetic is fp32 whatever the storage dtype. Rows that fit one tile are loaded once and kept in
 registers (``SINGLE_TILE``); longer rows loop over column tiles.
 
@@ -64,17 +67,17 @@ RES_MODES = {"none": 0, "add_norm": 1, "norm_add": 2, "norm_add_norm": 3}
 
 
 @triton.jit
-def _affine(x_hat, W, B, cols, N, w_offset, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-            HAS_OFFSET: tl.constexpr):
+def _affine(x_hat, W, B, cols, N, w_offset):
     """x_hat ⊙ (w + w_offset) + b, the parameters loaded as a (1, BLOCK_N) row (the tile's own
-    layout); the offset (Gemma's 1 + w) is added in fp32, never to a 16-bit weight."""
+    layout); the offset (Gemma's 1 + w) is added in fp32, never to a 16-bit weight. W, B and
+    w_offset may be None (absent)."""
     y = x_hat
-    if HAS_WEIGHT:
+    if W is not None:
         w = tl.load(W + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
-        if HAS_OFFSET:
+        if w_offset is not None:
             w += w_offset
         y = y * w
-    if HAS_BIAS:
+    if B is not None:
         y = y + tl.load(B + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
     return y
 
@@ -97,9 +100,10 @@ def _rounded(x_hat, X, W, ROUND_X_HAT: tl.constexpr):
 
 
 @triton.jit
-def _scaled(y, scale, HAS_SCALE: tl.constexpr):
-    # A flag, not a multiply by 1.0: every switch a plain norm does not use compiles away.
-    if HAS_SCALE:
+def _scaled(y, scale):
+    # None (not a multiply by 1.0) where there is no scale: every switch a plain norm does not use
+    # compiles away.
+    if scale is not None:
         y = y * scale
     return y
 
@@ -139,29 +143,25 @@ def _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS: tl.constexpr):
 
 @triton.jit
 def _norm_fwd_kernel(
-    X, Y, W, B,  # pointers; W, B are unused when their flag is off
+    X, Y, W, B,  # pointers; Y is None for RES_NORM_ADD, W and B None without them
     STATS,  # per-row fp32 statistics of N's input: rstd (M,) for RMSNorm; mean then rstd (2M,) for LayerNorm
-    R, S,  # residual stream in and the sum out (RES_MODE != 0)
+    R, S,  # residual stream in and the sum out (RES_MODE != 0; None otherwise)
     W2, B2, STATS2,  # the second norm N2 (RES_NORM_ADD_NORM): its parameters and the statistics of s
     stride_x_row, stride_y_row, stride_r_row, stride_s_row,  # elements between consecutive rows
     M, N,  # rows, columns
     eps, eps2,
-    scale,  # multiplies y (LayerNorm scaling's 1/√l; 1.0 otherwise)
-    w_offset,  # added to the weight, and N2's (1.0 for Gemma-style 1 + w; 0.0 otherwise)
+    scale,  # multiplies y (LayerNorm scaling's 1/√l; None for 1)
+    w_offset,  # added to the weight, and N2's (1.0 for Gemma-style 1 + w; None for 0)
     IS_RMS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     RES_MODE: tl.constexpr,
-    HAS_WEIGHT2: tl.constexpr,
-    HAS_BIAS2: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_OFFSET: tl.constexpr,
     ROUND_X_HAT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SINGLE_TILE: tl.constexpr,
-    NUM_STAGES: tl.constexpr,  # loads in flight in the looped path's column loops (software pipelining)
+    # Loads in flight in the looped path's column loops (software pipelining); 0 for a row that fits
+    # one tile, read once and kept in registers (one constexpr for both: see _launch_forward).
+    NUM_STAGES: tl.constexpr,
 ):
+    SINGLE_TILE: tl.constexpr = NUM_STAGES == 0
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
 
@@ -174,17 +174,17 @@ def _norm_fwd_kernel(
             store_tile(S, rows, stride_s_row, cols, mask, v)
         mean, rstd, v_hat = _row_stats_single_tile(v, mask, N, eps, IS_RMS)
         _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
-        y = _affine(_rounded(v_hat, X, W, ROUND_X_HAT), W, B, cols, N, w_offset, HAS_WEIGHT, HAS_BIAS, HAS_OFFSET)
+        y = _affine(_rounded(v_hat, X, W, ROUND_X_HAT), W, B, cols, N, w_offset)
         if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
             s = _stored(S, y + load_tile(R, rows, stride_r_row, cols, mask, ""))
             store_tile(S, rows, stride_s_row, cols, mask, s)
             if RES_MODE == RES_NORM_ADD_NORM:
                 mean2, rstd2, s_hat = _row_stats_single_tile(s, mask, N, eps2, IS_RMS)
                 _store_stats(STATS2, rows, row_mask, M, mean2, rstd2, IS_RMS)
-                y = _affine(s_hat, W2, B2, cols, N, w_offset, HAS_WEIGHT2, HAS_BIAS2, HAS_OFFSET)
-                store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale, HAS_SCALE))
+                y = _affine(s_hat, W2, B2, cols, N, w_offset)
+                store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
         else:
-            store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale, HAS_SCALE))
+            store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
     else:
         # Pass 1: statistics of N's input, read once (with RES_ADD_NORM it is the sum, written here).
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -212,14 +212,14 @@ def _norm_fwd_kernel(
             else:
                 v = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
             v_hat = _rounded((v - mean[:, None]) * rstd[:, None], X, W, ROUND_X_HAT)
-            y = _affine(v_hat, W, B, cols, N, w_offset, HAS_WEIGHT, HAS_BIAS, HAS_OFFSET)
+            y = _affine(v_hat, W, B, cols, N, w_offset)
             if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
                 s = _stored(S, tl.where(mask, y, 0.0) + load_tile(R, rows, stride_r_row, cols, mask, ""))
                 store_tile(S, rows, stride_s_row, cols, mask, s)
                 if RES_MODE == RES_NORM_ADD_NORM:
                     mean2, m2_2 = _merge_stats(mean2, m2_2, s, mask, col_start, N, BLOCK_N, IS_RMS)
             else:
-                store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale, HAS_SCALE))
+                store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
         # Stored after pass 2, not before it: with the store between the passes, ptxas spilled 8
         # bytes in the fp32 LayerNorm forward (compile_check, sm_90).
         _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
@@ -232,9 +232,8 @@ def _norm_fwd_kernel(
                 cols = col_start + tl.arange(0, BLOCK_N)
                 mask = row_mask[:, None] & (cols < N)[None, :]
                 s = load_tile(S, rows, stride_s_row, cols, mask, "evict_first")
-                y = _affine((s - mean2[:, None]) * rstd2[:, None], W2, B2, cols, N, w_offset, HAS_WEIGHT2, HAS_BIAS2,
-                            HAS_OFFSET)
-                store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale, HAS_SCALE))
+                y = _affine((s - mean2[:, None]) * rstd2[:, None], W2, B2, cols, N, w_offset)
+                store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
 
 
 @triton.jit
@@ -347,7 +346,9 @@ def _norm_bwd_kernel(
             rows64 = rows.to(tl.int64)
             if SINGLE_TILE:
                 x = load_tile(X, rows, stride_x_row, cols, mask, "")
-                dy = _scaled(load_tile(DY, rows, stride_dy_row, cols, mask, ""), scale, HAS_SCALE)
+                dy = load_tile(DY, rows, stride_dy_row, cols, mask, "")
+                if HAS_SCALE:
+                    dy = dy * scale
             else:  # the last read of this part of the row
                 x = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
                 dy = load_tile(DY, rows, stride_dy_row, cols, mask, "evict_first") * scale
@@ -432,19 +433,18 @@ def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2
                     res_mode, max_block_n, weight_offset=0.0, round_x_hat=0):
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
     with device_guard(x):
+        # Absent operands as None: constants to Triton, which compile their terms away (the
+        # kernel tests ``is not None``). 26 arguments at most, so that CPython passes them on the
+        # stack (a call with more builds a list and a dict first: ~5k instructions a launch); for
+        # that, too, one constexpr says both whether the row is one tile and the loop's stages.
         launch(_norm_fwd_kernel, -(-M // cfg.block_m),  # cdiv, inline
-            x, y if y is not None else x, weight if weight is not None else x, bias if bias is not None else x, stats,
-            residual if residual is not None else x, s if s is not None else x,
-            weight2 if weight2 is not None else x, bias2 if bias2 is not None else x,
-            stats2 if stats2 is not None else stats,
-            x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, eps, eps2, scale,
-            weight_offset,
-            # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host): IS_RMS,
-            # HAS_WEIGHT, HAS_BIAS, RES_MODE, HAS_WEIGHT2, HAS_BIAS2, HAS_SCALE, HAS_OFFSET, ROUND_X_HAT, BLOCK_M,
-            # BLOCK_N, SINGLE_TILE, NUM_STAGES.
-            is_rms, weight is not None, bias is not None, res_mode, weight2 is not None, bias2 is not None,
-            scale != 1.0, weight_offset != 0.0, round_x_hat, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, num_warps=cfg.num_warps,
-        )
+               x, y, weight, bias, stats, residual, s, weight2, bias2, stats2,
+               x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, eps, eps2,
+               scale if scale != 1.0 else None, weight_offset if weight_offset != 0.0 else None,
+               # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host):
+               # IS_RMS, RES_MODE, ROUND_X_HAT, BLOCK_M, BLOCK_N, NUM_STAGES (0: a single tile).
+               is_rms, res_mode, round_x_hat, cfg.block_m, cfg.block_n, 0 if cfg.single_tile else cfg.num_stages,
+               num_warps=cfg.num_warps)
 
 
 def rowwise_norm_backward(

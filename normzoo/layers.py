@@ -22,9 +22,10 @@ def _param(module: torch.nn.Module, name: str):
 
 
 def _params(module: torch.nn.Module, *names: str) -> list:
-    """:func:`_param` of each name, in one call (a layer's forward reads two to four)."""
-    params = module._parameters
-    return [params[name] if name in params else getattr(module, name) for name in names]
+    """:func:`_param` of each name. The layers' forwards read their parameters from
+    ``module._parameters`` themselves, one subscript each (a loop, or a call, costs more than the
+    reads), and call this where a name is not registered there."""
+    return [_param(module, name) for name in names]
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -72,7 +73,11 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         # ops directly rather than through F.layer_norm: one Python frame less per call.
-        weight, bias = _params(self, "weight", "bias")
+        params = self._parameters
+        try:
+            weight, bias = params["weight"], params["bias"]
+        except KeyError:  # moved by torch.nn.utils.parametrize, say: see _param
+            weight, bias = _params(self, "weight", "bias")
         return ops.rowwise_norm(input, self.normalized_shape, weight, bias, self.eps, is_rms=False,
                                 backend=self.backend, weight_offset=self.weight_offset)
 
@@ -266,7 +271,11 @@ class DyT(_PointwiseNorm):
         self.reset_parameters()
 
     def forward(self, input: Tensor) -> Tensor:
-        alpha, weight, bias = _params(self, "alpha", "weight", "bias")
+        params = self._parameters
+        try:
+            alpha, weight, bias = params["alpha"], params["weight"], params["bias"]
+        except KeyError:  # see LayerNorm.forward
+            alpha, weight, bias = _params(self, "alpha", "weight", "bias")
         return ops.pointwise(input, alpha, None, weight, bias, activation="tanh", channels_last=self.channels_last,
                              backend=self.backend, normalized_shape=self.normalized_shape)
 
@@ -311,7 +320,11 @@ class Derf(_PointwiseNorm):
         torch.nn.init.constant_(self.shift, self.shift_init_value)
 
     def forward(self, input: Tensor) -> Tensor:
-        alpha, shift, weight, bias = _params(self, "alpha", "shift", "weight", "bias")
+        params = self._parameters
+        try:
+            alpha, shift, weight, bias = params["alpha"], params["shift"], params["weight"], params["bias"]
+        except KeyError:  # see LayerNorm.forward
+            alpha, shift, weight, bias = _params(self, "alpha", "shift", "weight", "bias")
         return ops.pointwise(input, alpha, shift, weight, bias, activation="erf",
                              channels_last=self.channels_last, backend=self.backend,
                              normalized_shape=self.normalized_shape)

@@ -27,6 +27,9 @@ from . import reference
 
 BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FP32, _FP64 = torch.float32, torch.float64
+_ONE = (1,)
+_Parameter = torch.nn.Parameter
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,20 +74,18 @@ def use_triton(backend: str, x: Tensor) -> bool:
     return False
 
 
-# Shapes already checked (a module passes the same tuple every call): a dict hit is the fast path.
+# Tuples of ints already checked, each its own check's result: a module passes the same tuple object
+# every call, so an identity hit is the fast path ((8.0,) == (8,) and hashes alike, but is not it).
 _CHECKED_SHAPES: dict[tuple, tuple[int, ...]] = {}
 
 
 def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
     """``int`` or sequence of ints -> tuple, as ``torch.nn.LayerNorm`` accepts."""
-    if type(normalized_shape) is tuple and normalized_shape in _CHECKED_SHAPES:
-        # (8.0,) == (8,) and hashes alike: the hit counts only for exact ints.
-        if type(normalized_shape[0]) is int if len(normalized_shape) == 1 else all(
-                type(d) is int for d in normalized_shape):
-            return _CHECKED_SHAPES[normalized_shape]
+    if type(normalized_shape) is tuple and _CHECKED_SHAPES.get(normalized_shape) is normalized_shape:
+        return normalized_shape
     shape = _normalized_shape_tuple(normalized_shape)
     if type(normalized_shape) is tuple and all(type(d) is int for d in normalized_shape):
-        _CHECKED_SHAPES[normalized_shape] = shape
+        _CHECKED_SHAPES[normalized_shape] = normalized_shape  # this object from now on (an equal one's entry goes)
     return shape
 
 
@@ -145,13 +146,15 @@ def check_param(p, name: str, shape: tuple[int, ...], x: Tensor) -> None:
 
 def check_affine(weight, bias, shape: tuple[int, ...], x: Tensor) -> None:
     """:func:`check_param` for a layer's weight and bias, with one test for the usual case (every
-    call of a module makes it: a third of the checks' host time)."""
+    call of a module makes it). The test is spelled out per parameter, cheapest first (a loop, or
+    ``isinstance`` for a layer's own ``nn.Parameter``, costs more than the checks themselves)."""
     device, dtype = x.device, x.dtype
-    for p in (weight, bias):
-        if p is not None and not (isinstance(p, Tensor) and p.shape == shape and p.device == device
-                                  and (p.dtype is dtype or p.dtype is torch.float32)):
-            check_param(weight, "weight", shape, x)
-            check_param(bias, "bias", shape, x)
+    if not ((weight is None or (type(weight) is _Parameter or isinstance(weight, Tensor)) and weight.shape == shape
+             and weight.device == device and (weight.dtype is dtype or weight.dtype is _FP32))
+            and (bias is None or (type(bias) is _Parameter or isinstance(bias, Tensor)) and bias.shape == shape
+                 and bias.device == device and (bias.dtype is dtype or bias.dtype is _FP32))):
+        check_param(weight, "weight", shape, x)
+        check_param(bias, "bias", shape, x)
 
 
 def check_trailing_shape(x: Tensor, shape: tuple[int, ...], label: str = "normalized_shape=") -> None:
@@ -204,7 +207,6 @@ def _second_order(composite, inputs, needs, grad_outputs):
 # apply; the eager paths below do the same, inline. A wrapper is a plain Tensor, never an
 # nn.Parameter: a layer's own parameters skip the call (~1k instructions each).
 _unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)
-_Parameter = torch.nn.Parameter
 
 
 def _for_kernels(t: Tensor | None) -> Tensor | None:
@@ -314,10 +316,11 @@ def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton
 def _rowwise_grads(ctx, dy, backward):
     """``(dx, dw, db)`` for ``ctx``'s tensor inputs, ``None`` where not needed, computed by
     ``backward`` (the eager implementation or the custom op, which returns empty tensors where the
-    other returns None). ``ctx.meta``: ``(is_rms, triton, bias_dtype, weight_offset, round_x_hat)``."""
+    other returns None). ``ctx.spec``: ``(spec, bias_dtype)``, ``spec`` the forward's
+    ``(eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)``."""
     x, weight, stats = ctx.saved_tensors
     needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-    is_rms, triton, bias_dtype, weight_offset, round_x_hat = ctx.meta
+    (_, is_rms, triton, weight_offset, round_x_hat, _), bias_dtype = ctx.spec
     compute_dw = weight is not None and needs_dw
     db_dtype = bias_dtype if needs_db else None
     dx, dw, db = backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset, round_x_hat)
@@ -335,8 +338,7 @@ class _RowwiseNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, spec):
         y, stats = _rowwise_forward(x, weight, bias, *spec)
         ctx.save_for_backward(x, weight, stats)
-        ctx.meta = (spec[1], spec[2], bias.dtype if bias is not None else None, spec[3], spec[4])
-        ctx.spec = spec
+        ctx.spec = (spec, bias.dtype if bias is not None else None)  # one attribute: each set costs host time
         return y
 
     @staticmethod
@@ -355,10 +357,11 @@ def _rowwise_composite(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, 
 def _rowwise_second_order(ctx, dy):
     x, weight, _ = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    spec, bias_dtype = ctx.spec
     # y is linear in the bias: its gradient is Σ dy whatever the bias (not saved), and the others
     # do not depend on it.
-    dx, dw = _second_order(lambda x, w: _rowwise_composite(x, w, None, *ctx.spec), (x, weight), needs[:2], (dy,))
-    db = dy.to(reference.compute_dtype(dy.dtype)).sum(0).to(ctx.meta[2]) if needs[2] and ctx.meta[2] else None
+    dx, dw = _second_order(lambda x, w: _rowwise_composite(x, w, None, *spec), (x, weight), needs[:2], (dy,))
+    db = dy.to(reference.compute_dtype(dy.dtype)).sum(0).to(bias_dtype) if needs[2] and bias_dtype else None
     return dx, dw, db
 
 
@@ -408,7 +411,7 @@ def _(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset=
 def _rowwise_norm_setup_context(ctx, inputs, output):
     x, weight, bias, eps, is_rms, triton, weight_offset, round_x_hat, out_dtype = inputs
     ctx.save_for_backward(x, weight, output[1])
-    ctx.meta = (is_rms, triton, bias.dtype if bias is not None else None, weight_offset, round_x_hat)
+    ctx.spec = ((eps, is_rms, triton, weight_offset, round_x_hat, out_dtype), bias.dtype if bias is not None else None)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
@@ -504,7 +507,9 @@ def rowwise_norm(
     elif x.dtype not in FLOAT_DTYPES:
         check_input(x)
     shape = normalized_shape_tuple(normalized_shape)
-    check_trailing_shape(x, shape)
+    k, ndim = len(shape), x.dim()
+    if k != 1 or not ndim or x.shape[-1] != shape[0]:  # check_trailing_shape's usual case inline
+        check_trailing_shape(x, shape)
     if weight is not None or bias is not None:
         check_affine(weight, bias, shape, x)
     if type(eps) is not float or not 0.0 <= eps < math.inf:
@@ -515,12 +520,11 @@ def rowwise_norm(
         weight_offset = _check_weight_offset(weight_offset)
     round_x_hat, out_dtype = (0, None) if x_hat_dtype is None else _x_hat_rounding(check_x_hat_dtype(x_hat_dtype), x,
                                                                                    weight)
-    triton = x.is_cuda and x.dtype is not torch.float64 if backend == "auto" else use_triton(backend, x)
+    triton = x.is_cuda and x.dtype is not _FP64 if backend == "auto" else use_triton(backend, x)
 
     # Rows of n: views where possible, and no call at all when x already is (rows, n).
-    k = len(shape)
     n = shape[0] if k == 1 else math.prod(shape)
-    x2d = x if x.dim() == 2 and k == 1 else x.reshape(math.prod(x.shape[: x.dim() - k]), n)
+    x2d = x if ndim == 2 and k == 1 else x.reshape(math.prod(x.shape[: ndim - k]), n)
     w = weight if weight is None or k == 1 else weight.reshape(n)
     b = bias if bias is None or k == 1 else bias.reshape(n)
     route = _route(x2d, w, b)
@@ -571,10 +575,10 @@ def _pointwise_backward(dy, x, alpha, shift, weight, activation, channels, param
 
 def _pointwise_grads(ctx, dy, backward):
     """``(dx, dalpha, dshift, dw, db)`` for ``ctx``'s tensor inputs (see :func:`_rowwise_grads`).
-    ``ctx.meta``: ``(activation, channels, params_per_row, triton, bias_dtype)``."""
+    ``ctx.meta``: ``((activation, channels, params_per_row, triton), bias_dtype)``."""
     x, alpha, shift, weight = ctx.saved_tensors
     needs_dx, needs_dalpha, needs_dshift, needs_dw, needs_db = ctx.needs_input_grad[:5]
-    activation, channels, params_per_row, triton, bias_dtype = ctx.meta
+    (activation, channels, params_per_row, triton), bias_dtype = ctx.meta
     compute_dw = weight is not None and needs_dw
     db_dtype = bias_dtype if needs_db else None
     dx, dalpha, dshift, dw, db = backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
@@ -595,8 +599,9 @@ class _Pointwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, shift, weight, bias, spec):
         ctx.save_for_backward(x, alpha, shift, weight)
-        ctx.meta = (*spec, bias.dtype if bias is not None else None)
-        return _pointwise_forward(x, alpha, shift, weight, bias, *spec)
+        ctx.meta = (spec, bias.dtype if bias is not None else None)
+        activation, channels, params_per_row, triton = spec  # unpacked here: a call with *spec costs more
+        return _pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row, triton)
 
     @staticmethod
     def backward(ctx, dy):
@@ -612,7 +617,7 @@ def _pointwise_composite(x, alpha, shift, weight, bias, activation, channels, pa
 
 def _pointwise_second_order(ctx, dy):
     x, alpha, shift, weight = ctx.saved_tensors
-    activation, channels, params_per_row, triton, bias_dtype = ctx.meta
+    (activation, channels, params_per_row, triton), bias_dtype = ctx.meta
     needs = ctx.needs_input_grad
     grads = _second_order(lambda *t: _pointwise_composite(*t, None, activation, channels, params_per_row, triton),
                           (x, alpha, shift, weight), needs[:4], (dy,))
@@ -666,7 +671,7 @@ def _(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute
 def _pointwise_setup_context(ctx, inputs, output):
     x, alpha, shift, weight, bias, *spec = inputs
     ctx.save_for_backward(x, alpha, shift, weight)
-    ctx.meta = (*spec, bias.dtype if bias is not None else None)
+    ctx.meta = (tuple(spec), bias.dtype if bias is not None else None)
 
 
 pointwise_fwd.register_autograd(lambda ctx, dy: (*_pointwise_grads(ctx, dy, pointwise_bwd), None, None, None, None),
@@ -674,14 +679,16 @@ pointwise_fwd.register_autograd(lambda ctx, dy: (*_pointwise_grads(ctx, dy, poin
 
 
 def _check_scalars(alpha, shift, x: Tensor) -> None:
-    """alpha (and shift, unless None): one-element float tensors on x's device."""
+    """alpha (and shift, unless None): one-element float tensors on x's device (the usual case in
+    one test, as :func:`check_affine`)."""
     device = x.device
-    for t in (alpha, shift):
-        if t is not None and not (isinstance(t, Tensor) and t.numel() == 1 and t.dtype in FLOAT_DTYPES
-                                  and t.device == device):
-            _check_scalar(alpha, "alpha", x)
-            if shift is not None:
-                _check_scalar(shift, "shift", x)
+    if not ((type(alpha) is _Parameter or isinstance(alpha, Tensor)) and alpha.numel() == 1
+            and alpha.dtype in FLOAT_DTYPES and alpha.device == device
+            and (shift is None or (type(shift) is _Parameter or isinstance(shift, Tensor)) and shift.numel() == 1
+                 and shift.dtype in FLOAT_DTYPES and shift.device == device)):
+        _check_scalar(alpha, "alpha", x)
+        if shift is not None:
+            _check_scalar(shift, "shift", x)
 
 
 def _check_scalar(t, name: str, x: Tensor) -> None:
@@ -719,18 +726,29 @@ def pointwise(
         x = _waited(x)
     elif x.dtype not in FLOAT_DTYPES:
         check_input(x)
-    _check_scalars(alpha, shift, x)
+    # The scalars: a layer's own are (1,) parameters on x's device, tested at once (as check_affine);
+    # anything else is checked in full and flattened to (1,).
+    device = x.device
+    if not (type(alpha) is _Parameter and alpha.shape == _ONE and alpha.dtype in FLOAT_DTYPES and alpha.device == device
+            and (shift is None or type(shift) is _Parameter and shift.shape == _ONE and shift.dtype in FLOAT_DTYPES
+                 and shift.device == device)):
+        _check_scalars(alpha, shift, x)
+        alpha = alpha if alpha.dim() == 1 else alpha.reshape(1)
+        shift = shift if shift is None or shift.dim() == 1 else shift.reshape(1)
     expected = normalized_shape_tuple(normalized_shape) if normalized_shape is not None else None
+    ndim = x.dim()
     if channels_last:
         param = weight if weight is not None else bias
-        if param is not None and not isinstance(param, Tensor):  # its TypeError, before its shape is read
-            check_param(param, "weight" if param is weight else "bias", (), x)
-        shape = expected or (tuple(param.shape) if param is not None else (x.shape[-1] if x.dim() else 1,))
-        check_trailing_shape(x, shape, label="")
-        channels = shape[0] if len(shape) == 1 else math.prod(shape)
-        x2d = x if x.dim() == 2 and len(shape) == 1 else x.reshape(x.numel() // channels if channels else 0, channels)
+        if param is not None and type(param) is not _Parameter and not isinstance(param, Tensor):
+            check_param(param, "weight" if param is weight else "bias", (), x)  # its TypeError, before its shape is read
+        shape = expected or (tuple(param.shape) if param is not None else (x.shape[-1] if ndim else 1,))
+        k = len(shape)
+        if k != 1 or not ndim or x.shape[-1] != shape[0]:  # check_trailing_shape's usual case inline
+            check_trailing_shape(x, shape, label="")
+        channels = shape[0] if k == 1 else math.prod(shape)
+        x2d = x if ndim == 2 and k == 1 else x.reshape(x.numel() // channels if channels else 0, channels)
     else:
-        if x.dim() < 2:
+        if ndim < 2:
             raise ValueError(f"channels_last=False expects input of shape (B, C, *spatial), got {tuple(x.shape)}")
         shape = (x.shape[1],)
         if expected is not None and expected != shape:
@@ -740,13 +758,8 @@ def pointwise(
         x2d = x.reshape(x.shape[0] * channels, math.prod(x.shape[2:]))
     if weight is not None or bias is not None:
         check_affine(weight, bias, shape, x)
-    triton = x.is_cuda and x.dtype is not torch.float64 if backend == "auto" else use_triton(backend, x)
-    # (1,) scalars and (C,) parameters as they are; others flattened to them.
-    if alpha.dim() != 1:
-        alpha = alpha.reshape(1)
-    if shift is not None and shift.dim() != 1:
-        shift = shift.reshape(1)
-    if len(shape) != 1:
+    triton = x.is_cuda and x.dtype is not _FP64 if backend == "auto" else use_triton(backend, x)
+    if len(shape) != 1:  # (C,) parameters as they are; others flattened to them
         weight = weight if weight is None else weight.reshape(channels)
         bias = bias if bias is None else bias.reshape(channels)
     spec = (activation, channels, not channels_last, triton)
