@@ -210,6 +210,11 @@ RESIDENCY_EXCEPTIONS: list[ResidencyException] = [
         "own 2-4 byte access with its own 64-bit address, which is what fills the registers. A performance "
         "limit, not a correctness one (the README asks for hidden sizes that are multiples of 8).",
         ops=("layernorm", "rmsnorm", "dyt", "derf", "dyt-cf", "derf-cf"), passes=("fwd", "bwd"), unaligned=True),
+    ResidencyException(
+        "head-wise single-tile backward of an 8192-wide 16-bit row, as the row norms' above: x, dy and the "
+        "weight gradient's accumulator held across the row loop (ScaleNorm: 100 registers, 16 warps); the "
+        "looped path (rows of more than 16 KB) would fit 4 programs but reads x and dy twice.",
+        ops=("scalenorm", "crmsnorm"), passes=("bwd",), dtypes=("bf16", "fp16"), tile=(1, 8192), whole_row=True),
 ]
 
 

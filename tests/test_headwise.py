@@ -117,6 +117,47 @@ def test_l2_floor_holds_for_a_zero_row(backend, device):
     torch.testing.assert_close(dx[2], 2.0 * dy[2] / 1e-5, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm, weight", [("rms", "column"), ("rms", None), ("l2", "scalar"), ("crms", None)])
+def test_long_rows_loop_over_column_tiles(norm, weight, dtype, device):
+    """Rows wider than one tile (ScaleNorm or CRMSNorm over a wide model) take the looped kernels:
+    forced here with tiles of 16 on rows of 40 and 24 values (three and two tiles, the last ones
+    partial), q and k read in place from one fused projection, against float64 autograd of the
+    formula. With L2, one of k's rows is zero: the eps floor holds, and no gradient flows through it."""
+    from normzoo.kernels import headwise_norm_backward, headwise_norm_forward
+    from normzoo.kernels.headwise_norm import _config
+
+    assert not _config(40, True, dtype.itemsize, 16).single_tile and _config(40, True, dtype.itemsize).single_tile
+    qkv, q, k = qkv_views(2, 3, 5, 3, 8, dtype, device, per_head=False)  # q (2, 3, 40), k (2, 3, 24)
+    if norm == "l2":
+        qkv[0, 1, 40:64] = 0
+    make = {"column": lambda n: (torch.randn(n, device=device) * 0.5 + 1).to(dtype), None: lambda n: None,
+            "scalar": lambda n: torch.tensor([1.7], device=device)}[weight]
+    wq, wk = make(40), make(24) if weight != "scalar" else None  # the QK-norm paper's one scale, on q
+    eps = 1e-5
+    yq, yk = headwise_norm_forward(q, wq, k, wk, eps, norm=norm, max_block_n=16)
+    dyq, dyk = torch.randn_like(yq), torch.randn_like(yk)
+    dxq, dxk, dwq, dwk = headwise_norm_backward(dyq.reshape(-1, 40), q, wq, dyk.reshape(-1, 24), k, wk, eps,
+                                                norm=norm, dw_a=wq is not None, dw_b=wk is not None, max_block_n=16)
+    for x, w, y, dy, dx, dw, name in ((q, wq, yq, dyq, dxq, dwq, "q"), (k, wk, yk, dyk, dxk, dwk, "k")):
+        x64 = x.detach().double().requires_grad_()
+        w64 = w.detach().double().requires_grad_() if w is not None else None
+        y64 = formula(x64, w64, eps, norm)
+        assert_close(y, y64, f"y{name}", dtype)
+        grads64 = torch.autograd.grad(y64, [t for t in (x64, w64) if t is not None], dy.double())
+        live = x64.detach().norm(dim=-1) > eps  # rows on the floor: dx = w·dy/eps, checked on its own
+        rstd = torch.rsqrt(x64.detach().square().mean(-1, keepdim=True) + eps)
+        assert_close(dx[live], grads64[0][live], f"dx{name}", dtype,
+                     scale=(dy.double() * rstd).norm().item() if norm != "l2" else 0.0)
+        if not live.all():
+            torch.testing.assert_close(dx[~live].double(), grads64[0][~live], rtol=RTOL_FLOOR[dtype], atol=0)
+        if w is not None:
+            assert_close(dw, grads64[1], f"dw{name}", w.dtype, scale=(dy.double() * y64.detach()).abs().sum().item())
+
+
+RTOL_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
 @pytest.mark.parametrize("norm", ["rms", "l2", "crms"])
 def test_reference_backward_gradcheck(norm):
     x = (torch.randn(4, 9, dtype=torch.float64) * 2).requires_grad_()
