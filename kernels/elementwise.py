@@ -174,24 +174,18 @@ def _pointwise_fwd_kernel(
 
 @triton.jit
 def _pointwise_bwd_kernel(
-    X, DY, DX, ALPHA, SHIFT, W,
+    X, DY, DX, ALPHA, SHIFT, W,  # SHIFT and W None when absent
     PARTIALS,  # fp32 scratch: the dw sums at 0, the db sums at db_offset, the scalar sums at scalar_offset
-    DW, DB, DALPHA, DSHIFT,  # DIRECT (a one-program grid): the gradients themselves, in their own dtypes
-    DRES,  # HAS_DRES: a gradient added to dx (the sum's, when x was the sum r + h of a fused add)
-    DX2,  # STORE_DX2: dx stored a second time, in DX2's dtype
+    DW, DB, DALPHA, DSHIFT,  # the gradients (DW, DB None: not asked for); DIRECT writes them here, in their dtypes
+    DRES,  # or None: a gradient added to dx (the sum's, when x was the sum r + h of a fused add)
+    DX2,  # or None: dx stored a second time, in DX2's dtype
     stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_dx2_row,
     M, N, C,
     rows_per_program,  # a multiple of BLOCK_M; exactly BLOCK_M when PARAMS_PER_ROW
     db_offset, scalar_offset,
     scale,  # the forward's y scale: dy is scaled by it on load
     ACTIVATION: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
     PARAMS_PER_ROW: tl.constexpr,
-    HAS_DRES: tl.constexpr,
-    STORE_DX2: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -209,7 +203,7 @@ def _pointwise_bwd_kernel(
     SCALAR_PARTIAL = PARTIALS + scalar_offset
     alpha = tl.load(ALPHA).to(tl.float32)
     shift = 0.0
-    if HAS_SHIFT:
+    if SHIFT is not None:
         shift = tl.load(SHIFT).to(tl.float32)
     # Every sum is accumulated element-wise over the row loop and reduced across the tile once, at
     # the end: no cross-warp reduction (and barrier) inside the loop.
@@ -220,7 +214,7 @@ def _pointwise_bwd_kernel(
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        if HAS_WEIGHT and not PARAMS_PER_ROW:
+        if W is not None and not PARAMS_PER_ROW:
             w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]  # once per column tile
         dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -235,52 +229,52 @@ def _pointwise_bwd_kernel(
             act, dact = _activation(x * alpha + shift, ACTIVATION)
             # dy is 0 in masked positions, so g, dy·act and every sum below ignore them.
             g = dy * dact
-            if HAS_WEIGHT:
+            if W is not None:
                 if PARAMS_PER_ROW:
                     g = g * tl.load(W + rows % C, mask=row_mask, other=0.0).to(tl.float32)[:, None]
                 else:
                     g = g * w
             dx = g * alpha
-            if HAS_DRES:
+            if DRES is not None:
                 dx += load_tile(DRES, rows, stride_dres_row, cols, mask, "")
             store_tile(DX, rows, stride_dx_row, cols, mask, dx)
-            if STORE_DX2:
+            if DX2 is not None:
                 store_tile(DX2, rows, stride_dx2_row, cols, mask, dx)
             dalpha_acc += g * x
-            if HAS_SHIFT:
+            if SHIFT is not None:
                 dshift_acc += g
-            if COMPUTE_DW:
+            if DW is not None:
                 dw_acc += dy * act
-            if COMPUTE_DB:
+            if DB is not None:
                 db_acc += dy
         if PARAMS_PER_ROW:
-            if COMPUTE_DW:
+            if DW is not None:
                 dw_rows += tl.sum(dw_acc, axis=1)
-            if COMPUTE_DB:
+            if DB is not None:
                 db_rows += tl.sum(db_acc, axis=1)
         else:
             partial_offset = pid.to(tl.int64) * N + cols
-            if COMPUTE_DW:
+            if DW is not None:
                 store_column_sums(PARTIALS, DW, partial_offset, cols, col_mask, dw_acc, DIRECT)
-            if COMPUTE_DB:
+            if DB is not None:
                 store_column_sums(DB_PARTIAL, DB, partial_offset, cols, col_mask, db_acc, DIRECT)
     if PARAMS_PER_ROW:
         rows = row_start + tl.arange(0, BLOCK_M)
         if DIRECT:  # one image: row r is channel r
-            if COMPUTE_DW:
+            if DW is not None:
                 tl.store(DW + rows, dw_rows.to(DW.dtype.element_ty), mask=rows < row_end)
-            if COMPUTE_DB:
+            if DB is not None:
                 tl.store(DB + rows, db_rows.to(DB.dtype.element_ty), mask=rows < row_end)
         else:
-            if COMPUTE_DW:
+            if DW is not None:
                 tl.store(PARTIALS + rows, dw_rows, mask=rows < row_end)
-            if COMPUTE_DB:
+            if DB is not None:
                 tl.store(DB_PARTIAL + rows, db_rows, mask=rows < row_end)
     dalpha = tl.sum(tl.sum(dalpha_acc, axis=1), axis=0)
     dshift = tl.sum(tl.sum(dshift_acc, axis=1), axis=0)
     if DIRECT:
         tl.store(DALPHA, dalpha.to(DALPHA.dtype.element_ty))
-        if HAS_SHIFT:
+        if SHIFT is not None:
             tl.store(DSHIFT, dshift.to(DSHIFT.dtype.element_ty))
     else:
         tl.store(SCALAR_PARTIAL + pid * 2, dalpha)
@@ -407,16 +401,12 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
     partials = None if direct else alloc(x, scalar_offset + 2 * programs, torch.float32)
     with device_guard(x):
         launch(_pointwise_bwd_kernel, programs,
-            x, dy, dx, alpha, shift if shift is not None else alpha, weight if weight is not None else x,
-            partials if partials is not None else dx, dw if dw is not None else dx, db if db is not None else dx,
-            dalpha, dshift if dshift is not None else dalpha,
-            dres if dres is not None else dx, dx2 if dx2 is not None else dx,
-            x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
+            # Absent operands as None (see kernels/rowwise_norm.py); PARTIALS is addressed even when unused.
+            x, dy, dx, alpha, shift, weight, partials if partials is not None else dx, dw, db, dalpha, dshift, dres,
+            dx2, x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
             M, N, channels, rows_per_program, db_offset, scalar_offset, scale,
-            # ACTIVATION, HAS_SHIFT, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, PARAMS_PER_ROW, HAS_DRES, STORE_DX2,
-            # HAS_SCALE, BLOCK_M, BLOCK_N, NUM_STAGES, DIRECT (by position)
-            activation, shift is not None, weight is not None, compute_dw, compute_db, params_per_row,
-            dres is not None, dx2 is not None, scale != 1.0, cfg.block_m, cfg.block_n, cfg.num_stages, direct,
+            # ACTIVATION, PARAMS_PER_ROW, HAS_SCALE, BLOCK_M, BLOCK_N, NUM_STAGES, DIRECT (by position)
+            activation, params_per_row, scale != 1.0, cfg.block_m, cfg.block_n, cfg.num_stages, direct,
             num_warps=cfg.num_warps,
         )
         if partials is not None:

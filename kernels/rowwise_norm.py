@@ -22,8 +22,8 @@ registers (``SINGLE_TILE``); longer rows loop over column tiles.
 The residual add next to a norm is a switch of the same kernels (``RES_MODE``, normzoo.fused): the
 forward reads the residual stream r and writes the sum s (s = r + x before the norm, s = r + N(x)
 after it, or both sides with a second norm N2 on s), and scales y by ``scale``; the backward adds
-the sum's own gradient to dx (``HAS_DRES``), scales dy, and may store dx twice in two dtypes
-(``STORE_DX2``). The sum is normalized and differentiated as stored (rounded to s's dtype).
+the sum's own gradient to dx (``DRES``), scales dy, and may store dx twice in two dtypes
+(``DX2``). The sum is normalized and differentiated as stored (rounded to s's dtype).
 
 ``ROUND_X_HAT`` reproduces models that round x_hat before the weight multiplies it (Hugging Face's
 Llama family rounds it to the input's dtype, T5 to a 16-bit weight's): y = w ⊙ round(x_hat), the
@@ -261,13 +261,13 @@ def _x_hat(x, mean, rstd, IS_RMS: tl.constexpr):
 
 @triton.jit
 def _norm_bwd_kernel(
-    X, W, DY, DX,  # pointers; W is unused without a weight
+    X, W, DY, DX,  # pointers; W None without a weight
     STATS,  # the forward's per-row statistics (see _norm_fwd_kernel)
     PARTIALS,  # fp32 (num_programs, N) column sums: dw's at 0, db's at db_offset
-    DW, DB,  # DIRECT (a one-program grid): dw and db themselves, written in their own dtypes
-    ROW_SUMS,  # (M, 2) fp32 scratch for c1, c2 on the looped path
-    DRES,  # HAS_DRES: a gradient added to dx (the sum's, when x was the sum r + h of a fused add)
-    DX2,  # STORE_DX2: dx stored a second time, in DX2's dtype (the add's other input's gradient)
+    DW, DB,  # dw and db (None: not asked for); DIRECT (a one-program grid) writes them here, in their dtypes
+    ROW_SUMS,  # (M, 2) fp32 scratch for c1, c2 on the looped path (None for a single tile)
+    DRES,  # or None: a gradient added to dx (the sum's, when x was the sum r + h of a fused add)
+    DX2,  # or None: dx stored a second time, in DX2's dtype (the add's other input's gradient)
     stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_dx2_row,
     M, N,
     rows_per_program,  # a multiple of BLOCK_M
@@ -277,15 +277,9 @@ def _norm_bwd_kernel(
     # multiply ptxas kept the looped fp32 LayerNorm backward at 64 registers (121 without), and
     # without it the 16-bit 8192-wide single tile at 59 (100 with).
     scale,
-    w_offset,  # the forward's weight offset
+    w_offset,  # the forward's weight offset (None for 0)
     IS_RMS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
-    HAS_DRES: tl.constexpr,
-    STORE_DX2: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    HAS_OFFSET: tl.constexpr,
     ROUND_X_HAT: tl.constexpr,  # the forward's: dw sums dy ⊙ x_hat as rounded there
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -313,9 +307,9 @@ def _norm_bwd_kernel(
                 mask = row_mask[:, None] & col_mask[None, :]
                 x = load_tile(X, rows, stride_x_row, cols, mask, "evict_last")  # read again in pass B
                 wdy = load_tile(DY, rows, stride_dy_row, cols, mask, "evict_last") * scale
-                if HAS_WEIGHT:
+                if W is not None:
                     w_row = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-                    if HAS_OFFSET:
+                    if w_offset is not None:
                         w_row += w_offset
                     wdy = wdy * w_row
                 c1 += tl.sum(_x_hat(x, mean, rstd, IS_RMS) * wdy, axis=1)
@@ -331,9 +325,9 @@ def _norm_bwd_kernel(
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        if HAS_WEIGHT:  # loaded as a (1, BLOCK_N) row: the tile's own layout, no conversion
+        if W is not None:  # loaded as a (1, BLOCK_N) row: the tile's own layout, no conversion
             w = tl.load(W + cols[None, :], mask=col_mask[None, :], other=0.0).to(tl.float32)
-            if HAS_OFFSET:
+            if w_offset is not None:
                 w += w_offset
         # Column sums accumulate element-wise over the row loop and are reduced across the tile's
         # rows once, after it (no reduction per row block).
@@ -356,12 +350,12 @@ def _norm_bwd_kernel(
             x_hat = _x_hat(x, mean, rstd, IS_RMS)
             # The column sums first: dy is then dead before the row reductions below, whose
             # barriers every live value waits across (8 registers a thread fewer in LayerNorm).
-            if COMPUTE_DW:
+            if DW is not None:
                 dw_acc += dy * _rounded(x_hat, X, W, ROUND_X_HAT)
-            if COMPUTE_DB:
+            if DB is not None:
                 db_acc += dy
             wdy = dy
-            if HAS_WEIGHT:
+            if W is not None:
                 wdy = dy * w
             if SINGLE_TILE:
                 c1 = tl.sum(x_hat * wdy, axis=1) / N
@@ -373,14 +367,14 @@ def _norm_bwd_kernel(
                 dx = (wdy - x_hat * c1[:, None]) * rstd[:, None]
             else:
                 dx = (wdy - x_hat * c1[:, None] - c2[:, None]) * rstd[:, None]
-            if HAS_DRES:
+            if DRES is not None:
                 dx += load_tile(DRES, rows, stride_dres_row, cols, mask, "")
             store_tile(DX, rows, stride_dx_row, cols, mask, dx)
-            if STORE_DX2:
+            if DX2 is not None:
                 store_tile(DX2, rows, stride_dx2_row, cols, mask, dx)
-        if COMPUTE_DW:
+        if DW is not None:
             store_column_sums(PARTIALS, DW, partial_row + cols, cols, col_mask, dw_acc, DIRECT)
-        if COMPUTE_DB:
+        if DB is not None:
             store_column_sums(PARTIALS + db_offset, DB, partial_row + cols, cols, col_mask, db_acc, DIRECT)
 
 
@@ -504,15 +498,12 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
     row_sums = None if cfg.single_tile else alloc(x, 2 * M, torch.float32)
     with device_guard(x):
         launch(_norm_bwd_kernel, programs,
-            x, weight if weight is not None else x, dy, dx, stats, partials if partials is not None else dx,
-            dw if dw is not None else dx, db if db is not None else dx,
-            row_sums if row_sums is not None else stats, dres if dres is not None else dx, dx2 if dx2 is not None else dx,
+            # Absent operands as None (see _launch_forward); PARTIALS is addressed even when unused.
+            x, weight, dy, dx, stats, partials if partials is not None else dx, dw, db, row_sums, dres, dx2,
             x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
-            M, N, rows_per_program, db_offset, scale, weight_offset,
-            # IS_RMS, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB, HAS_DRES, STORE_DX2, HAS_SCALE, HAS_OFFSET, ROUND_X_HAT,
-            # BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES, DIRECT (by position)
-            is_rms, weight is not None, compute_dw, compute_db, dres is not None, dx2 is not None, scale != 1.0,
-            weight_offset != 0.0, round_x_hat, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, direct,
+            M, N, rows_per_program, db_offset, scale, weight_offset if weight_offset != 0.0 else None,
+            # IS_RMS, HAS_SCALE, ROUND_X_HAT, BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES, DIRECT (by position)
+            is_rms, scale != 1.0, round_x_hat, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, direct,
             num_warps=cfg.num_warps,
         )
         if partials is not None:
