@@ -436,7 +436,8 @@ def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2
                x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, eps, eps2,
                scale if scale != 1.0 else None, weight_offset if weight_offset != 0.0 else None,
                # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host):
-               # IS_RMS, RES_MODE, ROUND_X_HAT, BLOCK_M, BLOCK_N, NUM_STAGES (0: a single tile).
+               # IS_RMS, RES_MODE, ROUND_X_HAT, BLOCK_M, BLOCK_N, NUM_STAGES (0: a single tile; a looped
+               # row's is 1-4, the rules' and what heuristics.validate_entry lets a table set).
                is_rms, res_mode, round_x_hat, cfg.block_m, cfg.block_n, 0 if cfg.single_tile else cfg.num_stages,
                num_warps=cfg.num_warps)
 

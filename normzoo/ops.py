@@ -74,18 +74,22 @@ def use_triton(backend: str, x: Tensor) -> bool:
     return False
 
 
-# Tuples of ints already checked, each its own check's result: a module passes the same tuple object
-# every call, so an identity hit is the fast path ((8.0,) == (8,) and hashes alike, but is not it).
+# Tuples of ints already checked, by value: every layer of one width hits the same entry (each
+# torch LayerNorm holds its own equal tuple, so a cache by identity would miss from layer to layer).
 _CHECKED_SHAPES: dict[tuple, tuple[int, ...]] = {}
 
 
 def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
     """``int`` or sequence of ints -> tuple, as ``torch.nn.LayerNorm`` accepts."""
-    if type(normalized_shape) is tuple and _CHECKED_SHAPES.get(normalized_shape) is normalized_shape:
-        return normalized_shape
+    if type(normalized_shape) is tuple:
+        shape = _CHECKED_SHAPES.get(normalized_shape)
+        # (8.0,) == (8,) and hashes alike: the hit counts only for exact ints.
+        if shape is not None and (type(normalized_shape[0]) is int if len(normalized_shape) == 1 else
+                                  all(type(d) is int for d in normalized_shape)):
+            return shape
     shape = _normalized_shape_tuple(normalized_shape)
     if type(normalized_shape) is tuple and all(type(d) is int for d in normalized_shape):
-        _CHECKED_SHAPES[normalized_shape] = normalized_shape  # this object from now on (an equal one's entry goes)
+        _CHECKED_SHAPES[normalized_shape] = shape
     return shape
 
 

@@ -117,28 +117,34 @@ def test_l2_floor_holds_for_a_zero_row(backend, device):
     torch.testing.assert_close(dx[2], 2.0 * dy[2] / 1e-5, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["all_heads", "per_head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("norm, weight", [("rms", "column"), ("rms", None), ("l2", "scalar"), ("crms", None)])
-def test_long_rows_loop_over_column_tiles(norm, weight, dtype, device):
-    """Rows wider than one tile (ScaleNorm or CRMSNorm over a wide model) take the looped kernels:
-    forced here with tiles of 16 on rows of 40 and 24 values (three and two tiles, the last ones
-    partial), q and k read in place from one fused projection, against float64 autograd of the
-    formula. With L2, one of k's rows is zero: the eps floor holds, and no gradient flows through it."""
+def test_long_rows_loop_over_column_tiles(norm, weight, dtype, layout, device):
+    """Rows wider than one tile (ScaleNorm or CRMSNorm over a wide model) take the looped kernels,
+    forced here with small tiles, q and k read in place from one fused projection, against float64
+    autograd of the formula. Over all heads: rows of 40 and 24 values in tiles of 16 (the last ones
+    partial), one program a tensor. Per head: 100 q rows and 60 k rows of 24 values in tiles of 8,
+    several programs a tensor (k's row statistics after q's in one scratch). With L2, one of k's
+    rows is zero: the eps floor holds, and no gradient flows through it."""
     from normzoo.kernels import headwise_norm_backward, headwise_norm_forward
     from normzoo.kernels.headwise_norm import _config
 
-    assert not _config(40, True, dtype.itemsize, 16).single_tile and _config(40, True, dtype.itemsize).single_tile
-    qkv, q, k = qkv_views(2, 3, 5, 3, 8, dtype, device, per_head=False)  # q (2, 3, 40), k (2, 3, 24)
+    per_head = layout == "per_head"
+    heads, kv_heads, head_dim, tile = (5, 3, 24, 8) if per_head else (5, 3, 8, 16)
+    qkv, q, k = qkv_views(2, 10 if per_head else 3, heads, kv_heads, head_dim, dtype, device, per_head=per_head)
+    nq, nk = q.shape[-1], k.shape[-1]
+    assert not _config(nq, True, dtype.itemsize, tile).single_tile and _config(nq, True, dtype.itemsize).single_tile
     if norm == "l2":
-        qkv[0, 1, 40:64] = 0
+        qkv[0, 1, heads * head_dim: heads * head_dim + nk] = 0  # one of k's rows
     make = {"column": lambda n: (torch.randn(n, device=device) * 0.5 + 1).to(dtype), None: lambda n: None,
             "scalar": lambda n: torch.tensor([1.7], device=device)}[weight]
-    wq, wk = make(40), make(24) if weight != "scalar" else None  # the QK-norm paper's one scale, on q
+    wq, wk = make(nq), make(nk) if weight != "scalar" else None  # the QK-norm paper's one scale, on q
     eps = 1e-5
-    yq, yk = headwise_norm_forward(q, wq, k, wk, eps, norm=norm, max_block_n=16)
+    yq, yk = headwise_norm_forward(q, wq, k, wk, eps, norm=norm, max_block_n=tile)
     dyq, dyk = torch.randn_like(yq), torch.randn_like(yk)
-    dxq, dxk, dwq, dwk = headwise_norm_backward(dyq.reshape(-1, 40), q, wq, dyk.reshape(-1, 24), k, wk, eps,
-                                                norm=norm, dw_a=wq is not None, dw_b=wk is not None, max_block_n=16)
+    dxq, dxk, dwq, dwk = headwise_norm_backward(dyq.reshape(-1, nq), q, wq, dyk.reshape(-1, nk), k, wk, eps,
+                                                norm=norm, dw_a=wq is not None, dw_b=wk is not None, max_block_n=tile)
     for x, w, y, dy, dx, dw, name in ((q, wq, yq, dyq, dxq, dwq, "q"), (k, wk, yk, dyk, dxk, dwk, "k")):
         x64 = x.detach().double().requires_grad_()
         w64 = w.detach().double().requires_grad_() if w is not None else None

@@ -664,3 +664,19 @@ def test_autocast_keeps_the_input_dtype(device_type, backend):
             assert y.dtype == compiled.dtype == dtype, type(layer).__name__
             torch.testing.assert_close(y, plain, rtol=0, atol=0)
             torch.testing.assert_close(compiled, plain, rtol=0, atol=0)
+
+
+def test_layers_of_one_width_share_their_shape_check(monkeypatch):
+    """Each torch LayerNorm keeps its own (equal) normalized_shape tuple: the check is cached by
+    value, so a model's layers of one width do not each run the full check on every call."""
+    calls = []
+    original = ops._normalized_shape_tuple
+    monkeypatch.setattr(ops, "_normalized_shape_tuple", lambda shape: calls.append(shape) or original(shape))
+    a, b = normzoo.LayerNorm(24), normzoo.LayerNorm(24)
+    assert a.normalized_shape == b.normalized_shape and a.normalized_shape is not b.normalized_shape
+    x = torch.randn(2, 24)
+    calls.clear()  # the constructors check their int argument
+    for _ in range(3):
+        a(x)
+        b(x)
+    assert len(calls) <= 1
