@@ -682,17 +682,21 @@ pointwise_fwd.register_autograd(lambda ctx, dy: (*_pointwise_grads(ctx, dy, poin
                                 setup_context=_pointwise_setup_context)
 
 
-def _check_scalars(alpha, shift, x: Tensor) -> None:
-    """alpha (and shift, unless None): one-element float tensors on x's device (the usual case in
-    one test, as :func:`check_affine`)."""
+def _check_scalars(alpha, shift, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """alpha (and shift, unless None): one-element float tensors on x's device. Returns them as
+    (1,) tensors. The usual case, a layer's own (1,) parameters, is one test (as :func:`check_affine`);
+    anything else is checked in full and flattened."""
     device = x.device
-    if not ((type(alpha) is _Parameter or isinstance(alpha, Tensor)) and alpha.numel() == 1
+    if ((type(alpha) is _Parameter or isinstance(alpha, Tensor)) and alpha.shape == _ONE
             and alpha.dtype in FLOAT_DTYPES and alpha.device == device
-            and (shift is None or (type(shift) is _Parameter or isinstance(shift, Tensor)) and shift.numel() == 1
+            and (shift is None or (type(shift) is _Parameter or isinstance(shift, Tensor)) and shift.shape == _ONE
                  and shift.dtype in FLOAT_DTYPES and shift.device == device)):
-        _check_scalar(alpha, "alpha", x)
-        if shift is not None:
-            _check_scalar(shift, "shift", x)
+        return alpha, shift
+    _check_scalar(alpha, "alpha", x)
+    if shift is not None:
+        _check_scalar(shift, "shift", x)
+    return (alpha if alpha.dim() == 1 else alpha.reshape(1),
+            shift if shift is None or shift.dim() == 1 else shift.reshape(1))
 
 
 def _check_scalar(t, name: str, x: Tensor) -> None:
@@ -730,15 +734,7 @@ def pointwise(
         x = _waited(x)
     elif x.dtype not in FLOAT_DTYPES:
         check_input(x)
-    # The scalars: a layer's own are (1,) parameters on x's device, tested at once (as check_affine);
-    # anything else is checked in full and flattened to (1,).
-    device = x.device
-    if not (type(alpha) is _Parameter and alpha.shape == _ONE and alpha.dtype in FLOAT_DTYPES and alpha.device == device
-            and (shift is None or type(shift) is _Parameter and shift.shape == _ONE and shift.dtype in FLOAT_DTYPES
-                 and shift.device == device)):
-        _check_scalars(alpha, shift, x)
-        alpha = alpha if alpha.dim() == 1 else alpha.reshape(1)
-        shift = shift if shift is None or shift.dim() == 1 else shift.reshape(1)
+    alpha, shift = _check_scalars(alpha, shift, x)
     expected = normalized_shape_tuple(normalized_shape) if normalized_shape is not None else None
     ndim = x.dim()
     if channels_last:
