@@ -161,6 +161,35 @@ def test_long_rows_loop_over_column_tiles(norm, weight, dtype, layout, device):
             assert_close(dw, grads64[1], f"dw{name}", w.dtype, scale=(dy.double() * y64.detach()).abs().sum().item())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programs that run at once need a real GPU")
+@pytest.mark.parametrize("norm", ["rms", "crms"])
+def test_looped_backward_has_no_race_at_real_widths(norm, device):
+    """The looped head-wise backward at the widths that take it, with its own tiles: pass A's row
+    statistics go to a scratch that q's and k's programs share (k's rows after q's) and that every
+    thread of a program reads back after a barrier. The interpreter runs programs one at a time and
+    cannot show a wrong offset or a missing barrier; many programs and repeats on a GPU can. A q/k
+    pair over all heads (q 16384 wide, k 4096) for RMSNorm, one tensor of 16384 for CRMSNorm."""
+    from normzoo.kernels.headwise_norm import _config
+
+    heads, kv_heads, head_dim = 64, 16, 256
+    assert not _config(heads * head_dim, True).single_tile
+    for _ in range(20):
+        _, q, k = qkv_views(4, 64, heads, kv_heads, head_dim, torch.bfloat16, device, per_head=False)
+        if norm == "rms":
+            wq = torch.randn(q.shape[-1], device=device) * 0.5 + 1
+            wk = torch.randn(k.shape[-1], device=device) * 0.5 + 1
+            check_pair(q, k, wq, wk, 1e-6, "rms", "triton")
+        else:
+            x = q.contiguous().requires_grad_()
+            y = NF.crms_norm(x, 1e-5, backend="triton")
+            dy = torch.randn_like(y)
+            dx, = torch.autograd.grad(y, [x], dy)
+            x64 = x.detach().double().requires_grad_()
+            y64 = formula(x64, None, 1e-5, "crms")
+            assert_close(y, y64, "y", torch.bfloat16)
+            assert_close(dx, torch.autograd.grad(y64, [x64], dy.double())[0], "dx", torch.bfloat16)
+
+
 RTOL_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
