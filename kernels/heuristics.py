@@ -267,10 +267,12 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
     """The launch configuration for one kernel call. ``max_block_n`` caps the column tile (tests
     use it to reach the looped path on small rows); a capped call ignores the measured tables.
     ``pass_``: ``"fwd"``, ``"bwd"``, ``"bwd_res"`` (a fused residual op's backward, which also
-    reads the sum's gradient: rules only, no table) or ``"bwd_res2"`` (the same, storing dx twice)."""
-    backward, fused = pass_ in ("bwd", "bwd_res", "bwd_res2"), pass_ in ("bwd_res", "bwd_res2")
+    reads the sum's gradient: rules only, no table), ``"bwd_res2"`` (the same, storing dx twice) or
+    ``"bwd_peri"`` (norm_add_norm's one-pass backward: two norms' gradients, read as bwd_res2)."""
+    fused = pass_ in ("bwd_res", "bwd_res2", "bwd_peri")
+    backward = fused or pass_ == "bwd"
     if op in ("layernorm", "rmsnorm"):
-        cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n, fused, pass_ == "bwd_res2")
+        cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n, fused, pass_ in ("bwd_res2", "bwd_peri"))
     else:
         cfg = _elementwise_rule(n_cols, backward, max_block_n, fused)
     # Tables are measured at row lengths that are multiples of 8 and keyed by the next power of 2:

@@ -104,14 +104,15 @@ def check_rows(x: torch.Tensor, *others: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def launch(kernel, programs: int, *args, num_warps: int):
-    """A 1-D launch of ``programs`` programs: ``kernel[(programs,)](*args, num_warps=...)``
+def launch(kernel, programs, *args, num_warps: int):
+    """A launch of ``programs`` programs (an int, or a (x, y) grid): ``kernel[grid](*args, num_warps=...)``
     without the grid lambda, through Triton's own path (its binder specializes every argument,
     then it looks the compiled kernel up), or through :class:`_CachedLaunch` when that is on.
     Returns what Triton's run returns (the compiled kernel, on a GPU)."""
     if _cached is not None:
         return _cached(kernel, programs, *args, num_warps=num_warps)
-    return kernel.run(*args, grid=(programs,), warmup=False, num_warps=num_warps)
+    return kernel.run(*args, grid=programs if type(programs) is tuple else (programs,), warmup=False,
+                      num_warps=num_warps)
 
 
 def specialization_key(constexpr_positions: frozenset, args: tuple) -> tuple:
@@ -152,7 +153,7 @@ class _CachedLaunch:
         self._constexprs = {}  # kernel -> positions of its constexpr parameters
         self._compiled = {}  # (kernel, num_warps, device, specialization key) -> compiled kernel
 
-    def __call__(self, kernel, programs: int, *args, num_warps: int):
+    def __call__(self, kernel, programs, *args, num_warps: int):
         positions = self._constexprs.get(kernel)
         if positions is None:
             positions = self._constexprs[kernel] = frozenset(i for i, p in enumerate(kernel.params) if p.is_constexpr)
@@ -160,12 +161,14 @@ class _CachedLaunch:
         key = (kernel, num_warps, device, specialization_key(positions, args))
         compiled = self._compiled.get(key)
         if compiled is None or self._knobs.launch_enter_hook is not None or self._knobs.launch_exit_hook is not None:
-            compiled = kernel.run(*args, grid=(programs,), warmup=False, num_warps=num_warps)
+            compiled = kernel.run(*args, grid=programs if type(programs) is tuple else (programs,), warmup=False,
+                                  num_warps=num_warps)
             if compiled is not None and hasattr(compiled, "packed_metadata"):
                 self._compiled[key] = compiled
             return compiled
         stream = self._driver.active.get_current_stream(device)
-        compiled.run(programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+        grid_x, grid_y = programs if type(programs) is tuple else (programs, 1)
+        compiled.run(grid_x, grid_y, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
         return compiled
 
 

@@ -20,46 +20,44 @@ from .launch import cdiv, launch
 @triton.jit
 def _sum_partials_kernel(
     PARTIALS,  # fp32: dw sums (P, N) at 0, db sums (P, N) at db_offset, (dalpha, dshift) × P_SCALAR at scalar_offset
-    DW, DB,  # (N,) results, in the weight's / bias's dtype
-    DALPHA, DSHIFT,  # (1,) results
-    P, N, db_offset, P_SCALAR, scalar_offset,
-    HAS_DW: tl.constexpr,
-    HAS_DB: tl.constexpr,
-    HAS_ALPHA: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
+    DW, DB,  # (N,) results, in the weight's / bias's dtype; None: not asked for
+    DALPHA, DSHIFT,  # (1,) results, or None
+    DW2, DB2,  # a second layer's (N,) results (the first norm of a fused norm_add_norm), or None
+    P, N, db_offset, P_SCALAR, scalar_offset, dw2_offset, db2_offset,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Axis 1 picks the layer: 0 for (DW, DB), 1 for (DW2, DB2), launched only where there is one.
     pid = tl.program_id(0)
-    if HAS_DW or HAS_DB:
-        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        dw = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-        db = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-        for p_start in range(0, P, BLOCK_P):
-            parts = p_start + tl.arange(0, BLOCK_P)
-            mask = (parts < P)[:, None] & col_mask[None, :]
-            offsets = parts.to(tl.int64)[:, None] * N + cols[None, :]
-            if HAS_DW:
-                dw += tl.load(PARTIALS + offsets, mask=mask, other=0.0)
-            if HAS_DB:
-                db += tl.load(PARTIALS + db_offset + offsets, mask=mask, other=0.0)
-        if HAS_DW:
-            tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_mask)
-        if HAS_DB:
-            tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_mask)
-    if HAS_ALPHA:
-        if pid == 0:
+    layer = tl.program_id(1)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    # Each result in turn, unrolled at compile time (a jit helper called four times was not
+    # inlined: a call with a stack frame, compile_check sm_90).
+    for k in tl.static_range(4):
+        OUT = DW if k == 0 else DB if k == 1 else DW2 if k == 2 else DB2
+        if OUT is not None:
+            offset = 0 if k == 0 else db_offset if k == 1 else dw2_offset if k == 2 else db2_offset
+            if layer == k // 2:
+                acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+                for p_start in range(0, P, BLOCK_P):
+                    parts = p_start + tl.arange(0, BLOCK_P)
+                    mask = (parts < P)[:, None] & col_mask[None, :]
+                    acc += tl.load(PARTIALS + offset + parts.to(tl.int64)[:, None] * N + cols[None, :], mask=mask,
+                                   other=0.0)
+                tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
+    if DALPHA is not None:
+        if pid == 0 and layer == 0:
             SCALARS = PARTIALS + scalar_offset
             dalpha = tl.zeros([BLOCK_P * BLOCK_N], dtype=tl.float32)
             dshift = tl.zeros([BLOCK_P * BLOCK_N], dtype=tl.float32)
             for p_start in range(0, P_SCALAR, BLOCK_P * BLOCK_N):
                 parts = p_start + tl.arange(0, BLOCK_P * BLOCK_N)
                 dalpha += tl.load(SCALARS + parts * 2, mask=parts < P_SCALAR, other=0.0)
-                if HAS_SHIFT:
+                if DSHIFT is not None:
                     dshift += tl.load(SCALARS + parts * 2 + 1, mask=parts < P_SCALAR, other=0.0)
             tl.store(DALPHA, tl.sum(dalpha, axis=0).to(DALPHA.dtype.element_ty))
-            if HAS_SHIFT:
+            if DSHIFT is not None:
                 tl.store(DSHIFT, tl.sum(dshift, axis=0).to(DSHIFT.dtype.element_ty))
 
 
@@ -71,16 +69,18 @@ def _blocks(n_cols: int, sm_count: int) -> tuple[int, int]:
     return max(1, 1024 // block_n), block_n
 
 
-def sum_partials(partials, P, N, db_offset, dw, db, scalar_offset=0, P_scalar=0, dalpha=None, dshift=None) -> None:
+def sum_partials(partials, P, N, db_offset, dw, db, scalar_offset=0, P_scalar=0, dalpha=None, dshift=None,
+                 dw2=None, db2=None, dw2_offset=0, db2_offset=0) -> None:
     """In one launch: ``dw`` (and/or ``db``) = the sum over P rows of the (P, N) fp32 block of
-    ``partials`` at offset 0 (``db_offset``), and ``dalpha``/``dshift`` = the sums of the
-    ``P_scalar`` (dalpha, dshift) pairs at ``scalar_offset``. Each result is written in its own dtype;
-    ``None`` ones are skipped. Launchers call it under their own device guard."""
+    ``partials`` at offset 0 (``db_offset``), ``dw2``/``db2`` likewise at ``dw2_offset``/``db2_offset``
+    (a second layer's), and ``dalpha``/``dshift`` = the sums of the ``P_scalar`` (dalpha, dshift) pairs
+    at ``scalar_offset``. Each result is written in its own dtype; ``None`` ones are skipped.
+    Launchers call it under their own device guard."""
     block_p, block_n = _blocks(N, num_compute_units(partials.device))
-    launch(_sum_partials_kernel, cdiv(N, block_n) if dw is not None or db is not None else 1,
-        partials, dw if dw is not None else partials, db if db is not None else partials,
-        dalpha if dalpha is not None else partials, dshift if dshift is not None else partials,
-        P, N, db_offset, P_scalar, scalar_offset,
-        # HAS_DW, HAS_DB, HAS_ALPHA, HAS_SHIFT, BLOCK_P, BLOCK_N (by position: cheaper on the host)
-        dw is not None, db is not None, dalpha is not None, dshift is not None, block_p, block_n, num_warps=4,
+    col_blocks = cdiv(N, block_n) if dw is not None or db is not None or dw2 is not None or db2 is not None else 1
+    # The absent ones as None, constants to Triton (their code compiles away).
+    launch(_sum_partials_kernel, (col_blocks, 2 if dw2 is not None or db2 is not None else 1),
+        partials, dw, db, dalpha, dshift, dw2, db2,
+        P, N, db_offset, P_scalar, scalar_offset, dw2_offset, db2_offset,
+        block_p, block_n, num_warps=4,  # BLOCK_P, BLOCK_N (by position: cheaper on the host)
     )

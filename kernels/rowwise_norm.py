@@ -268,10 +268,15 @@ def _norm_bwd_kernel(
     ROW_SUMS,  # (M, 2) fp32 scratch for c1, c2 on the looped path (None for a single tile)
     DRES,  # or None: a gradient added to dx (the sum's, when x was the sum r + h of a fused add)
     DX2,  # or None: dx stored a second time, in DX2's dtype (the add's other input's gradient)
-    stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_dx2_row,
+    # Peri-LN's norm_add_norm (s = r + N1(h), y = N2(s)): with X = s and the launch's norm N2, dx is
+    # s's gradient, and N1's backward runs on it in the same pass (single tile only): H, its input
+    # (None: no first norm); W1, STATS1 as W, STATS; DH, h's gradient (row stride stride_dx_row);
+    # DW1, DB1 as DW, DB, their partials at dw1_offset, db1_offset.
+    H, W1, STATS1, DH, DW1, DB1,
+    stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_dx2_row, stride_h_row,
     M, N,
     rows_per_program,  # a multiple of BLOCK_M
-    db_offset,
+    db_offset, dw1_offset, db1_offset,
     # The forward's y scale: dy is scaled by it on load, behind HAS_SCALE on the single-tile path
     # and always on the looped one. Measured on sm_90 (compile_check), not reasoned: with the
     # multiply ptxas kept the looped fp32 LayerNorm backward at 64 registers (121 without), and
@@ -333,6 +338,13 @@ def _norm_bwd_kernel(
         # rows once, after it (no reduction per row block).
         dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if H is not None:
+            if W1 is not None:
+                w1 = tl.load(W1 + cols[None, :], mask=col_mask[None, :], other=0.0).to(tl.float32)
+                if w_offset is not None:
+                    w1 += w_offset
+            dw1_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            db1_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for block_start in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
             rows = block_start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
@@ -372,10 +384,35 @@ def _norm_bwd_kernel(
             store_tile(DX, rows, stride_dx_row, cols, mask, dx)
             if DX2 is not None:
                 store_tile(DX2, rows, stride_dx2_row, cols, mask, dx)
+            if H is not None:
+                # N1's backward on h with the sum's gradient, as computed (fp32, not as stored):
+                # the same formulas, one more read (h) and one more write (dh) in this pass.
+                g = tl.where(mask, dx, 0.0)  # LayerNorm's dx is not 0 in masked columns
+                h = load_tile(H, rows, stride_h_row, cols, mask, "")
+                mean1, rstd1 = _load_stats(STATS1, rows, row_mask, M, IS_RMS)
+                h_hat = _x_hat(h, mean1, rstd1, IS_RMS)
+                if DW1 is not None:
+                    dw1_acc += g * h_hat
+                if DB1 is not None:
+                    db1_acc += g
+                wg = g
+                if W1 is not None:
+                    wg = g * w1
+                c1 = tl.sum(h_hat * wg, axis=1) / N
+                if IS_RMS:
+                    dh = (wg - h_hat * c1[:, None]) * rstd1[:, None]
+                else:
+                    dh = (wg - h_hat * c1[:, None] - (tl.sum(wg, axis=1) / N)[:, None]) * rstd1[:, None]
+                store_tile(DH, rows, stride_dx_row, cols, mask, dh)
         if DW is not None:
             store_column_sums(PARTIALS, DW, partial_row + cols, cols, col_mask, dw_acc, DIRECT)
         if DB is not None:
             store_column_sums(PARTIALS + db_offset, DB, partial_row + cols, cols, col_mask, db_acc, DIRECT)
+        if H is not None:
+            if DW1 is not None:
+                store_column_sums(PARTIALS + dw1_offset, DW1, partial_row + cols, cols, col_mask, dw1_acc, DIRECT)
+            if DB1 is not None:
+                store_column_sums(PARTIALS + db1_offset, DB1, partial_row + cols, cols, col_mask, db1_acc, DIRECT)
 
 
 def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_offset: float = 0.0,
@@ -472,8 +509,43 @@ def rowwise_residual_backward(dy, x, weight, stats, *, is_rms: bool, compute_dw:
                      weight_offset)
 
 
+def rowwise_peri_backward(dy, ds, s, weight2, stats2, h, weight1, stats1, *, is_rms: bool, compute_dw1: bool,
+                          db1_dtype: torch.dtype | None, compute_dw2: bool, db2_dtype: torch.dtype | None,
+                          dx_dtype: torch.dtype | None = None, dh_dtype: torch.dtype | None = None,
+                          scale: float = 1.0, weight_offset: float = 0.0, max_block_n: int | None = None):
+    """Gradients of :func:`rowwise_residual_forward`'s ``"norm_add_norm"`` (s = r + N1(h), y =
+    N2(s)·scale, N2 with ``weight2``/``stats2``): ``dx = ds + J_N2ᵀ(dy·scale)``, the gradient of r
+    and of N1's output, in ``dx_dtype`` (default s's), and ``dh = J_N1ᵀ dx`` in ``dh_dtype`` (default
+    h's), computed from dx in fp32. ``ds`` may be None. Returns ``(dx, dh, dw1, db1, dw2, db2)``.
+
+    Rows that fit one tile take one pass (one read of dy, ds, s and h, one write of dx and dh);
+    longer rows take N2's backward, then N1's on an fp32 copy of dx (two launches).
+    """
+    check_rows(s, dy, h) if ds is None else check_rows(s, dy, h, ds)
+    M, N = s.shape
+    wide = s.dtype if s.dtype.itemsize >= h.dtype.itemsize else h.dtype  # the tile rule's dtype
+    cfg = launch_config("rmsnorm" if is_rms else "layernorm", "bwd_peri", N, wide, s.device, max_block_n)
+    dx = alloc_rows(s, dx_dtype or s.dtype)
+    if not cfg.single_tile or M == 0 or N == 0:
+        dx_wide = alloc_rows(s, torch.float32) if dx.dtype.itemsize < 4 else None
+        dx, dx_wide, dw2, db2 = _backward(dy, s, weight2, stats2, is_rms, compute_dw2, db2_dtype, ds, dx, dx_wide,
+                                          scale, max_block_n, weight_offset)
+        dh, _, dw1, db1 = _backward(dx_wide if dx_wide is not None else dx, h, weight1, stats1, is_rms, compute_dw1,
+                                    db1_dtype, None, alloc_rows(h, dh_dtype or h.dtype), None, 1.0, max_block_n,
+                                    weight_offset)
+        return dx, dh, dw1, db1, dw2, db2
+    dh = alloc_rows(h, dh_dtype or h.dtype)
+    _, _, dw2, db2, dw1, db1 = _backward(dy, s, weight2, stats2, is_rms, compute_dw2, db2_dtype, ds, dx, None, scale,
+                                         max_block_n, weight_offset, 0, (h, weight1, stats1, dh, compute_dw1, db1_dtype),
+                                         cfg)
+    return dx, dh, dw1, db1, dw2, db2
+
+
 def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n,
-              weight_offset=0.0, round_x_hat=0):
+              weight_offset=0.0, round_x_hat=0, first=None, cfg=None):
+    """The backward launch (and its reduce). ``first``: ``(h, weight1, stats1, dh, compute_dw1,
+    db1_dtype)``, a first norm whose output x's sum took (norm_add_norm, single tile): its dh and
+    (dw1, db1) come from the same pass, and the result is ``(dx, dx2, dw, db, dw1, db1)``."""
     M, N = x.shape
     device = x.device
     compute_db = db_dtype is not None
@@ -482,31 +554,47 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
         return (dx, dx2, torch.zeros(N, dtype=weight.dtype, device=device) if compute_dw else None,
                 torch.zeros(N, dtype=db_dtype, device=device) if compute_db else None)
 
-    # A fused op's backward moves more: the sum's gradient in, dx maybe twice out.
-    pass_ = "bwd" if dres is None and dx2 is None else "bwd_res2" if dx2 is not None else "bwd_res"
-    cfg = launch_config("rmsnorm" if is_rms else "layernorm", pass_, N, x.dtype, device, max_block_n)
+    if cfg is None:
+        # A fused op's backward moves more: the sum's gradient in, dx maybe twice out.
+        pass_ = "bwd" if dres is None and dx2 is None else "bwd_res2" if dx2 is not None else "bwd_res"
+        cfg = launch_config("rmsnorm" if is_rms else "layernorm", pass_, N, x.dtype, device, max_block_n)
     rows_per_program, programs = split_rows(M, cfg, device)
 
     dw = alloc(x, N, weight.dtype) if compute_dw else None
     db = alloc(x, N, db_dtype) if compute_db else None
-    # Few rows (one program): the kernel writes dw and db itself. Otherwise one fp32 scratch
-    # buffer for both column sums (one allocation), [dw (programs × N) | db (programs × N)], and
-    # a second launch reduces it.
+    h = weight1 = stats1 = dh = dw1 = db1 = None
+    compute_dw1 = compute_db1 = False
+    if first is not None:
+        h, weight1, stats1, dh, compute_dw1, db1_dtype = first
+        compute_db1 = db1_dtype is not None
+        dw1 = alloc(x, N, weight1.dtype) if compute_dw1 else None
+        db1 = alloc(x, N, db1_dtype) if compute_db1 else None
+    # Few rows (one program): the kernel writes the gradients itself. Otherwise one fp32 scratch
+    # buffer for every column sum (one allocation), [dw | db | dw1 | db1] (programs × N each, the
+    # absent ones left out), and a second launch reduces it.
     direct = programs == 1
     db_offset = programs * N if compute_dw else 0
-    partials = (alloc(x, db_offset + (programs * N if compute_db else 0), torch.float32)
-                if not direct and (compute_dw or compute_db) else None)
+    dw1_offset = db_offset + (programs * N if compute_db else 0)
+    db1_offset = dw1_offset + (programs * N if compute_dw1 else 0)
+    size = db1_offset + (programs * N if compute_db1 else 0)
+    partials = alloc(x, size, torch.float32) if not direct and size else None
     row_sums = None if cfg.single_tile else alloc(x, 2 * M, torch.float32)
     with device_guard(x):
         launch(_norm_bwd_kernel, programs,
             # Absent operands as None (see _launch_forward); PARTIALS is addressed even when unused.
             x, weight, dy, dx, stats, partials if partials is not None else dx, dw, db, row_sums, dres, dx2,
+            h, weight1, stats1, dh, dw1, db1,
             x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
-            M, N, rows_per_program, db_offset, scale, weight_offset if weight_offset != 0.0 else None,
+            h.stride()[0] if h is not None else 0,
+            M, N, rows_per_program, db_offset, dw1_offset, db1_offset, scale,
+            weight_offset if weight_offset != 0.0 else None,
             # IS_RMS, HAS_SCALE, ROUND_X_HAT, BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES, DIRECT (by position)
             is_rms, scale != 1.0, round_x_hat, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, direct,
             num_warps=cfg.num_warps,
         )
         if partials is not None:
-            sum_partials(partials, programs, N, db_offset, dw, db)
+            # (..., scalar_offset, P_scalar, dalpha, dshift, dw2, db2, dw2_offset, db2_offset), by position
+            sum_partials(partials, programs, N, db_offset, dw, db, 0, 0, None, None, dw1, db1, dw1_offset, db1_offset)
+    if first is not None:
+        return dx, dx2, dw, db, dw1, db1
     return dx, dx2, dw, db

@@ -22,10 +22,11 @@ BACKENDS = ["torch", "triton"]
 PRECISIONS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
 
 
-def make_norm(kind, n, backend, dtype=torch.float32, device="cpu", weight_offset=0.0):
+def make_norm(kind, n, backend, dtype=torch.float32, device="cpu", weight_offset=0.0, **affine):
+    """``affine``: the class's own flags (elementwise_affine, bias)."""
     cls = {"layernorm": normzoo.LayerNorm, "rmsnorm": normzoo.RMSNorm, "dyt": normzoo.DyT, "derf": normzoo.Derf}[kind]
     offset = {"weight_offset": weight_offset} if weight_offset else {}
-    norm = cls(n, backend=backend, device=device, dtype=dtype, **offset)
+    norm = cls(n, backend=backend, device=device, dtype=dtype, **offset, **affine)
     with torch.no_grad():  # away from the initial values, so every parameter matters
         for p in norm.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -83,9 +84,15 @@ def run_fused(mode, x, h, n1, n2, scale, residual_dtype=None):
 
 
 def check_against_float64(kind, mode, act_dtype, res_dtype, n, backend, device, rows=5, scale=0.7, dy_on=True,
-                          ds_on=True, weight_offset=0.0):
-    n1 = make_norm(kind, n, backend, device=device, weight_offset=weight_offset)
-    n2 = make_norm(kind, n, backend, device=device, weight_offset=weight_offset) if mode == "norm_add_norm" else None
+                          ds_on=True, weight_offset=0.0, affine=({}, {}), frozen=()):
+    """``affine``: each norm's flags (make_norm); ``frozen``: parameters that take no gradient, as
+    "1.weight" (the first norm's) or "2.bias"."""
+    n1 = make_norm(kind, n, backend, device=device, weight_offset=weight_offset, **affine[0])
+    n2 = (make_norm(kind, n, backend, device=device, weight_offset=weight_offset, **affine[1])
+          if mode == "norm_add_norm" else None)
+    for i, m in enumerate((n1, n2)):
+        for name, p in (m.named_parameters() if m is not None else ()):
+            p.requires_grad_(f"{i + 1}.{name}" not in frozen)
     x = torch.randn(rows, n, device=device).to(res_dtype).requires_grad_()
     h = torch.randn(rows, n, device=device).to(act_dtype).requires_grad_()
     y, s = run_fused(mode, x, h, n1, n2, scale)
@@ -110,9 +117,11 @@ def check_against_float64(kind, mode, act_dtype, res_dtype, n, backend, device, 
         return sum(((t * g.to(t.dtype)).sum() for t, g in zip(outputs, (gy, gs)) if g is not None and t is not None),
                    torch.zeros((), device=device))
 
-    params = [p for m in (n1, n2) if m is not None for p in m.parameters()]
-    params64 = [p for m in (m1, m2) if m is not None for p in m.parameters()]
-    params_peer = [p for m in (q1, q2) if m is not None for p in m.parameters()]
+    trained = [p.requires_grad for m in (n1, n2) if m is not None for p in m.parameters()]
+    keep = lambda ps: [p for p, t in zip(ps, trained) if t]  # noqa: E731
+    params = keep([p for m in (n1, n2) if m is not None for p in m.parameters()])
+    params64 = keep([p.requires_grad_() for m in (m1, m2) if m is not None for p in m.parameters()])
+    params_peer = keep([p.requires_grad_() for m in (q1, q2) if m is not None for p in m.parameters()])
     grads = torch.autograd.grad(loss_of((y, s)), [x, h, *params], allow_unused=True)
     grads64 = torch.autograd.grad(loss_of((y64, s64)).double(), [x64, h64, *params64], allow_unused=True)
     peers = torch.autograd.grad(loss_of((yp, sp)), [xp, hp, *params_peer], allow_unused=True)
@@ -121,11 +130,11 @@ def check_against_float64(kind, mode, act_dtype, res_dtype, n, backend, device, 
     # test_rowwise_kernels does, plus the sum's gradient that joins them.
     terms = [grad_terms(kind, m, *s_) for m, s_ in zip((m1, m2), seen)]
     input_terms = sum(t[0] for t in terms) + (gs.double().norm().item() if gs is not None else 0.0)
-    names = ["dx", "dh"] + [f"d{name}" for m in (n1, n2) if m is not None for name, _ in m.named_parameters()]
-    scales = [input_terms, input_terms] + [
+    names = ["dx", "dh"] + keep([f"d{name}" for m in (n1, n2) if m is not None for name, _ in m.named_parameters()])
+    scales = [input_terms, input_terms] + keep([
         t[1].get(name, 0.0) if name in ("alpha", "shift") else 0.0
-        for m, t in zip((m1, m2), terms) for name, _ in m.named_parameters()]
-    for name, g, g64, peer, wrt, scale in zip(names, grads, grads64, peers, [x, h, *params], scales):
+        for m, t in zip((m1, m2), terms) for name, _ in m.named_parameters()])
+    for name, g, g64, peer, wrt, scale in zip(names, grads, grads64, peers, [x, h, *params], scales, strict=True):
         if g64 is None:
             assert g is None or not g.any(), f"{mode}: {name} should be absent or zero"
             continue
@@ -160,6 +169,29 @@ def test_fused_ops_with_partial_sums(kind, mode, precision, device):
 @pytest.mark.parametrize("kind", KINDS)
 def test_fused_ops_at_other_widths(kind, mode, n, device):
     check_against_float64(kind, mode, torch.float32, torch.float32, n, "triton", device, rows=9)
+
+
+AFFINES = {  # (first norm's flags, second norm's flags, frozen parameters)
+    "no-affine": ({"elementwise_affine": False}, {"elementwise_affine": False}, ()),
+    "no-bias": ({"bias": False}, {"bias": False}, ()),
+    "first-only": ({}, {"elementwise_affine": False}, ()),
+    "second-only": ({"elementwise_affine": False}, {}, ()),
+    "frozen": ({}, {}, ("1.weight", "2.bias", "1.alpha", "2.shift")),
+}
+
+
+@pytest.mark.parametrize("affine", sorted(AFFINES))
+@pytest.mark.parametrize("mode", fused.MODES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_affine_flags_and_frozen_parameters(kind, mode, affine, device):
+    """Each norm with or without its weight and bias, the two norms of norm_add_norm differing, and
+    parameters that take no gradient: every gradient still right, none computed for a frozen one.
+    37 rows: two programs and the reduce (norm_add_norm's one-pass backward sums four columns)."""
+    first, second, frozen = AFFINES[affine]
+    if affine == "no-bias" and kind == "rmsnorm":
+        first, second = {"elementwise_affine": True}, {"elementwise_affine": True}  # RMSNorm has no bias flag
+    check_against_float64(kind, mode, torch.float32, torch.float32, 24, "triton", device, rows=37,
+                          affine=(first, second), frozen=frozen)
 
 
 @pytest.mark.parametrize("n", [4096, 4104])
