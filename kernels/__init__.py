@@ -6,7 +6,8 @@ on top of them.
 """
 
 from . import headwise_norm
-from .elementwise import pointwise_backward, pointwise_forward, pointwise_residual_backward, pointwise_residual_forward
+from .elementwise import (pointwise_backward, pointwise_forward, pointwise_peri_backward, pointwise_residual_backward,
+                          pointwise_residual_forward)
 from .headwise_norm import headwise_norm_backward, headwise_norm_forward
 from .rowwise_norm import (rowwise_norm_backward, rowwise_norm_forward, rowwise_peri_backward,
                            rowwise_residual_backward, rowwise_residual_forward)
@@ -14,4 +15,5 @@ from .rowwise_norm import (rowwise_norm_backward, rowwise_norm_forward, rowwise_
 __all__ = ["rowwise_norm_forward", "rowwise_norm_backward", "rowwise_residual_forward", "rowwise_residual_backward",
            "rowwise_peri_backward",
            "pointwise_forward", "pointwise_backward", "pointwise_residual_forward", "pointwise_residual_backward",
+           "pointwise_peri_backward",
            "headwise_norm_forward", "headwise_norm_backward"]

@@ -175,14 +175,18 @@ def _pointwise_fwd_kernel(
 @triton.jit
 def _pointwise_bwd_kernel(
     X, DY, DX, ALPHA, SHIFT, W,  # SHIFT and W None when absent
-    PARTIALS,  # fp32 scratch: the dw sums at 0, the db sums at db_offset, the scalar sums at scalar_offset
+    PARTIALS,  # fp32 scratch for the per-program sums, laid out as _partials_layout says
     DW, DB, DALPHA, DSHIFT,  # the gradients (DW, DB None: not asked for); DIRECT writes them here, in their dtypes
     DRES,  # or None: a gradient added to dx (the sum's, when x was the sum r + h of a fused add)
     DX2,  # or None: dx stored a second time, in DX2's dtype
-    stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_dx2_row,
+    # Peri-LN's norm_add_norm (s = r + layer1(h), y = layer2(s)), channels-last: with X = s and the
+    # launch's layer the second, dx is s's gradient, and the first layer's backward runs on it in
+    # the same pass: H its input (None: no first layer), ALPHA1, SHIFT1, W1 its parameters, DH h's
+    # gradient, DW1, DB1, DALPHA1, DSHIFT1 its parameters' (as DW, DB, DALPHA, DSHIFT).
+    H, ALPHA1, SHIFT1, W1, DH, DW1, DB1, DALPHA1, DSHIFT1,
+    stride_x_row, stride_dy_row, stride_dres_row, stride_h_row,  # dx, dx2 and dh: contiguous rows (N apart)
     M, N, C,
     rows_per_program,  # a multiple of BLOCK_M; exactly BLOCK_M when PARAMS_PER_ROW
-    db_offset, scalar_offset,
     scale,  # the forward's y scale: dy is scaled by it on load
     ACTIVATION: tl.constexpr,
     PARAMS_PER_ROW: tl.constexpr,
@@ -199,8 +203,21 @@ def _pointwise_bwd_kernel(
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    DB_PARTIAL = PARTIALS + db_offset
-    SCALAR_PARTIAL = PARTIALS + scalar_offset
+    # PARTIALS: [dw | db | dw1 | db1 | (dalpha, dshift) per program | layer 1's], each column block
+    # present only with its gradient (the host's _partials_layout, from the same None-ness).
+    block = M if PARAMS_PER_ROW else tl.num_programs(0) * N
+    db_offset = 0
+    if DW is not None:
+        db_offset += block
+    dw1_offset = db_offset
+    if DB is not None:
+        dw1_offset += block
+    db1_offset = dw1_offset
+    if DW1 is not None:
+        db1_offset += block
+    scalar_offset = db1_offset
+    if DB1 is not None:
+        scalar_offset += block
     alpha = tl.load(ALPHA).to(tl.float32)
     shift = 0.0
     if SHIFT is not None:
@@ -209,6 +226,13 @@ def _pointwise_bwd_kernel(
     # the end: no cross-warp reduction (and barrier) inside the loop.
     dalpha_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     dshift_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if H is not None:
+        alpha1 = tl.load(ALPHA1).to(tl.float32)
+        shift1 = 0.0
+        if SHIFT1 is not None:
+            shift1 = tl.load(SHIFT1).to(tl.float32)
+        dalpha1_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        dshift1_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     dw_rows = tl.zeros([BLOCK_M], dtype=tl.float32)  # PARAMS_PER_ROW: carried across column tiles
     db_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
     for col_start in range(0, N, BLOCK_N):
@@ -218,6 +242,11 @@ def _pointwise_bwd_kernel(
             w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]  # once per column tile
         dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if H is not None:
+            if W1 is not None:
+                w1 = tl.load(W1 + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            dw1_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            db1_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for block_start in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
             rows = block_start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
@@ -237,9 +266,9 @@ def _pointwise_bwd_kernel(
             dx = g * alpha
             if DRES is not None:
                 dx += load_tile(DRES, rows, stride_dres_row, cols, mask, "")
-            store_tile(DX, rows, stride_dx_row, cols, mask, dx)
+            store_tile(DX, rows, N, cols, mask, dx)
             if DX2 is not None:
-                store_tile(DX2, rows, stride_dx2_row, cols, mask, dx)
+                store_tile(DX2, rows, N, cols, mask, dx)
             dalpha_acc += g * x
             if SHIFT is not None:
                 dshift_acc += g
@@ -247,6 +276,22 @@ def _pointwise_bwd_kernel(
                 dw_acc += dy * act
             if DB is not None:
                 db_acc += dy
+            if H is not None:
+                # The first layer's backward on the sum's gradient as computed (fp32, 0 where
+                # masked), the same formulas: one more read (h) and one more write (dh).
+                h = load_tile(H, rows, stride_h_row, cols, mask, "")
+                act1, dact1 = _activation(h * alpha1 + shift1, ACTIVATION)
+                g1 = dx * dact1
+                if W1 is not None:
+                    g1 = g1 * w1
+                store_tile(DH, rows, N, cols, mask, g1 * alpha1)
+                dalpha1_acc += g1 * h
+                if SHIFT1 is not None:
+                    dshift1_acc += g1
+                if DW1 is not None:
+                    dw1_acc += dx * act1
+                if DB1 is not None:
+                    db1_acc += dx
         if PARAMS_PER_ROW:
             if DW is not None:
                 dw_rows += tl.sum(dw_acc, axis=1)
@@ -257,7 +302,12 @@ def _pointwise_bwd_kernel(
             if DW is not None:
                 store_column_sums(PARTIALS, DW, partial_offset, cols, col_mask, dw_acc, DIRECT)
             if DB is not None:
-                store_column_sums(DB_PARTIAL, DB, partial_offset, cols, col_mask, db_acc, DIRECT)
+                store_column_sums(PARTIALS + db_offset, DB, partial_offset, cols, col_mask, db_acc, DIRECT)
+            if H is not None:
+                if DW1 is not None:
+                    store_column_sums(PARTIALS + dw1_offset, DW1, partial_offset, cols, col_mask, dw1_acc, DIRECT)
+                if DB1 is not None:
+                    store_column_sums(PARTIALS + db1_offset, DB1, partial_offset, cols, col_mask, db1_acc, DIRECT)
     if PARAMS_PER_ROW:
         rows = row_start + tl.arange(0, BLOCK_M)
         if DIRECT:  # one image: row r is channel r
@@ -269,12 +319,21 @@ def _pointwise_bwd_kernel(
             if DW is not None:
                 tl.store(PARTIALS + rows, dw_rows, mask=rows < row_end)
             if DB is not None:
-                tl.store(DB_PARTIAL + rows, db_rows, mask=rows < row_end)
+                tl.store(PARTIALS + db_offset + rows, db_rows, mask=rows < row_end)
+    _store_scalar_sums(dalpha_acc, dshift_acc, DALPHA, DSHIFT, PARTIALS + scalar_offset, pid, DIRECT)
+    if H is not None:  # layer 1's pairs after every program's layer-2 pair
+        _store_scalar_sums(dalpha1_acc, dshift1_acc, DALPHA1, DSHIFT1,
+                           PARTIALS + scalar_offset + 2 * tl.num_programs(0), pid, DIRECT)
+
+
+@triton.jit
+def _store_scalar_sums(dalpha_acc, dshift_acc, DALPHA, DSHIFT, SCALAR_PARTIAL, pid, DIRECT: tl.constexpr):
+    """A program's (dalpha, dshift) sums: the gradients themselves (DIRECT), or its pair of partials."""
     dalpha = tl.sum(tl.sum(dalpha_acc, axis=1), axis=0)
     dshift = tl.sum(tl.sum(dshift_acc, axis=1), axis=0)
     if DIRECT:
         tl.store(DALPHA, dalpha.to(DALPHA.dtype.element_ty))
-        if SHIFT is not None:
+        if DSHIFT is not None:
             tl.store(DSHIFT, dshift.to(DSHIFT.dtype.element_ty))
     else:
         tl.store(SCALAR_PARTIAL + pid * 2, dalpha)
@@ -368,18 +427,65 @@ def pointwise_residual_backward(dy, x, alpha, shift, weight, *, activation: str,
                      max_block_n)
 
 
+def pointwise_peri_backward(dy, ds, s, layer2, h, layer1, *, activation: str, compute_dw1: bool,
+                            db1_dtype: torch.dtype | None, compute_dw2: bool, db2_dtype: torch.dtype | None,
+                            dx_dtype: torch.dtype | None = None, dh_dtype: torch.dtype | None = None,
+                            scale: float = 1.0, max_block_n: int | None = None):
+    """Gradients of :func:`pointwise_residual_forward`'s ``"norm_add_norm"`` (s = r + layer1(h),
+    y = layer2(s)·scale; each layer ``(alpha, shift, weight)``) in one pass: ``dx = ds +
+    J2ᵀ(dy·scale)``, the gradient of r and of layer 1's output, in ``dx_dtype`` (default s's), and
+    ``dh = J1ᵀ dx`` in ``dh_dtype`` (default h's), from dx in fp32. ``ds`` may be None. Returns
+    ``(dx, dh, grads1, grads2)``, grads ``(dalpha, dshift, dw, db)`` with absent ones None."""
+    _check_activation(activation)
+    check_rows(s, dy, h) if ds is None else check_rows(s, dy, h, ds)
+    dx = alloc_rows(s, dx_dtype or s.dtype)
+    dh = alloc_rows(h, dh_dtype or h.dtype)
+    N = s.shape[1]
+    alpha2, shift2, weight2 = layer2
+    out = _backward(dy, s, alpha2, shift2, weight2, activation, N, False, compute_dw2, db2_dtype, ds, dx, None, scale,
+                    max_block_n, (h, *layer1, dh, compute_dw1, db1_dtype))
+    _, _, *grads2, dalpha1, dshift1, dw1, db1 = out
+    return dx, dh, (dalpha1, dshift1, dw1, db1), tuple(grads2)
+
+
+def _partials_layout(block: int, programs: int, compute: tuple, layers: int) -> tuple[int, int, int, int, int]:
+    """``(db_offset, dw1_offset, db1_offset, scalar_offset, size)`` of the backward's fp32 scratch:
+    [dw | db | dw1 | db1] (``block`` values each, present per ``compute`` = which of the four are
+    computed), then a (dalpha, dshift) pair per program for each of the ``layers``. The kernel
+    derives the same offsets from which gradients it is given (_pointwise_bwd_kernel)."""
+    offsets, at = [], 0
+    for present in compute:
+        at += block if present else 0
+        offsets.append(at)
+    return offsets[0], offsets[1], offsets[2], offsets[3], offsets[3] + 2 * programs * layers
+
+
 def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute_dw, db_dtype, dres, dx, dx2,
-              scale, max_block_n):
+              scale, max_block_n, first=None):
+    """The backward launch (and its reduce). ``first``: ``(h, alpha1, shift1, weight1, dh, compute_dw1,
+    db1_dtype)``, a first layer whose output x's sum took (norm_add_norm): its dh and gradients
+    come from the same pass, and ``(dalpha1, dshift1, dw1, db1)`` follow the result."""
     M, N = x.shape
     device = x.device
     compute_db = db_dtype is not None
+    h = alpha1 = shift1 = weight1 = dh = dalpha1 = dshift1 = dw1 = db1 = None
+    compute_dw1 = compute_db1 = False
+    if first is not None:
+        h, alpha1, shift1, weight1, dh, compute_dw1, db1_dtype = first
+        compute_db1 = db1_dtype is not None
     if M == 0 or N == 0:
         empty_residual_grads(dx, dx2, dres)
         zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=device)
-        return (dx, dx2, zeros(1, alpha.dtype), zeros(1, shift.dtype) if shift is not None else None,
-                zeros(channels, weight.dtype) if compute_dw else None, zeros(channels, db_dtype) if compute_db else None)
+        out = (dx, dx2, zeros(1, alpha.dtype), zeros(1, shift.dtype) if shift is not None else None,
+               zeros(channels, weight.dtype) if compute_dw else None, zeros(channels, db_dtype) if compute_db else None)
+        if first is None:
+            return out
+        return (*out, zeros(1, alpha1.dtype), zeros(1, shift1.dtype) if shift1 is not None else None,
+                zeros(channels, weight1.dtype) if compute_dw1 else None,
+                zeros(channels, db1_dtype) if compute_db1 else None)
 
-    pass_ = "bwd_res" if dres is not None or dx2 is not None else "bwd"  # a fused op's backward moves more
+    # A fused op's backward moves more: the sum's gradient in, dx maybe twice out.
+    pass_ = "bwd_res" if dres is not None or dx2 is not None or first is not None else "bwd"
     cfg = launch_config("dyt" if activation == "tanh" else "derf", pass_, N, x.dtype, device, max_block_n)
     if params_per_row:  # one row block per program: its row sums are carried across column tiles
         rows_per_program, programs = cfg.block_m, cdiv(M, cfg.block_m)
@@ -390,25 +496,36 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
     dshift = alloc(x, 1, shift.dtype) if shift is not None else None
     dw = alloc(x, channels, weight.dtype) if compute_dw else None
     db = alloc(x, channels, db_dtype) if compute_db else None
-    # One fp32 scratch buffer for every partial sum (one allocation): [dw | db | (dalpha, dshift) per program].
+    if first is not None:
+        dalpha1 = alloc(x, 1, alpha1.dtype)
+        dshift1 = alloc(x, 1, shift1.dtype) if shift1 is not None else None
+        dw1 = alloc(x, channels, weight1.dtype) if compute_dw1 else None
+        db1 = alloc(x, channels, db1_dtype) if compute_db1 else None
+    # One fp32 scratch buffer for every partial sum (one allocation), as _partials_layout lays it out.
     # channels-first: row r is channel r mod C, so M = B·C row sums are a (B, C) block of column sums.
     # Few rows (one program; channels-first, one image or no dw/db) need no scratch: the kernel
     # writes the gradients.
     parts, cols = (M // channels, channels) if params_per_row else (programs, N)
     direct = programs == 1 and (parts == 1 or not (compute_dw or compute_db))
-    db_offset = parts * cols if compute_dw else 0
-    scalar_offset = db_offset + (parts * cols if compute_db else 0)
-    partials = None if direct else alloc(x, scalar_offset + 2 * programs, torch.float32)
+    partials = None
+    if not direct:
+        db_offset, dw1_offset, db1_offset, scalar_offset, size = _partials_layout(
+            parts * cols, programs, (compute_dw, compute_db, compute_dw1, compute_db1), 1 if first is None else 2)
+        partials = alloc(x, size, torch.float32)
     with device_guard(x):
         launch(_pointwise_bwd_kernel, programs,
             # Absent operands as None (see kernels/rowwise_norm.py); PARTIALS is addressed even when unused.
             x, dy, dx, alpha, shift, weight, partials if partials is not None else dx, dw, db, dalpha, dshift, dres,
-            dx2, x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
-            M, N, channels, rows_per_program, db_offset, scalar_offset, scale,
+            dx2, h, alpha1, shift1, weight1, dh, dw1, db1, dalpha1, dshift1,
+            x.stride()[0], dy.stride()[0], dres.stride()[0] if dres is not None else 0,
+            h.stride()[0] if h is not None else 0, M, N, channels, rows_per_program, scale,
             # ACTIVATION, PARAMS_PER_ROW, HAS_SCALE, BLOCK_M, BLOCK_N, NUM_STAGES, DIRECT (by position)
             activation, params_per_row, scale != 1.0, cfg.block_m, cfg.block_n, cfg.num_stages, direct,
             num_warps=cfg.num_warps,
         )
         if partials is not None:
-            sum_partials(partials, parts, cols, db_offset, dw, db, scalar_offset, programs, dalpha, dshift)
+            sum_partials(partials, parts, cols, db_offset, dw, db, scalar_offset, programs, dalpha, dshift, dw1, db1,
+                         dw1_offset, db1_offset, dalpha1, dshift1)
+    if first is not None:
+        return dx, dx2, dalpha, dshift, dw, db, dalpha1, dshift1, dw1, db1
     return dx, dx2, dalpha, dshift, dw, db

@@ -23,6 +23,7 @@ def _sum_partials_kernel(
     DW, DB,  # (N,) results, in the weight's / bias's dtype; None: not asked for
     DALPHA, DSHIFT,  # (1,) results, or None
     DW2, DB2,  # a second layer's (N,) results (the first norm of a fused norm_add_norm), or None
+    DALPHA2, DSHIFT2,  # its (1,) results, their P_SCALAR pairs after the first layer's
     P, N, db_offset, P_SCALAR, scalar_offset, dw2_offset, db2_offset,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -46,19 +47,23 @@ def _sum_partials_kernel(
                     acc += tl.load(PARTIALS + offset + parts.to(tl.int64)[:, None] * N + cols[None, :], mask=mask,
                                    other=0.0)
                 tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
-    if DALPHA is not None:
-        if pid == 0 and layer == 0:
-            SCALARS = PARTIALS + scalar_offset
-            dalpha = tl.zeros([BLOCK_P * BLOCK_N], dtype=tl.float32)
-            dshift = tl.zeros([BLOCK_P * BLOCK_N], dtype=tl.float32)
-            for p_start in range(0, P_SCALAR, BLOCK_P * BLOCK_N):
-                parts = p_start + tl.arange(0, BLOCK_P * BLOCK_N)
-                dalpha += tl.load(SCALARS + parts * 2, mask=parts < P_SCALAR, other=0.0)
-                if DSHIFT is not None:
-                    dshift += tl.load(SCALARS + parts * 2 + 1, mask=parts < P_SCALAR, other=0.0)
-            tl.store(DALPHA, tl.sum(dalpha, axis=0).to(DALPHA.dtype.element_ty))
-            if DSHIFT is not None:
-                tl.store(DSHIFT, tl.sum(dshift, axis=0).to(DSHIFT.dtype.element_ty))
+    # The scalar sums, by one program for each layer that has them.
+    for k in tl.static_range(2):
+        ALPHA_OUT = DALPHA if k == 0 else DALPHA2
+        SHIFT_OUT = DSHIFT if k == 0 else DSHIFT2
+        if ALPHA_OUT is not None:
+            if pid == 0 and layer == 0:
+                SCALARS = PARTIALS + scalar_offset + k * 2 * P_SCALAR
+                dalpha = tl.zeros([BLOCK_P * BLOCK_N], dtype=tl.float32)
+                dshift = tl.zeros([BLOCK_P * BLOCK_N], dtype=tl.float32)
+                for p_start in range(0, P_SCALAR, BLOCK_P * BLOCK_N):
+                    parts = p_start + tl.arange(0, BLOCK_P * BLOCK_N)
+                    dalpha += tl.load(SCALARS + parts * 2, mask=parts < P_SCALAR, other=0.0)
+                    if SHIFT_OUT is not None:
+                        dshift += tl.load(SCALARS + parts * 2 + 1, mask=parts < P_SCALAR, other=0.0)
+                tl.store(ALPHA_OUT, tl.sum(dalpha, axis=0).to(ALPHA_OUT.dtype.element_ty))
+                if SHIFT_OUT is not None:
+                    tl.store(SHIFT_OUT, tl.sum(dshift, axis=0).to(SHIFT_OUT.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -70,17 +75,18 @@ def _blocks(n_cols: int, sm_count: int) -> tuple[int, int]:
 
 
 def sum_partials(partials, P, N, db_offset, dw, db, scalar_offset=0, P_scalar=0, dalpha=None, dshift=None,
-                 dw2=None, db2=None, dw2_offset=0, db2_offset=0) -> None:
+                 dw2=None, db2=None, dw2_offset=0, db2_offset=0, dalpha2=None, dshift2=None) -> None:
     """In one launch: ``dw`` (and/or ``db``) = the sum over P rows of the (P, N) fp32 block of
     ``partials`` at offset 0 (``db_offset``), ``dw2``/``db2`` likewise at ``dw2_offset``/``db2_offset``
-    (a second layer's), and ``dalpha``/``dshift`` = the sums of the ``P_scalar`` (dalpha, dshift) pairs
-    at ``scalar_offset``. Each result is written in its own dtype; ``None`` ones are skipped.
-    Launchers call it under their own device guard."""
+    (a second layer's), ``dalpha``/``dshift`` = the sums of the ``P_scalar`` (dalpha, dshift) pairs
+    at ``scalar_offset``, and ``dalpha2``/``dshift2`` of the ``P_scalar`` pairs after them. Each
+    result is written in its own dtype; ``None`` ones are skipped. Launchers call it under their
+    own device guard."""
     block_p, block_n = _blocks(N, num_compute_units(partials.device))
     col_blocks = cdiv(N, block_n) if dw is not None or db is not None or dw2 is not None or db2 is not None else 1
     # The absent ones as None, constants to Triton (their code compiles away).
     launch(_sum_partials_kernel, (col_blocks, 2 if dw2 is not None or db2 is not None else 1),
-        partials, dw, db, dalpha, dshift, dw2, db2,
+        partials, dw, db, dalpha, dshift, dw2, db2, dalpha2, dshift2,
         P, N, db_offset, P_scalar, scalar_offset, dw2_offset, db2_offset,
         block_p, block_n, num_warps=4,  # BLOCK_P, BLOCK_N (by position: cheaper on the host)
     )

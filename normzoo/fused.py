@@ -169,15 +169,22 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
                                        dx_dtype=x_dtype, dx2_dtype=h_dtype if two_dtypes else None, scale=scale,
                                        weight_offset=weight_offset)
         return dx, (dh if two_dtypes else dx), grads, none
-    if triton and kind in _ROWWISE:  # both norms' backward in one launcher (one pass where a row is one tile)
+    if triton:  # both layers' backward in one launcher: one pass (row-wise norms: where a row is one tile)
         k = ops._launchers()
-        dx, dh, dw1_, db1_, dw2_, db2_ = k.rowwise_peri_backward(
-            ops._for_kernels(dy), ops._for_kernels(ds), ops._for_kernels(s), p2[0], stats2, ops._for_kernels(h),
-            p1[0], stats1, is_rms=kind == "rmsnorm", compute_dw1=dw1, db1_dtype=db1, compute_dw2=dw2, db2_dtype=db2,
-            dx_dtype=x_dtype, dh_dtype=h_dtype, scale=scale, weight_offset=weight_offset)
-        return dx, dh, (dw1_, db1_, None, None), (dw2_, db2_, None, None)
-    # N's backward takes the sum's gradient at fp32, not as rounded into a 16-bit dx: a second,
-    # fp32 copy from the same kernel (what a single fused kernel would hold in registers).
+        dy, ds, s, h = ops._for_kernels(dy), ops._for_kernels(ds), ops._for_kernels(s), ops._for_kernels(h)
+        if kind in _ROWWISE:
+            dx, dh, dw1_, db1_, dw2_, db2_ = k.rowwise_peri_backward(
+                dy, ds, s, p2[0], stats2, h, p1[0], stats1, is_rms=kind == "rmsnorm", compute_dw1=dw1,
+                db1_dtype=db1, compute_dw2=dw2, db2_dtype=db2, dx_dtype=x_dtype, dh_dtype=h_dtype, scale=scale,
+                weight_offset=weight_offset)
+            return dx, dh, (dw1_, db1_, None, None), (dw2_, db2_, None, None)
+        dx, dh, (da1, dsh1, dw1_, db1_), (da2, dsh2, dw2_, db2_) = k.pointwise_peri_backward(
+            dy, ds, s, (p2[2], p2[3], p2[0]), h, (p1[2], p1[3], p1[0]), activation=_ACTIVATION[kind],
+            compute_dw1=dw1, db1_dtype=db1, compute_dw2=dw2, db2_dtype=db2, dx_dtype=x_dtype, dh_dtype=h_dtype,
+            scale=scale)
+        return dx, dh, (dw1_, db1_, da1, dsh1), (dw2_, db2_, da2, dsh2)
+    # The reference: N2's backward, then N's on the sum's gradient at fp32 (as the kernels hold it
+    # in registers), not as rounded into a 16-bit dx.
     wide = torch.float32 if x_dtype in (torch.float16, torch.bfloat16) else None
     dx, dx_wide, grads = _norm_backward(dy, s, params, stats, kind, needs_w, db_dtype, triton, dres=ds,
                                         dx_dtype=x_dtype, dx2_dtype=wide, scale=scale, weight_offset=weight_offset)

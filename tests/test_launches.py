@@ -127,7 +127,7 @@ def test_fused_residual_ops(kind, mode, norms, residual_fp32, rows, launches, de
     grads_in = [torch.randn_like(t) for t in outputs]
     with _OpLog() as backward_ops:
         torch.autograd.grad(outputs, [x, h, *params], grads_in)
-    assert backward_launches_ok(launches, 1 if kind == "layernorm" else norms, reduce=rows > 16), launches
+    assert backward_launches_ok(launches, 1, reduce=rows > 16), launches
     for when, ops in (("forward", forward_ops.ops), ("backward", backward_ops.ops)):
         compute = [op for op in ops if op not in NON_COMPUTE_OPS]
         assert not compute, f"{when} ran torch ops besides the kernels: {compute}"
