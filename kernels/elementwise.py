@@ -33,10 +33,10 @@ import triton.language as tl
 
 from .heuristics import INTERPRETED, has_tanh_approx, launch_config, split_rows
 from .launch import (alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard, empty_residual_grads,
-                     launch, residual_grad_buffers)
+                     launch, partials_layout, residual_grad_buffers)
 from .reduce import sum_partials
 from .rowwise_norm import RES_ADD_NORM, RES_MODES, RES_NORM_ADD, RES_NORM_ADD_NORM
-from .tiles import load_tile, store_column_sums, store_tile
+from .tiles import load_tile, partial_offsets, store_column_sums, store_tile
 
 ACTIVATIONS = ("tanh", "erf")
 
@@ -175,7 +175,7 @@ def _pointwise_fwd_kernel(
 @triton.jit
 def _pointwise_bwd_kernel(
     X, DY, DX, ALPHA, SHIFT, W,  # SHIFT and W None when absent
-    PARTIALS,  # fp32 scratch for the per-program sums, laid out as _partials_layout says
+    PARTIALS,  # fp32 scratch for the per-program sums, laid out as tiles.partial_offsets says
     DW, DB, DALPHA, DSHIFT,  # the gradients (DW, DB None: not asked for); DIRECT writes them here, in their dtypes
     DRES,  # or None: a gradient added to dx (the sum's, when x was the sum r + h of a fused add)
     DX2,  # or None: dx stored a second time, in DX2's dtype
@@ -184,7 +184,7 @@ def _pointwise_bwd_kernel(
     # the same pass: H its input (None: no first layer), ALPHA1, SHIFT1, W1 its parameters, DH h's
     # gradient, DW1, DB1, DALPHA1, DSHIFT1 its parameters' (as DW, DB, DALPHA, DSHIFT).
     H, ALPHA1, SHIFT1, W1, DH, DW1, DB1, DALPHA1, DSHIFT1,
-    stride_x_row, stride_dy_row, stride_dres_row, stride_h_row,  # dx, dx2 and dh: contiguous rows (N apart)
+    stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_h_row,  # dx, dx2, dh: stride_dx_row
     M, N, C,
     rows_per_program,  # a multiple of BLOCK_M; exactly BLOCK_M when PARAMS_PER_ROW
     scale,  # the forward's y scale: dy is scaled by it on load
@@ -203,21 +203,9 @@ def _pointwise_bwd_kernel(
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    # PARTIALS: [dw | db | dw1 | db1 | (dalpha, dshift) per program | layer 1's], each column block
-    # present only with its gradient (the host's _partials_layout, from the same None-ness).
-    block = M if PARAMS_PER_ROW else tl.num_programs(0) * N
-    db_offset = 0
-    if DW is not None:
-        db_offset += block
-    dw1_offset = db_offset
-    if DB is not None:
-        dw1_offset += block
-    db1_offset = dw1_offset
-    if DW1 is not None:
-        db1_offset += block
-    scalar_offset = db1_offset
-    if DB1 is not None:
-        scalar_offset += block
+    # PARTIALS: [dw | db | dw1 | db1 | (dalpha, dshift) per program | layer 1's pairs], the offsets
+    # derived where they are used (not held in registers across the loops).
+    block = M if PARAMS_PER_ROW else tl.num_programs(0).to(tl.int64) * N
     alpha = tl.load(ALPHA).to(tl.float32)
     shift = 0.0
     if SHIFT is not None:
@@ -266,9 +254,9 @@ def _pointwise_bwd_kernel(
             dx = g * alpha
             if DRES is not None:
                 dx += load_tile(DRES, rows, stride_dres_row, cols, mask, "")
-            store_tile(DX, rows, N, cols, mask, dx)
+            store_tile(DX, rows, stride_dx_row, cols, mask, dx)
             if DX2 is not None:
-                store_tile(DX2, rows, N, cols, mask, dx)
+                store_tile(DX2, rows, stride_dx_row, cols, mask, dx)
             dalpha_acc += g * x
             if SHIFT is not None:
                 dshift_acc += g
@@ -284,7 +272,7 @@ def _pointwise_bwd_kernel(
                 g1 = dx * dact1
                 if W1 is not None:
                     g1 = g1 * w1
-                store_tile(DH, rows, N, cols, mask, g1 * alpha1)
+                store_tile(DH, rows, stride_dx_row, cols, mask, g1 * alpha1)
                 dalpha1_acc += g1 * h
                 if SHIFT1 is not None:
                     dshift1_acc += g1
@@ -299,6 +287,7 @@ def _pointwise_bwd_kernel(
                 db_rows += tl.sum(db_acc, axis=1)
         else:
             partial_offset = pid.to(tl.int64) * N + cols
+            db_offset, dw1_offset, db1_offset, _ = partial_offsets(block, DW, DB, DW1, DB1)
             if DW is not None:
                 store_column_sums(PARTIALS, DW, partial_offset, cols, col_mask, dw_acc, DIRECT)
             if DB is not None:
@@ -319,7 +308,8 @@ def _pointwise_bwd_kernel(
             if DW is not None:
                 tl.store(PARTIALS + rows, dw_rows, mask=rows < row_end)
             if DB is not None:
-                tl.store(PARTIALS + db_offset + rows, db_rows, mask=rows < row_end)
+                tl.store(PARTIALS + partial_offsets(block, DW, DB, DW1, DB1)[0] + rows, db_rows, mask=rows < row_end)
+    scalar_offset = partial_offsets(block, DW, DB, DW1, DB1)[3]
     _store_scalar_sums(dalpha_acc, dshift_acc, DALPHA, DSHIFT, PARTIALS + scalar_offset, pid, DIRECT)
     if H is not None:  # layer 1's pairs after every program's layer-2 pair
         _store_scalar_sums(dalpha1_acc, dshift1_acc, DALPHA1, DSHIFT1,
@@ -448,18 +438,6 @@ def pointwise_peri_backward(dy, ds, s, layer2, h, layer1, *, activation: str, co
     return dx, dh, (dalpha1, dshift1, dw1, db1), tuple(grads2)
 
 
-def _partials_layout(block: int, programs: int, compute: tuple, layers: int) -> tuple[int, int, int, int, int]:
-    """``(db_offset, dw1_offset, db1_offset, scalar_offset, size)`` of the backward's fp32 scratch:
-    [dw | db | dw1 | db1] (``block`` values each, present per ``compute`` = which of the four are
-    computed), then a (dalpha, dshift) pair per program for each of the ``layers``. The kernel
-    derives the same offsets from which gradients it is given (_pointwise_bwd_kernel)."""
-    offsets, at = [], 0
-    for present in compute:
-        at += block if present else 0
-        offsets.append(at)
-    return offsets[0], offsets[1], offsets[2], offsets[3], offsets[3] + 2 * programs * layers
-
-
 def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute_dw, db_dtype, dres, dx, dx2,
               scale, max_block_n, first=None):
     """The backward launch (and its reduce). ``first``: ``(h, alpha1, shift1, weight1, dh, compute_dw1,
@@ -485,7 +463,7 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
                 zeros(channels, db1_dtype) if compute_db1 else None)
 
     # A fused op's backward moves more: the sum's gradient in, dx maybe twice out.
-    pass_ = "bwd_res" if dres is not None or dx2 is not None or first is not None else "bwd"
+    pass_ = "bwd_peri" if first is not None else "bwd_res" if dres is not None or dx2 is not None else "bwd"
     cfg = launch_config("dyt" if activation == "tanh" else "derf", pass_, N, x.dtype, device, max_block_n)
     if params_per_row:  # one row block per program: its row sums are carried across column tiles
         rows_per_program, programs = cfg.block_m, cdiv(M, cfg.block_m)
@@ -501,7 +479,7 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
         dshift1 = alloc(x, 1, shift1.dtype) if shift1 is not None else None
         dw1 = alloc(x, channels, weight1.dtype) if compute_dw1 else None
         db1 = alloc(x, channels, db1_dtype) if compute_db1 else None
-    # One fp32 scratch buffer for every partial sum (one allocation), as _partials_layout lays it out.
+    # One fp32 scratch buffer for every partial sum (one allocation), as partials_layout lays it out.
     # channels-first: row r is channel r mod C, so M = B·C row sums are a (B, C) block of column sums.
     # Few rows (one program; channels-first, one image or no dw/db) need no scratch: the kernel
     # writes the gradients.
@@ -509,7 +487,7 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
     direct = programs == 1 and (parts == 1 or not (compute_dw or compute_db))
     partials = None
     if not direct:
-        db_offset, dw1_offset, db1_offset, scalar_offset, size = _partials_layout(
+        db_offset, dw1_offset, db1_offset, scalar_offset, size = partials_layout(
             parts * cols, programs, (compute_dw, compute_db, compute_dw1, compute_db1), 1 if first is None else 2)
         partials = alloc(x, size, torch.float32)
     with device_guard(x):
@@ -517,7 +495,7 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
             # Absent operands as None (see kernels/rowwise_norm.py); PARTIALS is addressed even when unused.
             x, dy, dx, alpha, shift, weight, partials if partials is not None else dx, dw, db, dalpha, dshift, dres,
             dx2, h, alpha1, shift1, weight1, dh, dw1, db1, dalpha1, dshift1,
-            x.stride()[0], dy.stride()[0], dres.stride()[0] if dres is not None else 0,
+            x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0,
             h.stride()[0] if h is not None else 0, M, N, channels, rows_per_program, scale,
             # ACTIVATION, PARAMS_PER_ROW, HAS_SCALE, BLOCK_M, BLOCK_N, NUM_STAGES, DIRECT (by position)
             activation, params_per_row, scale != 1.0, cfg.block_m, cfg.block_n, cfg.num_stages, direct,

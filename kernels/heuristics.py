@@ -165,7 +165,7 @@ def _resident_estimate(num_warps: int, regs_per_thread: int) -> int:
 
 
 def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: int | None,
-                  fused: bool = False, two_stores: bool = False) -> LaunchConfig:
+                  fused: bool = False, two_stores: bool = False, peri: bool = False) -> LaunchConfig:
     limit = single_tile_limit(dtype)
     if fused:
         # A fused residual backward also reads the sum's gradient (and with ``two_stores`` stores
@@ -228,10 +228,16 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     # estimate would leave no margin there for another Triton version's register count).
     per_value = (7 if single_tile or fused else 5) if n_cols % 8 == 0 else 14
     regs = per_value * per_thread + 16 + (3 * per_thread if fused and per_thread < 16 else 0)
+    if peri and single_tile:
+        # norm_add_norm's one-pass backward holds a second norm's row and four column sums: 15
+        # registers a value (23 with element-wise addresses) + 16 (LayerNorm 128-137 and RMSNorm
+        # 96-117 at 8 values, 91-108 at 4 element-wise; compile_check, sm_90).
+        regs = (15 if n_cols % 8 == 0 else 23) * per_thread + 16
     return LaunchConfig(block_m, block_n, num_warps, single_tile, _resident_estimate(num_warps, regs), num_stages)
 
 
-def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None, fused: bool = False) -> LaunchConfig:
+def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None, fused: bool = False,
+                      peri: bool = False) -> LaunchConfig:
     # Tiles of TARGET_TILE_ELEMENTS (columns up to 1024 wide, rows stacked to fill the rest),
     # 8 elements per thread: 128-bit accesses in 16-bit, 2 x 128-bit in fp32.
     block_n = min(next_power_of_2(max(n_cols, 1)), 1024)
@@ -256,9 +262,11 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None, fuse
         block_m = max(1, block_m // 2)
     num_warps = max(1, min(block_m * block_n // (32 * values), 16))
     per_thread = block_m * block_n // (32 * num_warps)
-    # Registers ≈ 12 per value a thread holds + 32 (Derf with weight and bias on sm_90: 128 at 8).
+    # Registers ≈ 12 per value a thread holds + 32 (Derf with weight and bias on sm_90: 128 at 8);
+    # norm_add_norm's one-pass backward (a second layer, four more sums) 24 (Derf 107-118 at 4).
+    per_value = 24 if peri else 16 if fused else 12
     return LaunchConfig(block_m, block_n, num_warps, True,
-                        _resident_estimate(num_warps, (16 if fused else 12) * per_thread + 32), num_stages)
+                        _resident_estimate(num_warps, per_value * per_thread + 32), num_stages)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -272,9 +280,10 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
     fused = pass_ in ("bwd_res", "bwd_res2", "bwd_peri")
     backward = fused or pass_ == "bwd"
     if op in ("layernorm", "rmsnorm"):
-        cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n, fused, pass_ in ("bwd_res2", "bwd_peri"))
+        cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n, fused, pass_ in ("bwd_res2", "bwd_peri"),
+                            pass_ == "bwd_peri")
     else:
-        cfg = _elementwise_rule(n_cols, backward, max_block_n, fused)
+        cfg = _elementwise_rule(n_cols, backward, max_block_n, fused, pass_ == "bwd_peri")
     # Tables are measured at row lengths that are multiples of 8 and keyed by the next power of 2:
     # other lengths (element-wise addresses, no staging) keep the rule.
     entry = tuned_entry(op, pass_, n_cols, dtype, device) if max_block_n is None and n_cols % 8 == 0 else None

@@ -61,6 +61,18 @@ def empty_residual_grads(dx, dx2, dres) -> None:
         dx2.copy_(dx)
 
 
+def partials_layout(block: int, programs: int, compute: tuple, layers: int = 0) -> tuple[int, int, int, int, int]:
+    """``(db_offset, dw1_offset, db1_offset, scalar_offset, size)`` of a backward's fp32 scratch:
+    [dw | db | dw1 | db1] (``block`` values each, present per ``compute``: which of the four the
+    launch computes), then a (dalpha, dshift) pair per program for each of ``layers``. The kernels
+    derive the same offsets from the gradients they are given (tiles.partial_offsets)."""
+    offsets, at = [], 0
+    for present in compute:
+        at += block if present else 0
+        offsets.append(at)
+    return offsets[0], offsets[1], offsets[2], offsets[3], offsets[3] + 2 * programs * layers
+
+
 def alloc_like(x: torch.Tensor) -> torch.Tensor:
     """A contiguous output of x's shape, dtype and device."""
     if POISON:

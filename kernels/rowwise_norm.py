@@ -37,9 +37,9 @@ import triton.language as tl
 
 from .heuristics import launch_config, split_rows
 from .launch import (alloc, alloc_like, alloc_rows, check_rows, device_guard, empty_residual_grads,
-                     launch, residual_grad_buffers)
+                     launch, partials_layout, residual_grad_buffers)
 from .reduce import sum_partials
-from .tiles import load_tile, rstd_of, store_column_sums, store_tile
+from .tiles import load_tile, partial_offsets, rstd_of, store_column_sums, store_tile
 
 
 @triton.jit
@@ -263,26 +263,26 @@ def _x_hat(x, mean, rstd, IS_RMS: tl.constexpr):
 def _norm_bwd_kernel(
     X, W, DY, DX,  # pointers; W None without a weight
     STATS,  # the forward's per-row statistics (see _norm_fwd_kernel)
-    PARTIALS,  # fp32 (num_programs, N) column sums: dw's at 0, db's at db_offset
+    PARTIALS,  # fp32 (num_programs, N) column sums: [dw | db | dw1 | db1], as tiles.partial_offsets lays them out
     DW, DB,  # dw and db (None: not asked for); DIRECT (a one-program grid) writes them here, in their dtypes
     ROW_SUMS,  # (M, 2) fp32 scratch for c1, c2 on the looped path (None for a single tile)
     DRES,  # or None: a gradient added to dx (the sum's, when x was the sum r + h of a fused add)
     DX2,  # or None: dx stored a second time, in DX2's dtype (the add's other input's gradient)
-    # Peri-LN's norm_add_norm (s = r + N1(h), y = N2(s)): with X = s and the launch's norm N2, dx is
-    # s's gradient, and N1's backward runs on it in the same pass (single tile only): H, its input
-    # (None: no first norm); W1, STATS1 as W, STATS; DH, h's gradient (row stride stride_dx_row);
-    # DW1, DB1 as DW, DB, their partials at dw1_offset, db1_offset.
-    H, W1, STATS1, DH, DW1, DB1,
-    stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_dx2_row, stride_h_row,
+    stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_dx2_row,
     M, N,
     rows_per_program,  # a multiple of BLOCK_M
-    db_offset, dw1_offset, db1_offset,
+    db_offset,  # where db's column sums start in PARTIALS (after dw's)
     # The forward's y scale: dy is scaled by it on load, behind HAS_SCALE on the single-tile path
     # and always on the looped one. Measured on sm_90 (compile_check), not reasoned: with the
     # multiply ptxas kept the looped fp32 LayerNorm backward at 64 registers (121 without), and
     # without it the 16-bit 8192-wide single tile at 59 (100 with).
     scale,
     w_offset,  # the forward's weight offset (None for 0)
+    # Peri-LN's norm_add_norm (s = r + N1(h), y = N2(s)): with X = s and the launch's norm N2, dx is
+    # s's gradient, and N1's backward runs on it in the same pass (single tile only): H, its input
+    # (None: no first norm); W1, STATS1 as W, STATS; DH, h's gradient (rows stride_dx_row apart);
+    # DW1, DB1 as DW, DB. Last, so that every other launch compiles as it did without them.
+    H, W1, STATS1, DH, DW1, DB1, stride_h_row,
     IS_RMS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     ROUND_X_HAT: tl.constexpr,  # the forward's: dw sums dy ⊙ x_hat as rounded there
@@ -409,6 +409,7 @@ def _norm_bwd_kernel(
         if DB is not None:
             store_column_sums(PARTIALS + db_offset, DB, partial_row + cols, cols, col_mask, db_acc, DIRECT)
         if H is not None:
+            _, dw1_offset, db1_offset, _ = partial_offsets(tl.num_programs(0).to(tl.int64) * N, DW, DB, DW1, DB1)
             if DW1 is not None:
                 store_column_sums(PARTIALS + dw1_offset, DW1, partial_row + cols, cols, col_mask, dw1_acc, DIRECT)
             if DB1 is not None:
@@ -573,21 +574,17 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
     # buffer for every column sum (one allocation), [dw | db | dw1 | db1] (programs × N each, the
     # absent ones left out), and a second launch reduces it.
     direct = programs == 1
-    db_offset = programs * N if compute_dw else 0
-    dw1_offset = db_offset + (programs * N if compute_db else 0)
-    db1_offset = dw1_offset + (programs * N if compute_dw1 else 0)
-    size = db1_offset + (programs * N if compute_db1 else 0)
+    db_offset, dw1_offset, db1_offset, _, size = partials_layout(programs * N, programs,
+                                                                 (compute_dw, compute_db, compute_dw1, compute_db1))
     partials = alloc(x, size, torch.float32) if not direct and size else None
     row_sums = None if cfg.single_tile else alloc(x, 2 * M, torch.float32)
     with device_guard(x):
         launch(_norm_bwd_kernel, programs,
             # Absent operands as None (see _launch_forward); PARTIALS is addressed even when unused.
             x, weight, dy, dx, stats, partials if partials is not None else dx, dw, db, row_sums, dres, dx2,
-            h, weight1, stats1, dh, dw1, db1,
             x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
-            h.stride()[0] if h is not None else 0,
-            M, N, rows_per_program, db_offset, dw1_offset, db1_offset, scale,
-            weight_offset if weight_offset != 0.0 else None,
+            M, N, rows_per_program, db_offset, scale, weight_offset if weight_offset != 0.0 else None,
+            h, weight1, stats1, dh, dw1, db1, h.stride()[0] if h is not None else 0,
             # IS_RMS, HAS_SCALE, ROUND_X_HAT, BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES, DIRECT (by position)
             is_rms, scale != 1.0, round_x_hat, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, direct,
             num_warps=cfg.num_warps,

@@ -31,12 +31,32 @@ def rstd_of(mean_square):
 
 
 @triton.jit
-def store_column_sums(PARTIAL, FINAL, partial_offsets, cols, col_mask, acc, DIRECT: tl.constexpr):
+def store_column_sums(PARTIAL, FINAL, partial_index, cols, col_mask, acc, DIRECT: tl.constexpr):
     """The column sums of a backward's (rows × cols) accumulator: as fp32 partials at
-    ``partial_offsets`` for the reduce launch, or, when one program owns every row (``DIRECT``),
+    ``partial_index`` for the reduce launch, or, when one program owns every row (``DIRECT``),
     as the gradient itself, in FINAL's dtype: a one-launch backward, no scratch buffer."""
     sums = tl.sum(acc, axis=0)
     if DIRECT:
         tl.store(FINAL + cols, sums.to(FINAL.dtype.element_ty), mask=col_mask)
     else:
-        tl.store(PARTIAL + partial_offsets, sums, mask=col_mask)
+        tl.store(PARTIAL + partial_index, sums, mask=col_mask)
+
+
+@triton.jit
+def partial_offsets(block, DW, DB, DW1, DB1):
+    """``(db, dw1, db1, scalars)`` offsets in a backward's fp32 scratch, laid out as [dw | db | dw1
+    | db1 | ...] with ``block`` values for each of the four gradients it is given (None: absent,
+    no room). The host lays out the same buffer (launch.partials_layout) for the reduce launch."""
+    db_offset = 0
+    if DW is not None:
+        db_offset += block
+    dw1_offset = db_offset
+    if DB is not None:
+        dw1_offset += block
+    db1_offset = dw1_offset
+    if DW1 is not None:
+        db1_offset += block
+    scalar_offset = db1_offset
+    if DB1 is not None:
+        scalar_offset += block
+    return db_offset, dw1_offset, db1_offset, scalar_offset
