@@ -205,7 +205,10 @@ def _pointwise_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, M)
     # PARTIALS: [dw | db | dw1 | db1 | (dalpha, dshift) per program | layer 1's pairs], the offsets
     # derived where they are used (not held in registers across the loops).
-    block = M if PARAMS_PER_ROW else tl.num_programs(0).to(tl.int64) * N
+    if PARAMS_PER_ROW:  # int64: the host's offsets pass 2^31 with B·C rows past 2^30
+        block = tl.cast(M, tl.int64)
+    else:
+        block = tl.num_programs(0).to(tl.int64) * N
     alpha = tl.load(ALPHA).to(tl.float32)
     shift = 0.0
     if SHIFT is not None:

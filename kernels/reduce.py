@@ -1,7 +1,8 @@
 """The second step of every backward: sum the per-program fp32 partials into the parameter grads.
 
-A backward kernel's programs each write one row of column sums (dweight, dbias) and, for DyT/Derf,
-two scalar sums (dalpha, dshift) into one fp32 scratch buffer. One launch of
+A backward kernel's programs each write one row of column sums per parameter gradient (dweight,
+dbias; with norm_add_norm's one-pass backward, both norms': up to four) and, for DyT/Derf, two
+scalar sums (dalpha, dshift) per layer into one fp32 scratch buffer. One launch of
 :func:`_sum_partials_kernel` reduces all of them, in a fixed order (deterministic, no atomics), and
 writes each gradient in its parameter's dtype, so a backward is two launches and no torch ops.
 A backward grid of one program (under 32 rows) skips this step: its kernel writes the gradients

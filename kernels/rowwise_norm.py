@@ -385,6 +385,7 @@ def _norm_bwd_kernel(
             if DX2 is not None:
                 store_tile(DX2, rows, stride_dx2_row, cols, mask, dx)
             if H is not None:
+                tl.static_assert(SINGLE_TILE, "the first norm's row sums need the whole row in one tile")
                 # N1's backward on h with the sum's gradient, as computed (fp32, not as stored):
                 # the same formulas, one more read (h) and one more write (dh) in this pass.
                 g = tl.where(mask, dx, 0.0)  # LayerNorm's dx is not 0 in masked columns

@@ -19,7 +19,8 @@ Backward, with dy and ds the incoming gradients (either may be absent), J the no
     norm_add_norm  dx = ds + J_N2ᵀ(dy·scale),  dh = J_Nᵀ dx
 
 norm_add_norm's two backwards run in one pass on the Triton path (dh from dx as computed, in fp32),
-but for LayerNorm/RMSNorm rows wider than one fused tile, which take two launches.
+but for LayerNorm/RMSNorm rows wider than one fused tile, which take two kernels (each with its
+reduce: 4 launches).
 
 As for the plain norms (:mod:`normzoo.ops`): eager calls go through an ``autograd.Function``,
 traced ones through the registered custom ops ``normzoo::fused_residual_fwd``/``_bwd``, and both

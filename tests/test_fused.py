@@ -183,15 +183,25 @@ AFFINES = {  # (first norm's flags, second norm's flags, frozen parameters)
 @pytest.mark.parametrize("affine", sorted(AFFINES))
 @pytest.mark.parametrize("mode", fused.MODES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_affine_flags_and_frozen_parameters(kind, mode, affine, device):
+def test_affine_flags_and_frozen_parameters(kind, mode, affine, device, monkeypatch):
     """Each norm with or without its weight and bias, the two norms of norm_add_norm differing, and
     parameters that take no gradient: every gradient still right, none computed for a frozen one.
     37 rows: two programs and the reduce (norm_add_norm's one-pass backward sums four columns)."""
+    from normzoo import kernels
+
     first, second, frozen = AFFINES[affine]
     if affine == "no-bias" and kind == "rmsnorm":
         first, second = {"elementwise_affine": True}, {"elementwise_affine": True}  # RMSNorm has no bias flag
+    asked = []  # what the one-pass launcher was asked to compute: nothing for a frozen parameter
+    for name in ("rowwise_peri_backward", "pointwise_peri_backward"):
+        launcher = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=launcher, **k: asked.append(k) or _f(*a, **k))
     check_against_float64(kind, mode, torch.float32, torch.float32, 24, "triton", device, rows=37,
                           affine=(first, second), frozen=frozen)
+    assert len(asked) == (mode == "norm_add_norm")
+    if asked and affine == "frozen":
+        assert not asked[0]["compute_dw1"] and asked[0]["db2_dtype"] is None
+        assert asked[0]["compute_dw2"] and (asked[0]["db1_dtype"] is not None) == (kind != "rmsnorm")
 
 
 @pytest.mark.parametrize("n", [4096, 4104])
@@ -202,7 +212,8 @@ def test_fused_backward_at_the_16bit_single_tile_limit(n, precision, device):
     from normzoo.kernels.heuristics import launch_config
 
     act_dtype, res_dtype = precision
-    for pass_ in ("bwd_res", "bwd_res2"):  # dx stored once, or twice (norm_add_norm's second norm)
+    # dx stored once, or twice, or norm_add_norm's one pass (its two kernels past the limit)
+    for pass_ in ("bwd_res", "bwd_res2", "bwd_peri"):
         cfg = launch_config("layernorm", pass_, n, res_dtype, torch.device(device))  # the sum's dtype
         assert cfg.single_tile == (n == 4096 and res_dtype.itemsize == 2)
     for mode in ("add_norm", "norm_add_norm"):
@@ -239,6 +250,9 @@ def test_looped_long_row_path(kind, mode, device, monkeypatch):
     assert module.launch_config(kind, "fwd", 97, torch.float32, torch.device(device)).block_n == 16
     for act_dtype, res_dtype in PRECISIONS:
         check_against_float64(kind, mode, act_dtype, res_dtype, 97, "triton", device)
+    # Several programs and the reduce (the default 5 rows are one program): norm_add_norm's
+    # two-kernel path for the row-wise norms, its one pass over several column tiles for DyT/Derf.
+    check_against_float64(kind, mode, torch.float32, torch.float32, 97, "triton", device, rows=37)
     if kind in ("layernorm", "rmsnorm"):
         check_against_float64(kind, mode, torch.bfloat16, torch.float32, 97, "triton", device, weight_offset=1.0)
 
