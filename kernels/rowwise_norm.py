@@ -521,7 +521,7 @@ def rowwise_peri_backward(dy, ds, s, weight2, stats2, h, weight1, stats1, *, is_
     h's), computed from dx in fp32. ``ds`` may be None. Returns ``(dx, dh, dw1, db1, dw2, db2)``.
 
     Rows that fit one tile take one pass (one read of dy, ds, s and h, one write of dx and dh);
-    longer rows take N2's backward, then N1's on an fp32 copy of dx (two launches).
+    longer rows take N2's backward, then N1's on an fp32 copy of dx (two kernels, each with its reduce).
     """
     check_rows(s, dy, h) if ds is None else check_rows(s, dy, h, ds)
     M, N = s.shape
