@@ -300,6 +300,7 @@ def _pointwise_bwd_kernel(
                     store_column_sums(PARTIALS + dw1_offset, DW1, partial_offset, cols, col_mask, dw1_acc, DIRECT)
                 if DB1 is not None:
                     store_column_sums(PARTIALS + db1_offset, DB1, partial_offset, cols, col_mask, db1_acc, DIRECT)
+    db_offset, _, _, scalar_offset = partial_offsets(block, DW, DB, DW1, DB1)
     if PARAMS_PER_ROW:
         rows = row_start + tl.arange(0, BLOCK_M)
         if DIRECT:  # one image: row r is channel r
@@ -311,8 +312,7 @@ def _pointwise_bwd_kernel(
             if DW is not None:
                 tl.store(PARTIALS + rows, dw_rows, mask=rows < row_end)
             if DB is not None:
-                tl.store(PARTIALS + partial_offsets(block, DW, DB, DW1, DB1)[0] + rows, db_rows, mask=rows < row_end)
-    scalar_offset = partial_offsets(block, DW, DB, DW1, DB1)[3]
+                tl.store(PARTIALS + db_offset + rows, db_rows, mask=rows < row_end)
     _store_scalar_sums(dalpha_acc, dshift_acc, DALPHA, DSHIFT, PARTIALS + scalar_offset, pid, DIRECT)
     if H is not None:  # layer 1's pairs after every program's layer-2 pair
         _store_scalar_sums(dalpha1_acc, dshift1_acc, DALPHA1, DSHIFT1,

@@ -190,9 +190,9 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
     # The reference: N2's backward, then N's on the sum's gradient at fp32 (as the kernels hold it
     # in registers), not as rounded into a 16-bit dx.
     wide = torch.float32 if x_dtype in (torch.float16, torch.bfloat16) else None
-    dx, dx_wide, grads = _norm_backward(dy, s, params, stats, kind, needs_w, db_dtype, triton, dres=ds,
+    dx, dx_wide, grads = _norm_backward(dy, s, params, stats, kind, needs_w, db_dtype, False, dres=ds,
                                         dx_dtype=x_dtype, dx2_dtype=wide, scale=scale, weight_offset=weight_offset)
-    dh, _, grads1 = _norm_backward(dx_wide if wide else dx, h, p1, stats1, kind, dw1, db1, triton, dx_dtype=h_dtype,
+    dh, _, grads1 = _norm_backward(dx_wide if wide else dx, h, p1, stats1, kind, dw1, db1, False, dx_dtype=h_dtype,
                                    weight_offset=weight_offset)
     return dx, dh, grads1, grads
 
