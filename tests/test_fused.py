@@ -537,6 +537,39 @@ def test_strided_rows_of_h_in_the_triton_backward(device):
         torch.testing.assert_close(h.grad, h_ref.grad, msg=mode)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_pass_backward_reads_row_strided_inputs(kind, device):
+    """norm_add_norm's one-pass launchers on dy, ds, s and h whose rows are further apart than N
+    (views into wider buffers, unit column stride: read in place, not copied) give what they give
+    on contiguous copies, bit for bit."""
+    from normzoo import kernels
+
+    rows, n = 37, 24
+    wide = lambda dtype=torch.float32: torch.randn(rows, 3 * n, device=device).to(dtype)[:, 5:5 + n]  # noqa: E731
+    dy, ds, s, h = wide(), wide(), wide(), wide(torch.bfloat16)
+    assert h.stride(0) == 3 * n and not h.is_contiguous()
+    n1, n2 = make_norm(kind, n, "triton", device=device), make_norm(kind, n, "triton", device=device)
+    (_, p1, _, _, _), (_, p2, _, _, _) = fused.describe(n1), fused.describe(n2)
+    flags = dict(compute_dw1=True, db1_dtype=torch.float32 if kind != "rmsnorm" else None, compute_dw2=True,
+                 db2_dtype=torch.float32 if kind != "rmsnorm" else None, dh_dtype=torch.bfloat16, scale=0.7)
+    with torch.no_grad():
+        if kind in ("layernorm", "rmsnorm"):
+            is_rms = kind == "rmsnorm"
+            _, stats1 = kernels.rowwise_norm_forward(h, p1[0], p1[1], 1e-5, is_rms=is_rms)
+            _, stats2 = kernels.rowwise_norm_forward(s, p2[0], p2[1], 1e-5, is_rms=is_rms)
+            run = lambda *t: kernels.rowwise_peri_backward(t[0], t[1], t[2], p2[0], stats2, t[3], p1[0], stats1,  # noqa: E731
+                                                           is_rms=is_rms, **flags)
+        else:
+            act = fused._ACTIVATION[kind]
+            run = lambda *t: kernels.pointwise_peri_backward(t[0], t[1], t[2], (p2[2], p2[3], p2[0]), t[3],  # noqa: E731
+                                                             (p1[2], p1[3], p1[0]), activation=act, **flags)
+        got, want = run(dy, ds, s, h), run(dy.contiguous(), ds.contiguous(), s.contiguous(), h.contiguous())
+    flat = lambda out: [t for item in out for t in (item if isinstance(item, tuple) else (item,)) if t is not None]  # noqa: E731
+    assert len(flat(got)) == len(flat(want)) >= 4  # dx, dh, dw1, dw2 (and db1, db2, scalars)
+    for a, b in zip(flat(got), flat(want)):
+        assert torch.equal(a, b)
+
+
 def test_norm_add_output_may_be_edited_in_place(device):
     n = normzoo.LayerNorm(8, device=device)
     x = torch.randn(3, 8, device=device, requires_grad=True)
