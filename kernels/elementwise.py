@@ -21,7 +21,7 @@ itself instead (``DIRECT``).
 relative error 2^-10.987 per the PTX ISA): about fp16's unit roundoff and far below bf16's, for a
 tenth of the instructions of the exact path, which keeps the forward memory-bound. fp32 output and
 every backward keep the exact ``_tanh_and_derivative`` (dw may be fp32 even for 16-bit input), and
-so does a fused residual op's layer whose output goes into the residual stream (``RES_MODE`` 2, 3).
+so does a fused residual op's layer whose output goes into the residual stream (``RES_MODE`` "norm_add", "norm_add_norm").
 Triton's interpreter cannot run inline PTX, so under it ``_tanh_approx`` is an emulation that
 errs by the instruction's whole error bound (tests then check the 16-bit output against the
 tolerance table with that worst case); the GPU test run checks the real instruction.
@@ -35,7 +35,7 @@ from .heuristics import INTERPRETED, has_tanh_approx, launch_config, split_rows
 from .launch import (alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard, empty_residual_grads,
                      launch, partials_layout, residual_grad_buffers)
 from .reduce import sum_partials
-from .rowwise_norm import RES_ADD_NORM, RES_MODES, RES_NORM_ADD, RES_NORM_ADD_NORM
+from .rowwise_norm import FUSED_MODES
 from .tiles import load_tile, partial_offsets, store_column_sums, store_tile
 
 ACTIVATIONS = ("tanh", "erf")
@@ -81,8 +81,8 @@ def _activation(u, ACTIVATION: tl.constexpr):
 
 
 # The largest relative error of tanh.approx.f32 (PTX ISA: 2^-10.987); the interpreter's emulation
-# below errs by exactly this much.
-TANH_APPROX_REL_ERROR = tl.constexpr(2.0 ** -10.987)
+# below errs by exactly this much (a plain float: only the interpreter's emulation reads it).
+TANH_APPROX_REL_ERROR = 2.0 ** -10.987
 
 if INTERPRETED:
 
@@ -130,8 +130,8 @@ def _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVAT
 @triton.jit
 def _pointwise_fwd_kernel(
     X, Y, ALPHA, SHIFT, W, B,  # pointers; ALPHA/SHIFT hold one scalar each; absent ones None
-    R, S,  # residual stream in and the sum out (RES_MODE != 0; see kernels/rowwise_norm.py)
-    ALPHA2, SHIFT2, W2, B2,  # the second layer of RES_NORM_ADD_NORM (y = layer2(s))
+    R, S,  # residual stream in and the sum out (RES_MODE not "none"; see kernels/rowwise_norm.py)
+    ALPHA2, SHIFT2, W2, B2,  # the second layer of "norm_add_norm" (y = layer2(s))
     stride_x_row, stride_y_row, stride_r_row, stride_s_row,
     M, N,  # rows, columns of the 2-D view
     C,  # channels (rows are channel r mod C when PARAMS_PER_ROW)
@@ -139,7 +139,7 @@ def _pointwise_fwd_kernel(
     ACTIVATION: tl.constexpr,  # "tanh" (DyT) or "erf" (Derf)
     PARAMS_PER_ROW: tl.constexpr,
     FAST_TANH: tl.constexpr,  # tanh.approx.f32 for y (16-bit only; see the module docstring), never for s
-    RES_MODE: tl.constexpr,  # RES_* in kernels/rowwise_norm.py: none, add then layer, layer then add, both
+    RES_MODE: tl.constexpr,  # RES_MODES in kernels/rowwise_norm.py: none, add then layer, layer then add, both
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -152,21 +152,21 @@ def _pointwise_fwd_kernel(
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
     x = load_tile(X, rows, stride_x_row, cols, mask, "")
-    if RES_MODE == RES_ADD_NORM:
+    if RES_MODE == "add_norm":
         x = (x + load_tile(R, rows, stride_r_row, cols, mask, "")).to(S.dtype.element_ty).to(tl.float32)
         store_tile(S, rows, stride_s_row, cols, mask, x)
-    if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
+    if RES_MODE == "norm_add" or RES_MODE == "norm_add_norm":
         # This layer's output goes into the residual stream, which every later layer reads and
         # adds to: the exact activation (tanh.approx's bias would accumulate there).
         y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, PARAMS_PER_ROW, False)
         s = (y + load_tile(R, rows, stride_r_row, cols, mask, "")).to(S.dtype.element_ty).to(tl.float32)
         store_tile(S, rows, stride_s_row, cols, mask, s)
-        if RES_MODE == RES_NORM_ADD_NORM:
+        if RES_MODE == "norm_add_norm":
             y = _pointwise(s, ALPHA2, SHIFT2, W2, B2, rows, row_mask, cols, col_mask, C, ACTIVATION, PARAMS_PER_ROW,
                            FAST_TANH)
     else:
         y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, PARAMS_PER_ROW, FAST_TANH)
-    if RES_MODE != RES_NORM_ADD:
+    if RES_MODE != "norm_add":
         if scale is not None:
             y = y * scale
         store_tile(Y, rows, stride_y_row, cols, mask, y)
@@ -351,7 +351,7 @@ def pointwise_forward(x, alpha, shift, weight, bias, *, activation: str, channel
     y = alloc_like(x)
     if M and N:
         _launch_forward(x, M, N, y, alpha, shift, weight, bias, None, None, (None, None, None, None), activation,
-                        channels, params_per_row, 0, 1.0, max_block_n)
+                        channels, params_per_row, "none", 1.0, max_block_n)
     return y
 
 
@@ -363,13 +363,15 @@ def pointwise_residual_forward(x, residual, alpha, shift, weight, bias, *, activ
     second layer's ``(alpha, shift, weight, bias)`` for ``"norm_add_norm"``. Returns ``(y, s)``
     (y ``None`` for ``"norm_add"``): y in x's dtype, s in ``sum_dtype`` (default: the promoted dtype)."""
     _check_activation(activation)
+    if mode not in FUSED_MODES:
+        raise ValueError(f"mode must be one of {FUSED_MODES}, got {mode!r}")
     check_rows(x, residual)
     M, N = x.shape
     s = alloc_rows(x, sum_dtype or torch.promote_types(x.dtype, residual.dtype))
     y = alloc_like(x) if mode != "norm_add" else None
     if M and N:
         _launch_forward(x, M, N, y, alpha, shift, weight, bias, residual, s, layer2, activation, N, False,
-                        RES_MODES[mode], scale, max_block_n)
+                        mode, scale, max_block_n)
     return y, s
 
 

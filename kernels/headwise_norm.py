@@ -40,10 +40,8 @@ from .launch import alloc, cdiv, device_guard, launch
 from .reduce import sum_partials
 from .tiles import rstd_of
 
-NORM_RMS = tl.constexpr(1)
-NORM_L2 = tl.constexpr(2)
-NORM_CRMS = tl.constexpr(3)
-NORMS = {"rms": 1, "l2": 2, "crms": 3}
+# NORM, a string constexpr ("rms", "l2" or "crms", as normzoo.ops.HEADWISE_NORMS), compared with
+# literals: a module-level tl.constexpr would be re-checked by Triton on every launch.
 # Rows wider than this are refused (the widest a model's ScaleNorm or CRMSNorm needs, with room).
 MAX_N = 65536
 # Rows of more than MAX_SINGLE_TILE_BYTES (kernels/heuristics.py's limit for the row norms) loop
@@ -61,9 +59,9 @@ def _row_offsets(rows, H, stride_outer, stride_inner):
 def _rstd(sumsq, total, N, eps, NORM: tl.constexpr):
     """(rstd, whether the normalizing term's gradient applies) from a row's Σx² and (CRMS) Σx."""
     live = sumsq == sumsq  # all true
-    if NORM == NORM_RMS:
+    if NORM == "rms":
         rstd = rstd_of(sumsq / N + eps)
-    elif NORM == NORM_L2:
+    elif NORM == "l2":
         floor = eps * eps
         live = sumsq > floor  # under the floor the norm is the constant eps: no gradient through it
         rstd = rstd_of(tl.maximum(sumsq, floor))
@@ -78,7 +76,7 @@ def _stats(x, N, eps, NORM: tl.constexpr):
     fp32 tile, zero where masked (the row sum only for CRMS: zeros otherwise)."""
     sumsq = tl.sum(x * x, axis=1)
     total = tl.zeros_like(sumsq)
-    if NORM == NORM_CRMS:
+    if NORM == "crms":
         total = tl.sum(x, axis=1)
     rstd, live = _rstd(sumsq, total, N, eps, NORM)
     return rstd, total, live
@@ -87,9 +85,9 @@ def _stats(x, N, eps, NORM: tl.constexpr):
 @triton.jit
 def _store_dx(DX, rows64, cols, mask, N, x_hat, wdy, rstd, total, live, c, NORM: tl.constexpr):
     """dx of a tile, from its x_hat, w·dy and its rows' rstd, Σx, live and c = Σ(x_hat ⊙ w·dy)."""
-    if NORM == NORM_RMS:
+    if NORM == "rms":
         dx = (wdy - x_hat * (c / N)[:, None]) * rstd[:, None]
-    elif NORM == NORM_L2:
+    elif NORM == "l2":
         dx = (wdy - x_hat * tl.where(live, c, 0.0)[:, None]) * rstd[:, None]
     else:
         dx = (wdy - (x_hat + (rstd * total)[:, None]) * (c / (N + 1))[:, None]) * rstd[:, None]
@@ -144,7 +142,7 @@ def _forward_rows(X, Y, W, block, M, N, H, stride_outer, stride_inner, eps,
             x, _ = _load_rows(X, rows, row_mask, col_start + tl.arange(0, BLOCK_N), N, H, stride_outer, stride_inner,
                               "evict_last")  # read again by pass 2
             sumsq += x * x
-            if NORM == NORM_CRMS:
+            if NORM == "crms":
                 total += x
         rstd, _ = _rstd(tl.sum(sumsq, axis=1), tl.sum(total, axis=1), N, eps, NORM)
         for col_start in range(0, N, BLOCK_N):
@@ -218,7 +216,7 @@ def _backward_rows(X, DY, DX, W, PARTIALS, ROW_STATS, program, rows_per_program,
                 if HAS_W:
                     wdy = wdy * _weight(W, cols, N, SCALAR_W)
                 sumsq_acc += x * x
-                if NORM == NORM_CRMS:
+                if NORM == "crms":
                     total_acc += x
                 x_wdy_acc += x * wdy
             total = tl.sum(total_acc, axis=1)
@@ -361,7 +359,7 @@ def headwise_norm_forward(a, wa, b, wb, eps: float, *, norm: str, max_block_n: i
                 a, ya, wa if wa is not None else a, b if b is not None else a, yb if yb is not None else ya,
                 wb if wb is not None else a,
                 M_a, N_a, H_a, so_a, si_a, M_b, N_b, H_b, so_b, si_b, programs_a, eps,
-                NORMS[norm], wa is not None, b is not None, wb is not None, _scalar_weights(wa, wb), cfg.block_m,
+                norm, wa is not None, b is not None, wb is not None, _scalar_weights(wa, wb), cfg.block_m,
                 cfg.block_n, cfg.single_tile,
                 num_warps=cfg.num_warps,
             )
@@ -418,7 +416,7 @@ def headwise_norm_backward(dya, a, wa, dyb, b, wb, eps: float, *, norm: str, dw_
             M_a, N_a, H_a, so_a, si_a, dya.stride(0), rows_per_program_a,
             M_b, N_b, H_b, so_b, si_b, dyb.stride(0) if dyb is not None else 0, rows_per_program_b,
             programs, b_offset, eps,
-            NORMS[norm], wa is not None, dw_a, b is not None, wb is not None, dw_b, scalar_w, cfg.block_m, cfg.block_n,
+            norm, wa is not None, dw_a, b is not None, wb is not None, dw_b, scalar_w, cfg.block_m, cfg.block_n,
             cfg.single_tile, num_warps=cfg.num_warps,
         )
         # dwa from the first block of partials, dwb from the second: one reduce launch where the

@@ -59,11 +59,15 @@ def _row_stats_single_tile(x, mask, N, eps, IS_RMS: tl.constexpr):
 
 
 # What a forward writes besides the norm (RES_MODE), with the residual stream r and the sum s:
-RES_NONE = tl.constexpr(0)  # y = N(x)·scale
-RES_ADD_NORM = tl.constexpr(1)  # s = r + x, y = N(s)·scale  (pre-norm: the add before the norm)
-RES_NORM_ADD = tl.constexpr(2)  # s = r + N(x)              (Peri-LN's output norm; no y)
-RES_NORM_ADD_NORM = tl.constexpr(3)  # s = r + N(x), y = N2(s)·scale  (Peri-LN between sublayers)
-RES_MODES = {"none": 0, "add_norm": 1, "norm_add": 2, "norm_add_norm": 3}
+#   "none"           y = N(x)·scale
+#   "add_norm"       s = r + x, y = N(s)·scale  (pre-norm: the add before the norm)
+#   "norm_add"       s = r + N(x)              (Peri-LN's output norm; no y)
+#   "norm_add_norm"  s = r + N(x), y = N2(s)·scale  (Peri-LN between sublayers)
+# Switches like this one are string constexprs compared with literals, not module-level
+# tl.constexpr names: Triton re-checks every global a kernel reads on each launch (~1 µs apiece
+# on the host; tests/test_launches.py keeps them out).
+RES_MODES = ("none", "add_norm", "norm_add", "norm_add_norm")
+FUSED_MODES = RES_MODES[1:]
 
 
 @triton.jit
@@ -82,19 +86,19 @@ def _affine(x_hat, W, B, cols, N, w_offset):
     return y
 
 
-# Where x_hat is rounded before the weight (ROUND_X_HAT):
-ROUND_NONE = tl.constexpr(0)  # never (normzoo's own rule: fp32 until the one rounding of y)
-ROUND_TO_INPUT = tl.constexpr(1)  # to X's dtype (Llama, Mistral, Qwen2/3: `w * x_hat.to(input_dtype)`)
-ROUND_TO_WEIGHT = tl.constexpr(2)  # to W's dtype (T5 with a 16-bit weight)
-X_HAT_ROUNDING = {None: 0, "input": 1, "weight": 2}
+# Where x_hat is rounded before the weight (ROUND_X_HAT), by the ops' code (round_x_hat) 0, 1, 2:
+#   "none"    never (normzoo's own rule: fp32 until the one rounding of y)
+#   "input"   to X's dtype (Llama, Mistral, Qwen2/3: `w * x_hat.to(input_dtype)`)
+#   "weight"  to W's dtype (T5 with a 16-bit weight)
+X_HAT_ROUNDING = ("none", "input", "weight")
 
 
 @triton.jit
 def _rounded(x_hat, X, W, ROUND_X_HAT: tl.constexpr):
     """x_hat as the model stores it before the weight: rounded to X's or W's dtype (and back)."""
-    if ROUND_X_HAT == ROUND_TO_INPUT:
+    if ROUND_X_HAT == "input":
         x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
-    elif ROUND_X_HAT == ROUND_TO_WEIGHT:
+    elif ROUND_X_HAT == "weight":
         x_hat = x_hat.to(W.dtype.element_ty).to(tl.float32)
     return x_hat
 
@@ -143,10 +147,10 @@ def _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS: tl.constexpr):
 
 @triton.jit
 def _norm_fwd_kernel(
-    X, Y, W, B,  # pointers; Y is None for RES_NORM_ADD, W and B None without them
+    X, Y, W, B,  # pointers; Y is None for "norm_add", W and B None without them
     STATS,  # per-row fp32 statistics of N's input: rstd (M,) for RMSNorm; mean then rstd (2M,) for LayerNorm
-    R, S,  # residual stream in and the sum out (RES_MODE != 0; None otherwise)
-    W2, B2, STATS2,  # the second norm N2 (RES_NORM_ADD_NORM): its parameters and the statistics of s
+    R, S,  # residual stream in and the sum out (RES_MODE not "none"; None otherwise)
+    W2, B2, STATS2,  # the second norm N2 ("norm_add_norm"): its parameters and the statistics of s
     stride_x_row, stride_y_row, stride_r_row, stride_s_row,  # elements between consecutive rows
     M, N,  # rows, columns
     eps, eps2,
@@ -169,16 +173,16 @@ def _norm_fwd_kernel(
         cols = tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (cols < N)[None, :]
         v = load_tile(X, rows, stride_x_row, cols, mask, "")
-        if RES_MODE == RES_ADD_NORM:
+        if RES_MODE == "add_norm":
             v = _stored(S, v + load_tile(R, rows, stride_r_row, cols, mask, ""))
             store_tile(S, rows, stride_s_row, cols, mask, v)
         mean, rstd, v_hat = _row_stats_single_tile(v, mask, N, eps, IS_RMS)
         _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
         y = _affine(_rounded(v_hat, X, W, ROUND_X_HAT), W, B, cols, N, w_offset)
-        if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
+        if RES_MODE == "norm_add" or RES_MODE == "norm_add_norm":
             s = _stored(S, y + load_tile(R, rows, stride_r_row, cols, mask, ""))
             store_tile(S, rows, stride_s_row, cols, mask, s)
-            if RES_MODE == RES_NORM_ADD_NORM:
+            if RES_MODE == "norm_add_norm":
                 mean2, rstd2, s_hat = _row_stats_single_tile(s, mask, N, eps2, IS_RMS)
                 _store_stats(STATS2, rows, row_mask, M, mean2, rstd2, IS_RMS)
                 y = _affine(s_hat, W2, B2, cols, N, w_offset)
@@ -186,19 +190,19 @@ def _norm_fwd_kernel(
         else:
             store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
     else:
-        # Pass 1: statistics of N's input, read once (with RES_ADD_NORM it is the sum, written here).
+        # Pass 1: statistics of N's input, read once (with "add_norm" it is the sum, written here).
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
         for col_start in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
             cols = col_start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
             v = load_tile(X, rows, stride_x_row, cols, mask, "evict_last")
-            if RES_MODE == RES_ADD_NORM:
+            if RES_MODE == "add_norm":
                 v = _stored(S, v + load_tile(R, rows, stride_r_row, cols, mask, ""))
                 store_tile(S, rows, stride_s_row, cols, mask, v)
             mean, m2 = _merge_stats(mean, m2, v, mask, col_start, N, BLOCK_N, IS_RMS)
         rstd = rstd_of(m2 / N + eps)
-        if RES_MODE == RES_ADD_NORM:
+        if RES_MODE == "add_norm":
             tl.debug_barrier()  # pass 2 reads back the sums this program's threads wrote
         # Pass 2: normalize (and add). Pass 1's reads were marked evict_last, so this re-read of
         # the row hits L2 rather than DRAM while the rows in flight fit in it.
@@ -207,23 +211,23 @@ def _norm_fwd_kernel(
         for col_start in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
             cols = col_start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
-            if RES_MODE == RES_ADD_NORM:
+            if RES_MODE == "add_norm":
                 v = load_tile(S, rows, stride_s_row, cols, mask, "evict_first")
             else:
                 v = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
             v_hat = _rounded((v - mean[:, None]) * rstd[:, None], X, W, ROUND_X_HAT)
             y = _affine(v_hat, W, B, cols, N, w_offset)
-            if RES_MODE == RES_NORM_ADD or RES_MODE == RES_NORM_ADD_NORM:
+            if RES_MODE == "norm_add" or RES_MODE == "norm_add_norm":
                 s = _stored(S, tl.where(mask, y, 0.0) + load_tile(R, rows, stride_r_row, cols, mask, ""))
                 store_tile(S, rows, stride_s_row, cols, mask, s)
-                if RES_MODE == RES_NORM_ADD_NORM:
+                if RES_MODE == "norm_add_norm":
                     mean2, m2_2 = _merge_stats(mean2, m2_2, s, mask, col_start, N, BLOCK_N, IS_RMS)
             else:
                 store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
         # Stored after pass 2, not before it: with the store between the passes, ptxas spilled 8
         # bytes in the fp32 LayerNorm forward (compile_check, sm_90).
         _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
-        if RES_MODE == RES_NORM_ADD_NORM:
+        if RES_MODE == "norm_add_norm":
             # Pass 3: the second norm, over the sums just written (read back from L2).
             rstd2 = rstd_of(m2_2 / N + eps2)
             _store_stats(STATS2, rows, row_mask, M, mean2, rstd2, IS_RMS)
@@ -425,14 +429,14 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_of
     statistics the backward takes, ``rstd`` (M,) for RMSNorm and ``mean`` then ``rstd`` in one flat
     (2M,) buffer for LayerNorm (one allocation on the host path). ``weight_offset`` is added to the
     weight in fp32 (Gemma's ``1 + w``). ``round_x_hat``: 0, or x_hat rounded to x's (1) or the
-    weight's (2) dtype before the weight multiplies it (``X_HAT_ROUNDING``).
+    weight's (2) dtype before the weight multiplies it (``X_HAT_ROUNDING``'s codes).
     """
     check_rows(x)
     M, N = x.shape
     y = alloc_like(x) if out_dtype is None else alloc_rows(x, out_dtype)
     stats = alloc(x, M if is_rms else 2 * M, torch.float32)
     if M and N:
-        _launch_forward(x, M, N, y, weight, bias, stats, None, None, None, None, None, eps, 0.0, 1.0, is_rms, 0,
+        _launch_forward(x, M, N, y, weight, bias, stats, None, None, None, None, None, eps, 0.0, 1.0, is_rms, "none",
                         max_block_n, weight_offset, round_x_hat)
     return y, stats
 
@@ -451,14 +455,15 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
     """
     check_rows(x, residual)
     M, N = x.shape
-    res_mode = RES_MODES[mode]
+    if mode not in FUSED_MODES:
+        raise ValueError(f"mode must be one of {FUSED_MODES}, got {mode!r}")
     s = alloc_rows(x, sum_dtype or torch.promote_types(x.dtype, residual.dtype))
     y = alloc_like(x) if mode != "norm_add" else None
     stats = alloc(x, M if is_rms else 2 * M, torch.float32)
     stats2 = alloc(x, M if is_rms else 2 * M, torch.float32) if mode == "norm_add_norm" else None
     if M and N:
         _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
-                        res_mode, max_block_n, weight_offset)
+                        mode, max_block_n, weight_offset)
     return y, s, stats, stats2
 
 
@@ -477,7 +482,8 @@ def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2
                # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host):
                # IS_RMS, RES_MODE, ROUND_X_HAT, BLOCK_M, BLOCK_N, NUM_STAGES (0: a single tile; a looped
                # row's is 1-4, the rules' and what heuristics.validate_entry lets a table set).
-               is_rms, res_mode, round_x_hat, cfg.block_m, cfg.block_n, 0 if cfg.single_tile else cfg.num_stages,
+               is_rms, res_mode, X_HAT_ROUNDING[round_x_hat], cfg.block_m, cfg.block_n,
+               0 if cfg.single_tile else cfg.num_stages,
                num_warps=cfg.num_warps)
 
 
@@ -587,7 +593,8 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
             M, N, rows_per_program, db_offset, scale, weight_offset if weight_offset != 0.0 else None,
             h, weight1, stats1, dh, dw1, db1, h.stride()[0] if h is not None else 0,
             # IS_RMS, HAS_SCALE, ROUND_X_HAT, BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES, DIRECT (by position)
-            is_rms, scale != 1.0, round_x_hat, cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, direct,
+            is_rms, scale != 1.0, X_HAT_ROUNDING[round_x_hat], cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages,
+            direct,
             num_warps=cfg.num_warps,
         )
         if partials is not None:

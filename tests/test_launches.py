@@ -249,3 +249,22 @@ def test_cached_launch_is_off_by_default_and_under_the_interpreter():
     assert launch._cached is None
     launch.set_cached_launch(True)  # the interpreter compiles nothing to cache: stays off
     assert launch._cached is None
+
+
+def test_kernels_read_no_global_constexpr():
+    """A kernel's switches are its own constexpr parameters (strings compared with literals), not
+    module-level ``tl.constexpr`` names: Triton compares each global a kernel read with its value
+    at compile time on every launch (triton/runtime/jit.py, ``used_global_vals``), through
+    ``constexpr.__ne__``, ~1 µs of host time apiece (the row-wise forward read five)."""
+    import importlib
+    import pkgutil
+
+    import triton.language as tl
+
+    import normzoo.kernels
+
+    found = []
+    for info in pkgutil.iter_modules(normzoo.kernels.__path__):
+        module = importlib.import_module(f"normzoo.kernels.{info.name}")
+        found += [f"{info.name}.{name}" for name, value in vars(module).items() if isinstance(value, tl.constexpr)]
+    assert not found, f"module-level tl.constexpr in the kernels: {found}"
