@@ -12,6 +12,14 @@ counts, where a norm is launch-bound, against torch eager.
 Prints a table and, with ``--out``, writes it as JSON and Markdown. Reports the ratio normzoo /
 torch for the forward and the forward + backward; the targets (issue 11) are at most 2×.
 
+``--triton-launch`` (CPU) goes one level deeper than the stub: every launch takes Triton's own
+path (its binder specializing each argument, the compiled-kernel lookup, the check of the globals
+a kernel read, the launch metadata) into kernels really compiled for sm_90 (ptxas, as
+``benchmarks.compile_check``), and only the driver is faked: no device, and the C launcher that
+would hand the kernel to CUDA is a no-op. That path is most of the host time a GPU machine
+measures (host-NVIDIA-H100-80GB-HBM3.md) and none of the stubbed one's. The first calls compile
+each kernel variant (seconds; Triton caches them on disk).
+
 ``--instructions`` (CPU, needs ``valgrind``) counts instructions per call instead of timing: the
 same stubbed calls, run once under callgrind, which dumps its counters at each ``os.getppid()``
 the run makes between cases. A count does not drift with the machine's load (a shared 2-core VM's
@@ -37,6 +45,10 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=30,
                    help="interleaved rounds; the fastest is kept (many short rounds ride out a noisy machine)")
     p.add_argument("--out", type=Path, default=None, help="directory for host-<label>.json/.md")
+    p.add_argument("--triton-launch", action="store_true",
+                   help="CPU: launches through Triton's own launch path into sm_90 compiles, only the driver faked")
+    p.add_argument("--layers", nargs="+", default=None, metavar="NAME",
+                   help="only these layers (by the table's names, e.g. LayerNorm Derf)")
     p.add_argument("--instructions", action="store_true",
                    help="count instructions per call under valgrind's callgrind instead of timing (CPU, stubbed)")
     p.add_argument("--segments", type=Path, default=None, help=argparse.SUPPRESS)  # the run callgrind watches
@@ -51,6 +63,53 @@ def _stub_launches():
     from triton.runtime.interpreter import InterpretedFunction
 
     InterpretedFunction.run = lambda self, *args, **kwargs: None
+
+
+LAUNCHES = [0]  # launches the faked driver received (--triton-launch)
+
+
+def _fake_gpu_driver():
+    """Make Triton launch as on an sm_90 GPU without one: its runtime asks this driver for the
+    device, stream and target; compiled kernels "load" to placeholders and launch through a no-op.
+    Also lets normzoo's ``backend="triton"`` take CPU tensors (it refuses them outside the
+    interpreter), so the layers' Triton path is what runs."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    import normzoo.ops
+
+    class Utils:
+        def load_binary(self, name, kernel, shared, device):
+            return object(), object(), 0, 0, 1024  # module, function, registers, spills, max threads
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132}  # an H100's
+
+    class Driver:
+        utils = Utils()
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def launcher_cls(self, src, metadata):
+            def launch(*args):  # where CUDA would get the kernel: counted, so a run can show it launched
+                LAUNCHES[0] += 1
+
+            return launch
+
+    driver.set_active(Driver())
+
+    def use_triton(backend, x, original=normzoo.ops.use_triton):
+        return backend == "triton" and x.dtype is not torch.float64 or original(backend, x)
+
+    normzoo.ops.use_triton = use_triton
 
 
 def layers(hidden: int, device, dtype):
@@ -85,6 +144,16 @@ def layers(hidden: int, device, dtype):
     ]
 
 
+def selected(cases: list, only) -> list:
+    """``cases`` (from :func:`layers`) whose names ``only`` lists (all of them for None)."""
+    if only is None:
+        return cases
+    unknown = set(only) - {name for name, *_ in cases}
+    if unknown:
+        raise SystemExit(f"unknown layers {sorted(unknown)}; the layers: {[name for name, *_ in cases]}")
+    return [case for case in cases if case[0] in only]
+
+
 def time_us(fns: dict, repeats: int, sync, rounds: int = 30) -> dict:
     """For each of ``fns`` (label -> callable), the fastest of ``rounds`` timings of the mean
     wall-clock µs per call. The callables take turns within each round, so a slow spell on the
@@ -104,7 +173,7 @@ def time_us(fns: dict, repeats: int, sync, rounds: int = 30) -> dict:
     return best
 
 
-def measure(rows_list, hidden, repeats, rounds, device, stubbed):
+def measure(rows_list, hidden, repeats, rounds, device, stubbed, only=None):
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -112,7 +181,7 @@ def measure(rows_list, hidden, repeats, rounds, device, stubbed):
     for rows in rows_list:
         x = torch.randn(rows, hidden, device=device, requires_grad=True)
         dy = torch.randn(rows, hidden, device=device)
-        cases = layers(hidden, device, torch.float32)
+        cases = selected(layers(hidden, device, torch.float32), only)
 
         def backward(outputs):
             torch.autograd.backward(outputs, (dy,) * len(outputs))
@@ -132,7 +201,7 @@ def measure(rows_list, hidden, repeats, rounds, device, stubbed):
     return results
 
 
-def run_segments(rows: int, hidden: int, repeats: int, out: Path) -> None:
+def run_segments(rows: int, hidden: int, repeats: int, out: Path, only=None) -> None:
     """The run ``--instructions`` watches: after every case is warm, each (layer, implementation,
     pass) runs ``repeats`` calls and then ``os.getppid()``, where callgrind dumps its counters
     (``--dump-before=getppid``); the segment names go to ``out``/segments.json."""
@@ -143,7 +212,7 @@ def run_segments(rows: int, hidden: int, repeats: int, out: Path) -> None:
     x = torch.randn(rows, hidden, requires_grad=True)
     dy = torch.randn(rows, hidden)
     calls = []
-    for name, ours, theirs, baseline in layers(hidden, "cpu", torch.float32):
+    for name, ours, theirs, baseline in selected(layers(hidden, "cpu", torch.float32), only):
         for label, fn in (("normzoo", ours), ("torch", theirs)):
             calls.append(((name, baseline, label, "fwd"), (lambda fn: lambda: fn(x))(fn)))
             calls.append(((name, baseline, label, "fwdbwd"), (lambda fn: lambda: torch.autograd.backward(
@@ -165,7 +234,7 @@ def run_segments(rows: int, hidden: int, repeats: int, out: Path) -> None:
     (out / "segments.json").write_text(json.dumps([key for key, _ in calls]))
 
 
-def count_instructions(rows: int, hidden: int, repeats: int) -> list:
+def count_instructions(rows: int, hidden: int, repeats: int, triton_launch: bool = False, only=None) -> list:
     """Rows of :func:`measure`'s form with instructions (thousands) per call in place of µs."""
     import shutil
     import subprocess
@@ -175,11 +244,14 @@ def count_instructions(rows: int, hidden: int, repeats: int) -> list:
         raise SystemExit("--instructions needs valgrind on PATH")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cmd = ["valgrind", "--tool=callgrind", "--dump-before=getppid", f"--callgrind-out-file={tmp}/cg.out",
-               sys.executable, "-m", "benchmarks.host", "--segments", str(tmp), "--rows", str(rows),
-               "--hidden", str(hidden), "--repeats", str(repeats)]
-        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        run = [sys.executable, "-m", "benchmarks.host", "--segments", str(tmp), "--rows", str(rows),
+               "--hidden", str(hidden)] + (["--triton-launch"] if triton_launch else []) + (
+                   ["--layers", *only] if only else [])
+        where = dict(cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if triton_launch:  # compile every kernel once outside valgrind (Triton keeps them on disk)
+            subprocess.run(run + ["--repeats", "1"], check=True, **where)
+        cmd = ["valgrind", "--tool=callgrind", "--dump-before=getppid", f"--callgrind-out-file={tmp}/cg.out"]
+        subprocess.run(cmd + run + ["--repeats", str(repeats)], check=True, **where)
         segments = json.loads((tmp / "segments.json").read_text())
         dumps = sorted(tmp.glob("cg.out.*"), key=lambda f: int(f.suffix[1:]))
 
@@ -225,7 +297,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    stubbed = args.stub or args.instructions or args.segments is not None or not torch.cuda.is_available()
+    triton_launch = args.triton_launch
+    if triton_launch:
+        if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+            print("--triton-launch runs on a CPU-only machine without TRITON_INTERPRET=1", file=sys.stderr)
+            return 2
+        _fake_gpu_driver()
+    stubbed = not triton_launch and (args.stub or args.instructions or args.segments is not None
+                                     or not torch.cuda.is_available())
     if stubbed:
         if "normzoo" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             print("--stub needs TRITON_INTERPRET=1 before normzoo is imported", file=sys.stderr)
@@ -233,32 +312,46 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before normzoo's kernels are defined
         _stub_launches()
     torch.set_num_threads(1)
-    device = "cpu" if stubbed else "cuda"
-    rows = args.rows or ([4] if stubbed else [1, 16, 256])
-    hidden = args.hidden or (64 if stubbed else 4096)
+    on_cpu = stubbed or triton_launch
+    device = "cpu" if on_cpu else "cuda"
+    rows = args.rows or ([4] if on_cpu else [1, 16, 256])
+    hidden = args.hidden or (64 if on_cpu else 4096)
     if args.segments is not None:
-        run_segments(rows[0], hidden, args.repeats, args.segments)
+        run_segments(rows[0], hidden, args.repeats, args.segments, args.layers)
         return 0
     if args.instructions:
-        results = [r for n in rows for r in count_instructions(n, hidden, min(args.repeats, 200))]
+        results = [r for n in rows for r in count_instructions(n, hidden, min(args.repeats, 200), triton_launch,
+                                                                 args.layers)]
     else:
-        results = measure(rows, hidden, args.repeats, args.rounds, device, stubbed)
+        results = measure(rows, hidden, args.repeats, args.rounds, device, on_cpu, args.layers)
 
     from .harness import environment
 
     env = environment(device, smoke=False)
-    where = ("CPU, Triton launches stubbed out (host time only)" if stubbed
-             else f"{env['gpu']}, wall clock per call, kernels included")
+    if triton_launch:
+        where = ("CPU, every launch through Triton's own launch path into sm_90 compiles, only the driver faked "
+                 "(no kernel runs)")
+    elif stubbed:
+        where = "CPU, Triton launches stubbed out (host time only)"
+    else:
+        where = f"{env['gpu']}, wall clock per call, kernels included"
     if args.instructions:
-        where = "CPU, Triton launches stubbed out, thousands of instructions per call (callgrind)"
+        where += ", thousands of instructions per call (callgrind)"
     header = (f"Host cost per eager call, fp32, input requires grad: {where}. "
               f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}.")
     table = markdown(results, header)
     print(table)
+    if triton_launch and not args.instructions and LAUNCHES[0] == 0:  # else a fallback was timed
+        print("--triton-launch: no launch reached the driver", file=sys.stderr)
+        return 1
     if args.out:
-        label = "cpu-instructions" if args.instructions else "cpu-stubbed" if stubbed else env["gpu"].replace(" ", "-")
+        label = ("cpu-triton-launch" if triton_launch else "cpu-stubbed" if stubbed else env["gpu"].replace(" ", "-"))
+        if args.instructions:
+            label = "cpu-triton-launch-instructions" if triton_launch else "cpu-instructions"
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"host-{label}.json").write_text(json.dumps({"environment": env, "stubbed": stubbed,
+                                                                 "triton_launch": triton_launch,
+                                                                 "driver_launches": LAUNCHES[0],
                                                                  "results": results}, indent=1) + "\n")
         (args.out / f"host-{label}.md").write_text(table + "\n")
     return 0

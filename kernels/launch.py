@@ -119,77 +119,12 @@ def check_rows(x: torch.Tensor, *others: torch.Tensor) -> None:
 def launch(kernel, programs, *args, num_warps: int):
     """A launch of ``programs`` programs (an int, or a (x, y) grid): ``kernel[grid](*args, num_warps=...)``
     without the grid lambda, through Triton's own path (its binder specializes every argument,
-    then it looks the compiled kernel up), or through :class:`_CachedLaunch` when that is on.
-    Returns what Triton's run returns (the compiled kernel, on a GPU)."""
-    if _cached is not None:
-        return _cached(kernel, programs, *args, num_warps=num_warps)
+    then it looks the compiled kernel up). Returns what Triton's run returns (the compiled kernel,
+    on a GPU).
+
+    Not bypassed: a cached launch that skipped the binder with a specialization key of its own,
+    computed in Python, was slower than Triton's native binder (1.30× the forward's host time on an
+    H100, and 1.25× on CPU through Triton's path with the driver faked: ``benchmarks.host
+    --triton-launch``), and removed."""
     return kernel.run(*args, grid=programs if type(programs) is tuple else (programs,), warmup=False,
                       num_warps=num_warps)
-
-
-def specialization_key(constexpr_positions: frozenset, args: tuple) -> tuple:
-    """What Triton's binder specializes a launch on, from the arguments themselves: constexprs by
-    value, tensors by dtype and 16-byte alignment, ints by (== 1, divisible by 16, int32 range,
-    int64 range), None as such, floats as fp32. Two launches with the same key compile to the same
-    kernel (tests/test_launches.py checks this against Triton's own binder)."""
-    key = []
-    for i, a in enumerate(args):
-        if i in constexpr_positions or a is None or type(a) is bool:
-            key.append(a)
-        elif type(a) is int:
-            key.append((a == 1, a % 16 == 0, -(1 << 31) <= a < (1 << 31), a < (1 << 63)))
-        elif type(a) is float:
-            key.append(float)
-        else:
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
-    return tuple(key)
-
-
-class _CachedLaunch:
-    """An opt-in launch that skips Triton's binder (about 10 µs a launch on a 2-core x86 host,
-    binding ~20 runtime arguments) once a specialization has been compiled: the first launch of
-    each :func:`specialization_key` goes through Triton and keeps its compiled kernel; later ones
-    call that kernel's launcher directly, as Triton's own run does after its lookup. Set
-    ``NORMZOO_CACHED_LAUNCH=1`` (GPU only; under the interpreter there is nothing compiled).
-    Experimental until timed on a GPU: Triton's launch hooks (profilers) take the plain path, but
-    what Triton's run also checks per launch is skipped (its pre-run hooks, globals changed since
-    the compile, debug or instrumentation knobs changed after it): set those before the first
-    launch, or leave this off."""
-
-    def __init__(self):
-        from triton import knobs
-        from triton.runtime.driver import driver
-
-        self._knobs = knobs.runtime
-        self._driver = driver
-        self._constexprs = {}  # kernel -> positions of its constexpr parameters
-        self._compiled = {}  # (kernel, num_warps, device, specialization key) -> compiled kernel
-
-    def __call__(self, kernel, programs, *args, num_warps: int):
-        positions = self._constexprs.get(kernel)
-        if positions is None:
-            positions = self._constexprs[kernel] = frozenset(i for i, p in enumerate(kernel.params) if p.is_constexpr)
-        device = torch.cuda.current_device()
-        key = (kernel, num_warps, device, specialization_key(positions, args))
-        compiled = self._compiled.get(key)
-        if compiled is None or self._knobs.launch_enter_hook is not None or self._knobs.launch_exit_hook is not None:
-            compiled = kernel.run(*args, grid=programs if type(programs) is tuple else (programs,), warmup=False,
-                                  num_warps=num_warps)
-            if compiled is not None and hasattr(compiled, "packed_metadata"):
-                self._compiled[key] = compiled
-            return compiled
-        stream = self._driver.active.get_current_stream(device)
-        grid_x, grid_y = programs if type(programs) is tuple else (programs, 1)
-        compiled.run(grid_x, grid_y, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
-        return compiled
-
-
-def set_cached_launch(enabled: bool) -> None:
-    """Switch the launchers between Triton's own launch path and :class:`_CachedLaunch` (the
-    default comes from ``NORMZOO_CACHED_LAUNCH=1``). No effect under the interpreter."""
-    global _cached
-    _cached = _CachedLaunch() if enabled and not INTERPRETED else None
-
-
-_cached = None
-set_cached_launch(os.environ.get("NORMZOO_CACHED_LAUNCH") == "1")

@@ -53,6 +53,23 @@ def test_host_instruction_segments_and_table(tmp_path):
     assert "normzoo fwd kIr" in table and "| 130.0 | 65.0 | 2.00× | 300.0 | 250.0 | 1.20× |" in table
 
 
+def test_host_triton_launch_mode_launches_through_triton(tmp_path):
+    """--triton-launch: LayerNorm's forward and backward compiled for sm_90 and launched through
+    Triton's own launch path, only the driver faked (no GPU, no interpreter): the launches reach
+    the driver, and the table has its row."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.host", "--triton-launch", "--layers", "LayerNorm",
+                    "--repeats", "3", "--rounds", "1", "--out", str(tmp_path)],
+                   check=True, cwd=root, capture_output=True, timeout=300, env=env)
+    data = json.loads((tmp_path / "host-cpu-triton-launch.json").read_text())
+    assert data["triton_launch"] and not data["stubbed"]
+    # warm-up and timed calls, forward (1 launch) and forward + backward (2: one program, no reduce)
+    assert data["driver_launches"] >= 3 * 3
+    [row] = data["results"]
+    assert row["layer"] == "LayerNorm" and row["normzoo_fwd_us"] > 0 and row["normzoo_fwdbwd_us"] > 0
+
+
 def test_host_profile_runs(capsys):
     """The GPU session's host diagnostic: its timings and three profiles, here on toy sizes."""
     from benchmarks import host_profile

@@ -210,39 +210,6 @@ def test_outputs_and_gradients_are_bit_identical_across_runs(case):
             assert same, f"{case.name} {name}: run {run} differs from run 1"
 
 
-def _one_element_off(t):
-    """``t``'s values in a tensor whose data starts one element past a 16-byte boundary."""
-    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    return storage[1:].view_as(t).copy_(t.detach()).detach().requires_grad_(t.requires_grad)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_cached_launch_matches_tritons_launch_bitwise(case):
-    """NORMZOO_CACHED_LAUNCH=1 (kernels/launch.py) skips Triton's binder once a specialization is
-    compiled: every output and gradient must equal Triton's own launch bit for bit, on aligned
-    inputs and on inputs one element off (another specialization: no 16-byte alignment)."""
-    from normzoo.kernels import launch
-
-    module = case.build(GPU)
-    aligned = case.inputs(GPU, RUN_ROWS)
-    runs = []
-    for inputs in (aligned, [_one_element_off(t) for t in aligned]):
-        douts = _douts(case, module, inputs)
-        runs.append((inputs, douts, _run(case, module, inputs, douts)))
-    # One cache for both: the aligned runs fill it first, so a key that confused the two
-    # specializations would launch the aligned kernel on the unaligned inputs.
-    launch.set_cached_launch(True)
-    try:
-        for inputs, douts, (outputs, grads) in runs:
-            for run in (1, 2):  # the first fills the cache through Triton, the second reads it
-                again = _run(case, module, inputs, douts)
-                for name, a, b in zip(_names(case, module), [*outputs, *grads], [*again[0], *again[1]]):
-                    same = a is None and b is None or a is not None and b is not None and torch.equal(a, b)
-                    assert same, f"{case.name} {name}: cached launch, run {run}, differs from Triton's launch"
-    finally:
-        launch.set_cached_launch(False)
-
-
 # ----------------------------------------------------------------------------------------------
 # (b) More than 2^31 elements
 # ----------------------------------------------------------------------------------------------
