@@ -21,11 +21,12 @@ Identical compiles (same function, specialization and options) are compiled once
 Fused residual variants (op, residual mode, activation dtype, residual-stream dtype, width) are
 captured the same way one level up: through ``normzoo.fused._fused_forward`` and
 ``_fused_backward``, the implementation the ops layer's autograd.Function and custom ops run, with
-``triton=True``. So the forward is the one ``fused_residual`` launches (``RES_MODE`` 1-3, the sum
+``triton=True``. So the forward is the one ``fused_residual`` launches (``RES_MODE`` "add_norm", "norm_add" or "norm_add_norm", the sum
 stored in the stream's dtype, a second norm's parameters for norm_add_norm), and the backward is
 every launch its gradient makes for incoming dy and ds (add_norm: dres = ds, dx in the stream's
 dtype and a second dx in the activation's when they differ; norm_add: N's backward of ds;
-norm_add_norm: N2's backward with dres and an fp32 dx copy for a 16-bit stream, then N's plain
+norm_add_norm: N2's backward and N's on its fp32 result in one pass where the row fits one fused
+tile, else N2's backward with dres and an fp32 dx copy for a 16-bit stream, then N's plain
 backward of that fp32 gradient).
 
 Model switches of the plain norms' kernels (``SWITCHES``) go through the ops layer's own forward
@@ -1013,8 +1014,8 @@ def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: 
         "weight and bias (RMSNorm: weight) in the activation's dtype; their backward gets both dy and ds.",
     ] if fused_summary else []) + ([
         "- Model switches (`op[switch]`, through normzoo.ops' own forward and backward): `x_hat=input` (Llama: "
-        "x̂ rounded to x's dtype, `ROUND_X_HAT` 1; with an fp32 weight y is fp32), `x_hat=weight` (T5: to the "
-        "16-bit weight's, 2), `offset` (Gemma's 1 + w: `w_offset` passed, not None). Each beside its plain twin: the same "
+        "x̂ rounded to x's dtype, `ROUND_X_HAT` \"input\"; with an fp32 weight y is fp32), `x_hat=weight` (T5: "
+        "to the 16-bit weight's, \"weight\"), `offset` (Gemma's 1 + w: `w_offset` passed, not None). Each beside its plain twin: the same "
         "launch with the switch off and y in the same dtype.",
     ] if switch_summary else []) + ([
         f"- Head-wise norms (kernels/headwise_norm.py, through normzoo.ops' own forward and backward): QK-norm "
@@ -1057,9 +1058,10 @@ def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: 
     fused = [r for r in main if row_family(r) == "fused"]
     if fused:
         lines += ["", "## Fused residual variants (normzoo.fused: the norm and the residual add next to it)", "",
-                  "Label `op:mode pass activation/stream affine N`. Forward: one launch (`RES_MODE` 1 add_norm, "
-                  "2 norm_add, 3 norm_add_norm). Backward: every row launch `_fused_backward` makes for incoming dy "
-                  "and ds, in order (norm_add_norm: N2's, with DRES and an fp32 DX2 for a 16-bit stream, then N's); "
+                  "Label `op:mode pass activation/stream affine N`. Forward: one launch (`RES_MODE` add_norm, "
+                  "norm_add or norm_add_norm). Backward: every row launch `_fused_backward` makes for incoming dy "
+                  "and ds, in order (norm_add_norm: one pass for both norms where the row fits one fused tile, else "
+                  "N2's, with DRES and an fp32 DX2 for a 16-bit stream, then N's); "
                   "the last column names the distinct (M, N) tensors each passes.", ""] + table(fused)
     switched = [r for r in main if row_family(r) == "switch"]
     if switched:

@@ -21,7 +21,7 @@ measures (host-NVIDIA-H100-80GB-HBM3.md) and none of the stubbed one's. The firs
 each kernel variant (seconds; Triton caches them on disk).
 
 ``--instructions`` (CPU, needs ``valgrind``) counts instructions per call instead of timing: the
-same stubbed calls, run once under callgrind, which dumps its counters at each ``os.getppid()``
+same calls (stubbed, or with ``--triton-launch`` through Triton's path), run once under callgrind, which dumps its counters at each ``os.getppid()``
 the run makes between cases. A count does not drift with the machine's load (a shared 2-core VM's
 timings move by ±10% from one run to the next), so it is the figure to compare before and after a
 host-path change; it is not time (cache misses and waits cost time and no instructions).
@@ -50,7 +50,8 @@ def parse_args(argv):
     p.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                    help="only these layers (by the table's names, e.g. LayerNorm Derf)")
     p.add_argument("--instructions", action="store_true",
-                   help="count instructions per call under valgrind's callgrind instead of timing (CPU, stubbed)")
+                   help="count instructions per call under valgrind's callgrind instead of timing (CPU; stubbed "
+                        "unless --triton-launch)")
     p.add_argument("--segments", type=Path, default=None, help=argparse.SUPPRESS)  # the run callgrind watches
     args = p.parse_args(argv)
     if args.repeats < 1 or args.rounds < 1:
@@ -65,14 +66,18 @@ def _stub_launches():
     InterpretedFunction.run = lambda self, *args, **kwargs: None
 
 
-LAUNCHES = [0]  # launches the faked driver received (--triton-launch)
+LAUNCHES = None  # [launches the faked driver received], once --triton-launch installed it
 
 
 def _fake_gpu_driver():
     """Make Triton launch as on an sm_90 GPU without one: its runtime asks this driver for the
     device, stream and target; compiled kernels "load" to placeholders and launch through a no-op.
-    Also lets normzoo's ``backend="triton"`` take CPU tensors (it refuses them outside the
-    interpreter), so the layers' Triton path is what runs."""
+    Also lets the layers' ``backend="triton"`` take CPU tensors (normzoo.ops refuses them outside
+    the interpreter), so their Triton path is what runs (:func:`check_launches` makes sure). Not
+    faked, and CPU-shaped: normzoo's own launch rules see a CPU device (4 compute units, no tuned
+    table), which at a few rows picks the same one-program launches a GPU would."""
+    global LAUNCHES
+    LAUNCHES = [0]
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
@@ -144,6 +149,18 @@ def layers(hidden: int, device, dtype):
     ]
 
 
+def check_launches(cases: list, x) -> None:
+    """With the faked driver (--triton-launch): each layer's forward must reach it, or what is
+    timed would be some other path (the reference, say)."""
+    if LAUNCHES is None:
+        return
+    for name, ours, *_ in cases:
+        before = LAUNCHES[0]
+        ours(x)
+        if LAUNCHES[0] == before:
+            raise SystemExit(f"--triton-launch: {name}'s forward launched nothing through Triton")
+
+
 def selected(cases: list, only) -> list:
     """``cases`` (from :func:`layers`) whose names ``only`` lists (all of them for None)."""
     if only is None:
@@ -182,6 +199,7 @@ def measure(rows_list, hidden, repeats, rounds, device, stubbed, only=None):
         x = torch.randn(rows, hidden, device=device, requires_grad=True)
         dy = torch.randn(rows, hidden, device=device)
         cases = selected(layers(hidden, device, torch.float32), only)
+        check_launches(cases, x)
 
         def backward(outputs):
             torch.autograd.backward(outputs, (dy,) * len(outputs))
@@ -212,7 +230,9 @@ def run_segments(rows: int, hidden: int, repeats: int, out: Path, only=None) -> 
     x = torch.randn(rows, hidden, requires_grad=True)
     dy = torch.randn(rows, hidden)
     calls = []
-    for name, ours, theirs, baseline in selected(layers(hidden, "cpu", torch.float32), only):
+    cases = selected(layers(hidden, "cpu", torch.float32), only)
+    check_launches(cases, x)
+    for name, ours, theirs, baseline in cases:
         for label, fn in (("normzoo", ours), ("torch", theirs)):
             calls.append(((name, baseline, label, "fwd"), (lambda fn: lambda: fn(x))(fn)))
             calls.append(((name, baseline, label, "fwdbwd"), (lambda fn: lambda: torch.autograd.backward(
@@ -298,6 +318,9 @@ def main(argv=None) -> int:
     import torch
 
     triton_launch = args.triton_launch
+    if triton_launch and args.stub:
+        print("--stub and --triton-launch are two ways to time the host path: pick one", file=sys.stderr)
+        return 2
     if triton_launch:
         if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
             print("--triton-launch runs on a CPU-only machine without TRITON_INTERPRET=1", file=sys.stderr)
@@ -319,6 +342,8 @@ def main(argv=None) -> int:
     if args.segments is not None:
         run_segments(rows[0], hidden, args.repeats, args.segments, args.layers)
         return 0
+    if args.layers:  # here, not in the subprocesses below (whose errors go nowhere)
+        selected(layers(8, device, torch.float32), args.layers)
     if args.instructions:
         results = [r for n in rows for r in count_instructions(n, hidden, min(args.repeats, 200), triton_launch,
                                                                  args.layers)]
@@ -341,9 +366,6 @@ def main(argv=None) -> int:
               f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}.")
     table = markdown(results, header)
     print(table)
-    if triton_launch and not args.instructions and LAUNCHES[0] == 0:  # else a fallback was timed
-        print("--triton-launch: no launch reached the driver", file=sys.stderr)
-        return 1
     if args.out:
         label = ("cpu-triton-launch" if triton_launch else "cpu-stubbed" if stubbed else env["gpu"].replace(" ", "-"))
         if args.instructions:
@@ -351,7 +373,8 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"host-{label}.json").write_text(json.dumps({"environment": env, "stubbed": stubbed,
                                                                  "triton_launch": triton_launch,
-                                                                 "driver_launches": LAUNCHES[0],
+                                                                 "driver_launches": None if args.instructions or not triton_launch
+                                                                 else LAUNCHES[0],
                                                                  "results": results}, indent=1) + "\n")
         (args.out / f"host-{label}.md").write_text(table + "\n")
     return 0

@@ -40,8 +40,9 @@ from .launch import alloc, cdiv, device_guard, launch
 from .reduce import sum_partials
 from .tiles import rstd_of
 
-# NORM, a string constexpr ("rms", "l2" or "crms", as normzoo.ops.HEADWISE_NORMS), compared with
-# literals: a module-level tl.constexpr would be re-checked by Triton on every launch.
+# NORM, a string constexpr, compared with literals: a module-level tl.constexpr would be
+# re-checked by Triton on every launch.
+NORMS = ("rms", "l2", "crms")  # as normzoo.ops.HEADWISE_NORMS
 # Rows wider than this are refused (the widest a model's ScaleNorm or CRMSNorm needs, with room).
 MAX_N = 65536
 # Rows of more than MAX_SINGLE_TILE_BYTES (kernels/heuristics.py's limit for the row norms) loop
@@ -66,6 +67,7 @@ def _rstd(sumsq, total, N, eps, NORM: tl.constexpr):
         live = sumsq > floor  # under the floor the norm is the constant eps: no gradient through it
         rstd = rstd_of(tl.maximum(sumsq, floor))
     else:
+        tl.static_assert(NORM == "crms", "NORM must be one of rms, l2, crms")
         rstd = rstd_of((sumsq + total * total) / (N + 1) + eps)
     return rstd, live
 
@@ -336,10 +338,16 @@ def _check(t: torch.Tensor) -> tuple[int, int, int, int]:
     return layout
 
 
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
 def headwise_norm_forward(a, wa, b, wb, eps: float, *, norm: str, max_block_n: int | None = None):
     """Normalize the rows (last dim) of ``a`` and, in the same launch, of ``b`` (or None), each
     with its weight (None, per column, or a one-element scale). Returns ``(ya, yb)``, contiguous,
     in each input's dtype. ``max_block_n`` caps the column tile (tests reach the looped path with it)."""
+    _check_norm(norm)
     M_a, H_a, so_a, si_a = _check(a)
     N_a = a.shape[-1]
     ya = torch.empty(a.shape, dtype=a.dtype, device=a.device)
@@ -382,6 +390,7 @@ def headwise_norm_backward(dya, a, wa, dyb, b, wb, eps: float, *, norm: str, dw_
     each input's dtype; dw in each weight's dtype, ``None`` where not asked). ``dya``/``dyb`` are
     2-D (rows, N) with unit column stride. Both weights, where present, have one kind: per
     column, or one-element scales."""
+    _check_norm(norm)
     M_a, H_a, so_a, si_a = _check(a)
     N_a = a.shape[-1]
     dxa = torch.empty(a.shape, dtype=a.dtype, device=a.device)

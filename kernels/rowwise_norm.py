@@ -421,6 +421,11 @@ def _norm_bwd_kernel(
                 store_column_sums(PARTIALS + db1_offset, DB1, partial_row + cols, cols, col_mask, db1_acc, DIRECT)
 
 
+def _check_rounding(round_x_hat) -> None:
+    if round_x_hat not in (0, 1, 2):  # X_HAT_ROUNDING's codes (a negative one would index it from the end)
+        raise ValueError(f"round_x_hat must be 0, 1 or 2, got {round_x_hat!r}")
+
+
 def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_offset: float = 0.0,
                          round_x_hat: int = 0, out_dtype: torch.dtype | None = None, max_block_n: int | None = None):
     """Normalize each row of the 2-D ``x`` (last dim contiguous).
@@ -432,6 +437,7 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_of
     weight's (2) dtype before the weight multiplies it (``X_HAT_ROUNDING``'s codes).
     """
     check_rows(x)
+    _check_rounding(round_x_hat)
     M, N = x.shape
     y = alloc_like(x) if out_dtype is None else alloc_rows(x, out_dtype)
     stats = alloc(x, M if is_rms else 2 * M, torch.float32)
@@ -500,6 +506,7 @@ def rowwise_norm_backward(
     ``dy`` may have another dtype than x (the forward's ``out_dtype``).
     """
     check_rows(x, dy)
+    _check_rounding(round_x_hat)
     dx, _, dw, db = _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, None, alloc_like(x), None, 1.0,
                               max_block_n, weight_offset, round_x_hat)
     return dx, dw, db

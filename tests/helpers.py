@@ -7,7 +7,7 @@ where a peer exists. The second term covers ill-conditioned cases (a one-element
 row with mean 1e4) where no fp32 algorithm does better than the conditioning allows; on
 well-conditioned inputs it is small and the table decides. A peer's error on such input depends
 on how its own roundings happen to fall, though, so where the conditioning is known a test adds
-it as a bound of its own (``cond``: LayerNorm's fp32 row mean, see :func:`layernorm_cond`).
+it as a bound of its own (``cond``: LayerNorm's fp32 row mean, estimated by :func:`layernorm_cond`).
 """
 
 import copy
@@ -31,15 +31,20 @@ def rel_error(got: torch.Tensor, ref: torch.Tensor, rtol: float, scale: float = 
     return ((got - ref).norm() / (max(ref.norm().item(), scale) + floor)).item()
 
 
-def layernorm_cond(mean: torch.Tensor, rstd: torch.Tensor, n: int) -> float:
-    """The error LayerNorm's fp32 row mean brings to x_hat = (x − mean)·rstd, relative to x_hat's
-    unit size: the mean is a sum of n values, reduced in a tree of log2(n) levels and rounded to
-    fp32, each level's rounding up to u·|mean| (u = 2^-24), so up to (1 + log2 n)·u·|mean|/std.
-    Negligible for rows whose mean is of their spread's size; ~6e-4 per level at mean 1e4, std 1
-    (a one-pass E[x²] − E[x]² there loses every digit of the variance: errors of order 1).
-    PyTorch's LayerNorm holds its mean in fp32 alike."""
-    kappa = (mean.double().abs() * rstd.double()).max().item() if mean.numel() else 0.0
-    return (1 + math.log2(max(n, 1))) * 2.0**-24 * kappa
+def layernorm_cond(x: torch.Tensor, rstd: torch.Tensor) -> float:
+    """The size of the error LayerNorm's fp32 row mean brings to x_hat = (x − mean)·rstd, relative
+    to x_hat's unit size: an estimate, not a worst-case bound. The mean of a row of n values is a
+    tree of about log2(n) fp32 additions, each rounding by up to u·Σ|x| (u = 2^-24), then a
+    division: about (1 + log2 n)·u·mean|x| off, which x_hat scales by rstd. Negligible for rows
+    whose mean is of their spread's size; ~6e-4 per level at mean 1e4, std 1, where a one-pass
+    E[x²] − E[x]² loses every digit of the variance (errors of order 1). The rows' root mean
+    square, so that one ill-conditioned row does not loosen the check of all the others; 0 for
+    one-value rows (their mean is exact). PyTorch's LayerNorm holds its mean in fp32 alike."""
+    n = x.shape[-1]
+    if n <= 1 or x.numel() == 0:
+        return 0.0
+    kappa = x.double().abs().mean(-1) * rstd.double()
+    return (1 + math.log2(n)) * 2.0**-24 * kappa.square().mean().sqrt().item()
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str = "", dtype: torch.dtype | None = None,
