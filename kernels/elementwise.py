@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .heuristics import INTERPRETED, has_tanh_approx, launch_config, split_rows
 from .launch import (alloc, alloc_like, alloc_rows, cdiv, check_rows, device_guard, empty_residual_grads,
-                     launch, partials_layout, residual_grad_buffers)
+                     partials_layout, residual_grad_buffers)
 from .reduce import sum_partials
 from .rowwise_norm import FUSED_MODES
 from .tiles import load_tile, partial_offsets, store_column_sums, store_tile
@@ -383,13 +383,14 @@ def _launch_forward(x, M, N, y, alpha, shift, weight, bias, residual, s, layer2,
     with device_guard(x):
         # Absent operands as None (see kernels/rowwise_norm.py: constants to Triton, and at most
         # 26 arguments, passed on CPython's stack).
-        launch(_pointwise_fwd_kernel, cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),
+        _pointwise_fwd_kernel.run(
                x, y, alpha, shift, weight, bias, residual, s, alpha2, shift2, weight2, bias2,
                x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, channels,
                scale if scale != 1.0 else None,
                # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host):
                # ACTIVATION, PARAMS_PER_ROW, FAST_TANH, RES_MODE, BLOCK_M, BLOCK_N.
-               activation, params_per_row, fast_tanh, res_mode, cfg.block_m, cfg.block_n, num_warps=cfg.num_warps)
+               activation, params_per_row, fast_tanh, res_mode, cfg.block_m, cfg.block_n,
+               grid=(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),), warmup=False, num_warps=cfg.num_warps)
 
 
 def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels: int, params_per_row: bool,
@@ -496,7 +497,7 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
             parts * cols, programs, (compute_dw, compute_db, compute_dw1, compute_db1), 1 if first is None else 2)
         partials = alloc(x, size, torch.float32)
     with device_guard(x):
-        launch(_pointwise_bwd_kernel, programs,
+        _pointwise_bwd_kernel.run(
             # Absent operands as None (see kernels/rowwise_norm.py); PARTIALS is addressed even when unused.
             x, dy, dx, alpha, shift, weight, partials if partials is not None else dx, dw, db, dalpha, dshift, dres,
             dx2, h, alpha1, shift1, weight1, dh, dw1, db1, dalpha1, dshift1,
@@ -504,7 +505,7 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
             h.stride()[0] if h is not None else 0, M, N, channels, rows_per_program, scale,
             # ACTIVATION, PARAMS_PER_ROW, HAS_SCALE, BLOCK_M, BLOCK_N, NUM_STAGES, DIRECT (by position)
             activation, params_per_row, scale != 1.0, cfg.block_m, cfg.block_n, cfg.num_stages, direct,
-            num_warps=cfg.num_warps,
+            grid=(programs,), warmup=False, num_warps=cfg.num_warps,
         )
         if partials is not None:
             sum_partials(partials, parts, cols, db_offset, dw, db, scalar_offset, programs, dalpha, dshift, dw1, db1,

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .heuristics import MAX_SINGLE_TILE_BYTES, LaunchConfig, next_power_of_2, split_rows
-from .launch import alloc, cdiv, device_guard, launch
+from .launch import alloc, cdiv, device_guard
 from .reduce import sum_partials
 from .tiles import rstd_of
 
@@ -363,13 +363,13 @@ def headwise_norm_forward(a, wa, b, wb, eps: float, *, norm: str, max_block_n: i
     programs_b = cdiv(M_b, cfg.block_m) if N_b else 0
     if programs_a + programs_b:
         with device_guard(a):
-            launch(_headwise_fwd_kernel, programs_a + programs_b,
+            _headwise_fwd_kernel.run(
                 a, ya, wa if wa is not None else a, b if b is not None else a, yb if yb is not None else ya,
                 wb if wb is not None else a,
                 M_a, N_a, H_a, so_a, si_a, M_b, N_b, H_b, so_b, si_b, programs_a, eps,
                 norm, wa is not None, b is not None, wb is not None, _scalar_weights(wa, wb), cfg.block_m,
                 cfg.block_n, cfg.single_tile,
-                num_warps=cfg.num_warps,
+                grid=(programs_a + programs_b,), warmup=False, num_warps=cfg.num_warps,
             )
     return ya, yb
 
@@ -418,7 +418,7 @@ def headwise_norm_backward(dya, a, wa, dyb, b, wb, eps: float, *, norm: str, dw_
                 dw.zero_()
         return dxa, dxb, dwa, dwb
     with device_guard(a):
-        launch(_headwise_bwd_kernel, (2 if b is not None else 1) * programs,
+        _headwise_bwd_kernel.run(
             a, dya, dxa, wa if wa is not None else a, b if b is not None else a, dyb if dyb is not None else dya,
             dxb if dxb is not None else dxa, wb if wb is not None else a, partials,
             row_stats,  # None for single tiles: a constant, no argument
@@ -426,7 +426,7 @@ def headwise_norm_backward(dya, a, wa, dyb, b, wb, eps: float, *, norm: str, dw_
             M_b, N_b, H_b, so_b, si_b, dyb.stride(0) if dyb is not None else 0, rows_per_program_b,
             programs, b_offset, eps,
             norm, wa is not None, dw_a, b is not None, wb is not None, dw_b, scalar_w, cfg.block_m, cfg.block_n,
-            cfg.single_tile, num_warps=cfg.num_warps,
+            cfg.single_tile, grid=((2 if b is not None else 1) * programs,), warmup=False, num_warps=cfg.num_warps,
         )
         # dwa from the first block of partials, dwb from the second: one reduce launch where the
         # two have one width (every program writes its row, zeros where it had no rows).

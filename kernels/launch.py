@@ -114,17 +114,9 @@ def check_rows(x: torch.Tensor, *others: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 # Launching
 # ----------------------------------------------------------------------------------------------
-
-
-def launch(kernel, programs, *args, num_warps: int):
-    """A launch of ``programs`` programs (an int, or a (x, y) grid): ``kernel[grid](*args, num_warps=...)``
-    without the grid lambda, through Triton's own path (its binder specializes every argument,
-    then it looks the compiled kernel up). Returns what Triton's run returns (the compiled kernel,
-    on a GPU).
-
-    Not bypassed: a cached launch that skipped the binder with a specialization key of its own,
-    computed in Python, was slower than Triton's native binder (1.30× the forward's host time on an
-    H100, and 1.25× on CPU through Triton's path with the driver faked: ``benchmarks.host
-    --triton-launch``), and removed."""
-    return kernel.run(*args, grid=programs if type(programs) is tuple else (programs,), warmup=False,
-                      num_warps=num_warps)
+# The launchers call ``kernel.run(*args, grid=(...), warmup=False, num_warps=...)`` themselves:
+# ``kernel[grid](...)`` without the grid lambda, and without a wrapper of ours in between (one
+# Python call and one repacking of ~30 arguments, ~1 µs a launch on a 2-core x86 host). Triton's
+# own path is kept, its binder specializing every argument: a cached launch that skipped it with
+# a specialization key computed in Python was slower (1.30× the forward's host time on an H100,
+# 1.25× on CPU through Triton's path with the driver faked: ``benchmarks.host --triton-launch``).

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .heuristics import next_power_of_2, num_compute_units
-from .launch import cdiv, launch
+from .launch import cdiv
 
 
 @triton.jit
@@ -86,8 +86,9 @@ def sum_partials(partials, P, N, db_offset, dw, db, scalar_offset=0, P_scalar=0,
     block_p, block_n = _blocks(N, num_compute_units(partials.device))
     col_blocks = cdiv(N, block_n) if dw is not None or db is not None or dw2 is not None or db2 is not None else 1
     # The absent ones as None, constants to Triton (their code compiles away).
-    launch(_sum_partials_kernel, (col_blocks, 2 if dw2 is not None or db2 is not None else 1),
+    _sum_partials_kernel.run(
         partials, dw, db, dalpha, dshift, dw2, db2, dalpha2, dshift2,
         P, N, db_offset, P_scalar, scalar_offset, dw2_offset, db2_offset,
-        block_p, block_n, num_warps=4,  # BLOCK_P, BLOCK_N (by position: cheaper on the host)
+        block_p, block_n,  # BLOCK_P, BLOCK_N (by position: cheaper on the host)
+        grid=(col_blocks, 2 if dw2 is not None or db2 is not None else 1), warmup=False, num_warps=4,
     )

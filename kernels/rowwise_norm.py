@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .heuristics import launch_config, split_rows
 from .launch import (alloc, alloc_like, alloc_rows, check_rows, device_guard, empty_residual_grads,
-                     launch, partials_layout, residual_grad_buffers)
+                     partials_layout, residual_grad_buffers)
 from .reduce import sum_partials
 from .tiles import load_tile, partial_offsets, rstd_of, store_column_sums, store_tile
 
@@ -421,9 +421,8 @@ def _norm_bwd_kernel(
                 store_column_sums(PARTIALS + db1_offset, DB1, partial_row + cols, cols, col_mask, db1_acc, DIRECT)
 
 
-def _check_rounding(round_x_hat) -> None:
-    if round_x_hat not in (0, 1, 2):  # X_HAT_ROUNDING's codes (a negative one would index it from the end)
-        raise ValueError(f"round_x_hat must be 0, 1 or 2, got {round_x_hat!r}")
+def _bad_rounding(round_x_hat) -> ValueError:
+    return ValueError(f"round_x_hat must be 0, 1 or 2 (X_HAT_ROUNDING's codes), got {round_x_hat!r}")
 
 
 def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_offset: float = 0.0,
@@ -437,7 +436,8 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_of
     weight's (2) dtype before the weight multiplies it (``X_HAT_ROUNDING``'s codes).
     """
     check_rows(x)
-    _check_rounding(round_x_hat)
+    if not 0 <= round_x_hat <= 2:  # inline, not a call: on every launch (a negative code would index from the end)
+        raise _bad_rounding(round_x_hat)
     M, N = x.shape
     y = alloc_like(x) if out_dtype is None else alloc_rows(x, out_dtype)
     stats = alloc(x, M if is_rms else 2 * M, torch.float32)
@@ -481,7 +481,7 @@ def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2
         # kernel tests ``is not None``). 26 arguments at most, so that CPython passes them on the
         # stack (a call with more builds a list and a dict first: ~5k instructions a launch); for
         # that, too, one constexpr says both whether the row is one tile and the loop's stages.
-        launch(_norm_fwd_kernel, -(-M // cfg.block_m),  # cdiv, inline
+        _norm_fwd_kernel.run(
                x, y, weight, bias, stats, residual, s, weight2, bias2, stats2,
                x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, eps, eps2,
                scale if scale != 1.0 else None, weight_offset if weight_offset != 0.0 else None,
@@ -490,7 +490,7 @@ def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2
                # row's is 1-4, the rules' and what heuristics.validate_entry lets a table set).
                is_rms, res_mode, X_HAT_ROUNDING[round_x_hat], cfg.block_m, cfg.block_n,
                0 if cfg.single_tile else cfg.num_stages,
-               num_warps=cfg.num_warps)
+               grid=(-(-M // cfg.block_m),), warmup=False, num_warps=cfg.num_warps)  # grid: cdiv, inline
 
 
 def rowwise_norm_backward(
@@ -506,7 +506,8 @@ def rowwise_norm_backward(
     ``dy`` may have another dtype than x (the forward's ``out_dtype``).
     """
     check_rows(x, dy)
-    _check_rounding(round_x_hat)
+    if not 0 <= round_x_hat <= 2:  # inline, not a call: on every launch (a negative code would index from the end)
+        raise _bad_rounding(round_x_hat)
     dx, _, dw, db = _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, None, alloc_like(x), None, 1.0,
                               max_block_n, weight_offset, round_x_hat)
     return dx, dw, db
@@ -593,7 +594,7 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
     partials = alloc(x, size, torch.float32) if not direct and size else None
     row_sums = None if cfg.single_tile else alloc(x, 2 * M, torch.float32)
     with device_guard(x):
-        launch(_norm_bwd_kernel, programs,
+        _norm_bwd_kernel.run(
             # Absent operands as None (see _launch_forward); PARTIALS is addressed even when unused.
             x, weight, dy, dx, stats, partials if partials is not None else dx, dw, db, row_sums, dres, dx2,
             x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0, N,
@@ -602,7 +603,7 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
             # IS_RMS, HAS_SCALE, ROUND_X_HAT, BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES, DIRECT (by position)
             is_rms, scale != 1.0, X_HAT_ROUNDING[round_x_hat], cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages,
             direct,
-            num_warps=cfg.num_warps,
+            grid=(programs,), warmup=False, num_warps=cfg.num_warps,
         )
         if partials is not None:
             # (..., scalar_offset, P_scalar, dalpha, dshift, dw2, db2, dw2_offset, db2_offset), by position
