@@ -3,7 +3,10 @@ floor a bare Triton launch sets on this machine.
 
     python -m benchmarks.host_profile [--rows 16] [--hidden 4096] [--calls 300]
 
-Without a GPU it runs the kernels in Triton's interpreter (checks the script, measures nothing).
+Without a GPU it runs the kernels in Triton's interpreter (checks the script, measures nothing),
+or, with ``--triton-launch``, launches them through Triton's own launch path into sm_90 compiles
+with only the driver faked (``benchmarks.host --triton-launch``): a CPU profile of what a GPU
+host spends, kernels aside.
 
 Prints the functions that take the most time of their own (``tottime``) for the forward and for the
 forward + backward, then µs per call of: torch.nn.LayerNorm, normzoo.LayerNorm, a one-program
@@ -25,11 +28,20 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--triton-launch", action="store_true",
+                   help="CPU: Triton's own launch path into sm_90 compiles, only the driver faked")
     args = p.parse_args(argv)
 
     import torch
 
-    if not torch.cuda.is_available():
+    if args.triton_launch:
+        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+            print("--triton-launch runs on a CPU-only machine without TRITON_INTERPRET=1", file=sys.stderr)
+            return 2
+        from .host import _fake_gpu_driver
+
+        _fake_gpu_driver()
+    elif not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
     import triton
     import triton.language as tl
@@ -65,7 +77,8 @@ def main(argv=None) -> int:
         for _ in range(min(30, args.calls)):
             fn()
     sync()
-    print(f"{device}, {args.rows} x {args.hidden} fp32, input requires grad; torch {torch.__version__}, "
+    where = "cpu, through Triton's launch path (sm_90 compiles, driver faked)" if args.triton_launch else device
+    print(f"{where}, {args.rows} x {args.hidden} fp32, input requires grad; torch {torch.__version__}, "
           f"triton {triton.__version__}")
     for label, fn in calls.items():
         best = float("inf")

@@ -70,6 +70,19 @@ def test_host_triton_launch_mode_launches_through_triton(tmp_path):
     assert row["layer"] == "LayerNorm" and row["normzoo_fwd_us"] > 0 and row["normzoo_fwdbwd_us"] > 0
 
 
+def test_host_profile_through_tritons_launch_path():
+    """host_profile --triton-launch: the same diagnostic on the CPU through Triton's own launch path
+    (no interpreter): every timing printed, and the forward's profile shows JITFunction.run."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.host_profile", "--triton-launch",
+                          "--calls", "2", "--rows", "2", "--hidden", "32"],
+                         check=True, cwd=root, capture_output=True, text=True, timeout=300, env=env).stdout
+    assert "through Triton's launch path" in out and out.count("us/call") == 7
+    forward_profile = out[out.index("== normzoo.LayerNorm fwd:"):out.index("== normzoo.LayerNorm fwd+bwd")]
+    assert "jit.py" in forward_profile and "(run)" in forward_profile
+
+
 def test_host_profile_runs(capsys):
     """The GPU session's host diagnostic: its timings and three profiles, here on toy sizes."""
     from benchmarks import host_profile
