@@ -75,10 +75,15 @@ def _fake_gpu_driver():
     Also lets the layers' ``backend="triton"`` take CPU tensors (normzoo.ops refuses them outside
     the interpreter), so their Triton path is what runs (:func:`check_launches` makes sure). Not
     faked, and CPU-shaped: normzoo's own launch rules see a CPU device (4 compute units, no tuned
-    table), which at a few rows picks the same one-program launches a GPU would."""
+    table), which at a few rows picks the same one-program launches a GPU would. Exits (status 2)
+    on a GPU machine or under TRITON_INTERPRET=1, where the kernels would not be Triton's compiled ones."""
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        print("--triton-launch runs on a CPU-only machine without TRITON_INTERPRET=1", file=sys.stderr)
+        raise SystemExit(2)
     global LAUNCHES
     LAUNCHES = [0]
-    import torch
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
@@ -322,9 +327,6 @@ def main(argv=None) -> int:
         print("--stub and --triton-launch are two ways to time the host path: pick one", file=sys.stderr)
         return 2
     if triton_launch:
-        if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
-            print("--triton-launch runs on a CPU-only machine without TRITON_INTERPRET=1", file=sys.stderr)
-            return 2
         _fake_gpu_driver()
     stubbed = not triton_launch and (args.stub or args.instructions or args.segments is not None
                                      or not torch.cuda.is_available())
