@@ -45,6 +45,8 @@ def parse_args(argv):
     p.add_argument("--providers", nargs="+", default=None,
                    help="default: normzoo eager compile and the peers that import (liger, quack); "
                         "compile-tuned only when named")
+    p.add_argument("--device-time", action="store_true",
+                   help="also measure each call's GPU time alone (torch.profiler) and host time to issue it")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new shape after this many seconds; write what was measured")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -132,6 +134,9 @@ def main(argv=None) -> int:
                     what = f"{op:10s} {pass_:6s} {dtype_name} rows={rows:6d} N={hidden:6d} {provider:8s}"
                     try:
                         ms = harness.time_pass(fn, leaves, dy, pass_, smoke=args.smoke)
+                        if args.device_time:
+                            device_ms, host_ms = harness.device_and_host_ms(
+                                harness.pass_call(fn, leaves, dy, pass_), leaves)
                     except Exception as e:  # a peer that refuses a shape must not end the sweep
                         if provider == "normzoo":  # ours must not fail quietly (what ran is saved)
                             raise
@@ -142,8 +147,16 @@ def main(argv=None) -> int:
                     nbytes = case.bytes_moved(pass_, rows, hidden, dtype)
                     gbps = nbytes / ms / 1e6
                     point = harness.Point(op, provider, pass_, dtype_name, rows, hidden, ms, gbps, 100 * gbps / copy_gbps)
+                    extra = ""
+                    if args.device_time:
+                        point.host_ms = host_ms
+                        if device_ms is not None:
+                            point.device_ms = device_ms
+                            point.device_pct_copy = 100 * nbytes / device_ms / 1e6 / copy_gbps
+                        extra = (f"  device {device_ms:.4f} ms {point.device_pct_copy:5.1f}%" if device_ms is not None
+                                 else "  device n/a") + f"  host {1e3 * host_ms:6.1f} us"
                     points.append(point)
-                    print(f"{what} {ms:8.4f} ms {gbps:7.0f} GB/s {point.pct_copy:5.1f}%", flush=True)
+                    print(f"{what} {ms:8.4f} ms {gbps:7.0f} GB/s {point.pct_copy:5.1f}%{extra}", flush=True)
             del leaves, dy
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -165,10 +178,16 @@ def _save(harness, out, stem, env, copy_gbps, points):
     tuned = env.get("tuned_configs")
     launch = (f"normzoo launch configs: the rules + {Path(tuned['path']).name} ({tuned['entries']} entries)" if tuned
               else "normzoo launch configs: the rules (no measured table for this GPU)")
+    split = harness.device_time_table(points)
+    split = ("" if split is None else
+             "\n\nThe same calls split (--device-time): the GPU's own time per call (kernels, memsets and copies "
+             "the profiler recorded, L2 flushed before each call) as % of copy bandwidth, and the host's µs to "
+             "issue one call on an idle GPU. The table above sees roughly the larger of the two where the host "
+             f"falls behind.\n\n{split}")
     (out / f"{stem}.md").write_text(
         f"# {stem}\n\n{env.get('gpu') or 'CPU smoke run (not a measurement)'}, torch {env['torch']}, "
         f"triton {env['triton']}, commit {env['git_commit']}; copy bandwidth {copy_gbps:.0f} GB/s; "
-        f"{launch}.\n\n{table}\n")
+        f"{launch}.\n\n{table}{split}\n")
     return path, table
 
 

@@ -45,6 +45,11 @@ class Point:
     ms: float
     gbps: float
     pct_copy: float
+    # --device-time: the GPU's own time per call (kernels, memsets, copies; the profiler's), the
+    # percentage of copy bandwidth that makes, and the host's time to issue one call. None otherwise.
+    device_ms: float | None = None
+    device_pct_copy: float | None = None
+    host_ms: float | None = None
 
 
 def time_ms(fn, *, smoke: bool, grad_to_none=None, warmup: int = 25, rep: int = 100) -> float:
@@ -72,12 +77,72 @@ def time_pass(fn, leaves, dy, pass_: str, *, smoke: bool, **timing) -> float:
     A forward with several outputs (the fused residual ops' ``(y, s)``) returns a tuple, and ``dy``
     is then a tuple too: one backward through all of them. The benchmark and the tuner both time
     through here, so their numbers mean the same thing."""
+    grads = None if pass_ == "fwd" else leaves
+    return time_ms(pass_call(fn, leaves, dy, pass_), smoke=smoke, grad_to_none=grads, **timing)
+
+
+def pass_call(fn, leaves, dy, pass_: str):
+    """The call :func:`time_pass` times, as a function of no arguments."""
     if pass_ == "fwd":
-        return time_ms(lambda: fn(*leaves), smoke=smoke, **timing)
+        return lambda: fn(*leaves)
     if pass_ == "bwd":
         y = fn(*leaves)
-        return time_ms(lambda: _backward(y, dy, retain_graph=True), smoke=smoke, grad_to_none=leaves, **timing)
-    return time_ms(lambda: _backward(fn(*leaves), dy), smoke=smoke, grad_to_none=leaves, **timing)
+        return lambda: _backward(y, dy, retain_graph=True)
+    return lambda: _backward(fn(*leaves), dy)
+
+
+# A flush between calls that no op under test launches: its kernels are told apart by this name.
+_FLUSH_KERNEL = "bitwise_not"
+
+
+def device_and_host_ms(call, leaves, *, reps: int = 20) -> tuple[float | None, float]:
+    """``(device_ms, host_ms)`` of ``call()``, the two halves of what :func:`time_ms` sees together.
+
+    ``device_ms``: the GPU's busy time per call, the durations of the device activities (kernels,
+    memsets, copies) the profiler records over ``reps`` calls, each after an L2 flush whose own
+    kernels are left out: what a call costs where the host runs ahead of the GPU, as in a training
+    step. None without a CUDA device or where the profiler records no device activity.
+    ``host_ms``: the median wall time of issuing one call on an idle GPU (synchronized before each,
+    not after): Python, dispatch and launches, the part a GPU waits for when the host falls behind.
+    """
+    from torch.autograd import DeviceType
+
+    cuda = torch.cuda.is_available() and any(t.is_cuda for t in leaves)
+    reps = reps if cuda else 2  # the CPU smoke run only checks the code (the interpreter is slow)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    flush = torch.empty(256 << 20 if cuda else 1 << 10, dtype=torch.uint8, device="cuda" if cuda else "cpu")
+    call()  # compiled and cached before either measurement
+    host = []
+    for _ in range(reps):
+        for t in leaves:
+            t.grad = None
+        sync()
+        start = time.perf_counter()
+        call()
+        host.append((time.perf_counter() - start) * 1e3)
+    if not cuda:
+        return None, statistics.median(host)
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                for t in leaves:
+                    t.grad = None
+                flush.bitwise_not_()
+                call()
+            sync()
+        device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    except RuntimeError as e:  # a profiler that cannot start (no CUPTI) measures nothing here
+        print(f"device time: the profiler failed ({str(e)[:120]})")
+        return None, statistics.median(host)
+    flushes = sum(_FLUSH_KERNEL in e.name for e in device)
+    if flushes != reps:  # the flush is not told apart: its time would count as the op's
+        print(f"device time: {flushes} flush kernels recorded for {reps} calls; not measured")
+        return None, statistics.median(host)
+    busy_us = sum(e.time_range.elapsed_us() for e in device if _FLUSH_KERNEL not in e.name)
+    return busy_us / reps / 1e3, statistics.median(host)
 
 
 def _backward(y, dy, retain_graph: bool = False) -> None:
@@ -167,6 +232,32 @@ def markdown_table(points: list[Point]) -> str:
     for k in sorted(cells):
         row = cells[k]
         vals = [f"{row[q].gbps:.0f} ({row[q].pct_copy:.0f}%)" if q in row else "—" for q in providers]
+        lines.append("| " + " | ".join(str(v) for v in k) + " | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def device_time_table(points: list[Point]) -> str | None:
+    """With --device-time: per provider, the GPU's own time as % of copy bandwidth and the host's
+    µs to issue a call; None when no point has them."""
+    if not any(p.host_ms is not None for p in points):
+        return None
+    providers = sorted({p.provider for p in points})
+    key = lambda p: (p.op, p.pass_, p.dtype, p.rows, p.hidden)
+    cells: dict = {}
+    for p in points:
+        cells.setdefault(key(p), {})[p.provider] = p
+    lines = ["| op | pass | dtype | rows | N | " + " | ".join(f"{q} device % copy / host µs" for q in providers) + " |",
+             "|---" * (5 + len(providers)) + "|"]
+    for k in sorted(cells):
+        row = cells[k]
+        vals = []
+        for q in providers:
+            p = row.get(q)
+            if p is None or p.host_ms is None:
+                vals.append("—")
+            else:
+                device = f"{p.device_pct_copy:.0f}%" if p.device_pct_copy is not None else "n/a"
+                vals.append(f"{device} / {1e3 * p.host_ms:.0f}")
         lines.append("| " + " | ".join(str(v) for v in k) + " | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 

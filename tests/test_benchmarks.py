@@ -115,6 +115,20 @@ def test_smoke_run_fused_residual_ops(tmp_path):
     assert "| norm_add_norm-dyt | fwdbwd | bf16 | 16 | 64 |" in (tmp_path / "f.md").read_text()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode needs the interpreter; on a GPU run the real benchmark")
+def test_smoke_run_device_time_split(tmp_path):
+    # --device-time adds each call's host time and (on a GPU; none here) its device time, in the
+    # JSON rows and as a second table.
+    rc = main(["--smoke", "--ops", "rmsnorm", "--dtypes", "fp32", "--rows", "8", "--hidden", "32", "--passes", "fwd",
+               "bwd", "--device-time", "--out", str(tmp_path), "--name", "d"])
+    assert rc == 0
+    results = json.loads((tmp_path / "d.json").read_text())["results"]
+    assert {(r["provider"], r["pass"]) for r in results} == {(q, p) for q in ("normzoo", "eager") for p in ("fwd", "bwd")}
+    assert all(r["host_ms"] > 0 and r["device_ms"] is None and r["device_pct_copy"] is None for r in results)
+    md = (tmp_path / "d.md").read_text()
+    assert "normzoo device % copy / host µs" in md and "| rmsnorm | bwd | fp32 | 8 | 32 | n/a / " in md
+
+
 def test_fused_cases_agree_with_their_unfused_sequence():
     # The benchmark's normzoo provider and its eager one compute the same thing, and the gradients
     # reach every leaf (the parameters of the norm modules the fused op is given are the leaves).
