@@ -27,10 +27,12 @@
 #   tune    110  python -m benchmarks.tune: bf16 at the benchmark's widths, 32768 rows, --budget-s;
 #                less if the bench would get under 240 s. Writes kernels/configs/<gpu>.json here,
 #                so the benchmark runs with the tuned table
-#   bench   260  python -m benchmarks: normzoo vs eager, compile, liger, quack; bf16, 32768 rows,
-#                N = 4096 1024 16384 (in that order; --budget-s stops before a width it cannot finish);
-#                the four norms and three fused residual ops (add+RMSNorm, add+LayerNorm, Peri's
-#                norm_add_norm on LayerNorm) in one table: the tool returns 8 files
+#   bench   260  python -m benchmarks --device-time: normzoo vs eager, compile, liger, quack; bf16,
+#                32768 rows, N = 4096 1024 16384 (in that order; --budget-s stops before a width it
+#                cannot finish); the four norms and two fused residual ops (add+RMSNorm, Peri's
+#                norm_add_norm on LayerNorm) in one table, and each call split into its GPU time and
+#                its host time (on the H200's gVisor host a backward took 200-700 us to issue, so
+#                wall-clock below ~0.4 ms is the host's: README, H200 section); the tool returns 8 files
 # Output in $OUT (the device tool's, else benchmarks/results/session), 8 files at most (the tool
 # returns 8): session.log, tune-<gpu>.json, <gpu>-bf16-32768rows.{json,md,png}, host-<gpu>.{json,md},
 # train-step-<gpu>.json (its table is printed in the summary; `python -m benchmarks.train_step
@@ -191,15 +193,16 @@ if [ $fused = 1 ]; then
 elif [ $smoke = 1 ]; then
   name=$gpu-bf16  # one norm, one pointwise op and one fused op are enough to check the plumbing
   phase bench 60 python3 -m benchmarks --smoke --ops layernorm dyt add_norm-rmsnorm --dtypes bf16 --rows 16 \
-    --hidden 64 --out "$out" --name "$name"
+    --hidden 64 --device-time --out "$out" --name "$name"
 else
   name=$gpu-bf16-32768rows
   left=$((TOTAL - (SECONDS - t0)))
   # Widths outermost, 4096 first: a cut keeps whole widths for every op. --budget-s: no new width
-  # after it; the last one (7 ops, up to 5 providers each, compiles included) needs ~90 s.
-  phase bench 260 python3 -m benchmarks --ops layernorm rmsnorm dyt derf add_norm-rmsnorm add_norm-layernorm \
-    norm_add_norm-layernorm --dtypes bf16 --rows 32768 \
-    --hidden 4096 1024 16384 --out "$out" --name "$name" --budget-s $(((left < 260 ? left : 260) - 90))
+  # after it; the last one (6 ops, up to 5 providers each, compiles included; --device-time took
+  # ~12 s per op and width on the H200) needs ~90 s.
+  phase bench 260 python3 -m benchmarks --ops layernorm rmsnorm dyt derf add_norm-rmsnorm norm_add_norm-layernorm \
+    --dtypes bf16 --rows 32768 --hidden 4096 1024 16384 --device-time --out "$out" --name "$name" \
+    --budget-s $(((left < 260 ? left : 260) - 90))
 fi
 
 # -- summary (the device tool returns the end of stdout) ----------------------------------------
