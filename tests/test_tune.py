@@ -61,6 +61,10 @@ def test_candidates_respect_tunable_and_stay_small():
                         assert c["num_warps"] * 32 <= c["block_m"] * rule.block_n or c == cands[0]
                     if pass_ == "fwd":  # programs per SM do not change a forward launch
                         assert all("programs_per_sm" not in c for c in cands)
+                        # and one row a program, 8 values a thread, is tried wherever it fills a warp
+                        one_row = {"num_warps": max(1, min(rule.block_n // 256, 16)), "block_m": 1}
+                        if rule.single_tile and rule.block_n >= 256:
+                            assert one_row in cands
 
 
 def test_choose_keeps_the_rule_unless_a_candidate_is_2_percent_faster():
