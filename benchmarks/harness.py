@@ -222,18 +222,7 @@ def write_results(out_dir: Path, stem: str, env: dict, copy_gbps: float, points:
 
 def markdown_table(points: list[Point]) -> str:
     """One line per (op, pass, dtype, rows, hidden): each provider's % of copy bandwidth."""
-    providers = sorted({p.provider for p in points})
-    key = lambda p: (p.op, p.pass_, p.dtype, p.rows, p.hidden)
-    cells: dict = {}
-    for p in points:
-        cells.setdefault(key(p), {})[p.provider] = p
-    lines = ["| op | pass | dtype | rows | N | " + " | ".join(f"{q} GB/s (% copy)" for q in providers) + " |",
-             "|---" * (5 + len(providers)) + "|"]
-    for k in sorted(cells):
-        row = cells[k]
-        vals = [f"{row[q].gbps:.0f} ({row[q].pct_copy:.0f}%)" if q in row else "—" for q in providers]
-        lines.append("| " + " | ".join(str(v) for v in k) + " | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+    return _provider_table(points, "GB/s (% copy)", lambda p: f"{p.gbps:.0f} ({p.pct_copy:.0f}%)")
 
 
 def device_time_table(points: list[Point]) -> str | None:
@@ -241,23 +230,28 @@ def device_time_table(points: list[Point]) -> str | None:
     µs to issue a call; None when no point has them."""
     if not any(p.host_ms is not None for p in points):
         return None
+
+    def cell(p: Point) -> str:
+        if p.host_ms is None:
+            return "—"
+        device = f"{p.device_pct_copy:.0f}%" if p.device_pct_copy is not None else "n/a"
+        return f"{device} / {1e3 * p.host_ms:.0f}"
+
+    return _provider_table(points, "device % copy / host µs", cell)
+
+
+def _provider_table(points: list[Point], column: str, cell) -> str:
+    """A Markdown table, a line per (op, pass, dtype, rows, hidden) and a column per provider
+    (headed "<provider> <column>"), each cell ``cell(point)``."""
     providers = sorted({p.provider for p in points})
-    key = lambda p: (p.op, p.pass_, p.dtype, p.rows, p.hidden)
     cells: dict = {}
     for p in points:
-        cells.setdefault(key(p), {})[p.provider] = p
-    lines = ["| op | pass | dtype | rows | N | " + " | ".join(f"{q} device % copy / host µs" for q in providers) + " |",
+        cells.setdefault((p.op, p.pass_, p.dtype, p.rows, p.hidden), {})[p.provider] = p
+    lines = ["| op | pass | dtype | rows | N | " + " | ".join(f"{q} {column}" for q in providers) + " |",
              "|---" * (5 + len(providers)) + "|"]
     for k in sorted(cells):
         row = cells[k]
-        vals = []
-        for q in providers:
-            p = row.get(q)
-            if p is None or p.host_ms is None:
-                vals.append("—")
-            else:
-                device = f"{p.device_pct_copy:.0f}%" if p.device_pct_copy is not None else "n/a"
-                vals.append(f"{device} / {1e3 * p.host_ms:.0f}")
+        vals = [cell(row[q]) if q in row else "—" for q in providers]
         lines.append("| " + " | ".join(str(v) for v in k) + " | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
