@@ -32,7 +32,7 @@
 #                cannot finish); the four norms and two fused residual ops (add+RMSNorm, Peri's
 #                norm_add_norm on LayerNorm) in one table, and each call split into its GPU time and
 #                its host time (on the H200's gVisor host a backward took 200-700 us to issue, so
-#                wall-clock below ~0.4 ms is the host's: README, H200 section); the tool returns 8 files
+#                wall-clock below ~0.4 ms is mostly the host's: README, H200 section); the tool returns 8 files
 # Output in $OUT (the device tool's, else benchmarks/results/session), 8 files at most (the tool
 # returns 8): session.log, tune-<gpu>.json, <gpu>-bf16-32768rows.{json,md,png}, host-<gpu>.{json,md},
 # train-step-<gpu>.json (its table is printed in the summary; `python -m benchmarks.train_step
@@ -199,10 +199,10 @@ else
   left=$((TOTAL - (SECONDS - t0)))
   # Widths outermost, 4096 first: a cut keeps whole widths for every op. --budget-s: no new width
   # after it; the last one (6 ops, up to 5 providers each, compiles included; --device-time took
-  # ~12 s per op and width on the H200) needs ~90 s.
+  # ~12 s per op and width on the H200) needs ~110 s.
   phase bench 260 python3 -m benchmarks --ops layernorm rmsnorm dyt derf add_norm-rmsnorm norm_add_norm-layernorm \
     --dtypes bf16 --rows 32768 --hidden 4096 1024 16384 --device-time --out "$out" --name "$name" \
-    --budget-s $(((left < 260 ? left : 260) - 90))
+    --budget-s $(((left < 260 ? left : 260) - 110))
 fi
 
 # -- summary (the device tool returns the end of stdout) ----------------------------------------

@@ -96,12 +96,14 @@ _FLUSH_KERNEL = "bitwise_not"
 
 
 def device_and_host_ms(call, leaves, *, reps: int = 20) -> tuple[float | None, float]:
-    """``(device_ms, host_ms)`` of ``call()``, the two halves of what :func:`time_ms` sees together.
+    """``(device_ms, host_ms)`` of ``call()``, the two parts of what :func:`time_ms` sees (between
+    the larger of the two and their sum: the GPU waits for a launch the host issues late).
 
-    ``device_ms``: the GPU's busy time per call, the durations of the device activities (kernels,
-    memsets, copies) the profiler records over ``reps`` calls, each after an L2 flush whose own
-    kernels are left out: what a call costs where the host runs ahead of the GPU, as in a training
-    step. None without a CUDA device or where the profiler records no device activity.
+    ``device_ms``: the GPU's busy time per call, the median over ``reps`` calls of the durations
+    of the device activities (kernels, memsets, copies) the profiler records for each, every call
+    after an L2 flush whose own kernels are left out: what a call costs where the host runs ahead
+    of the GPU, as in a training step. None without a CUDA device, or where the profiler cannot
+    start or the flushes cannot be told apart.
     ``host_ms``: the median wall time of issuing one call on an idle GPU (synchronized before each,
     not after): Python, dispatch and launches, the part a GPU waits for when the host falls behind.
     """
@@ -110,7 +112,6 @@ def device_and_host_ms(call, leaves, *, reps: int = 20) -> tuple[float | None, f
     cuda = torch.cuda.is_available() and any(t.is_cuda for t in leaves)
     reps = reps if cuda else 2  # the CPU smoke run only checks the code (the interpreter is slow)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    flush = torch.empty(256 << 20 if cuda else 1 << 10, dtype=torch.uint8, device="cuda" if cuda else "cpu")
     call()  # compiled and cached before either measurement
     host = []
     for _ in range(reps):
@@ -120,29 +121,42 @@ def device_and_host_ms(call, leaves, *, reps: int = 20) -> tuple[float | None, f
         start = time.perf_counter()
         call()
         host.append((time.perf_counter() - start) * 1e3)
+    host_ms = statistics.median(host)
     if not cuda:
-        return None, statistics.median(host)
+        return None, host_ms
     from torch.profiler import ProfilerActivity, profile
 
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     sync()
+    prof = profile(activities=[ProfilerActivity.CUDA])
     try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                for t in leaves:
-                    t.grad = None
-                flush.bitwise_not_()
-                call()
-            sync()
-        device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        prof.start()
     except RuntimeError as e:  # a profiler that cannot start (no CUPTI) measures nothing here
-        print(f"device time: the profiler failed ({str(e)[:120]})")
-        return None, statistics.median(host)
-    flushes = sum(_FLUSH_KERNEL in e.name for e in device)
-    if flushes != reps:  # the flush is not told apart: its time would count as the op's
-        print(f"device time: {flushes} flush kernels recorded for {reps} calls; not measured")
-        return None, statistics.median(host)
-    busy_us = sum(e.time_range.elapsed_us() for e in device if _FLUSH_KERNEL not in e.name)
-    return busy_us / reps / 1e3, statistics.median(host)
+        print(f"device time: the profiler did not start ({str(e)[:120]})")
+        return None, host_ms
+    try:
+        for _ in range(reps):
+            for t in leaves:
+                t.grad = None
+            flush.bitwise_not_()
+            call()
+        sync()
+    finally:
+        prof.stop()
+    # Device activities only (a user annotation's span, were CPU activity on, would cover others),
+    # in the order they ran; each flush starts the next call's group.
+    device = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation),
+                    key=lambda e: e.time_range.start)
+    per_call: list[float] = []
+    for e in device:
+        if _FLUSH_KERNEL in e.name:
+            per_call.append(0.0)
+        elif per_call:
+            per_call[-1] += e.time_range.elapsed_us()
+    if len(per_call) != reps:  # the flushes are not told apart: their time would count as the op's
+        print(f"device time: {len(per_call)} flush kernels recorded for {reps} calls; not measured")
+        return None, host_ms
+    return statistics.median(per_call) / 1e3, host_ms
 
 
 def _backward(y, dy, retain_graph: bool = False) -> None:
