@@ -5,8 +5,10 @@
     python -m benchmarks.tune --smoke --out /tmp/smoke.json     # CPU check of the tuner (measures nothing)
 
 For each (op, pass, dtype, N) it times the rule's launch configuration and a few around it (at
-most 9): 4, 8 and 16 warps, half and double the rows per tile and, for the backward, half and
-double the programs per SM, one knob at a time; then the best value of each knob together. Every
+most 10): 4, 8 and 16 warps, half and double the rows per tile and, for the backward, half and
+double the programs per SM and 1 or 3 stages, one knob at a time; then the best value of each knob
+together. A LayerNorm/RMSNorm forward of single-tile rows also tries one row a program and a
+persistent grid (:func:`candidates`). Every
 candidate's output is checked against the rule's before it is timed, and the rule is timed again
 last. The fastest wins unless the rule is within 2% of it (a table entry has to earn its place).
 The result goes to ``kernels/configs/<gpu>.json``, which ``normzoo.kernels.heuristics`` reads at
@@ -35,6 +37,7 @@ from pathlib import Path
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SMOKE_GPU = "smoke-cpu"  # the table name a --smoke run installs its candidates under
+ROWWISE = ("layernorm", "rmsnorm")  # the ops whose forward can run a persistent grid
 KEEP_RULE_WITHIN = 0.02  # the rule stays unless a candidate is more than 2% faster
 WARPS = (4, 8, 16)  # tried at every key (with the rule's own count)
 # do_bench milliseconds per candidate: shorter than the benchmark's (25, 100); enough repeats for a
@@ -72,9 +75,12 @@ def parse_args(argv):
 
 
 def fields(pass_: str) -> tuple[str, ...]:
-    """The knobs a table entry sets. The forward grid has one program per tile, so programs per SM
-    only matters to the backward, as do pipeline stages (the forward's single tile has no loop)."""
-    return ("num_warps", "block_m", "programs_per_sm", "num_stages") if pass_ == "bwd" else ("num_warps", "block_m")
+    """The knobs a table entry sets. The backward's grid is persistent (programs per SM) and walks
+    row blocks with loads in flight (stages); a row-wise forward may be made persistent too, with
+    its own programs per SM and stages."""
+    if pass_ == "bwd":
+        return ("num_warps", "block_m", "programs_per_sm", "num_stages")
+    return ("num_warps", "block_m", "persistent", "programs_per_sm", "num_stages")
 
 
 def entry_of(cfg, pass_: str) -> dict:
@@ -90,10 +96,12 @@ def valid(entry: dict, rule, tunable: dict, max_tile: int) -> bool:
     return entry["num_warps"] * 32 <= tile and tile <= max(rule.block_m * rule.block_n, max_tile)
 
 
-def candidates(rule, pass_: str, tunable: dict, max_tile: int) -> list[dict]:
+def candidates(rule, pass_: str, tunable: dict, max_tile: int, *, rowwise: bool = True) -> list[dict]:
     """The rule first, then the rule with one knob changed: warps in WARPS, rows per tile halved
-    and doubled, programs per SM (backward) halved and doubled, pipeline stages (backward) 1 or 3;
-    for a single-tile forward, also one row a program at 8 values a thread. At most 10."""
+    and doubled, programs per SM (backward) halved and doubled, pipeline stages (backward) 1 or 3.
+    A row-wise forward of single-tile rows (``rowwise``: LayerNorm, RMSNorm) also tries one row a
+    program at 8 values a thread, and a persistent grid (the rule's layout at 2 and 3 stages, the
+    one-row layout at 2). At most 10."""
     base = entry_of(rule, pass_)
     out = [base]
 
@@ -106,10 +114,16 @@ def candidates(rule, pass_: str, tunable: dict, max_tile: int) -> list[dict]:
         add(num_warps=w)
     for m in (base["block_m"] // 2, base["block_m"] * 2):
         add(block_m=m)
-    if pass_ == "fwd" and rule.single_tile:
-        # One row a program at 8 values a thread (Liger-Kernel's forward layout: 80% of copy at
-        # N = 1024 on the H200, where every candidate above measured 61-64%).
-        add(block_m=1, num_warps=max(1, min(rule.block_n // 256, 16)))
+    if pass_ == "fwd" and rowwise and rule.single_tile:
+        # One row a program at 8 values a thread, Liger-Kernel's forward layout: 80% of copy at
+        # N = 1024 on the H200, where every candidate above measured 61-64% (device time 64%).
+        one_row = {"block_m": 1, "num_warps": max(1, min(rule.block_n // 256, 16))}
+        add(**one_row)
+        # A persistent grid whose programs load the next row block while they reduce this one,
+        # as the backward does (88-89% of copy at N = 4096 on the H200): about 32 warps per SM.
+        for layout, stages in ((base, 2), (base, 3), (one_row, 2)):
+            add(**{**layout, "persistent": True, "programs_per_sm": max(1, 32 // layout["num_warps"]),
+                   "num_stages": stages})
     if pass_ == "bwd":
         for p in (base["programs_per_sm"] // 2, base["programs_per_sm"] * 2):
             add(programs_per_sm=p)
@@ -262,7 +276,7 @@ def tune_key(s: Setup, op, pass_, dtype, n, rows, deadline, time_pass, log) -> d
         log(f"    {entry}: " + (f"{ms:.4f} ms" if ms is not None else verdict))
         return True
 
-    for entry in candidates(rule, pass_, s.h.TUNABLE, s.max_tile):
+    for entry in candidates(rule, pass_, s.h.TUNABLE, s.max_tile, rowwise=op in ROWWISE):
         if not measure(entry):
             return None
     extra = combined(measured, rule, s.h.TUNABLE, s.max_tile)
@@ -296,7 +310,7 @@ def _plan(s: Setup, keys, rows) -> list[dict]:
         dtype = getattr(s.torch, DTYPES[dtype_name])
         s.h.set_tuned(s.gpu, s.key(op, pass_, dtype, n), None)
         rule = s.h.launch_config(op, pass_, n, dtype, s.device)
-        for entry in candidates(rule, pass_, s.h.TUNABLE, s.max_tile):
+        for entry in candidates(rule, pass_, s.h.TUNABLE, s.max_tile, rowwise=op in ROWWISE):
             plan.append({"op": op, "pass": pass_, "dtype": dtype_name, "n": n, "rows": rows, "entry": entry})
     return plan
 

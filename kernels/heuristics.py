@@ -3,9 +3,10 @@
 A launch asks :func:`launch_config` for ``(op, pass, N, dtype, device)``. If a table measured on
 that GPU (``kernels/configs/<gpu>.json``, written by ``python -m benchmarks.tune``) has an entry for
 the key ``op|pass|dtype|next_power_of_2(N)``, its fields (``num_warps``, ``block_m``,
-``programs_per_sm``, ``num_stages``) replace the rule's; everything else (the column tile,
-single-tile or looped) always comes from the rules, so a table can change speed but never which
-code path runs. Tables apply to row lengths that are multiples of 8 (where they are measured).
+``programs_per_sm``, ``num_stages``, and for a row-wise forward ``persistent``) replace the rule's;
+everything else (the column tile, single-tile or looped) always comes from the rules, so a table
+can change speed but never which arithmetic runs (a persistent forward walks the same tiles in a
+loop). Tables apply to row lengths that are multiples of 8 (where they are measured).
 Results are deterministic for a given table: the reduction order follows the config.
 
 The rules are first choices from the hardware's shape (registers per SM, threads per program), not
@@ -32,7 +33,7 @@ TARGET_TILE_ELEMENTS = 4096
 CONFIG_DIR = Path(__file__).parent / "configs"
 # The fields a table may set, and the values each may take.
 TUNABLE = {"num_warps": (1, 2, 4, 8, 16, 32), "block_m": (1, 2, 4, 8, 16, 32, 64),
-           "programs_per_sm": tuple(range(1, 17)), "num_stages": (1, 2, 3, 4)}
+           "programs_per_sm": tuple(range(1, 17)), "num_stages": (1, 2, 3, 4), "persistent": (False, True)}
 # A backward program owns at least this many rows, so its row of partial sums stays small next to
 # the rows it moves: N fp32 per gradient written, then read by the reduce (8N bytes), against 96N
 # bytes of x, dy and dx over 16 rows of 16-bit values (1/12 a gradient).
@@ -53,8 +54,12 @@ class LaunchConfig:
     block_n: int  # columns per tile
     num_warps: int
     single_tile: bool = True  # row-wise kernels: the whole row fits one tile (read once, kept in registers)
-    programs_per_sm: int = 1  # backward: programs launched per SM (a persistent grid of SMs × this)
+    programs_per_sm: int = 1  # backward, and a persistent forward: programs launched per SM (a grid of SMs × this)
     num_stages: int = 1  # loads in flight in a kernel's loops (software pipelining through shared memory)
+    # Row-wise forward of single-tile rows: a persistent grid whose programs walk row blocks with
+    # num_stages blocks' loads in flight, instead of one tile a program. The same arithmetic per
+    # row either way (bitwise the same output), so a measured table may choose it; no rule does.
+    persistent: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,8 +119,10 @@ def validate_entry(key: str, entry: dict) -> dict:
     if op not in OPS or pass_ not in ("fwd", "bwd"):
         raise ValueError(f"bad config key {key!r}")
     for field, value in entry.items():
-        if field not in TUNABLE or value not in TUNABLE[field]:
+        if field not in TUNABLE or value not in TUNABLE[field] or type(value) is not type(TUNABLE[field][0]):
             raise ValueError(f"config {key!r}: {field}={value!r} is not one of {TUNABLE.get(field)}")
+    if entry.get("persistent") and (op not in ("layernorm", "rmsnorm") or pass_ != "fwd"):
+        raise ValueError(f"config {key!r}: only the row-wise forward (LayerNorm, RMSNorm) has a persistent grid")
     return dict(entry)
 
 

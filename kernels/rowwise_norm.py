@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .heuristics import launch_config, split_rows
+from .heuristics import launch_config, num_compute_units, split_rows
 from .launch import (alloc, alloc_like, alloc_rows, check_rows, device_guard, empty_residual_grads,
                      partials_layout, residual_grad_buffers)
 from .reduce import sum_partials
@@ -146,6 +146,33 @@ def _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS: tl.constexpr):
 
 
 @triton.jit
+def _forward_tile(rows, X, Y, W, B, STATS, R, S, W2, B2, STATS2, stride_x_row, stride_y_row, stride_r_row,
+                  stride_s_row, M, N, eps, eps2, scale, w_offset, IS_RMS: tl.constexpr, RES_MODE: tl.constexpr,
+                  ROUND_X_HAT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The forward of rows that fit one column tile (see _norm_fwd_kernel): read once, kept in registers."""
+    row_mask = rows < M
+    cols = tl.arange(0, BLOCK_N)
+    mask = row_mask[:, None] & (cols < N)[None, :]
+    v = load_tile(X, rows, stride_x_row, cols, mask, "")
+    if RES_MODE == "add_norm":
+        v = _stored(S, v + load_tile(R, rows, stride_r_row, cols, mask, ""))
+        store_tile(S, rows, stride_s_row, cols, mask, v)
+    mean, rstd, v_hat = _row_stats_single_tile(v, mask, N, eps, IS_RMS)
+    _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
+    y = _affine(_rounded(v_hat, X, W, ROUND_X_HAT), W, B, cols, N, w_offset)
+    if RES_MODE == "norm_add" or RES_MODE == "norm_add_norm":
+        s = _stored(S, y + load_tile(R, rows, stride_r_row, cols, mask, ""))
+        store_tile(S, rows, stride_s_row, cols, mask, s)
+        if RES_MODE == "norm_add_norm":
+            mean2, rstd2, s_hat = _row_stats_single_tile(s, mask, N, eps2, IS_RMS)
+            _store_stats(STATS2, rows, row_mask, M, mean2, rstd2, IS_RMS)
+            y = _affine(s_hat, W2, B2, cols, N, w_offset)
+            store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
+    else:
+        store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
+
+
+@triton.jit
 def _norm_fwd_kernel(
     X, Y, W, B,  # pointers; Y is None for "norm_add", W and B None without them
     STATS,  # per-row fp32 statistics of N's input: rstd (M,) for RMSNorm; mean then rstd (2M,) for LayerNorm
@@ -161,35 +188,27 @@ def _norm_fwd_kernel(
     ROUND_X_HAT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    # Loads in flight in the looped path's column loops (software pipelining); 0 for a row that fits
-    # one tile, read once and kept in registers (one constexpr for both: see _launch_forward).
+    # One constexpr for three layouts (see _launch_forward): 0, a row that fits one tile, one tile
+    # a program; -k, such rows in a persistent grid, each program walking row blocks with k blocks'
+    # loads in flight (a measured table's choice); k > 0, longer rows, looped over column tiles
+    # with k loads in flight (software pipelining).
     NUM_STAGES: tl.constexpr,
 ):
-    SINGLE_TILE: tl.constexpr = NUM_STAGES == 0
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-
+    SINGLE_TILE: tl.constexpr = NUM_STAGES <= 0
     if SINGLE_TILE:
-        cols = tl.arange(0, BLOCK_N)
-        mask = row_mask[:, None] & (cols < N)[None, :]
-        v = load_tile(X, rows, stride_x_row, cols, mask, "")
-        if RES_MODE == "add_norm":
-            v = _stored(S, v + load_tile(R, rows, stride_r_row, cols, mask, ""))
-            store_tile(S, rows, stride_s_row, cols, mask, v)
-        mean, rstd, v_hat = _row_stats_single_tile(v, mask, N, eps, IS_RMS)
-        _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
-        y = _affine(_rounded(v_hat, X, W, ROUND_X_HAT), W, B, cols, N, w_offset)
-        if RES_MODE == "norm_add" or RES_MODE == "norm_add_norm":
-            s = _stored(S, y + load_tile(R, rows, stride_r_row, cols, mask, ""))
-            store_tile(S, rows, stride_s_row, cols, mask, s)
-            if RES_MODE == "norm_add_norm":
-                mean2, rstd2, s_hat = _row_stats_single_tile(s, mask, N, eps2, IS_RMS)
-                _store_stats(STATS2, rows, row_mask, M, mean2, rstd2, IS_RMS)
-                y = _affine(s_hat, W2, B2, cols, N, w_offset)
-                store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
+        if NUM_STAGES == 0:
+            _forward_tile(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), X, Y, W, B, STATS, R, S, W2, B2, STATS2,
+                          stride_x_row, stride_y_row, stride_r_row, stride_s_row, M, N, eps, eps2, scale, w_offset,
+                          IS_RMS, RES_MODE, ROUND_X_HAT, BLOCK_N)
         else:
-            store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
+            for block_start in tl.range(tl.program_id(0) * BLOCK_M, M, tl.num_programs(0) * BLOCK_M,
+                                        num_stages=-NUM_STAGES):
+                _forward_tile(block_start + tl.arange(0, BLOCK_M), X, Y, W, B, STATS, R, S, W2, B2, STATS2,
+                              stride_x_row, stride_y_row, stride_r_row, stride_s_row, M, N, eps, eps2, scale,
+                              w_offset, IS_RMS, RES_MODE, ROUND_X_HAT, BLOCK_N)
     else:
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
         # Pass 1: statistics of N's input, read once (with "add_norm" it is the sum, written here).
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -476,6 +495,8 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
 def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
                     res_mode, max_block_n, weight_offset=0.0, round_x_hat=0):
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
+    blocks = -(-M // cfg.block_m)  # cdiv, inline
+    persistent = cfg.persistent and cfg.single_tile
     with device_guard(x):
         # Absent operands as None: constants to Triton, which compile their terms away (the
         # kernel tests ``is not None``). 26 arguments at most, so that CPython passes them on the
@@ -486,11 +507,13 @@ def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2
                x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, eps, eps2,
                scale if scale != 1.0 else None, weight_offset if weight_offset != 0.0 else None,
                # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host):
-               # IS_RMS, RES_MODE, ROUND_X_HAT, BLOCK_M, BLOCK_N, NUM_STAGES (0: a single tile; a looped
-               # row's is 1-4, the rules' and what heuristics.validate_entry lets a table set).
+               # IS_RMS, RES_MODE, ROUND_X_HAT, BLOCK_M, BLOCK_N, NUM_STAGES (0: a single tile a
+               # program; -k: single tiles in a persistent grid, k row blocks in flight; k: a looped
+               # row's 1-4, the rules' and what heuristics.validate_entry lets a table set).
                is_rms, res_mode, X_HAT_ROUNDING[round_x_hat], cfg.block_m, cfg.block_n,
-               0 if cfg.single_tile else cfg.num_stages,
-               grid=(-(-M // cfg.block_m),), warmup=False, num_warps=cfg.num_warps)  # grid: cdiv, inline
+               (-cfg.num_stages if persistent else 0) if cfg.single_tile else cfg.num_stages,
+               grid=(min(blocks, cfg.programs_per_sm * num_compute_units(x.device)) if persistent else blocks,),
+               warmup=False, num_warps=cfg.num_warps)
 
 
 def rowwise_norm_backward(

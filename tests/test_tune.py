@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import tune
@@ -51,7 +52,8 @@ def test_candidates_respect_tunable_and_stay_small():
             for dtype in (torch.bfloat16, torch.float32):
                 for n in (1, 64, 1000, 1024, 4096, 16384, 32768, 131072):
                     rule = h.launch_config(op, pass_, n, dtype, cpu)
-                    cands = tune.candidates(rule, pass_, h.TUNABLE, 8192)
+                    rowwise = op in ("layernorm", "rmsnorm")
+                    cands = tune.candidates(rule, pass_, h.TUNABLE, 8192, rowwise=rowwise)
                     assert cands[0] == tune.entry_of(rule, pass_)
                     assert len(cands) <= 10 and len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)
                     key = h.config_key(op, pass_, dtype, n)
@@ -59,12 +61,22 @@ def test_candidates_respect_tunable_and_stay_small():
                         h.validate_entry(key, c)
                         assert set(c) == set(tune.fields(pass_))
                         assert c["num_warps"] * 32 <= c["block_m"] * rule.block_n or c == cands[0]
-                    if pass_ == "fwd":  # programs per SM do not change a forward launch
-                        assert all("programs_per_sm" not in c for c in cands)
-                        # and one row a program, 8 values a thread, is tried wherever it fills a warp
-                        one_row = {"num_warps": max(1, min(rule.block_n // 256, 16)), "block_m": 1}
-                        if rule.single_tile and rule.block_n >= 256:
-                            assert one_row in cands
+                    if pass_ == "fwd":
+                        # Programs per SM and stages change a forward only in a persistent grid,
+                        # which only a row-wise forward of single-tile rows may take.
+                        plain = [c for c in cands if not c["persistent"]]
+                        assert all(c["programs_per_sm"] == rule.programs_per_sm and
+                                   c["num_stages"] == rule.num_stages for c in plain)
+                        persistent = [c for c in cands if c["persistent"]]
+                        assert bool(persistent) == (rowwise and rule.single_tile and rule.block_n >= 64)
+                        assert all(c["num_stages"] in (2, 3) and c["programs_per_sm"] * c["num_warps"] <= 32
+                                   for c in persistent)
+                        # One row a program, 8 values a thread (16 where warps cap at 16), is tried
+                        # wherever it fills a warp.
+                        if rowwise and rule.single_tile and rule.block_n >= 256:
+                            one_row = [c for c in plain if c["block_m"] == 1 and
+                                       rule.block_n // (32 * c["num_warps"]) == (8 if rule.block_n <= 4096 else 16)]
+                            assert one_row
 
 
 def test_choose_keeps_the_rule_unless_a_candidate_is_2_percent_faster():
@@ -113,6 +125,55 @@ def test_a_table_entry_reaches_the_launch_and_results_repeat(device, monkeypatch
             NF.rms_norm(x, (n,), w, 1e-6, backend="triton").backward(dy)
             runs.append((x.grad.clone(), w.grad.clone()))
         assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        h.set_tuned(gpu, key, prev)
+        monkeypatch.undo()
+        h.launch_config.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["none", "add_norm", "norm_add", "norm_add_norm"])
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_persistent_forward_matches_the_rule_bitwise(kind, mode, device, monkeypatch):
+    # A table may make the row-wise forward persistent (programs walk row blocks): the same
+    # arithmetic per row, so every output equals the one-tile-a-program launch's, bit for bit.
+    # 203 rows in tiles of 4: 51 row blocks over 4 programs per SM (4 "SMs" off CUDA), the last
+    # block ragged.
+    from normzoo.kernels import rowwise_norm as k
+
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        monkeypatch.setattr(h, "device_name", lambda d: tune.SMOKE_GPU)
+    gpu = h.device_name(dev)
+    n, dtype = 96, torch.float32
+    key = h.config_key(kind, "fwd", dtype, n)
+    prev = h.tuned_entry(kind, "fwd", n, dtype, dev)
+    torch.manual_seed(0)
+    x, r = torch.randn(203, n, device=dev), torch.randn(203, n, device=dev)
+    w, b, w2, b2 = (torch.randn(n, device=dev) for _ in range(4))
+    b, b2 = (b, b2) if kind == "layernorm" else (None, None)
+
+    def forward():
+        if mode == "none":
+            return k.rowwise_norm_forward(x, w, b, 1e-5, is_rms=kind == "rmsnorm")
+        return k.rowwise_residual_forward(x, r, w, b, 1e-5, is_rms=kind == "rmsnorm", mode=mode, scale=0.5,
+                                          weight2=w2, bias2=b2, eps2=1e-6)
+
+    try:
+        h.set_tuned(gpu, key, {"num_warps": 2, "block_m": 4})
+        one_tile = forward()
+        entry = {"num_warps": 2, "block_m": 4, "persistent": True, "programs_per_sm": 4, "num_stages": 2}
+        h.set_tuned(gpu, key, entry)
+        cfg = h.launch_config(kind, "fwd", n, dtype, dev)
+        assert cfg.persistent and cfg.single_tile and -(-203 // cfg.block_m) > 4 * h.num_compute_units(dev)
+        launches = []
+        run = k._norm_fwd_kernel.run
+        monkeypatch.setattr(k._norm_fwd_kernel, "run",
+                            lambda *args, **kw: launches.append((kw["grid"], args[-1])) or run(*args, **kw))
+        persistent = forward()
+        assert launches == [((4 * h.num_compute_units(dev),), -2)]  # the grid, NUM_STAGES: a persistent launch
+        for got, want in zip(persistent, one_tile, strict=True):
+            assert (got is None) == (want is None)
+            assert got is None or torch.equal(got, want)
     finally:
         h.set_tuned(gpu, key, prev)
         monkeypatch.undo()
