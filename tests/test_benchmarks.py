@@ -129,6 +129,21 @@ def test_smoke_run_device_time_split(tmp_path):
     assert "normzoo device % copy / host µs" in md and "| rmsnorm | bwd | fp32 | 8 | 32 | n/a / " in md
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the profiler's device time needs a GPU")
+def test_device_time_matches_do_bench_on_a_copy():
+    # One kernel, a 512 MB copy (~0.1 ms at H100/H200 speeds, far above a launch): the profiler's
+    # time for it and do_bench's events (L2 flushed alike) agree, and issuing it costs far less.
+    from benchmarks import harness
+
+    src = torch.randn(64 << 20, device="cuda")
+    dst = torch.empty_like(src)
+    call = lambda: dst.copy_(src)  # noqa: E731
+    device_ms, host_ms = harness.device_and_host_ms(call, [src])
+    wall_ms = harness.time_ms(call, smoke=False)
+    assert device_ms is not None and abs(device_ms - wall_ms) <= 0.1 * wall_ms, (device_ms, wall_ms)
+    assert 0 < host_ms < wall_ms
+
+
 def test_fused_cases_agree_with_their_unfused_sequence():
     # The benchmark's normzoo provider and its eager one compute the same thing, and the gradients
     # reach every leaf (the parameters of the norm modules the fused op is given are the leaves).
