@@ -216,6 +216,35 @@ def test_swap_hugging_face_norms_whose_math_normzoo_reproduces(name, dtype):
         torch.testing.assert_close(_logits(model, ids), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["t5", "llama", "gemma"])
+def test_swapped_norms_take_a_16bit_weight_with_fp32_input(name, weight_dtype, backend):
+    """A model's norm with a 16-bit weight fed fp32 activations (T5 loaded in fp16 keeps its ``wo``
+    in fp32, so fp32 hidden states reach an fp16 ``T5LayerNorm``): the swapped norm computes what
+    the model's code does, in the output dtype it gives (T5: the weight's; Llama: the promotion;
+    Gemma: the input's), bit for bit on the reference path; the gradients within the rounding of
+    the model's own 16-bit steps."""
+    norm = _final_norm(_tiny_hf_model(name)).to(weight_dtype)
+    original, swapped = torch.nn.Sequential(copy.deepcopy(norm)), torch.nn.Sequential(copy.deepcopy(norm))
+    assert sum(normzoo.swap(swapped, backend=backend).values()) == 1
+    x = torch.randn(3, 5, 32)
+    x0, x1 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y0, y1 = original(x0), swapped(x1)
+    assert y1.dtype == y0.dtype
+    if backend == "torch":
+        torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    else:  # the kernel sums x² in another order: an fp32 ulp of rstd may flip a 16-bit rounding
+        torch.testing.assert_close(y1, y0, rtol=2 ** -7, atol=0)
+    dy = torch.randn_like(y0)
+    y0.backward(dy)
+    y1.backward(dy)
+    w0, w1 = original[0].weight.grad, swapped[0].weight.grad
+    assert w1.dtype == weight_dtype
+    torch.testing.assert_close(x1.grad, x0.grad, rtol=2e-2, atol=2e-2 * x0.grad.abs().max().item())
+    torch.testing.assert_close(w1.float(), w0.float(), rtol=2e-2, atol=2e-2 * w0.abs().max().item())
+
+
 def _grads(model, ids):
     model.zero_grad()
     _logits(model, ids).double().square().mean().backward()
