@@ -813,8 +813,10 @@ def _headwise_forward(a, wa, b, wb, eps, norm, triton):
     if triton:
         return _launchers().headwise_norm_forward(_headwise_for_kernels(a), _for_kernels(wa), _headwise_for_kernels(b),
                                                   _for_kernels(wb), eps, norm=norm)
-    ya = reference.headwise_norm_forward(_rows_of(a).contiguous(), wa, eps, norm).view(a.shape)
-    yb = reference.headwise_norm_forward(_rows_of(b).contiguous(), wb, eps, norm).view(b.shape) if b is not None else None
+    # Computed in the input's shape, not viewed into it: an autograd.Function's output that is a
+    # view of a tensor made inside it cannot be modified in place (y.mul_(2) would raise).
+    ya = reference.headwise_norm_forward(a.contiguous(), wa, eps, norm)
+    yb = reference.headwise_norm_forward(b.contiguous(), wb, eps, norm) if b is not None else None
     return ya, yb
 
 

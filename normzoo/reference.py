@@ -145,7 +145,7 @@ def pointwise_backward(dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | Non
 
 
 def _headwise_stats(xf: Tensor, eps: float, norm: str):
-    """(rstd, row sum or None, where L2's eps floor did not hold or None) of 2-D ``xf``."""
+    """(rstd, row sum or None, where L2's eps floor did not hold or None) of ``xf``'s rows (last dim)."""
     n = xf.shape[-1]
     sumsq = xf.square().sum(dim=-1)
     if norm == "rms":
@@ -158,14 +158,14 @@ def _headwise_stats(xf: Tensor, eps: float, norm: str):
 
 
 def headwise_norm_forward(x: Tensor, weight: Tensor | None, eps: float, norm: str) -> Tensor:
-    """Each row of 2-D ``x`` normalized as ``norm`` says (``normzoo.kernels.headwise_norm``):
+    """Each row (last dim) of ``x`` normalized as ``norm`` says (``normzoo.kernels.headwise_norm``):
     ``"rms"``: x / √(mean x² + eps); ``"l2"``: x / max(‖x‖₂, eps) (ScaleNorm, QK-norm's L2 form);
     ``"crms"``: x / √((Σx² + (Σx)²)/(N+1) + eps) (CRMSNorm). ``weight``: None, per column, or one
     element that scales every column."""
     acc = compute_dtype(x.dtype)
     xf = x.to(acc)
     rstd, _, _ = _headwise_stats(xf, eps, norm)
-    y = xf * rstd[:, None]
+    y = xf * rstd[..., None]
     if weight is not None:
         y = y * weight.to(acc)
     return y.to(x.dtype)

@@ -248,6 +248,26 @@ def test_modules(device):
     assert set(normzoo.QKNorm(16).state_dict()) == {"q_weight", "k_weight"}
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("layer", ["ScaleNorm", "CRMSNorm", "QKNorm"])
+def test_outputs_can_be_modified_in_place(layer, backend, device):
+    # As any torch layer's: y.mul_(2) then backward gives twice the gradient (the reference path
+    # once returned views made inside its autograd.Function, which autograd refuses to modify).
+    module = getattr(normzoo, layer)(8, backend=backend, **({} if layer == "CRMSNorm" else {"device": device}))
+    x = torch.randn(2, 3, 8, device=device, requires_grad=True)
+
+    def outputs():
+        out = module(x, x) if layer == "QKNorm" else (module(x),)
+        return out
+
+    plain = torch.autograd.grad(sum(o.sum() for o in outputs()), x)[0]
+    out = outputs()
+    for o in out:
+        o.mul_(2)
+    doubled = torch.autograd.grad(sum(o.sum() for o in out), x)[0]
+    torch.testing.assert_close(doubled, 2 * plain)
+
+
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: NF.qk_norm(torch.randn(2, 4), torch.randn(2, 4), norm="ln"), ValueError, "norm must be one of"),
     (lambda: NF.qk_norm(torch.randn(2, 4), torch.randn(2, 4), torch.ones(3)), ValueError, r"q_weight must have shape \(4,\)"),
