@@ -324,8 +324,9 @@ def unswap(model: torch.nn.Module) -> SwapReport:
     :func:`swap` replaced (Gemma's or timm's, say) comes back as it was, and every other normzoo
     ``LayerNorm`` / ``RMSNorm`` becomes ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm``, each with the
     same parameters (shared tensors) and hooks, so the model can be saved, exported or shared
-    without normzoo. DyT, Derf and a ``LayerNorm2d`` built by hand have no PyTorch class: they are
-    named in ``report.left_alone`` and stay."""
+    without normzoo. DyT, Derf, a ``LayerNorm2d`` and a norm with a weight offset or an
+    ``x_hat_dtype`` built by hand have no PyTorch class: they are named in ``report.left_alone``
+    and stay."""
     report = SwapReport()
 
     def convert(name, module):
@@ -337,6 +338,9 @@ def unswap(model: torch.nn.Module) -> SwapReport:
             return original
         if type(module) in (LayerNorm, RMSNorm) and module.weight_offset != 0.0:
             report.left_alone[f"{name}: {_short_name(type(module))} (weight_offset: no PyTorch equivalent)"] += 1
+            return None
+        if type(module) is RMSNorm and module.x_hat_dtype is not None:  # torch's would compute another function
+            report.left_alone[f"{name}: {_short_name(type(module))} (x_hat_dtype: no PyTorch equivalent)"] += 1
             return None
         if type(module) is LayerNorm:
             new = torch.nn.LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,

@@ -144,6 +144,11 @@ def test_unswap_gives_back_torch_classes_with_the_same_parameters():
     assert calls == [1]
     dyt = torch.nn.Sequential(torch.nn.Linear(4, 4), normzoo.DyT(4))
     assert list(normzoo.unswap(dyt).left_alone) == ["1: normzoo.DyT (no PyTorch class to go back to)"]
+    # A model's own rounding built by hand: torch.nn.RMSNorm would compute another function.
+    llama = torch.nn.Sequential(normzoo.RMSNorm(4, eps=1e-6, x_hat_dtype="input"))
+    report = normzoo.unswap(llama)
+    assert type(llama[0]) is normzoo.RMSNorm and not report
+    assert list(report.left_alone) == ["0: normzoo.RMSNorm (x_hat_dtype: no PyTorch equivalent)"]
 
 
 # ---------------------------------------------------------------- Hugging Face models, built from configs
