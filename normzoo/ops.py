@@ -954,6 +954,9 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
             raise ValueError("q_weight and k_weight must both be per-channel or both be (1,) scales")
     eps = check_eps(eps)
     triton = use_triton(backend, a) and (b is None or b.dtype is not torch.float64)
+    if triton and backend == "auto" and max(a.shape[-1], b.shape[-1] if b is not None else 0) > (
+            _kernels or _launchers()).headwise_norm.MAX_N:
+        triton = False  # rows longer than the kernels take: "auto" runs the reference (backend="triton" raises)
     if triton:
         refuse_dtensor(a, "QK-norm, ScaleNorm and CRMSNorm")
     spec = (eps, norm, triton)

@@ -268,6 +268,20 @@ def test_outputs_can_be_modified_in_place(layer, backend, device):
     torch.testing.assert_close(doubled, 2 * plain)
 
 
+def test_auto_backend_runs_rows_longer_than_the_kernels_take_on_the_reference(monkeypatch):
+    # On a GPU "auto" picks the kernels, which take rows of at most MAX_N values: wider rows go
+    # to the reference instead of raising (use_triton is made to say "GPU" here).
+    from normzoo import ops
+    from normzoo.kernels import headwise_norm
+
+    n = headwise_norm.MAX_N + 1
+    x, q = torch.randn(2, n), torch.randn(2, 3, n)
+    want_x, want_q = normzoo.ScaleNorm(n, backend="torch")(x), normzoo.QKNorm(n, backend="torch")(q, q)[1]
+    monkeypatch.setattr(ops, "use_triton", lambda backend, t: True)
+    torch.testing.assert_close(normzoo.ScaleNorm(n, backend="auto")(x), want_x)
+    torch.testing.assert_close(normzoo.QKNorm(n, backend="auto")(q, q)[1], want_q)
+
+
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: NF.qk_norm(torch.randn(2, 4), torch.randn(2, 4), norm="ln"), ValueError, "norm must be one of"),
     (lambda: NF.qk_norm(torch.randn(2, 4), torch.randn(2, 4), torch.ones(3)), ValueError, r"q_weight must have shape \(4,\)"),
