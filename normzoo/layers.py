@@ -2,6 +2,8 @@
 keys, ``reset_parameters`` and ``isinstance`` checks are PyTorch's own; only ``forward`` changes.
 """
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -9,6 +11,22 @@ from . import ops
 from .ops import check_backend, normalized_shape_tuple
 
 __all__ = ["LayerNorm", "LayerNorm2d", "RMSNorm", "DyT", "Derf", "ScaleNorm", "QKNorm", "CRMSNorm"]
+
+
+def _real(value, name: str) -> float:
+    """A constructor's numeric argument as a float; a TypeError naming it for anything else."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) and not (
+            isinstance(value, Tensor) and value.numel() == 1):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _one_dim(dim, what: str) -> int:
+    """The last-dim size a head-wise layer takes: one int (or a one-int sequence)."""
+    shape = normalized_shape_tuple(dim)
+    if len(shape) != 1:
+        raise ValueError(f"{what} normalizes the last dim: dim must be one int, got {dim!r}")
+    return shape[0]
 
 
 def _param(module: torch.nn.Module, name: str):
@@ -63,6 +81,7 @@ class LayerNorm(torch.nn.LayerNorm):
                  device=None, dtype=None, *, backend: str = "auto", weight_offset: float = 0.0) -> None:
         self.weight_offset = ops._check_weight_offset(weight_offset)  # before reset_parameters reads it
         normalized_shape_tuple(normalized_shape)  # its ValueError/TypeError, not torch's RuntimeError from empty()
+        ops.check_eps(eps)  # at construction, not at the first forward (kept as given, as torch keeps it)
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
                          device=device, dtype=dtype)
         self.backend = check_backend(backend)
@@ -168,6 +187,8 @@ class RMSNorm(torch.nn.RMSNorm):
                  x_hat_dtype: str | None = None) -> None:
         self.weight_offset = ops._check_weight_offset(weight_offset)  # before reset_parameters reads it
         normalized_shape_tuple(normalized_shape)  # as LayerNorm
+        if eps is not None:  # None: torch's default, the compute dtype's machine epsilon
+            ops.check_eps(eps)
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
         self.backend = check_backend(backend)
         self.x_hat_dtype = ops.check_x_hat_dtype(x_hat_dtype)
@@ -208,7 +229,7 @@ class _PointwiseNorm(torch.nn.Module):
         if not channels_last and len(shape) != 1:
             raise ValueError(f"channels_last=False normalizes over dim 1: normalized_shape must be one int C, got {shape}")
         self.normalized_shape = shape
-        self.alpha_init_value = float(alpha_init_value)
+        self.alpha_init_value = _real(alpha_init_value, "alpha_init_value")
         self.elementwise_affine = elementwise_affine
         self.channels_last = channels_last
         self.backend = check_backend(backend)
@@ -311,7 +332,7 @@ class Derf(_PointwiseNorm):
                  dtype=None, *, backend: str = "auto"):
         super().__init__(normalized_shape, alpha_init_value, elementwise_affine, bias, channels_last, device, dtype,
                          backend)
-        self.shift_init_value = float(shift_init_value)
+        self.shift_init_value = _real(shift_init_value, "shift_init_value")
         self.shift = torch.nn.Parameter(torch.empty(1, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -354,7 +375,7 @@ class ScaleNorm(torch.nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None, *, backend: str = "auto") -> None:
         super().__init__()
-        (self.dim,) = normalized_shape_tuple(dim)
+        self.dim = _one_dim(dim, "ScaleNorm")
         self.eps = ops.check_eps(eps)
         self.backend = check_backend(backend)
         self.scale = torch.nn.Parameter(torch.empty(1, device=device, dtype=dtype))
@@ -403,12 +424,12 @@ class QKNorm(torch.nn.Module):
             raise ValueError(f"norm must be 'rms' or 'l2', got {norm!r}")
         if norm == "l2" and scale_init is None:
             raise ValueError("norm='l2' needs scale_init (the paper's g = log2(L² − L) for training length L)")
-        (self.dim,) = normalized_shape_tuple(dim)
-        (self.k_dim,) = normalized_shape_tuple(k_dim if k_dim is not None else dim)
+        self.dim = _one_dim(dim, "QKNorm")
+        self.k_dim = _one_dim(k_dim if k_dim is not None else dim, "QKNorm")
         self.eps = ops.check_eps(eps)
         self.norm = norm
         self.elementwise_affine = elementwise_affine
-        self.scale_init = scale_init
+        self.scale_init = scale_init if scale_init is None else _real(scale_init, "scale_init")
         self.backend = check_backend(backend)
         factory_kwargs = {"device": device, "dtype": dtype}
         affine = norm == "rms" and elementwise_affine
@@ -457,7 +478,7 @@ class CRMSNorm(torch.nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5, *, backend: str = "auto") -> None:
         super().__init__()
-        (self.dim,) = normalized_shape_tuple(dim)
+        self.dim = _one_dim(dim, "CRMSNorm")
         self.normalized_shape = (self.dim,)
         self.eps = ops.check_eps(eps)
         self.backend = check_backend(backend)

@@ -174,6 +174,8 @@ def replace_modules(model: torch.nn.Module, convert: Callable[[str, torch.nn.Mod
     never replaced). The new module takes the old one's training mode and all its hooks (forward,
     pre-forward, with kwargs, always called, backward, state_dict); a module that appears in
     several places is converted once and stays shared."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = report if report is not None else SwapReport()
     converted: dict[int, torch.nn.Module | None] = {}
 
@@ -240,6 +242,8 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     state_dict; handles keep working); a norm shared by several parents stays shared. A swap that
     replaces nothing warns. :func:`unswap` gives back PyTorch's classes.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_backend(backend)
     if to not in _TARGETS:
         raise ValueError(f"to must be one of {list(_TARGETS)}, got {to!r}")

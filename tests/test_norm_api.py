@@ -218,6 +218,15 @@ def test_module_device_dtype_and_mixed_precision(device):
         (lambda: normzoo.LayerNorm([8.0]), TypeError, "normalized_shape must be an int"),
         (lambda: NF.layer_norm(torch.randn(3, 4), (4,), backend="cuda"), ValueError, "backend must be one of"),
         (lambda: normzoo.RMSNorm(4, backend="fast"), ValueError, "backend must be one of"),
+        # eps at construction, not at the first forward
+        (lambda: normzoo.LayerNorm(8, eps=-1.0), ValueError, "eps must be a finite number"),
+        (lambda: normzoo.RMSNorm(8, eps=float("nan")), ValueError, "eps must be a finite number"),
+        (lambda: normzoo.LayerNorm(8, eps="1e-5"), TypeError, "eps must be a float"),
+        (lambda: normzoo.ScaleNorm((2, 4)), ValueError, "dim must be one int"),
+        (lambda: normzoo.CRMSNorm((2, 4)), ValueError, "dim must be one int"),
+        (lambda: normzoo.QKNorm(8, k_dim=(2, 4)), ValueError, "dim must be one int"),
+        (lambda: normzoo.QKNorm(8, norm="l2", scale_init="a"), TypeError, "scale_init must be a real number"),
+        (lambda: normzoo.swap("model"), TypeError, "model must be a torch.nn.Module"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, exc, match):

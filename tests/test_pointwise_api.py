@@ -157,6 +157,8 @@ def test_modules_match_functional(device):
         (lambda: NF.dyt(torch.randn(3, 4), torch.ones(1, device="meta")), ValueError, "same device"),
         (lambda: normzoo.DyT((2, 3), channels_last=False), ValueError, "one int C"),
         (lambda: normzoo.Derf(4, backend="cuda"), ValueError, "backend must be one of"),
+        (lambda: normzoo.DyT(4, alpha_init_value="a"), TypeError, "alpha_init_value must be a real number"),
+        (lambda: normzoo.Derf(4, shift_init_value=None), TypeError, "shift_init_value must be a real number"),
     ],
 )
 def test_bad_input_raises_clear_errors(call_, exc, match):
