@@ -265,7 +265,9 @@ _CONVERSION_NOTES = """
     model's output keeps its C values and is unchanged. What does not change: everything inside
     attention and the MLP (q, k, v heads, head_dim, the MLP width, attention dropout, the mask),
     ``config`` (``n_embd`` still gives the attention width; ``config.normzoo_conversion`` records
-    the conversion, and ``save_pretrained`` output does not load back into a stock GPT-2).
+    the conversion, and ``save_pretrained`` output is no stock GPT-2 checkpoint: ``to_pre_crmsnorm``'s
+    does not load into one (its widths differ), ``to_pre_rmsnorm``'s loads with missing and
+    unexpected keys reported, and a stock ``GPT2LMHeadModel`` drops the head's bias ``W β``).
 
     Exact in eval mode (dropout off). With ``embd_pdrop`` / ``resid_pdrop`` > 0 in training mode
     the converted model is a different model: dropout on the stream does not commute with centring

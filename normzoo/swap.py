@@ -133,12 +133,17 @@ def _timm_norm(module: torch.nn.Module) -> tuple[type | None, str | None] | None
 
 
 class SwapReport(Counter):
-    """Counts of ``"torch.LayerNorm -> normzoo.LayerNorm"``-style replacements; ``left_alone``
-    counts the norm-like modules that were seen but not replaced, with the reason."""
+    """Counts of ``"torch.LayerNorm -> normzoo.LayerNorm"``-style replacements (the report itself,
+    or ``replaced`` as a plain dict, as its repr shows them); ``left_alone`` counts the norm-like
+    modules that were seen but not replaced, with the reason."""
 
     def __init__(self):
         super().__init__()
         self.left_alone = Counter()
+
+    @property
+    def replaced(self) -> dict:
+        return dict(self)
 
     def __repr__(self):
         return f"SwapReport(replaced={dict(self)}, left_alone={dict(self.left_alone)})"

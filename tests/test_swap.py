@@ -137,6 +137,7 @@ def test_unswap_gives_back_torch_classes_with_the_same_parameters():
     model[1].register_forward_hook(lambda *a: calls.append(1))
     report = normzoo.unswap(model)
     assert report == {"normzoo.LayerNorm -> torch.LayerNorm": 1, "normzoo.RMSNorm -> torch.RMSNorm": 1}
+    assert report.replaced == dict(report) and repr(report).startswith(f"SwapReport(replaced={dict(report)}")
     assert type(model[1]) is torch.nn.LayerNorm and type(model[2]) is torch.nn.RMSNorm
     assert model[1].weight is originals[0] and model[2].weight is originals[1] and model[1].bias is None
     assert model[2].eps == 1e-6
