@@ -17,7 +17,8 @@ from benchmarks.__main__ import main
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode needs the interpreter; on a GPU run the real benchmark")
 def test_smoke_run_writes_results(tmp_path):
     ops = ["layernorm", "rmsnorm", "dyt", "derf"]
-    rc = main(["--smoke", "--ops", *ops, "--dtypes", "fp32", "--out", str(tmp_path), "--name", "t"])
+    rc = main(["--smoke", "--ops", *ops, "--dtypes", "fp32", "--rows", "16", "--hidden", "96", "--out", str(tmp_path),
+               "--name", "t"])
     assert rc == 0
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["environment"]["smoke"] is True and data["copy_gbps"] > 0
