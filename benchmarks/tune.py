@@ -8,7 +8,8 @@ For each (op, pass, dtype, N) it times the rule's launch configuration and a few
 most 10): 4, 8 and 16 warps, half and double the rows per tile and, for the backward, half and
 double the programs per SM and 1 or 3 stages, one knob at a time; then the best value of each knob
 together. A LayerNorm/RMSNorm forward of single-tile rows also tries one row a program and a
-persistent grid (:func:`candidates`). Every
+persistent grid (:func:`candidates`; those change several fields at once and are not combined).
+Every
 candidate's output is checked against the rule's before it is timed, and the rule is timed again
 last. The fastest wins unless the rule is within 2% of it (a table entry has to earn its place).
 The result goes to ``kernels/configs/<gpu>.json``, which ``normzoo.kernels.heuristics`` reads at

@@ -121,8 +121,11 @@ def validate_entry(key: str, entry: dict) -> dict:
     for field, value in entry.items():
         if field not in TUNABLE or value not in TUNABLE[field] or type(value) is not type(TUNABLE[field][0]):
             raise ValueError(f"config {key!r}: {field}={value!r} is not one of {TUNABLE.get(field)}")
-    if entry.get("persistent") and (op not in ("layernorm", "rmsnorm") or pass_ != "fwd"):
-        raise ValueError(f"config {key!r}: only the row-wise forward (LayerNorm, RMSNorm) has a persistent grid")
+    if entry.get("persistent"):
+        if op not in ("layernorm", "rmsnorm") or pass_ != "fwd":
+            raise ValueError(f"config {key!r}: only the row-wise forward (LayerNorm, RMSNorm) has a persistent grid")
+        if "programs_per_sm" not in entry or "num_stages" not in entry:
+            raise ValueError(f"config {key!r}: a persistent entry sets programs_per_sm and num_stages too")
     return dict(entry)
 
 

@@ -2,7 +2,7 @@
 keys, ``reset_parameters`` and ``isinstance`` checks are PyTorch's own; only ``forward`` changes.
 """
 
-import numbers
+import math
 
 import torch
 from torch import Tensor
@@ -14,11 +14,19 @@ __all__ = ["LayerNorm", "LayerNorm2d", "RMSNorm", "DyT", "Derf", "ScaleNorm", "Q
 
 
 def _real(value, name: str) -> float:
-    """A constructor's numeric argument as a float; a TypeError naming it for anything else."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) and not (
-            isinstance(value, Tensor) and value.numel() == 1):
+    """A constructor's numeric argument as a finite float (a number, or a one-element real tensor
+    or array); a TypeError or ValueError naming it for anything else."""
+    bad_kind = isinstance(value, (bool, str, bytes)) or (
+        isinstance(value, Tensor) and (value.dtype is torch.bool or value.is_complex()))
+    try:
+        number = None if bad_kind else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        number = None
+    if number is None:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
+    return number
 
 
 def _one_dim(dim, what: str) -> int:

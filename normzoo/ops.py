@@ -136,7 +136,7 @@ def check_input(x, what: str = "input") -> None:
 
 def check_param(p, name: str, shape: tuple[int, ...], x: Tensor, any_float: bool = False) -> None:
     """A per-channel parameter: the right shape, on x's device, in x's dtype or float32 (with
-    ``any_float``, any floating dtype)."""
+    ``any_float``, also a 16-bit float)."""
     if p is None:
         return
     if not isinstance(p, Tensor):
@@ -145,8 +145,8 @@ def check_param(p, name: str, shape: tuple[int, ...], x: Tensor, any_float: bool
         raise ValueError(f"{name} must have shape {shape}, got {tuple(p.shape)}")
     if p.device != x.device:
         raise ValueError(f"{name} is on {p.device} but input is on {x.device}; put them on the same device")
-    if any_float and p.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
+    if any_float and p.dtype not in (x.dtype, torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name} must have the input's dtype ({x.dtype}), float32 or a 16-bit float, got {p.dtype}")
     if not any_float and p.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{name} must have the input's dtype ({x.dtype}) or float32, got {p.dtype}")
 
@@ -155,8 +155,8 @@ def check_affine(weight, bias, shape: tuple[int, ...], x: Tensor, any_float_weig
     """:func:`check_param` for a layer's weight and bias, with one test for the usual case (every
     call of a module makes it). The test is spelled out per parameter, cheapest first (a loop, or
     ``isinstance`` for a layer's own ``nn.Parameter``, costs more than the checks themselves).
-    ``any_float_weight``: a model's own norm (x_hat rounding, a weight offset) takes a weight in
-    any floating dtype, as its code does (T5 in fp16 feeds fp32 activations to an fp16 weight)."""
+    ``any_float_weight``: a model's own RMSNorm (x_hat rounding, a weight offset) also takes a
+    16-bit weight, as its code does (T5 in fp16 feeds fp32 activations to an fp16 weight)."""
     device, dtype = x.device, x.dtype
     if not ((weight is None or (type(weight) is _Parameter or isinstance(weight, Tensor)) and weight.shape == shape
              and weight.device == device and (weight.dtype is dtype or weight.dtype is _FP32))
@@ -520,7 +520,7 @@ def rowwise_norm(
     if k != 1 or not ndim or x.shape[-1] != shape[0]:  # check_trailing_shape's usual case inline
         check_trailing_shape(x, shape)
     if weight is not None or bias is not None:
-        check_affine(weight, bias, shape, x, x_hat_dtype is not None or weight_offset != 0.0)
+        check_affine(weight, bias, shape, x, is_rms and (x_hat_dtype is not None or weight_offset != 0.0))
     if type(eps) is not float or not 0.0 <= eps < math.inf:
         if eps is None and is_rms:  # torch.nn.RMSNorm's default, the compute dtype's machine epsilon
             eps = torch.finfo(reference.compute_dtype(x.dtype)).eps

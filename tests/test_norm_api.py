@@ -227,6 +227,9 @@ def test_module_device_dtype_and_mixed_precision(device):
         (lambda: normzoo.QKNorm(8, k_dim=(2, 4)), ValueError, "dim must be one int"),
         (lambda: normzoo.QKNorm(8, norm="l2", scale_init="a"), TypeError, "scale_init must be a real number"),
         (lambda: normzoo.swap("model"), TypeError, "model must be a torch.nn.Module"),
+        # A model's own RMSNorm takes a 16-bit weight beside fp32 input (T5 in fp16), not an fp64 one
+        (lambda: normzoo.RMSNorm(4, x_hat_dtype="weight").double()(torch.randn(2, 4)), TypeError, "16-bit"),
+        (lambda: normzoo.LayerNorm(4, weight_offset=1.0).bfloat16()(torch.randn(2, 4)), TypeError, "float32"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, exc, match):

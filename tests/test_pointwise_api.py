@@ -159,6 +159,7 @@ def test_modules_match_functional(device):
         (lambda: normzoo.Derf(4, backend="cuda"), ValueError, "backend must be one of"),
         (lambda: normzoo.DyT(4, alpha_init_value="a"), TypeError, "alpha_init_value must be a real number"),
         (lambda: normzoo.Derf(4, shift_init_value=None), TypeError, "shift_init_value must be a real number"),
+        (lambda: normzoo.DyT(4, alpha_init_value=float("nan")), ValueError, "alpha_init_value must be finite"),
     ],
 )
 def test_bad_input_raises_clear_errors(call_, exc, match):

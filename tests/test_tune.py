@@ -136,13 +136,14 @@ def test_a_table_entry_reaches_the_launch_and_results_repeat(device, monkeypatch
 def test_persistent_forward_matches_the_rule_bitwise(kind, mode, device, monkeypatch):
     # A table may make the row-wise forward persistent (programs walk row blocks): the same
     # arithmetic per row, so every output equals the one-tile-a-program launch's, bit for bit.
-    # 203 rows in tiles of 4: 51 row blocks over 4 programs per SM (4 "SMs" off CUDA), the last
-    # block ragged.
+    # 203 rows in tiles of 4: 51 row blocks over 4 programs per SM of 4 "SMs" (on a GPU too), the
+    # last block ragged.
     from normzoo.kernels import rowwise_norm as k
 
     dev = torch.device(device)
     if dev.type == "cpu":
         monkeypatch.setattr(h, "device_name", lambda d: tune.SMOKE_GPU)
+    monkeypatch.setattr(k, "num_compute_units", lambda d: 4)  # 16 programs on any device, each walking blocks
     gpu = h.device_name(dev)
     n, dtype = 96, torch.float32
     key = h.config_key(kind, "fwd", dtype, n)
@@ -158,19 +159,25 @@ def test_persistent_forward_matches_the_rule_bitwise(kind, mode, device, monkeyp
         return k.rowwise_residual_forward(x, r, w, b, 1e-5, is_rms=kind == "rmsnorm", mode=mode, scale=0.5,
                                           weight2=w2, bias2=b2, eps2=1e-6)
 
+    for bad in ({"num_warps": 2, "block_m": 4, "persistent": True},  # no programs_per_sm, num_stages
+                {"num_warps": 2, "block_m": 4, "persistent": 1, "programs_per_sm": 4, "num_stages": 2}):
+        with pytest.raises(ValueError, match="persistent"):
+            h.validate_entry(key, bad)
+    with pytest.raises(ValueError, match="only the row-wise forward"):
+        h.validate_entry(h.config_key(kind, "bwd", dtype, n), {"persistent": True, "programs_per_sm": 4, "num_stages": 2})
     try:
         h.set_tuned(gpu, key, {"num_warps": 2, "block_m": 4})
         one_tile = forward()
         entry = {"num_warps": 2, "block_m": 4, "persistent": True, "programs_per_sm": 4, "num_stages": 2}
         h.set_tuned(gpu, key, entry)
         cfg = h.launch_config(kind, "fwd", n, dtype, dev)
-        assert cfg.persistent and cfg.single_tile and -(-203 // cfg.block_m) > 4 * h.num_compute_units(dev)
+        assert cfg.persistent and cfg.single_tile and -(-203 // cfg.block_m) > 4 * k.num_compute_units(dev)
         launches = []
         run = k._norm_fwd_kernel.run
         monkeypatch.setattr(k._norm_fwd_kernel, "run",
                             lambda *args, **kw: launches.append((kw["grid"], args[-1])) or run(*args, **kw))
         persistent = forward()
-        assert launches == [((4 * h.num_compute_units(dev),), -2)]  # the grid, NUM_STAGES: a persistent launch
+        assert launches == [((4 * k.num_compute_units(dev),), -2)]  # the grid, NUM_STAGES: a persistent launch
         for got, want in zip(persistent, one_tile, strict=True):
             assert (got is None) == (want is None)
             assert got is None or torch.equal(got, want)
