@@ -496,8 +496,10 @@ def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2
                     res_mode, max_block_n, weight_offset=0.0, round_x_hat=0):
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
     blocks = -(-M // cfg.block_m)  # cdiv, inline
-    # (The persistent loop's int32 row counter runs up to M plus one grid of rows: kept off 2^31.)
-    persistent = cfg.persistent and cfg.single_tile and M < 2**30
+    # A plain norm only: the table's entry was timed on it, and a fused op stages more operands
+    # per row block (shared memory a table never checked). The persistent loop's int32 row counter
+    # runs up to M plus one grid of rows: kept off 2^31.
+    persistent = cfg.persistent and cfg.single_tile and res_mode == "none" and M < 2**30
     with device_guard(x):
         # Absent operands as None: constants to Triton, which compile their terms away (the
         # kernel tests ``is not None``). 26 arguments at most, so that CPython passes them on the
