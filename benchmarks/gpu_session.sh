@@ -144,7 +144,7 @@ if [ $smoke = 0 ] && [ $fused = 0 ]; then
   phase tests 170 python3 -m pytest --maxfail=20 -v -rf --tb=short -p no:cacheprovider $par \
     tests/test_rowwise_kernels.py tests/test_pointwise_kernels.py tests/test_norm_api.py tests/test_pointwise_api.py \
     tests/test_gpu_only.py tests/test_fused.py tests/test_headwise.py::test_looped_backward_has_no_race_at_real_widths \
-    tests/test_benchmarks.py::test_device_time_matches_do_bench_on_a_copy
+    tests/test_benchmarks.py::test_device_time_matches_do_bench_on_a_copy tests/test_tune.py::test_persistent_forward_matches_the_rule_bitwise
   grep -E "^FAILED|\] FAILED| passed| failed" "$log" | sort -u | tail -n 25
 fi
 
