@@ -173,10 +173,18 @@ def test_persistent_forward_matches_the_rule_bitwise(kind, mode, device, monkeyp
         h.set_tuned(gpu, key, entry)
         cfg = h.launch_config(kind, "fwd", n, dtype, dev)
         assert cfg.persistent and cfg.single_tile and -(-203 // cfg.block_m) > 4 * k.num_compute_units(dev)
+        # Patched on the class, not the instance: undoing an instance patch leaves the bound method
+        # behind as an instance attribute, which later tests' class-level counters never see.
         launches = []
-        run = k._norm_fwd_kernel.run
-        monkeypatch.setattr(k._norm_fwd_kernel, "run",
-                            lambda *args, **kw: launches.append((kw["grid"], args[-1])) or run(*args, **kw))
+        kernel_class = type(k._norm_fwd_kernel)
+        run = kernel_class.run
+
+        def spy(self, *args, **kw):
+            if self is k._norm_fwd_kernel:
+                launches.append((kw["grid"], args[-1]))
+            return run(self, *args, **kw)
+
+        monkeypatch.setattr(kernel_class, "run", spy)
         persistent = forward()
         # The grid and NUM_STAGES: a persistent launch for a plain norm; a fused op (whose shared
         # memory the plain forward's table entry never measured) keeps one tile a program.
