@@ -38,7 +38,6 @@ from pathlib import Path
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SMOKE_GPU = "smoke-cpu"  # the table name a --smoke run installs its candidates under
-ROWWISE = ("layernorm", "rmsnorm")  # the ops whose forward can run a persistent grid
 KEEP_RULE_WITHIN = 0.02  # the rule stays unless a candidate is more than 2% faster
 WARPS = (4, 8, 16)  # tried at every key (with the rule's own count)
 # do_bench milliseconds per candidate: shorter than the benchmark's (25, 100); enough repeats for a
@@ -277,7 +276,7 @@ def tune_key(s: Setup, op, pass_, dtype, n, rows, deadline, time_pass, log) -> d
         log(f"    {entry}: " + (f"{ms:.4f} ms" if ms is not None else verdict))
         return True
 
-    for entry in candidates(rule, pass_, s.h.TUNABLE, s.max_tile, rowwise=op in ROWWISE):
+    for entry in candidates(rule, pass_, s.h.TUNABLE, s.max_tile, rowwise=op in s.h.ROWWISE_OPS):
         if not measure(entry):
             return None
     extra = combined(measured, rule, s.h.TUNABLE, s.max_tile)
@@ -311,7 +310,7 @@ def _plan(s: Setup, keys, rows) -> list[dict]:
         dtype = getattr(s.torch, DTYPES[dtype_name])
         s.h.set_tuned(s.gpu, s.key(op, pass_, dtype, n), None)
         rule = s.h.launch_config(op, pass_, n, dtype, s.device)
-        for entry in candidates(rule, pass_, s.h.TUNABLE, s.max_tile, rowwise=op in ROWWISE):
+        for entry in candidates(rule, pass_, s.h.TUNABLE, s.max_tile, rowwise=op in s.h.ROWWISE_OPS):
             plan.append({"op": op, "pass": pass_, "dtype": dtype_name, "n": n, "rows": rows, "entry": entry})
     return plan
 

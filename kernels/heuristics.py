@@ -39,6 +39,7 @@ TUNABLE = {"num_warps": (1, 2, 4, 8, 16, 32), "block_m": (1, 2, 4, 8, 16, 32, 64
 # bytes of x, dy and dx over 16 rows of 16-bit values (1/12 a gradient).
 MIN_ROWS_PER_PROGRAM = 16
 OPS = ("layernorm", "rmsnorm", "dyt", "derf")
+ROWWISE_OPS = OPS[:2]  # the row-wise norms (kernels/rowwise_norm.py); the others are point-wise
 
 
 
@@ -122,7 +123,7 @@ def validate_entry(key: str, entry: dict) -> dict:
         if field not in TUNABLE or value not in TUNABLE[field] or type(value) is not type(TUNABLE[field][0]):
             raise ValueError(f"config {key!r}: {field}={value!r} is not one of {TUNABLE.get(field)}")
     if entry.get("persistent"):
-        if op not in ("layernorm", "rmsnorm") or pass_ != "fwd":
+        if op not in ROWWISE_OPS or pass_ != "fwd":
             raise ValueError(f"config {key!r}: only the row-wise forward (LayerNorm, RMSNorm) has a persistent grid")
         if "programs_per_sm" not in entry or "num_stages" not in entry:
             raise ValueError(f"config {key!r}: a persistent entry sets programs_per_sm and num_stages too")
@@ -289,7 +290,7 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
     ``"bwd_peri"`` (norm_add_norm's one-pass backward: two norms' gradients, read as bwd_res2)."""
     fused = pass_ in ("bwd_res", "bwd_res2", "bwd_peri")
     backward = fused or pass_ == "bwd"
-    if op in ("layernorm", "rmsnorm"):
+    if op in ROWWISE_OPS:
         cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n, fused, pass_ in ("bwd_res2", "bwd_peri"),
                             pass_ == "bwd_peri")
     else:

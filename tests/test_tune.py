@@ -52,7 +52,7 @@ def test_candidates_respect_tunable_and_stay_small():
             for dtype in (torch.bfloat16, torch.float32):
                 for n in (1, 64, 1000, 1024, 4096, 16384, 32768, 131072):
                     rule = h.launch_config(op, pass_, n, dtype, cpu)
-                    rowwise = op in ("layernorm", "rmsnorm")
+                    rowwise = op in h.ROWWISE_OPS
                     cands = tune.candidates(rule, pass_, h.TUNABLE, 8192, rowwise=rowwise)
                     assert cands[0] == tune.entry_of(rule, pass_)
                     assert len(cands) <= 10 and len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)
