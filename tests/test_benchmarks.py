@@ -252,6 +252,9 @@ def _run_compile_check(args):
     )
 
 
+# Each of these two module fixtures runs a compile (~70 s and ~6 s) that two tests read: under
+# pytest-xdist (`--dist loadgroup`, the README's command) their tests are one xdist_group, so one
+# worker runs the compile once.
 @pytest.fixture(scope="module")
 def compile_check_run():
     """The plain norms, the fused residual ops and the model switches (COMPILE_CHECK_ARGS)."""
@@ -273,6 +276,7 @@ def headwise_run():
     return out, {k: int(v) for k, v in headwise.groupdict().items()}
 
 
+@pytest.mark.xdist_group("compile_check_run")
 def test_every_kernel_compiles_for_hopper_without_spills(compile_check_run):
     # Triton's real compiler (not the interpreter), targeting sm_90, on the specialization a real
     # launch gets: catches code the interpreter accepts but the compiler rejects, and spills.
@@ -312,6 +316,7 @@ def test_one_program_backwards_compile_for_hopper_without_spills():
     assert int(fused["reduces"]) == 0 and int(switch["reduces"]) == 0, report
 
 
+@pytest.mark.xdist_group("compile_check_run")
 def test_row_kernels_keep_two_programs_per_sm_on_hopper(compile_check_run):
     # The tool's verdict: also fails when a row kernel holds fewer than 2 programs per SM and no
     # documented exception (benchmarks/compile_check.py, RESIDENCY_EXCEPTIONS) explains it.
@@ -320,6 +325,7 @@ def test_row_kernels_keep_two_programs_per_sm_on_hopper(compile_check_run):
         out.stdout[-6000:] + out.stderr[-2000:]
 
 
+@pytest.mark.xdist_group("headwise_run")
 def test_headwise_norms_are_compiled_with_full_width_row_accesses(headwise_run):
     # Every head-wise case reaches the kernels (q and k as views of a fused qkv, read in place), and
     # the (M, N) tensors of every row width that is a multiple of 16 are read and written 128 bits at
@@ -329,6 +335,7 @@ def test_headwise_norms_are_compiled_with_full_width_row_accesses(headwise_run):
     assert counts["narrow"] == 0, out.stdout[-4000:]
 
 
+@pytest.mark.xdist_group("headwise_run")
 def test_headwise_norms_compile_for_hopper_without_spills(headwise_run):
     # Under the interpreter any kernel runs; only a real compile shows what ptxas takes (this test
     # found _weight's two returns, which Triton's compiler rejects and its interpreter runs).

@@ -33,6 +33,10 @@ torch = pytest.importorskip("torch")
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
     pytest.skip("this torch has no gloo backend", allow_module_level=True)
 
+# Every test reads the one module fixture `runs` (two processes, ~20-30 s): under pytest-xdist
+# (`--dist loadgroup`) they are one group, so one worker starts them once.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 WORLD_SIZE = 2
 STEPS = 6
 LR = 0.5

@@ -25,6 +25,7 @@ def tiny_run(tmp_path_factory):
     return out, json.loads((out / "t.json").read_text())
 
 
+@pytest.mark.xdist_group("train_step_tiny_run")  # one worker runs the fixture once
 @needs_cpu
 def test_tiny_run_records_both_variants(tiny_run):
     out, data = tiny_run
@@ -62,6 +63,7 @@ def test_tiny_run_records_both_variants(tiny_run):
 
 
 @needs_cpu
+@pytest.mark.xdist_group("train_step_tiny_run")  # one worker runs the fixture once
 def test_markdown_and_plot_again_from_the_json(tiny_run, tmp_path, capsys):
     out, data = tiny_run
     assert main(["--from-json", str(out / "t.json"), "--out", str(tmp_path), "--formats", "md"]) == 0
