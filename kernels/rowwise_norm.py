@@ -71,18 +71,25 @@ FUSED_MODES = RES_MODES[1:]
 
 
 @triton.jit
-def _affine(x_hat, W, B, cols, N, w_offset):
-    """x_hat ⊙ (w + w_offset) + b, the parameters loaded as a (1, BLOCK_N) row (the tile's own
-    layout); the offset (Gemma's 1 + w) is added in fp32, never to a 16-bit weight. W, B and
-    w_offset may be None (absent)."""
+def _param_row(P, cols, N, offset):
+    """A parameter's columns as an fp32 (1, BLOCK_N) row (the tile's own layout), ``offset`` added
+    in fp32 (Gemma's 1 + w: never to a 16-bit weight). None where P is None (absent)."""
+    p = None  # one return: Triton's compiler rejects a second (its interpreter runs it)
+    if P is not None:
+        p = tl.load(P + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
+        if offset is not None:
+            p += offset
+    return p
+
+
+@triton.jit
+def _affine(x_hat, w, b):
+    """x_hat ⊙ w + b, for rows from :func:`_param_row` (None: absent)."""
     y = x_hat
-    if W is not None:
-        w = tl.load(W + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
-        if w_offset is not None:
-            w += w_offset
+    if w is not None:
         y = y * w
-    if B is not None:
-        y = y + tl.load(B + cols[None, :], mask=(cols < N)[None, :], other=0.0).to(tl.float32)
+    if b is not None:
+        y = y + b
     return y
 
 
@@ -146,10 +153,12 @@ def _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS: tl.constexpr):
 
 
 @triton.jit
-def _forward_tile(rows, X, Y, W, B, STATS, R, S, W2, B2, STATS2, stride_x_row, stride_y_row, stride_r_row,
+def _forward_tile(rows, X, Y, W, B, w, b, STATS, R, S, W2, B2, STATS2, stride_x_row, stride_y_row, stride_r_row,
                   stride_s_row, M, N, eps, eps2, scale, w_offset, IS_RMS: tl.constexpr, RES_MODE: tl.constexpr,
                   ROUND_X_HAT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The forward of rows that fit one column tile (see _norm_fwd_kernel): read once, kept in registers."""
+    """The forward of rows that fit one column tile (see _norm_fwd_kernel): read once, kept in
+    registers. ``w``, ``b``: N's parameters as loaded rows (:func:`_param_row`), or both None: then
+    they are loaded here, after the statistics (where ptxas allocated one tile a program best)."""
     row_mask = rows < M
     cols = tl.arange(0, BLOCK_N)
     mask = row_mask[:, None] & (cols < N)[None, :]
@@ -159,14 +168,17 @@ def _forward_tile(rows, X, Y, W, B, STATS, R, S, W2, B2, STATS2, stride_x_row, s
         store_tile(S, rows, stride_s_row, cols, mask, v)
     mean, rstd, v_hat = _row_stats_single_tile(v, mask, N, eps, IS_RMS)
     _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS)
-    y = _affine(_rounded(v_hat, X, W, ROUND_X_HAT), W, B, cols, N, w_offset)
+    if w is None and b is None:  # not loaded by the caller, or absent: W and B are None too
+        w = _param_row(W, cols, N, w_offset)
+        b = _param_row(B, cols, N, None)
+    y = _affine(_rounded(v_hat, X, W, ROUND_X_HAT), w, b)
     if RES_MODE == "norm_add" or RES_MODE == "norm_add_norm":
         s = _stored(S, y + load_tile(R, rows, stride_r_row, cols, mask, ""))
         store_tile(S, rows, stride_s_row, cols, mask, s)
         if RES_MODE == "norm_add_norm":
             mean2, rstd2, s_hat = _row_stats_single_tile(s, mask, N, eps2, IS_RMS)
             _store_stats(STATS2, rows, row_mask, M, mean2, rstd2, IS_RMS)
-            y = _affine(s_hat, W2, B2, cols, N, w_offset)
+            y = _affine(s_hat, _param_row(W2, cols, N, w_offset), _param_row(B2, cols, N, None))
             store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
     else:
         store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
@@ -197,13 +209,19 @@ def _norm_fwd_kernel(
     SINGLE_TILE: tl.constexpr = NUM_STAGES <= 0
     if SINGLE_TILE:
         if NUM_STAGES == 0:
-            _forward_tile(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), X, Y, W, B, STATS, R, S, W2, B2, STATS2,
-                          stride_x_row, stride_y_row, stride_r_row, stride_s_row, M, N, eps, eps2, scale, w_offset,
-                          IS_RMS, RES_MODE, ROUND_X_HAT, BLOCK_N)
+            _forward_tile(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), X, Y, W, B, None, None, STATS, R, S,
+                          W2, B2, STATS2, stride_x_row, stride_y_row, stride_r_row, stride_s_row, M, N, eps, eps2,
+                          scale, w_offset, IS_RMS, RES_MODE, ROUND_X_HAT, BLOCK_N)
         else:
+            # The parameters are the same for every row: loaded once, before the loop, and held in
+            # registers (one fp32 row each), not reloaded each row block through the pipeline's
+            # shared memory (at BLOCK_M 1 as many bytes from L2 as the row itself).
+            cols = tl.arange(0, BLOCK_N)
+            w = _param_row(W, cols, N, w_offset)
+            b = _param_row(B, cols, N, None)
             for block_start in tl.range(tl.program_id(0) * BLOCK_M, M, tl.num_programs(0) * BLOCK_M,
                                         num_stages=-NUM_STAGES):
-                _forward_tile(block_start + tl.arange(0, BLOCK_M), X, Y, W, B, STATS, R, S, W2, B2, STATS2,
+                _forward_tile(block_start + tl.arange(0, BLOCK_M), X, Y, W, B, w, b, STATS, R, S, W2, B2, STATS2,
                               stride_x_row, stride_y_row, stride_r_row, stride_s_row, M, N, eps, eps2, scale,
                               w_offset, IS_RMS, RES_MODE, ROUND_X_HAT, BLOCK_N)
     else:
@@ -235,7 +253,7 @@ def _norm_fwd_kernel(
             else:
                 v = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
             v_hat = _rounded((v - mean[:, None]) * rstd[:, None], X, W, ROUND_X_HAT)
-            y = _affine(v_hat, W, B, cols, N, w_offset)
+            y = _affine(v_hat, _param_row(W, cols, N, w_offset), _param_row(B, cols, N, None))
             if RES_MODE == "norm_add" or RES_MODE == "norm_add_norm":
                 s = _stored(S, tl.where(mask, y, 0.0) + load_tile(R, rows, stride_r_row, cols, mask, ""))
                 store_tile(S, rows, stride_s_row, cols, mask, s)
@@ -255,7 +273,8 @@ def _norm_fwd_kernel(
                 cols = col_start + tl.arange(0, BLOCK_N)
                 mask = row_mask[:, None] & (cols < N)[None, :]
                 s = load_tile(S, rows, stride_s_row, cols, mask, "evict_first")
-                y = _affine((s - mean2[:, None]) * rstd2[:, None], W2, B2, cols, N, w_offset)
+                y = _affine((s - mean2[:, None]) * rstd2[:, None], _param_row(W2, cols, N, w_offset),
+                            _param_row(B2, cols, N, None))
                 store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
 
 
