@@ -89,12 +89,13 @@ from normzoo.kernels import heuristics  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-DEFAULT_HIDDEN = [97, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
-# Fused residual variants (normzoo.fused): fewer widths (representative ones, the 16-bit single-tile
-# limit, one unaligned), 16-bit activations beside a 16-bit or an fp32 residual stream.
+DEFAULT_HIDDEN = [97, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]  # 256: rows stacked in a tile
+# Fused residual variants (normzoo.fused): fewer widths (representative ones, rows stacked in a
+# tile, the 16-bit single-tile limit, one unaligned), 16-bit activations beside a 16-bit or an fp32
+# residual stream.
 FUSED_OPS = ("layernorm", "rmsnorm", "dyt", "derf")
 FUSED_MODES = ("add_norm", "norm_add", "norm_add_norm")
-FUSED_HIDDEN = [97, 1024, 4096, 8192]
+FUSED_HIDDEN = [97, 256, 1024, 4096, 8192]
 # Weight and bias on every norm (RMSNorm has no bias), in the activation's dtype.
 FUSED_AFFINE = {"rmsnorm": ("w", True, False, False)}
 FUSED_AFFINE_DEFAULT = ("wb", True, True, False)
