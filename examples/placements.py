@@ -31,8 +31,8 @@ if not torch.cuda.is_available():
 
 try:
     from einops import rearrange
-except ImportError:  # einops is not one of normzoo's own dependencies
-    raise SystemExit("examples/placements.py needs einops: pip install einops") from None
+except ImportError:  # einops is not one of normzoo's own dependencies: main() says so, after --help
+    rearrange = None
 
 import normzoo  # noqa: E402
 from normzoo.placement import NORMS, PLACEMENTS  # noqa: E402
@@ -286,6 +286,8 @@ def main():
                         help="CPU threads (0: torch's default); 1 is faster on a CPU that other jobs are using")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
+    if rearrange is None:
+        raise SystemExit("examples/placements.py needs einops: pip install einops (or pip install -e \".[examples]\")")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dim % args.heads:

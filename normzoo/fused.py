@@ -33,6 +33,7 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from . import ops, reference
 from .ops import _Parameter, _route, _unwrap_if_dead, check_affine, check_eps, normalized_shape_tuple, use_triton
@@ -371,18 +372,28 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
     from . import layers
 
     # Exact classes only: the ops read a norm's parameters and never call it, so a subclass with
-    # its own forward would be silently ignored.
-    if type(norm) in (torch.nn.LayerNorm, layers.LayerNorm):
+    # its own forward would be silently ignored. torch.nn.utils.parametrize makes a subclass of the
+    # module's class that only moves parameters behind properties, which the ops read as the layer does.
+    cls = type(norm)
+    if "parametrizations" in norm._modules and parametrize.is_parametrized(norm):  # (a getattr miss costs more)
+        cls = cls.__bases__[0]
+    if cls in (torch.nn.LayerNorm, layers.LayerNorm):
         kind, eps = "layernorm", norm.eps
-    elif type(norm) in (torch.nn.RMSNorm, layers.RMSNorm):
+    elif cls in (torch.nn.RMSNorm, layers.RMSNorm):
         kind, eps = "rmsnorm", norm.eps
-    elif type(norm) in (layers.DyT, layers.Derf):
+    elif cls in (layers.DyT, layers.Derf):
         if not norm.channels_last:
             raise ValueError("fused residual ops take channels-last DyT/Derf (a residual stream is (..., C))")
         kind, eps = ("dyt" if isinstance(norm, layers.DyT) else "derf"), 0.0
     else:
         raise TypeError("norm must be a normzoo LayerNorm, RMSNorm, DyT or Derf, or torch.nn.LayerNorm / RMSNorm "
                         f"(the class itself, not a subclass), got {type(norm).__name__}")
+    if norm._forward_pre_hooks or norm._forward_hooks:
+        # The old torch.nn.utils.weight_norm recomputes `weight` in a forward pre-hook: read without
+        # calling the module, it would be stale.
+        raise ValueError(f"this {type(norm).__name__} has forward hooks, which a fused residual op does not run (it "
+                         "reads the norm's parameters, never calls it); remove them (for weight_norm, use "
+                         "torch.nn.utils.parametrizations.weight_norm) or use the norm and the add apart")
     if getattr(norm, "x_hat_dtype", None) is not None:
         raise ValueError("fused residual ops do not take an x_hat_dtype norm yet; use the norm and the add apart")
     get = functools.partial(layers._param, norm)  # as the layers read them: parametrizations apply

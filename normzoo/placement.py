@@ -2,6 +2,7 @@
 run on the fused residual ops so that every residual add happens inside a norm's kernel."""
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,14 @@ def _sublayers(layer) -> list:
         if not isinstance(sub, torch.nn.Module):
             raise TypeError(f"sublayers must be nn.Modules, got {type(sub).__name__}")
     return subs
+
+def _output(h, index: int, sublayer):
+    """A sublayer's output, which must be one tensor (the stream's update)."""
+    if not isinstance(h, Tensor):
+        raise TypeError(f"sublayer {index} ({type(sublayer).__name__}) returned {type(h).__name__}; "
+                        "ResidualStack's sublayers map a tensor to one tensor (wrap one that returns a tuple)")
+    return h
+
 
 PLACEMENTS = ("pre", "post", "peri", "mix", "scaled")
 NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "dyt": DyT, "derf": Derf}
@@ -77,9 +86,14 @@ class ResidualStack(torch.nn.Module):
           sublayer's dtype: under bf16 autocast they are bf16 where the unfused ``N(x + F(x))``
           would be fp32.
 
-    The fused ops read the norms' parameters and never call the norm modules: forward hooks on
-    ``norm_in``/``norm_out``/``norm_sum``/``final_norm`` do not run (torch.nn.utils.parametrize
-    parametrizations do apply; the old hook-based ``weight_norm`` does not).
+    The fused ops read the norms' parameters and never call the norm modules, so a norm that
+    runs in one (every norm but one that no add precedes: the first ``norm_in`` of pre, peri and
+    scaled and of mix after its post layers, and ``final_norm`` of a stack that ends with a post
+    layer, which are called as modules) may not have forward hooks: the op raises a ValueError
+    rather than skip them (the old hook-based ``torch.nn.utils.weight_norm`` is one).
+    ``torch.nn.utils.parametrize`` parametrizations (``parametrizations.weight_norm`` too) apply
+    everywhere. Loading a ``state_dict`` with entries for a norm this placement does not have (a
+    Peri-LN checkpoint's ``norm_out`` into a Pre-LN stack) is an error under ``strict=True``.
 
     Examples::
 
@@ -98,8 +112,15 @@ class ResidualStack(torch.nn.Module):
             raise ValueError(f"norm must be one of {tuple(NORMS)}, got {norm!r}")
         if eps is not None and norm in ("dyt", "derf"):
             raise ValueError(f"{norm} has no eps; leave eps=None")
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        dim = int(dim)
+        if isinstance(mix_ratio, bool) or not isinstance(mix_ratio, numbers.Real):
+            raise TypeError(f"mix_ratio must be a real number in [0, 1], got {type(mix_ratio).__name__}")
         if not (0.0 <= mix_ratio <= 1.0):
             raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio}")
+        if final_norm is not None and not isinstance(final_norm, bool):
+            raise TypeError(f"final_norm must be True, False or None, got {final_norm!r}")
         if not isinstance(layers, (Sequence, torch.nn.ModuleList, torch.nn.Sequential)):
             raise TypeError(f"layers must be a sequence of layers, got {type(layers).__name__}")
         self.layers = torch.nn.ModuleList(torch.nn.ModuleList(_sublayers(layer)) for layer in layers)
@@ -155,7 +176,7 @@ class ResidualStack(torch.nn.Module):
                 if kind == "post":
                     if h is not None:  # a pre/peri layer before a post one: no placement builds this
                         raise RuntimeError("post-norm layers must come before pre-norm ones")
-                    x, _ = F.add_norm(x, sublayer(x), self.norm_sum[k])
+                    x, _ = F.add_norm(x, _output(sublayer(x), k, sublayer), self.norm_sum[k])
                     streams.append(x)
                 else:
                     norm_in = self.norm_in[k]
@@ -167,7 +188,7 @@ class ResidualStack(torch.nn.Module):
                     else:
                         y, x = F.norm_add_norm(x, h, pending_out_norm, norm_in, scale=scale)
                         streams.append(x)
-                    h, pending_out_norm = sublayer(y), self.norm_out[k]
+                    h, pending_out_norm = _output(sublayer(y), k, sublayer), self.norm_out[k]
                 k += 1
         final = self.final_norm
         if h is None:
@@ -189,4 +210,19 @@ class ResidualStack(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, placement={self.placement!r}, norm={self.norm!r}, layers={len(self.layers)}"
-                + (f", mix_ratio={self.mix_ratio}" if self.placement == "mix" else ""))
+                + (f", mix_ratio={self.mix_ratio} ({self.num_post_layers} post)" if self.placement == "mix" else ""))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A None entry of a ModuleList is a child name torch's loader accepts and then skips: keys
+        # under it (a norm another placement has) would vanish without a word, even under strict.
+        for key in state_dict:
+            if not key.startswith(prefix):
+                continue
+            parts = key[len(prefix):].split(".")
+            if (len(parts) > 2 and parts[0] in ("norm_in", "norm_out", "norm_sum") and parts[1].isdigit()
+                    and int(parts[1]) < len(self._modules[parts[0]])
+                    and self._modules[parts[0]][int(parts[1])] is None):
+                unexpected_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

@@ -502,6 +502,53 @@ def test_stack_streams_and_arguments():
         normzoo.ResidualStack([[lambda t: t]], 4, placement="pre")
     one = normzoo.ResidualStack([torch.nn.Linear(4, 4)], 4, placement="pre")  # a bare module: one sublayer
     assert len(one.norm_in) == 1 and "placement='pre'" in repr(one)
+    with pytest.raises(ValueError, match="dim must be a positive int"):
+        normzoo.ResidualStack([torch.nn.Linear(4, 4)], 0, placement="pre")
+    with pytest.raises(TypeError, match="mix_ratio must be a real number"):
+        normzoo.ResidualStack([torch.nn.Linear(4, 4)], 4, placement="mix", mix_ratio="0.5")
+    with pytest.raises(TypeError, match="final_norm must be True, False or None"):
+        normzoo.ResidualStack([torch.nn.Linear(4, 4)], 4, placement="pre", final_norm="no")
+    assert "mix_ratio=0.5 (1 post)" in repr(make_stack("mix", "rmsnorm", "torch", "cpu", num_layers=3, mix_ratio=0.5))
+    # A sublayer that returns a tuple (an LSTM's (output, state)) is named, not reported as an op's "h".
+    lstm = normzoo.ResidualStack([[torch.nn.Linear(4, 4), torch.nn.LSTM(4, 4, batch_first=True)]], 4, placement="pre")
+    with pytest.raises(TypeError, match=r"sublayer 1 \(LSTM\) returned tuple"):
+        lstm(torch.randn(2, 3, 4))
+
+
+def test_stack_checkpoint_of_another_placement_is_not_loaded_silently():
+    """A norm_out / norm_sum entry this placement has as None: torch's loader would skip its keys
+    without counting them unexpected (a Peri-LN checkpoint loaded into Pre-LN, outputs changed)."""
+    pre, peri = make_stack("pre", "rmsnorm", "torch", "cpu"), make_stack("peri", "rmsnorm", "torch", "cpu")
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"norm_out\.0\.weight\""):
+        pre.load_state_dict(peri.state_dict())
+    mix, post = make_stack("mix", "rmsnorm", "torch", "cpu", mix_ratio=0.5), make_stack("post", "rmsnorm", "torch", "cpu")
+    result = mix.load_state_dict(post.state_dict(), strict=False)
+    assert sorted(result.unexpected_keys) == [f"norm_sum.{k}.weight" for k in range(4, 8)]
+    assert pre.load_state_dict(make_stack("pre", "rmsnorm", "torch", "cpu").state_dict()) is not None  # its own loads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parametrized_norms_apply_and_hooked_ones_are_refused(backend, device):
+    """torch.nn.utils.parametrize makes a subclass that only moves the weight behind a property:
+    the fused ops read it as the layer does (gradients reach the original). A forward hook, which
+    a fused op would not run (the old weight_norm recomputes its weight in one), is an error."""
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    stack = make_stack("pre", "rmsnorm", backend, device, num_layers=2)
+    torch.nn.utils.parametrize.register_parametrization(stack.norm_in[1], "weight", Doubled())  # fused: add_norm
+    x = torch.randn(3, 16, device=device)
+    out, want = stack(x), textbook(stack, x)
+    assert torch.allclose(out, want, atol=1e-5, rtol=1e-5)
+    original = stack.norm_in[1].parametrizations.weight.original
+    got = torch.autograd.grad(out.sum(), original)[0]
+    assert torch.allclose(got, torch.autograd.grad(textbook(stack, x).sum(), original)[0], atol=1e-4, rtol=1e-4)
+    hooked = make_norm("rmsnorm", 16, backend, device=device)
+    hooked.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(ValueError, match="forward hooks, which a fused residual op does not run"):
+        NF.add_norm(x, torch.randn_like(x), hooked)
 
 
 # ---------------------------------------------------------------- found in review
