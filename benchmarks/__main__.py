@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import positive_int
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -38,8 +40,8 @@ def parse_args(argv):
                         "norm_add_norm, fused (all three over the four norms), or <op>-<norm>, e.g. "
                         "add_norm-rmsnorm")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    p.add_argument("--rows", nargs="+", type=int, default=None, help="default: 4096 32768 (--smoke: 64)")
-    p.add_argument("--hidden", nargs="+", type=int, default=None,
+    p.add_argument("--rows", nargs="+", type=positive_int, default=None, help="default: 4096 32768 (--smoke: 64)")
+    p.add_argument("--hidden", nargs="+", type=positive_int, default=None,
                    help="default: 512 1024 2048 4096 8192 16384 32768 (--smoke: 128 300)")
     p.add_argument("--passes", nargs="+", default=["fwd", "bwd", "fwdbwd"], choices=["fwd", "bwd", "fwdbwd"])
     p.add_argument("--providers", nargs="+", default=None,
@@ -81,6 +83,11 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown op(s) {unknown}; choose from {sorted(CASES)} or a group {sorted(GROUPS)}", file=sys.stderr)
         return 2
+    if args.providers is not None:
+        known = {q for op in args.ops for q in CASES[op].providers} | set(PEERS)
+        if unknown := [q for q in args.providers if q not in known]:
+            print(f"unknown provider(s) {unknown}; these ops have {sorted(known)}", file=sys.stderr)
+            return 2
     device = "cpu" if args.smoke else "cuda"
     args.rows = args.rows or ([64] if args.smoke else [4096, 32768])
     args.hidden = args.hidden or ([128, 300] if args.smoke else [512, 1024, 2048, 4096, 8192, 16384, 32768])

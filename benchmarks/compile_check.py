@@ -74,6 +74,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from . import positive_int
+
 os.environ.pop("TRITON_INTERPRET", None)  # must precede the kernels' @triton.jit definitions
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
 
@@ -1087,9 +1089,11 @@ def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m benchmarks.compile_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
-    p.add_argument("--hidden", nargs="+", type=int, default=DEFAULT_HIDDEN, help="row widths N")
-    p.add_argument("--rows", type=int, default=32768, help="rows M (grid sizes and the backward's row split); "
+    # Residency, waves and the verdicts use Hopper's per-SM limits (REGS_PER_SM, SMEM_PER_SM,
+    # THREADS_PER_SM): another architecture would be judged against the wrong ones.
+    p.add_argument("--arch", type=int, default=90, choices=[90], help="compute capability: 90 (H100/H200) only")
+    p.add_argument("--hidden", nargs="+", type=positive_int, default=DEFAULT_HIDDEN, help="row widths N")
+    p.add_argument("--rows", type=positive_int, default=32768, help="rows M (grid sizes and the backward's row split); "
                                                           "QK-norm: tokens, each a row per head")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
@@ -1097,7 +1101,7 @@ def main(argv=None) -> int:
     p.add_argument("--fused-modes", nargs="*", default=list(FUSED_MODES), choices=FUSED_MODES,
                    help="fused residual modes to compile (normzoo.fused; none: --fused-modes alone), for the "
                         "--ops among " + ", ".join(FUSED_OPS))
-    p.add_argument("--fused-hidden", nargs="+", type=int, default=FUSED_HIDDEN, help="row widths N of the fused "
+    p.add_argument("--fused-hidden", nargs="+", type=positive_int, default=FUSED_HIDDEN, help="row widths N of the fused "
                    "variants")
     p.add_argument("--fused-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES),
                    help="activation (h, y) dtypes of the fused variants")
@@ -1106,21 +1110,21 @@ def main(argv=None) -> int:
     p.add_argument("--switches", nargs="*", default=list(SWITCHES), choices=list(SWITCHES),
                    help="model switches of LayerNorm/RMSNorm to compile beside their plain twins (none: --switches "
                         "alone), for the --ops among layernorm, rmsnorm")
-    p.add_argument("--switch-hidden", nargs="+", type=int, default=SWITCH_HIDDEN, help="row widths N of the model "
+    p.add_argument("--switch-hidden", nargs="+", type=positive_int, default=SWITCH_HIDDEN, help="row widths N of the model "
                    "switch variants")
     p.add_argument("--switch-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES),
                    help="input dtypes of the model switch variants (x̂ rounding applies to 16-bit inputs only)")
     p.add_argument("--headwise", nargs="*", default=list(HEADWISE_OPS), choices=HEADWISE_OPS,
                    help="head-wise norms to compile (kernels/headwise_norm.py; none: --headwise alone)")
-    p.add_argument("--headwise-hidden", nargs="+", type=int, default=HEADWISE_HIDDEN,
+    p.add_argument("--headwise-hidden", nargs="+", type=positive_int, default=HEADWISE_HIDDEN,
                    help="row widths N of ScaleNorm and CRMSNorm")
     p.add_argument("--headwise-dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES),
                    help="dtypes of ScaleNorm and CRMSNorm")
-    p.add_argument("--crms-hidden", nargs="*", type=int, default=CRMS_COMPRESSED,
+    p.add_argument("--crms-hidden", nargs="*", type=positive_int, default=CRMS_COMPRESSED,
                    help="more CRMSNorm widths: the C − 1 of a converted model of width C")
-    p.add_argument("--qk-head-dims", nargs="+", type=int, default=QK_HEAD_DIMS, help="QK-norm's head_dim per head")
+    p.add_argument("--qk-head-dims", nargs="+", type=positive_int, default=QK_HEAD_DIMS, help="QK-norm's head_dim per head")
     p.add_argument("--qk-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES), help="QK-norm's q and k dtype")
-    p.add_argument("--sms", type=int, default=132, help="SM count the launch rules see (H100 SXM / H200: 132)")
+    p.add_argument("--sms", type=positive_int, default=132, help="SM count the launch rules see (H100 SXM / H200: 132)")
     p.add_argument("--gpu", default=None, help="apply this GPU's measured table (kernels/configs), e.g. "
                                                "NVIDIA-H100-80GB-HBM3; default: the rules alone")
     p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
@@ -1131,8 +1135,10 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     tables = getattr(heuristics, "_tables", dict)()
-    if args.gpu and args.gpu not in tables:
-        print(f"note: no measured table for {args.gpu!r} (have: {sorted(tables) or 'none'}); the rules apply")
+    if args.gpu and args.gpu not in tables:  # (a report would name a table it never applied)
+        print(f"no measured table for {args.gpu!r} in kernels/configs (have: {sorted(tables) or 'none'})",
+              file=sys.stderr)
+        return 2
     recorder = LaunchRecorder(GPUTarget("cuda", args.arch, 32), args.sms, args.gpu)
     records, launch_errors, fused_launch_errors, switch_launch_errors, headwise_launch_errors = [], [], [], [], []
     twins = {}  # record index -> the plain twin's Launch (model switches)

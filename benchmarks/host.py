@@ -34,15 +34,17 @@ import sys
 import time
 from pathlib import Path
 
+from . import positive_int
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.host", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="+", type=int, default=None,
+    p.add_argument("--rows", nargs="+", type=positive_int, default=None,
                    help="row counts to time (default: 4 when stubbed; 1 16 256 on a GPU)")
-    p.add_argument("--hidden", type=int, default=None, help="default: 64 when stubbed, 4096 on a GPU")
+    p.add_argument("--hidden", type=positive_int, default=None, help="default: 64 when stubbed, 4096 on a GPU")
     p.add_argument("--stub", action="store_true", help="stub out the launches even on a GPU machine")
-    p.add_argument("--repeats", type=int, default=300, help="calls per timing")
-    p.add_argument("--rounds", type=int, default=30,
+    p.add_argument("--repeats", type=positive_int, default=300, help="calls per timing")
+    p.add_argument("--rounds", type=positive_int, default=30,
                    help="interleaved rounds; the fastest is kept (many short rounds ride out a noisy machine)")
     p.add_argument("--out", type=Path, default=None, help="directory for host-<label>.json/.md")
     p.add_argument("--triton-launch", action="store_true",

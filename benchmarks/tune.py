@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import positive_int
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SMOKE_GPU = "smoke-cpu"  # the table name a --smoke run installs its candidates under
 KEEP_RULE_WITHIN = 0.02  # the rule stays unless a candidate is more than 2% faster
@@ -53,9 +55,9 @@ def parse_args(argv):
     p.add_argument("--ops", nargs="+", default=["layernorm", "rmsnorm", "dyt", "derf"])
     p.add_argument("--passes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     p.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(DTYPES))
-    p.add_argument("--hidden", nargs="+", type=int, default=None,
+    p.add_argument("--hidden", nargs="+", type=positive_int, default=None,
                    help="default: 1024 2048 4096 8192 16384 32768 (--smoke: 64); tuned in this order")
-    p.add_argument("--rows", type=int, default=None, help="default: 32768 (--smoke: 16)")
+    p.add_argument("--rows", type=positive_int, default=None, help="default: 32768 (--smoke: 16)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="seconds; then stop, keeping every key measured in full")
     p.add_argument("--jobs", type=int, default=None,
@@ -439,7 +441,12 @@ def main(argv=None) -> int:
     # N first (in the order given), so that a budget cut keeps whole widths for every op.
     keys = [(op, pass_, d, n) for d in args.dtypes for n in hidden for op in args.ops for pass_ in args.passes]
     table = _load_existing(args.out, s.gpu)
-    table["environment"] = harness.environment(s.device.type, args.smoke)
+    if "environment" in table:
+        # The header says what this run did; an earlier run's is kept, and each entry names the
+        # run that measured it, so that a short run does not relabel the entries it left alone.
+        table.setdefault("earlier_runs", []).append({"environment": table["environment"],
+                                                     "tuner": table.get("tuner")})
+    table["environment"] = env = harness.environment(s.device.type, args.smoke)
     table["tuner"] = {"rows": rows, "budget_s": args.budget_s, "planned": len(keys), "tuned": 0, "complete": False,
                       "keep_rule_within": KEEP_RULE_WITHIN, "do_bench_ms": None if args.smoke else [WARMUP_MS, REP_MS]}
     jobs = args.jobs if args.jobs is not None else (0 if args.smoke else _default_jobs(s, rows, hidden, args.dtypes))
@@ -476,7 +483,7 @@ def main(argv=None) -> int:
             table["configs"].pop(key, None)
         else:
             table["configs"][key] = record["chosen"]
-        table["measured"][key] = record
+        table["measured"][key] = {**record, "run": {"git_commit": env["git_commit"], "date": env["date"]}}
         table["tuner"]["tuned"] = tuned
         table["tuner"]["complete"] = tuned == len(keys)
         _write(args.out, table)

@@ -220,6 +220,7 @@ def test_smoke_run_writes_a_table_that_heuristics_loads(tmp_path, monkeypatch):
     for key, record in data["measured"].items():
         _check_record(key, record)
         assert all(c["ms"] > 0 for c in record["candidates"])  # none rejected: each matched the rule
+        assert record["run"] == {"git_commit": data["environment"]["git_commit"], "date": data["environment"]["date"]}
     for key, entry in data["configs"].items():  # only entries that beat the rule
         h.validate_entry(key, entry)
         assert entry == data["measured"][key]["chosen"] and not data["measured"][key]["rule_kept"]
@@ -244,6 +245,10 @@ def test_budget_stops_cleanly_and_keeps_other_keys(tmp_path):
     data = json.loads(out.read_text())
     assert data["configs"] == kept and data["measured"] == {}
     assert data["tuner"]["tuned"] == 0 and not data["tuner"]["complete"]
+    # A second run into the same table keeps the first run's header beside its own.
+    r = _tune("--ops", "dyt", "--hidden", "64", "--budget-s", "0", "--out", out)
+    again = json.loads(out.read_text())
+    assert again["earlier_runs"] == [{"environment": data["environment"], "tuner": data["tuner"]}]
 
 
 def test_smoke_never_writes_the_kernels_tables():
