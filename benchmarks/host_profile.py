@@ -3,7 +3,8 @@ floor a bare Triton launch sets on this machine.
 
     python -m benchmarks.host_profile [--rows 16] [--hidden 4096] [--calls 300]
 
-Without a GPU it runs the kernels in Triton's interpreter (checks the script, measures nothing),
+Without a GPU it runs the kernels in Triton's interpreter at 4 x 64 and 20 calls unless told
+otherwise (checks the script in seconds; its times are the interpreter's, not a measurement),
 or, with ``--triton-launch``, launches them through Triton's own launch path into sm_90 compiles
 with only the driver faked (``benchmarks.host --triton-launch``): a CPU profile of what a GPU
 host spends, kernels aside.
@@ -22,12 +23,14 @@ import pstats
 import sys
 import time
 
+from . import positive_int
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.host_profile")
-    p.add_argument("--rows", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--rows", type=positive_int, default=None, help="default 16 (interpreter: 4)")
+    p.add_argument("--hidden", type=positive_int, default=None, help="default 4096 (interpreter: 64)")
+    p.add_argument("--calls", type=positive_int, default=None, help="default 300 (interpreter: 20)")
     p.add_argument("--triton-launch", action="store_true",
                    help="CPU: Triton's own launch path into sm_90 compiles, only the driver faked")
     args = p.parse_args(argv)
@@ -38,8 +41,12 @@ def main(argv=None) -> int:
         from .host import _fake_gpu_driver
 
         _fake_gpu_driver()
-    elif not torch.cuda.is_available():
+    interpreted = not args.triton_launch and not torch.cuda.is_available()
+    if interpreted:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
+    args.rows = args.rows or (4 if interpreted else 16)
+    args.hidden = args.hidden or (64 if interpreted else 4096)
+    args.calls = args.calls or (20 if interpreted else 300)
     import triton
     import triton.language as tl
 
@@ -74,7 +81,8 @@ def main(argv=None) -> int:
         for _ in range(min(30, args.calls)):
             fn()
     sync()
-    where = "cpu, through Triton's launch path (sm_90 compiles, driver faked)" if args.triton_launch else device
+    where = ("cpu, through Triton's launch path (sm_90 compiles, driver faked)" if args.triton_launch else
+             "cpu, Triton's interpreter (checks the script; not a measurement)" if interpreted else device)
     print(f"{where}, {args.rows} x {args.hidden} fp32, input requires grad; torch {torch.__version__}, "
           f"triton {triton.__version__}")
     for label, fn in calls.items():
