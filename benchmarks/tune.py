@@ -41,6 +41,7 @@ from . import positive_int
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SMOKE_GPU = "smoke-cpu"  # the table name a --smoke run installs its candidates under
 KEEP_RULE_WITHIN = 0.02  # the rule stays unless a candidate is more than 2% faster
+EARLIER_RUNS_KEPT = 8  # earlier runs' headers a table keeps (its entries name their run)
 WARPS = (4, 8, 16)  # tried at every key (with the rule's own count)
 # do_bench milliseconds per candidate: shorter than the benchmark's (25, 100); enough repeats for a
 # 2% decision at 32k rows (100+ runs at N <= 8192, 30+ at N = 32768).
@@ -444,8 +445,8 @@ def main(argv=None) -> int:
     if "environment" in table:
         # The header says what this run did; an earlier run's is kept, and each entry names the
         # run that measured it, so that a short run does not relabel the entries it left alone.
-        table.setdefault("earlier_runs", []).append({"environment": table["environment"],
-                                                     "tuner": table.get("tuner")})
+        earlier = table.get("earlier_runs", []) + [{"environment": table["environment"], "tuner": table.get("tuner")}]
+        table["earlier_runs"] = earlier[-EARLIER_RUNS_KEPT:]
     table["environment"] = env = harness.environment(s.device.type, args.smoke)
     table["tuner"] = {"rows": rows, "budget_s": args.budget_s, "planned": len(keys), "tuned": 0, "complete": False,
                       "keep_rule_within": KEEP_RULE_WITHIN, "do_bench_ms": None if args.smoke else [WARMUP_MS, REP_MS]}

@@ -239,7 +239,7 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     # estimate would leave no margin there for another Triton version's register count).
     per_value = (7 if single_tile or fused else 5) if n_cols % 8 == 0 else 14
     regs = per_value * per_thread + 16 + (3 * per_thread if fused and per_thread < 16 else 0)
-    if block_m > 1 and n_cols % 8 == 0:
+    if single_tile and block_m > 1 and n_cols % 8 == 0:
         # Rows stacked in a tile (N <= 512) cost more than one 1024-wide row at the same 8 values a
         # thread: 80-128 registers across the plain and add_norm layouts (LayerNorm fp32 with weight
         # and bias at N = 128-256: 128), against 56-72 at 1×1024 (compile_check, sm_90, N 64-512).

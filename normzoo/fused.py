@@ -388,12 +388,12 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
     else:
         raise TypeError("norm must be a normzoo LayerNorm, RMSNorm, DyT or Derf, or torch.nn.LayerNorm / RMSNorm "
                         f"(the class itself, not a subclass), got {type(norm).__name__}")
-    if norm._forward_pre_hooks or norm._forward_hooks:
-        # The old torch.nn.utils.weight_norm recomputes `weight` in a forward pre-hook: read without
-        # calling the module, it would be stale.
-        raise ValueError(f"this {type(norm).__name__} has forward hooks, which a fused residual op does not run (it "
-                         "reads the norm's parameters, never calls it); remove them (for weight_norm, use "
-                         "torch.nn.utils.parametrizations.weight_norm) or use the norm and the add apart")
+    if norm._forward_pre_hooks or norm._forward_hooks or norm._backward_pre_hooks or norm._backward_hooks:
+        # Module hooks run only when the module is called, which a fused op never does: the old
+        # torch.nn.utils.weight_norm's pre-hook recomputes `weight`, which would be read stale.
+        raise ValueError(f"this {type(norm).__name__} has module hooks, which a fused residual op does not run (it "
+                         "reads the norm's parameters, never calls it); remove them or use the norm and the add "
+                         "apart (for the old weight_norm: torch.nn.utils.parametrizations.weight_norm applies)")
     if getattr(norm, "x_hat_dtype", None) is not None:
         raise ValueError("fused residual ops do not take an x_hat_dtype norm yet; use the norm and the add apart")
     get = functools.partial(layers._param, norm)  # as the layers read them: parametrizations apply

@@ -247,6 +247,7 @@ def test_budget_stops_cleanly_and_keeps_other_keys(tmp_path):
     assert data["tuner"]["tuned"] == 0 and not data["tuner"]["complete"]
     # A second run into the same table keeps the first run's header beside its own.
     r = _tune("--ops", "dyt", "--hidden", "64", "--budget-s", "0", "--out", out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     again = json.loads(out.read_text())
     assert again["earlier_runs"] == [{"environment": data["environment"], "tuner": data["tuner"]}]
 
