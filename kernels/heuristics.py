@@ -176,7 +176,8 @@ def _resident_estimate(num_warps: int, regs_per_thread: int) -> int:
 
 
 def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: int | None,
-                  fused: bool = False, two_stores: bool = False, peri: bool = False) -> LaunchConfig:
+                  fused: bool = False, two_stores: bool = False, peri: bool = False,
+                  affine: bool = True) -> LaunchConfig:
     limit = single_tile_limit(dtype)
     if fused:
         # A fused residual backward also reads the sum's gradient (and with ``two_stores`` stores
@@ -239,11 +240,13 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     # estimate would leave no margin there for another Triton version's register count).
     per_value = (7 if single_tile or fused else 5) if n_cols % 8 == 0 else 14
     regs = per_value * per_thread + 16 + (3 * per_thread if fused and per_thread < 16 else 0)
-    if single_tile and block_m > 1 and n_cols % 8 == 0:
+    if single_tile and block_m > 1 and n_cols % 8 == 0 and (affine or fused):
         # Rows stacked in a tile (N <= 512) cost more than one 1024-wide row at the same 8 values a
         # thread: 80-128 registers across the plain and add_norm layouts (LayerNorm fp32 with weight
         # and bias at N = 128-256: 128), against 56-72 at 1×1024 (compile_check, sm_90, N 64-512).
         # At 7 the grid was 1.15-1.73 waves there: a second wave that nearly doubles the kernel.
+        # A plain backward with no parameter to load or sum (a norm without elementwise_affine, as
+        # DiT's adaLN LayerNorm) takes 48-64 (8-10 fit): the estimate above (72, 7 programs) holds.
         regs = max(regs, 14 * per_thread + 16)
     if peri and single_tile:
         # norm_add_norm's one-pass backward holds a second norm's row and four column sums: 15
@@ -288,9 +291,11 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None, fuse
 
 @functools.lru_cache(maxsize=4096)
 def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: torch.device,
-                  max_block_n: int | None = None) -> LaunchConfig:
+                  max_block_n: int | None = None, affine: bool = True) -> LaunchConfig:
     """The launch configuration for one kernel call. ``max_block_n`` caps the column tile (tests
     use it to reach the looped path on small rows); a capped call ignores the measured tables.
+    ``affine=False``: a row-wise backward with no weight to load and no dw/db to sum (a lighter
+    kernel: more programs fit; tables, timed with parameters, do not distinguish it).
     ``pass_``: ``"fwd"``, ``"bwd"``, ``"bwd_res"`` (a fused residual op's backward, which also
     reads the sum's gradient: rules only, no table), ``"bwd_res2"`` (the same, storing dx twice) or
     ``"bwd_peri"`` (norm_add_norm's one-pass backward: two norms' gradients, read as bwd_res2)."""
@@ -298,7 +303,7 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
     backward = fused or pass_ == "bwd"
     if op in ROWWISE_OPS:
         cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n, fused, pass_ in ("bwd_res2", "bwd_peri"),
-                            pass_ == "bwd_peri")
+                            pass_ == "bwd_peri", affine)
     else:
         cfg = _elementwise_rule(n_cols, backward, max_block_n, fused, pass_ == "bwd_peri")
     # Tables are measured at row lengths that are multiples of 8 and keyed by the next power of 2:

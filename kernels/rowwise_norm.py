@@ -618,7 +618,8 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
     if cfg is None:
         # A fused op's backward moves more: the sum's gradient in, dx maybe twice out.
         pass_ = "bwd" if dres is None and dx2 is None else "bwd_res2" if dx2 is not None else "bwd_res"
-        cfg = launch_config("rmsnorm" if is_rms else "layernorm", pass_, N, x.dtype, device, max_block_n)
+        cfg = launch_config("rmsnorm" if is_rms else "layernorm", pass_, N, x.dtype, device, max_block_n,
+                            weight is not None or compute_db)
     rows_per_program, programs = split_rows(M, cfg, device)
 
     dw = alloc(x, N, weight.dtype) if compute_dw else None
