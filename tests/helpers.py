@@ -112,3 +112,13 @@ def term_sizes(kind: str, m64: torch.nn.Module, v64: torch.Tensor, g: torch.Tens
     return through * m64.alpha.detach().abs(), {
         "weight": (g * act.abs()).sum(0).norm().item(), "bias": g.sum(0).norm().item(),
         "alpha": (through * v64.abs()).sum().item(), "shift": through.sum().item()}
+
+
+def capped(launch_config, max_block_n: int):
+    """``launch_config`` with its column tile capped at ``max_block_n`` (small rows then take the
+    looped path), whatever else the launcher passes after the cap (the backward's ``affine``)."""
+
+    def capped_config(op, pass_, n_cols, dtype, device, _max_block_n=None, *rest):
+        return launch_config(op, pass_, n_cols, dtype, device, max_block_n, *rest)
+
+    return capped_config

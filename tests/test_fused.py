@@ -12,7 +12,7 @@ import torch
 
 import normzoo
 import normzoo.functional as NF
-from helpers import assert_close, on_reference, term_sizes
+from helpers import assert_close, capped, on_reference, term_sizes
 from normzoo import fused
 
 KINDS = ["layernorm", "rmsnorm", "dyt", "derf"]
@@ -252,9 +252,7 @@ def test_looped_long_row_path(kind, mode, device, monkeypatch):
     from normzoo.kernels import elementwise, rowwise_norm
 
     module = rowwise_norm if kind in ("layernorm", "rmsnorm") else elementwise
-    original = module.launch_config
-    monkeypatch.setattr(module, "launch_config",
-                        lambda op, pass_, n, dtype, dev, max_block_n=None: original(op, pass_, n, dtype, dev, 16))
+    monkeypatch.setattr(module, "launch_config", capped(module.launch_config, 16))
     assert module.launch_config(kind, "fwd", 97, torch.float32, torch.device(device)).block_n == 16
     for act_dtype, res_dtype in PRECISIONS:
         check_against_float64(kind, mode, act_dtype, res_dtype, 97, "triton", device)

@@ -8,7 +8,7 @@ import torch
 
 import normzoo
 import normzoo.functional as NF
-from helpers import assert_close, assert_compiled_matches_eager
+from helpers import assert_close, assert_compiled_matches_eager, capped
 from normzoo import ops, reference
 
 BACKENDS = ["torch", "triton"]
@@ -538,8 +538,7 @@ def test_x_hat_dtype_reproduces_the_models_formula(x_hat_dtype, dtypes, n, max_b
         if backend != "triton":
             pytest.skip("a cap on the tile width is a kernel setting")
         from normzoo.kernels import rowwise_norm as launchers
-        real = launchers.launch_config
-        monkeypatch.setattr(launchers, "launch_config", lambda *a: real(*a[:-1], max_block_n))
+        monkeypatch.setattr(launchers, "launch_config", capped(launchers.launch_config, max_block_n))
     x_dtype, w_dtype = dtypes
     layer = normzoo.RMSNorm(n, eps=1e-6, backend=backend, device=device, dtype=w_dtype, x_hat_dtype=x_hat_dtype)
     with torch.no_grad():
@@ -628,8 +627,7 @@ def test_rows_too_large_to_normalize_give_nan_not_the_bias(n, max_block_n, dtype
         if backend != "triton":
             pytest.skip("a cap on the tile width is a kernel setting")
         from normzoo.kernels import rowwise_norm as launchers
-        real = launchers.launch_config
-        monkeypatch.setattr(launchers, "launch_config", lambda *a: real(*a[:-1], max_block_n))
+        monkeypatch.setattr(launchers, "launch_config", capped(launchers.launch_config, max_block_n))
     x = torch.randn(3, n, device=device)
     x[0] *= 1e30
     x[2] *= 1e20  # x² = 1e40: over fp32's 3.4e38 as well

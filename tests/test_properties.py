@@ -36,7 +36,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import normzoo  # noqa: E402
 import normzoo.functional as NF  # noqa: E402
-from helpers import RTOL, assert_close, on_reference, rel_error, term_sizes  # noqa: E402
+from helpers import RTOL, assert_close, capped, on_reference, rel_error, term_sizes  # noqa: E402
 from normzoo import fused  # noqa: E402
 from test_headwise import formula as headwise_formula  # noqa: E402
 from test_pointwise_kernels import run_and_compare as run_pointwise  # noqa: E402
@@ -96,10 +96,7 @@ def tile_cap(max_block_n):
 
     patches = []
     for module in (rowwise_norm, elementwise):
-        real = module.launch_config
-        patches.append(mock.patch.object(
-            module, "launch_config",
-            lambda op, pass_, n, dtype, dev, cap=None, _real=real: _real(op, pass_, n, dtype, dev, max_block_n)))
+        patches.append(mock.patch.object(module, "launch_config", capped(module.launch_config, max_block_n)))
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)
