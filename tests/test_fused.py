@@ -216,7 +216,8 @@ def test_affine_flags_and_frozen_parameters(kind, mode, affine, device, monkeypa
 @pytest.mark.parametrize("precision", PRECISIONS[1:], ids=["bf16", "bf16-fp32res"])
 def test_fused_backward_at_the_16bit_single_tile_limit(n, precision, device):
     """The fused residual backward keeps 16-bit rows up to 4096 in one tile (an fp32 stream takes
-    the looped path past 2048): both sides of that limit, through the kernels, and the rule."""
+    the looped path past 2048, but for RMSNorm's norm_add_norm): both sides of that limit, through
+    the kernels, and the rule."""
     from normzoo.kernels.heuristics import launch_config
 
     act_dtype, res_dtype = precision
@@ -226,6 +227,8 @@ def test_fused_backward_at_the_16bit_single_tile_limit(n, precision, device):
         assert cfg.single_tile == (n == 4096 and res_dtype.itemsize == 2)
     for mode in ("add_norm", "norm_add_norm"):
         check_against_float64("layernorm", mode, act_dtype, res_dtype, n, "triton", device, rows=3)
+    # RMSNorm's norm_add_norm keeps an fp32 stream's 4096-wide rows in its one pass too
+    check_against_float64("rmsnorm", "norm_add_norm", act_dtype, res_dtype, n, "triton", device, rows=3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

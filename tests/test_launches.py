@@ -133,13 +133,18 @@ def test_fused_residual_ops(kind, mode, norms, residual_fp32, rows, launches, de
         assert not compute, f"{when} ran torch ops besides the kernels: {compute}"
 
 
-@pytest.mark.parametrize("width, stream", [(4104, torch.bfloat16), (2056, torch.float32)], ids=["bf16-4104", "fp32-2056"])
-def test_norm_add_norm_past_the_fused_single_tile_limit(width, stream, launches, device):
-    """Row-wise rows wider than one fused tile (16-bit 4096, fp32 2048): norm_add_norm's backward
-    is two kernels, each with its reduce (the second norm's, then the first norm's on dx in fp32)."""
+@pytest.mark.parametrize("kind, width, stream, kernels", [
+    ("layernorm", 4104, torch.bfloat16, 2), ("layernorm", 2056, torch.float32, 2),
+    ("rmsnorm", 2056, torch.float32, 1), ("rmsnorm", 4104, torch.float32, 2)],
+    ids=["bf16-4104", "fp32-2056", "rms-fp32-2056", "rms-fp32-4104"])
+def test_norm_add_norm_past_the_fused_single_tile_limit(kind, width, stream, kernels, launches, device):
+    """Row-wise rows wider than one fused tile (16-bit 4096; an fp32 stream: LayerNorm 2048,
+    RMSNorm 4096): norm_add_norm's backward is two kernels, each with its reduce (the second
+    norm's, then the first norm's on dx in fp32); RMSNorm's fp32-stream rows up to 4096, one."""
     from normzoo import fused
 
-    layers = [normzoo.LayerNorm(width, backend="triton", device=device) for _ in range(2)]
+    make = {"layernorm": normzoo.LayerNorm, "rmsnorm": normzoo.RMSNorm}[kind]
+    layers = [make(width, backend="triton", device=device) for _ in range(2)]
     x = torch.randn(512, width, device=device, dtype=stream, requires_grad=True) * 1
     h = torch.randn(512, width, device=device, dtype=torch.bfloat16, requires_grad=True) * 1
     y, s = fused.fused_residual(x, h, *layers, mode="norm_add_norm")
@@ -147,7 +152,7 @@ def test_norm_add_norm_past_the_fused_single_tile_limit(width, stream, launches,
     grads_in = [torch.randn_like(y), torch.randn_like(s)]
     with _OpLog() as backward_ops:
         torch.autograd.grad([y, s], [x, h, *layers[0].parameters(), *layers[1].parameters()], grads_in)
-    assert backward_launches_ok(launches, 2, reduce=True), launches
+    assert backward_launches_ok(launches, kernels, reduce=True), launches
     assert not [op for op in backward_ops.ops if op not in NON_COMPUTE_OPS]
 
 
