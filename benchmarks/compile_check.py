@@ -205,7 +205,7 @@ RESIDENCY_EXCEPTIONS: list[ResidencyException] = [
         "norm_add_norm's one-pass backward in one 4096-wide 16-bit tile: both norms' gradients (dy, ds, s and h "
         "read, dx and dh written, four column-sum accumulators). At 16 values a thread in 8 warps it took "
         "244-247 registers (one program, 8 warps per SM); at 8 values in 16 warps, LayerNorm 128 and RMSNorm "
-        "84 (one program, 16 warps); RMSNorm beside an fp32 stream 101. The alternative, two kernels with dx "
+        "84 (one program, 16 warps); RMSNorm beside an fp32 stream 101 (128 at 2056). The alternative, two kernels with dx "
         "kept in fp32 between them, moves 10 units of row traffic for the ideal 6.",
         ops=("layernorm", "rmsnorm"), passes=("bwd",), dtypes=("bf16", "fp16"), tile=(1, 4096), whole_row=True,
         modes=("norm_add_norm",)),

@@ -585,11 +585,12 @@ def rowwise_peri_backward(dy, ds, s, weight2, stats2, h, weight1, stats1, *, is_
     check_rows(s, dy, h) if ds is None else check_rows(s, dy, h, ds)
     M, N = s.shape
     wide = s.dtype if s.dtype.itemsize >= h.dtype.itemsize else h.dtype  # the tile rule's dtype
-    if is_rms and wide.itemsize == 4 and h.dtype.itemsize == 2 and N <= 4096:
+    if is_rms and wide.itemsize == 4 and h.dtype.itemsize == 2 and N <= 4096 and N % 8 == 0:
         # 16-bit activations beside an fp32 stream: RMSNorm's one pass fits a 4096-wide row in the
-        # 16-bit rule's layout (16 warps, 8 values a thread: 101 registers, no spill; compile_check
+        # 16-bit rule's layout (16 warps, 8 values a thread: 101-128 registers, no spill; compile_check
         # sm_90), not the two kernels (10 units of row traffic for 6). LayerNorm's took 128 registers
-        # and spilled 8 bytes, so it keeps the fp32 rule.
+        # and spilled 8 bytes, and so did unaligned rows (element-wise addresses: 16 bytes at 3001
+        # and 4095): they keep the fp32 rule.
         wide = h.dtype
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "bwd_peri", N, wide, s.device, max_block_n)
     dx = alloc_rows(s, dx_dtype or s.dtype)

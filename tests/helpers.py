@@ -116,9 +116,13 @@ def term_sizes(kind: str, m64: torch.nn.Module, v64: torch.Tensor, g: torch.Tens
 
 def capped(launch_config, max_block_n: int):
     """``launch_config`` with its column tile capped at ``max_block_n`` (small rows then take the
-    looped path), whatever else the launcher passes after the cap (the backward's ``affine``)."""
+    looped path), whatever else the launcher passes after the cap (the backward's ``affine``).
+    ``.configs`` records ``(pass, config)`` of every call, so a test can show the path it forced."""
 
     def capped_config(op, pass_, n_cols, dtype, device, _max_block_n=None, *rest):
-        return launch_config(op, pass_, n_cols, dtype, device, max_block_n, *rest)
+        cfg = launch_config(op, pass_, n_cols, dtype, device, max_block_n, *rest)
+        capped_config.configs.append((pass_, cfg))
+        return cfg
 
+    capped_config.configs = []
     return capped_config

@@ -255,7 +255,7 @@ def test_looped_long_row_path(kind, mode, device, monkeypatch):
     from normzoo.kernels import elementwise, rowwise_norm
 
     module = rowwise_norm if kind in ("layernorm", "rmsnorm") else elementwise
-    monkeypatch.setattr(module, "launch_config", capped(module.launch_config, 16))
+    monkeypatch.setattr(module, "launch_config", patched := capped(module.launch_config, 16))
     assert module.launch_config(kind, "fwd", 97, torch.float32, torch.device(device)).block_n == 16
     for act_dtype, res_dtype in PRECISIONS:
         check_against_float64(kind, mode, act_dtype, res_dtype, 97, "triton", device)
@@ -264,6 +264,10 @@ def test_looped_long_row_path(kind, mode, device, monkeypatch):
     check_against_float64(kind, mode, torch.float32, torch.float32, 97, "triton", device, rows=37)
     if kind in ("layernorm", "rmsnorm"):
         check_against_float64(kind, mode, torch.bfloat16, torch.float32, 97, "triton", device, weight_offset=1.0)
+    # What ran: every backward launch took tiles narrower than the row (the row-wise norms' looped path).
+    backward = [cfg for pass_, cfg in patched.configs if pass_ != "fwd"]
+    assert backward and all(cfg.block_n < 97 for cfg in backward)
+    assert kind not in ("layernorm", "rmsnorm") or not any(cfg.single_tile for cfg in backward)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
