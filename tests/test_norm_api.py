@@ -625,13 +625,21 @@ def test_layers_can_be_called_from_several_threads(device):
 def test_rows_too_large_to_normalize_give_nan_not_the_bias(n, max_block_n, dtype, backend, device, monkeypatch):
     """Issue 14, item 5: a row of magnitude 1e30 overflows fp32's x² (rsqrt(inf) = 0), which used to
     return the bias, finite and wrong. Such a row is NaN now (torch's LayerNorm gives NaN too), in
-    every norm, forward and dx; the other rows are untouched. (The "looped" cap reaches the
-    row-wise launcher only: ScaleNorm and QK-norm take the head-wise one, single tile here.)"""
+    every norm, forward and dx; the other rows are untouched. "looped" caps the row-wise and the
+    head-wise (ScaleNorm, QK-norm) launchers' tiles."""
     if max_block_n is not None:
         if backend != "triton":
             pytest.skip("a cap on the tile width is a kernel setting")
+        from normzoo.kernels import headwise_norm
         from normzoo.kernels import rowwise_norm as launchers
         monkeypatch.setattr(launchers, "launch_config", capped(launchers.launch_config, max_block_n))
+        headwise_config, headwise_configs = headwise_norm._config, []
+
+        def capped_headwise(n, pair, itemsize=2, _max_block_n=None):
+            headwise_configs.append(cfg := headwise_config(n, pair, itemsize, max_block_n))
+            return cfg
+
+        monkeypatch.setattr(headwise_norm, "_config", capped_headwise)
     x = torch.randn(3, n, device=device)
     x[0] *= 1e30
     x[2] *= 1e20  # x² = 1e40: over fp32's 3.4e38 as well
@@ -653,6 +661,7 @@ def test_rows_too_large_to_normalize_give_nan_not_the_bias(n, max_block_n, dtype
         torch.testing.assert_close(y[1:2].double(), expected, rtol=1e-2, atol=1e-2, msg=name)
     if max_block_n is not None:
         assert not any(cfg.single_tile for _, cfg in launchers.launch_config.configs)
+        assert headwise_configs and not any(cfg.single_tile for cfg in headwise_configs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
