@@ -28,6 +28,7 @@ def _sublayers(layer) -> list:
             raise TypeError(f"sublayers must be nn.Modules, got {type(sub).__name__}")
     return subs
 
+
 def _output(h, index: int, sublayer):
     """A sublayer's output, which must be one tensor (the stream's update)."""
     if not isinstance(h, Tensor):
@@ -89,8 +90,9 @@ class ResidualStack(torch.nn.Module):
     The fused ops read the norms' parameters and never call the norm modules, so a norm that
     runs in one (every norm but one that no add precedes: the first ``norm_in`` of pre, peri and
     scaled and of mix after its post layers, and ``final_norm`` of a stack that ends with a post
-    layer, which are called as modules) may not have forward hooks: the op raises a ValueError
-    rather than skip them (the old hook-based ``torch.nn.utils.weight_norm`` is one).
+    layer, which are called as modules) may not have module hooks (forward or backward): the op
+    raises a ValueError rather than skip them (the old hook-based ``torch.nn.utils.weight_norm``
+    has one).
     ``torch.nn.utils.parametrize`` parametrizations (``parametrizations.weight_norm`` too) apply
     everywhere. Loading a ``state_dict`` with entries for a norm this placement does not have (a
     Peri-LN checkpoint's ``norm_out`` into a Pre-LN stack) is an error under ``strict=True``.
@@ -112,7 +114,9 @@ class ResidualStack(torch.nn.Module):
             raise ValueError(f"norm must be one of {tuple(NORMS)}, got {norm!r}")
         if eps is not None and norm in ("dyt", "derf"):
             raise ValueError(f"{norm} has no eps; leave eps=None")
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise TypeError(f"dim must be a positive int, got {type(dim).__name__}")
+        if dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         dim = int(dim)
         if isinstance(mix_ratio, bool) or not isinstance(mix_ratio, numbers.Real):
