@@ -239,6 +239,11 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     # looped tiles keep the single tile's 7 (55-80 registers at 8 values in 4 warps: the lower
     # estimate would leave no margin there for another Triton version's register count).
     per_value = (7 if single_tile or fused else 5) if n_cols % 8 == 0 else 14
+    if single_tile and block_m == 1 and not affine and not fused and n_cols % 8 == 0:
+        # A plain backward with no weight to load and no dw/db to sum (a norm without
+        # elementwise_affine, as DiT's adaLN LayerNorm) holds only x and dy: 35-59 registers at
+        # 8-16 values a thread, 2.2-3.0 a value (compile_check, sm_90, N 768-8192).
+        per_value = 4
     regs = per_value * per_thread + 16 + (3 * per_thread if fused and per_thread < 16 else 0)
     if single_tile and block_m > 1 and n_cols % 8 == 0 and (affine or fused):
         # Rows stacked in a tile (N <= 512) cost more than one 1024-wide row at the same 8 values a
