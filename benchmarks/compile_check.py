@@ -207,8 +207,8 @@ RESIDENCY_EXCEPTIONS: list[ResidencyException] = [
         "norm_add_norm's one-pass backward in one 4096-wide 16-bit tile: both norms' gradients (dy, ds, s and h "
         "read, dx and dh written, four column-sum accumulators). At 16 values a thread in 8 warps it took "
         "244-247 registers (one program, 8 warps per SM); at 8 values in 16 warps, LayerNorm 128 and RMSNorm "
-        "84 (one program, 16 warps); RMSNorm beside an fp32 stream 101 (128 at 2056). The alternative, two kernels with dx "
-        "kept in fp32 between them, moves 10 units of row traffic for the ideal 6.",
+        "84 (one program, 16 warps); RMSNorm beside an fp32 stream 101 (128 at 2056). The alternative, two "
+        "kernels with dx kept in fp32 between them, moves 10 units of row traffic for the ideal 6.",
         ops=("layernorm", "rmsnorm"), passes=("bwd",), dtypes=("bf16", "fp16"), tile=(1, 4096), whole_row=True,
         modes=("norm_add_norm",)),
     ResidencyException(
@@ -1110,7 +1110,8 @@ def main(argv=None) -> int:
     p.add_argument("--fused-modes", nargs="*", default=list(FUSED_MODES), choices=FUSED_MODES,
                    help="fused residual modes to compile (normzoo.fused; none: --fused-modes alone), for the "
                         "--ops among " + ", ".join(FUSED_OPS))
-    p.add_argument("--fused-hidden", nargs="+", type=positive_int, default=FUSED_HIDDEN, help="row widths N of the fused "
+    p.add_argument("--fused-hidden", nargs="+", type=positive_int, default=FUSED_HIDDEN,
+                   help="row widths N of the fused "
                    "variants")
     p.add_argument("--fused-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES),
                    help="activation (h, y) dtypes of the fused variants")
@@ -1119,7 +1120,8 @@ def main(argv=None) -> int:
     p.add_argument("--switches", nargs="*", default=list(SWITCHES), choices=list(SWITCHES),
                    help="model switches of LayerNorm/RMSNorm to compile beside their plain twins (none: --switches "
                         "alone), for the --ops among layernorm, rmsnorm")
-    p.add_argument("--switch-hidden", nargs="+", type=positive_int, default=SWITCH_HIDDEN, help="row widths N of the model "
+    p.add_argument("--switch-hidden", nargs="+", type=positive_int, default=SWITCH_HIDDEN,
+                   help="row widths N of the model "
                    "switch variants")
     p.add_argument("--switch-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES),
                    help="input dtypes of the model switch variants (x̂ rounding applies to 16-bit inputs only)")
@@ -1131,7 +1133,8 @@ def main(argv=None) -> int:
                    help="dtypes of ScaleNorm and CRMSNorm")
     p.add_argument("--crms-hidden", nargs="*", type=positive_int, default=CRMS_COMPRESSED,
                    help="more CRMSNorm widths: the C − 1 of a converted model of width C")
-    p.add_argument("--qk-head-dims", nargs="+", type=positive_int, default=QK_HEAD_DIMS, help="QK-norm's head_dim per head")
+    p.add_argument("--qk-head-dims", nargs="+", type=positive_int, default=QK_HEAD_DIMS,
+                   help="QK-norm's head_dim per head")
     p.add_argument("--qk-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES), help="QK-norm's q and k dtype")
     p.add_argument("--sms", type=positive_int, default=132, help="SM count the launch rules see (H100 SXM / H200: 132)")
     p.add_argument("--gpu", default=None, help="apply this GPU's measured table (kernels/configs), e.g. "
