@@ -54,6 +54,11 @@ among the plain norms' launches, the fused residual ops', the model switches' or
 family has its own summary line).
 The column-sum reduce launched by every backward is reported separately: its grid is smaller
 than the SM count by design, so its residency is not judged.
+
+``--gpu NAME`` applies a committed measured table (kernels/configs/NAME.json), ``--table FILE`` a
+tuner's output not yet committed. A table's wide tile (``single_tile``: a row-wise backward keeping
+a row the rules loop over whole, heuristics.WIDE_TILE_BYTES) was timed faster than the rules' looped
+tiles on its GPU: its spills and residency are reported, not failed.
 """
 
 import argparse
@@ -194,6 +199,11 @@ class ResidencyException:
 # hold MIN_RESIDENT programs per SM, not that the current configuration doesn't.
 # A spill in a one-program backward (the DIRECT switch) this small is reported, not failed (build_rows).
 SPILL_TOLERATED_BYTES = 16
+# A row-wise backward that keeps a row wider than the rules' single tile whole (a measured table's
+# ``single_tile``; the rules never launch one) was timed faster than the rules' looped tiles on that
+# GPU (benchmarks.tune): its spills and residency are reported, not failed.
+WIDE_TILE_REASON = ("a measured table's wide tile (one row over 16 KB a tile, heuristics.WIDE_TILE_BYTES): "
+                    "timed faster than the rules' looped tiles by benchmarks.tune on that GPU")
 
 RESIDENCY_EXCEPTIONS: list[ResidencyException] = [
     ResidencyException(
@@ -828,9 +838,14 @@ def build_rows(records, results, sms: int, twins: dict | None = None):
             # add_norm N = 97). One program over a few rows stores and reloads them from L1 a few
             # times, nothing beside its launch: reported, not failed, up to SPILL_TOLERATED_BYTES.
             row["spill_tolerated"] = bool(consts.get("DIRECT")) and 0 < result["spill_bytes"] <= SPILL_TOLERATED_BYTES
+            row["wide_tile"] = (variant.family in ("plain", "switch") and variant.pass_ == "bwd"
+                                and variant.op in heuristics.ROWWISE_OPS and bool(consts.get("SINGLE_TILE"))
+                                and consts.get("BLOCK_N", 0) * DTYPES[variant.dtype].itemsize
+                                > heuristics.MAX_SINGLE_TILE_BYTES)
             exception = next((e for e in RESIDENCY_EXCEPTIONS if e.matches(variant, consts)), None)
             row["low_residency"] = row["role"] == "row" and resident < MIN_RESIDENT
-            row["excepted"] = exception.reason if row["low_residency"] and exception else None
+            row["excepted"] = (WIDE_TILE_REASON if row["wide_tile"] else exception.reason if exception else None
+                               ) if row["low_residency"] else None
             # Room for MIN_RESIDENT programs per SM, but a grid (a persistent backward's) of at most
             # one per SM: not a failure of the rule, but the overlap it is for does not happen.
             row["grid_underfills"] = row["role"] == "row" and resident >= MIN_RESIDENT and programs <= sms
@@ -900,13 +915,15 @@ def count_rows(rows, compiled: int, launch_errors: list[str]) -> dict:
     return dict(
         variants=len(main), reduce_launches=len(rows) - len(main), kernels_compiled=compiled,
         failed=sum("error" in r for r in rows) + len(launch_errors),
-        spills=sum(r.get("spill_bytes", 0) > 0 and not r.get("spill_tolerated") for r in rows),
+        spills=sum(r.get("spill_bytes", 0) > 0 and not r.get("spill_tolerated") and not r.get("wide_tile")
+                   for r in rows),
         spills_tolerated=sum(bool(r.get("spill_tolerated")) for r in rows),
         below_min_resident=sum(bool(r.get("low_residency")) and not r.get("excepted") for r in rows),
         excepted=sum(bool(r.get("excepted")) for r in rows),
         narrow_row_access=sum(bool(r.get("narrow_rows")) for r in rows),
         grid_underfills=sum(bool(r.get("grid_underfills")) for r in rows),
         tail_waves=sum(bool(r.get("tail_wave")) for r in rows),
+        wide_tiles=sum(bool(r.get("wide_tile")) for r in rows),
     )
 
 
@@ -917,7 +934,9 @@ def verdicts(counts: dict) -> str:
             f"{counts['tail_waves']} persistent grids larger than one wave, "
             f"{counts['grid_underfills']} with room for {MIN_RESIDENT}+ but a grid of one program per SM"
             + (f", {counts['spills_tolerated']} one-program backwards with a tolerated spill of at most "
-               f"{SPILL_TOLERATED_BYTES} B" if counts.get("spills_tolerated") else ""))
+               f"{SPILL_TOLERATED_BYTES} B" if counts.get("spills_tolerated") else "")
+            + (f", {counts['wide_tiles']} wide tiles a measured table chose (spills and residency reported, not "
+               "failed)" if counts.get("wide_tiles") else ""))
 
 
 def summarize(rows, arch: int, compiled: int, launch_errors: list[str]) -> tuple[str, dict]:
@@ -1046,6 +1065,7 @@ def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: 
     spilled = [r for r in rows if r.get("spill_bytes")]
     lines += ["## Spills", ""] + ([f"- {name(r)}: {r['spill_bytes']} B, {r['regs']} regs"
                                    + (" (a one-program backward: tolerated)" if r.get("spill_tolerated") else "")
+                                   + (" (a measured table's wide tile: reported)" if r.get("wide_tile") else "")
                                    for r in spilled] or ["None."]) + [""]
     lines += [f"## Row kernels below {MIN_RESIDENT} resident programs per SM (not excepted)", ""]
     lines += table(low) if low else ["None."]
@@ -1055,6 +1075,8 @@ def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: 
                    + f" ({r['regs']} regs)" for r in main if r.get("excepted") == exception.reason]
         lines.append(f"- {exception.reason}: " + ("; ".join(matched) if matched else "no variant needs it"))
     lines += [] if RESIDENCY_EXCEPTIONS else ["None."]
+    wide = [f"{r['label']} ({r['regs']} regs)" for r in main if r.get("excepted") == WIDE_TILE_REASON]
+    lines += [f"- {WIDE_TILE_REASON}: " + "; ".join(wide)] if wide else []
     narrow = [r for r in main if r.get("narrow_rows")]
     lines += ["", "## Row tensors accessed narrower than 128 bits although N is a multiple of 16", ""]
     lines += [f"- {name(r)}: " + ", ".join(f"{k} {v}b" for k, v in r["row_widths"].items())
@@ -1137,8 +1159,11 @@ def main(argv=None) -> int:
                    help="QK-norm's head_dim per head")
     p.add_argument("--qk-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES), help="QK-norm's q and k dtype")
     p.add_argument("--sms", type=positive_int, default=132, help="SM count the launch rules see (H100 SXM / H200: 132)")
-    p.add_argument("--gpu", default=None, help="apply this GPU's measured table (kernels/configs), e.g. "
-                                               "NVIDIA-H100-80GB-HBM3; default: the rules alone")
+    table = p.add_mutually_exclusive_group()
+    table.add_argument("--gpu", default=None, help="apply this GPU's measured table (kernels/configs), e.g. "
+                                                   "NVIDIA-H100-80GB-HBM3; default: the rules alone")
+    table.add_argument("--table", type=Path, default=None,
+                   help="apply this table file instead (a benchmarks.tune output not yet under kernels/configs)")
     p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
                    help="compile processes (default: one per core, at most 8)")
     p.add_argument("--out", type=Path, default=None, help="also write OUT.md and OUT.json")
@@ -1147,6 +1172,11 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     tables = getattr(heuristics, "_tables", dict)()
+    if args.table:  # the file's entries alone, under its GPU's name (a committed table of that name is set aside)
+        data = json.loads(args.table.read_text())
+        args.gpu, tables[data["gpu"]] = data["gpu"], {}
+        for key, entry in data["configs"].items():
+            heuristics.set_tuned(args.gpu, key, entry)
     if args.gpu and args.gpu not in tables:  # (a report would name a table it never applied)
         print(f"no measured table for {args.gpu!r} in kernels/configs (have: {sorted(tables) or 'none'})",
               file=sys.stderr)
@@ -1235,7 +1265,7 @@ def main(argv=None) -> int:
 
     shown = rows if not args.quiet else [
         r for r in rows if "error" in r or r.get("spill_bytes") and not r.get("spill_tolerated")
-        or (r.get("low_residency") and not r.get("excepted"))]
+        or (r.get("low_residency") and not r.get("excepted")) or r.get("wide_tile")]
     print_table(shown)
     for error in all_launch_errors:
         print(f"LAUNCH FAILED: {error}")

@@ -5,18 +5,18 @@
     python -m benchmarks.tune --smoke --out /tmp/smoke.json     # CPU check of the tuner (measures nothing)
 
 For each (op, pass, dtype, N) it times the rule's launch configuration and a few around it (at
-most 10): 4, 8 and 16 warps, half and double the rows per tile and, for the backward, half and
+most 12): 4, 8 and 16 warps, half and double the rows per tile and, for the backward, half and
 double the programs per SM and 1 or 3 stages, one knob at a time; then the best value of each knob
 together. A LayerNorm/RMSNorm forward of single-tile rows also tries one row a program and a
-persistent grid (:func:`candidates`; those change several fields at once and are not combined).
-Every
-candidate's output is checked against the rule's before it is timed, and the rule is timed again
-last. The fastest wins unless the rule is within 2% of it (a table entry has to earn its place).
-The result goes to ``kernels/configs/<gpu>.json``, which ``normzoo.kernels.heuristics`` reads at
-launch: ``"configs"`` holds the entries the kernels use, ``"measured"`` every candidate's time
-(the loader ignores it). Entries for keys not tuned in this run are kept. Each key is written as
-soon as it is measured; at ``--budget-s`` the run stops and drops the key in progress, so a run
-cut short leaves a valid table.
+persistent grid, and a LayerNorm/RMSNorm backward of rows the rules loop over (up to 16384 16-bit
+or 8192 fp32 values) the whole row in one tile (:func:`candidates`; those change several fields at
+once and are not combined). Every candidate's output is checked against the rule's before it is
+timed, and the rule is timed again last. The fastest wins unless the rule is within 2% of it (a
+table entry has to earn its place). The result goes to ``kernels/configs/<gpu>.json``, which
+``normzoo.kernels.heuristics`` reads at launch: ``"configs"`` holds the entries the kernels use,
+``"measured"`` every candidate's time (the loader ignores it). Entries for keys not tuned in this
+run are kept. Each key is written as soon as it is measured; at ``--budget-s`` the run stops and
+drops the key in progress, so a run cut short leaves a valid table.
 
 Timing is ``triton.testing.do_bench`` (median) through the benchmark's own ``time_pass``: the
 forward alone for "fwd", ``y.backward(dy, retain_graph=True)`` for "bwd". Compiling a candidate
@@ -99,12 +99,14 @@ def valid(entry: dict, rule, tunable: dict, max_tile: int) -> bool:
     return entry["num_warps"] * 32 <= tile and tile <= max(rule.block_m * rule.block_n, max_tile)
 
 
-def candidates(rule, pass_: str, tunable: dict, max_tile: int, *, rowwise: bool = True) -> list[dict]:
+def candidates(rule, pass_: str, tunable: dict, max_tile: int, *, rowwise: bool = True,
+               wide: bool = False) -> list[dict]:
     """The rule first, then the rule with one knob changed: warps in WARPS, rows per tile halved
     and doubled, programs per SM (backward) halved and doubled, pipeline stages (backward) 1 or 3.
     A row-wise forward of single-tile rows (``rowwise``: LayerNorm, RMSNorm) also tries one row a
     program at 8 values a thread, and a persistent grid (the rule's layout at 2 and 3 stages, the
-    one-row layout at 2). At most 10."""
+    one-row layout at 2). ``wide`` (heuristics.wide_tile_fits: a row-wise backward whose rows the
+    rules loop over) adds one row a tile in one program per SM of 16 and of 32 warps. At most 12."""
     base = entry_of(rule, pass_)
     out = [base]
 
@@ -132,6 +134,15 @@ def candidates(rule, pass_: str, tunable: dict, max_tile: int, *, rowwise: bool 
             add(programs_per_sm=p)
         for st in (1, 3):  # prefetch off, or one row block deeper
             add(num_stages=st)
+    if wide:
+        # The whole row in one tile: x and dy read once, not twice. torch.compile's mix-order
+        # reduction keeps rows of up to 16384 whole too (torch/_inductor/scheduler.py), and its
+        # RMSNorm backward made 80% of copy at N = 16384 on the H200 where the looped rule made
+        # 56%. Ours fills an SM's registers and spills (heuristics.WIDE_TILE_BYTES): only a timing
+        # can choose it. Several knobs at once, so never combined (see combined()).
+        for warps in (16, 32):
+            out.append({**base, "num_warps": warps, "block_m": 1, "programs_per_sm": 1, "num_stages": 2,
+                        "single_tile": True})
     return out
 
 
@@ -144,7 +155,8 @@ def combined(measured: list[tuple[dict, float | None]], rule, tunable: dict, max
     best = dict(base)
     improved = 0
     for field in base:
-        alone = [(ms, e) for e, ms in measured if ms is not None and all(e[f] == base[f] for f in base if f != field)]
+        alone = [(ms, e) for e, ms in measured  # (a wide tile's entry has a field more: never "alone")
+                 if ms is not None and set(e) == set(base) and all(e[f] == base[f] for f in base if f != field)]
         ms, e = min(alone, key=lambda t: t[0])  # includes the rule itself
         if e[field] != base[field]:
             best[field] = e[field]
@@ -197,7 +209,7 @@ class Setup:
         that they do: a key the launcher does not ask for would tune nothing."""
         self.h.set_tuned(self.gpu, self.key(op, pass_, dtype, n), entry)
         cfg = self.h.launch_config(op, pass_, n, dtype, self.device)
-        if entry is not None and entry_of(cfg, pass_) != {f: entry[f] for f in fields(pass_)}:
+        if entry is not None and {f: getattr(cfg, f) for f in entry} != entry:
             raise RuntimeError(f"table entry {entry} for {self.key(op, pass_, dtype, n)} did not reach the launch: {cfg}")
         return cfg
 
@@ -279,7 +291,8 @@ def tune_key(s: Setup, op, pass_, dtype, n, rows, deadline, time_pass, log) -> d
         log(f"    {entry}: " + (f"{ms:.4f} ms" if ms is not None else verdict))
         return True
 
-    for entry in candidates(rule, pass_, s.h.TUNABLE, s.max_tile, rowwise=op in s.h.ROWWISE_OPS):
+    for entry in candidates(rule, pass_, s.h.TUNABLE, s.max_tile, rowwise=op in s.h.ROWWISE_OPS,
+                            wide=s.h.wide_tile_fits(op, pass_, n, dtype)):
         if not measure(entry):
             return None
     extra = combined(measured, rule, s.h.TUNABLE, s.max_tile)
@@ -313,7 +326,8 @@ def _plan(s: Setup, keys, rows) -> list[dict]:
         dtype = getattr(s.torch, DTYPES[dtype_name])
         s.h.set_tuned(s.gpu, s.key(op, pass_, dtype, n), None)
         rule = s.h.launch_config(op, pass_, n, dtype, s.device)
-        for entry in candidates(rule, pass_, s.h.TUNABLE, s.max_tile, rowwise=op in s.h.ROWWISE_OPS):
+        for entry in candidates(rule, pass_, s.h.TUNABLE, s.max_tile, rowwise=op in s.h.ROWWISE_OPS,
+                                wide=s.h.wide_tile_fits(op, pass_, n, dtype)):
             plan.append({"op": op, "pass": pass_, "dtype": dtype_name, "n": n, "rows": rows, "entry": entry})
     return plan
 
@@ -425,8 +439,8 @@ def main(argv=None) -> int:
         return 2
     rows = args.rows or (16 if args.smoke else 32768)
     hidden = args.hidden or ([64] if args.smoke else [1024, 2048, 4096, 8192, 16384, 32768])
-    if args.smoke and (rows > 256 or max(hidden) > 4096):
-        print("--smoke runs the kernels in Triton's CPU interpreter: keep --rows <= 256 and --hidden <= 4096",
+    if args.smoke and (rows > 256 or max(hidden) > 8192):
+        print("--smoke runs the kernels in Triton's CPU interpreter: keep --rows <= 256 and --hidden <= 8192",
               file=sys.stderr)
         return 2
     if args.out is None:

@@ -4,10 +4,13 @@ A launch asks :func:`launch_config` for ``(op, pass, N, dtype, device)``. If a t
 that GPU (``kernels/configs/<gpu>.json``, written by ``python -m benchmarks.tune``) has an entry for
 the key ``op|pass|dtype|next_power_of_2(N)``, its fields (``num_warps``, ``block_m``,
 ``programs_per_sm``, ``num_stages``, and for a row-wise forward ``persistent``) replace the rule's;
-everything else (the column tile, single-tile or looped) always comes from the rules, so a table
-can change speed but never which arithmetic runs (a persistent forward walks the same tiles in a
-loop). Tables apply to row lengths that are multiples of 8 (where they are measured).
-Results are deterministic for a given table: the reduction order follows the config.
+the column tile always comes from the rules, so a table changes speed, not which arithmetic runs (a
+persistent forward walks the same tiles in a loop), with one exception: a LayerNorm/RMSNorm
+backward entry with ``single_tile`` keeps rows of up to twice the rules' single-tile limit in one
+tile (WIDE_TILE_BYTES), where the rules loop over column tiles: its row sums are then one tile's
+reduction instead of a loop's (other rounding, the same accuracy). Tables apply to row lengths that
+are multiples of 8 (where they are measured). Results are deterministic for a given table: the
+reduction order follows the config.
 
 The rules are first choices from the hardware's shape (registers per SM, threads per program), not
 measurements; ``python -m benchmarks.compile_check`` reports what they compile to on sm_90.
@@ -27,13 +30,21 @@ from .launch import INTERPRETED, cdiv  # noqa: F401 (INTERPRETED: asked through 
 # 66-118 registers: one per SM, each exposing its whole load latency (compile_check, sm_90); the
 # looped forward re-reads x from L2, not DRAM, at these widths.
 MAX_SINGLE_TILE_BYTES = 16 * 1024
+# The widest row a measured table may keep in one backward tile (``single_tile``, LayerNorm and
+# RMSNorm; the rules never do): 16384 16-bit or 8192 fp32 values. The looped backward reads x and
+# dy twice (5/3 of the ideal bytes: 48-56% of copy on the H200 at N = 16384), where torch.compile,
+# which keeps such rows whole (its mix-order reduction), made 80% for RMSNorm. Ours spills at this
+# width (16-bit, with a weight: one 16-warp program per SM at 128 registers and 88-272 B of spill,
+# or 32 warps at 64 and 72-176 B; compile_check, sm_90), so only a timing can choose it.
+WIDE_TILE_BYTES = 2 * MAX_SINGLE_TILE_BYTES
 # Elements one program touches per step; rows are stacked into a tile until it holds this many.
 TARGET_TILE_ELEMENTS = 4096
 # Where measured tables live, one JSON file per GPU model.
 CONFIG_DIR = Path(__file__).parent / "configs"
 # The fields a table may set, and the values each may take.
 TUNABLE = {"num_warps": (1, 2, 4, 8, 16, 32), "block_m": (1, 2, 4, 8, 16, 32, 64),
-           "programs_per_sm": tuple(range(1, 17)), "num_stages": (1, 2, 3, 4), "persistent": (False, True)}
+           "programs_per_sm": tuple(range(1, 17)), "num_stages": (1, 2, 3, 4), "persistent": (False, True),
+           "single_tile": (False, True)}
 # A backward program owns at least this many rows, so its row of partial sums stays small next to
 # the rows it moves: N fp32 per gradient written, then read by the reduce (8N bytes), against 96N
 # bytes of x, dy and dx over 16 rows of 16-bit values (1/12 a gradient).
@@ -122,12 +133,34 @@ def validate_entry(key: str, entry: dict) -> dict:
     for field, value in entry.items():
         if field not in TUNABLE or value not in TUNABLE[field] or type(value) is not type(TUNABLE[field][0]):
             raise ValueError(f"config {key!r}: {field}={value!r} is not one of {TUNABLE.get(field)}")
+    if "single_tile" in entry:
+        _check_single_tile(key, entry)
     if entry.get("persistent"):
         if op not in ROWWISE_OPS or pass_ != "fwd":
             raise ValueError(f"config {key!r}: only the row-wise forward (LayerNorm, RMSNorm) has a persistent grid")
         if "programs_per_sm" not in entry or "num_stages" not in entry:
             raise ValueError(f"config {key!r}: a persistent entry sets programs_per_sm and num_stages too")
     return dict(entry)
+
+
+def wide_tile_fits(op: str, pass_: str, n_cols: int, dtype: torch.dtype) -> bool:
+    """Whether a table may keep these rows in one backward tile where the rules loop: a LayerNorm or
+    RMSNorm backward of rows over MAX_SINGLE_TILE_BYTES whose key width fits WIDE_TILE_BYTES."""
+    return (op in ROWWISE_OPS and pass_ == "bwd" and n_cols * dtype.itemsize > MAX_SINGLE_TILE_BYTES
+            and next_power_of_2(n_cols) * dtype.itemsize <= WIDE_TILE_BYTES)
+
+
+def _check_single_tile(key: str, entry: dict) -> None:
+    """A table's ``single_tile``: True (one row a tile) only where :func:`wide_tile_fits`; False
+    only where the rules loop too (a key past WIDE_TILE_BYTES)."""
+    op, pass_, dtype, n = key.split("|")
+    if op not in ROWWISE_OPS or pass_ != "bwd":
+        raise ValueError(f"config {key!r}: only the row-wise backward (LayerNorm, RMSNorm) sets single_tile")
+    if int(n) * getattr(torch, dtype).itemsize <= MAX_SINGLE_TILE_BYTES:
+        raise ValueError(f"config {key!r}: the rules already keep these rows in one tile")
+    if entry["single_tile"] and (not wide_tile_fits(op, pass_, int(n), getattr(torch, dtype))
+                                 or entry.get("block_m", 1) != 1):
+        raise ValueError(f"config {key!r}: single_tile takes rows of at most {WIDE_TILE_BYTES} bytes, one a tile")
 
 
 @functools.lru_cache(maxsize=1)
@@ -314,7 +347,11 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
     # Tables are measured at row lengths that are multiples of 8 and keyed by the next power of 2:
     # other lengths (element-wise addresses, no staging) keep the rule.
     entry = tuned_entry(op, pass_, n_cols, dtype, device) if max_block_n is None and n_cols % 8 == 0 else None
-    return replace(cfg, **entry) if entry else cfg
+    if not entry:
+        return cfg
+    if entry.get("single_tile") and not cfg.single_tile:  # a wide tile (validate_entry checked the width)
+        return replace(cfg, **entry, block_n=next_power_of_2(n_cols))
+    return replace(cfg, **entry)
 
 
 def split_rows(n_rows: int, cfg: LaunchConfig, device: torch.device) -> tuple[int, int]:

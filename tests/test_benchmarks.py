@@ -248,7 +248,7 @@ def _run_compile_check(args):
         pytest.skip(f"this triton install has no CUDA backend toolchain (ptxas): {exc}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks.compile_check", *args],
+        [sys.executable, "-m", "benchmarks.compile_check", *map(str, args)],
         env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent,
     )
 
@@ -315,6 +315,25 @@ def test_one_program_backwards_compile_for_hopper_without_spills():
     for found in (summary, fused, switch):
         assert int(found["failed"]) == 0 and int(found["spills"]) == 0, report
     assert int(fused["reduces"]) == 0 and int(switch["reduces"]) == 0, report
+
+
+def test_a_tables_wide_tile_is_compiled_and_reported_not_failed(tmp_path):
+    # --table applies a tuner's output file. Its wide single tile (a row-wise backward keeping a row
+    # the rules loop over whole; heuristics.WIDE_TILE_BYTES) holds one program per SM, which fails
+    # the report for any rule's launch: a measured table's choice is reported instead.
+    table = tmp_path / "table.json"
+    entry = {"num_warps": 16, "block_m": 1, "programs_per_sm": 1, "num_stages": 2, "single_tile": True}
+    table.write_text(json.dumps({"gpu": "wide-tile-test", "configs": {"rmsnorm|bwd|bfloat16|16384": entry}}))
+    out = _run_compile_check(["--table", table, "--ops", "rmsnorm", "--passes", "bwd", "--dtypes", "bf16",
+                              "--hidden", "16384", "--fused-modes", "--switches", "--headwise", "--quiet",
+                              "--out", tmp_path / "report"])
+    report = out.stdout[-4000:] + out.stderr[-2000:]
+    assert out.returncode == 0 and "3 wide tiles a measured table chose" in out.stdout, report
+    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    wide = [r for r in rows if r["role"] == "row"]
+    assert len(wide) == 3 and all(r["wide_tile"] and r["constexprs"]["BLOCK_N"] == 16384 for r in wide), report
+    assert all(r["resident"] < 2 and r["excepted"] for r in wide), report
+    assert json.loads((tmp_path / "report.json").read_text())["gpu"] == "wide-tile-test"
 
 
 @pytest.mark.xdist_group("compile_check_run")

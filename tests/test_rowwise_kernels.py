@@ -218,3 +218,61 @@ def test_looped_backward_has_no_race_between_warps(is_rms, device):
     for _ in range(50):
         x, w, b = make_inputs(64, n, torch.bfloat16, "weight+bias", torch.float32, device, is_rms)
         run_and_compare(x, w, b, is_rms)
+
+
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 6000), (torch.bfloat16, 12000)], ids=str)
+@pytest.mark.parametrize("m", [37, 5])
+def test_a_tables_wide_single_tile_backward(is_rms, dtype, n, m, device, monkeypatch):
+    # A measured table may keep a row the rules loop over (up to twice their single-tile limit) in
+    # one backward tile: one launch of one BLOCK_N-wide tile, no row-sum scratch, the same results.
+    # 37 rows: two programs and the reduce; 5: one program writing the gradients itself.
+    from normzoo.kernels import heuristics as h
+    from normzoo.kernels import rowwise_norm as k
+
+    op = "rmsnorm" if is_rms else "layernorm"
+    key = h.config_key(op, "bwd", dtype, n)
+    assert not h.launch_config(op, "bwd", n, dtype, torch.device(device)).single_tile  # the rules loop here
+    monkeypatch.setattr(h, "device_name", lambda d: "wide-tile-test")  # a table of its own, on any device
+    monkeypatch.setattr(k, "num_compute_units", lambda d: 2)
+    h.set_tuned("wide-tile-test", key, {"num_warps": 16, "block_m": 1, "programs_per_sm": 1, "num_stages": 2,
+                                        "single_tile": True})
+    launches = []
+    kernel_class = type(k._norm_bwd_kernel)
+    run = kernel_class.run
+
+    def spy(self, *args, **kw):
+        if self is k._norm_bwd_kernel:
+            launches.append((args[-5], args[-4], args[-3], args[8]))  # BLOCK_M, BLOCK_N, SINGLE_TILE, ROW_SUMS
+        return run(self, *args, **kw)
+
+    try:
+        monkeypatch.setattr(kernel_class, "run", spy)
+        x, w, b = make_inputs(m, n, dtype, "weight+bias", dtype, device, is_rms)
+        run_and_compare(x, w, b, is_rms)
+        assert launches == [(1, 16384 if dtype.itemsize == 2 else 8192, True, None)]
+    finally:
+        h.set_tuned("wide-tile-test", key, None)
+        monkeypatch.undo()
+        h.launch_config.cache_clear()
+
+
+def test_a_wide_single_tile_entry_is_validated():
+    from normzoo.kernels import heuristics as h
+
+    entry = {"num_warps": 16, "block_m": 1, "programs_per_sm": 1, "num_stages": 2, "single_tile": True}
+    h.validate_entry("rmsnorm|bwd|bfloat16|16384", entry)
+    h.validate_entry("layernorm|bwd|float32|8192", entry)
+    h.validate_entry("layernorm|bwd|bfloat16|32768", {**entry, "single_tile": False})  # the rules' own value
+    for key, bad, match in [
+        ("rmsnorm|bwd|bfloat16|32768", entry, "at most 32768 bytes"),  # past WIDE_TILE_BYTES
+        ("rmsnorm|bwd|float32|16384", entry, "at most 32768 bytes"),
+        ("rmsnorm|bwd|bfloat16|16384", {**entry, "block_m": 2}, "one a tile"),
+        ("rmsnorm|bwd|bfloat16|8192", entry, "already keep"),  # the rules' single tile
+        ("rmsnorm|bwd|bfloat16|4096", {**entry, "single_tile": False}, "already keep"),
+        ("rmsnorm|fwd|bfloat16|16384", entry, "only the row-wise backward"),
+        ("dyt|bwd|bfloat16|16384", entry, "only the row-wise backward"),
+        ("rmsnorm|bwd|bfloat16|16384", {**entry, "single_tile": 1}, "single_tile=1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            h.validate_entry(key, bad)

@@ -36,7 +36,7 @@ def _check_record(key, record):
     assert 1 <= len(configs) <= 12 and len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs)
     for c in configs:
         h.validate_entry(key, c)
-        assert set(c) == set(tune.fields(key.split("|")[1]))
+        assert set(c) - {"single_tile"} == set(tune.fields(key.split("|")[1]))  # + a wide tile's flag
     assert record["rule_kept"] == (record["chosen"] == record["rule"])
 
 
@@ -77,6 +77,33 @@ def test_candidates_respect_tunable_and_stay_small():
                             one_row = [c for c in plain if c["block_m"] == 1 and
                                        rule.block_n // (32 * c["num_warps"]) == (8 if rule.block_n <= 4096 else 16)]
                             assert one_row
+
+
+def test_wide_tile_candidates_where_the_rules_loop_and_a_row_fits():
+    cpu = torch.device("cpu")
+    for op in h.OPS:
+        for dtype in (torch.bfloat16, torch.float32):
+            for n in (4096, 6000, 8192, 8200, 12000, 16384, 16392, 32768):
+                rule = h.launch_config(op, "bwd", n, dtype, cpu)
+                wide = h.wide_tile_fits(op, "bwd", n, dtype)
+                # Exactly the row-wise backward's looped rows up to 32 KB: 8193-16384 16-bit values,
+                # 4097-8192 fp32 ones.
+                assert wide == (op in h.ROWWISE_OPS and not rule.single_tile
+                                and n <= (16384 if dtype.itemsize == 2 else 8192))
+                assert not h.wide_tile_fits(op, "fwd", n, dtype)
+                cands = tune.candidates(rule, "bwd", h.TUNABLE, 8192, rowwise=op in h.ROWWISE_OPS, wide=wide)
+                wides = [c for c in cands if c.get("single_tile")]
+                assert len(cands) <= 12 and len(wides) == (2 if wide else 0)
+                key = h.config_key(op, "bwd", dtype, n)
+                for c in wides:
+                    h.validate_entry(key, c)
+                    assert c["block_m"] == 1 and c["programs_per_sm"] == 1 and c["num_warps"] in (16, 32)
+    # Never one knob's evidence in combined(): a wide entry differs from the rule in several.
+    rule = h.launch_config("rmsnorm", "bwd", 16384, torch.bfloat16, cpu)
+    base = tune.entry_of(rule, "bwd")
+    wide = {**base, "num_warps": 16, "block_m": 1, "programs_per_sm": 1, "num_stages": 2, "single_tile": True}
+    measured = [(base, 1.0), ({**base, "num_stages": 3}, 0.9), (wide, 0.5)]
+    assert tune.combined(measured, rule, h.TUNABLE, 8192) is None
 
 
 def test_choose_keeps_the_rule_unless_a_candidate_is_2_percent_faster():
@@ -276,7 +303,7 @@ def test_session_script_smoke_runs_every_phase(tmp_path):
     out = tmp_path / "out"
     r = _run(["bash", "benchmarks/gpu_session.sh", "--smoke"], timeout=170, OUT=str(out))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    for phase in ("host", "tune", "bench"):
+    for phase in ("host", "tune-wide", "tune", "bench"):
         assert f"{phase}: rc=0" in r.stdout
     files = sorted(p.name for p in out.iterdir())
     # The device tool returns at most 8 files from $OUT.
@@ -284,8 +311,12 @@ def test_session_script_smoke_runs_every_phase(tmp_path):
     assert {"session.log", "tune-smoke-cpu.json", "smoke-cpu-bf16.json", "smoke-cpu-bf16.md",
             "host-cpu-stubbed.json", "host-cpu-stubbed.md"} <= set(files), files
     table = json.loads((out / "tune-smoke-cpu.json").read_text())
-    assert table["tuner"]["complete"] and table["measured"]
+    assert table["tuner"]["complete"]
     for key, record in table["measured"].items():
         _check_record(key, record)
+    # tune-wide's key (an fp32 RMSNorm backward of 4104 columns, looped by the rules), kept by the
+    # tune phase after it: its wide-tile candidates were installed, run and checked like the others.
+    wides = [c for c in table["measured"]["rmsnorm|bwd|float32|8192"]["candidates"] if c["config"].get("single_tile")]
+    assert len(wides) == 2 and all(c["ms"] is not None for c in wides)
     bench = json.loads((out / "smoke-cpu-bf16.json").read_text())
     assert {(p["op"], p["provider"]) for p in bench["results"]} >= {("layernorm", "normzoo"), ("dyt", "eager")}
