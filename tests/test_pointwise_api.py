@@ -78,6 +78,37 @@ def test_functional_matches_the_papers_formula(backend, kind, channels_last, sha
         assert_close(leaves[name].grad, as64[name].grad, f"d{name}", peer=peer[name].grad)
 
 
+def test_dyt_gradient_keeps_its_accuracy_deep_in_saturation_on_every_path():
+    # The README's promise, on the reference too: d tanh(z)/dz within (8 + |z|) eps relative, where
+    # 1 − tanh² is 0 from |z| ≈ 9 in fp32. The eager autograd.Function (backend "torch"), the
+    # composite forward that torch.func, forward-mode AD and double backward differentiate, fp64;
+    # the kernels' own derivative: test_pointwise_kernels.py.
+    import torch.autograd.forward_ad as fwAD
+
+    z = torch.tensor([0.0, 1e-7, 0.3, 0.5499, 0.5501, 2.0, 5.0, 10.0, 20.0, 40.0, -20.0])
+    zd = z.double()
+    e = torch.exp(-2 * zd.abs())
+    d1 = 4 * e / (1 + e) ** 2  # exact, in fp64
+    d2 = -2 * torch.tanh(zd) * d1
+
+    def check(got, exact, dtype=torch.float32, at=slice(None)):
+        rel = (got[at].double() - exact[at]).abs() / exact[at].abs() / torch.finfo(dtype).eps
+        assert (rel <= 8 + zd[at].abs()).all(), rel
+
+    m = normzoo.DyT(z.numel(), alpha_init_value=1.0, backend="torch")
+    x = z[None].clone().requires_grad_()
+    (g1,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+    check(g1[0], d1)
+    (g2,) = torch.autograd.grad(g1.sum(), x)  # through the composite forward
+    check(g2[0], d2, at=slice(1, None))  # (0 at z = 0)
+    check(torch.func.grad(lambda x: m(x).sum())(z[None])[0], d1)
+    with fwAD.dual_level():
+        check(fwAD.unpack_dual(m(fwAD.make_dual(z[None], torch.ones(1, z.numel())))).tangent[0], d1)
+    x64 = zd[None].clone().requires_grad_()
+    m.double()(x64).sum().backward()
+    check(x64.grad[0], d1, torch.float64)
+
+
 def test_channels_first_accepts_channels_last_memory_format(device):
     x = torch.randn(2, 4, 3, 5, device=device).to(memory_format=torch.channels_last)
     alpha, w = torch.tensor([0.5], device=device), torch.randn(4, device=device)
