@@ -155,8 +155,10 @@ def check_affine(weight, bias, shape: tuple[int, ...], x: Tensor, any_float_weig
     """:func:`check_param` for a layer's weight and bias, with one test for the usual case (every
     call of a module makes it). The test is spelled out per parameter, cheapest first (a loop, or
     ``isinstance`` for a layer's own ``nn.Parameter``, costs more than the checks themselves).
-    ``any_float_weight``: a model's own RMSNorm (x_hat rounding, a weight offset) also takes a
-    16-bit weight, as its code does (T5 in fp16 feeds fp32 activations to an fp16 weight)."""
+    ``any_float_weight``: an RMSNorm also takes a 16-bit weight of another dtype, as
+    ``torch.nn.RMSNorm`` does (it computes ``x̂ · w`` in fp32 and rounds once to the input's dtype,
+    the kernels' arithmetic), and as models' own RMSNorms do (T5 in fp16 feeds fp32 activations to
+    an fp16 weight; OLMo 2's computes torch's)."""
     device, dtype = x.device, x.dtype
     if not ((weight is None or (type(weight) is _Parameter or isinstance(weight, Tensor)) and weight.shape == shape
              and weight.device == device and (weight.dtype is dtype or weight.dtype is _FP32))
@@ -520,7 +522,7 @@ def rowwise_norm(
     if k != 1 or not ndim or x.shape[-1] != shape[0]:  # check_trailing_shape's usual case inline
         check_trailing_shape(x, shape)
     if weight is not None or bias is not None:
-        check_affine(weight, bias, shape, x, is_rms and (x_hat_dtype is not None or weight_offset != 0.0))
+        check_affine(weight, bias, shape, x, is_rms)
     if type(eps) is not float or not 0.0 <= eps < math.inf:
         if eps is None and is_rms:  # torch.nn.RMSNorm's default, the compute dtype's machine epsilon
             eps = torch.finfo(reference.compute_dtype(x.dtype)).eps

@@ -164,8 +164,12 @@ def _move_hooks(old: torch.nn.Module, new: torch.nn.Module) -> None:
 
 
 def _looks_like_a_norm(module: torch.nn.Module) -> bool:
-    """A class named like a per-token norm (``LlamaRMSNorm``, ``T5LayerNorm``, ``GroupNorm``...)."""
-    return type(module).__name__.endswith("Norm")
+    """A layer named like a per-token norm (``LlamaRMSNorm``, ``T5LayerNorm``, ``GroupNorm``,
+    ``Qwen3NextRMSNormGated``; not ``BatchNorm2d``, which swap never touches): no submodules (a
+    block named "...LayerNorm", as wav2vec2's ``Wav2Vec2EncoderStableLayerNorm``, holds norms rather
+    than being one), and not a private class (``weight_norm``'s ``_WeightNorm`` normalizes a weight)."""
+    name = type(module).__name__
+    return not module._modules and not name.startswith("_") and re.search(r"Norm(?:$|[A-Z])", name) is not None
 
 
 def _short_name(cls: type) -> str:
@@ -229,15 +233,17 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     fast_norm off), by :class:`~normzoo.LayerNorm`, :class:`~normzoo.LayerNorm2d` and
     :class:`~normzoo.RMSNorm`. :func:`unswap` gives these models their own classes back.
 
-    ``to="dyt"`` / ``to="derf"``: every LayerNorm / RMSNorm (PyTorch's or normzoo's) becomes a
+    ``to="dyt"`` / ``to="derf"``: every LayerNorm / RMSNorm (PyTorch's, normzoo's, and the Hugging
+    Face and timm classes above) becomes a
     freshly initialised :class:`~normzoo.DyT` / :class:`~normzoo.Derf` over the same shape,
-    dtype and device, with a bias where the norm had one (RMSNorm: none; normzoo's channels-first
+    dtype and device, with a bias where the norm had one (RMSNorm: none; a channels-first
     ``LayerNorm2d`` becomes a ``channels_last=False`` one). This changes the
     architecture: train the converted model, don't expect a pretrained one to keep its quality
     (the DyT paper also adjusts ``alpha_init_value`` and the learning rate).
 
-    Other subclasses of these norms may compute something else, and other classes named like a
-    norm (``GroupNorm``, timm's ``RmsNorm2d``...) are not known to normzoo: each is named in
+    Other subclasses of these norms may compute something else, and other layers named like a
+    norm (``GroupNorm``, timm's ``RmsNorm2d``, ``Qwen3NextRMSNormGated``...) are not known to
+    normzoo: each is named in
     ``report.left_alone`` (``"path: class (why)"``) rather than replaced. So are, with ``to``
     "dyt" or "derf", the norms of ``torch.nn.TransformerEncoderLayer``: in eval its fused fast path
     reads them as LayerNorms (their ``eps``, weight and bias), which a DyT is not. With ``to=None``
@@ -245,7 +251,12 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     their parameters, not normzoo's.
     Every hook moves to the new layers (forward, pre-forward, with kwargs, always called, backward,
     state_dict; handles keep working); a norm shared by several parents stays shared. A swap that
-    replaces nothing warns. :func:`unswap` gives back PyTorch's classes.
+    replaces nothing warns; a model that is itself a norm (torch's, normzoo's, a Hugging Face or timm
+    norm class) is refused. :func:`unswap` gives back PyTorch's classes.
+
+    The new layers are normzoo classes, not the model's own: a model's ``_init_weights`` that tests
+    ``isinstance(module, ItsRMSNorm)`` (Qwen3-Next's ``1 + w`` norms, zeros) takes another branch for
+    them (``"RMSNorm" in`` the class name: ones). Initialise before swapping, or load a checkpoint.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -266,6 +277,23 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     if target is not None:
         encoder_norms = {id(norm) for layer in model.modules() if isinstance(layer, torch.nn.TransformerEncoderLayer)
                          for norm in (layer.norm1, layer.norm2)}
+
+    def convertible(module):
+        """``(normalized_shape, elementwise_affine, bias, channels_last)`` of a norm that ``to``
+        converts: torch's and normzoo's LayerNorm/RMSNorm, and the model classes ``to=None`` replaces
+        (Hugging Face's RMSNorms; timm's LayerNorm, LayerNorm2d, RmsNorm, fast_norm or not: the new
+        layer computes something else anyway); None for anything else."""
+        cls = type(module)
+        if cls in _KNOWN_NORMS:
+            is_rms = isinstance(module, torch.nn.RMSNorm)
+            return (module.normalized_shape, module.elementwise_affine, not is_rms and module.bias is not None,
+                    cls is not LayerNorm2d)  # LayerNorm2d: over dim 1 of (B, C, H, W)
+        if _model_norm_spec(cls) is not None:
+            return tuple(module.weight.shape), True, False, True
+        if cls.__module__ == "timm.layers.norm" and cls.__name__ in _TIMM_NORMS:
+            return (module.normalized_shape, module.elementwise_affine, getattr(module, "bias", None) is not None,
+                    cls.__name__ != "LayerNorm2d")
+        return None
 
     def convert(name, module):
         if id(module) in encoder_norms:
@@ -291,6 +319,17 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
                               bias=module.bias is not None, device="meta", backend=backend)
             new.__dict__["_normzoo_original"] = module  # for unswap, as for Hugging Face's classes
             return _share_parameters(module, new)
+        norm = convertible(module) if target is not None else None
+        if norm is not None:
+            shape, affine, bias, channels_last = norm
+            like = getattr(module, "weight", None)
+            like = like if like is not None else model_tensor
+            return target(shape, alpha_init_value=alpha_init_value, elementwise_affine=affine, bias=bias,
+                          channels_last=channels_last, device=like.device if like is not None else None,
+                          dtype=like.dtype if like is not None else None, backend=backend)
+        if target is not None and (timm := _timm_norm(module)) is not None:
+            report.left_alone[f"{name}: {_short_name(type(module))} ({timm[1]})"] += 1
+            return None
         if type(module) not in _KNOWN_NORMS:
             already_ours = isinstance(module, (LayerNorm, RMSNorm, DyT, Derf)) and (
                 target is None or isinstance(module, target))
@@ -299,25 +338,18 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
             elif _looks_like_a_norm(module) and not already_ours:
                 report.left_alone[f"{name}: {_short_name(type(module))} (no exact normzoo equivalent known)"] += 1
             return None
-        is_rms = isinstance(module, torch.nn.RMSNorm)
-        if target is None:
-            if type(module) in (LayerNorm, LayerNorm2d, RMSNorm):
-                return None  # already ours
-            if is_rms:
-                new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta",
-                              backend=backend)
-            else:
-                new = LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
-                                bias=module.bias is not None, device="meta", backend=backend)
-            return _share_parameters(module, new)
-        like = module.weight if module.weight is not None else model_tensor
-        return target(module.normalized_shape, alpha_init_value=alpha_init_value,
-                      elementwise_affine=module.elementwise_affine, bias=not is_rms and module.bias is not None,
-                      channels_last=type(module) is not LayerNorm2d,  # LayerNorm2d: over dim 1 of (B, C, H, W)
-                      device=like.device if like is not None else None, dtype=like.dtype if like is not None else None,
-                      backend=backend)
+        if type(module) in (LayerNorm, LayerNorm2d, RMSNorm):
+            return None  # already ours
+        if isinstance(module, torch.nn.RMSNorm):
+            new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta",
+                          backend=backend)
+        else:
+            new = LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
+                            bias=module.bias is not None, device="meta", backend=backend)
+        return _share_parameters(module, new)
 
-    if type(model) in _KNOWN_NORMS:
+    if type(model) in _KNOWN_NORMS or isinstance(model, (DyT, Derf)) or _model_norm_spec(type(model)) is not None \
+            or _timm_norm(model) is not None:
         raise ValueError("swap replaces the norms inside a model; the model itself is a norm, which has no "
                          "parent to hold its replacement: construct the normzoo layer directly instead")
     replace_modules(model, convert, report)

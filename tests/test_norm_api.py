@@ -705,3 +705,32 @@ def test_layers_of_one_width_share_their_shape_check(monkeypatch):
         a(x)
         b(x)
     assert len(calls) <= 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                             (torch.float16, torch.bfloat16), (torch.float32, torch.float16)],
+                         ids=str)
+def test_rms_norm_takes_any_float_weight_as_torch_does(x_dtype, w_dtype, backend):
+    # torch.nn.RMSNorm takes a weight of any float dtype and returns x̂ · w computed in fp32, rounded
+    # once to the input's dtype (the kernels' arithmetic); a swapped model (OLMo 2's norms, torch's
+    # own after .bfloat16() of the weights alone) must not start raising. LayerNorm keeps torch's
+    # rule there (the input's dtype or fp32; torch's CPU layer_norm refuses the rest).
+    torch.manual_seed(0)
+    x = torch.randn(33, 96).to(x_dtype).requires_grad_()
+    w = (torch.randn(96) * 2).to(w_dtype).requires_grad_()
+    dy = torch.randn(33, 96).to(x_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that mixed dtypes skip its fused kernel
+        ref = torch.nn.functional.rms_norm(x, (96,), w, 1e-6)
+    ref_dx, ref_dw = torch.autograd.grad(ref, (x, w), dy)
+    y = NF.rms_norm(x, (96,), w, 1e-6, backend=backend)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    assert (y.dtype, dx.dtype, dw.dtype) == (x_dtype, x_dtype, w_dtype)
+    if backend == "torch":
+        assert torch.equal(y, ref)
+    for got, want, dtype in ((y, ref, x_dtype), (dx, ref_dx, x_dtype), (dw, ref_dw, w_dtype)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 * torch.finfo(dtype).eps,
+                                   atol=2 * torch.finfo(dtype).eps * want.float().abs().max().item())
+    with pytest.raises(TypeError, match="float32"):
+        NF.layer_norm(x.detach(), (96,), w.detach())

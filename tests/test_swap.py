@@ -67,8 +67,12 @@ def test_swap_keeps_hooks_and_shared_modules():
 
 
 def test_swap_refuses_a_bare_norm():
-    with pytest.raises(ValueError, match="the model itself is a norm"):
-        normzoo.swap(torch.nn.LayerNorm(4))
+    bare = [torch.nn.LayerNorm(4), torch.nn.RMSNorm(4), normzoo.RMSNorm(4), normzoo.DyT(4), normzoo.Derf(4)]
+    transformers = pytest.importorskip("transformers")
+    bare.append(transformers.models.llama.modeling_llama.LlamaRMSNorm(4))  # a model's own, that swap replaces
+    for norm in bare:
+        with pytest.raises(ValueError, match="the model itself is a norm"):
+            normzoo.swap(norm)
 
 
 def test_swap_moves_every_kind_of_hook_and_handles_still_work():
@@ -108,6 +112,51 @@ def test_swap_names_norm_like_modules_it_does_not_know():
         "(no exact normzoo equivalent known)",
         "2: torch.GroupNorm (no exact normzoo equivalent known)"]
     assert type(model[1]) is LlamaRMSNorm
+
+
+def test_swap_names_only_layers_as_norms():
+    # A block named like a norm that holds norms (wav2vec2's Wav2Vec2EncoderStableLayerNorm) is not one
+    # (its norms inside are replaced), nor is weight_norm's _WeightNorm parametrization; a layer whose
+    # name goes on after "Norm" (Qwen3-Next's RMSNormGated) is. BatchNorm is never touched nor named.
+    class EncoderStableLayerNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(x)
+
+    class RMSNormGated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+
+        def forward(self, x, gate):
+            return self.weight * x * torch.sigmoid(gate)
+
+    model = torch.nn.Sequential(EncoderStableLayerNorm(),
+                                torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 8)),
+                                RMSNormGated(), torch.nn.BatchNorm2d(3))
+    report = normzoo.swap(model)
+    assert report == {"torch.LayerNorm -> normzoo.LayerNorm": 1}
+    assert sorted(k.split(" (")[0] for k in report.left_alone) == [
+        "2: test_swap.test_swap_names_only_layers_as_norms.<locals>.RMSNormGated"]
+
+
+@pytest.mark.parametrize("to", ["dyt", "derf"])
+@pytest.mark.parametrize("name", ["llama", "gemma", "t5"])
+def test_swap_to_dyt_converts_hugging_face_norms_in_one_step(name, to):
+    # The classes swap replaces exactly (Llama's, Gemma's, T5's...) are norms to convert too: one
+    # call, every one of them, no second swap first.
+    model = _tiny_hf_model(name)
+    target = normzoo.DyT if to == "dyt" else normzoo.Derf
+    widths = [tuple(m.weight.shape) for m in model.modules() if type(m).__name__.endswith("Norm")]
+    report = normzoo.swap(model, to=to)
+    assert sum(report.values()) == _HF_MODELS[name][2] == len(widths) and not report.left_alone, report
+    layers = [m for m in model.modules() if type(m) is target]
+    assert [m.normalized_shape for m in layers] == widths and all(m.bias is None for m in layers)
+    ids = torch.randint(0, 64, (2, 7))
+    assert _logits(model, ids).isfinite().all()
 
 
 @pytest.mark.parametrize("to", ["dyt", "derf"])
@@ -224,13 +273,14 @@ def test_swap_hugging_face_norms_whose_math_normzoo_reproduces(name, dtype):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("name", ["t5", "llama", "gemma"])
+@pytest.mark.parametrize("name", ["t5", "llama", "gemma", "olmo2"])
 def test_swapped_norms_take_a_16bit_weight_with_fp32_input(name, weight_dtype, backend):
     """A model's norm with a 16-bit weight fed fp32 activations (T5 loaded in fp16 keeps its ``wo``
     in fp32, so fp32 hidden states reach an fp16 ``T5LayerNorm``): the swapped norm computes what
     the model's code does, in the output dtype it gives (T5: the weight's; Llama: the promotion;
-    Gemma: the input's), bit for bit on the reference path; the gradients within the rounding of
-    the model's own 16-bit steps."""
+    Gemma and OLMo 2: the input's), bit for bit on the reference path; the gradients within the
+    rounding of the model's own 16-bit steps. (OLMo 2's is a plain RMSNorm, as torch's: it took
+    only the input's dtype or fp32 before.)"""
     norm = _final_norm(_tiny_hf_model(name)).to(weight_dtype)
     original, swapped = torch.nn.Sequential(copy.deepcopy(norm)), torch.nn.Sequential(copy.deepcopy(norm))
     assert sum(normzoo.swap(swapped, backend=backend).values()) == 1

@@ -118,6 +118,21 @@ def test_timm_state_dicts_round_trip_and_unswap_gives_timm_classes_back(timm, na
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("to", ["dyt", "derf"])
+@pytest.mark.parametrize("name", list(_MODELS))
+def test_timm_norms_convert_to_dyt_in_one_step(timm, name, to):
+    # to="dyt"/"derf" converts timm's own norm classes directly (ConvNeXt's channels-first
+    # LayerNorm2d into a channels-first layer), as it converts torch's: every norm, and the model runs.
+    model, x = _model(timm, name, "cpu")
+    _, _, _, timm_class, count, _ = _MODELS[name]
+    target = normzoo.DyT if to == "dyt" else normzoo.Derf
+    report = normzoo.swap(model, to=to)
+    assert report == {f"timm.{timm_class} -> normzoo.{target.__name__}": count} and not report.left_alone
+    layers = _norms(model, target)
+    assert len(layers) == count and all(m.channels_last == (name != "convnext") for m in layers)
+    assert model(x).shape == (2, 10)
+
+
 def test_timm_norms_swap_does_not_reproduce_are_named_with_why(timm):
     L = timm.layers
     try:
