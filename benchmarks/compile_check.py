@@ -56,8 +56,8 @@ The column-sum reduce launched by every backward is reported separately: its gri
 than the SM count by design, so its residency is not judged.
 
 ``--gpu NAME`` applies a committed measured table (kernels/configs/NAME.json), ``--table FILE`` a
-tuner's output not yet committed. A table's wide tile (``single_tile``: a row-wise backward keeping
-a row the rules loop over whole, heuristics.WIDE_TILE_BYTES) was timed faster than the rules' looped
+tuner's output not yet committed. A table's wide tile (``single_tile``: a row-wise pass keeping a
+row the rules loop over whole, heuristics.WIDE_TILE_BYTES) was timed faster than the rules' looped
 tiles on its GPU: its spills and residency are reported, not failed.
 """
 
@@ -199,7 +199,7 @@ class ResidencyException:
 # hold MIN_RESIDENT programs per SM, not that the current configuration doesn't.
 # A spill in a one-program backward (the DIRECT switch) this small is reported, not failed (build_rows).
 SPILL_TOLERATED_BYTES = 16
-# A row-wise backward that keeps a row wider than the rules' single tile whole (a measured table's
+# A row-wise launch that keeps a row wider than the rules' single tile whole (a measured table's
 # ``single_tile``; the rules never launch one) was timed faster than the rules' looped tiles on that
 # GPU (benchmarks.tune): its spills and residency are reported, not failed.
 WIDE_TILE_REASON = ("a measured table's wide tile (one row over 16 KB a tile, heuristics.WIDE_TILE_BYTES): "
@@ -838,8 +838,8 @@ def build_rows(records, results, sms: int, twins: dict | None = None):
             # add_norm N = 97). One program over a few rows stores and reloads them from L1 a few
             # times, nothing beside its launch: reported, not failed, up to SPILL_TOLERATED_BYTES.
             row["spill_tolerated"] = bool(consts.get("DIRECT")) and 0 < result["spill_bytes"] <= SPILL_TOLERATED_BYTES
-            row["wide_tile"] = (variant.family in ("plain", "switch") and variant.pass_ == "bwd"
-                                and variant.op in heuristics.ROWWISE_OPS and bool(consts.get("SINGLE_TILE"))
+            row["wide_tile"] = (variant.family in ("plain", "switch") and variant.op in heuristics.ROWWISE_OPS
+                                and row["role"] == "row" and consts.get("BLOCK_N", 0) >= variant.n
                                 and consts.get("BLOCK_N", 0) * DTYPES[variant.dtype].itemsize
                                 > heuristics.MAX_SINGLE_TILE_BYTES)
             exception = next((e for e in RESIDENCY_EXCEPTIONS if e.matches(variant, consts)), None)

@@ -23,10 +23,10 @@
 #                Llama (bf16, 8 x 2048 tokens), torch vs normzoo.swap, 3 warmup + 10 timed steps
 #                each; ~30-40 s expected (imports, first-step compiles), taken from tune's share
 #   (host and train-step are skipped on a GPU with no kernels/configs/<gpu>.json yet, e.g. a first
-#    H200 run: tune then gets up to 150 s, ~100 in practice after the tests)
-#   tune-wide 50 python -m benchmarks.tune: the LayerNorm/RMSNorm backward at 16384 (bf16, 32768
-#                rows), whose candidates include the whole row in one tile (never the rules' choice)
-#   tune     70  python -m benchmarks.tune: bf16 at 4096 and 1024, 32768 rows, --budget-s; less if
+#    H200 run: tune then gets up to 140 s, ~100 in practice after the tests)
+#   tune-wide 60 python -m benchmarks.tune: LayerNorm/RMSNorm at 16384 (bf16, 32768 rows), whose
+#                candidates include the whole row in one tile (never the rules' choice)
+#   tune     60  python -m benchmarks.tune: bf16 at 4096 and 1024, 32768 rows, --budget-s; less if
 #                the bench would get under 240 s. Both write kernels/configs/<gpu>.json here, so
 #                the benchmark runs with the tuned table (keys not tuned keep their entries)
 #   bench   260  python -m benchmarks --device-time: normzoo vs eager, compile, liger, quack; bf16,
@@ -179,16 +179,16 @@ if [ $fused = 1 ]; then
   :
 elif [ $smoke = 1 ]; then
   table=$out/tune-$gpu.json
-  phase tune-wide 60 python3 -m benchmarks.tune --smoke --ops rmsnorm --passes bwd --dtypes fp32 --hidden 4104 \
-    --rows 4 --out "$table"
+  phase tune-wide 60 python3 -m benchmarks.tune --smoke --ops rmsnorm --dtypes fp32 --hidden 4104 --rows 4 \
+    --out "$table"
   phase tune 60 python3 -m benchmarks.tune --smoke --ops rmsnorm dyt --hidden 64 --out "$table"
 else
   table=kernels/configs/$gpu.json  # where the kernels read it: the benchmark below uses it
-  # First the widest single-tile candidates (the LayerNorm/RMSNorm backward at 16384, where the
-  # looped rule made 48-56% of copy on the H200), then every op at 4096 and 1024.
-  phase tune-wide 50 python3 -m benchmarks.tune --ops layernorm rmsnorm --passes bwd --dtypes bf16 --hidden 16384 \
-    --rows 32768 --budget-s 35
-  cap=$([ $new_gpu = 1 ] && echo 150 || echo 70)
+  # First the whole-row candidates (LayerNorm/RMSNorm at 16384, where the looped rules made 48-56%
+  # of copy backward and 81-91% forward on the H200), then every op at 4096 and 1024.
+  phase tune-wide 60 python3 -m benchmarks.tune --ops layernorm rmsnorm --dtypes bf16 --hidden 16384 \
+    --rows 32768 --budget-s 45
+  cap=$([ $new_gpu = 1 ] && echo 140 || echo 60)
   left=$((TOTAL - (SECONDS - t0) - 240)); [ $left -lt $cap ] && cap=$left  # leave the benchmark 240 s
   phase tune $cap python3 -m benchmarks.tune --dtypes bf16 --hidden 4096 1024 --rows 32768 --budget-s $((cap - 25))
   [ -f "$table" ] && cp "$table" "$out/tune-$gpu.json"

@@ -8,7 +8,7 @@ For each (op, pass, dtype, N) it times the rule's launch configuration and a few
 most 12): 4, 8 and 16 warps, half and double the rows per tile and, for the backward, half and
 double the programs per SM and 1 or 3 stages, one knob at a time; then the best value of each knob
 together. A LayerNorm/RMSNorm forward of single-tile rows also tries one row a program and a
-persistent grid, and a LayerNorm/RMSNorm backward of rows the rules loop over (up to 16384 16-bit
+persistent grid, and a LayerNorm/RMSNorm pass over rows the rules loop over (up to 16384 16-bit
 or 8192 fp32 values) the whole row in one tile (:func:`candidates`; those change several fields at
 once and are not combined). Every candidate's output is checked against the rule's before it is
 timed, and the rule is timed again last. The fastest wins unless the rule is within 2% of it (a
@@ -105,8 +105,9 @@ def candidates(rule, pass_: str, tunable: dict, max_tile: int, *, rowwise: bool 
     and doubled, programs per SM (backward) halved and doubled, pipeline stages (backward) 1 or 3.
     A row-wise forward of single-tile rows (``rowwise``: LayerNorm, RMSNorm) also tries one row a
     program at 8 values a thread, and a persistent grid (the rule's layout at 2 and 3 stages, the
-    one-row layout at 2). ``wide`` (heuristics.wide_tile_fits: a row-wise backward whose rows the
-    rules loop over) adds one row a tile in one program per SM of 16 and of 32 warps. At most 12."""
+    one-row layout at 2). ``wide`` (heuristics.wide_tile_fits: a row-wise pass over rows the rules
+    loop over) adds the whole row in one tile: 16 and 32 warps, one program per SM in the backward,
+    and in the forward also a persistent 16-warp grid. At most 12."""
     base = entry_of(rule, pass_)
     out = [base]
 
@@ -134,7 +135,7 @@ def candidates(rule, pass_: str, tunable: dict, max_tile: int, *, rowwise: bool 
             add(programs_per_sm=p)
         for st in (1, 3):  # prefetch off, or one row block deeper
             add(num_stages=st)
-    if wide:
+    if wide and pass_ == "bwd":
         # The whole row in one tile: x and dy read once, not twice. torch.compile's mix-order
         # reduction keeps rows of up to 16384 whole too (torch/_inductor/scheduler.py), and its
         # RMSNorm backward made 80% of copy at N = 16384 on the H200 where the looped rule made
@@ -143,6 +144,15 @@ def candidates(rule, pass_: str, tunable: dict, max_tile: int, *, rowwise: bool 
         for warps in (16, 32):
             out.append({**base, "num_warps": warps, "block_m": 1, "programs_per_sm": 1, "num_stages": 2,
                         "single_tile": True})
+    elif wide:
+        # The forward's whole row: x read once, not twice (the looped rule re-reads it, from L2 if it
+        # is still there; LayerNorm made 81% of copy at N = 16384 on the H200). 50-85 registers at
+        # 16 warps, 30-46 at 32, no spill (bf16, sm_90); LayerNorm with weight and bias holds one
+        # program per SM, so also a persistent grid that loads the next row while it reduces this one.
+        for warps in (16, 32):
+            out.append({**base, "num_warps": warps, "block_m": 1, "single_tile": True})
+        out.append({**base, "num_warps": 16, "block_m": 1, "persistent": True, "programs_per_sm": 1,
+                    "num_stages": 2, "single_tile": True})
     return out
 
 

@@ -6,9 +6,10 @@ the key ``op|pass|dtype|next_power_of_2(N)``, its fields (``num_warps``, ``block
 ``programs_per_sm``, ``num_stages``, and for a row-wise forward ``persistent``) replace the rule's;
 the column tile always comes from the rules, so a table changes speed, not which arithmetic runs (a
 persistent forward walks the same tiles in a loop), with one exception: a LayerNorm/RMSNorm
-backward entry with ``single_tile`` keeps rows of up to twice the rules' single-tile limit in one
-tile (WIDE_TILE_BYTES), where the rules loop over column tiles: its row sums are then one tile's
-reduction instead of a loop's (other rounding, the same accuracy). Tables apply to row lengths that
+entry with ``single_tile`` keeps rows of up to twice the rules' single-tile limit in one tile
+(WIDE_TILE_BYTES), where the rules loop over column tiles: its row sums are then one tile's
+reduction instead of a loop's (other rounding, the same accuracy). The fused residual ops keep the
+rules' tiles there (their forward holds more per row than the plain norm the entry was timed on). Tables apply to row lengths that
 are multiples of 8 (where they are measured). Results are deterministic for a given table: the
 reduction order follows the config.
 
@@ -30,12 +31,14 @@ from .launch import INTERPRETED, cdiv  # noqa: F401 (INTERPRETED: asked through 
 # 66-118 registers: one per SM, each exposing its whole load latency (compile_check, sm_90); the
 # looped forward re-reads x from L2, not DRAM, at these widths.
 MAX_SINGLE_TILE_BYTES = 16 * 1024
-# The widest row a measured table may keep in one backward tile (``single_tile``, LayerNorm and
-# RMSNorm; the rules never do): 16384 16-bit or 8192 fp32 values. The looped backward reads x and
-# dy twice (5/3 of the ideal bytes: 48-56% of copy on the H200 at N = 16384), where torch.compile,
-# which keeps such rows whole (its mix-order reduction), made 80% for RMSNorm. Ours spills at this
-# width (16-bit, with a weight: one 16-warp program per SM at 128 registers and 88-272 B of spill,
-# or 32 warps at 64 and 72-176 B; compile_check, sm_90), so only a timing can choose it.
+# The widest row a measured table may keep in one tile (``single_tile``, LayerNorm and RMSNorm; the
+# rules never do): 16384 16-bit or 8192 fp32 values. The looped backward reads x and dy twice (5/3
+# of the ideal bytes: 48-56% of copy on the H200 at N = 16384), where torch.compile, which keeps
+# such rows whole (its mix-order reduction), made 80% for RMSNorm; the looped forward reads x twice,
+# the second time from L2 if it is still there. Ours spills in the backward at this width (16-bit,
+# with a weight: one 16-warp program per SM at 128 registers and 88-272 B of spill, or 32 warps at
+# 64 and 72-176 B) and not in the forward (50-85 registers at 16 warps; compile_check, sm_90): only
+# a timing chooses either.
 WIDE_TILE_BYTES = 2 * MAX_SINGLE_TILE_BYTES
 # Elements one program touches per step; rows are stacked into a tile until it holds this many.
 TARGET_TILE_ELEMENTS = 4096
@@ -144,9 +147,10 @@ def validate_entry(key: str, entry: dict) -> dict:
 
 
 def wide_tile_fits(op: str, pass_: str, n_cols: int, dtype: torch.dtype) -> bool:
-    """Whether a table may keep these rows in one backward tile where the rules loop: a LayerNorm or
-    RMSNorm backward of rows over MAX_SINGLE_TILE_BYTES whose key width fits WIDE_TILE_BYTES."""
-    return (op in ROWWISE_OPS and pass_ == "bwd" and n_cols * dtype.itemsize > MAX_SINGLE_TILE_BYTES
+    """Whether a table may keep these rows in one tile where the rules loop: a LayerNorm or RMSNorm
+    pass ("fwd", "bwd") over rows of more than MAX_SINGLE_TILE_BYTES whose key width fits
+    WIDE_TILE_BYTES."""
+    return (op in ROWWISE_OPS and pass_ in ("fwd", "bwd") and n_cols * dtype.itemsize > MAX_SINGLE_TILE_BYTES
             and next_power_of_2(n_cols) * dtype.itemsize <= WIDE_TILE_BYTES)
 
 
@@ -154,8 +158,8 @@ def _check_single_tile(key: str, entry: dict) -> None:
     """A table's ``single_tile``: True (one row a tile) only where :func:`wide_tile_fits`; False
     only where the rules loop too (a key past WIDE_TILE_BYTES)."""
     op, pass_, dtype, n = key.split("|")
-    if op not in ROWWISE_OPS or pass_ != "bwd":
-        raise ValueError(f"config {key!r}: only the row-wise backward (LayerNorm, RMSNorm) sets single_tile")
+    if op not in ROWWISE_OPS:
+        raise ValueError(f"config {key!r}: only the row-wise norms (LayerNorm, RMSNorm) set single_tile")
     if int(n) * getattr(torch, dtype).itemsize <= MAX_SINGLE_TILE_BYTES:
         raise ValueError(f"config {key!r}: the rules already keep these rows in one tile")
     if entry["single_tile"] and (not wide_tile_fits(op, pass_, int(n), getattr(torch, dtype))

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .heuristics import launch_config, num_compute_units, split_rows
+from .heuristics import MAX_SINGLE_TILE_BYTES, launch_config, num_compute_units, split_rows
 from .launch import (alloc, alloc_like, alloc_rows, check_rows, device_guard, empty_residual_grads,
                      partials_layout, residual_grad_buffers)
 from .reduce import sum_partials
@@ -513,7 +513,12 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
 
 def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
                     res_mode, max_block_n, weight_offset=0.0, round_x_hat=0):
-    cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
+    op = "rmsnorm" if is_rms else "layernorm"
+    cfg = launch_config(op, "fwd", N, x.dtype, x.device, max_block_n)
+    if res_mode != "none" and cfg.block_n * x.dtype.itemsize > MAX_SINGLE_TILE_BYTES and cfg.single_tile:
+        # A table's wide tile was timed on the plain norm: a fused op holds more per row (the other
+        # input, the sum, a second norm), so it keeps the rules' looped tiles (a capped call: no table).
+        cfg = launch_config(op, "fwd", N, x.dtype, x.device, MAX_SINGLE_TILE_BYTES // x.dtype.itemsize)
     blocks = -(-M // cfg.block_m)  # cdiv, inline
     # A plain norm only: the table's entry was timed on it, and a fused op stages more operands
     # per row block (shared memory a table never checked). The persistent loop's int32 row counter

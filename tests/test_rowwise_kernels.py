@@ -222,36 +222,54 @@ def test_looped_backward_has_no_race_between_warps(is_rms, device):
 
 @pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("dtype,n", [(torch.float32, 6000), (torch.bfloat16, 12000)], ids=str)
-@pytest.mark.parametrize("m", [37, 5])
-def test_a_tables_wide_single_tile_backward(is_rms, dtype, n, m, device, monkeypatch):
+@pytest.mark.parametrize("m,persistent", [(37, False), (5, False), (37, True)])
+def test_a_tables_wide_single_tile(is_rms, dtype, n, m, persistent, device, monkeypatch):
     # A measured table may keep a row the rules loop over (up to twice their single-tile limit) in
-    # one backward tile: one launch of one BLOCK_N-wide tile, no row-sum scratch, the same results.
-    # 37 rows: two programs and the reduce; 5: one program writing the gradients itself.
+    # one tile, forward and backward: one launch each of one BLOCK_N-wide tile (no row-sum scratch
+    # in the backward), the same results. 37 rows: two backward programs and the reduce; 5: one
+    # program writing the gradients itself; a persistent forward grid too. A fused residual op's
+    # forward keeps the rules' looped tiles (the entry was timed on the plain norm).
     from normzoo.kernels import heuristics as h
     from normzoo.kernels import rowwise_norm as k
 
     op = "rmsnorm" if is_rms else "layernorm"
-    key = h.config_key(op, "bwd", dtype, n)
+    wide = 16384 if dtype.itemsize == 2 else 8192
     assert not h.launch_config(op, "bwd", n, dtype, torch.device(device)).single_tile  # the rules loop here
+    assert not h.launch_config(op, "fwd", n, dtype, torch.device(device)).single_tile
     monkeypatch.setattr(h, "device_name", lambda d: "wide-tile-test")  # a table of its own, on any device
     monkeypatch.setattr(k, "num_compute_units", lambda d: 2)
-    h.set_tuned("wide-tile-test", key, {"num_warps": 16, "block_m": 1, "programs_per_sm": 1, "num_stages": 2,
-                                        "single_tile": True})
+    fwd = {"num_warps": 16, "block_m": 1, "single_tile": True}
+    if persistent:
+        fwd.update(persistent=True, programs_per_sm=2, num_stages=2)
+    keys = {h.config_key(op, "fwd", dtype, n): fwd,
+            h.config_key(op, "bwd", dtype, n): {"num_warps": 16, "block_m": 1, "programs_per_sm": 1, "num_stages": 2,
+                                                "single_tile": True}}
     launches = []
-    kernel = k._norm_bwd_kernel
 
     class Spy:  # the launcher's global, not Triton's class: any Triton version's launch path
+        def __init__(self, kernel, pick):
+            self.kernel, self.pick = kernel, pick
+
         def run(self, *args, **kw):
-            launches.append((args[-5], args[-4], args[-3], args[8]))  # BLOCK_M, BLOCK_N, SINGLE_TILE, ROW_SUMS
-            return kernel.run(*args, **kw)
+            launches.append(self.pick(args))
+            return self.kernel.run(*args, **kw)
 
     try:
-        monkeypatch.setattr(k, "_norm_bwd_kernel", Spy())
+        for key, entry in keys.items():
+            h.set_tuned("wide-tile-test", key, entry)
+        # (BLOCK_N, NUM_STAGES: 0 one tile a program, < 0 persistent) and (BLOCK_N, SINGLE_TILE, ROW_SUMS)
+        monkeypatch.setattr(k, "_norm_fwd_kernel", Spy(k._norm_fwd_kernel, lambda a: ("fwd", a[-2], a[-1])))
+        monkeypatch.setattr(k, "_norm_bwd_kernel", Spy(k._norm_bwd_kernel, lambda a: ("bwd", a[-4], a[-3], a[8])))
         x, w, b = make_inputs(m, n, dtype, "weight+bias", dtype, device, is_rms)
         run_and_compare(x, w, b, is_rms)
-        assert launches == [(1, 16384 if dtype.itemsize == 2 else 8192, True, None)]
+        assert launches == [("fwd", wide, -2 if persistent else 0), ("bwd", wide, True, None)]
+        launches.clear()
+        k.rowwise_residual_forward(x, x, w, b, 1e-5, is_rms=is_rms, mode="add_norm")
+        (_, block_n, stages), = launches
+        assert block_n < wide and stages > 0  # the looped forward
     finally:
-        h.set_tuned("wide-tile-test", key, None)
+        for key in keys:
+            h.set_tuned("wide-tile-test", key, None)
         monkeypatch.undo()
         h.launch_config.cache_clear()
 
@@ -262,6 +280,7 @@ def test_a_wide_single_tile_entry_is_validated():
     entry = {"num_warps": 16, "block_m": 1, "programs_per_sm": 1, "num_stages": 2, "single_tile": True}
     h.validate_entry("rmsnorm|bwd|bfloat16|16384", entry)
     h.validate_entry("layernorm|bwd|float32|8192", entry)
+    h.validate_entry("rmsnorm|fwd|bfloat16|16384", {"num_warps": 32, "block_m": 1, "single_tile": True})
     h.validate_entry("layernorm|bwd|bfloat16|32768", {**entry, "single_tile": False})  # the rules' own value
     for key, bad, match in [
         ("rmsnorm|bwd|bfloat16|32768", entry, "at most 32768 bytes"),  # past WIDE_TILE_BYTES
@@ -269,8 +288,8 @@ def test_a_wide_single_tile_entry_is_validated():
         ("rmsnorm|bwd|bfloat16|16384", {**entry, "block_m": 2}, "one a tile"),
         ("rmsnorm|bwd|bfloat16|8192", entry, "already keep"),  # the rules' single tile
         ("rmsnorm|bwd|bfloat16|4096", {**entry, "single_tile": False}, "already keep"),
-        ("rmsnorm|fwd|bfloat16|16384", entry, "only the row-wise backward"),
-        ("dyt|bwd|bfloat16|16384", entry, "only the row-wise backward"),
+        ("dyt|bwd|bfloat16|16384", entry, "only the row-wise norms"),
+        ("derf|fwd|float32|8192", {"single_tile": True}, "only the row-wise norms"),
         ("rmsnorm|bwd|bfloat16|16384", {**entry, "single_tile": 1}, "single_tile=1"),
     ]:
         with pytest.raises(ValueError, match=match):

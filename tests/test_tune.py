@@ -82,22 +82,23 @@ def test_candidates_respect_tunable_and_stay_small():
 def test_wide_tile_candidates_where_the_rules_loop_and_a_row_fits():
     cpu = torch.device("cpu")
     for op in h.OPS:
-        for dtype in (torch.bfloat16, torch.float32):
-            for n in (4096, 6000, 8192, 8200, 12000, 16384, 16392, 32768):
-                rule = h.launch_config(op, "bwd", n, dtype, cpu)
-                wide = h.wide_tile_fits(op, "bwd", n, dtype)
-                # Exactly the row-wise backward's looped rows up to 32 KB: 8193-16384 16-bit values,
-                # 4097-8192 fp32 ones.
-                assert wide == (op in h.ROWWISE_OPS and not rule.single_tile
-                                and n <= (16384 if dtype.itemsize == 2 else 8192))
-                assert not h.wide_tile_fits(op, "fwd", n, dtype)
-                cands = tune.candidates(rule, "bwd", h.TUNABLE, 8192, rowwise=op in h.ROWWISE_OPS, wide=wide)
-                wides = [c for c in cands if c.get("single_tile")]
-                assert len(cands) <= 12 and len(wides) == (2 if wide else 0)
-                key = h.config_key(op, "bwd", dtype, n)
-                for c in wides:
-                    h.validate_entry(key, c)
-                    assert c["block_m"] == 1 and c["programs_per_sm"] == 1 and c["num_warps"] in (16, 32)
+        for pass_ in ("fwd", "bwd"):
+            for dtype in (torch.bfloat16, torch.float32):
+                for n in (4096, 6000, 8192, 8200, 12000, 16384, 16392, 32768):
+                    rule = h.launch_config(op, pass_, n, dtype, cpu)
+                    wide = h.wide_tile_fits(op, pass_, n, dtype)
+                    # Exactly the row-wise norms' looped rows up to 32 KB: 8193-16384 16-bit values,
+                    # 4097-8192 fp32 ones.
+                    assert wide == (op in h.ROWWISE_OPS and not rule.single_tile
+                                    and n <= (16384 if dtype.itemsize == 2 else 8192))
+                    cands = tune.candidates(rule, pass_, h.TUNABLE, 8192, rowwise=op in h.ROWWISE_OPS, wide=wide)
+                    wides = [c for c in cands if c.get("single_tile")]
+                    assert len(cands) <= 12 and len(wides) == (0 if not wide else 2 if pass_ == "bwd" else 3)
+                    key = h.config_key(op, pass_, dtype, n)
+                    for c in wides:
+                        h.validate_entry(key, c)
+                        assert c["block_m"] == 1 and c["num_warps"] in (16, 32)
+                        assert pass_ == "fwd" or c["programs_per_sm"] == 1
     # Never one knob's evidence in combined(): a wide entry differs from the rule in several.
     rule = h.launch_config("rmsnorm", "bwd", 16384, torch.bfloat16, cpu)
     base = tune.entry_of(rule, "bwd")
@@ -314,9 +315,11 @@ def test_session_script_smoke_runs_every_phase(tmp_path):
     assert table["tuner"]["complete"]
     for key, record in table["measured"].items():
         _check_record(key, record)
-    # tune-wide's key (an fp32 RMSNorm backward of 4104 columns, looped by the rules), kept by the
-    # tune phase after it: its wide-tile candidates were installed, run and checked like the others.
-    wides = [c for c in table["measured"]["rmsnorm|bwd|float32|8192"]["candidates"] if c["config"].get("single_tile")]
-    assert len(wides) == 2 and all(c["ms"] is not None for c in wides)
+    # tune-wide's keys (an fp32 RMSNorm of 4104 columns, looped by the rules), kept by the tune
+    # phase after it: their wide-tile candidates were installed, run and checked like the others.
+    for pass_, count in (("fwd", 3), ("bwd", 2)):
+        wides = [c for c in table["measured"][f"rmsnorm|{pass_}|float32|8192"]["candidates"]
+                 if c["config"].get("single_tile")]
+        assert len(wides) == count and all(c["ms"] is not None for c in wides)
     bench = json.loads((out / "smoke-cpu-bf16.json").read_text())
     assert {(p["op"], p["provider"]) for p in bench["results"]} >= {("layernorm", "normzoo"), ("dyt", "eager")}
