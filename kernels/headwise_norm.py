@@ -65,7 +65,9 @@ def _rstd(sumsq, total, N, eps, NORM: tl.constexpr):
     elif NORM == "l2":
         floor = eps * eps
         live = sumsq > floor  # under the floor the norm is the constant eps: no gradient through it
-        rstd = rstd_of(tl.maximum(sumsq, floor))
+        # max(Σx², eps²), but NaN where Σx² is (tl.maximum returns the other operand there): a row
+        # with a NaN stays NaN, as the reference and the row-wise norms keep it.
+        rstd = rstd_of(tl.where(sumsq < floor, floor, sumsq))
     else:
         tl.static_assert(NORM == "crms", "NORM must be one of rms, l2, crms")
         rstd = rstd_of((sumsq + total * total) / (N + 1) + eps)
@@ -192,6 +194,9 @@ def _backward_rows(X, DY, DX, W, PARTIALS, ROW_STATS, program, rows_per_program,
             rows64 = rows.to(tl.int64)
             dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             rstd, total, live = _stats(x, N, eps, NORM)
+            # A row past the end (masked: x = 0) would get rsqrt(0 + eps) = inf at eps = 0, and
+            # x_hat = 0·inf = NaN in dw's sums: its rstd is 0.
+            rstd = tl.where(row_mask, rstd, 0.0)
             x_hat = x * rstd[:, None]
             if COMPUTE_DW:
                 dw_acc += dy * x_hat

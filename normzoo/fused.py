@@ -375,6 +375,9 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
     # its own forward would be silently ignored. torch.nn.utils.parametrize makes a subclass of the
     # module's class that only moves parameters behind properties, which the ops read as the layer does.
     cls = type(norm)
+    if not isinstance(norm, torch.nn.Module):
+        raise TypeError("norm must be a normzoo LayerNorm, RMSNorm, DyT or Derf, or torch.nn.LayerNorm / RMSNorm, "
+                        f"got {cls.__name__}")
     if "parametrizations" in norm._modules and parametrize.is_parametrized(norm):  # (a getattr miss costs more)
         cls = cls.__bases__[0]
     if cls in (torch.nn.LayerNorm, layers.LayerNorm):

@@ -149,7 +149,9 @@ class LayerNorm2d(LayerNorm):
                          weight_offset=weight_offset)
 
     def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, Tensor) and input.dim() != 4:
+        if not isinstance(input, Tensor):
+            ops.check_input(input)  # the TypeError LayerNorm gives
+        if input.dim() != 4:
             raise ValueError(f"LayerNorm2d expects (B, C, H, W) input, got shape {tuple(input.shape)}")
         return super().forward(input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 

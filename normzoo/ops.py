@@ -203,9 +203,16 @@ def _second_order(composite, inputs, needs, grad_outputs):
     for a backward run with ``create_graph=True``: autograd through the reference, so the gradients
     are themselves differentiable (double backward, gradient penalties). ``needs``: which inputs
     want one; ``None`` elsewhere. ``composite`` returns one output or a tuple matching
-    ``grad_outputs`` (a ``None`` gradient skips its output)."""
-    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+    ``grad_outputs`` (a ``None`` gradient skips its output).
+
+    Each input is differentiated through a view of its own: the partial derivative the backward
+    owes it, where the inputs themselves share history (``norm(x * w)`` with ``w`` the norm's weight,
+    a weight passed twice) that ``autograd.grad`` would otherwise follow from one input into another
+    (and a tensor passed twice would get both partials, twice). The views keep the inputs' history,
+    so the gradients stay differentiable with respect to what the inputs came from."""
     with torch.enable_grad():
+        inputs = [t.view_as(t) if t is not None and t.requires_grad else t for t in inputs]
+        wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
         outputs = composite(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and g is not None]
@@ -947,7 +954,7 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
             check_input(t, name)
             if t.dim() == 0:
                 raise ValueError(f"{name} must have at least one dimension")
-    _check_headwise_weight(wa, "q_weight" if b is not None else "weight", a, a.shape[-1])
+    _check_headwise_weight(wa, "q_weight" if b is not None else "scale" if norm == "l2" else "weight", a, a.shape[-1])
     if b is not None:
         if b.device != a.device:
             raise ValueError(f"q is on {a.device} but k is on {b.device}")

@@ -318,6 +318,7 @@ def test_triton_and_reference_agree_bitwise_in_the_sum(dtype, device):
         (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 5), normzoo.LayerNorm(4)), ValueError, "same shape"),
         (lambda: NF.add_norm(torch.randn(2, 5), torch.randn(2, 5), normzoo.LayerNorm(4)), ValueError, "trailing dims"),
         (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), torch.nn.Linear(4, 4)), TypeError, "norm must be"),
+        (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), None), TypeError, "norm must be"),
         (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4), scale=0.0), ValueError, "scale"),
         (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4), residual_dtype=torch.int32),
          TypeError, "residual_dtype"),

@@ -211,6 +211,7 @@ def test_module_device_dtype_and_mixed_precision(device):
         (lambda: NF.layer_norm(torch.randn(3, 4), (4,), eps="1e-5"), TypeError, "eps"),
         # torch.nn.LayerNorm has no eps=None default (RMSNorm's machine epsilon): a TypeError, as torch's
         (lambda: normzoo.LayerNorm(4, eps=None)(torch.randn(3, 4)), TypeError, "eps must be a float"),
+        (lambda: normzoo.LayerNorm2d(4)([[1.0]]), TypeError, "input must be a torch.Tensor"),
         (lambda: NF.layer_norm(torch.randn(3, 4), -1), ValueError, "must not be negative"),
         (lambda: normzoo.LayerNorm(-1), ValueError, "must not be negative"),
         (lambda: normzoo.RMSNorm((2, -4)), ValueError, "must not have negative sizes"),
@@ -619,6 +620,55 @@ def test_layers_can_be_called_from_several_threads(device):
     assert failures == []
 
 
+def _capped_tiles(monkeypatch, max_block_n):
+    """Cap the row-wise and head-wise launchers' tiles (their looped paths); returns both logs."""
+    from normzoo.kernels import headwise_norm
+    from normzoo.kernels import rowwise_norm as launchers
+    monkeypatch.setattr(launchers, "launch_config", capped(launchers.launch_config, max_block_n))
+    headwise_config, headwise_configs = headwise_norm._config, []
+
+    def capped_headwise(n, pair, itemsize=2, _max_block_n=None):
+        headwise_configs.append(cfg := headwise_config(n, pair, itemsize, max_block_n))
+        return cfg
+
+    monkeypatch.setattr(headwise_norm, "_config", capped_headwise)
+    return launchers.launch_config.configs, headwise_configs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n, max_block_n", [(40, None), (100, 32)], ids=["single_tile", "looped"])
+def test_a_nan_row_is_nan_and_eps_0_keeps_other_gradients_finite(n, max_block_n, backend, device, monkeypatch):
+    """A NaN in a row makes that row NaN (output and dx) in every norm, and leaves the others alone:
+    ScaleNorm's and QK-norm's l2 floor max(Σx², eps²) used to drop the NaN on the kernels and scale
+    the row by g/eps. And eps = 0 (allowed) keeps the parameter gradients of finite rows finite: the
+    head-wise kernels' masked rows past the end got rsqrt(0) = inf and put 0·inf into dw."""
+    if max_block_n is not None:
+        if backend != "triton":
+            pytest.skip("a cap on the tile width is a kernel setting")
+        _capped_tiles(monkeypatch, max_block_n)
+    ones = torch.ones(n, device=device)
+    calls = {
+        "layer_norm": lambda t, eps, w: NF.layer_norm(t, (n,), w, None, eps, backend=backend),
+        "rms_norm": lambda t, eps, w: NF.rms_norm(t, (n,), w, eps, backend=backend),
+        "scale_norm": lambda t, eps, w: NF.scale_norm(t, w[:1], eps, backend=backend),
+        "qk_norm_l2": lambda t, eps, w: NF.qk_norm(t, t, w[:1], None, eps, norm="l2", backend=backend)[0],
+        "qk_norm_rms": lambda t, eps, w: NF.qk_norm(t, t, w, w, eps, backend=backend)[0],
+    }
+    for name, call in calls.items():
+        x = torch.randn(3, n, device=device)
+        x[1, 5] = float("nan")
+        x.requires_grad_()
+        y = call(x, 1e-5, ones)
+        (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert y[1].isnan().all() and dx[1].isnan().all(), name
+        assert y[[0, 2]].isfinite().all() and dx[[0, 2]].isfinite().all(), name
+        for m in (3, 5):  # rows that leave a program's last row block part empty
+            w = ones.clone().requires_grad_()
+            y = call(torch.randn(m, n, device=device), 0.0, w)
+            (dw,) = torch.autograd.grad(y, w, torch.randn_like(y))
+            assert dw.isfinite().all(), (name, m)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n, max_block_n", [(40, None), (100, 32)], ids=["single_tile", "looped"])
@@ -630,16 +680,7 @@ def test_rows_too_large_to_normalize_give_nan_not_the_bias(n, max_block_n, dtype
     if max_block_n is not None:
         if backend != "triton":
             pytest.skip("a cap on the tile width is a kernel setting")
-        from normzoo.kernels import headwise_norm
-        from normzoo.kernels import rowwise_norm as launchers
-        monkeypatch.setattr(launchers, "launch_config", capped(launchers.launch_config, max_block_n))
-        headwise_config, headwise_configs = headwise_norm._config, []
-
-        def capped_headwise(n, pair, itemsize=2, _max_block_n=None):
-            headwise_configs.append(cfg := headwise_config(n, pair, itemsize, max_block_n))
-            return cfg
-
-        monkeypatch.setattr(headwise_norm, "_config", capped_headwise)
+        rowwise_configs, headwise_configs = _capped_tiles(monkeypatch, max_block_n)
     x = torch.randn(3, n, device=device)
     x[0] *= 1e30
     x[2] *= 1e20  # x² = 1e40: over fp32's 3.4e38 as well
@@ -660,7 +701,7 @@ def test_rows_too_large_to_normalize_give_nan_not_the_bias(n, max_block_n, dtype
         expected = call(x.detach()[1:2].double())
         torch.testing.assert_close(y[1:2].double(), expected, rtol=1e-2, atol=1e-2, msg=name)
     if max_block_n is not None:
-        assert not any(cfg.single_tile for _, cfg in launchers.launch_config.configs)
+        assert not any(cfg.single_tile for _, cfg in rowwise_configs)
         assert headwise_configs and not any(cfg.single_tile for cfg in headwise_configs)
 
 

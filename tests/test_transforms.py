@@ -123,6 +123,36 @@ def test_double_backward(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_create_graph_when_inputs_share_history(backend):
+    """An op's inputs that depend on each other (norm(x·w) with w the norm's own weight) or are one
+    tensor (q and k's tied weight, Derf's alpha as its shift): create_graph=True must give the first
+    order's gradient, and a second order that matches float64 autograd of the formula. It counted
+    the path from one input into another as that input's own (and a tensor passed twice twice)."""
+    F = torch.nn.functional
+    x = torch.randn(3, 8)
+    for layer, formula in (
+            (normzoo.RMSNorm(8, eps=1e-6, backend=backend), lambda x, w: F.rms_norm(x * w, (8,), w, 1e-6)),
+            (normzoo.LayerNorm(8, backend=backend), lambda x, w: F.layer_norm(x * w, (8,), w, None, 1e-5))):
+        w = layer.weight
+        with torch.no_grad():
+            w.add_(torch.randn(8) * 0.3)
+        first = [torch.autograd.grad(layer(x * w).pow(3).sum(), w, create_graph=cg)[0] for cg in (False, True)]
+        torch.testing.assert_close(first[1], first[0], rtol=1e-5, atol=1e-6)
+        (second,) = torch.autograd.grad(first[1].square().sum(), w)
+        w64 = w.detach().double().requires_grad_()
+        (g64,) = torch.autograd.grad(formula(x.double(), w64).pow(3).sum(), w64, create_graph=True)
+        (second64,) = torch.autograd.grad(g64.square().sum(), w64)
+        torch.testing.assert_close(second.double(), second64, rtol=1e-4, atol=1e-4 * second64.abs().max().item())
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    w = (torch.randn(8) + 1).requires_grad_()
+    a = torch.tensor([0.5], requires_grad=True)
+    for f, leaf in ((lambda: sum(NF.qk_norm(q, k, w, w, backend=backend)).sin().sum(), w),
+                    (lambda: NF.derf(x, a, a, backend=backend).sin().sum(), a)):
+        once, twice = (torch.autograd.grad(f(), leaf, create_graph=cg)[0] for cg in (False, True))
+        torch.testing.assert_close(twice, once, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_qk_norm_under_transforms_and_double_backward(backend):
     q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 2, 8)
     wq, wk = torch.randn(8) + 1, torch.randn(8) + 1
