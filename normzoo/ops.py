@@ -926,6 +926,11 @@ headwise_norm_fwd.register_autograd(_headwise_custom_op_grads, setup_context=_he
 _HEADWISE_C_APPLY = _c_apply(_HeadwiseNorm)
 
 
+# The smallest eps whose square is a normal float32 (the L2 floor max(Σx², eps²) is computed there;
+# a GPU flushes subnormals to 0): sqrt(2^-126).
+_L2_EPS_MIN = 2.0 ** -63
+
+
 def _check_headwise_weight(w, name: str, x: Tensor, n: int) -> None:
     if w is None:
         return
@@ -962,6 +967,9 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
         if wa is not None and wb is not None and (wa.numel() == 1) != (wb.numel() == 1):
             raise ValueError("q_weight and k_weight must both be per-channel or both be (1,) scales")
     eps = check_eps(eps)
+    if norm == "l2" and 0.0 < eps < _L2_EPS_MIN:
+        raise ValueError(f"eps must be 0 or at least {_L2_EPS_MIN:.3g} for the L2 norm (its floor eps² underflows "
+                         f"float32 below that), got {eps!r}")
     triton = use_triton(backend, a) and (b is None or b.dtype is not torch.float64)
     if triton and backend == "auto" and max(a.shape[-1], b.shape[-1] if b is not None else 0) > (
             _kernels or _launchers()).headwise_norm.MAX_N:
