@@ -57,8 +57,9 @@ than the SM count by design, so its residency is not judged.
 
 ``--gpu NAME`` applies a committed measured table (kernels/configs/NAME.json), ``--table FILE`` a
 tuner's output not yet committed. A table's wide tile (``single_tile``: a row-wise pass keeping a
-row the rules loop over whole, heuristics.WIDE_TILE_BYTES) was timed faster than the rules' looped
-tiles on its GPU: its spills and residency are reported, not failed.
+row the rules loop over whole, heuristics.WIDE_TILE_BYTES) is there because benchmarks.tune timed
+it faster than the rules' looped tiles on that GPU (the tuner writes no other): its spills and
+residency are reported, not failed.
 """
 
 import argparse

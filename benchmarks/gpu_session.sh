@@ -25,12 +25,14 @@
 #   (host and train-step are skipped on a GPU with no kernels/configs/<gpu>.json yet, e.g. a first
 #    H200 run: tune then gets up to 140 s, ~100 in practice after the tests)
 #   tune-wide 60 python -m benchmarks.tune: LayerNorm/RMSNorm at 16384 (bf16, 32768 rows), whose
-#                candidates include the whole row in one tile (never the rules' choice)
+#                candidates include the whole row in one tile (never the rules' choice); less if the
+#                bench would get under 240 s (on a GPU with a table, after tests, host and the
+#                training step, about 25 s are left for tuning: then tune-wide takes them)
 #   tune     60  python -m benchmarks.tune: bf16 at 4096 and 1024, 32768 rows, --budget-s; less if
 #                the bench would get under 240 s. Both write kernels/configs/<gpu>.json here, so
 #                the benchmark runs with the tuned table (keys not tuned keep their entries)
 #   bench   260  python -m benchmarks --device-time: normzoo vs eager, compile, liger, quack; bf16,
-#                32768 rows, N = 4096 1024 16384 (in that order; --budget-s stops before a width it
+#                32768 rows, N = 4096 16384 1024 (in that order; --budget-s stops before a width it
 #                cannot finish); the four norms and two fused residual ops (add+RMSNorm, Peri's
 #                norm_add_norm on LayerNorm) in one table, and each call split into its GPU time and
 #                its host time (on the H200's gVisor host a backward took 200-700 us to issue, so
@@ -186,8 +188,9 @@ else
   table=kernels/configs/$gpu.json  # where the kernels read it: the benchmark below uses it
   # First the whole-row candidates (LayerNorm/RMSNorm at 16384, where the looped rules made 48-56%
   # of copy backward and 81-91% forward on the H200), then every op at 4096 and 1024.
-  phase tune-wide 60 python3 -m benchmarks.tune --ops layernorm rmsnorm --dtypes bf16 --hidden 16384 \
-    --rows 32768 --budget-s 45
+  left=$((TOTAL - (SECONDS - t0) - 240)); wide=$((left < 60 ? left : 60))  # leave the benchmark 240 s
+  phase tune-wide $wide python3 -m benchmarks.tune --ops layernorm rmsnorm --dtypes bf16 --hidden 16384 \
+    --rows 32768 --budget-s $((wide - 15))
   cap=$([ $new_gpu = 1 ] && echo 140 || echo 60)
   left=$((TOTAL - (SECONDS - t0) - 240)); [ $left -lt $cap ] && cap=$left  # leave the benchmark 240 s
   phase tune $cap python3 -m benchmarks.tune --dtypes bf16 --hidden 4096 1024 --rows 32768 --budget-s $((cap - 25))
@@ -209,7 +212,7 @@ else
   # after it; the last one (6 ops, up to 5 providers each, compiles included; --device-time took
   # ~12 s per op and width on the H200) needs ~110 s.
   phase bench 260 python3 -m benchmarks --ops layernorm rmsnorm dyt derf add_norm-rmsnorm norm_add_norm-layernorm \
-    --dtypes bf16 --rows 32768 --hidden 4096 1024 16384 --device-time --out "$out" --name "$name" \
+    --dtypes bf16 --rows 32768 --hidden 4096 16384 1024 --device-time --out "$out" --name "$name" \
     --budget-s $(((left < 260 ? left : 260) - 110))
 fi
 

@@ -9,7 +9,7 @@ persistent forward walks the same tiles in a loop), with one exception: a LayerN
 entry with ``single_tile`` keeps rows of up to twice the rules' single-tile limit in one tile
 (WIDE_TILE_BYTES), where the rules loop over column tiles: its row sums are then one tile's
 reduction instead of a loop's (other rounding, the same accuracy). The fused residual ops keep the
-rules' tiles there (their forward holds more per row than the plain norm the entry was timed on). Tables apply to row lengths that
+rules' tiles there (they hold more per row than the plain norm the entry was timed on). Tables apply to row lengths that
 are multiples of 8 (where they are measured). Results are deterministic for a given table: the
 reduction order follows the config.
 
@@ -155,16 +155,22 @@ def wide_tile_fits(op: str, pass_: str, n_cols: int, dtype: torch.dtype) -> bool
 
 
 def _check_single_tile(key: str, entry: dict) -> None:
-    """A table's ``single_tile``: True (one row a tile) only where :func:`wide_tile_fits`; False
-    only where the rules loop too (a key past WIDE_TILE_BYTES)."""
+    """A table's ``single_tile``: True (one row a tile, with its own warps and, in the backward,
+    programs per SM and stages: the looped rule's would not fit) only where :func:`wide_tile_fits`;
+    False only where the rules loop too (their value there)."""
     op, pass_, dtype, n = key.split("|")
-    if op not in ROWWISE_OPS:
-        raise ValueError(f"config {key!r}: only the row-wise norms (LayerNorm, RMSNorm) set single_tile")
-    if int(n) * getattr(torch, dtype).itemsize <= MAX_SINGLE_TILE_BYTES:
+    dtype = getattr(torch, dtype, None)
+    if op not in ROWWISE_OPS or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"config {key!r}: only the row-wise norms (LayerNorm, RMSNorm) set single_tile, "
+                         "in a float dtype")
+    if int(n) * dtype.itemsize <= MAX_SINGLE_TILE_BYTES:
         raise ValueError(f"config {key!r}: the rules already keep these rows in one tile")
-    if entry["single_tile"] and (not wide_tile_fits(op, pass_, int(n), getattr(torch, dtype))
-                                 or entry.get("block_m", 1) != 1):
-        raise ValueError(f"config {key!r}: single_tile takes rows of at most {WIDE_TILE_BYTES} bytes, one a tile")
+    if entry["single_tile"]:
+        if not wide_tile_fits(op, pass_, int(n), dtype) or entry.get("block_m", 1) != 1:
+            raise ValueError(f"config {key!r}: single_tile takes rows of at most {WIDE_TILE_BYTES} bytes, one a tile")
+        needed = ("num_warps",) if pass_ == "fwd" else ("num_warps", "programs_per_sm", "num_stages")
+        if any(field not in entry for field in needed):
+            raise ValueError(f"config {key!r}: a single_tile entry sets {', '.join(needed)} too")
 
 
 @functools.lru_cache(maxsize=1)

@@ -67,15 +67,17 @@ def _no_stats(like: Tensor) -> Tensor:
     return like.new_empty(0, dtype=reference.compute_dtype(like.dtype))
 
 
-def _reference_norm(v, params, kind, eps, out_dtype, scale, weight_offset=0.0):
+def _reference_norm(v, params, kind, eps, out_dtype, scale, weight_offset=0.0, differentiable=False):
     """(y, stats) of one layer on 2-D v, computed in fp32 (fp64 for fp64) and y·scale rounded once
-    to out_dtype, as the kernels store it."""
+    to out_dtype, as the kernels store it. ``differentiable``: the composite path's DyT
+    (reference.pointwise_forward)."""
     weight, bias, alpha, shift = params
     vf = v.to(reference.compute_dtype(v.dtype))
     if kind in _ROWWISE:  # the plain ops' reference path: the same statistics layout
         y, stats = ops._rowwise_forward(vf, weight, bias, eps, kind == "rmsnorm", False, weight_offset)
     else:
-        y = ops._pointwise_forward(vf, alpha, shift, weight, bias, _ACTIVATION[kind], v.shape[1], False, False)
+        y = reference.pointwise_forward(vf, alpha, shift, weight, bias, _ACTIVATION[kind], v.shape[1], False,
+                                        differentiable)
         stats = _no_stats(v)
     return (y * scale if scale != 1.0 else y).to(out_dtype), stats
 
@@ -83,10 +85,12 @@ def _reference_norm(v, params, kind, eps, out_dtype, scale, weight_offset=0.0):
 _ACTIVATION = {"dyt": "tanh", "derf": "erf"}
 
 
-def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset=0.0):
+def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset=0.0,
+                   differentiable=False):
     """``(y, s, stats1, stats2)`` on 2-D ``h`` and ``x``; ``y`` empty for norm_add, stats empty where
     a layer keeps none (DyT/Derf) or there is no second norm. ``stats1`` belongs to N (on s for
-    add_norm, on h otherwise), ``stats2`` to N2 (on s). ``weight_offset``: both norms' (rowwise)."""
+    add_norm, on h otherwise), ``stats2`` to N2 (on s). ``weight_offset``: both norms' (rowwise).
+    ``differentiable``: the composite path (see :func:`_reference_norm`)."""
     s_dtype = sum_dtype or _promoted(x.dtype, h.dtype)
     if triton:
         k = ops._launchers()
@@ -108,13 +112,13 @@ def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, trito
     acc = reference.compute_dtype(s_dtype)
     if mode == "add_norm":
         s = (x.to(acc) + h.to(acc)).to(s_dtype)
-        y, stats1 = _reference_norm(s, p1, kind, eps1, h.dtype, scale, weight_offset)
+        y, stats1 = _reference_norm(s, p1, kind, eps1, h.dtype, scale, weight_offset, differentiable)
         return y, s, stats1, _no_stats(s)
-    o, stats1 = _reference_norm(h, p1, kind, eps1, acc, 1.0, weight_offset)
+    o, stats1 = _reference_norm(h, p1, kind, eps1, acc, 1.0, weight_offset, differentiable)
     s = (x.to(acc) + o).to(s_dtype)
     if mode == "norm_add":
         return _empty(h), s, stats1, _no_stats(s)
-    y, stats2 = _reference_norm(s, p2, kind, eps2, h.dtype, scale, weight_offset)
+    y, stats2 = _reference_norm(s, p2, kind, eps2, h.dtype, scale, weight_offset, differentiable)
     return y, s, stats1, stats2
 
 
@@ -375,10 +379,8 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
     # its own forward would be silently ignored. torch.nn.utils.parametrize makes a subclass of the
     # module's class that only moves parameters behind properties, which the ops read as the layer does.
     cls = type(norm)
-    if not isinstance(norm, torch.nn.Module):
-        raise TypeError("norm must be a normzoo LayerNorm, RMSNorm, DyT or Derf, or torch.nn.LayerNorm / RMSNorm, "
-                        f"got {cls.__name__}")
-    if "parametrizations" in norm._modules and parametrize.is_parametrized(norm):  # (a getattr miss costs more)
+    # (A lookup in _modules: a getattr miss on the module costs more; not a module: the TypeError below.)
+    if "parametrizations" in getattr(norm, "_modules", ()) and parametrize.is_parametrized(norm):
         cls = cls.__bases__[0]
     if cls in (torch.nn.LayerNorm, layers.LayerNorm):
         kind, eps = "layernorm", norm.eps
@@ -474,7 +476,7 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
     if route == "custom_op":
         y, s = fused_residual_fwd(h2d, x2d, *p1, *p2, *spec)[:2]
     elif route == "composite":  # forward-mode AD and torch.func transforms: the reference, as torch ops
-        y, s = _fused_forward(h2d, x2d, p1, p2, *spec[:6], False, spec[7])[:2]
+        y, s = _fused_forward(h2d, x2d, p1, p2, *spec[:6], False, spec[7], True)[:2]
     elif route == "function":
         leaves = (h.requires_grad and h.is_leaf, x.requires_grad and x.is_leaf)
         if _FUSED_C_APPLY is None:

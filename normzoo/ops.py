@@ -151,21 +151,24 @@ def check_param(p, name: str, shape: tuple[int, ...], x: Tensor, any_float: bool
         raise TypeError(f"{name} must have the input's dtype ({x.dtype}) or float32, got {p.dtype}")
 
 
-def check_affine(weight, bias, shape: tuple[int, ...], x: Tensor, any_float_weight: bool = False) -> None:
+def check_affine(weight, bias, shape: tuple[int, ...], x: Tensor, any_float_weight: bool = False,
+                 any_float_bias: bool = False) -> None:
     """:func:`check_param` for a layer's weight and bias, with one test for the usual case (every
     call of a module makes it). The test is spelled out per parameter, cheapest first (a loop, or
     ``isinstance`` for a layer's own ``nn.Parameter``, costs more than the checks themselves).
     ``any_float_weight``: an RMSNorm also takes a 16-bit weight of another dtype, as
     ``torch.nn.RMSNorm`` does (it computes ``x̂ · w`` in fp32 and rounds once to the input's dtype,
     the kernels' arithmetic), and as models' own RMSNorms do (T5 in fp16 feeds fp32 activations to
-    an fp16 weight; OLMo 2's computes torch's)."""
+    an fp16 weight; OLMo 2's computes torch's). DyT/Derf take any float weight and bias
+    (``any_float_bias``; their alpha and shift too): ``swap(to="dyt")`` builds them in such a
+    norm's weight dtype."""
     device, dtype = x.device, x.dtype
     if not ((weight is None or (type(weight) is _Parameter or isinstance(weight, Tensor)) and weight.shape == shape
              and weight.device == device and (weight.dtype is dtype or weight.dtype is _FP32))
             and (bias is None or (type(bias) is _Parameter or isinstance(bias, Tensor)) and bias.shape == shape
                  and bias.device == device and (bias.dtype is dtype or bias.dtype is _FP32))):
         check_param(weight, "weight", shape, x, any_float_weight)
-        check_param(bias, "bias", shape, x)
+        check_param(bias, "bias", shape, x, any_float_bias)
 
 
 def check_trailing_shape(x: Tensor, shape: tuple[int, ...], label: str = "normalized_shape=") -> None:
@@ -630,7 +633,7 @@ class _Pointwise(torch.autograd.Function):
 
 def _pointwise_composite(x, alpha, shift, weight, bias, activation, channels, params_per_row, triton):
     """The forward as differentiable torch ops (see :func:`_rowwise_composite`)."""
-    return reference.pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row)
+    return reference.pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row, True)
 
 
 def _pointwise_second_order(ctx, dy):
@@ -771,7 +774,7 @@ def pointwise(
         channels = x.shape[1]
         x2d = x.reshape(x.shape[0] * channels, math.prod(x.shape[2:]))
     if weight is not None or bias is not None:
-        check_affine(weight, bias, shape, x)
+        check_affine(weight, bias, shape, x, True, True)
     triton = x.is_cuda and x.dtype is not _FP64 if backend == "auto" else use_triton(backend, x)
     if len(shape) != 1:  # (C,) parameters as they are; others flattened to them
         weight = weight if weight is None else weight.reshape(channels)

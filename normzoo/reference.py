@@ -97,33 +97,42 @@ def _fold_per_channel(t: Tensor, channels: int, params_per_row: bool) -> Tensor:
     return t.sum(dim=1).view(-1, channels).sum(dim=0) if channels else t.new_zeros(0)
 
 
-def _activation(u: Tensor, activation: str):
-    """``(act(u), act'(u))``. tanh's derivative keeps its relative accuracy deep in saturation,
-    as the kernels' does: past |u| = 0.55 both come from e = exp(−2|u|), tanh = ±(1 − e)/(1 + e)
-    and 1 − tanh² = 4e/(1 + e)² (1 − t·t would be 0 from |u| ≈ 9 in fp32). Written as torch ops
-    whose own derivatives are those formulas, so a transform differentiating this forward (the
-    composite path: torch.func, forward-mode AD, double backward) keeps the accuracy too."""
-    if activation == "tanh":
-        a = u.abs()
-        e = torch.exp(-2 * a)
-        near = a < 0.55
-        act = torch.where(near, torch.tanh(u), torch.copysign((1 - e) / (1 + e), u))
-        return act, torch.where(near, 1 - act * act, 4 * e / (1 + e).square())
-    return torch.erf(u), (2 / math.sqrt(math.pi)) * torch.exp(-u * u)
+def _activation(u: Tensor, activation: str, differentiable: bool = False) -> Tensor:
+    """act(u). ``differentiable`` (the composite path, which torch.func, forward-mode AD and double
+    backward differentiate): tanh as torch ops whose own derivative keeps its relative accuracy deep
+    in saturation, as :func:`_derivative` does. Past |u| = 0.55 (the kernels' split), with
+    e = exp(−2|u|), tanh = ±(1 − e)/(1 + e): autograd differentiates that into 4e/(1 + e)², where
+    torch.tanh's own derivative, 1 − t·t, is 0 from |u| ≈ 9 in fp32. Otherwise torch.tanh (one op)."""
+    if activation == "erf":
+        return torch.erf(u)
+    if not differentiable:
+        return torch.tanh(u)
+    a = u.abs()
+    e = torch.exp(-2 * a)
+    return torch.where(a < 0.55, torch.tanh(u), torch.copysign((1 - e) / (1 + e), u))
+
+
+def _derivative(u: Tensor, activation: str) -> Tensor:
+    """act'(u): tanh's as (1/cosh u)², a few eps of the exact value at every u (1 − tanh² cancels
+    as tanh → ±1, and is 0 from |u| ≈ 9 in fp32); 1/cosh, not 1/cosh², so that it fades through
+    the subnormals instead of overflowing to 0 past |u| ≈ 44."""
+    if activation == "erf":
+        return (2 / math.sqrt(math.pi)) * torch.exp(-u * u)
+    return torch.cosh(u).reciprocal().square()
 
 
 def pointwise_forward(x: Tensor, alpha: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-                      activation: str, channels: int, params_per_row: bool) -> Tensor:
+                      activation: str, channels: int, params_per_row: bool, differentiable: bool = False) -> Tensor:
     """DyT (``activation="tanh"``) or Derf (``"erf"``): ``weight ⊙ act(alpha·x + shift) + bias``.
 
     ``x`` is 2-D; per-channel parameters run along its columns, or one per row (row r is channel
-    r mod ``channels``) when ``params_per_row``.
+    r mod ``channels``) when ``params_per_row``. ``differentiable``: see :func:`_activation`.
     """
     acc = compute_dtype(x.dtype)
     u = x.to(acc) * alpha.to(acc)
     if shift is not None:
         u = u + shift.to(acc)
-    y, _ = _activation(u, activation)
+    y = _activation(u, activation, differentiable)
     if weight is not None:
         y = y * _per_channel(weight, x.shape[0], channels, params_per_row, acc)
     if bias is not None:
@@ -140,8 +149,8 @@ def pointwise_backward(dy: Tensor, x: Tensor, alpha: Tensor, shift: Tensor | Non
     u = xf * alpha.to(acc)
     if shift is not None:
         u = u + shift.to(acc)
-    act, dact = _activation(u, activation)
-    g = dyf * dact
+    act = _activation(u, activation) if compute_dw else None
+    g = dyf * _derivative(u, activation)
     if weight is not None:
         g = g * _per_channel(weight, x.shape[0], channels, params_per_row, acc)
     dx = (g * alpha.to(acc)).to(x.dtype)

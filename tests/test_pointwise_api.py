@@ -109,6 +109,27 @@ def test_dyt_gradient_keeps_its_accuracy_deep_in_saturation_on_every_path():
     check(x64.grad[0], d1, torch.float64)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["dyt", "derf"])
+def test_a_16bit_weight_with_fp32_input_computes_in_fp32(kind, backend, device):
+    # As an RMSNorm takes it (swap(to="dyt") builds the layer in the replaced norm's weight dtype,
+    # which may be fed fp32): y in the input's dtype, each gradient in its parameter's.
+    x = torch.randn(5, 16, device=device, requires_grad=True)
+    layer = (normzoo.DyT(16, backend=backend) if kind == "dyt" else normzoo.Derf(16, backend=backend)).to(device)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    layer = layer.half()
+    y = layer(x)
+    params64 = {k: v.detach().double() for k, v in layer.named_parameters()}
+    u = params64["alpha"] * x.detach().double() + params64.get("shift", 0.0)
+    ref = params64["weight"] * (torch.tanh(u) if kind == "dyt" else torch.erf(u)) + params64["bias"]
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert all(p.grad.dtype == torch.float16 for p in layer.parameters()) and x.grad.dtype == torch.float32
+
+
 def test_channels_first_accepts_channels_last_memory_format(device):
     x = torch.randn(2, 4, 3, 5, device=device).to(memory_format=torch.channels_last)
     alpha, w = torch.tensor([0.5], device=device), torch.randn(4, device=device)

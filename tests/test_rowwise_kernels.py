@@ -227,8 +227,8 @@ def test_a_tables_wide_single_tile(is_rms, dtype, n, m, persistent, device, monk
     # A measured table may keep a row the rules loop over (up to twice their single-tile limit) in
     # one tile, forward and backward: one launch each of one BLOCK_N-wide tile (no row-sum scratch
     # in the backward), the same results. 37 rows: two backward programs and the reduce; 5: one
-    # program writing the gradients itself; a persistent forward grid too. A fused residual op's
-    # forward keeps the rules' looped tiles (the entry was timed on the plain norm).
+    # program writing the gradients itself; a persistent forward grid too. A fused residual op keeps
+    # the rules' looped tiles, forward and backward (the entry was timed on the plain norm).
     from normzoo.kernels import heuristics as h
     from normzoo.kernels import rowwise_norm as k
 
@@ -264,9 +264,12 @@ def test_a_tables_wide_single_tile(is_rms, dtype, n, m, persistent, device, monk
         run_and_compare(x, w, b, is_rms)
         assert launches == [("fwd", wide, -2 if persistent else 0), ("bwd", wide, True, None)]
         launches.clear()
-        k.rowwise_residual_forward(x, x, w, b, 1e-5, is_rms=is_rms, mode="add_norm")
-        (_, block_n, stages), = launches
-        assert block_n < wide and stages > 0  # the looped forward
+        _, stats, *_ = k.rowwise_residual_forward(x, x, w, b, 1e-5, is_rms=is_rms, mode="add_norm")
+        # A fused backward whose launch asks for the plain key (no sum's gradient, dx stored once:
+        # norm_add's, or add_norm's with s unused) keeps the rules' tiles too.
+        k.rowwise_residual_backward(torch.randn_like(x), x, w, stats, is_rms=is_rms, compute_dw=True, db_dtype=None)
+        (_, block_n, stages), (_, bwd_block_n, single, _) = launches
+        assert block_n < wide and stages > 0 and bwd_block_n < wide and not single  # the looped passes
     finally:
         for key in keys:
             h.set_tuned("wide-tile-test", key, None)
@@ -291,6 +294,9 @@ def test_a_wide_single_tile_entry_is_validated():
         ("dyt|bwd|bfloat16|16384", entry, "only the row-wise norms"),
         ("derf|fwd|float32|8192", {"single_tile": True}, "only the row-wise norms"),
         ("rmsnorm|bwd|bfloat16|16384", {**entry, "single_tile": 1}, "single_tile=1"),
+        ("rmsnorm|bwd|bfloat16|16384", {"single_tile": True, "num_warps": 16}, "sets num_warps, programs_per_sm"),
+        ("rmsnorm|fwd|bfloat16|16384", {"single_tile": True}, "sets num_warps too"),
+        ("rmsnorm|bwd|bf16|16384", entry, "in a float dtype"),
     ]:
         with pytest.raises(ValueError, match=match):
             h.validate_entry(key, bad)

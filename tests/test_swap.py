@@ -116,8 +116,9 @@ def test_swap_names_norm_like_modules_it_does_not_know():
 
 def test_swap_names_only_layers_as_norms():
     # A block named like a norm that holds norms (wav2vec2's Wav2Vec2EncoderStableLayerNorm) is not one
-    # (its norms inside are replaced), nor is weight_norm's _WeightNorm parametrization; a layer whose
-    # name goes on after "Norm" (Qwen3-Next's RMSNormGated) is. BatchNorm is never touched nor named.
+    # (its norms inside are replaced), nor weight_norm's _WeightNorm parametrization, nor a NormHead;
+    # a layer whose name goes on after "Norm" (Qwen3-Next's RMSNormGated) is, and a parametrized
+    # GroupNorm. BatchNorm (SyncBatchNorm too) is never touched nor named.
     class EncoderStableLayerNorm(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -134,13 +135,20 @@ def test_swap_names_only_layers_as_norms():
         def forward(self, x, gate):
             return self.weight * x * torch.sigmoid(gate)
 
+    class NormHead(torch.nn.Linear):  # Baichuan 2's lm head: a Linear with a normalized weight
+        pass
+
+    group = torch.nn.GroupNorm(2, 8)
+    torch.nn.utils.parametrize.register_parametrization(group, "weight", torch.nn.Identity())
     model = torch.nn.Sequential(EncoderStableLayerNorm(),
                                 torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 8)),
-                                RMSNormGated(), torch.nn.BatchNorm2d(3))
+                                RMSNormGated(), torch.nn.BatchNorm2d(3), torch.nn.SyncBatchNorm(3), NormHead(8, 8),
+                                group)
     report = normzoo.swap(model)
     assert report == {"torch.LayerNorm -> normzoo.LayerNorm": 1}
     assert sorted(k.split(" (")[0] for k in report.left_alone) == [
-        "2: test_swap.test_swap_names_only_layers_as_norms.<locals>.RMSNormGated"]
+        "2: test_swap.test_swap_names_only_layers_as_norms.<locals>.RMSNormGated",
+        "6: torch.ParametrizedGroupNorm"]
 
 
 @pytest.mark.parametrize("to", ["dyt", "derf"])
@@ -157,6 +165,14 @@ def test_swap_to_dyt_converts_hugging_face_norms_in_one_step(name, to):
     assert [m.normalized_shape for m in layers] == widths and all(m.bias is None for m in layers)
     ids = torch.randint(0, 64, (2, 7))
     assert _logits(model, ids).isfinite().all()
+    # A 16-bit norm fed fp32 activations (T5 in fp16 keeps its wo in fp32): the converted layer, in
+    # the norm's weight dtype, runs as the norm did (in fp32, output fp32).
+    norm = torch.nn.Sequential(copy.deepcopy(_final_norm(_tiny_hf_model(name)))).half()
+    normzoo.swap(norm, to=to)
+    x = torch.randn(2, 32, requires_grad=True)
+    y = norm(x)
+    y.sum().backward()
+    assert y.dtype == torch.float32 and norm[0].weight.dtype == torch.float16 and norm[0].weight.grad is not None
 
 
 @pytest.mark.parametrize("to", ["dyt", "derf"])
