@@ -23,11 +23,13 @@
 #                Llama (bf16, 8 x 2048 tokens), torch vs normzoo.swap, 3 warmup + 10 timed steps
 #                each; ~30-40 s expected (imports, first-step compiles), taken from tune's share
 #   (host and train-step are skipped on a GPU with no kernels/configs/<gpu>.json yet, e.g. a first
-#    H200 run: tune then gets up to 140 s, ~100 in practice after the tests)
+#    H200 run: the two tune phases then share ~100 s after the tests)
 #   tune-wide 60 python -m benchmarks.tune: LayerNorm/RMSNorm at 16384 (bf16, 32768 rows), whose
 #                candidates include the whole row in one tile (never the rules' choice); less if the
-#                bench would get under 240 s (on a GPU with a table, after tests, host and the
-#                training step, about 25 s are left for tuning: then tune-wide takes them)
+#                bench would get under 240 s. On a GPU with a table, after tests, host and the
+#                training step, about 25 s are left for tuning: too little for either phase, so
+#                run `python -m benchmarks.tune --ops layernorm rmsnorm --hidden 16384 --budget-s 150`
+#                as a device call of its own there
 #   tune     60  python -m benchmarks.tune: bf16 at 4096 and 1024, 32768 rows, --budget-s; less if
 #                the bench would get under 240 s. Both write kernels/configs/<gpu>.json here, so
 #                the benchmark runs with the tuned table (keys not tuned keep their entries)

@@ -8,8 +8,9 @@ the column tile always comes from the rules, so a table changes speed, not which
 persistent forward walks the same tiles in a loop), with one exception: a LayerNorm/RMSNorm
 entry with ``single_tile`` keeps rows of up to twice the rules' single-tile limit in one tile
 (WIDE_TILE_BYTES), where the rules loop over column tiles: its row sums are then one tile's
-reduction instead of a loop's (other rounding, the same accuracy). The fused residual ops keep the
-rules' tiles there (they hold more per row than the plain norm the entry was timed on). Tables apply to row lengths that
+reduction instead of a loop's (other rounding, the same accuracy). A launch of another layout than
+the plain norm's it was timed on keeps the rules' tiles there (``launch_config(..., whole_row=False)``:
+a fused residual op's forward, a backward whose dy is in another dtype than x). Tables apply to row lengths that
 are multiples of 8 (where they are measured). Results are deterministic for a given table: the
 reduction order follows the config.
 
@@ -339,11 +340,14 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None, fuse
 
 @functools.lru_cache(maxsize=4096)
 def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: torch.device,
-                  max_block_n: int | None = None, affine: bool = True) -> LaunchConfig:
+                  max_block_n: int | None = None, affine: bool = True, whole_row: bool = True) -> LaunchConfig:
     """The launch configuration for one kernel call. ``max_block_n`` caps the column tile (tests
     use it to reach the looped path on small rows); a capped call ignores the measured tables.
     ``affine=False``: a row-wise backward with no weight to load and no dw/db to sum (a lighter
     kernel: more programs fit; tables, timed with parameters, do not distinguish it).
+    ``whole_row=False``: the launch is not the plain norm's layout a table's whole-row entry
+    (``single_tile``) was timed on (a fused op's forward, a backward whose dy is in another dtype
+    than x): such an entry is ignored, and the rules' tiles run.
     ``pass_``: ``"fwd"``, ``"bwd"``, ``"bwd_res"`` (a fused residual op's backward, which also
     reads the sum's gradient: rules only, no table), ``"bwd_res2"`` (the same, storing dx twice) or
     ``"bwd_peri"`` (norm_add_norm's one-pass backward: two norms' gradients, read as bwd_res2)."""
@@ -360,7 +364,7 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
     if not entry:
         return cfg
     if entry.get("single_tile") and not cfg.single_tile:  # a wide tile (validate_entry checked the width)
-        return replace(cfg, **entry, block_n=next_power_of_2(n_cols))
+        return replace(cfg, **entry, block_n=next_power_of_2(n_cols)) if whole_row else cfg
     return replace(cfg, **entry)
 
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .heuristics import MAX_SINGLE_TILE_BYTES, launch_config, num_compute_units, split_rows
+from .heuristics import launch_config, num_compute_units, split_rows
 from .launch import (alloc, alloc_like, alloc_rows, check_rows, device_guard, empty_residual_grads,
                      partials_layout, residual_grad_buffers)
 from .reduce import sum_partials
@@ -511,22 +511,12 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
     return y, s, stats, stats2
 
 
-def _rules_tile(cfg, is_rms, pass_, N, x, affine=True):
-    """``cfg``, or the rules' own tiles where ``cfg`` is a table's whole-row tile (wider than the
-    rules' single tile: heuristics.WIDE_TILE_BYTES) and the launch is a fused residual op's. The
-    entry was timed on the plain norm; a fused op holds more per row (the other input, the sum, a
-    second norm, an fp32 dx), so it keeps the rules' looped tiles (a capped call reads no table)."""
-    limit = MAX_SINGLE_TILE_BYTES // x.dtype.itemsize
-    if cfg.single_tile and cfg.block_n > limit:
-        return launch_config("rmsnorm" if is_rms else "layernorm", pass_, N, x.dtype, x.device, limit, affine)
-    return cfg
-
-
 def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
                     res_mode, max_block_n, weight_offset=0.0, round_x_hat=0):
-    cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n)
-    if res_mode != "none":
-        cfg = _rules_tile(cfg, is_rms, "fwd", N, x)
+    # A fused op's forward holds more per row than the plain norm a table's whole-row tile was timed
+    # on: it takes the rules' tiles there (launch_config's whole_row).
+    cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n, True,
+                        res_mode == "none")
     blocks = -(-M // cfg.block_m)  # cdiv, inline
     # A plain norm only: the table's entry was timed on it, and a fused op stages more operands
     # per row block (shared memory a table never checked). The persistent loop's int32 row counter
@@ -580,7 +570,7 @@ def rowwise_residual_backward(dy, x, weight, stats, *, is_rms: bool, compute_dw:
     add's two inputs differ in dtype). Returns ``(dx, dx2, dw, db)``, absent ones ``None``."""
     dx, dx2 = residual_grad_buffers(x, dy, dres, dx_dtype, dx2_dtype)
     return _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n,
-                     weight_offset, fused=True)
+                     weight_offset)
 
 
 def rowwise_peri_backward(dy, ds, s, weight2, stats2, h, weight1, stats1, *, is_rms: bool, compute_dw1: bool,
@@ -610,10 +600,10 @@ def rowwise_peri_backward(dy, ds, s, weight2, stats2, h, weight1, stats1, *, is_
     if not cfg.single_tile or M == 0 or N == 0:
         dx_wide = alloc_rows(s, torch.float32) if dx.dtype.itemsize < 4 else None
         dx, dx_wide, dw2, db2 = _backward(dy, s, weight2, stats2, is_rms, compute_dw2, db2_dtype, ds, dx, dx_wide,
-                                          scale, max_block_n, weight_offset, fused=True)
+                                          scale, max_block_n, weight_offset)
         dh, _, dw1, db1 = _backward(dx_wide if dx_wide is not None else dx, h, weight1, stats1, is_rms, compute_dw1,
                                     db1_dtype, None, alloc_rows(h, dh_dtype or h.dtype), None, 1.0, max_block_n,
-                                    weight_offset, fused=True)
+                                    weight_offset)
         return dx, dh, dw1, db1, dw2, db2
     dh = alloc_rows(h, dh_dtype or h.dtype)
     _, _, dw2, db2, dw1, db1 = _backward(dy, s, weight2, stats2, is_rms, compute_dw2, db2_dtype, ds, dx, None, scale,
@@ -623,11 +613,10 @@ def rowwise_peri_backward(dy, ds, s, weight2, stats2, h, weight1, stats1, *, is_
 
 
 def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n,
-              weight_offset=0.0, round_x_hat=0, first=None, cfg=None, fused=False):
+              weight_offset=0.0, round_x_hat=0, first=None, cfg=None):
     """The backward launch (and its reduce). ``first``: ``(h, weight1, stats1, dh, compute_dw1,
     db1_dtype)``, a first norm whose output x's sum took (norm_add_norm, single tile): its dh and
-    (dw1, db1) come from the same pass, and the result is ``(dx, dx2, dw, db, dw1, db1)``.
-    ``fused``: a fused residual op's (no table's whole-row tile: :func:`_rules_tile`)."""
+    (dw1, db1) come from the same pass, and the result is ``(dx, dx2, dw, db, dw1, db1)``."""
     M, N = x.shape
     device = x.device
     compute_db = db_dtype is not None
@@ -637,12 +626,12 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
                 torch.zeros(N, dtype=db_dtype, device=device) if compute_db else None)
 
     if cfg is None:
-        # A fused op's backward moves more: the sum's gradient in, dx maybe twice out.
+        # A fused op's backward moves more: the sum's gradient in, dx maybe twice out. A dy in another
+        # dtype than x's (an x_hat_dtype norm's fp32 output, norm_add_norm's fp32 dx) is not the
+        # launch a table's whole-row tile was timed on (more shared memory, more spill): the rules'.
         pass_ = "bwd" if dres is None and dx2 is None else "bwd_res2" if dx2 is not None else "bwd_res"
         cfg = launch_config("rmsnorm" if is_rms else "layernorm", pass_, N, x.dtype, device, max_block_n,
-                            weight is not None or compute_db)
-        if fused:
-            cfg = _rules_tile(cfg, is_rms, pass_, N, x, weight is not None or compute_db)
+                            weight is not None or compute_db, dy.dtype is x.dtype)
     rows_per_program, programs = split_rows(M, cfg, device)
 
     dw = alloc(x, N, weight.dtype) if compute_dw else None

@@ -151,24 +151,22 @@ def check_param(p, name: str, shape: tuple[int, ...], x: Tensor, any_float: bool
         raise TypeError(f"{name} must have the input's dtype ({x.dtype}) or float32, got {p.dtype}")
 
 
-def check_affine(weight, bias, shape: tuple[int, ...], x: Tensor, any_float_weight: bool = False,
-                 any_float_bias: bool = False) -> None:
+def check_affine(weight, bias, shape: tuple[int, ...], x: Tensor, any_float: bool = False) -> None:
     """:func:`check_param` for a layer's weight and bias, with one test for the usual case (every
     call of a module makes it). The test is spelled out per parameter, cheapest first (a loop, or
     ``isinstance`` for a layer's own ``nn.Parameter``, costs more than the checks themselves).
-    ``any_float_weight``: an RMSNorm also takes a 16-bit weight of another dtype, as
+    ``any_float``: an RMSNorm also takes a 16-bit weight of another dtype, as
     ``torch.nn.RMSNorm`` does (it computes ``x̂ · w`` in fp32 and rounds once to the input's dtype,
     the kernels' arithmetic), and as models' own RMSNorms do (T5 in fp16 feeds fp32 activations to
-    an fp16 weight; OLMo 2's computes torch's). DyT/Derf take any float weight and bias
-    (``any_float_bias``; their alpha and shift too): ``swap(to="dyt")`` builds them in such a
-    norm's weight dtype."""
+    an fp16 weight; OLMo 2's computes torch's). DyT/Derf take any float weight and bias too (and
+    alpha and shift): ``swap(to="dyt")`` builds them in such a norm's weight dtype."""
     device, dtype = x.device, x.dtype
     if not ((weight is None or (type(weight) is _Parameter or isinstance(weight, Tensor)) and weight.shape == shape
              and weight.device == device and (weight.dtype is dtype or weight.dtype is _FP32))
             and (bias is None or (type(bias) is _Parameter or isinstance(bias, Tensor)) and bias.shape == shape
                  and bias.device == device and (bias.dtype is dtype or bias.dtype is _FP32))):
-        check_param(weight, "weight", shape, x, any_float_weight)
-        check_param(bias, "bias", shape, x, any_float_bias)
+        check_param(weight, "weight", shape, x, any_float)
+        check_param(bias, "bias", shape, x, any_float)
 
 
 def check_trailing_shape(x: Tensor, shape: tuple[int, ...], label: str = "normalized_shape=") -> None:
@@ -774,7 +772,7 @@ def pointwise(
         channels = x.shape[1]
         x2d = x.reshape(x.shape[0] * channels, math.prod(x.shape[2:]))
     if weight is not None or bias is not None:
-        check_affine(weight, bias, shape, x, True, True)
+        check_affine(weight, bias, shape, x, True)
     triton = x.is_cuda and x.dtype is not _FP64 if backend == "auto" else use_triton(backend, x)
     if len(shape) != 1:  # (C,) parameters as they are; others flattened to them
         weight = weight if weight is None else weight.reshape(channels)
@@ -970,7 +968,7 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
         if wa is not None and wb is not None and (wa.numel() == 1) != (wb.numel() == 1):
             raise ValueError("q_weight and k_weight must both be per-channel or both be (1,) scales")
     eps = check_eps(eps)
-    if norm == "l2" and 0.0 < eps < _L2_EPS_MIN:
+    if norm == "l2" and 0.0 < eps < _L2_EPS_MIN and a.dtype is not torch.float64:
         raise ValueError(f"eps must be 0 or at least {_L2_EPS_MIN:.3g} for the L2 norm (its floor eps² underflows "
                          f"float32 below that), got {eps!r}")
     triton = use_triton(backend, a) and (b is None or b.dtype is not torch.float64)

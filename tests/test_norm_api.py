@@ -642,10 +642,11 @@ def test_a_nan_row_is_nan_and_eps_0_keeps_other_gradients_finite(n, max_block_n,
     ScaleNorm's and QK-norm's l2 floor max(Σx², eps²) used to drop the NaN on the kernels and scale
     the row by g/eps. And eps = 0 (allowed) keeps the parameter gradients of finite rows finite: the
     head-wise kernels' masked rows past the end got rsqrt(0) = inf and put 0·inf into dw."""
+    configs = None
     if max_block_n is not None:
         if backend != "triton":
             pytest.skip("a cap on the tile width is a kernel setting")
-        _capped_tiles(monkeypatch, max_block_n)
+        configs = _capped_tiles(monkeypatch, max_block_n)
     ones = torch.ones(n, device=device)
     calls = {
         "layer_norm": lambda t, eps, w: NF.layer_norm(t, (n,), w, None, eps, backend=backend),
@@ -667,6 +668,10 @@ def test_a_nan_row_is_nan_and_eps_0_keeps_other_gradients_finite(n, max_block_n,
             y = call(torch.randn(m, n, device=device), 0.0, w)
             (dw,) = torch.autograd.grad(y, w, torch.randn_like(y))
             assert dw.isfinite().all(), (name, m)
+    if configs is not None:  # the looped path really ran, row-wise and head-wise
+        rowwise_configs, headwise_configs = configs
+        assert rowwise_configs and not any(cfg.single_tile for _, cfg in rowwise_configs)
+        assert headwise_configs and not any(cfg.single_tile for cfg in headwise_configs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -227,8 +227,8 @@ def test_a_tables_wide_single_tile(is_rms, dtype, n, m, persistent, device, monk
     # A measured table may keep a row the rules loop over (up to twice their single-tile limit) in
     # one tile, forward and backward: one launch each of one BLOCK_N-wide tile (no row-sum scratch
     # in the backward), the same results. 37 rows: two backward programs and the reduce; 5: one
-    # program writing the gradients itself; a persistent forward grid too. A fused residual op keeps
-    # the rules' looped tiles, forward and backward (the entry was timed on the plain norm).
+    # program writing the gradients itself; a persistent forward grid too. A launch of another
+    # layout than the plain norm's (a fused forward, a dy in another dtype) keeps the rules' tiles.
     from normzoo.kernels import heuristics as h
     from normzoo.kernels import rowwise_norm as k
 
@@ -265,11 +265,16 @@ def test_a_tables_wide_single_tile(is_rms, dtype, n, m, persistent, device, monk
         assert launches == [("fwd", wide, -2 if persistent else 0), ("bwd", wide, True, None)]
         launches.clear()
         _, stats, *_ = k.rowwise_residual_forward(x, x, w, b, 1e-5, is_rms=is_rms, mode="add_norm")
-        # A fused backward whose launch asks for the plain key (no sum's gradient, dx stored once:
-        # norm_add's, or add_norm's with s unused) keeps the rules' tiles too.
-        k.rowwise_residual_backward(torch.randn_like(x), x, w, stats, is_rms=is_rms, compute_dw=True, db_dtype=None)
-        (_, block_n, stages), (_, bwd_block_n, single, _) = launches
-        assert block_n < wide and stages > 0 and bwd_block_n < wide and not single  # the looped passes
+        # A fused backward with the plain launch's operands (no sum's gradient, dx stored once:
+        # norm_add's, or add_norm's with s unused) is the launch the entry was timed on: whole rows.
+        # A dy in another dtype than x (an x_hat_dtype norm's fp32 output) is not: the rules' tiles.
+        dy = torch.randn_like(x)
+        k.rowwise_residual_backward(dy, x, w, stats, is_rms=is_rms, compute_dw=True, db_dtype=None)
+        k.rowwise_norm_backward(dy.double() if dtype == torch.float32 else dy.float(), x, w, stats, is_rms=is_rms,
+                                compute_dw=True, db_dtype=None)
+        (_, block_n, stages), (_, plain_layout, *_), (_, other_dy, single, _) = launches
+        assert block_n < wide and stages > 0  # the fused forward's looped tiles
+        assert plain_layout == wide and other_dy < wide and not single
     finally:
         for key in keys:
             h.set_tuned("wide-tile-test", key, None)
