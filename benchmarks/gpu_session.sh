@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh --smoke    # CPU, TRITON_INTERPRET=1, toy sizes: checks this script (< 1 min)
 #   bash benchmarks/gpu_session.sh --fused    # GPU: the fused residual ops only (peers, then bench-fused)
 #   bash benchmarks/gpu_session.sh --fused --smoke   # ... on the CPU, toy sizes (~10 s)
+#   bash benchmarks/gpu_session.sh --wide     # GPU: the whole-row tiles alone (tune-wide, then bench-wide)
+#   bash benchmarks/gpu_session.sh --wide --smoke    # ... on the CPU, toy sizes
 #
 # Phases, each under its own `timeout` (a slow phase cannot eat the others; the whole run stops
 # by TOTAL = 525 s), with the seconds each may take:
@@ -28,8 +30,7 @@
 #                candidates include the whole row in one tile (never the rules' choice); less if the
 #                bench would get under 240 s. On a GPU with a table, after tests, host and the
 #                training step, about 25 s are left for tuning: too little for either phase, so
-#                run `python -m benchmarks.tune --ops layernorm rmsnorm --hidden 16384 --budget-s 150`
-#                as a device call of its own there
+#                run `bash benchmarks/gpu_session.sh --wide` as a device call of its own there
 #   tune     60  python -m benchmarks.tune: bf16 at 4096 and 1024, 32768 rows, --budget-s; less if
 #                the bench would get under 240 s. Both write kernels/configs/<gpu>.json here, so
 #                the benchmark runs with the tuned table (keys not tuned keep their entries)
@@ -53,6 +54,14 @@
 #                in $FUSED_OPS (default: add_norm, norm_add, norm_add_norm on rmsnorm and
 #                layernorm; e.g. FUSED_OPS=fused for DyT and Derf too) and widths in $FUSED_HIDDEN.
 #                Output: session.log and <gpu>-fused-bf16-32768rows.{json,md,png}.
+# --wide skips tests, host and tune, and times what a measured table's whole-row tile does for
+# LayerNorm/RMSNorm rows the rules loop over (heuristics.WIDE_TILE_BYTES), after the peers:
+#   tune-wide   240  python -m benchmarks.tune at 16384 (bf16, 32768 rows), forward and backward:
+#                    the rule, the usual candidates and the whole-row ones; writes the table here
+#   bench-wide  rest python -m benchmarks --device-time at 16384: LayerNorm, RMSNorm, add+RMSNorm
+#                    against eager, torch.compile and the peers, with the table just written
+#   Output: session.log, tune-<gpu>.json, <gpu>-wide-bf16-32768rows.{json,md,png}. Its static
+#   report: on the CPU afterwards, `compile_check --gpu <gpu>` with the GPU's Triton.
 # quack also needs its big library unpacked on the same warm machine first, by a call just before
 # this one: carry [".peers-big"], command `bash .peers-big/unpack.sh` (both folders together are
 # over the tool's 64 MiB carry limit). Without it the benchmark runs Liger alone; without .peers/,
@@ -60,14 +69,18 @@
 set -uo pipefail
 smoke=0
 fused=0
+wide=0
 new_gpu=0
 for arg in "$@"; do
   case "$arg" in
     --smoke) smoke=1 ;;
     --fused) fused=1 ;;
-    *) echo "usage: bash benchmarks/gpu_session.sh [--smoke] [--fused]" >&2; exit 2 ;;
+    --wide) wide=1 ;;
+    *) echo "usage: bash benchmarks/gpu_session.sh [--smoke] [--fused | --wide]" >&2; exit 2 ;;
   esac
 done
+[ $fused = 1 ] && [ $wide = 1 ] && { echo "--fused and --wide are two sessions: pick one" >&2; exit 2; }
+only=$((fused + wide))  # 1: one of the narrow sessions, which skip the full session's phases
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # subprocesses find normzoo and benchmarks
 out=${OUT:-benchmarks/results/session}
 mkdir -p "$out"
@@ -143,8 +156,28 @@ if [ $fused = 1 ]; then
   fi
 fi
 
+# -- whole-row tiles alone (--wide): tune, then the benchmark with the table, then the summary -----
+if [ $wide = 1 ]; then
+  table=$([ $smoke = 1 ] && echo "$out/tune-$gpu.json" || echo "kernels/configs/$gpu.json")
+  if [ $smoke = 1 ]; then  # an fp32 row of 4104 is looped by the rules and fits a whole-row tile
+    phase tune-wide 60 python3 -m benchmarks.tune --smoke --ops rmsnorm --dtypes fp32 --hidden 4104 --rows 4 \
+      --out "$table"
+    name=$gpu-wide-fp32
+    phase bench-wide 60 python3 -m benchmarks --smoke --ops rmsnorm --dtypes fp32 --rows 4 --hidden 64 \
+      --device-time --out "$out" --name "$name"
+  else
+    phase tune-wide 240 python3 -m benchmarks.tune --ops layernorm rmsnorm --dtypes bf16 --hidden 16384 \
+      --rows 32768 --budget-s 200
+    [ -f "$table" ] && cp "$table" "$out/tune-$gpu.json"
+    name=$gpu-wide-bf16-32768rows
+    left=$((TOTAL - (SECONDS - t0)))
+    phase bench-wide "$left" python3 -m benchmarks --ops layernorm rmsnorm add_norm-rmsnorm --dtypes bf16 \
+      --rows 32768 --hidden 16384 --device-time --out "$out" --name "$name"
+  fi
+fi
+
 # -- tests (GPU only: under the interpreter this is the ordinary test suite) ---------------------
-if [ $smoke = 0 ] && [ $fused = 0 ]; then
+if [ $smoke = 0 ] && [ $only = 0 ]; then
   workers=$(( $(nproc) > 15 ? 14 : 8 ))
   par=$(python3 -c "import xdist" 2>/dev/null && echo "-n $workers")  # compiles in parallel: most of the time is Triton's compiler
   phase tests 170 python3 -m pytest --maxfail=20 -v -rf --tb=short -p no:cacheprovider $par \
@@ -155,7 +188,7 @@ if [ $smoke = 0 ] && [ $fused = 0 ]; then
 fi
 
 # -- host cost per call ---------------------------------------------------------------------
-if [ $fused = 1 ]; then
+if [ $only = 1 ]; then
   :
 elif [ $smoke = 1 ]; then
   phase host 60 python3 -m benchmarks.host --stub --out "$out" --repeats 20
@@ -167,7 +200,7 @@ else
 fi
 
 # -- a training step, with and without normzoo.swap (JSON only: the tool returns 8 files) ------
-if [ $fused = 1 ]; then
+if [ $only = 1 ]; then
   :
 elif [ $smoke = 1 ]; then
   phase train-step 60 python3 -m benchmarks --train-step --tiny --out "$out" --formats json
@@ -179,7 +212,7 @@ else
 fi
 
 # -- tune -----------------------------------------------------------------------------------
-if [ $fused = 1 ]; then
+if [ $only = 1 ]; then
   :
 elif [ $smoke = 1 ]; then
   table=$out/tune-$gpu.json
@@ -190,18 +223,18 @@ else
   table=kernels/configs/$gpu.json  # where the kernels read it: the benchmark below uses it
   # First the whole-row candidates (LayerNorm/RMSNorm at 16384, where the looped rules made 48-56%
   # of copy backward and 81-91% forward on the H200), then every op at 4096 and 1024.
-  left=$((TOTAL - (SECONDS - t0) - 240)); wide=$((left < 60 ? left : 60))  # leave the benchmark 240 s
-  phase tune-wide $wide python3 -m benchmarks.tune --ops layernorm rmsnorm --dtypes bf16 --hidden 16384 \
-    --rows 32768 --budget-s $((wide - 15))
+  left=$((TOTAL - (SECONDS - t0) - 240)); cap=$((left < 60 ? left : 60))  # leave the benchmark 240 s
+  phase tune-wide $cap python3 -m benchmarks.tune --ops layernorm rmsnorm --dtypes bf16 --hidden 16384 \
+    --rows 32768 --budget-s $((cap - 15))
   cap=$([ $new_gpu = 1 ] && echo 140 || echo 60)
   left=$((TOTAL - (SECONDS - t0) - 240)); [ $left -lt $cap ] && cap=$left  # leave the benchmark 240 s
   phase tune $cap python3 -m benchmarks.tune --dtypes bf16 --hidden 4096 1024 --rows 32768 --budget-s $((cap - 25))
   [ -f "$table" ] && cp "$table" "$out/tune-$gpu.json"
 fi
-[ $fused = 0 ] && grep -E "^tuned |budget of" "$log" | tail -n 2
+grep -E "^tuned |budget of" "$log" | tail -n 2
 
 # -- benchmark ------------------------------------------------------------------------------
-if [ $fused = 1 ]; then
+if [ $only = 1 ]; then
   :
 elif [ $smoke = 1 ]; then
   name=$gpu-bf16  # one norm, one pointwise op and one fused op are enough to check the plumbing

@@ -323,3 +323,18 @@ def test_session_script_smoke_runs_every_phase(tmp_path):
         assert len(wides) == count and all(c["ms"] is not None for c in wides)
     bench = json.loads((out / "smoke-cpu-bf16.json").read_text())
     assert {(p["op"], p["provider"]) for p in bench["results"]} >= {("layernorm", "normzoo"), ("dyt", "eager")}
+
+
+def test_session_script_wide_smoke_runs_its_phases(tmp_path):
+    # --wide: the whole-row tiles alone (tune-wide, then bench-wide with the table), no other phase.
+    out = tmp_path / "out"
+    r = _run(["bash", "benchmarks/gpu_session.sh", "--wide", "--smoke"], timeout=170, OUT=str(out))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "tune-wide: rc=0" in r.stdout and "bench-wide: rc=0" in r.stdout
+    assert not any(f"{phase}: " in r.stdout for phase in ("host", "train-step", "tests", "tune:", "bench:"))
+    files = sorted(p.name for p in out.iterdir())
+    assert {"session.log", "tune-smoke-cpu.json", "smoke-cpu-wide-fp32.json", "smoke-cpu-wide-fp32.md"} <= set(files)
+    table = json.loads((out / "tune-smoke-cpu.json").read_text())
+    assert set(table["measured"]) == {"rmsnorm|fwd|float32|8192", "rmsnorm|bwd|float32|8192"}
+    r = _run(["bash", "benchmarks/gpu_session.sh", "--wide", "--fused", "--smoke"], timeout=30, OUT=str(tmp_path / "x"))
+    assert r.returncode == 2 and "pick one" in r.stderr
