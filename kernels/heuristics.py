@@ -9,9 +9,9 @@ persistent forward walks the same tiles in a loop), with one exception: a LayerN
 entry with ``single_tile`` keeps rows of up to twice the rules' single-tile limit in one tile
 (WIDE_TILE_BYTES), where the rules loop over column tiles: its row sums are then one tile's
 reduction instead of a loop's (other rounding, the same accuracy). A launch of another layout than
-the plain norm's it was timed on keeps the rules' tiles there (``launch_config(..., whole_row=False)``:
-a fused residual op's forward, a backward whose dy is in another dtype than x). Tables apply to row lengths that
-are multiples of 8 (where they are measured). Results are deterministic for a given table: the
+the plain norm's the entry was timed on (``launch_config(..., timed_layout=False)``: a fused residual
+op's forward, a backward whose dy is in another dtype than x) takes neither a whole-row tile nor a
+persistent grid from it. Tables apply to row lengths that are multiples of 8 (where they are measured). Results are deterministic for a given table: the
 reduction order follows the config.
 
 The rules are first choices from the hardware's shape (registers per SM, threads per program), not
@@ -340,14 +340,15 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None, fuse
 
 @functools.lru_cache(maxsize=4096)
 def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: torch.device,
-                  max_block_n: int | None = None, affine: bool = True, whole_row: bool = True) -> LaunchConfig:
+                  max_block_n: int | None = None, affine: bool = True, timed_layout: bool = True) -> LaunchConfig:
     """The launch configuration for one kernel call. ``max_block_n`` caps the column tile (tests
     use it to reach the looped path on small rows); a capped call ignores the measured tables.
     ``affine=False``: a row-wise backward with no weight to load and no dw/db to sum (a lighter
     kernel: more programs fit; tables, timed with parameters, do not distinguish it).
-    ``whole_row=False``: the launch is not the plain norm's layout a table's whole-row entry
-    (``single_tile``) was timed on (a fused op's forward, a backward whose dy is in another dtype
-    than x): such an entry is ignored, and the rules' tiles run.
+    ``timed_layout=False``: the launch is not the plain norm's layout that tables are timed on (a
+    fused op's forward holds more per row, a dy in another dtype than x takes more shared memory):
+    a whole-row entry (``single_tile``) is ignored, the rules' tiles run, and a persistent one runs
+    one tile a program.
     ``pass_``: ``"fwd"``, ``"bwd"``, ``"bwd_res"`` (a fused residual op's backward, which also
     reads the sum's gradient: rules only, no table), ``"bwd_res2"`` (the same, storing dx twice) or
     ``"bwd_peri"`` (norm_add_norm's one-pass backward: two norms' gradients, read as bwd_res2)."""
@@ -364,8 +365,9 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
     if not entry:
         return cfg
     if entry.get("single_tile") and not cfg.single_tile:  # a wide tile (validate_entry checked the width)
-        return replace(cfg, **entry, block_n=next_power_of_2(n_cols)) if whole_row else cfg
-    return replace(cfg, **entry)
+        return replace(cfg, **entry, block_n=next_power_of_2(n_cols)) if timed_layout else cfg
+    cfg = replace(cfg, **entry)
+    return cfg if timed_layout or not cfg.persistent else replace(cfg, persistent=False)
 
 
 def split_rows(n_rows: int, cfg: LaunchConfig, device: torch.device) -> tuple[int, int]:

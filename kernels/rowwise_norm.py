@@ -513,15 +513,13 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
 
 def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
                     res_mode, max_block_n, weight_offset=0.0, round_x_hat=0):
-    # A fused op's forward holds more per row than the plain norm a table's whole-row tile was timed
-    # on: it takes the rules' tiles there (launch_config's whole_row).
+    # A table's whole-row tile and persistent grid were timed on the plain norm: a fused op's forward
+    # holds and stages more per row (shared memory a table never checked), so it takes neither.
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "fwd", N, x.dtype, x.device, max_block_n, True,
                         res_mode == "none")
     blocks = -(-M // cfg.block_m)  # cdiv, inline
-    # A plain norm only: the table's entry was timed on it, and a fused op stages more operands
-    # per row block (shared memory a table never checked). The persistent loop's int32 row counter
-    # runs up to M plus one grid of rows: kept off 2^31.
-    persistent = cfg.persistent and cfg.single_tile and res_mode == "none" and M < 2**30
+    # The persistent loop's int32 row counter runs up to M plus one grid of rows: kept off 2^31.
+    persistent = cfg.persistent and cfg.single_tile and M < 2**30
     with device_guard(x):
         # Absent operands as None: constants to Triton, which compile their terms away (the
         # kernel tests ``is not None``). 26 arguments at most, so that CPython passes them on the
