@@ -165,13 +165,15 @@ def _move_hooks(old: torch.nn.Module, new: torch.nn.Module) -> None:
 
 def _looks_like_a_norm(module: torch.nn.Module) -> bool:
     """A layer named like a per-token norm (``LlamaRMSNorm``, ``T5LayerNorm``, ``GroupNorm``,
-    ``Qwen3NextRMSNormGated``; not a ``NormHead``, nor BatchNorm, which swap never touches): no
+    ``Qwen3NextRMSNormGated``, SAM's ``LayerNorm2d``; not a ``NormHead``, nor BatchNorm or
+    InstanceNorm, running-statistics norms over other axes that swap never touches): no
     submodules but a parametrization's (a block named "...LayerNorm", as wav2vec2's
     ``Wav2Vec2EncoderStableLayerNorm``, holds norms rather than being one), and not a private class
     (``weight_norm``'s ``_WeightNorm`` normalizes a weight)."""
     name = type(module).__name__
-    return (not module._modules.keys() - {"parametrizations"} and not name.startswith("_") and "BatchNorm" not in name
-            and re.search(r"Norm$|.Norm[A-Z]", name) is not None)
+    return (not module._modules.keys() - {"parametrizations"} and not name.startswith("_")
+            and "BatchNorm" not in name and "InstanceNorm" not in name
+            and re.search(r"Norm([123]d)?$|.Norm[A-Z]", name) is not None)
 
 
 def _short_name(cls: type) -> str:

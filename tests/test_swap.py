@@ -118,7 +118,8 @@ def test_swap_names_only_layers_as_norms():
     # A block named like a norm that holds norms (wav2vec2's Wav2Vec2EncoderStableLayerNorm) is not one
     # (its norms inside are replaced), nor weight_norm's _WeightNorm parametrization, nor a NormHead;
     # a layer whose name goes on after "Norm" (Qwen3-Next's RMSNormGated) is, and a parametrized
-    # GroupNorm. BatchNorm (SyncBatchNorm too) is never touched nor named.
+    # GroupNorm, and a model's own LayerNorm2d (SAM's: "Norm" then a rank). BatchNorm (SyncBatchNorm
+    # too) and InstanceNorm are never touched nor named.
     class EncoderStableLayerNorm(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -138,17 +139,25 @@ def test_swap_names_only_layers_as_norms():
     class NormHead(torch.nn.Linear):  # Baichuan 2's lm head: a Linear with a normalized weight
         pass
 
+    class LayerNorm2d(torch.nn.Module):  # SAM's: LayerNorm over dim 1 written out, not timm's class
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return self.weight[:, None, None] * (x - x.mean(1, keepdim=True))
+
     group = torch.nn.GroupNorm(2, 8)
     torch.nn.utils.parametrize.register_parametrization(group, "weight", torch.nn.Identity())
     model = torch.nn.Sequential(EncoderStableLayerNorm(),
                                 torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 8)),
                                 RMSNormGated(), torch.nn.BatchNorm2d(3), torch.nn.SyncBatchNorm(3), NormHead(8, 8),
-                                group)
+                                group, LayerNorm2d(), torch.nn.InstanceNorm2d(3))
     report = normzoo.swap(model)
     assert report == {"torch.LayerNorm -> normzoo.LayerNorm": 1}
     assert sorted(k.split(" (")[0] for k in report.left_alone) == [
         "2: test_swap.test_swap_names_only_layers_as_norms.<locals>.RMSNormGated",
-        "6: torch.ParametrizedGroupNorm"]
+        "6: torch.ParametrizedGroupNorm", "7: test_swap.test_swap_names_only_layers_as_norms.<locals>.LayerNorm2d"]
 
 
 @pytest.mark.parametrize("to", ["dyt", "derf"])
