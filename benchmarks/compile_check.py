@@ -97,7 +97,8 @@ from normzoo.kernels import heuristics  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-DEFAULT_HIDDEN = [97, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]  # 256: rows stacked in a tile
+# 256: rows stacked in a tile; 1032: a multiple of 8 that is not one of 16 (rows read element-wise)
+DEFAULT_HIDDEN = [97, 256, 1024, 1032, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 # Fused residual variants (normzoo.fused): fewer widths (representative ones, rows stacked in a
 # tile, the 16-bit single-tile limit, one unaligned), 16-bit activations beside a 16-bit or an fp32
 # residual stream.
@@ -179,7 +180,7 @@ class ResidencyException:
     affines: tuple[str, ...] | None = None
     tile: tuple[int, int] | None = None  # (BLOCK_M, BLOCK_N)
     whole_row: bool | None = None  # BLOCK_N >= N: the single-tile path
-    unaligned: bool | None = None  # N not a multiple of 8: rows cannot be read 16 bytes at a time
+    unaligned: bool | None = None  # N not a multiple of 16: rows are not read 16 bytes at a time
     modes: tuple[str, ...] | None = None  # fused residual modes (FUSED_MODES) only; None: any variant
     streams: tuple[str, ...] | None = None  # a fused variant's residual stream dtypes; None: any
 
@@ -191,7 +192,7 @@ class ResidencyException:
                 and (self.affines is None or variant.affine in self.affines)
                 and (self.tile is None or tile == self.tile)
                 and (self.whole_row is None or whole_row == self.whole_row)
-                and (self.unaligned is None or (variant.n % 8 != 0) == self.unaligned)
+                and (self.unaligned is None or (variant.n % 16 != 0) == self.unaligned)
                 and (self.modes is None or variant.mode in self.modes)
                 and (self.streams is None or variant.stream in self.streams))
 
@@ -218,7 +219,7 @@ RESIDENCY_EXCEPTIONS: list[ResidencyException] = [
         "norm_add_norm's one-pass backward in one 4096-wide 16-bit tile: both norms' gradients (dy, ds, s and h "
         "read, dx and dh written, four column-sum accumulators). At 16 values a thread in 8 warps it took "
         "244-247 registers (one program, 8 warps per SM); at 8 values in 16 warps, LayerNorm 128 and RMSNorm "
-        "84 (one program, 16 warps); RMSNorm beside an fp32 stream 101 (128 at 2056). The alternative, two "
+        "84 (one program, 16 warps); RMSNorm beside an fp32 stream 101. The alternative, two "
         "kernels with dx kept in fp32 between them, moves 10 units of row traffic for the ideal 6.",
         ops=("layernorm", "rmsnorm"), passes=("bwd",), dtypes=("bf16", "fp16"), tile=(1, 4096), whole_row=True,
         modes=("norm_add_norm",)),
@@ -230,9 +231,10 @@ RESIDENCY_EXCEPTIONS: list[ResidencyException] = [
         ops=("layernorm",), passes=("bwd",), dtypes=("bf16", "fp16"), tile=(1, 2048), whole_row=True,
         modes=("norm_add_norm",), streams=("fp32",)),
     ResidencyException(
-        "rows whose length is not a multiple of 8 cannot be read 16 bytes at a time: every element is its "
+        "rows whose length is not a multiple of 16 are not read 16 bytes at a time (Triton specializes an integer "
+        "on divisibility by 16 only, heuristics.vector_aligned): every element is its "
         "own 2-4 byte access with its own 64-bit address, which is what fills the registers. A performance "
-        "limit, not a correctness one (the README asks for hidden sizes that are multiples of 8).",
+        "limit, not a correctness one (the README asks for hidden sizes that are multiples of 16).",
         ops=("layernorm", "rmsnorm", "dyt", "derf", "dyt-cf", "derf-cf"), passes=("fwd", "bwd"), unaligned=True),
     ResidencyException(
         "head-wise single-tile backward of an 8192-wide 16-bit row, as the row norms' above: x, dy and the "

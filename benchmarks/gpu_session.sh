@@ -159,8 +159,8 @@ fi
 # -- whole-row tiles alone (--wide): tune, then the benchmark with the table, then the summary -----
 if [ $wide = 1 ]; then
   table=$([ $smoke = 1 ] && echo "$out/tune-$gpu.json" || echo "kernels/configs/$gpu.json")
-  if [ $smoke = 1 ]; then  # an fp32 row of 4104 is looped by the rules and fits a whole-row tile
-    phase tune-wide 60 python3 -m benchmarks.tune --smoke --ops rmsnorm --dtypes fp32 --hidden 4104 --rows 4 \
+  if [ $smoke = 1 ]; then  # an fp32 row of 4112 is looped by the rules and fits a whole-row tile
+    phase tune-wide 60 python3 -m benchmarks.tune --smoke --ops rmsnorm --dtypes fp32 --hidden 4112 --rows 4 \
       --out "$table"
     name=$gpu-wide-fp32
     phase bench-wide 60 python3 -m benchmarks --smoke --ops rmsnorm --dtypes fp32 --rows 4 --hidden 64 \
@@ -216,7 +216,7 @@ if [ $only = 1 ]; then
   :
 elif [ $smoke = 1 ]; then
   table=$out/tune-$gpu.json
-  phase tune-wide 60 python3 -m benchmarks.tune --smoke --ops rmsnorm --dtypes fp32 --hidden 4104 --rows 4 \
+  phase tune-wide 60 python3 -m benchmarks.tune --smoke --ops rmsnorm --dtypes fp32 --hidden 4112 --rows 4 \
     --out "$table"
   phase tune 60 python3 -m benchmarks.tune --smoke --ops rmsnorm dyt --hidden 64 --out "$table"
 else

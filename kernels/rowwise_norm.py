@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .heuristics import launch_config, num_compute_units, split_rows
+from .heuristics import launch_config, num_compute_units, split_rows, vector_aligned
 from .launch import (alloc, alloc_like, alloc_rows, check_rows, device_guard, empty_residual_grads,
                      partials_layout, residual_grad_buffers)
 from .reduce import sum_partials
@@ -586,7 +586,7 @@ def rowwise_peri_backward(dy, ds, s, weight2, stats2, h, weight1, stats1, *, is_
     check_rows(s, dy, h) if ds is None else check_rows(s, dy, h, ds)
     M, N = s.shape
     wide = s.dtype if s.dtype.itemsize >= h.dtype.itemsize else h.dtype  # the tile rule's dtype
-    if is_rms and wide.itemsize == 4 and h.dtype.itemsize == 2 and N <= 4096 and N % 8 == 0:
+    if is_rms and wide.itemsize == 4 and h.dtype.itemsize == 2 and N <= 4096 and vector_aligned(N):
         # 16-bit activations beside an fp32 stream: RMSNorm's one pass fits a 4096-wide row in the
         # 16-bit rule's layout (16 warps, 8 values a thread: 101-128 registers, no spill; compile_check
         # sm_90), not the two kernels (10 units of row traffic for 6). LayerNorm's took 128 registers

@@ -315,7 +315,7 @@ def test_session_script_smoke_runs_every_phase(tmp_path):
     assert table["tuner"]["complete"]
     for key, record in table["measured"].items():
         _check_record(key, record)
-    # tune-wide's keys (an fp32 RMSNorm of 4104 columns, looped by the rules), kept by the tune
+    # tune-wide's keys (an fp32 RMSNorm of 4112 columns, looped by the rules), kept by the tune
     # phase after it: their wide-tile candidates were installed, run and checked like the others.
     for pass_, count in (("fwd", 3), ("bwd", 2)):
         wides = [c for c in table["measured"][f"rmsnorm|{pass_}|float32|8192"]["candidates"]
