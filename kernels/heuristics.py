@@ -230,7 +230,7 @@ def _resident_estimate(num_warps: int, regs_per_thread: int) -> int:
 
 def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: int | None,
                   fused: bool = False, two_stores: bool = False, peri: bool = False,
-                  affine: bool = True) -> LaunchConfig:
+                  affine: bool = True, is_rms: bool = False) -> LaunchConfig:
     limit = single_tile_limit(dtype)
     if not vector_aligned(n_cols):
         # Element-wise addresses take about twice the registers a value (see per_value below): a
@@ -251,6 +251,13 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     block_n = min(next_power_of_2(max(n_cols, 1)), limit)
     single_tile = n_cols <= block_n
     if not backward:
+        if not single_tile and not is_rms:
+            # LayerNorm's looped forward holds a column tile across its reduction (Chan's merge of
+            # the tile's mean and M2): at 16 values a thread (16-bit, 8192 wide) 49 registers and 2
+            # programs per SM, at 8 values 28-32 and 4 (compile_check, sm_90). RMSNorm's sum of
+            # squares consumes the tile as it loads it: 31 at 16 values, 4 programs already, and
+            # it measured 91% of copy at N = 16384 on the H200 where LayerNorm's made 81%.
+            block_n //= 2
         # Forward tiles are read once and written once: rows stacked to TARGET_TILE_ELEMENTS,
         # 8 elements (16 bytes in 16-bit) per thread; the looped path pipelines its column loops.
         block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 16))
@@ -371,7 +378,7 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
     backward = fused or pass_ == "bwd"
     if op in ROWWISE_OPS:
         cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n, fused, pass_ in ("bwd_res2", "bwd_peri"),
-                            pass_ == "bwd_peri", affine)
+                            pass_ == "bwd_peri", affine, op == "rmsnorm")
     else:
         cfg = _elementwise_rule(n_cols, backward, max_block_n, fused, pass_ == "bwd_peri")
     # Tables are measured at row lengths that are multiples of 16 and keyed by the next power of 2:
