@@ -253,7 +253,9 @@ class _FusedResidual(torch.autograd.Function):
             # not keep (keeping them would cost every training step memory). Refuse, never drop.
             raise RuntimeError("the fused residual ops do not support double backward (create_graph=True); for "
                                "second-order gradients use the norm and the add apart (normzoo's plain norms do)")
-        dh, dx, *rest = _grads(ctx, dy, ds, _fused_backward)
+        # A batched backward (see ops._reference_backward) runs the reference.
+        batched = ops._functorch_transforms_active() or ops._is_legacy_batched(dy if dy is not None else ds)
+        dh, dx, *rest = _grads(ctx, dy, ds, ops._reference_backward(_fused_backward, 15) if batched else _fused_backward)
         # add_norm hands one tensor to both inputs, norm_add hands ds itself to x (no copy: the
         # engine passes gradients on read-only). A leaf would keep such a tensor as its .grad and
         # share it (with the other input's .grad, or the caller's ds) from then on: copy for leaves.

@@ -222,6 +222,16 @@ def _second_order(composite, inputs, needs, grad_outputs):
     return tuple(next(got) if need and t is not None else None for t, need in zip(inputs, needs))
 
 
+def _reference_backward(backward, triton_index: int):
+    """``backward`` with its ``triton`` argument (positional ``triton_index``) False. The eager
+    backward runs it for a batched gradient, which the kernels cannot read (its storage is the
+    batch's): autograd's ``is_grads_batched`` (``jacobian(vectorize=True)``, ``hessian``) runs the
+    backward under its legacy vmap, and a backward called inside a torch.func transform sees that
+    transform's wrappers. The reference math is torch ops, which vmap batches; the forward's
+    statistics are reused as saved."""
+    return lambda *args: backward(*args[:triton_index], False, *args[triton_index + 1:])
+
+
 # Function.apply unwraps dead functorch wrappers (tensors that escaped a transform) before the C++
 # apply; the eager paths below do the same, inline. A wrapper is a plain Tensor, never an
 # nn.Parameter: a layer's own parameters skip the call (~1k instructions each).
@@ -364,6 +374,8 @@ class _RowwiseNorm(torch.autograd.Function):
     def backward(ctx, dy):
         if _grad_enabled():  # create_graph=True: differentiable gradients, through the reference math
             return *_rowwise_second_order(ctx, dy), None
+        if _functorch_transforms_active() or _is_legacy_batched(dy):  # a batched backward: see _reference_backward
+            return *_rowwise_grads(ctx, dy, _reference_backward(_rowwise_backward, 7)), None
         return *_rowwise_grads(ctx, dy, _rowwise_backward), None
 
 
@@ -447,6 +459,7 @@ _tracing_state = torch._C._get_tracing_state
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _dispatch_mode = torch._C._get_dispatch_mode
 _functorch_transforms_active = torch._C._are_functorch_transforms_active
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # autograd's is_grads_batched vmap
 _grad_enabled = torch.is_grad_enabled
 
 
@@ -626,6 +639,8 @@ class _Pointwise(torch.autograd.Function):
     def backward(ctx, dy):
         if _grad_enabled():  # create_graph=True: differentiable gradients, through the reference math
             return *_pointwise_second_order(ctx, dy), None
+        if _functorch_transforms_active() or _is_legacy_batched(dy):  # a batched backward: see _reference_backward
+            return *_pointwise_grads(ctx, dy, _reference_backward(_pointwise_backward, 10)), None
         return *_pointwise_grads(ctx, dy, _pointwise_backward), None
 
 
@@ -878,6 +893,8 @@ class _HeadwiseNorm(torch.autograd.Function):
             eps, norm, _ = ctx.meta
             composite = lambda *t: _headwise_forward(*t, eps, norm, False)  # noqa: E731
             return *_second_order(composite, ctx.saved_tensors, ctx.needs_input_grad[:4], (dya, dyb)), None
+        if _functorch_transforms_active() or _is_legacy_batched(dya if dya is not None else dyb):  # batched: see
+            return *_headwise_grads(ctx, dya, dyb, _reference_backward(_headwise_backward, 8)), None
         return *_headwise_grads(ctx, dya, dyb, _headwise_backward), None
 
 

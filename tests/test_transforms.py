@@ -122,6 +122,47 @@ def test_double_backward(name, backend):
             p.detach().requires_grad_() for p in layer64.parameters()]))
 
 
+def _batched_vjps(f, inputs, cotangents):
+    """VJPs of ``f`` at ``inputs`` for a batch of cotangents, three ways: autograd's
+    is_grads_batched (its own vmap, as jacobian(vectorize=True) uses), a torch.func vmap around
+    a backward whose forward ran outside it, and a loop of plain backwards (the expected values)."""
+    outputs = f(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    batched = torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, is_grads_batched=True)
+    under_vmap = vmap(lambda *g: torch.autograd.grad(outputs, inputs, g, retain_graph=True))(*cotangents)
+    loop = [torch.autograd.grad(outputs, inputs, [g[i] for g in cotangents], retain_graph=True)
+            for i in range(cotangents[0].shape[0])]
+    return batched, under_vmap, [torch.stack(g) for g in zip(*loop)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LAYERS + ["qknorm", "add_norm", "norm_add_norm"])
+def test_batched_backward(name, backend):
+    """A backward whose incoming gradient is batched (jacobian(vectorize=True), hessian, vmap over
+    a backward) runs where the kernels cannot read the gradient's storage: the same values as a
+    loop of backwards. The forward runs the kernels as usual."""
+    if name == "qknorm":
+        qk = normzoo.QKNorm(8, backend=backend)
+        f, inputs = qk, (torch.randn(2, 3, 4, 8, requires_grad=True), torch.randn(2, 3, 2, 8, requires_grad=True))
+    elif name in ("add_norm", "norm_add_norm"):
+        norms = [normzoo.LayerNorm(8, backend=backend), normzoo.LayerNorm(8, backend=backend)]
+        f = (lambda x, h: NF.add_norm(x, h, norms[0])) if name == "add_norm" else (  # noqa: E731
+            lambda x, h: NF.norm_add_norm(x, h, *norms))
+        inputs = (torch.randn(3, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True))
+    else:
+        f, inputs = _layer(name, backend), (torch.randn(3, 8, requires_grad=True),)
+    outputs = f(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    cotangents = [torch.randn(4, *o.shape) for o in outputs]
+    batched, under_vmap, expected = _batched_vjps(f, inputs, cotangents)
+    for got in (batched, under_vmap):
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    if name == "layernorm":
+        jac = torch.autograd.functional.jacobian(f, inputs[0].detach(), vectorize=True)
+        torch.testing.assert_close(jac, torch.autograd.functional.jacobian(f, inputs[0].detach()))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_create_graph_when_inputs_share_history(backend):
     """An op's inputs that depend on each other (norm(x·w) with w the norm's own weight) or are one
