@@ -29,11 +29,15 @@ def _sublayers(layer) -> list:
     return subs
 
 
-def _output(h, index: int, sublayer):
-    """A sublayer's output, which must be one tensor (the stream's update)."""
+def _output(h, index: int, sublayer, stream: Tensor):
+    """A sublayer's output, which must be one tensor of the stream's shape (the stream's update:
+    checked here, where the sublayer is known, and not broadcast by a last unfused add)."""
     if not isinstance(h, Tensor):
         raise TypeError(f"sublayer {index} ({type(sublayer).__name__}) returned {type(h).__name__}; "
                         "ResidualStack's sublayers map a tensor to one tensor (wrap one that returns a tuple)")
+    if h.shape != stream.shape:
+        raise ValueError(f"sublayer {index} ({type(sublayer).__name__}) returned shape {tuple(h.shape)}; a residual "
+                         f"sublayer keeps the stream's shape {tuple(stream.shape)}")
     return h
 
 
@@ -180,7 +184,7 @@ class ResidualStack(torch.nn.Module):
                 if kind == "post":
                     if h is not None:  # a pre/peri layer before a post one: no placement builds this
                         raise RuntimeError("post-norm layers must come before pre-norm ones")
-                    x, _ = F.add_norm(x, _output(sublayer(x), k, sublayer), self.norm_sum[k])
+                    x, _ = F.add_norm(x, _output(sublayer(x), k, sublayer, x), self.norm_sum[k])
                     streams.append(x)
                 else:
                     norm_in = self.norm_in[k]
@@ -192,7 +196,7 @@ class ResidualStack(torch.nn.Module):
                     else:
                         y, x = F.norm_add_norm(x, h, pending_out_norm, norm_in, scale=scale)
                         streams.append(x)
-                    h, pending_out_norm = _output(sublayer(y), k, sublayer), self.norm_out[k]
+                    h, pending_out_norm = _output(sublayer(y), k, sublayer, x), self.norm_out[k]
                 k += 1
         final = self.final_norm
         if h is None:

@@ -519,6 +519,13 @@ def test_stack_streams_and_arguments():
     lstm = normzoo.ResidualStack([[torch.nn.Linear(4, 4), torch.nn.LSTM(4, 4, batch_first=True)]], 4, placement="pre")
     with pytest.raises(TypeError, match=r"sublayer 1 \(LSTM\) returned tuple"):
         lstm(torch.randn(2, 3, 4))
+    # One that returns another shape is named too, wherever it sits: the last add, unfused without a
+    # final norm, would otherwise broadcast a (1, 4) output silently.
+    for final_norm, placement in ((False, "pre"), (None, "pre"), (None, "post"), (None, "peri")):
+        wrong = normzoo.ResidualStack([[torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)]], 4, placement=placement,
+                                      final_norm=final_norm)
+        with pytest.raises(ValueError, match=r"sublayer 1 \(Linear\) returned shape \(2, 1\)"):
+            wrong(torch.randn(2, 4))
 
 
 def test_stack_checkpoint_of_another_placement_is_not_loaded_silently():
