@@ -777,6 +777,7 @@ def pointwise(
             check_trailing_shape(x, shape, label="")
         channels = shape[0] if k == 1 else math.prod(shape)
         x2d = x if ndim == 2 and k == 1 else x.reshape(x.numel() // channels if channels else 0, channels)
+        moved = None
     else:
         if ndim < 2:
             raise ValueError(f"channels_last=False expects input of shape (B, C, *spatial), got {tuple(x.shape)}")
@@ -785,7 +786,13 @@ def pointwise(
             raise ValueError(f"expected input with {expected[0]} channels in dim 1 (B, C, *spatial), "
                              f"got input of shape {tuple(x.shape)}")
         channels = x.shape[1]
-        x2d = x.reshape(x.shape[0] * channels, math.prod(x.shape[2:]))
+        moved = x.movedim(1, -1) if ndim > 2 and x.stride(1) == 1 and channels > 1 else None
+        if moved is not None and moved.is_contiguous():
+            # channels_last in memory, (B, *spatial, C): rows of C read in place by the channels-last
+            # kernel, and y in the input's memory format, as torch's point-wise ops keep it; no copy.
+            channels_last, x2d = True, moved.view(-1, channels)
+        else:
+            moved, x2d = None, x.reshape(x.shape[0] * channels, math.prod(x.shape[2:]))
     if weight is not None or bias is not None:
         check_affine(weight, bias, shape, x, True)
     triton = x.is_cuda and x.dtype is not _FP64 if backend == "auto" else use_triton(backend, x)
@@ -809,6 +816,8 @@ def pointwise(
                                    bias if bias is None or type(bias) is _Parameter else _unwrap_if_dead(bias), spec)
     else:
         y = _pointwise_forward(x2d, alpha, shift, weight, bias, *spec)
+    if moved is not None:
+        return y.view(moved.shape).movedim(-1, 1)
     return y if x2d is x else y.view(x.shape)
 
 

@@ -52,11 +52,16 @@ def test_gradcheck_float64(kind, channels_last, affine):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["dyt", "derf"])
-@pytest.mark.parametrize("channels_last,shape", [(True, (2, 7, 48)), (False, (2, 6, 5, 7)), (False, (3, 6))])
-def test_functional_matches_the_papers_formula(backend, kind, channels_last, shape, device):
+@pytest.mark.parametrize("channels_last,shape,memory", [
+    (True, (2, 7, 48), None), (False, (2, 6, 5, 7), None), (False, (3, 6), None),
+    (False, (2, 6, 5, 7), torch.channels_last)], ids=["cl", "cf", "cf-2d", "cf-nhwc"])
+def test_functional_matches_the_papers_formula(backend, kind, channels_last, shape, memory, device):
+    """cf-nhwc: channels-first input stored channels_last is read in place, as rows of C, and y
+    keeps that memory format (torch's point-wise ops do)."""
     c = shape[-1] if channels_last else shape[1]
+    x = torch.randn(shape, device=device) * 2
     leaves = {
-        "x": torch.randn(shape, device=device) * 2,
+        "x": x if memory is None else x.contiguous(memory_format=memory),
         "alpha": torch.tensor([0.8], device=device),
         "shift": torch.tensor([-0.3], device=device) if kind == "derf" else None,
         "w": torch.randn(c, device=device),
@@ -67,6 +72,8 @@ def test_functional_matches_the_papers_formula(backend, kind, channels_last, sha
     peer = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}  # eager PyTorch in fp32
 
     y = call(kind, *(leaves.get(k) for k in ("x", "alpha", "shift", "w", "b")), channels_last, backend)
+    if memory is not None:
+        assert y.is_contiguous(memory_format=memory) and not y.is_contiguous()
     y_ref = paper_formula(*(as64.get(k) for k in ("x", "alpha", "shift", "w", "b")), channels_last)
     y_peer = paper_formula(*(peer.get(k) for k in ("x", "alpha", "shift", "w", "b")), channels_last)
     assert_close(y, y_ref.detach(), "y", peer=y_peer.detach())
