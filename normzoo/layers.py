@@ -114,6 +114,19 @@ class LayerNorm(torch.nn.LayerNorm):
                 f"bias={self.bias is not None}, backend={self.backend!r}" + _offset_repr(self))
 
 
+def _channels_last_view(input: Tensor) -> Tensor:
+    """LayerNorm2d's (B, C, H, W) input as (B, H, W, C), checked. A function of its own that
+    torch.fx records as one node (see the end of ops.py), as it records the norm's."""
+    if not isinstance(input, Tensor):
+        ops.check_input(input)  # the TypeError LayerNorm gives
+    if input.dim() != 4:
+        raise ValueError(f"LayerNorm2d expects (B, C, H, W) input, got shape {tuple(input.shape)}")
+    return input.permute(0, 2, 3, 1)
+
+
+torch.fx.wrap("_channels_last_view")
+
+
 class LayerNorm2d(LayerNorm):
     r"""LayerNorm over the channels of (B, C, H, W) feature maps, as timm's ``LayerNorm2d`` (the
     channels-first LayerNorm of ConvNeXt): the input is permuted to (B, H, W, C), normalized over C
@@ -149,11 +162,7 @@ class LayerNorm2d(LayerNorm):
                          weight_offset=weight_offset)
 
     def forward(self, input: Tensor) -> Tensor:
-        if not isinstance(input, Tensor):
-            ops.check_input(input)  # the TypeError LayerNorm gives
-        if input.dim() != 4:
-            raise ValueError(f"LayerNorm2d expects (B, C, H, W) input, got shape {tuple(input.shape)}")
-        return super().forward(input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(_channels_last_view(input)).permute(0, 3, 1, 2)
 
 
 class RMSNorm(torch.nn.RMSNorm):

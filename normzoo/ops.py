@@ -1015,3 +1015,12 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
     else:
         ya, yb = _headwise_forward(a, wa, b, wb, *spec)
     return ya if b is None else (ya, yb)
+
+
+# torch.fx.symbolic_trace treats torch.nn's own modules as leaves and traces into any other's
+# forward with Proxies, which these entry points would refuse as non-tensors: it records a call to
+# each as one graph node instead (the traced module then calls it with real tensors), so a model
+# traces after swap as it did before (FX quantization, torchvision's feature extraction).
+torch.fx.wrap("rowwise_norm")
+torch.fx.wrap("pointwise")
+torch.fx.wrap("headwise_norm")

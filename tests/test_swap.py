@@ -44,6 +44,33 @@ def test_swap_replaces_norms_and_keeps_everything_else(device):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fx_symbolic_trace_after_swap(backend):
+    """torch.fx traces into a non-torch.nn module's forward: each normzoo layer must come out as
+    one call of its op (a graph node), as torch's norms do, not a TypeError about a Proxy (FX
+    quantization, torchvision's feature extraction trace models so)."""
+    import torch.fx
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.RMSNorm(8), torch.nn.GELU())
+    torch.fx.symbolic_trace(model)
+    normzoo.swap(model, backend=backend)
+    model.extend([normzoo.DyT(8, backend=backend), normzoo.ScaleNorm(8, backend=backend)])
+    layers = [(model, (torch.randn(3, 8),)),
+              (normzoo.LayerNorm2d(4, backend=backend), (torch.randn(2, 4, 3, 3),)),
+              (normzoo.Derf(4, channels_last=False, backend=backend), (torch.randn(2, 4, 5),)),
+              (normzoo.QKNorm(8, backend=backend), (torch.randn(2, 3, 2, 8), torch.randn(2, 3, 1, 8)))]
+    for module, inputs in layers:
+        traced = torch.fx.symbolic_trace(module)
+        assert any(node.op == "call_function" and node.target.__module__ == "normzoo.ops"
+                   for node in traced.graph.nodes), traced.code
+        got, want = traced(*inputs), module(*inputs)
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    traced = torch.fx.symbolic_trace(model)
+    traced(torch.randn(3, 8)).sum().backward()
+    assert model[1].weight.grad is not None
+
+
 def test_swap_twice_changes_nothing_the_second_time_and_says_so():
     model = tiny_model()
     normzoo.swap(model)
