@@ -875,10 +875,16 @@ def _headwise_grads(ctx, dya, dyb, backward):
     a, wa, b, wb = ctx.saved_tensors
     eps, norm, triton = ctx.meta
     needs = ctx.needs_input_grad
-    if b is not None and dyb is None:  # only ya was used: b's rows get a zero gradient
-        dyb = torch.zeros(b.shape, dtype=b.dtype, device=b.device)
+    # An output nothing used gives its input and weight no gradient (None, as two separate norms
+    # would: a zero one would still be decayed by AdamW) and its rows no work. The sides are
+    # independent (each its own weight), so b's runs alone in a's place when only yb was used.
     if dya is None:
-        dya = torch.zeros(a.shape, dtype=a.dtype, device=a.device)
+        if dyb is None:
+            return None, None, None, None
+        dxb, _, dwb, _ = backward(dyb, b, wb, None, None, None, eps, norm, triton, needs[3] and wb is not None, False)
+        return None, None, dxb if needs[2] else None, dwb if needs[3] and wb is not None else None
+    if dyb is None:
+        b = wb = None
     dxa, dxb, dwa, dwb = backward(dya, a, wa, dyb, b, wb, eps, norm, triton, needs[1] and wa is not None,
                                   needs[3] and wb is not None)
     return (dxa if needs[0] else None, dwa if needs[1] and wa is not None else None,
@@ -902,7 +908,10 @@ class _HeadwiseNorm(torch.autograd.Function):
             eps, norm, _ = ctx.meta
             composite = lambda *t: _headwise_forward(*t, eps, norm, False)  # noqa: E731
             return *_second_order(composite, ctx.saved_tensors, ctx.needs_input_grad[:4], (dya, dyb)), None
-        if _functorch_transforms_active() or _is_legacy_batched(dya if dya is not None else dyb):  # batched: see
+        dy = dya if dya is not None else dyb
+        if dy is None:  # neither output used (gradcheck asks so)
+            return None, None, None, None, None
+        if _functorch_transforms_active() or _is_legacy_batched(dy):  # a batched backward: see _reference_backward
             return *_headwise_grads(ctx, dya, dyb, _reference_backward(_headwise_backward, 8)), None
         return *_headwise_grads(ctx, dya, dyb, _headwise_backward), None
 

@@ -102,6 +102,35 @@ def test_scale_norm_and_crms_norm(norm, n, backend, device):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("norm", ["rms", "l2"])
+def test_qk_norm_output_nothing_uses_gives_no_gradient(norm, backend, device):
+    """Only q's (or only k's) output used: k (q) and its weight get no gradient, None as from two
+    separate norms (AdamW would decay a zero one), and the used side the values of the full backward
+    with a zero cotangent for the other."""
+    qk = normzoo.QKNorm(8, norm=norm, scale_init=4.0 if norm == "l2" else None, backend=backend, device=device)
+    with torch.no_grad():
+        for p in qk.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    q, k = torch.randn(2, 3, 4, 8, device=device), torch.randn(2, 3, 2, 8, device=device)
+    params = dict(qk.named_parameters())
+    for used in (0, 1):
+        leaves = [q.clone().requires_grad_(), k.clone().requires_grad_()]
+        outputs = qk(*leaves)
+        dy = torch.randn_like(outputs[used])
+        wanted = [*leaves, *params.values()]
+        got = torch.autograd.grad(outputs[used], wanted, dy, allow_unused=True)
+        both = [torch.zeros_like(o) for o in outputs]
+        both[used] = dy
+        full = torch.autograd.grad(qk(*leaves), wanted, both, allow_unused=True)
+        side = {0: ("q_weight", "scale"), 1: ("k_weight",)}[used]
+        for name, g, f in zip(["q", "k", *params], got, full):
+            if name in ("q", "k")[used:used + 1] or name in side:
+                torch.testing.assert_close(g, f)
+            else:
+                assert g is None, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_l2_floor_holds_for_a_zero_row(backend, device):
     """A zero row (or one under eps): y = g·x/eps, and no gradient through the (constant) norm."""
     x = torch.zeros(3, 8, device=device)
@@ -223,11 +252,11 @@ def test_views_that_fold_into_two_levels_are_not_copied(device):
 def test_three_level_views_and_a_one_sided_gradient(backend, device):
     _, q, k = qkv_views(2, 5, 4, 4, 8, torch.float32, device)
     check_pair(q.transpose(1, 2), k.transpose(1, 2), None, None, 1e-6, "rms", backend)
-    # Only q's output used: k still gets a (zero) gradient, q its own.
+    # Only q's output used: k gets no gradient (as from a norm of its own), q its own.
     qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
     qo, _ = NF.qk_norm(qq, kk, backend=backend)
     qo.sum().backward()
-    assert torch.equal(kk.grad, torch.zeros_like(kk)) and qq.grad.abs().sum() > 0
+    assert kk.grad is None and qq.grad.abs().sum() > 0
 
 
 def test_modules(device):
