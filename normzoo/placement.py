@@ -89,7 +89,8 @@ class ResidualStack(torch.nn.Module):
           (``h``), the stream the promoted dtype of the stream and ``h``. So the output of a stack
           with a final norm, and Post-LN's stream (which is a norm's output), take the last
           sublayer's dtype: under bf16 autocast they are bf16 where the unfused ``N(x + F(x))``
-          would be fp32.
+          would be fp32, and Mix-LN's stream stays bf16 through its Pre-LN layers too. Sublayers
+          that return fp32 keep the stream fp32.
 
     The fused ops read the norms' parameters and never call the norm modules, so a norm that
     runs in one (every norm but one that no add precedes: the first ``norm_in`` of pre, peri and
