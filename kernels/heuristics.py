@@ -251,7 +251,7 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     block_n = min(next_power_of_2(max(n_cols, 1)), limit)
     single_tile = n_cols <= block_n
     if not backward:
-        if not single_tile and not is_rms:
+        if not single_tile and not is_rms and max_block_n is None:
             # LayerNorm's looped forward holds a column tile across its reduction (Chan's merge of
             # the tile's mean and M2): at 16 values a thread (16-bit, 8192 wide) 49 registers and 2
             # programs per SM, at 8 values 28-32 and 4 (compile_check, sm_90). RMSNorm's sum of
@@ -263,6 +263,11 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
         block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 16))
         num_warps = max(1, min(block_m * block_n // 256, 16))
         staged = not single_tile and vector_aligned(n_cols)  # unaligned rows: see num_stages below
+        if not single_tile and not vector_aligned(n_cols):
+            # Looped rows read element by element: one row a tile at 4 values a thread. Stacked
+            # rows at 8 (fp32 LayerNorm, 2-4 rows of 1024-2048) took 40-64 registers and spilled 8
+            # bytes (compile_check, sm_90, N = 8200 and 16385); one row at 4 takes 26-32.
+            block_m, num_warps = 1, max(1, min(block_n // 128, 16))
         return LaunchConfig(block_m, block_n, num_warps, single_tile, 1, 2 if staged else 1)
     if not single_tile:
         # The looped backward keeps two tiles' worth of row sums and accumulators live; half-width
