@@ -217,7 +217,8 @@ def tuned_entry(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: to
 
 def single_tile_limit(dtype: torch.dtype) -> int:
     """The widest row the norm kernels keep in registers in one tile: 8192 16-bit or 4096 fp32
-    values, forward and backward alike."""
+    values, forward and backward alike (half that for rows that are not :func:`vector_aligned`:
+    the rules halve it)."""
     return MAX_SINGLE_TILE_BYTES // dtype.itemsize
 
 
@@ -230,7 +231,7 @@ def _resident_estimate(num_warps: int, regs_per_thread: int) -> int:
 
 def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: int | None,
                   fused: bool = False, two_stores: bool = False, peri: bool = False,
-                  affine: bool = True, is_rms: bool = False) -> LaunchConfig:
+                  affine: bool = True) -> LaunchConfig:
     limit = single_tile_limit(dtype)
     if not vector_aligned(n_cols):
         # Element-wise addresses take about twice the registers a value (see per_value below): a
@@ -251,22 +252,15 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     block_n = min(next_power_of_2(max(n_cols, 1)), limit)
     single_tile = n_cols <= block_n
     if not backward:
-        if not single_tile and not is_rms and max_block_n is None:
-            # LayerNorm's looped forward holds a column tile across its reduction (Chan's merge of
-            # the tile's mean and M2): at 16 values a thread (16-bit, 8192 wide) 49 registers and 2
-            # programs per SM, at 8 values 28-32 and 4 (compile_check, sm_90). RMSNorm's sum of
-            # squares consumes the tile as it loads it: 31 at 16 values, 4 programs already, and
-            # it measured 91% of copy at N = 16384 on the H200 where LayerNorm's made 81%.
-            block_n //= 2
         # Forward tiles are read once and written once: rows stacked to TARGET_TILE_ELEMENTS,
         # 8 elements (16 bytes in 16-bit) per thread; the looped path pipelines its column loops.
         block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 16))
         num_warps = max(1, min(block_m * block_n // 256, 16))
         staged = not single_tile and vector_aligned(n_cols)  # unaligned rows: see num_stages below
         if not single_tile and not vector_aligned(n_cols):
-            # Looped rows read element by element: one row a tile at 4 values a thread. Stacked
-            # rows at 8 (fp32 LayerNorm, 2-4 rows of 1024-2048) took 40-64 registers and spilled 8
-            # bytes (compile_check, sm_90, N = 8200 and 16385); one row at 4 takes 26-32.
+            # Looped rows read element by element: one row a tile at 4 values a thread. Two rows
+            # of 2048 at 8 (fp32) took LayerNorm to 57-64 registers and 8 bytes of spill
+            # (compile_check, sm_90, N = 8200); one row at 4 values takes 26-32.
             block_m, num_warps = 1, max(1, min(block_n // 128, 16))
         return LaunchConfig(block_m, block_n, num_warps, single_tile, 1, 2 if staged else 1)
     if not single_tile:
@@ -383,7 +377,7 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
     backward = fused or pass_ == "bwd"
     if op in ROWWISE_OPS:
         cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n, fused, pass_ in ("bwd_res2", "bwd_peri"),
-                            pass_ == "bwd_peri", affine, op == "rmsnorm")
+                            pass_ == "bwd_peri", affine)
     else:
         cfg = _elementwise_rule(n_cols, backward, max_block_n, fused, pass_ == "bwd_peri")
     # Tables are measured at row lengths that are multiples of 16 and keyed by the next power of 2:

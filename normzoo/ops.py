@@ -303,6 +303,8 @@ def _on_local_shards(op, x, params, whole_dims):
             t = t.to_local(grad_placements=grad_placements)
         local.append(t)
     y = op(x.to_local(), *local)
+    if not y.is_contiguous():  # a channels_last local input keeps its layout (pointwise): the stride below is contiguous
+        y = y.contiguous()
     return DTensor.from_local(y, mesh, placements, run_check=False, shape=x.shape,
                               stride=torch.empty(x.shape, device="meta").stride())
 

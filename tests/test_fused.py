@@ -696,3 +696,14 @@ def test_zero_rows_and_incoming_gradients_left_alone(kind, mode, backend, device
         if rows == 0:
             assert all(t.shape == (0, 16) for t in outputs)
             assert all(g.shape == p.shape and not g.any() for g, p in zip(grads[2:], params))
+
+
+@pytest.mark.parametrize("mode", ["add_norm", "norm_add_norm"])
+def test_fused_backward_with_no_gradient_for_either_output(mode):
+    """gradcheck's undefined-gradient check calls the backward with neither output's gradient:
+    no gradient comes back (in float64 on the reference, gradcheck passes whole)."""
+    norms = [normzoo.LayerNorm(4, backend="torch", dtype=torch.float64) for _ in range(2)]
+    x, h = (torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    op = (lambda x, h: NF.add_norm(x, h, norms[0])) if mode == "add_norm" else (
+        lambda x, h: NF.norm_add_norm(x, h, *norms))
+    assert torch.autograd.gradcheck(op, (x, h))
