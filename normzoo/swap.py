@@ -343,6 +343,8 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
                 report.left_alone[f"{name}: {_short_name(type(module))} (no exact normzoo equivalent known)"] += 1
             return None
         if type(module) in (LayerNorm, LayerNorm2d, RMSNorm):
+            if module.backend != backend:
+                already_ours_backends[module.backend] += 1  # for the warning below: never changed here
             return None  # already ours
         if isinstance(module, torch.nn.RMSNorm):
             new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta",
@@ -356,10 +358,14 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
             or _timm_norm(model) is not None:
         raise ValueError("swap replaces the norms inside a model; the model itself is a norm, which has no "
                          "parent to hold its replacement: construct the normzoo layer directly instead")
+    already_ours_backends = Counter()
     replace_modules(model, convert, report)
     if not report:
-        # A silent no-op hides a model whose norms we don't know (unsloth#4533): say so.
-        warnings.warn(f"normzoo.swap replaced nothing in {type(model).__name__}"
+        # A silent no-op hides a model whose norms we don't know (unsloth#4533): say so. A second
+        # swap that asks for another backend keeps the layers' own: say that too.
+        ours = "".join(f"; {n} normzoo layer(s) already, with backend={b!r} (kept: set a layer's .backend, or "
+                       f"unswap first, to change it)" for b, n in already_ours_backends.items())
+        warnings.warn(f"normzoo.swap replaced nothing in {type(model).__name__}" + ours
                       + (f"; left alone: {dict(report.left_alone)}" if report.left_alone else ""), stacklevel=2)
     return report
 
