@@ -174,7 +174,8 @@ def selected(cases: list, only) -> list:
         return cases
     unknown = set(only) - {name for name, *_ in cases}
     if unknown:
-        raise SystemExit(f"unknown layers {sorted(unknown)}; the layers: {[name for name, *_ in cases]}")
+        print(f"unknown layers {sorted(unknown)}; the layers: {[name for name, *_ in cases]}", file=sys.stderr)
+        raise SystemExit(2)  # a bad argument, as argparse exits
     return [case for case in cases if case[0] in only]
 
 
