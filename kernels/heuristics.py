@@ -11,8 +11,9 @@ entry with ``single_tile`` keeps rows of up to twice the rules' single-tile limi
 reduction instead of a loop's (other rounding, the same accuracy). A launch of another layout than
 the plain norm's the entry was timed on (``launch_config(..., timed_layout=False)``: a fused residual
 op's forward, a backward whose dy is in another dtype than x) takes neither a whole-row tile nor a
-persistent grid from it. Tables apply to row lengths that are multiples of 16 (:func:`vector_aligned`; where they are measured). Results are deterministic for a given table: the
-reduction order follows the config.
+persistent grid from it. Tables apply to row lengths that are multiples of 16 (:func:`vector_aligned`;
+where they are measured). Results are deterministic for a given table: the reduction order follows
+the config.
 
 The rules are first choices from the hardware's shape (registers per SM, threads per program), not
 measurements; ``python -m benchmarks.compile_check`` reports what they compile to on sm_90.
@@ -233,7 +234,8 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
                   fused: bool = False, two_stores: bool = False, peri: bool = False,
                   affine: bool = True) -> LaunchConfig:
     limit = single_tile_limit(dtype)
-    if not vector_aligned(n_cols):
+    aligned = vector_aligned(n_cols)
+    if not aligned:
         # Element-wise addresses take about twice the registers a value (see per_value below): a
         # one-tile row of 16 KB spilled (LayerNorm backward, 8 values a thread in 16 warps at N =
         # 4104 16-bit and 2056 fp32: 128 registers and 8-16 bytes; compile_check, sm_90), so these
@@ -256,8 +258,8 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
         # 8 elements (16 bytes in 16-bit) per thread; the looped path pipelines its column loops.
         block_m = max(1, min(TARGET_TILE_ELEMENTS // block_n, 16))
         num_warps = max(1, min(block_m * block_n // 256, 16))
-        staged = not single_tile and vector_aligned(n_cols)  # unaligned rows: see num_stages below
-        if not single_tile and not vector_aligned(n_cols) and max_block_n is None:
+        staged = not single_tile and aligned  # unaligned rows: see num_stages below
+        if not single_tile and not aligned and max_block_n is None:
             # Looped rows read element by element: one row a tile at 4 values a thread. Two rows
             # of 2048 at 8 (fp32) took LayerNorm to 57-64 registers and 8 bytes of spill
             # (compile_check, sm_90, N = 8200); one row at 4 values takes 26-32. (A capped tile,
@@ -269,9 +271,10 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
         # tiles keep it off the register limit and cost nothing in bytes moved.
         block_n //= 2
     # Rows whose length is not a multiple of 16 are not read 16 bytes at a time (vector_aligned):
-    # every element is its own 2-4 byte load with its own address, and pipelining those through shared memory
-    # took a narrow DyT backward to 140-250 registers (compile_check, sm_90); they are not staged.
-    num_stages = 2 if vector_aligned(n_cols) else 1
+    # every element is its own 2-4 byte load with its own address, and pipelining those through
+    # shared memory took a narrow DyT backward to 140-250 registers (compile_check, sm_90); they
+    # are not staged.
+    num_stages = 2 if aligned else 1
     if single_tile and dtype.itemsize == 2 and block_n * 2 == MAX_SINGLE_TILE_BYTES and num_stages == 2:
         # The widest 16-bit single tiles run one 16-warp program per SM (the row and its
         # accumulators fill the registers); a third stage deepens its prefetch, and at two ptxas
@@ -288,30 +291,30 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     # but one that also stores dx twice took 144 at 16 a thread (one 8-warp program per SM) and
     # takes 85 at 8 (one 16-warp program): twice the warps to hide its loads behind.
     per_thread = 16 if dtype.itemsize == 2 and block_n == 4096 and single_tile and not two_stores else 8
-    if not vector_aligned(n_cols):
+    if not aligned:
         per_thread = 4  # element-wise addresses: see num_stages below
     num_warps = max(1, min(block_m * block_n // (32 * per_thread), 16))
     per_thread = block_m * block_n // (32 * num_warps)
     # Registers ≈ 7 per value a thread holds + 16 on the single-tile path (LayerNorm with weight
     # and bias on sm_90: 72 at 8 values, 128 at 16; 12 with element-wise addresses at 4 values a
     # thread: 24-64 plain, up to 90 fused, N 97-8200), 5 on the looped path, which holds one
-    # column tile and no whole row (32-64 at 8 values across the plain norms' layouts and dtypes). The estimate must not exceed the real
-    # residency (compile_check fails a persistent grid larger than one wave), and should not fall
-    # short of it either: at 7 the looped 16-warp backward launched one program per SM where two
+    # column tile and no whole row (32-64 at 8 values across the plain norms' layouts and dtypes).
+    # The estimate must not exceed the real residency (compile_check fails a persistent grid
+    # larger than one wave), and should not fall short of it either: at 7 the looped 16-warp backward launched one program per SM where two
     # fit, and the H100 timed that rule at N = 16384 (bf16) at 2.90 ms (LayerNorm) and 2.80
     # (RMSNorm) against 2.14 and 2.07 with two programs per SM (benchmarks.tune's candidates).
     # The fused backward's extra operands cost ~3 more per value at 8 values a thread; at 16, ptxas
     # held every 16-bit 4096-wide single tile, fused or not, to 128 or fewer (compile_check). Its
     # looped tiles keep the single tile's 7 (55-80 registers at 8 values in 4 warps: the lower
     # estimate would leave no margin there for another Triton version's register count).
-    per_value = (7 if single_tile or fused else 5) if vector_aligned(n_cols) else 12
-    if single_tile and block_m == 1 and not affine and not fused and vector_aligned(n_cols):
+    per_value = (7 if single_tile or fused else 5) if aligned else 12
+    if single_tile and block_m == 1 and not affine and not fused and aligned:
         # A plain backward with no weight to load and no dw/db to sum (a norm without
         # elementwise_affine, as DiT's adaLN LayerNorm) holds only x and dy: 35-59 registers at
         # 8-16 values a thread, 2.2-3.0 a value (compile_check, sm_90, N 768-8192).
         per_value = 4
     regs = per_value * per_thread + 16 + (3 * per_thread if fused and per_thread < 16 else 0)
-    if single_tile and block_m > 1 and vector_aligned(n_cols) and (affine or fused):
+    if single_tile and block_m > 1 and aligned and (affine or fused):
         # Rows stacked in a tile (N <= 512) cost more than one 1024-wide row at the same 8 values a
         # thread: 80-128 registers across the plain and add_norm layouts (LayerNorm fp32 with weight
         # and bias at N = 128-256: 128), against 56-72 at 1×1024 (compile_check, sm_90, N 64-512).
@@ -323,7 +326,7 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
         # norm_add_norm's one-pass backward holds a second norm's row and four column sums: 15
         # registers a value (23 with element-wise addresses) + 16 (LayerNorm 128-137 and RMSNorm
         # 96-117 at 8 values, 91-108 at 4 element-wise; compile_check, sm_90).
-        regs = (15 if vector_aligned(n_cols) else 23) * per_thread + 16
+        regs = (15 if aligned else 23) * per_thread + 16
     return LaunchConfig(block_m, block_n, num_warps, single_tile, _resident_estimate(num_warps, regs), num_stages)
 
 
@@ -340,15 +343,16 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None, fuse
     # Backward keeps four (BLOCK_M, BLOCK_N) fp32 accumulators live across its row loop, so half
     # the tile at the same 8 elements per thread, the next row block's loads in flight.
     block_m = max(1, block_m // 2)
-    num_stages = 2 if vector_aligned(n_cols) else 1  # see _rowwise_rule
-    if not vector_aligned(n_cols):
+    aligned = vector_aligned(n_cols)
+    num_stages = 2 if aligned else 1  # see _rowwise_rule
+    if not aligned:
         # Element-wise addresses (a row length not a multiple of 16): half the tile at 4 values a
         # thread; 8 took Derf's channels-first backward to 140+ registers (compile_check, sm_90).
         block_m = max(1, block_m // 2)
     # A fused residual backward (the sum's gradient read, dx stored twice) took Derf to 154-162
     # registers at 8 values a thread and 95-113 at 4 in a 16-warp program (compile_check, sm_90):
     # 4 values a thread and half the rows, so that two programs fit.
-    values = 8 if vector_aligned(n_cols) and not fused else 4
+    values = 8 if aligned and not fused else 4
     if fused:
         block_m = max(1, block_m // 2)
     num_warps = max(1, min(block_m * block_n // (32 * values), 16))

@@ -253,10 +253,10 @@ class _FusedResidual(torch.autograd.Function):
             # not keep (keeping them would cost every training step memory). Refuse, never drop.
             raise RuntimeError("the fused residual ops do not support double backward (create_graph=True); for "
                                "second-order gradients use the norm and the add apart (normzoo's plain norms do)")
-        if dy is None and ds is None:  # neither output used (gradcheck's undefined-gradient check asks so)
-            return (None,) * 12
-        # A batched backward (see ops._reference_backward) runs the reference.
-        batched = ops._functorch_transforms_active() or ops._is_legacy_batched(dy if dy is not None else ds)
+        # A batched backward (see ops._reference_backward) runs the reference. Neither gradient
+        # (gradcheck's undefined-gradient check) is no batch: _grads returns none.
+        g = dy if dy is not None else ds
+        batched = ops._functorch_transforms_active() or (g is not None and ops._is_legacy_batched(g))
         dh, dx, *rest = _grads(ctx, dy, ds, ops._reference_backward(_fused_backward, 15) if batched else _fused_backward)
         # add_norm hands one tensor to both inputs, norm_add hands ds itself to x (no copy: the
         # engine passes gradients on read-only). A leaf would keep such a tensor as its .grad and

@@ -910,10 +910,8 @@ class _HeadwiseNorm(torch.autograd.Function):
             eps, norm, _ = ctx.meta
             composite = lambda *t: _headwise_forward(*t, eps, norm, False)  # noqa: E731
             return *_second_order(composite, ctx.saved_tensors, ctx.needs_input_grad[:4], (dya, dyb)), None
-        dy = dya if dya is not None else dyb
-        if dy is None:  # neither output used (gradcheck asks so)
-            return None, None, None, None, None
-        if _functorch_transforms_active() or _is_legacy_batched(dy):  # a batched backward: see _reference_backward
+        dy = dya if dya is not None else dyb  # neither (gradcheck asks so): _headwise_grads returns none
+        if _functorch_transforms_active() or dy is not None and _is_legacy_batched(dy):  # batched: _reference_backward
             return *_headwise_grads(ctx, dya, dyb, _reference_backward(_headwise_backward, 8)), None
         return *_headwise_grads(ctx, dya, dyb, _headwise_backward), None
 
