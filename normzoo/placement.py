@@ -80,6 +80,12 @@ class ResidualStack(torch.nn.Module):
         final_norm (bool, optional): a norm after the last layer. Default: ``None``, which means
             present for pre, peri, mix and scaled, absent for post.
         mix_ratio (float): Mix-LN's share of Post-LN layers. Default: 0.25
+        residual_dtype (torch.dtype, optional): the dtype every residual sum is stored in, e.g.
+            ``torch.float32`` beside bf16 sublayers: the stream then keeps fp32 between sublayers
+            while each norm's output, the sublayers' input, stays in the sublayer's dtype (the
+            fused ops' ``residual_dtype``). Default: ``None``, the promoted dtype of the stream and
+            the sublayer's output. Post-LN's stream is a norm's output, which takes the
+            sublayer's dtype whatever this says (its sums are formed and normalized in it).
         device, dtype: of the norms' parameters.
         backend (str): the norms' backend (``"auto"``, ``"triton"`` or ``"torch"``).
 
@@ -90,7 +96,8 @@ class ResidualStack(torch.nn.Module):
           with a final norm, and Post-LN's stream (which is a norm's output), take the last
           sublayer's dtype: under bf16 autocast they are bf16 where the unfused ``N(x + F(x))``
           would be fp32, and Mix-LN's stream stays bf16 through its Pre-LN layers too. Sublayers
-          that return fp32 keep the stream fp32.
+          that return fp32 keep the stream fp32, and so does ``residual_dtype=torch.float32``
+          (streams in fp32, the output in the last sublayer's dtype).
 
     The fused ops read the norms' parameters and never call the norm modules, so a norm that
     runs in one (every norm but one that no add precedes: the first ``norm_in`` of pre, peri and
@@ -110,8 +117,8 @@ class ResidualStack(torch.nn.Module):
     """
 
     def __init__(self, layers, dim: int, *, placement: str, norm: str = "layernorm", eps: float | None = None,
-                 final_norm: bool | None = None, mix_ratio: float = 0.25, device=None, dtype=None,
-                 backend: str = "auto") -> None:
+                 final_norm: bool | None = None, mix_ratio: float = 0.25,
+                 residual_dtype: torch.dtype | None = None, device=None, dtype=None, backend: str = "auto") -> None:
         super().__init__()
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
@@ -130,10 +137,14 @@ class ResidualStack(torch.nn.Module):
             raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio}")
         if final_norm is not None and not isinstance(final_norm, bool):
             raise TypeError(f"final_norm must be True, False or None, got {final_norm!r}")
+        if residual_dtype is not None and not (isinstance(residual_dtype, torch.dtype)
+                                               and residual_dtype.is_floating_point):
+            raise TypeError(f"residual_dtype must be a floating torch.dtype or None, got {residual_dtype!r}")
         if not isinstance(layers, (Sequence, torch.nn.ModuleList, torch.nn.Sequential)):
             raise TypeError(f"layers must be a sequence of layers, got {type(layers).__name__}")
         self.layers = torch.nn.ModuleList(torch.nn.ModuleList(_sublayers(layer)) for layer in layers)
         self.dim, self.placement, self.norm, self.mix_ratio = dim, placement, norm, mix_ratio
+        self.residual_dtype = residual_dtype
         num_layers = len(self.layers)
         self.num_post_layers = math.floor(mix_ratio * num_layers) if placement == "mix" else (
             num_layers if placement == "post" else 0)
@@ -177,6 +188,7 @@ class ResidualStack(torch.nn.Module):
         # apply to it): the add waits for the next norm, so that both run as one fused op. A fused
         # op's s is the stream after the sublayer before it.
         h, pending_out_norm = None, None
+        rd = self.residual_dtype
         streams, sublayer_counts = [], [len(layer) for layer in self.layers]
         k = 0
         for layer_index, layer in enumerate(self.layers):
@@ -185,17 +197,17 @@ class ResidualStack(torch.nn.Module):
                 if kind == "post":
                     if h is not None:  # a pre/peri layer before a post one: no placement builds this
                         raise RuntimeError("post-norm layers must come before pre-norm ones")
-                    x, _ = F.add_norm(x, _output(sublayer(x), k, sublayer, x), self.norm_sum[k])
+                    x, _ = F.add_norm(x, _output(sublayer(x), k, sublayer, x), self.norm_sum[k], residual_dtype=rd)
                     streams.append(x)
                 else:
                     norm_in = self.norm_in[k]
                     if h is None:  # the first input norm, or the first after post layers: no add before it
                         y = norm_in(x)  # (layer 0 or after post layers: scale is 1 there)
                     elif pending_out_norm is None:
-                        y, x = F.add_norm(x, h, norm_in, scale=scale)
+                        y, x = F.add_norm(x, h, norm_in, scale=scale, residual_dtype=rd)
                         streams.append(x)
                     else:
-                        y, x = F.norm_add_norm(x, h, pending_out_norm, norm_in, scale=scale)
+                        y, x = F.norm_add_norm(x, h, pending_out_norm, norm_in, scale=scale, residual_dtype=rd)
                         streams.append(x)
                     h, pending_out_norm = _output(sublayer(y), k, sublayer, x), self.norm_out[k]
                 k += 1
@@ -203,12 +215,15 @@ class ResidualStack(torch.nn.Module):
         if h is None:
             out = final(x) if final is not None else x
         elif final is None:
-            x = F.norm_add(x, h, pending_out_norm) if pending_out_norm is not None else x + h
+            if pending_out_norm is not None:
+                x = F.norm_add(x, h, pending_out_norm, residual_dtype=rd)
+            else:  # the documented unfused add
+                x = x + h if rd is None else torch.add(x.to(rd), h.to(rd))
             out = x
         elif pending_out_norm is None:
-            out, x = F.add_norm(x, h, final)
+            out, x = F.add_norm(x, h, final, residual_dtype=rd)
         else:
-            out, x = F.norm_add_norm(x, h, pending_out_norm, final)
+            out, x = F.norm_add_norm(x, h, pending_out_norm, final, residual_dtype=rd)
         if h is not None:
             streams.append(x)
         if not return_streams:
@@ -219,7 +234,8 @@ class ResidualStack(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, placement={self.placement!r}, norm={self.norm!r}, layers={len(self.layers)}"
-                + (f", mix_ratio={self.mix_ratio} ({self.num_post_layers} post)" if self.placement == "mix" else ""))
+                + (f", mix_ratio={self.mix_ratio} ({self.num_post_layers} post)" if self.placement == "mix" else "")
+                + (f", residual_dtype={self.residual_dtype}" if self.residual_dtype is not None else ""))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

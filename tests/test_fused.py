@@ -12,7 +12,7 @@ import torch
 
 import normzoo
 import normzoo.functional as NF
-from helpers import assert_close, capped, on_reference, term_sizes
+from helpers import assert_close, capped, on_reference, rel_error, term_sizes
 from normzoo import fused
 
 KINDS = ["layernorm", "rmsnorm", "dyt", "derf"]
@@ -387,8 +387,9 @@ def test_compile_fullgraph_matches_eager(placement, device):
 # ---------------------------------------------------------------- ResidualStack
 
 
-def textbook(stack, x):
-    """Each placement's formula, written out with the stack's own modules and plain adds."""
+def textbook(stack, x, streams=None):
+    """Each placement's formula, written out with the stack's own modules and plain adds; the
+    stream after each layer appended to ``streams`` if given."""
     k = 0
     num_layers = len(stack.layers)
     for layer_index, layer in enumerate(stack.layers):
@@ -405,6 +406,8 @@ def textbook(stack, x):
             else:  # scaled
                 x = x + sublayer(stack.norm_in[k](x) / math.sqrt(layer_index + 1))
             k += 1
+        if streams is not None:
+            streams.append(x)
     return stack.final_norm(x) if stack.final_norm is not None else x
 
 
@@ -448,6 +451,50 @@ def test_stack_equals_its_textbook_formula(placement, norm, backend, device):
                      if owner in seen and param in ("alpha", "shift") else None)
             assert_close(got, want, f"{placement} d{name}", dtype=p.dtype, peer=peer_grad,
                          scale=terms or (want.abs().sum().item() if p.dim() <= 1 else 0.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("placement", ["pre", "post", "peri", "mix", "scaled"])
+def test_stack_residual_dtype_keeps_the_stream_in_it(placement, backend, device):
+    """residual_dtype=fp32 beside bf16 sublayers and norms: fp32 streams (Post-LN's, a norm's output,
+    stay bf16), a bf16 output, and streams closer to the float64 formula than a bf16 stream's. The
+    stream (std 4) is wide against each update here, so a bf16 stream's roundings dominate its error."""
+    stack = make_stack(placement, "rmsnorm", backend, device, num_layers=8, mix_ratio=0.25,
+                       residual_dtype=torch.float32).to(torch.bfloat16)
+    assert stack.residual_dtype is torch.float32  # .to() converts parameters, not this setting
+    stack64 = on_reference(stack, torch.float64)
+    stack64.residual_dtype = None
+    x = (4 * torch.randn(2, 3, 16, device=device)).to(torch.bfloat16).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    streams64 = []
+    ref64 = textbook(stack64, x64, streams64)
+    errors = {}
+    for residual_dtype in (None, torch.float32):
+        stack.residual_dtype = residual_dtype
+        out, streams = stack(x, return_streams=True)
+        post = [stack.sublayer_placement(layer) == "post" for layer in range(len(stack.layers))]
+        want = [torch.bfloat16 if p or residual_dtype is None else torch.float32 for p in post]
+        assert [s.dtype for s in streams] == want and out.dtype == torch.bfloat16
+        errors[residual_dtype] = rel_error(streams[-1], streams64[-1], 0.0)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad((out.float() * g.float()).sum(), [x, *stack.parameters()])
+        if residual_dtype is None:
+            peer, peer_grads = out.detach(), got
+            continue
+        assert_close(out, ref64.detach(), f"{placement} output", peer=peer)
+        want = torch.autograd.grad((ref64 * g.double()).sum(), [x64, *stack64.parameters()])
+        for (name, p), got_p, want_p, peer_p in zip([("x", x), *stack.named_parameters()], got, want, peer_grads):
+            assert_close(got_p, want_p, f"{placement} d{name}", dtype=p.dtype, peer=peer_p,
+                         scale=want_p.abs().sum().item() if p.dim() <= 1 else 0.0)
+    if placement == "post":  # one bf16 stream either way, but its sums are formed in fp32
+        assert errors[torch.float32] <= errors[None] * 1.5, errors
+    else:  # Mix-LN's Post-LN layers leave a normalized stream (std 1) with their bf16 error in it
+        assert errors[torch.float32] < errors[None] * (0.75 if placement == "mix" else 0.5), errors
+    # The one unfused add (no final norm after a last add with no norm of its own) keeps it too,
+    # here where it is the only add, of the bf16 input and a bf16 update.
+    bare = normzoo.ResidualStack([torch.nn.Linear(16, 16, device=device)], 16, placement="pre", final_norm=False,
+                                 residual_dtype=torch.float32, backend=backend, device=device).to(torch.bfloat16)
+    assert bare(x).dtype == torch.float32
 
 
 def test_stack_norm_lists_mix_split_and_scales():
@@ -514,6 +561,11 @@ def test_stack_streams_and_arguments():
         normzoo.ResidualStack([torch.nn.Linear(4, 4)], 4, placement="mix", mix_ratio="0.5")
     with pytest.raises(TypeError, match="final_norm must be True, False or None"):
         normzoo.ResidualStack([torch.nn.Linear(4, 4)], 4, placement="pre", final_norm="no")
+    for bad in (torch.int32, "float32"):
+        with pytest.raises(TypeError, match="residual_dtype must be a floating torch.dtype or None"):
+            normzoo.ResidualStack([torch.nn.Linear(4, 4)], 4, placement="pre", residual_dtype=bad)
+    assert "residual_dtype=torch.float32" in repr(make_stack("pre", "rmsnorm", "torch", "cpu",
+                                                             residual_dtype=torch.float32))
     assert "mix_ratio=0.5 (1 post)" in repr(make_stack("mix", "rmsnorm", "torch", "cpu", num_layers=3, mix_ratio=0.5))
     # A sublayer that returns a tuple (an LSTM's (output, state)) is named, not reported as an op's "h".
     lstm = normzoo.ResidualStack([[torch.nn.Linear(4, 4), torch.nn.LSTM(4, 4, batch_first=True)]], 4, placement="pre")
