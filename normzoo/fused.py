@@ -18,6 +18,10 @@ Backward, with dy and ds the incoming gradients (either may be absent), J the no
     norm_add       dx = ds,  dh = J_Nᵀ ds
     norm_add_norm  dx = ds + J_N2ᵀ(dy·scale),  dh = J_Nᵀ dx
 
+Without dy (y unused), the norm on s is not in the graph, as in the unfused sequence: its
+parameters get no gradient (None, not zeros) and no backward runs for it. (A compiled region
+that returns y hands it a zero gradient, AOTAutograd's rule, and so zeros, as torch's norms get.)
+
 norm_add_norm's two backwards run in one pass on the Triton path (dh from dx as computed, in fp32),
 but for LayerNorm/RMSNorm rows wider than one fused tile, which take two kernels (each with its
 reduce: 4 launches).
@@ -162,6 +166,13 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
     (dweight1, dweight2) to compute; ``db_dtypes`` the biases' dtypes, None for no bias gradient."""
     (dw1, dw2), (db1, db2) = needs, db_dtypes
     none = (None, None, None, None)
+    if dy is None:  # y unused: its norm is not in the graph, and its parameters get no gradient (None)
+        if mode == "add_norm":
+            if ds is None:
+                return None, None, none, none
+            dx = ds if ds.dtype == x_dtype else ds.to(x_dtype)
+            return dx, (dx if h_dtype == x_dtype else ds.to(h_dtype)), none, none
+        mode = "norm_add"  # norm_add_norm without its second norm
     if mode == "norm_add":
         if ds is None:
             return None, None, none, none
@@ -170,8 +181,6 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
         return (ds if ds.dtype == x_dtype else ds.to(x_dtype)), dh, grads1, none
     # add_norm: the norm N on s; norm_add_norm: N2 on s, then N on h with ds + J_N2ᵀ dy.
     params, stats, needs_w, db_dtype = (p1, stats1, dw1, db1) if mode == "add_norm" else (p2, stats2, dw2, db2)
-    if dy is None:  # y unused: the norm passes no gradient, but its parameters still get one (zero)
-        dy = torch.zeros_like(s)
     if mode == "add_norm":
         two_dtypes = h_dtype != x_dtype
         dx, dh, grads = _norm_backward(dy, s, params, stats, kind, needs_w, db_dtype, triton, dres=ds,
@@ -311,36 +320,40 @@ def fused_residual_bwd(
     dx, dh, grads1, grads2 = _fused_backward(dy, ds, h, s, (w1, b1, a1, sh1), (w2, b2, a2, sh2), stats1, stats2, kind,
                                              mode, scale, x_dtype, h_dtype, (compute_dw1, compute_dw2),
                                              (db1_dtype, db2_dtype), triton, weight_offset)
-    alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, ds)
+    alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, dy, ds)
     dx, dh = (None if alias_dx else dx), (None if alias_dh else dh)
     return [g if g is not None else s.new_empty(0) for g in (dx, dh, *grads1, *grads2)]
 
 
-def _aliased(mode, x_dtype, h_dtype, ds) -> tuple[bool, bool]:
-    """Which of (dx, dh) is not a new tensor: norm_add's dx is ds itself, add_norm's dh is dx."""
-    return (mode == "norm_add" and ds is not None and ds.dtype == x_dtype,
+def _aliased(mode, x_dtype, h_dtype, dy, ds) -> tuple[bool, bool]:
+    """Which of (dx, dh) is not a new tensor: dx is ds itself where no norm lies between them
+    (norm_add, and the others without dy), add_norm's dh is dx."""
+    return ((mode == "norm_add" or dy is None) and ds is not None and ds.dtype == x_dtype,
             mode == "add_norm" and h_dtype == x_dtype)
 
 
 @fused_residual_bwd.register_fake
 def _(dy, ds, h, s, w1, b1, a1, sh1, w2, b2, a2, sh2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype,
       compute_dw1, compute_dw2, db1_dtype, db2_dtype, triton, weight_offset=0.0):
-    empty = s.new_empty(0)
-    absent = (mode == "norm_add" and ds is None)
-    alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, ds)
-    dx = empty if absent or alias_dx else s.new_empty(s.shape, dtype=x_dtype)
-    dh = empty if absent or alias_dh else s.new_empty(s.shape, dtype=h_dtype)
+    def empty():  # a new one each time, as the op makes them (one shared would alias across outputs)
+        return s.new_empty(0)
+
+    absent = ds is None and (mode == "norm_add" or dy is None)  # no gradient reaches x or h
+    alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, dy, ds)
+    dx = empty() if absent or alias_dx else s.new_empty(s.shape, dtype=x_dtype)
+    dh = empty() if absent or alias_dh else s.new_empty(s.shape, dtype=h_dtype)
     n = s.shape[1]
 
     def grads(w, b, a, sh, compute_dw, db_dtype, active):
         if not active:
-            return [empty] * 4
-        return [s.new_empty((n,), dtype=w.dtype) if compute_dw else empty,
-                s.new_empty((n,), dtype=db_dtype) if db_dtype is not None else empty,
-                a.new_empty((1,)) if a is not None else empty, sh.new_empty((1,)) if sh is not None else empty]
+            return [empty() for _ in range(4)]
+        return [s.new_empty((n,), dtype=w.dtype) if compute_dw else empty(),
+                s.new_empty((n,), dtype=db_dtype) if db_dtype is not None else empty(),
+                a.new_empty((1,)) if a is not None else empty(), sh.new_empty((1,)) if sh is not None else empty()]
 
-    first_active = not absent
-    second_active = mode == "norm_add_norm"
+    # A norm whose output nothing used (add_norm's, norm_add_norm's second: no dy) takes no gradient.
+    first_active = dy is not None if mode == "add_norm" else not absent
+    second_active = mode == "norm_add_norm" and dy is not None
     return [dx, dh, *grads(w1, b1, a1, sh1, compute_dw1, db1_dtype, first_active),
             *grads(w2, b2, a2, sh2, compute_dw2, db2_dtype, second_active)]
 
@@ -350,7 +363,7 @@ def _custom_op_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale,
     out = fused_residual_bwd(dy, ds, h, s, *p1, *p2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype, *needs,
                              *db_dtypes, triton, weight_offset)
     out = [g if g.numel() or g.dim() != 1 or g.shape[0] != 0 else None for g in out]
-    alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, ds)
+    alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, dy, ds)
     dx = ds if alias_dx else out[0]
     return dx, (dx if alias_dh else out[1]), tuple(out[2:6]), tuple(out[6:10])
 

@@ -143,8 +143,8 @@ def check_against_float64(kind, mode, act_dtype, res_dtype, n, backend, device, 
         max(t[1].get(name, 0.0) if name in ("alpha", "shift") else 0.0, first.get(name, 0.0) if i == 0 else 0.0)
         for i, (m, t) in enumerate(zip((m1, m2), terms)) for name, _ in m.named_parameters()])
     for name, g, g64, peer, wrt, scale in zip(names, grads, grads64, peers, [x, h, *params], scales, strict=True):
-        if g64 is None:
-            assert g is None or not g.any(), f"{mode}: {name} should be absent or zero"
+        if g64 is None:  # not in the graph (a norm whose output nothing used): None, as unfused
+            assert g is None, f"{mode}: {name} should be absent"
             continue
         assert g is not None, f"{mode}: {name} missing"
         # Sums that cancel are judged against the size of their terms (helpers.assert_close): dx,
@@ -343,6 +343,64 @@ def test_torch_norm_modules_are_accepted(device):
 
 
 # ---------------------------------------------------------------- torch.library, torch.compile
+
+
+@pytest.mark.parametrize("mode", ["add_norm", "norm_add_norm"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_unused_norm_output_takes_no_gradient(kind, mode, device):
+    """y unused: as in the unfused sequence, the norm after the add is not in the graph. Its
+    parameters get None (an optimizer skips them; a zero gradient would still decay and move them
+    by momentum), dx is ds itself, and no norm backward runs for it; an fp32 sum beside 16-bit x
+    and h takes the casts. Compiled, AOTAutograd hands a returned output that nothing used a zero
+    gradient (torch's own LayerNorm gets zero parameter gradients there too), so the parameters
+    get zeros; the backward op's fake and schema hold without dy all the same."""
+    for backend in BACKENDS:
+        for x_dtype, residual_dtype in ((torch.float32, None), (torch.bfloat16, torch.float32)):
+            n1, n2 = make_norm(kind, 24, backend, device=device), make_norm(kind, 24, backend, device=device)
+            x = torch.randn(5, 24, device=device).to(x_dtype).requires_grad_()
+            h = torch.randn(5, 24, device=device, dtype=torch.bfloat16, requires_grad=True)
+            gs = torch.randn(5, 24, device=device)
+
+            def step(fn):
+                for t in (x, h, *n1.parameters(), *n2.parameters()):
+                    t.grad = None
+                _, s = fn(x, h)
+                (s.float() * gs).sum().backward()
+                return [t.grad for t in (x, h, *n1.parameters(), *n2.parameters())]
+
+            def run(x, h):
+                return run_fused(mode, x, h, n1, n2, 1.0, residual_dtype)
+
+            eager = step(run)
+            torch._dynamo.reset()
+            compiled = step(torch.compile(run, fullgraph=True, backend="aot_eager"))
+            for got in (eager, compiled):
+                dx, dh, *grads = got
+                torch.testing.assert_close(dx, gs.to(x.dtype), rtol=0, atol=0)
+                n_first = len(list(n1.parameters()))
+                unused = grads if mode == "add_norm" else grads[n_first:]
+                if got is eager:
+                    assert all(g is None for g in unused), f"{backend}: the unused norm's parameters got a gradient"
+                else:
+                    assert all(g is None or not g.any() for g in unused), f"{backend}: compiled, not zero"
+                if mode == "add_norm":
+                    torch.testing.assert_close(dh, gs.to(h.dtype), rtol=0, atol=0)
+                else:
+                    assert all(g is not None for g in grads[:n_first]) and dh is not None
+            torch.testing.assert_close(compiled[1], eager[1])
+    # The backward op without dy: its fake and schema (no output aliases ds) agree with it.
+    _, p1, eps, _, _ = fused.describe(n1)
+    _, p2, _, _, _ = fused.describe(n2) if mode == "norm_add_norm" else (None, (None,) * 4, None, None, None)
+    h, x = torch.randn(6, 24, device=device), torch.randn(6, 24, device=device)
+    p1, p2 = tuple(p.detach() if p is not None else None for p in p1), tuple(p.detach() if p is not None else None for p in p2)
+    eps = 1e-6 if eps is None else eps  # RMSNorm's None: the op takes the resolved value
+    for triton in (False, True):
+        _, s, stats1, stats2 = fused.fused_residual_fwd(h, x, *p1, *p2, kind, mode, eps, eps, 1.0, None, triton)
+        needs = (p1[0] is not None, p2[0] is not None)
+        db = (p1[1].dtype if p1[1] is not None else None, p2[1].dtype if p2[1] is not None else None)
+        args = (None, torch.randn_like(s), h, s, *p1, *p2, stats1, stats2, kind, mode, 1.0, x.dtype, h.dtype, *needs,
+                *db, triton)
+        torch.library.opcheck(fused.fused_residual_bwd, args)
 
 
 @pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
