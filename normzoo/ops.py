@@ -117,13 +117,18 @@ def _check_weight_offset(offset) -> float:
     return float(offset)
 
 
+_FP32_MAX = 3.4028234663852886e38
+
+
 def check_eps(eps) -> float:
-    if type(eps) is float and 0 <= eps < math.inf:  # the usual case, without the ABC checks below
+    """eps as a float: finite, >= 0, and finite in fp32, where the kernels add it (a larger one
+    would be inf there, and every row NaN)."""
+    if type(eps) is float and 0 <= eps <= _FP32_MAX:  # the usual case, without the ABC checks below
         return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not (0 <= eps < math.inf):  # comparisons, not math.isfinite: eps is a SymFloat under dynamic shapes
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if not (0 <= eps <= _FP32_MAX):  # comparisons, not math.isfinite: eps is a SymFloat under dynamic shapes
+        raise ValueError(f"eps must be a finite number >= 0 that float32 holds (<= 3.4e38), got {eps}")
     return float(eps)
 
 
@@ -546,7 +551,7 @@ def rowwise_norm(
         check_trailing_shape(x, shape)
     if weight is not None or bias is not None:
         check_affine(weight, bias, shape, x, is_rms)
-    if type(eps) is not float or not 0.0 <= eps < math.inf:
+    if type(eps) is not float or not 0.0 <= eps <= _FP32_MAX:
         if eps is None and is_rms:  # torch.nn.RMSNorm's default, the compute dtype's machine epsilon
             eps = torch.finfo(reference.compute_dtype(x.dtype)).eps
         eps = check_eps(eps)  # LayerNorm's eps=None included: a TypeError, as torch's
@@ -965,6 +970,8 @@ _HEADWISE_C_APPLY = _c_apply(_HeadwiseNorm)
 # The smallest eps whose square is a normal float32 (the L2 floor max(Σx², eps²) is computed there;
 # a GPU flushes subnormals to 0): sqrt(2^-126).
 _L2_EPS_MIN = 2.0 ** -63
+# The largest power of two whose square is finite in float32 (2^64's is inf, and so would be every row).
+_L2_EPS_MAX = 2.0 ** 63
 
 
 def _check_headwise_weight(w, name: str, x: Tensor, n: int) -> None:
@@ -1006,6 +1013,9 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
     if norm == "l2" and 0.0 < eps < _L2_EPS_MIN and a.dtype is not torch.float64:
         raise ValueError(f"eps must be 0 or at least {_L2_EPS_MIN:.3g} for the L2 norm (its floor eps² underflows "
                          f"float32 below that), got {eps!r}")
+    if norm == "l2" and eps > _L2_EPS_MAX and a.dtype is not torch.float64:
+        raise ValueError(f"eps must be at most {_L2_EPS_MAX:.3g} for the L2 norm (its floor eps² overflows float32 "
+                         f"above that), got {eps!r}")
     triton = use_triton(backend, a) and (b is None or b.dtype is not torch.float64)
     if triton and backend == "auto" and max(a.shape[-1], b.shape[-1] if b is not None else 0) > (
             _kernels or _launchers()).headwise_norm.MAX_N:

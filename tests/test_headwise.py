@@ -318,6 +318,7 @@ def test_auto_backend_runs_rows_longer_than_the_kernels_take_on_the_reference(mo
     (lambda: NF.scale_norm(torch.randn(2, 4), torch.ones(1), eps=-1.0), ValueError, "eps"),
     (lambda: NF.scale_norm(torch.randn(2, 4), 2.0), TypeError, "scale must be a torch.Tensor"),
     (lambda: NF.scale_norm(torch.randn(2, 4), torch.ones(1), eps=1e-25), ValueError, "underflows"),
+    (lambda: NF.scale_norm(torch.randn(2, 4), torch.ones(1), eps=2e19), ValueError, "overflows"),
     (lambda: NF.scale_norm(torch.randn(2, 4), torch.ones(2)), ValueError, "scale must have shape"),
     (lambda: NF.crms_norm(torch.tensor(1.0)), ValueError, "at least one dimension"),
     (lambda: NF.qk_norm(torch.randn(2, 4), [1.0]), TypeError, "k must be a torch.Tensor"),
