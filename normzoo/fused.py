@@ -34,9 +34,11 @@ run the same implementation (the Triton launchers or the reference).
 import functools
 import math
 import numbers
+import warnings
 
 import torch
 from torch import Tensor
+from torch.nn.modules import module as _module_hooks
 from torch.nn.utils import parametrize
 
 from . import ops, reference
@@ -408,6 +410,13 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
             raise ValueError("fused residual ops take channels-last DyT/Derf (a residual stream is (..., C))")
         kind, eps = ("dyt" if isinstance(norm, layers.DyT) else "derf"), 0.0
     else:
+        if any(base.__name__ == "FSDPModule" for base in cls.__mro__):
+            # FSDP2's fully_shard makes the norm's class a subclass and unshards its parameters in a
+            # forward pre-hook, which a fused op (it never calls the norm) would not run.
+            raise ValueError(f"this {cls.__bases__[-1].__name__} is an FSDP unit of its own (fully_shard on the norm); "
+                             "a fused residual op reads a norm's parameters and never calls it, so FSDP would not "
+                             "unshard them: leave the norms in an enclosing unit (fully_shard each sublayer, then "
+                             "the ResidualStack or the model around them)")
         raise TypeError("norm must be a normzoo LayerNorm, RMSNorm, DyT or Derf, or torch.nn.LayerNorm / RMSNorm "
                         f"(the class itself, not a subclass), got {type(norm).__name__}")
     if norm._forward_pre_hooks or norm._forward_hooks or norm._backward_pre_hooks or norm._backward_hooks:
@@ -416,6 +425,13 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
         raise ValueError(f"this {type(norm).__name__} has module hooks, which a fused residual op does not run (it "
                          "reads the norm's parameters, never calls it); remove them or use the norm and the add "
                          "apart (for the old weight_norm: torch.nn.utils.parametrizations.weight_norm applies)")
+    if ((_module_hooks._global_forward_pre_hooks or _module_hooks._global_forward_hooks
+         or _module_hooks._global_backward_pre_hooks or _module_hooks._global_backward_hooks)
+            and not torch.compiler.is_compiling()):  # (dynamo cannot trace warnings.warn: said in eager)
+        # Not this norm's own hooks (those are refused above) but every module's: say they miss it.
+        warnings.warn(f"global module hooks (torch.nn.modules.module.register_module_forward_hook and the like) do "
+                      f"not run for this {type(norm).__name__}: a fused residual op reads a norm's parameters and "
+                      "never calls it", stacklevel=4)
     if getattr(norm, "x_hat_dtype", None) is not None:
         raise ValueError("fused residual ops do not take an x_hat_dtype norm yet; use the norm and the add apart")
     get = functools.partial(layers._param, norm)  # as the layers read them: parametrizations apply

@@ -256,6 +256,61 @@ def _train_sequence_parallel(variant: str, rank: int) -> tuple[dict, dict]:
     return result, params
 
 
+def _train_stack(variant: str, rank: int) -> tuple[dict, dict]:
+    """A Peri-LN ``normzoo.ResidualStack`` (every residual add in a fused op, which reads its norms'
+    parameters and never calls them) under FSDP2 as its docs say: each sublayer an FSDP unit, the
+    norms in the root's. ``variant``: the norms' backend; ``"unswapped"`` is the baseline, the same
+    stack on the reference under DDP. A stack whose final norm is a unit of its own is refused,
+    and ``result["own_unit"]`` holds the message."""
+    from torch import nn
+    from torch.distributed.tensor import DTensor
+
+    import normzoo
+
+    dim = 16
+
+    def make():
+        torch.manual_seed(0)
+        layers = [[nn.Linear(dim, dim), nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))]
+                  for _ in range(2)]
+        return normzoo.ResidualStack(layers, dim, placement="peri", backend="torch" if variant == "unswapped" else variant)
+
+    stack, result = make(), {}
+    if variant == "unswapped":
+        model = torch.nn.parallel.DistributedDataParallel(stack)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        alone = make()
+        fully_shard(alone.final_norm, mesh=mesh)
+        fully_shard(alone, mesh=mesh)
+        try:
+            alone(torch.randn(2, dim))
+            result["own_unit"] = "ran"
+        except ValueError as error:
+            result["own_unit"] = str(error)
+        for layer in stack.layers:
+            for sublayer in layer:
+                fully_shard(sublayer, mesh=mesh)
+        model = fully_shard(stack, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    g = torch.Generator().manual_seed(7)
+    x, target = torch.randn(2, STEPS, WORLD_SIZE, 4, dim, generator=g)[:, :, rank]
+    losses = []
+    for step in range(STEPS):
+        loss = (model(x[step]) - target[step]).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    result["losses"] = losses
+    params = {name.removeprefix("module."): (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+              for name, p in model.named_parameters()}
+    return result, params
+
+
 def _all_gather_max_diff(params: dict) -> float:
     """Largest difference of any parameter between this rank and the others (DDP keeps replicas
     identical; a DTensor's full_tensor() must be the same on every rank)."""
@@ -278,6 +333,7 @@ def _worker() -> None:
                             world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
     cases = [(f"{m}/{w}", lambda v, m=m, w=w: _train(m, w, v, rank)) for m in MODELS for w in WRAPPERS]
     cases.append(("sequence_parallel", lambda v: _train_sequence_parallel(v, rank)))
+    cases.append(("stack/fsdp2", lambda v: _train_stack(v, rank)))
     results = {}
     try:
         for prefix, train in cases:
@@ -403,6 +459,22 @@ def test_sequence_parallel_dtensor_norms(runs, backend):
     assert seen == ["normzoo.LayerNorm: input DTensor, weight DTensor Parameter",
                     "normzoo.RMSNorm: input DTensor, weight DTensor Parameter"]
     _check_same_training(runs, "sequence_parallel", backend, SEQUENCE_PARALLEL_SWAPS)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_residual_stack_under_fsdp2(runs, backend):
+    """A ResidualStack with its sublayers sharded and its norms in the root's unit trains as the
+    same stack under DDP on the reference; a norm sharded on its own is refused, naming the fix."""
+    for rank in range(WORLD_SIZE):
+        base = _result(runs, "stack/fsdp2/unswapped", rank)
+        got = _result(runs, f"stack/fsdp2/{backend}", rank)
+        for step, (loss, want) in enumerate(zip(got["losses"], base["losses"])):
+            assert abs(loss - want) <= LOSS_RTOL * abs(want), f"rank {rank}, step {step}: {loss!r} vs {want!r}"
+        name, diff = max(got["param_rel_diff"].items(), key=lambda kv: kv[1])
+        assert diff <= PARAM_RTOL, f"rank {rank}: {name} differs by {diff:.2e} of its largest |w|"
+        assert got["rank_max_diff"] == 0.0 and got["losses"][-1] < got["losses"][0]
+        assert "is an FSDP unit of its own" in got["own_unit"], got["own_unit"]
+    assert runs[0][f"stack/fsdp2/{backend}"]["losses"] != runs[1][f"stack/fsdp2/{backend}"]["losses"]
 
 
 if __name__ == "__main__":

@@ -674,6 +674,17 @@ def test_parametrized_norms_apply_and_hooked_ones_are_refused(backend, device):
         getattr(hooked, register)(lambda module, *args: None)
         with pytest.raises(ValueError, match="module hooks, which a fused residual op does not run"):
             NF.add_norm(x, torch.randn_like(x), hooked)
+    # Global hooks are every module's, not this norm's: a warning that they miss it, not an error;
+    # none compiled (fullgraph: dynamo cannot trace the warning).
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        with pytest.warns(UserWarning, match="global module hooks .* do not run for this RMSNorm"):
+            NF.add_norm(x, torch.randn_like(x), stack.norm_in[0])
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda a, b: NF.add_norm(a, b, stack.norm_in[0]), fullgraph=True, backend="eager")
+        compiled(x, torch.randn_like(x))
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------- found in review
