@@ -128,7 +128,7 @@ class TinyGPT(torch.nn.Module):
     """A decoder-only language model whose residual stream (norms included) is a ResidualStack."""
 
     def __init__(self, vocab: int, context: int, dim: int, layers: int, heads: int, *, placement: str,
-                 norm: str, backend: str):
+                 norm: str, backend: str, mix_ratio: float = 0.25):
         super().__init__()
         # PyTorch's default initialization throughout (embeddings N(0, 1)). GPT-2's std 0.02 is tuned
         # for width 768: at width 64 it leaves DyT and Derf, which do not rescale their input, with an
@@ -139,7 +139,8 @@ class TinyGPT(torch.nn.Module):
         self.position_embedding = torch.nn.Embedding(context, dim)
         blocks = [[CausalSelfAttention(dim, heads), mlp(dim)] for _ in range(layers)]
         # The stack adds each sublayer's output to the stream and applies the final norm itself.
-        self.stack = normzoo.ResidualStack(blocks, dim, placement=placement, norm=norm, backend=backend)
+        self.stack = normzoo.ResidualStack(blocks, dim, placement=placement, norm=norm, backend=backend,
+                                           mix_ratio=mix_ratio)
         self.head = torch.nn.Linear(dim, vocab)
 
     def forward(self, tokens, *, return_streams: bool = False):
@@ -172,7 +173,7 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 def train_one(placement: str, norm: str, train_data, eval_tokens, eval_targets, vocab: int, args) -> dict:
     torch.manual_seed(args.seed)
     model = TinyGPT(vocab, args.context, args.dim, args.layers, args.heads, placement=placement, norm=norm,
-                    backend=args.backend).to(args.device)
+                    backend=args.backend, mix_ratio=args.mix_ratio).to(args.device)
     # Weight decay on the linear layers' weight matrices only: not on embeddings, biases or norms.
     decayed = {n for n, p in model.named_parameters() if p.ndim == 2 and "embedding" not in n}
     decay = [p for n, p in model.named_parameters() if n in decayed]
@@ -269,6 +270,8 @@ def main():
     parser.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
     parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=list(NORMS))
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--mix-ratio", type=float, default=0.25,
+                        help="Mix-LN: the first floor(ratio * layers) layers are Post-LN (fewer than 4 layers at 0.25: none)")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--context", type=int, default=64)
@@ -290,6 +293,13 @@ def main():
         raise SystemExit("examples/placements.py needs einops: pip install einops (or pip install -e \".[examples]\")")
     if args.threads:
         torch.set_num_threads(args.threads)
+    for name in ("dim", "heads", "context", "batch", "eval_batch", "corpus_chars"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.layers < 0 or args.steps < 0:
+        parser.error("--layers and --steps must be at least 0")
+    if not 0.0 <= args.mix_ratio <= 1.0:
+        parser.error("--mix-ratio must be in [0, 1]")
     if args.dim % args.heads:
         parser.error("--dim must be a multiple of --heads")
 
@@ -298,6 +308,9 @@ def main():
     data = torch.tensor([alphabet.index(c) for c in text], dtype=torch.long)
     split = int(0.9 * len(data))
     train_data, held_out = data[:split], data[split:]
+    if args.context >= len(held_out):
+        parser.error(f"--context {args.context} leaves no window in the held-out tenth of a {len(data):,}-character "
+                     f"corpus: raise --corpus-chars or lower --context")
     eval_tokens, eval_targets = sample_batch(held_out, args.eval_batch, args.context,
                                              torch.Generator().manual_seed(args.seed + 1))
     eval_tokens, eval_targets = eval_tokens.to(args.device), eval_targets.to(args.device)

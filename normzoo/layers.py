@@ -88,6 +88,7 @@ class LayerNorm(torch.nn.LayerNorm):
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None, *, backend: str = "auto", weight_offset: float = 0.0) -> None:
         self.weight_offset = ops._check_weight_offset(weight_offset)  # before reset_parameters reads it
+        _check_offset_has_weight(self.weight_offset, elementwise_affine)
         normalized_shape_tuple(normalized_shape)  # its ValueError/TypeError, not torch's RuntimeError from empty()
         ops.check_eps(eps)  # at construction, not at the first forward (kept as given, as torch keeps it)
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
@@ -205,6 +206,7 @@ class RMSNorm(torch.nn.RMSNorm):
                  device=None, dtype=None, *, backend: str = "auto", weight_offset: float = 0.0,
                  x_hat_dtype: str | None = None) -> None:
         self.weight_offset = ops._check_weight_offset(weight_offset)  # before reset_parameters reads it
+        _check_offset_has_weight(self.weight_offset, elementwise_affine)
         normalized_shape_tuple(normalized_shape)  # as LayerNorm
         if eps is not None:  # None: torch's default, the compute dtype's machine epsilon
             ops.check_eps(eps)
@@ -223,6 +225,12 @@ class RMSNorm(torch.nn.RMSNorm):
     def extra_repr(self) -> str:
         rounding = f", x_hat_dtype={self.x_hat_dtype!r}" if self.x_hat_dtype is not None else ""
         return f"{super().extra_repr()}, backend={self.backend!r}" + _offset_repr(self) + rounding
+
+
+def _check_offset_has_weight(weight_offset: float, elementwise_affine: bool) -> None:
+    if weight_offset != 0.0 and not elementwise_affine:
+        raise ValueError(f"weight_offset={weight_offset} offsets the weight, and elementwise_affine=False has none "
+                         "(the layer would ignore it)")
 
 
 def _zero_centre(layer) -> None:

@@ -557,6 +557,8 @@ def rowwise_norm(
         eps = check_eps(eps)  # LayerNorm's eps=None included: a TypeError, as torch's
     if weight_offset != 0.0:  # the usual 0.0 needs no check
         weight_offset = _check_weight_offset(weight_offset)
+        if weight is None:
+            raise ValueError(f"weight_offset={weight_offset} offsets the weight, and there is none (it would be ignored)")
     round_x_hat, out_dtype = (0, None) if x_hat_dtype is None else _x_hat_rounding(check_x_hat_dtype(x_hat_dtype), x,
                                                                                    weight)
     triton = x.is_cuda and x.dtype is not _FP64 if backend == "auto" else use_triton(backend, x)

@@ -3,7 +3,9 @@ run on the fused residual ops so that every residual add happens inside a norm's
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -146,8 +148,12 @@ class ResidualStack(torch.nn.Module):
         self.dim, self.placement, self.norm, self.mix_ratio = dim, placement, norm, mix_ratio
         self.residual_dtype = residual_dtype
         num_layers = len(self.layers)
-        self.num_post_layers = math.floor(mix_ratio * num_layers) if placement == "mix" else (
+        # ⌊mix_ratio·L⌋ of the ratio as written: 0.29 · 100 is 28.999999999999996 in floats, 29 here.
+        self.num_post_layers = math.floor(Fraction(repr(float(mix_ratio))) * num_layers) if placement == "mix" else (
             num_layers if placement == "post" else 0)
+        if placement == "mix" and mix_ratio > 0 and self.num_post_layers == 0 and num_layers:
+            warnings.warn(f"placement='mix' with mix_ratio={mix_ratio} and {num_layers} layers has no Post-LN layer "
+                          f"(floor({mix_ratio} * {num_layers}) = 0): this stack is Pre-LN", stacklevel=2)
 
         def make():
             kwargs = dict(device=device, dtype=dtype, backend=backend)
@@ -184,6 +190,13 @@ class ResidualStack(torch.nn.Module):
         """The output; with ``return_streams=True``, ``(output, streams)`` where ``streams[l]`` is the
         residual stream after layer ``l`` (before ``final_norm``): what Peri-LN and the Curse of Depth
         papers track the variance of."""
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError("torch.fx.symbolic_trace cannot trace a ResidualStack (its forward checks each sublayer's "
+                            "output); torch.export, torch.jit.trace and torch.compile can")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dim() or x.shape[-1] != self.dim:
+            raise ValueError(f"input of shape {tuple(x.shape)}: its last dim must be the stack's dim, {self.dim}")
         # The stream is x plus a pending sublayer output h (and, for peri, the output norm still to
         # apply to it): the add waits for the next norm, so that both run as one fused op. A fused
         # op's s is the stream after the sublayer before it.

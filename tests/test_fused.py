@@ -6,6 +6,7 @@ kind, 32- and 16-bit activations, an fp32 residual stream, odd widths and the lo
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -619,6 +620,18 @@ def test_stack_streams_and_arguments():
         normzoo.ResidualStack([torch.nn.Linear(4, 4)], 4, placement="mix", mix_ratio="0.5")
     with pytest.raises(TypeError, match="final_norm must be True, False or None"):
         normzoo.ResidualStack([torch.nn.Linear(4, 4)], 4, placement="pre", final_norm="no")
+    with pytest.raises(ValueError, match=r"input of shape \(2, 3, 15\): its last dim must be the stack's dim, 16"):
+        stack(torch.randn(2, 3, 15))  # Post-LN's first sublayer would meet it first, with torch's message
+    with pytest.raises(TypeError, match="torch.fx.symbolic_trace cannot trace a ResidualStack"):
+        torch.fx.symbolic_trace(stack)
+    # Mix-LN's ⌊mix_ratio·L⌋ of the ratio as written (0.29 · 100 is 28.999999999999996 in floats);
+    # a ratio that leaves no Post-LN layer says the stack is Pre-LN (0 asks for that: no warning).
+    assert normzoo.ResidualStack([torch.nn.Identity()] * 100, 4, placement="mix", mix_ratio=0.29).num_post_layers == 29
+    with pytest.warns(UserWarning, match=r"no Post-LN layer \(floor\(0.25 \* 3\) = 0\): this stack is Pre-LN"):
+        normzoo.ResidualStack([torch.nn.Identity()] * 3, 4, placement="mix")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normzoo.ResidualStack([torch.nn.Identity()] * 3, 4, placement="mix", mix_ratio=0.0)
     for bad in (torch.int32, "float32"):
         with pytest.raises(TypeError, match="residual_dtype must be a floating torch.dtype or None"):
             normzoo.ResidualStack([torch.nn.Linear(4, 4)], 4, placement="pre", residual_dtype=bad)

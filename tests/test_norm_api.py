@@ -222,6 +222,9 @@ def test_module_device_dtype_and_mixed_precision(device):
         # eps at construction, not at the first forward
         (lambda: normzoo.LayerNorm(8, eps=-1.0), ValueError, "eps must be a finite number"),
         (lambda: normzoo.RMSNorm(8, eps=float("nan")), ValueError, "eps must be a finite number"),
+        # an offset to a weight that is not there would be ignored
+        (lambda: normzoo.RMSNorm(8, weight_offset=1.0, elementwise_affine=False), ValueError, "has none"),
+        (lambda: NF.rms_norm(torch.randn(2, 8), (8,), weight_offset=1.0), ValueError, "there is none"),
         # inf in fp32, where the kernels add it: every row would be NaN
         (lambda: NF.layer_norm(torch.randn(2, 4), (4,), eps=1e39), ValueError, "that float32 holds"),
         (lambda: normzoo.LayerNorm(8, eps="1e-5"), TypeError, "eps must be a float"),
