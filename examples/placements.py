@@ -296,8 +296,10 @@ def main():
     for name in ("dim", "heads", "context", "batch", "eval_batch", "corpus_chars"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.layers < 0 or args.steps < 0:
-        parser.error("--layers and --steps must be at least 0")
+    if args.layers < 0:
+        parser.error("--layers must be at least 0")
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     if not 0.0 <= args.mix_ratio <= 1.0:
         parser.error("--mix-ratio must be in [0, 1]")
     if args.dim % args.heads:
@@ -308,7 +310,7 @@ def main():
     data = torch.tensor([alphabet.index(c) for c in text], dtype=torch.long)
     split = int(0.9 * len(data))
     train_data, held_out = data[:split], data[split:]
-    if args.context >= len(held_out):
+    if args.context + 2 > len(held_out):  # sample_batch draws a start in [0, len - context - 1)
         parser.error(f"--context {args.context} leaves no window in the held-out tenth of a {len(data):,}-character "
                      f"corpus: raise --corpus-chars or lower --context")
     eval_tokens, eval_targets = sample_batch(held_out, args.eval_batch, args.context,

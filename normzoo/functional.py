@@ -30,7 +30,8 @@ def layer_norm(
 
     Same arguments and result as :func:`torch.nn.functional.layer_norm`. ``weight``/``bias`` may be
     float32 while ``input`` is float16/bfloat16; the output has the input's dtype. The weight
-    applied is ``weight + weight_offset``, added in fp32 (Gemma-style ``1 + w`` with 1.0).
+    applied is ``weight + weight_offset``, added in fp32 (Gemma-style ``1 + w`` with 1.0); an offset
+    needs a weight.
     """
     return ops.rowwise_norm(input, normalized_shape, weight, bias, eps, is_rms=False, backend=backend,
                             weight_offset=weight_offset)

@@ -329,9 +329,16 @@ def fused_residual_bwd(
 
 def _aliased(mode, x_dtype, h_dtype, dy, ds) -> tuple[bool, bool]:
     """Which of (dx, dh) is not a new tensor: dx is ds itself where no norm lies between them
-    (norm_add, and the others without dy), add_norm's dh is dx."""
-    return ((mode == "norm_add" or dy is None) and ds is not None and ds.dtype == x_dtype,
-            mode == "add_norm" and h_dtype == x_dtype)
+    (norm_add, and the others without dy); add_norm's dh is dx, or without dy ds itself (see
+    :func:`_aliased_dh`)."""
+    passes_ds = dy is None and ds is not None
+    return ((mode == "norm_add" or passes_ds) and ds is not None and ds.dtype == x_dtype,
+            mode == "add_norm" and (h_dtype == x_dtype or (passes_ds and ds.dtype == h_dtype)))
+
+
+def _aliased_dh(dx, ds, x_dtype, h_dtype):
+    """add_norm's dh where :func:`_aliased` says it is no new tensor: dx, or ds (no dy, dx cast)."""
+    return dx if h_dtype == x_dtype else ds
 
 
 @fused_residual_bwd.register_fake
@@ -367,7 +374,7 @@ def _custom_op_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale,
     out = [g if g.numel() or g.dim() != 1 or g.shape[0] != 0 else None for g in out]
     alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, dy, ds)
     dx = ds if alias_dx else out[0]
-    return dx, (dx if alias_dh else out[1]), tuple(out[2:6]), tuple(out[6:10])
+    return dx, (_aliased_dh(dx, ds, x_dtype, h_dtype) if alias_dh else out[1]), tuple(out[2:6]), tuple(out[6:10])
 
 
 def _setup_context(ctx, inputs, output):
@@ -408,10 +415,10 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
             raise ValueError("fused residual ops take channels-last DyT/Derf (a residual stream is (..., C))")
         kind, eps = ("dyt" if isinstance(norm, layers.DyT) else "derf"), 0.0
     else:
-        if any(base.__name__ == "FSDPModule" for base in cls.__mro__):
+        if any(base.__name__ == "FSDPModule" for base in type(norm).__mro__):
             # FSDP2's fully_shard makes the norm's class a subclass and unshards its parameters in a
             # forward pre-hook, which a fused op (it never calls the norm) would not run.
-            raise ValueError(f"this {cls.__bases__[-1].__name__} is an FSDP unit of its own (fully_shard on the norm); "
+            raise ValueError(f"this {type(norm).__name__.removeprefix('FSDP')} is an FSDP unit of its own (fully_shard on the norm); "
                              "a fused residual op reads a norm's parameters and never calls it, so FSDP would not "
                              "unshard them: leave the norms in an enclosing unit (fully_shard each sublayer, then "
                              "the ResidualStack or the model around them)")
@@ -425,8 +432,9 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
                          "apart (for the old weight_norm: torch.nn.utils.parametrizations.weight_norm applies)")
     if ((_module_hooks._global_forward_pre_hooks or _module_hooks._global_forward_hooks
          or _module_hooks._global_backward_pre_hooks or _module_hooks._global_backward_hooks)
-            and not torch.compiler.is_compiling()):  # (dynamo cannot trace warnings.warn: said in eager)
-        # Not this norm's own hooks (those are refused above) but every module's: say they miss it.
+            and not torch.compiler.is_compiling() and _user_global_hooks()):
+        # Not this norm's own hooks (those are refused above) but every module's: say they miss it
+        # (in eager: dynamo cannot trace warnings.warn).
         warnings.warn(f"global module hooks (torch.nn.modules.module.register_module_forward_hook and the like) do "
                       f"not run for this {type(norm).__name__}: a fused residual op reads a norm's parameters and "
                       "never calls it", stacklevel=4)
@@ -439,6 +447,19 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
     shift = get("shift") if kind == "derf" else None
     backend = getattr(norm, "backend", "auto")
     return kind, (get("weight"), bias, alpha, shift), eps, tuple(norm.normalized_shape), backend
+
+
+def _user_global_hooks() -> bool:
+    """Whether a global module hook comes from outside torch. torch's own tools register them
+    (FlopCounterMode's and CommDebugMode's module trackers), which a fused norm's missing call only
+    moves to the enclosing module: no reason to warn on every call site under them."""
+    for hooks in (_module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks,
+                  _module_hooks._global_backward_pre_hooks, _module_hooks._global_backward_hooks):
+        for hook in hooks.values():
+            module = getattr(getattr(hook, "func", hook), "__module__", None) or ""
+            if not module.startswith("torch."):
+                return True
+    return False
 
 
 def _check_layer(x: Tensor, kind, params, eps, shape, reads: torch.dtype):

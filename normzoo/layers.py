@@ -72,8 +72,8 @@ class LayerNorm(torch.nn.LayerNorm):
         backend (str): ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or
             ``"torch"``. Keyword only. Default: ``"auto"``
         weight_offset (float): the layer applies ``weight + weight_offset`` (added in fp32);
-            with 1.0 the weight is zero-centred and starts at zeros (Gemma's ``1 + w``).
-            Keyword only. Default: 0.0
+            with 1.0 the weight is zero-centred and starts at zeros (Gemma's ``1 + w``). Needs
+            ``elementwise_affine=True``. Keyword only. Default: 0.0
 
     Shape:
         - Input: :math:`(*, \text{normalized\_shape})`

@@ -972,8 +972,9 @@ _HEADWISE_C_APPLY = _c_apply(_HeadwiseNorm)
 # The smallest eps whose square is a normal float32 (the L2 floor max(Σx², eps²) is computed there;
 # a GPU flushes subnormals to 0): sqrt(2^-126).
 _L2_EPS_MIN = 2.0 ** -63
-# The largest power of two whose square is finite in float32 (2^64's is inf, and so would be every row).
-_L2_EPS_MAX = 2.0 ** 63
+# The largest float32 whose square is finite in float32, 2^64 - 2^40 (2^64's is inf, and so would be
+# every row's norm floor).
+_L2_EPS_MAX = 2.0 ** 64 - 2.0 ** 40
 
 
 def _check_headwise_weight(w, name: str, x: Tensor, n: int) -> None:

@@ -5,12 +5,12 @@ import math
 import numbers
 import warnings
 from collections.abc import Sequence
-from fractions import Fraction
 
 import torch
 from torch import Tensor
 
 from . import functional as F
+from . import ops, reference
 from .layers import Derf, DyT, LayerNorm, RMSNorm
 
 __all__ = ["ResidualStack"]
@@ -44,6 +44,7 @@ def _output(h, index: int, sublayer, stream: Tensor):
 
 
 PLACEMENTS = ("pre", "post", "peri", "mix", "scaled")
+
 NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "dyt": DyT, "derf": Derf}
 
 
@@ -99,7 +100,8 @@ class ResidualStack(torch.nn.Module):
           sublayer's dtype: under bf16 autocast they are bf16 where the unfused ``N(x + F(x))``
           would be fp32, and Mix-LN's stream stays bf16 through its Pre-LN layers too. Sublayers
           that return fp32 keep the stream fp32, and so does ``residual_dtype=torch.float32``
-          (streams in fp32, the output in the last sublayer's dtype).
+          (streams in fp32; the output of a stack with a final norm in the last sublayer's dtype,
+          of one without, the stream).
 
     The fused ops read the norms' parameters and never call the norm modules, so a norm that
     runs in one (every norm but one that no add precedes: the first ``norm_in`` of pre, peri and
@@ -139,17 +141,17 @@ class ResidualStack(torch.nn.Module):
             raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio}")
         if final_norm is not None and not isinstance(final_norm, bool):
             raise TypeError(f"final_norm must be True, False or None, got {final_norm!r}")
-        if residual_dtype is not None and not (isinstance(residual_dtype, torch.dtype)
-                                               and residual_dtype.is_floating_point):
-            raise TypeError(f"residual_dtype must be a floating torch.dtype or None, got {residual_dtype!r}")
+        if residual_dtype is not None and residual_dtype not in ops.FLOAT_DTYPES:  # as the fused ops take it
+            raise TypeError(f"residual_dtype must be float16, bfloat16, float32, float64 or None, got {residual_dtype!r}")
         if not isinstance(layers, (Sequence, torch.nn.ModuleList, torch.nn.Sequential)):
             raise TypeError(f"layers must be a sequence of layers, got {type(layers).__name__}")
         self.layers = torch.nn.ModuleList(torch.nn.ModuleList(_sublayers(layer)) for layer in layers)
         self.dim, self.placement, self.norm, self.mix_ratio = dim, placement, norm, mix_ratio
         self.residual_dtype = residual_dtype
         num_layers = len(self.layers)
-        # ⌊mix_ratio·L⌋ of the ratio as written: 0.29 · 100 is 28.999999999999996 in floats, 29 here.
-        self.num_post_layers = math.floor(Fraction(repr(float(mix_ratio))) * num_layers) if placement == "mix" else (
+        # ⌊mix_ratio·L⌋ forgiving the product's rounding: 0.29 · 100 is 28.999999999999996 and
+        # (1/3) · 3 is 0.9999999999999999 in floats, 29 and 1 here.
+        self.num_post_layers = math.floor(mix_ratio * num_layers + 1e-9) if placement == "mix" else (
             num_layers if placement == "post" else 0)
         if placement == "mix" and mix_ratio > 0 and self.num_post_layers == 0 and num_layers:
             warnings.warn(f"placement='mix' with mix_ratio={mix_ratio} and {num_layers} layers has no Post-LN layer "
@@ -230,8 +232,9 @@ class ResidualStack(torch.nn.Module):
         elif final is None:
             if pending_out_norm is not None:
                 x = F.norm_add(x, h, pending_out_norm, residual_dtype=rd)
-            else:  # the documented unfused add
-                x = x + h if rd is None else torch.add(x.to(rd), h.to(rd))
+            else:  # the documented unfused add, rounded once to rd as the fused ops round s
+                acc = reference.compute_dtype(rd) if rd is not None else None
+                x = x + h if rd is None else (x.to(acc) + h.to(acc)).to(rd)
             out = x
         elif pending_out_norm is None:
             out, x = F.add_norm(x, h, final, residual_dtype=rd)

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torch.utils.flop_counter
 
 import normzoo
 import normzoo.functional as NF
@@ -352,9 +353,10 @@ def test_unused_norm_output_takes_no_gradient(kind, mode, device):
     """y unused: as in the unfused sequence, the norm after the add is not in the graph. Its
     parameters get None (an optimizer skips them; a zero gradient would still decay and move them
     by momentum), dx is ds itself, and no norm backward runs for it; an fp32 sum beside 16-bit x
-    and h takes the casts. Compiled, AOTAutograd hands a returned output that nothing used a zero
-    gradient (torch's own LayerNorm gets zero parameter gradients there too), so the parameters
-    get zeros; the backward op's fake and schema hold without dy all the same."""
+    and h takes the casts. Compiled, likewise where the region does not return y; one that returns
+    it hands it a zero gradient (AOTAutograd's rule: torch's own LayerNorm gets zero parameter
+    gradients there too), so the parameters get zeros. The backward op's fake and schema hold
+    without dy, for every relation of x's, h's and the sum's dtypes."""
     for backend in BACKENDS:
         for x_dtype, residual_dtype in ((torch.float32, None), (torch.bfloat16, torch.float32)):
             n1, n2 = make_norm(kind, 24, backend, device=device), make_norm(kind, 24, backend, device=device)
@@ -375,12 +377,15 @@ def test_unused_norm_output_takes_no_gradient(kind, mode, device):
             eager = step(run)
             torch._dynamo.reset()
             compiled = step(torch.compile(run, fullgraph=True, backend="aot_eager"))
-            for got in (eager, compiled):
+            # A compiled region that does not return y: the backward op runs without dy there.
+            torch._dynamo.reset()
+            s_only = step(torch.compile(lambda x, h: (None, run(x, h)[1]), fullgraph=True, backend="aot_eager"))
+            for got in (eager, compiled, s_only):
                 dx, dh, *grads = got
                 torch.testing.assert_close(dx, gs.to(x.dtype), rtol=0, atol=0)
                 n_first = len(list(n1.parameters()))
                 unused = grads if mode == "add_norm" else grads[n_first:]
-                if got is eager:
+                if got is not compiled:
                     assert all(g is None for g in unused), f"{backend}: the unused norm's parameters got a gradient"
                 else:
                     assert all(g is None or not g.any() for g in unused), f"{backend}: compiled, not zero"
@@ -395,13 +400,20 @@ def test_unused_norm_output_takes_no_gradient(kind, mode, device):
     h, x = torch.randn(6, 24, device=device), torch.randn(6, 24, device=device)
     p1, p2 = tuple(p.detach() if p is not None else None for p in p1), tuple(p.detach() if p is not None else None for p in p2)
     eps = 1e-6 if eps is None else eps  # RMSNorm's None: the op takes the resolved value
-    for triton in (False, True):
-        _, s, stats1, stats2 = fused.fused_residual_fwd(h, x, *p1, *p2, kind, mode, eps, eps, 1.0, None, triton)
-        needs = (p1[0] is not None, p2[0] is not None)
-        db = (p1[1].dtype if p1[1] is not None else None, p2[1].dtype if p2[1] is not None else None)
-        args = (None, torch.randn_like(s), h, s, *p1, *p2, stats1, stats2, kind, mode, 1.0, x.dtype, h.dtype, *needs,
-                *db, triton)
-        torch.library.opcheck(fused.fused_residual_bwd, args)
+    # x, h and the sum in every relation: ds is then x's, h's, both or neither dtype, and without dy
+    # the op would hand it back as dx or dh, which a custom op's output may not be.
+    for x_dtype, h_dtype, sum_dtype in ((torch.float32, torch.float32, None), (torch.bfloat16, torch.float32, None),
+                                        (torch.float32, torch.bfloat16, torch.bfloat16),
+                                        (torch.bfloat16, torch.bfloat16, torch.float32)):
+        for triton in (False, True):
+            _, s, stats1, stats2 = fused.fused_residual_fwd(h.to(h_dtype), x.to(x_dtype), *p1, *p2, kind, mode, eps,
+                                                            eps, 1.0, sum_dtype, triton)
+            needs = (p1[0] is not None, p2[0] is not None)
+            db = (p1[1].dtype if p1[1] is not None else None, p2[1].dtype if p2[1] is not None else None)
+            args = (None, torch.randn_like(s), h.to(h_dtype), s, *p1, *p2, stats1, stats2, kind, mode, 1.0, x_dtype,
+                    h_dtype, *needs, *db, triton)
+            torch.library.opcheck(fused.fused_residual_bwd, args)
+
 
 
 @pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
@@ -554,6 +566,13 @@ def test_stack_residual_dtype_keeps_the_stream_in_it(placement, backend, device)
     bare = normzoo.ResidualStack([torch.nn.Linear(16, 16, device=device)], 16, placement="pre", final_norm=False,
                                  residual_dtype=torch.float32, backend=backend, device=device).to(torch.bfloat16)
     assert bare(x).dtype == torch.float32
+    # ... and rounds once, as the fused ops round s: a bf16 stream beside fp32 x and h.
+    bare16 = normzoo.ResidualStack([torch.nn.Linear(16, 16, device=device)], 16, placement="pre", final_norm=False,
+                                   residual_dtype=torch.bfloat16, backend=backend, device=device)
+    x32 = torch.randn(64, 16, device=device)
+    with torch.no_grad():
+        h32 = bare16.layers[0][0](bare16.norm_in[0](x32))
+        torch.testing.assert_close(bare16(x32), (x32 + h32).to(torch.bfloat16), rtol=0, atol=0)
 
 
 def test_stack_norm_lists_mix_split_and_scales():
@@ -626,14 +645,16 @@ def test_stack_streams_and_arguments():
         torch.fx.symbolic_trace(stack)
     # Mix-LN's ⌊mix_ratio·L⌋ of the ratio as written (0.29 · 100 is 28.999999999999996 in floats);
     # a ratio that leaves no Post-LN layer says the stack is Pre-LN (0 asks for that: no warning).
-    assert normzoo.ResidualStack([torch.nn.Identity()] * 100, 4, placement="mix", mix_ratio=0.29).num_post_layers == 29
+    for ratio, layers, post in ((0.29, 100, 29), (1 / 3, 3, 1), (1 / 3, 12, 4), (2 / 3, 3, 2), (1 / 7, 7, 1), (0.5, 5, 2)):
+        stack_ = normzoo.ResidualStack([torch.nn.Identity()] * layers, 4, placement="mix", mix_ratio=ratio)
+        assert stack_.num_post_layers == post, (ratio, layers)
     with pytest.warns(UserWarning, match=r"no Post-LN layer \(floor\(0.25 \* 3\) = 0\): this stack is Pre-LN"):
         normzoo.ResidualStack([torch.nn.Identity()] * 3, 4, placement="mix")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         normzoo.ResidualStack([torch.nn.Identity()] * 3, 4, placement="mix", mix_ratio=0.0)
-    for bad in (torch.int32, "float32"):
-        with pytest.raises(TypeError, match="residual_dtype must be a floating torch.dtype or None"):
+    for bad in (torch.int32, "float32", torch.float8_e4m3fn):  # float8: no fused op takes it
+        with pytest.raises(TypeError, match="residual_dtype must be float16, bfloat16, float32, float64 or None"):
             normzoo.ResidualStack([torch.nn.Linear(4, 4)], 4, placement="pre", residual_dtype=bad)
     assert "residual_dtype=torch.float32" in repr(make_stack("pre", "rmsnorm", "torch", "cpu",
                                                              residual_dtype=torch.float32))
@@ -698,6 +719,11 @@ def test_parametrized_norms_apply_and_hooked_ones_are_refused(backend, device):
         compiled(x, torch.randn_like(x))
     finally:
         handle.remove()
+    # torch's own tools register global hooks too (FlopCounterMode's module tracker): no warning there.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.utils.flop_counter.FlopCounterMode(display=False):
+            NF.add_norm(x, torch.randn_like(x), stack.norm_in[0])
 
 
 # ---------------------------------------------------------------- found in review

@@ -330,6 +330,16 @@ def test_bad_input_raises_clear_errors(call, exc, match):
         call()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_l2_eps_up_to_its_fp32_bound(backend, device):
+    """The L2 floor is eps² in fp32: 2^64 - 2^40 is the largest eps whose square is finite there,
+    and rows under the floor come out as x / eps (over it, every row would be NaN)."""
+    x = torch.randn(3, 8, device=device)
+    for eps in (1.5e19, 2.0**64 - 2.0**40):
+        y = NF.scale_norm(x, torch.ones(1, device=device), eps=eps, backend=backend)
+        torch.testing.assert_close(y, x / torch.tensor(eps, dtype=torch.float32))
+
+
 @pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
 def test_opcheck(triton, device):
     _, q, k = qkv_views(2, 3, 2, 1, 8, torch.float32, device)
