@@ -451,6 +451,11 @@ class QKNorm(torch.nn.Module):
             raise ValueError(f"norm must be 'rms' or 'l2', got {norm!r}")
         if norm == "l2" and scale_init is None:
             raise ValueError("norm='l2' needs scale_init (the paper's g = log2(L² − L) for training length L)")
+        if norm == "rms" and scale_init is not None:
+            raise ValueError("scale_init sets the initial g of norm='l2'; norm='rms' learns q_weight and k_weight "
+                             "instead")
+        if norm == "l2" and not elementwise_affine:
+            raise ValueError("norm='l2' always learns its scale g; elementwise_affine=False applies to norm='rms'")
         self.dim = _one_dim(dim, "QKNorm")
         self.k_dim = _one_dim(k_dim if k_dim is not None else dim, "QKNorm")
         self.eps = ops.check_eps(eps)
@@ -473,6 +478,10 @@ class QKNorm(torch.nn.Module):
             torch.nn.init.constant_(self.scale, self.scale_init)
 
     def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        if not (isinstance(q, Tensor) and isinstance(k, Tensor)):  # k=None: the op would return q alone
+            name, bad = ("q", q) if not isinstance(q, Tensor) else ("k", k)
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(bad).__name__} (QKNorm normalizes q and k "
+                            "together)")
         _check_last_dim(q, self.dim, "q")
         _check_last_dim(k, self.k_dim, "k")
         if self.norm == "l2":

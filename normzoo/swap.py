@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from .layers import Derf, DyT, LayerNorm, LayerNorm2d, RMSNorm
+from .layers import CRMSNorm, Derf, DyT, LayerNorm, LayerNorm2d, QKNorm, RMSNorm, ScaleNorm
 from .ops import check_backend
 
 # The classes whose behaviour we know exactly. A subclass of one of them (one that permutes its
@@ -21,6 +21,7 @@ from .ops import check_backend
 # is listed below (timm's, Hugging Face's).
 _KNOWN_NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm, LayerNorm, LayerNorm2d, RMSNorm)
 _TARGETS = {None: None, "dyt": DyT, "derf": Derf}
+_HEADWISE = (ScaleNorm, QKNorm, CRMSNorm)  # normzoo's own, with no torch class: swap and unswap leave them
 
 # Hugging Face transformers' own norm classes whose math a normzoo RMSNorm reproduces, keyed by
 # class name: the model folder that defines it, its eps attribute, the offset its weight is applied
@@ -335,8 +336,8 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
             report.left_alone[f"{name}: {_short_name(type(module))} ({timm[1]})"] += 1
             return None
         if type(module) not in _KNOWN_NORMS:
-            already_ours = isinstance(module, (LayerNorm, RMSNorm, DyT, Derf)) and (
-                target is None or isinstance(module, target))
+            already_ours = isinstance(module, _HEADWISE) or (isinstance(module, (LayerNorm, RMSNorm, DyT, Derf)) and (
+                target is None or isinstance(module, target)))
             if isinstance(module, _KNOWN_NORMS) and not already_ours:
                 report.left_alone[f"{name}: {_short_name(type(module))} (unknown subclass of a norm)"] += 1
             elif _looks_like_a_norm(module) and not already_ours:
@@ -386,6 +387,11 @@ def unswap(model: torch.nn.Module) -> SwapReport:
             for param_name, param in module.named_parameters(recurse=False):
                 original._parameters[param_name] = param
             original.train(module.training)
+            # ... with the eps the swapped layer had last (set while swapped, it is the one in use).
+            spec = _model_norm_spec(type(original))
+            eps_attr = spec[0] if spec is not None else "eps"
+            if isinstance(getattr(original, eps_attr, None), float) and isinstance(module.eps, float):
+                setattr(original, eps_attr, module.eps)
             return original
         if type(module) in (LayerNorm, RMSNorm) and module.weight_offset != 0.0:
             report.left_alone[f"{name}: {_short_name(type(module))} (weight_offset: no PyTorch equivalent)"] += 1
@@ -399,7 +405,7 @@ def unswap(model: torch.nn.Module) -> SwapReport:
         elif type(module) is RMSNorm:
             new = torch.nn.RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta")
         else:
-            if isinstance(module, (DyT, Derf, LayerNorm2d)):
+            if isinstance(module, (DyT, Derf, LayerNorm2d, *_HEADWISE)):
                 report.left_alone[f"{name}: {_short_name(type(module))} (no PyTorch class to go back to)"] += 1
             return None
         return _share_parameters(module, new)

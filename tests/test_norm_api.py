@@ -232,6 +232,12 @@ def test_module_device_dtype_and_mixed_precision(device):
         (lambda: normzoo.CRMSNorm((2, 4)), ValueError, "dim must be one int"),
         (lambda: normzoo.QKNorm(8, k_dim=(2, 4)), ValueError, "dim must be one int"),
         (lambda: normzoo.QKNorm(8, norm="l2", scale_init="a"), TypeError, "scale_init must be a real number"),
+        # arguments the chosen form would ignore
+        (lambda: normzoo.QKNorm(8, scale_init=3.0), ValueError, "scale_init sets the initial g of norm='l2'"),
+        (lambda: normzoo.QKNorm(8, norm="l2", scale_init=1.0, elementwise_affine=False), ValueError,
+         "always learns its scale"),
+        # k=None would have normalized q alone and returned it unpaired (q, k = ... split its rows)
+        (lambda: normzoo.QKNorm(8)(torch.randn(2, 8), None), TypeError, "k must be a torch.Tensor, got NoneType"),
         (lambda: normzoo.swap("model"), TypeError, "model must be a torch.nn.Module"),
         # A model's own RMSNorm takes a 16-bit weight beside fp32 input (T5 in fp16), not an fp64 one
         (lambda: normzoo.RMSNorm(4, x_hat_dtype="weight").double()(torch.randn(2, 4)), TypeError, "16-bit"),

@@ -250,6 +250,12 @@ def test_unswap_gives_back_torch_classes_with_the_same_parameters():
     assert calls == [1]
     dyt = torch.nn.Sequential(torch.nn.Linear(4, 4), normzoo.DyT(4))
     assert list(normzoo.unswap(dyt).left_alone) == ["1: normzoo.DyT (no PyTorch class to go back to)"]
+    # normzoo's head-wise norms are ours to swap (nothing to report) and stay on unswap (named).
+    heads = torch.nn.Sequential(normzoo.ScaleNorm(4), normzoo.CRMSNorm(4), torch.nn.LayerNorm(4))
+    report = normzoo.swap(heads)
+    assert report == {"torch.LayerNorm -> normzoo.LayerNorm": 1} and not report.left_alone
+    assert sorted(normzoo.unswap(heads).left_alone) == ["0: normzoo.ScaleNorm (no PyTorch class to go back to)",
+                                                        "1: normzoo.CRMSNorm (no PyTorch class to go back to)"]
     # A model's own rounding built by hand: torch.nn.RMSNorm would compute another function.
     llama = torch.nn.Sequential(normzoo.RMSNorm(4, eps=1e-6, x_hat_dtype="input"))
     report = normzoo.unswap(llama)
@@ -325,6 +331,14 @@ def test_swap_hugging_face_norms_whose_math_normzoo_reproduces(name, dtype):
     assert type(_final_norm(model)) is original_class and _final_norm(model).weight is weight
     with torch.no_grad():
         torch.testing.assert_close(_logits(model, ids), before, rtol=0, atol=0)
+    # An eps set while swapped is the one in use: unswap gives it to the model's own class.
+    normzoo.swap(model)
+    _final_norm(model).eps = 0.25
+    with torch.no_grad():
+        edited = _logits(model, ids)
+    normzoo.unswap(model)
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(model, ids), edited, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
