@@ -478,10 +478,9 @@ class QKNorm(torch.nn.Module):
             torch.nn.init.constant_(self.scale, self.scale_init)
 
     def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        if not (isinstance(q, Tensor) and isinstance(k, Tensor)):  # k=None: the op would return q alone
-            name, bad = ("q", q) if not isinstance(q, Tensor) else ("k", k)
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(bad).__name__} (QKNorm normalizes q and k "
-                            "together)")
+        if q is None or k is None:  # k=None: the op would return q alone (other non-tensors: its checks)
+            raise TypeError(f"{'q' if q is None else 'k'} must be a torch.Tensor, got NoneType (QKNorm normalizes q "
+                            "and k together)")
         _check_last_dim(q, self.dim, "q")
         _check_last_dim(k, self.k_dim, "k")
         if self.norm == "l2":
