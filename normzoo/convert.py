@@ -21,6 +21,8 @@ dropped coordinate (``y = Σ_{i<C} x̂_i W_i − (Σ x̂_i) W_C``, i.e. ``W[:, :
 Pre-CRMSNorm.
 """
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -151,9 +153,18 @@ def _new_param(value: Tensor, like: torch.nn.Parameter) -> torch.nn.Parameter:
 
 
 def _convert(model, compress: bool):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     base, head = _plan(model)  # raises before anything changes
-    f64 = torch.float64
     c = base.wte.weight.shape[-1]
+    if compress and c < 2:
+        raise _unsupported(model, f"its stream is {c} wide, and Pre-CRMSNorm keeps C - 1 of its coordinates")
+    lns = [base.ln_f] + [ln for block in base.h for ln in (block.ln_1, block.ln_2)]
+    if any(ln._forward_pre_hooks or ln._forward_hooks or ln._backward_pre_hooks or ln._backward_hooks for ln in lns):
+        # What such a hook sees changes meaning (γ, β move into the next layer): not carried over.
+        warnings.warn("the model's LayerNorms have hooks, which the converted norms do not get (their outputs "
+                      "differ: γ and β move into the next layer); register them again where they belong", stacklevel=3)
+    f64 = torch.float64
     # Every new tensor is computed from the original ones first (lm_head may be wte itself), in
     # fp64, then rounded once to the parameter's dtype and assigned.
     updates = []  # (module, attribute, new value)

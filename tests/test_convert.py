@@ -321,6 +321,20 @@ def test_refuses_what_it_does_not_support():
         to_pre_rmsnorm(transformers.GPT2DoubleHeadsModel(cfg))
     with pytest.raises(ValueError, match="cross-attention"):
         to_pre_crmsnorm(_tiny_gpt2(add_cross_attention=True))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got NoneType"):
+        to_pre_rmsnorm(None)
+    # A one-wide stream has no C - 1 coordinates to keep: refused before anything changes (it
+    # used to convert, then fail at the first forward).
+    narrow = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=1,
+                                                                  n_layer=1, n_head=1, bos_token_id=0, eos_token_id=0))
+    with pytest.raises(ValueError, match="its stream is 1 wide"):
+        to_pre_crmsnorm(narrow)
+    assert type(narrow.transformer.ln_f) is torch.nn.LayerNorm
+    # Hooks on the LayerNorms would see other values after conversion: a warning, not carried over.
+    hooked = _tiny_gpt2()
+    hooked.transformer.h[0].ln_1.register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match="the model's LayerNorms have hooks"):
+        to_pre_rmsnorm(hooked)
 
 
 @pytest.mark.parametrize("second", CONVERSIONS)
