@@ -591,7 +591,10 @@ def rowwise_peri_backward(dy, ds, s, weight2, stats2, h, weight1, stats1, *, is_
         # 16-bit rule's layout (16 warps, 8 values a thread: 101-128 registers, no spill; compile_check
         # sm_90), not the two kernels (10 units of row traffic for 6). LayerNorm's took 128 registers
         # and spilled 8 bytes, and so did unaligned rows (element-wise addresses: 16 bytes at 3001
-        # and 4095): they keep the fp32 rule.
+        # and 4095): they keep the fp32 rule. (LayerNorm's without the cp.async prefetch,
+        # num_stages=1, took 119 and no spill, but with no load in flight across its reductions
+        # at one program per SM; 3 stages spilled 80 bytes, and the weights read per row block
+        # instead of held, 40: compile_check, untimed.)
         wide = h.dtype
     cfg = launch_config("rmsnorm" if is_rms else "layernorm", "bwd_peri", N, wide, s.device, max_block_n)
     dx = alloc_rows(s, dx_dtype or s.dtype)
