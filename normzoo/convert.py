@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .layers import CRMSNorm, LayerNorm, RMSNorm
 from .ops import check_backend
+from .swap import _move_hooks
 
 __all__ = ["RestoreAffine", "to_pre_rmsnorm", "to_pre_crmsnorm", "SUPPORTED_MODELS"]
 
@@ -159,11 +160,15 @@ def _convert(model, compress: bool):
     c = base.wte.weight.shape[-1]
     if compress and c < 2:
         raise _unsupported(model, f"its stream is {c} wide, and Pre-CRMSNorm keeps C - 1 of its coordinates")
-    lns = [base.ln_f] + [ln for block in base.h for ln in (block.ln_1, block.ln_2)]
-    if any(ln._forward_pre_hooks or ln._forward_hooks or ln._backward_pre_hooks or ln._backward_hooks for ln in lns):
-        # What such a hook sees changes meaning (γ, β move into the next layer): not carried over.
-        warnings.warn("the model's LayerNorms have hooks, which the converted norms do not get (their outputs "
-                      "differ: γ and β move into the next layer); register them again where they belong", stacklevel=3)
+    # Hooks on what the conversion rewrites see other values afterwards (the stream centred, γ and
+    # β moved into the next layer): say so. The LayerNorms' are not carried over (their
+    # replacements' outputs mean something else); lm_head's are (its output, the logits, is the same).
+    changed = [base.wte, base.wpe, base.ln_f] + [m for block in base.h for m in (
+        block.ln_1, block.ln_2, block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+    if any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks for m in changed):
+        warnings.warn("hooks on the model's LayerNorms, embeddings or projections see other values after the "
+                      "conversion (the stream is centred, γ and β move into the next layer), and the LayerNorms' "
+                      "are not carried over to the new norms: register them again where they belong", stacklevel=3)
     f64 = torch.float64
     # Every new tensor is computed from the original ones first (lm_head may be wte itself), in
     # fp64, then rounded once to the parameter's dtype and assigned.
@@ -210,6 +215,7 @@ def _convert(model, compress: bool):
                                    dtype=head.weight.dtype)
         new_head.weight = _new_param(w, head.weight)
         new_head.bias = _new_param(b, head.weight)
+        _move_hooks(head, new_head)  # its output, the logits, means what it meant
         updates.append((model, "lm_head", new_head.train(head.training)))
         updates.append((base, "ln_f", norm_for(base.ln_f)))
     else:
@@ -296,7 +302,7 @@ def to_pre_rmsnorm(model: torch.nn.Module) -> torch.nn.Module:
     ``backend`` is kept) reading a zero-mean residual stream of width C.
 
     Raises ``ValueError`` for any other architecture, a model with cross-attention, or one already
-    converted.
+    converted, and ``TypeError`` for what is not a module. Warns where hooks sit on what it rewrites.
     """
     return _convert(model, compress=False)
 
@@ -309,8 +315,9 @@ def to_pre_crmsnorm(model: torch.nn.Module) -> torch.nn.Module:
     (``W[:, :-1] − W[:, -1:]`` in ``nn.Linear``'s layout), and every LayerNorm becomes a
     :class:`CRMSNorm` (C − 1, same eps). Attention and MLP widths stay C and 4C.
 
-    Raises ``ValueError`` for any other architecture, a model with cross-attention, or one already
-    converted.
+    Raises ``ValueError`` for any other architecture, a model with cross-attention, one already
+    converted, or a one-wide stream, and ``TypeError`` for what is not a module. Warns where hooks
+    sit on what it rewrites.
     """
     return _convert(model, compress=True)
 

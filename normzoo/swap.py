@@ -4,6 +4,7 @@ import ast
 import functools
 import importlib
 import inspect
+import numbers
 import re
 import sys
 import textwrap
@@ -336,8 +337,13 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
             report.left_alone[f"{name}: {_short_name(type(module))} ({timm[1]})"] += 1
             return None
         if type(module) not in _KNOWN_NORMS:
-            already_ours = isinstance(module, _HEADWISE) or (isinstance(module, (LayerNorm, RMSNorm, DyT, Derf)) and (
-                target is None or isinstance(module, target)))
+            if isinstance(module, _HEADWISE):  # normzoo's own: nothing to do, but to="dyt" does not convert them
+                if target is not None:
+                    report.left_alone[f"{name}: {_short_name(type(module))} (a normzoo head-wise norm: "
+                                      f"to={to!r} converts LayerNorm and RMSNorm only)"] += 1
+                return None
+            already_ours = isinstance(module, (LayerNorm, RMSNorm, DyT, Derf)) and (
+                target is None or isinstance(module, target))
             if isinstance(module, _KNOWN_NORMS) and not already_ours:
                 report.left_alone[f"{name}: {_short_name(type(module))} (unknown subclass of a norm)"] += 1
             elif _looks_like_a_norm(module) and not already_ours:
@@ -390,8 +396,12 @@ def unswap(model: torch.nn.Module) -> SwapReport:
             # ... with the eps the swapped layer had last (set while swapped, it is the one in use).
             spec = _model_norm_spec(type(original))
             eps_attr = spec[0] if spec is not None else "eps"
-            if isinstance(getattr(original, eps_attr, None), float) and isinstance(module.eps, float):
-                setattr(original, eps_attr, module.eps)
+            eps, before = module.eps, getattr(original, eps_attr, None)
+            if isinstance(eps, numbers.Real) and not isinstance(eps, bool):
+                setattr(original, eps_attr, float(eps))
+            elif eps is None and before is not None:  # torch's default (the dtype's epsilon): no number to give
+                warnings.warn(f"unswap: {name} has eps=None, which {_short_name(type(original))} cannot take; it "
+                              f"keeps its eps {before!r}", stacklevel=2)
             return original
         if type(module) in (LayerNorm, RMSNorm) and module.weight_offset != 0.0:
             report.left_alone[f"{name}: {_short_name(type(module))} (weight_offset: no PyTorch equivalent)"] += 1

@@ -2,6 +2,7 @@
 of Hugging Face GPT-2 models (issue 13)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -331,10 +332,20 @@ def test_refuses_what_it_does_not_support():
         to_pre_crmsnorm(narrow)
     assert type(narrow.transformer.ln_f) is torch.nn.LayerNorm
     # Hooks on the LayerNorms would see other values after conversion: a warning, not carried over.
+    for where in ("transformer.h.0.ln_1", "transformer.h.1.mlp.c_fc", "transformer.wte"):
+        hooked = _tiny_gpt2()
+        hooked.get_submodule(where).register_forward_hook(lambda *args: None)
+        with pytest.warns(UserWarning, match="hooks on the model's LayerNorms, embeddings or projections"):
+            to_pre_rmsnorm(hooked)
+    # lm_head's output, the logits, keeps its meaning: its hooks move to the new head.
+    seen = []
     hooked = _tiny_gpt2()
-    hooked.transformer.h[0].ln_1.register_forward_hook(lambda *args: None)
-    with pytest.warns(UserWarning, match="the model's LayerNorms have hooks"):
+    hooked.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         to_pre_rmsnorm(hooked)
+    hooked(torch.randint(0, VOCAB, (1, 3)))
+    assert seen == [(1, 3, VOCAB)]
 
 
 @pytest.mark.parametrize("second", CONVERSIONS)

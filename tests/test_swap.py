@@ -256,6 +256,29 @@ def test_unswap_gives_back_torch_classes_with_the_same_parameters():
     assert report == {"torch.LayerNorm -> normzoo.LayerNorm": 1} and not report.left_alone
     assert sorted(normzoo.unswap(heads).left_alone) == ["0: normzoo.ScaleNorm (no PyTorch class to go back to)",
                                                         "1: normzoo.CRMSNorm (no PyTorch class to go back to)"]
+    # to="dyt" converts LayerNorm and RMSNorm only: the head-wise ones stay, named.
+    heads = torch.nn.Sequential(normzoo.ScaleNorm(4), normzoo.CRMSNorm(4), torch.nn.LayerNorm(4))
+    report = normzoo.swap(heads, to="dyt")
+    assert report == {"torch.LayerNorm -> normzoo.DyT": 1}
+    assert sorted(report.left_alone) == [
+        "0: normzoo.ScaleNorm (a normzoo head-wise norm: to='dyt' converts LayerNorm and RMSNorm only)",
+        "1: normzoo.CRMSNorm (a normzoo head-wise norm: to='dyt' converts LayerNorm and RMSNorm only)"]
+
+
+def test_unswap_gives_a_models_own_class_the_eps_in_use():
+    """An eps set while swapped (a float, or an int: normzoo layers keep it as given) goes back to
+    the model's own class's attribute; None (torch's default), which it cannot hold, warns."""
+    transformers = pytest.importorskip("transformers")
+    model = torch.nn.Sequential(transformers.models.llama.modeling_llama.LlamaRMSNorm(4, eps=1e-6))
+    normzoo.swap(model)
+    model[0].eps = 1
+    normzoo.unswap(model)
+    assert model[0].variance_epsilon == 1.0 and type(model[0].variance_epsilon) is float
+    normzoo.swap(model)
+    model[0].eps = None
+    with pytest.warns(UserWarning, match="eps=None, which .*LlamaRMSNorm cannot take; it keeps its eps 1.0"):
+        normzoo.unswap(model)
+    assert model[0].variance_epsilon == 1.0
     # A model's own rounding built by hand: torch.nn.RMSNorm would compute another function.
     llama = torch.nn.Sequential(normzoo.RMSNorm(4, eps=1e-6, x_hat_dtype="input"))
     report = normzoo.unswap(llama)
