@@ -271,7 +271,8 @@ def main():
     parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=list(NORMS))
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--mix-ratio", type=float, default=0.25,
-                        help="Mix-LN: the first floor(ratio * layers) layers are Post-LN (fewer than 4 layers at 0.25: none)")
+                        help="Mix-LN: the first floor(ratio * layers) layers are Post-LN "
+                             "(fewer than 4 layers at 0.25: none)")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--context", type=int, default=64)

@@ -418,7 +418,8 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
         if any(base.__name__ == "FSDPModule" for base in type(norm).__mro__):
             # FSDP2's fully_shard makes the norm's class a subclass and unshards its parameters in a
             # forward pre-hook, which a fused op (it never calls the norm) would not run.
-            raise ValueError(f"this {type(norm).__name__.removeprefix('FSDP')} is an FSDP unit of its own (fully_shard on the norm); "
+            raise ValueError(f"this {type(norm).__name__.removeprefix('FSDP')} is an FSDP unit of its own "
+                             "(fully_shard on the norm); "
                              "a fused residual op reads a norm's parameters and never calls it, so FSDP would not "
                              "unshard them: leave the norms in an enclosing unit (fully_shard each sublayer, then "
                              "the ResidualStack or the model around them)")

@@ -44,7 +44,6 @@ def _output(h, index: int, sublayer, stream: Tensor):
 
 
 PLACEMENTS = ("pre", "post", "peri", "mix", "scaled")
-
 NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "dyt": DyT, "derf": Derf}
 
 
@@ -142,7 +141,8 @@ class ResidualStack(torch.nn.Module):
         if final_norm is not None and not isinstance(final_norm, bool):
             raise TypeError(f"final_norm must be True, False or None, got {final_norm!r}")
         if residual_dtype is not None and residual_dtype not in ops.FLOAT_DTYPES:  # as the fused ops take it
-            raise TypeError(f"residual_dtype must be float16, bfloat16, float32, float64 or None, got {residual_dtype!r}")
+            raise TypeError("residual_dtype must be float16, bfloat16, float32, float64 or None, got "
+                            f"{residual_dtype!r}")
         if not isinstance(layers, (Sequence, torch.nn.ModuleList, torch.nn.Sequential)):
             raise TypeError(f"layers must be a sequence of layers, got {type(layers).__name__}")
         self.layers = torch.nn.ModuleList(torch.nn.ModuleList(_sublayers(layer)) for layer in layers)

@@ -397,7 +397,9 @@ def unswap(model: torch.nn.Module) -> SwapReport:
             spec = _model_norm_spec(type(original))
             eps_attr = spec[0] if spec is not None else "eps"
             eps, before = module.eps, getattr(original, eps_attr, None)
-            if isinstance(eps, numbers.Real) and not isinstance(eps, bool):
+            if not hasattr(original, eps_attr):
+                pass  # (every class swap replaces has one; nothing to give back otherwise)
+            elif isinstance(eps, numbers.Real) and not isinstance(eps, bool):
                 setattr(original, eps_attr, float(eps))
             elif eps is None and before is not None:  # torch's default (the dtype's epsilon): no number to give
                 warnings.warn(f"unswap: {name} has eps=None, which {_short_name(type(original))} cannot take; it "
