@@ -232,9 +232,11 @@ class ResidualStack(torch.nn.Module):
         elif final is None:
             if pending_out_norm is not None:
                 x = F.norm_add(x, h, pending_out_norm, residual_dtype=rd)
-            else:  # the documented unfused add, rounded once to rd as the fused ops round s
-                acc = reference.compute_dtype(rd) if rd is not None else None
-                x = x + h if rd is None else (x.to(acc) + h.to(acc)).to(rd)
+            elif rd is None:  # the documented unfused add
+                x = x + h
+            else:  # ... rounded once to rd, as the fused ops round s
+                acc = reference.compute_dtype(rd)
+                x = (x.to(acc) + h.to(acc)).to(rd)
             out = x
         elif pending_out_norm is None:
             out, x = F.add_norm(x, h, final, residual_dtype=rd)

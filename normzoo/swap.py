@@ -396,14 +396,13 @@ def unswap(model: torch.nn.Module) -> SwapReport:
             # ... with the eps the swapped layer had last (set while swapped, it is the one in use).
             spec = _model_norm_spec(type(original))
             eps_attr = spec[0] if spec is not None else "eps"
-            eps, before = module.eps, getattr(original, eps_attr, None)
-            if not hasattr(original, eps_attr):
-                pass  # (every class swap replaces has one; nothing to give back otherwise)
-            elif isinstance(eps, numbers.Real) and not isinstance(eps, bool):
-                setattr(original, eps_attr, float(eps))
-            elif eps is None and before is not None:  # torch's default (the dtype's epsilon): no number to give
-                warnings.warn(f"unswap: {name} has eps=None, which {_short_name(type(original))} cannot take; it "
-                              f"keeps its eps {before!r}", stacklevel=2)
+            if hasattr(original, eps_attr):  # (every class swap replaces has one)
+                eps, before = module.eps, getattr(original, eps_attr)
+                if isinstance(eps, numbers.Real) and not isinstance(eps, bool):
+                    setattr(original, eps_attr, float(eps))
+                elif eps is None and before is not None:  # torch's default (the dtype's epsilon): no number
+                    warnings.warn(f"unswap: {name} has eps=None, which {_short_name(type(original))} cannot take; "
+                                  f"it keeps its eps {before!r}", stacklevel=2)
             return original
         if type(module) in (LayerNorm, RMSNorm) and module.weight_offset != 0.0:
             report.left_alone[f"{name}: {_short_name(type(module))} (weight_offset: no PyTorch equivalent)"] += 1
