@@ -1082,6 +1082,10 @@ def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: 
     lines += [f"- {WIDE_TILE_REASON}: " + "; ".join(wide)] if wide else []
     narrow = [r for r in main if r.get("narrow_rows")]
     lines += ["", "## Row tensors accessed narrower than 128 bits although N is a multiple of 16", ""]
+    if any(re.match(r"(dyt|derf):norm_add_norm bwd", r["label"]) for r in narrow):
+        lines += ["DyT/Derf norm_add_norm's one-pass backward runs 4 values a thread (64-bit accesses in 16-bit) by "
+                  "rule: at 8 it took 162-255 registers, 2-3 four-warp programs per SM (heuristics._elementwise_rule).",
+                  ""]
     lines += [f"- {name(r)}: " + ", ".join(f"{k} {v}b" for k, v in r["row_widths"].items())
               for r in narrow] or ["None."]
     tails = [r for r in main if r.get("tail_wave")]

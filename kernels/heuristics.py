@@ -349,17 +349,22 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None, fuse
         # Element-wise addresses (a row length not a multiple of 16): half the tile at 4 values a
         # thread; 8 took Derf's channels-first backward to 140+ registers (compile_check, sm_90).
         block_m = max(1, block_m // 2)
-    # A fused residual backward (the sum's gradient read, dx stored twice) took Derf to 154-162
-    # registers at 8 values a thread and 95-113 at 4 in a 16-warp program (compile_check, sm_90):
-    # 4 values a thread and half the rows, so that two programs fit.
-    values = 8 if aligned and not fused else 4
+    # A fused residual backward (the sum's gradient read, dx maybe stored twice) runs half the rows
+    # a tile, in programs of half the warps, at the same 8 values a thread (128-bit accesses):
+    # 95-122 registers in 4 warps at 1024 wide (DyT, Derf; a bf16 or fp32 stream), 4-5 programs
+    # per SM, where 4 values a thread took 58-72 in 8 warps (64-bit accesses, twice the memory
+    # instructions; compile_check, sm_90). norm_add_norm's one-pass backward holds a second
+    # layer's row and four more sums: at 8 values it took DyT 162 and Derf 211-255 registers
+    # (2-3 four-warp programs per SM), at 4 values 80-126 in 8 warps (2-3 programs): 4 values.
+    values = 8 if aligned and not peri else 4
     if fused:
         block_m = max(1, block_m // 2)
     num_warps = max(1, min(block_m * block_n // (32 * values), 16))
     per_thread = block_m * block_n // (32 * num_warps)
-    # Registers ≈ 12 per value a thread holds + 32 (Derf with weight and bias on sm_90: 128 at 8);
-    # norm_add_norm's one-pass backward (a second layer, four more sums) 24 (Derf 107-118 at 4).
-    per_value = 24 if peri else 16 if fused else 12
+    # Registers ≈ 12 per value a thread holds + 32 (Derf with weight and bias on sm_90: 128 at 8;
+    # fused, one row a tile: 95-122), 16 for a fused tile of stacked rows (N < 1024: 120-159 at 8);
+    # norm_add_norm's one-pass backward (a second layer, four more sums) 24 (Derf 107-126 at 4).
+    per_value = 24 if peri else 16 if fused and block_m > 1 else 12
     return LaunchConfig(block_m, block_n, num_warps, True,
                         _resident_estimate(num_warps, per_value * per_thread + 32), num_stages)
 

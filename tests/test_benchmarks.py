@@ -202,9 +202,10 @@ def test_no_gpu_exits_cleanly(capsys):
 # The widths the sm_90 compile test sweeps: unaligned and tiny, a single-tile row, a looped row
 # that is not a multiple of 16. Every op, affine layout and parameter dtype at each.
 # 256: rows stacked in a tile, whose backward's register estimate once launched 1.15-1.73 waves
+FUSED_HIDDEN = [97, 256, 4096]
 COMPILE_CHECK_ARGS = ["--hidden", "97", "256", "4096", "16385", "--dtypes", "bf16", "fp32", "--quiet",
                       # and the fused residual ops' launches (bf16 activations, bf16 or fp32 stream)
-                      "--fused-hidden", "97", "256", "4096",
+                      "--fused-hidden", *map(str, FUSED_HIDDEN),
                       # and the model switches (x_hat rounding, weight offset), single-tile and looped;
                       # the head-wise norms run apart (headwise_run): their verdict is their own
                       "--switch-hidden", "4096", "16384", "--headwise"]
@@ -213,7 +214,8 @@ COMPILE_CHECK_ARGS = ["--hidden", "97", "256", "4096", "16385", "--dtypes", "bf1
 LAYOUTS = {"bf16": 5 + 3 + 4 * 5, "fp32": 4 + 2 + 4 * 4}
 FUSED_SUMMARY = re.compile(
     r"sm_90 fused residual ops: (?P<variants>\d+) row launches \+ (?P<reduces>\d+) reduce launches .*?"
-    r"(?P<failed>\d+) failed to compile, (?P<spills>\d+) spill, (?P<low>\d+) below 2 resident programs/SM"
+    r"(?P<failed>\d+) failed to compile, (?P<spills>\d+) spill, (?P<low>\d+) below 2 resident programs/SM "
+    r"\(\d+ excepted\), (?P<narrow>\d+) with row accesses under 128 bits"
 )
 SWITCH_SUMMARY = re.compile(
     r"sm_90 model switches \(x_hat rounding, weight offset\): (?P<variants>\d+) row launches \+ "
@@ -233,7 +235,8 @@ HEADWISE_ARGS = ["--hidden", "4096", "--dtypes", "bf16", "--ops", "rmsnorm", "--
 HEADWISE_CASES = 2 + 2 + 1 + 2 + 3  # qknorm-rms per head (w, w-fp32), all heads (2), l2; ScaleNorm; CRMSNorm
 SUMMARY = re.compile(
     r"sm_90: (?P<variants>\d+) variants \+ (?P<reduces>\d+) reduce launches \((?P<kernels>\d+) distinct kernels "
-    r"compiled\), (?P<failed>\d+) failed to compile, (?P<spills>\d+) spill, (?P<low>\d+) below 2 resident programs/SM"
+    r"compiled\), (?P<failed>\d+) failed to compile, (?P<spills>\d+) spill, (?P<low>\d+) below 2 resident programs/SM "
+    r"\(\d+ excepted\), (?P<narrow>\d+) with row accesses under 128 bits"
 )
 
 
@@ -291,6 +294,11 @@ def test_every_kernel_compiles_for_hopper_without_spills(compile_check_run):
     assert counts["spills"] == 0, report
     # The fused residual ops (add_norm, norm_add, norm_add_norm; every norm kind) likewise.
     assert counts["fused_variants"] > 0 and counts["fused_failed"] == 0 and counts["fused_spills"] == 0, report
+    # Rows that are a multiple of 16 are read 16 bytes at a time, but by DyT/Derf's one-pass
+    # norm_add_norm backward (4 values a thread by rule: 8 took 162-255 registers): 2 ops x 2
+    # streams (bf16, fp32) at each aligned fused width.
+    aligned = [n for n in FUSED_HIDDEN if n % 16 == 0]
+    assert counts["narrow"] == 0 and counts["fused_narrow"] == 2 * 2 * len(aligned), report
     # And the model switches (x_hat rounding to the input's and the weight's dtype, weight offset) at
     # 4096 and 16384: RMSNorm 2 + 1 + 2 layouts and LayerNorm's wb, forward and backward, bf16 only.
     assert counts["switch_variants"] == 2 * 2 * (2 + 1 + 2 + 1), report
