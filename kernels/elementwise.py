@@ -17,14 +17,21 @@ and reduced once at its end, then summed by a second launch (kernels/reduce.py):
 atomics. A grid of one program (under 32 rows; channels-first, one image) writes the gradients
 itself instead (``DIRECT``).
 
-16-bit DyT forward (``FAST_TANH``) uses the GPU's ``tanh.approx.f32`` (one MUFU instruction, max
-relative error 2^-10.987 per the PTX ISA): about fp16's unit roundoff and far below bf16's, for a
-tenth of the instructions of the exact path, which keeps the forward memory-bound. fp32 output and
-every backward keep the exact ``_tanh_and_derivative`` (dw may be fp32 even for 16-bit input), and
-so does a fused residual op's layer whose output goes into the residual stream (``RES_MODE`` "norm_add", "norm_add_norm").
-Triton's interpreter cannot run inline PTX, so under it ``_tanh_approx`` is an emulation that
-errs by the instruction's whole error bound (tests then check the 16-bit output against the
-tolerance table with that worst case); the GPU test run checks the real instruction.
+A 16-bit forward (``FAST``) takes a cheaper activation, so that it stays memory-bound:
+- DyT: the GPU's ``tanh.approx.f32`` (one MUFU instruction, max relative error 2^-10.987 per the
+  PTX ISA): about fp16's unit roundoff and far below bf16's, for a tenth of the instructions of the
+  exact path. Triton's interpreter cannot run inline PTX, so under it ``_tanh_approx`` is an
+  emulation that errs by the instruction's whole error bound (tests then check the 16-bit output
+  against the tolerance table with that worst case); the GPU test run checks the real instruction.
+- Derf: ``_erf_fast``, an odd polynomial of degree 17 on the argument clamped to ±2.9 (12
+  instructions, no MUFU; libdevice's erf took the forward to 384 SASS instructions a 4×1024 tile
+  against DyT's 160, an issue limit near 63% of an H200's copy bandwidth). Its relative error,
+  2^-15.2 in fp32 (ERF_FAST_REL_ERROR), is a 1/18 of fp16's unit roundoff: the 16-bit output is
+  the exact erf's rounded, but where it lies within that much of a rounding boundary. It is plain
+  arithmetic, so the interpreter runs it as the GPU does.
+fp32 output and every backward keep the exact activation (dw may be fp32 even for 16-bit input), and
+so does a fused residual op's layer whose output goes into the residual stream (``RES_MODE``
+"norm_add", "norm_add_norm").
 """
 
 import torch
@@ -99,6 +106,29 @@ else:
                                          is_pure=True, pack=1)
 
 
+# _erf_fast's largest relative error against erf, evaluated in fp32 (a plain float: tests read it).
+ERF_FAST_REL_ERROR = 2.0 ** -15.2
+
+
+@triton.jit
+def _erf_fast(u):
+    """erf(u) for a 16-bit output: u·P(u²), P of degree 8 fitted to erf's relative error on
+    (0, 2.9] (a minimax linear program over 20000 points: 1.5e-5), u clamped to ±2.9, where
+    1 − erf is 4e-5; NaN stays NaN (the clamp propagates it)."""
+    u = tl.clamp(u, -2.9, 2.9, propagate_nan=tl.PropagateNan.ALL)
+    t = u * u
+    p = 5.5559262e-08
+    p = -2.4663441e-06 + t * p
+    p = 4.8616352e-05 + t * p
+    p = -0.00056913838 + t * p
+    p = 0.0044902260 + t * p
+    p = -0.025738828 + t * p
+    p = 0.11192696 + t * p
+    p = -0.37582928 + t * p
+    p = 1.1283623 + t * p
+    return u * p
+
+
 @triton.jit
 def _param_tile(P, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW: tl.constexpr):
     """A per-channel parameter broadcast to the (BLOCK_M, BLOCK_N) tile."""
@@ -111,13 +141,15 @@ def _param_tile(P, rows, row_mask, cols, col_mask, C, PARAMS_PER_ROW: tl.constex
 
 @triton.jit
 def _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION: tl.constexpr,
-               PARAMS_PER_ROW: tl.constexpr, FAST_TANH: tl.constexpr):
+               PARAMS_PER_ROW: tl.constexpr, FAST: tl.constexpr):
     """w ⊙ act(alpha·x + shift) + b on one fp32 tile; SHIFT, W and B may be None (absent)."""
     u = x * tl.load(ALPHA).to(tl.float32)
     if SHIFT is not None:
         u += tl.load(SHIFT).to(tl.float32)
-    if FAST_TANH:
+    if FAST and ACTIVATION == "tanh":
         y = _tanh_approx(u)
+    elif FAST:
+        y = _erf_fast(u)
     else:
         y, _ = _activation(u, ACTIVATION)
     if W is not None:
@@ -138,7 +170,7 @@ def _pointwise_fwd_kernel(
     scale,  # multiplies y (LayerNorm scaling's 1/√l; None for 1)
     ACTIVATION: tl.constexpr,  # "tanh" (DyT) or "erf" (Derf)
     PARAMS_PER_ROW: tl.constexpr,
-    FAST_TANH: tl.constexpr,  # tanh.approx.f32 for y (16-bit only; see the module docstring), never for s
+    FAST: tl.constexpr,  # the fast activation for y (16-bit only; see the module docstring), never for s
     RES_MODE: tl.constexpr,  # RES_MODES in kernels/rowwise_norm.py: none, add then layer, layer then add, both
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -163,9 +195,9 @@ def _pointwise_fwd_kernel(
         store_tile(S, rows, stride_s_row, cols, mask, s)
         if RES_MODE == "norm_add_norm":
             y = _pointwise(s, ALPHA2, SHIFT2, W2, B2, rows, row_mask, cols, col_mask, C, ACTIVATION, PARAMS_PER_ROW,
-                           FAST_TANH)
+                           FAST)
     else:
-        y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, PARAMS_PER_ROW, FAST_TANH)
+        y = _pointwise(x, ALPHA, SHIFT, W, B, rows, row_mask, cols, col_mask, C, ACTIVATION, PARAMS_PER_ROW, FAST)
     if RES_MODE != "norm_add":
         if scale is not None:
             y = y * scale
@@ -379,7 +411,7 @@ def _launch_forward(x, M, N, y, alpha, shift, weight, bias, residual, s, layer2,
                     res_mode, scale, max_block_n):
     alpha2, shift2, weight2, bias2 = layer2
     cfg = launch_config("dyt" if activation == "tanh" else "derf", "fwd", N, x.dtype, x.device, max_block_n)
-    fast_tanh = activation == "tanh" and x.dtype is not torch.float32 and has_tanh_approx(x.device)
+    fast = x.dtype.itemsize == 2 and (activation == "erf" or has_tanh_approx(x.device))
     with device_guard(x):
         # Absent operands as None (see kernels/rowwise_norm.py: constants to Triton, and at most
         # 26 arguments, passed on CPython's stack).
@@ -388,8 +420,8 @@ def _launch_forward(x, M, N, y, alpha, shift, weight, bias, residual, s, layer2,
                x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, channels,
                scale if scale != 1.0 else None,
                # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host):
-               # ACTIVATION, PARAMS_PER_ROW, FAST_TANH, RES_MODE, BLOCK_M, BLOCK_N.
-               activation, params_per_row, fast_tanh, res_mode, cfg.block_m, cfg.block_n,
+               # ACTIVATION, PARAMS_PER_ROW, FAST, RES_MODE, BLOCK_M, BLOCK_N.
+               activation, params_per_row, fast, res_mode, cfg.block_m, cfg.block_n,
                grid=(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),), warmup=False, num_warps=cfg.num_warps)
 
 

@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from helpers import assert_close
 from normzoo import reference
 from normzoo.kernels import pointwise_backward, pointwise_forward
+from normzoo.kernels.elementwise import ERF_FAST_REL_ERROR, _erf_fast
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTIVATIONS = ["tanh", "erf"]
@@ -149,6 +152,56 @@ def test_16bit_dyt_forward_uses_the_fast_tanh_within_its_bound(dtype, device):
     if not torch.cuda.is_available():
         # The emulation must really be what ran: fp16's rounding does not hide all of its error.
         assert dtype != torch.float16 or not torch.equal(y, exact.to(dtype))
+
+
+@triton.jit
+def _erf_fast_kernel(X, Y, N, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < N
+    tl.store(Y + offsets, _erf_fast(tl.load(X + offsets, mask=mask)), mask=mask)
+
+
+def _erf_fast_fp32(x):
+    """The 16-bit Derf forward's erf, evaluated alone in fp32 (1-D x)."""
+    y = torch.empty_like(x)
+    _erf_fast_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    return y
+
+
+def test_fast_erf_is_within_its_bound(device):
+    # The polynomial on its own, in fp32: within ERF_FAST_REL_ERROR (relative) of erf everywhere,
+    # from subnormal arguments to deep saturation (clamped at ±2.9), and NaN stays NaN.
+    z = torch.cat([torch.linspace(0, 8, 100001), torch.logspace(-38, 0, 2000), torch.tensor([1e30, float("inf")])])
+    x = torch.cat([z, -z]).to(device)
+    y = _erf_fast_fp32(x)
+    exact = torch.special.erf(x.double())
+    rel = (y.double() - exact).abs() / exact.abs().clamp_min(1e-300)
+    assert rel[x != 0].max() <= ERF_FAST_REL_ERROR, rel[x != 0].max()
+    assert (y[x == 0] == 0).all()
+    assert _erf_fast_fp32(torch.tensor([float("nan")], device=device)).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_derf_forward_uses_the_fast_erf_within_its_bound(dtype, device):
+    # 16-bit Derf forward takes _erf_fast: each output within its bound plus the output's own
+    # rounding (half an ulp; one where the interpreter's bf16 conversion truncates) of the exact erf.
+    # fp32 keeps the exact erf: within 4 eps (relative) of it.
+    x32 = torch.linspace(-6, 6, 4001, device=device)[None, :]
+    one, zero = torch.ones(1, device=device), torch.zeros(1, device=device)
+    for x in (x32, x32.to(dtype)):
+        y = pointwise_forward(x, one, zero, None, None, activation="erf", channels=x.shape[1], params_per_row=False)
+        exact = torch.special.erf(x.double())
+        # (Outputs of normal size: a subnormal one's rounding alone is a large relative error.)
+        rel = ((y.double() - exact).abs() / exact.abs().clamp_min(1e-30))[exact.abs() >= torch.finfo(x.dtype).tiny]
+        if x.dtype == torch.float32:
+            assert rel.max() <= 4 * torch.finfo(torch.float32).eps, rel.max()
+        else:
+            ulp = torch.finfo(dtype).eps  # relative
+            assert rel.max() <= ERF_FAST_REL_ERROR + ulp * (1 + ERF_FAST_REL_ERROR), rel.max()
+    if not torch.cuda.is_available():
+        # The polynomial is what ran: each 16-bit output is its fp32 value, rounded (on a GPU the
+        # two compiles may contract their multiply-adds differently).
+        assert torch.equal(y, _erf_fast_fp32(x.float().flatten()).to(dtype)[None, :])
 
 
 def test_many_rows_per_program(device):
