@@ -74,38 +74,41 @@ def use_triton(backend: str, x: Tensor) -> bool:
     return False
 
 
-# Tuples of ints already checked, by value: every layer of one width hits the same entry (each
-# torch LayerNorm holds its own equal tuple, so a cache by identity would miss from layer to layer).
-_CHECKED_SHAPES: dict[tuple, tuple[int, ...]] = {}
-
-
 def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
     """``int`` or sequence of ints -> tuple, as ``torch.nn.LayerNorm`` accepts."""
+    # The usual case, a layer's own tuple of ints, checked inline. No cache by value: a SymInt (a
+    # traced input's size, under torch.export or dynamic shapes) does not hash, and under dynamo a
+    # lookup would specialize it.
     if type(normalized_shape) is tuple:
-        shape = _CHECKED_SHAPES.get(normalized_shape)
-        # (8.0,) == (8,) and hashes alike: the hit counts only for exact ints.
-        if shape is not None and (type(normalized_shape[0]) is int if len(normalized_shape) == 1 else
-                                  all(type(d) is int for d in normalized_shape)):
-            return shape
-    shape = _normalized_shape_tuple(normalized_shape)
-    if type(normalized_shape) is tuple and all(type(d) is int for d in normalized_shape):
-        _CHECKED_SHAPES[normalized_shape] = shape
-    return shape
+        if len(normalized_shape) == 1:
+            if type(normalized_shape[0]) is int and normalized_shape[0] >= 0:
+                return normalized_shape
+        elif normalized_shape and all(type(d) is int and d >= 0 for d in normalized_shape):
+            return normalized_shape
+    return _normalized_shape_tuple(normalized_shape)
+
+
+# Sizes: ints, and SymInts (a traced input's size; kept symbolic: int() would specialize it).
+_SIZE_TYPES = (numbers.Integral, torch.SymInt)
+
+
+def _size(d):
+    return d if isinstance(d, torch.SymInt) else int(d)
 
 
 def _normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
-    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+    if isinstance(normalized_shape, _SIZE_TYPES) and not isinstance(normalized_shape, bool):
         if normalized_shape < 0:
             raise ValueError(f"normalized_shape must not be negative, got {normalized_shape}")
-        return (int(normalized_shape),)
+        return (_size(normalized_shape),)
     if isinstance(normalized_shape, (Sequence, torch.Size)) and not isinstance(normalized_shape, str):
         dims = tuple(normalized_shape)
-        if all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+        if all(isinstance(d, _SIZE_TYPES) and not isinstance(d, bool) for d in dims):
             if not dims:
                 raise ValueError("normalized_shape must have at least one dimension, got ()")
             if any(d < 0 for d in dims):
                 raise ValueError(f"normalized_shape must not have negative sizes, got {dims}")
-            return tuple(int(d) for d in dims)
+            return tuple(map(_size, dims))
     raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
 
 
@@ -799,7 +802,8 @@ def pointwise(
         if moved is not None and moved.is_contiguous():
             # channels_last in memory, (B, *spatial, C): rows of C read in place by the channels-last
             # kernel, and y in the input's memory format, as torch's point-wise ops keep it; no copy.
-            channels_last, x2d = True, moved.view(-1, channels)
+            # (reshape, not view: an exported graph replays this branch on any layout, copying there)
+            channels_last, x2d = True, moved.reshape(-1, channels)
         else:
             moved, x2d = None, x.reshape(x.shape[0] * channels, math.prod(x.shape[2:]))
     if weight is not None or bias is not None:

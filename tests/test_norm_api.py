@@ -394,6 +394,34 @@ def test_export_sees_the_custom_ops(strict, device):
     torch.testing.assert_close(program.module()(x), model(x))
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+def test_export_with_normalized_shape_from_a_dynamic_width(strict, device):
+    # The functional API with normalized_shape read off the input, whose last dim is dynamic: the
+    # shape holds a SymInt, which must pass the checks as a size (it is no numbers.Integral and
+    # does not hash) without specializing the dim, as torch.nn.functional's own norms do.
+    cases = {"size": lambda x: NF.layer_norm(x, x.shape[-1:], backend="triton"),
+             "tuple": lambda x: NF.rms_norm(x, (x.shape[-1],), backend="triton"),
+             "int": lambda x: NF.rms_norm(x, x.shape[-1], backend="triton")}
+    for name, fn in cases.items():
+        module = type("M", (torch.nn.Module,), {"forward": lambda self, x, fn=fn: fn(x)})()
+        dims = {"x": {0: torch.export.Dim("rows"), 1: torch.export.Dim("width")}}
+        program = torch.export.export(module, (torch.randn(3, 8, device=device),), dynamic_shapes=dims, strict=strict)
+        x = torch.randn(5, 24, device=device)
+        expected = (torch.nn.functional.layer_norm(x, (24,)) if name == "size"
+                    else torch.nn.functional.rms_norm(x, (24,)))
+        torch.testing.assert_close(program.module()(x), expected, msg=name)
+
+
+def test_exported_channels_first_dyt_runs_on_either_memory_format(device):
+    # Traced on a channels_last input, the graph reads its rows of C in place; replayed on a
+    # contiguous (B, C, H, W) input of the same shape, that branch must copy, not fail.
+    for layer in (normzoo.DyT(8, channels_last=False, backend="triton", device=device),
+                  normzoo.Derf(8, channels_last=False, backend="triton", device=device)):
+        x = torch.randn(2, 8, 3, 3, device=device)
+        program = torch.export.export(layer, (x.to(memory_format=torch.channels_last),))
+        torch.testing.assert_close(program.module()(x), layer(x))
+
+
 # ----------------------------------------------------------------------------------------------
 # The eager path (an autograd.Function) and what it hands to the custom ops instead
 # ----------------------------------------------------------------------------------------------
