@@ -483,6 +483,9 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     ops.check_input(x, "x")
     ops.check_input(h, "h")
+    if (type(x) is not Tensor or type(h) is not Tensor) and (x.is_nested or h.is_nested):
+        raise TypeError("fused residual ops take plain tensors, not nested ones; use the norm and the add apart "
+                        "(normzoo's norms take jagged nested tensors)")
     if x.shape != h.shape:
         raise ValueError(f"x and h must have the same shape, got {tuple(x.shape)} and {tuple(h.shape)}")
     if x.device != h.device:

@@ -273,6 +273,21 @@ def _wrapper_tensor_types() -> tuple:
     return _wrapper_types
 
 
+def _on_jagged_values(fn, x: Tensor, k: int) -> Tensor:
+    """``fn`` on a jagged nested tensor (B, j, ..., normalized dims), as torch's LayerNorm and
+    RMSNorm take it: on its packed values (Σj, ..., normalized dims), a plain tensor (the kernels'
+    rows), rewrapped with x's offsets; autograd passes both. The k normalized dims must be
+    regular, and the ragged dim the first after the batch."""
+    if x.layout is not torch.jagged:
+        raise TypeError(f"nested tensors are taken in the jagged layout (torch.nested.nested_tensor(..., "
+                        f"layout=torch.jagged)), got {x.layout}")
+    ragged = getattr(x, "_ragged_idx", 1)
+    if ragged != 1 or x.dim() - k < 2:
+        raise ValueError(f"a nested tensor's normalized dims must follow its batch and ragged dims (B, j, ...), "
+                         f"got {x.dim()} dims, the ragged one at {ragged}, {k} normalized")
+    return torch.nested.nested_tensor_from_jagged(fn(x.values()), x.offsets(), lengths=x.lengths())
+
+
 def _waited(t: Tensor) -> Tensor:
     """A functional collective's pending result (say, a gradient that a reduce-scatter produced)
     as the tensor it will be: the kernels need its data."""
@@ -473,13 +488,26 @@ _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # autograd's i
 _grad_enabled = torch.is_grad_enabled
 
 
+def _dispatches_itself(x: Tensor) -> bool:
+    """A tensor subclass with a ``__torch_dispatch__`` of its own (a wrapper such as torch's
+    TwoTensor, often without storage of its own), but DTensor (ops run it shard by shard, or
+    refuse it): it takes the custom ops, which its dispatch runs on the tensors it wraps; the
+    launchers would read a storage it does not have."""
+    return (type(x).__torch_dispatch__ is not _TENSOR_DISPATCH
+            and not isinstance(x, _wrapper_tensor_types()[0]))
+
+
+_TENSOR_DISPATCH = Tensor.__torch_dispatch__
+
+
 def _route(x: Tensor, *params: Tensor | None) -> str:
     """Which way a call goes:
 
     - "custom_op": anything but a plain eager call: torch.compile / torch.export, functorch
-      transforms (vmap, grad, jacrev...), torch.jit.trace, FakeTensorMode or make_fx, meta tensors.
-      These take the registered custom ops (fake implementations, the dispatcher's transform
-      rules); the launchers would otherwise run on tensors that have no data.
+      transforms (vmap, grad, jacrev...), torch.jit.trace, FakeTensorMode or make_fx, meta tensors,
+      a tensor subclass that dispatches itself (:func:`_dispatches_itself`). These take the
+      registered custom ops (fake implementations, the dispatcher's transform rules, the
+      subclass's own dispatch); the launchers would otherwise run on tensors that have no data.
     - "function": eager, and some tensor needs a gradient: the autograd.Function.
     - "forward": eager, no gradient.
 
@@ -495,6 +523,8 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
         return "custom_op"
     if _functorch_transforms_active():
         return "composite"
+    if type(x) is not Tensor and _dispatches_itself(x):
+        return "custom_op"
     if _grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return "function"
     return "forward"
@@ -540,6 +570,10 @@ def rowwise_norm(
     # helpers run only where a quick test fails, to raise their errors or handle the rare case.
     if type(x) is not Tensor:  # not a tensor, or a subclass: tensor parallelism's DTensor, a collective's result
         check_input(x)
+        if x.is_nested:
+            return _on_jagged_values(lambda v: rowwise_norm(
+                v, normalized_shape, weight, bias, eps, is_rms=is_rms, backend=backend, weight_offset=weight_offset,
+                x_hat_dtype=x_hat_dtype), x, len(normalized_shape_tuple(normalized_shape)))
         if isinstance(x, _wrapper_tensor_types()[0]):
             k = len(normalized_shape_tuple(normalized_shape))
             return _on_local_shards(lambda x, w, b: rowwise_norm(
@@ -765,11 +799,18 @@ def pointwise(
     """
     if type(x) is not Tensor:  # tensor parallelism's DTensor, or a collective's pending result (rowwise_norm)
         check_input(x)
+        param = weight if weight is not None else bias
+        # the channels-last dims the parameters cover
+        trailing = lambda: (len(normalized_shape_tuple(normalized_shape)) if normalized_shape is not None else  # noqa: E731
+                            param.dim() if param is not None else 1)
+        if x.is_nested:
+            if not channels_last:
+                raise ValueError("channels_last=False takes (B, C, *spatial) tensors, not nested ones")
+            return _on_jagged_values(lambda v: pointwise(
+                v, alpha, shift, weight, bias, activation=activation, channels_last=True, backend=backend,
+                normalized_shape=normalized_shape), x, trailing())
         if isinstance(x, _wrapper_tensor_types()[0]):
-            param = weight if weight is not None else bias
-            k = (len(normalized_shape_tuple(normalized_shape)) if normalized_shape is not None else
-                 param.dim() if param is not None else 1)
-            whole = range(x.dim() - k, x.dim()) if channels_last else (1,)
+            whole = range(x.dim() - trailing(), x.dim()) if channels_last else (1,)
             return _on_local_shards(lambda x, a, s, w, b: pointwise(
                 x, a, s, w, b, activation=activation, channels_last=channels_last, backend=backend,
                 normalized_shape=normalized_shape), x, (alpha, shift, weight, bias), whole)
@@ -1007,6 +1048,11 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
     for t, name in ((a, "q" if b is not None else "input"), (b, "k")):
         if t is not None:
             check_input(t, name)
+            if type(t) is not Tensor and t.is_nested:
+                if b is not None:
+                    raise TypeError("QK-norm takes q and k as plain tensors, not nested ones")
+                return _on_jagged_values(lambda v: headwise_norm(v, wa, None, None, eps, norm=norm, backend=backend),
+                                         a, 1)
             if t.dim() == 0:
                 raise ValueError(f"{name} must have at least one dimension")
     _check_headwise_weight(wa, "q_weight" if b is not None else "scale" if norm == "l2" else "weight", a, a.shape[-1])

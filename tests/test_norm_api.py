@@ -422,6 +422,60 @@ def test_exported_channels_first_dyt_runs_on_either_memory_format(device):
         torch.testing.assert_close(program.module()(x), layer(x))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jagged_nested_tensors(backend, device):
+    # torch's LayerNorm and RMSNorm take a jagged nested tensor (B, j, C): so do ours (on its packed
+    # values: the kernels' rows), with the same outputs and gradients; the other row norms too.
+    parts = [torch.randn(2, 8, device=device), torch.randn(3, 8, device=device)]
+    nested = lambda: torch.nested.nested_tensor([p.clone() for p in parts], layout=torch.jagged).requires_grad_()  # noqa: E731
+    for ours, theirs in ((normzoo.LayerNorm(8, backend=backend, device=device), torch.nn.LayerNorm(8, device=device)),
+                         (normzoo.RMSNorm(8, backend=backend, device=device), torch.nn.RMSNorm(8, device=device))):
+        with torch.no_grad():
+            ours.weight.normal_()
+            theirs.weight.copy_(ours.weight)
+        x, x_torch = nested(), nested()
+        y, y_torch = ours(x), theirs(x_torch)
+        assert y.is_nested and y.layout is torch.jagged
+        torch.testing.assert_close(y.values(), y_torch.values())
+        dy = torch.randn_like(y.values())
+        (y.values() * dy).sum().backward()
+        (y_torch.values() * dy).sum().backward()
+        torch.testing.assert_close(x.grad.values(), x_torch.grad.values())
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    for layer in (normzoo.DyT(8, backend=backend, device=device), normzoo.Derf(8, backend=backend, device=device),
+                  normzoo.ScaleNorm(8, backend=backend, device=device), normzoo.CRMSNorm(8, backend=backend)):
+        y = layer(nested())
+        for got, part in zip(y.unbind(), parts):
+            torch.testing.assert_close(got, layer(part), msg=type(layer).__name__)
+    with pytest.raises(TypeError, match="not nested"):
+        normzoo.QKNorm(8, device=device)(nested(), nested())
+    with pytest.raises(TypeError, match="not nested"):
+        normzoo.functional.add_norm(nested(), nested(), normzoo.LayerNorm(8, device=device))
+    with pytest.raises(ValueError, match="not nested"):
+        normzoo.DyT(8, channels_last=False, device=device)(nested())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_subclass_that_dispatches_itself_takes_the_custom_ops(backend, device):
+    # A wrapper subclass without storage of its own (torch's TwoTensor: two tensors, every op run on
+    # both) reached the launchers, which read its absent storage. It takes the custom ops now,
+    # which its __torch_dispatch__ runs on each tensor it wraps: forward and backward.
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    for layer in (*_norm_layers(device), normzoo.ScaleNorm(8, device=device)):
+        layer.backend = backend
+        a, b = torch.randn(4, 8, device=device), torch.randn(4, 8, device=device)
+        x = TwoTensor(a, b).requires_grad_()
+        y = layer(x)
+        assert type(y) is TwoTensor
+        torch.testing.assert_close(y.a, layer(a))
+        torch.testing.assert_close(y.b, layer(b))
+        y.sum().backward()
+        a.requires_grad_()
+        layer(a).sum().backward()
+        torch.testing.assert_close(x.grad.a, a.grad)
+
+
 # ----------------------------------------------------------------------------------------------
 # The eager path (an autograd.Function) and what it hands to the custom ops instead
 # ----------------------------------------------------------------------------------------------
