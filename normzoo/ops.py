@@ -75,7 +75,8 @@ def use_triton(backend: str, x: Tensor) -> bool:
 
 
 def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
-    """``int`` or sequence of ints -> tuple, as ``torch.nn.LayerNorm`` accepts."""
+    """``int`` or sequence of ints -> tuple, as ``torch.nn.LayerNorm`` accepts (a traced input's
+    sizes stay SymInts)."""
     # The usual case, a layer's own tuple of ints, checked inline. No cache by value: a SymInt (a
     # traced input's size, under torch.export or dynamic shapes) does not hash, and under dynamo a
     # lookup would specialize it.
@@ -276,16 +277,26 @@ def _wrapper_tensor_types() -> tuple:
 def _on_jagged_values(fn, x: Tensor, k: int) -> Tensor:
     """``fn`` on a jagged nested tensor (B, j, ..., normalized dims), as torch's LayerNorm and
     RMSNorm take it: on its packed values (Σj, ..., normalized dims), a plain tensor (the kernels'
-    rows), rewrapped with x's offsets; autograd passes both. The k normalized dims must be
-    regular, and the ragged dim the first after the batch."""
-    if x.layout is not torch.jagged:
-        raise TypeError(f"nested tensors are taken in the jagged layout (torch.nested.nested_tensor(..., "
-                        f"layout=torch.jagged)), got {x.layout}")
+    rows), rewrapped with x's offsets and cached sequence lengths; autograd passes both. The k
+    normalized dims must be regular, and the ragged dim the first after the batch. In a tensor with
+    holes (a narrow of a padded buffer: ``lengths``) the holes' values are taken as zeros: they are
+    anything at all, and a NaN there would reach the parameters' gradients (0·NaN)."""
     ragged = getattr(x, "_ragged_idx", 1)
     if ragged != 1 or x.dim() - k < 2:
         raise ValueError(f"a nested tensor's normalized dims must follow its batch and ragged dims (B, j, ...), "
                          f"got {x.dim()} dims, the ragged one at {ragged}, {k} normalized")
-    return torch.nested.nested_tensor_from_jagged(fn(x.values()), x.offsets(), lengths=x.lengths())
+    values, offsets, lengths = x.values(), x.offsets(), x.lengths()
+    if lengths is not None:
+        # +1 where a sequence starts, -1 where it ends: the running sum is 1 on its rows, 0 in holes
+        edges = torch.zeros(values.shape[0] + 1, dtype=torch.int32, device=values.device)
+        starts = offsets[: lengths.shape[0]]
+        edges.index_add_(0, starts, torch.ones_like(starts, dtype=torch.int32))
+        edges.index_add_(0, starts + lengths, -torch.ones_like(starts, dtype=torch.int32))
+        kept = edges.cumsum(0)[:-1].bool().view(-1, *(1,) * (values.dim() - 1))
+        values = torch.where(kept, values, 0.0)
+    return torch.nested.nested_tensor_from_jagged(
+        fn(values), offsets, lengths, min_seqlen=getattr(x, "_maybe_min_seqlen", None),
+        max_seqlen=getattr(x, "_maybe_max_seqlen", None))
 
 
 def _waited(t: Tensor) -> Tensor:

@@ -260,14 +260,17 @@ def _run_compile_check(args):
 # pytest-xdist (`--dist loadgroup`, the README's command) their tests are one xdist_group, so one
 # worker runs the compile once.
 @pytest.fixture(scope="module")
-def compile_check_run():
-    """The plain norms, the fused residual ops and the model switches (COMPILE_CHECK_ARGS)."""
-    out = _run_compile_check(COMPILE_CHECK_ARGS)
+def compile_check_run(tmp_path_factory):
+    """The plain norms, the fused residual ops and the model switches (COMPILE_CHECK_ARGS); the
+    report's rows (its JSON) in ``counts["rows"]``."""
+    report = tmp_path_factory.mktemp("compile_check") / "report"
+    out = _run_compile_check([*COMPILE_CHECK_ARGS, "--out", report])
     summary, fused, switch = (r.search(out.stdout) for r in (SUMMARY, FUSED_SUMMARY, SWITCH_SUMMARY))
     assert summary and fused and switch, out.stdout[-3000:] + out.stderr[-3000:]
     counts = {k: int(v) for k, v in summary.groupdict().items()}
     counts.update({f"fused_{k}": int(v) for k, v in fused.groupdict().items()})
     counts.update({f"switch_{k}": int(v) for k, v in switch.groupdict().items()})
+    counts["rows"] = json.loads(Path(f"{report}.json").read_text())["rows"]
     return out, counts
 
 
@@ -299,6 +302,8 @@ def test_every_kernel_compiles_for_hopper_without_spills(compile_check_run):
     # streams (bf16, fp32) at each aligned fused width.
     aligned = [n for n in FUSED_HIDDEN if n % 16 == 0]
     assert counts["narrow"] == 0 and counts["fused_narrow"] == 2 * 2 * len(aligned), report
+    narrow = {r["label"] for r in counts["rows"] if r.get("narrow_rows")}
+    assert all(re.match(r"(dyt|derf):norm_add_norm bwd ", label) for label in narrow), narrow
     # And the model switches (x_hat rounding to the input's and the weight's dtype, weight offset) at
     # 4096 and 16384: RMSNorm 2 + 1 + 2 layouts and LayerNorm's wb, forward and backward, bf16 only.
     assert counts["switch_variants"] == 2 * 2 * (2 + 1 + 2 + 1), report

@@ -447,6 +447,22 @@ def test_jagged_nested_tensors(backend, device):
         y = layer(nested())
         for got, part in zip(y.unbind(), parts):
             torch.testing.assert_close(got, layer(part), msg=type(layer).__name__)
+    # With holes (a narrow of a NaN-padded buffer): the holes' values must reach no gradient.
+    padded = torch.full((3, 6, 8), float("nan"), device=device)
+    starts, lengths = torch.tensor([0, 1, 2], device=device), torch.tensor([2, 4, 3], device=device)
+    rows = [slice(int(a), int(a + n)) for a, n in zip(starts, lengths)]
+    for i, r in enumerate(rows):
+        padded[i, r] = torch.randn(r.stop - r.start, 8, device=device)
+    padded.requires_grad_()
+    ours, theirs = normzoo.LayerNorm(8, backend=backend, device=device), torch.nn.LayerNorm(8, device=device)
+    y = ours(torch.nested.narrow(padded, 1, starts, lengths, layout=torch.jagged))
+    sum((part ** 2).sum() for part in y.unbind()).backward()
+    valid = [padded.detach()[i, r] for i, r in enumerate(rows)]
+    sum((theirs(part) ** 2).sum() for part in valid).backward()
+    for got, part in zip(y.unbind(), valid):
+        torch.testing.assert_close(got, theirs(part))
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
     with pytest.raises(TypeError, match="not nested"):
         normzoo.QKNorm(8, device=device)(nested(), nested())
     with pytest.raises(TypeError, match="not nested"):
