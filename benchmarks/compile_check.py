@@ -100,11 +100,11 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # 256: rows stacked in a tile; 1032: a multiple of 8 that is not one of 16 (rows read element-wise)
 DEFAULT_HIDDEN = [97, 256, 1024, 1032, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 # Fused residual variants (normzoo.fused): fewer widths (representative ones, rows stacked in a
-# tile, the 16-bit single-tile limit, one unaligned), 16-bit activations beside a 16-bit or an fp32
-# residual stream.
+# tile, the 16-bit single-tile limit, two unaligned: one stacked, one a row a tile), 16-bit
+# activations beside a 16-bit or an fp32 residual stream.
 FUSED_OPS = ("layernorm", "rmsnorm", "dyt", "derf")
 FUSED_MODES = ("add_norm", "norm_add", "norm_add_norm")
-FUSED_HIDDEN = [97, 256, 1024, 2048, 4096, 8192]
+FUSED_HIDDEN = [97, 256, 1024, 1025, 2048, 4096, 8192]
 # Weight and bias on every norm (RMSNorm has no bias), in the activation's dtype.
 FUSED_AFFINE = {"rmsnorm": ("w", True, False, False)}
 FUSED_AFFINE_DEFAULT = ("wb", True, True, False)
