@@ -7,6 +7,7 @@
     python -m benchmarks --ops rmsnorm --dtypes bf16 --rows 32768 --hidden 1024 4096
     python -m benchmarks --providers normzoo compile compile-tuned   # opt-in: inductor's coordinate-descent tuning
     python -m benchmarks --smoke                  # CPU check of the harness (no timing claims)
+    python -m benchmarks --from-json F.json [--out DIR]  # a saved run's PNG again (and its tables printed)
     python -m benchmarks --host [--out DIR]       # host cost per eager call (benchmarks/host.py): CPU or GPU
     python -m benchmarks --train-step [--tiny]    # a Llama training step with and without normzoo.swap (train_step.py)
 
@@ -15,7 +16,8 @@ with the residual add, ``<add_norm|norm_add|norm_add_norm>-<norm>``) and group n
 ``add_norm``, ``norm_add``, ``norm_add_norm`` (that op over the four norms) and ``fused`` (all 12).
 
 Writes ``<out>/<name>.json``, ``<out>/<name>.png`` and ``<out>/<name>.md`` (a table of GB/s and %
-of copy bandwidth). Without a CUDA GPU it says so and exits with status 2, unless ``--smoke``.
+of copy bandwidth; the PNG plots GB/s by device time when ``--device-time`` measured it, else by
+wall-clock). Without a CUDA GPU it says so and exits with status 2, unless ``--smoke``.
 The peers run where they import (one line says which did not); ``--budget-s`` stops the sweep
 before a shape that would start past the budget and still writes every file.
 """
@@ -51,11 +53,25 @@ def parse_args(argv):
                    help="also measure each call's GPU time alone (torch.profiler) and host time to issue it")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new shape after this many seconds; write what was measured")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for the files (default: benchmarks/results; --from-json: the JSON's own)")
     p.add_argument("--name", default=None, help="file stem; default: <gpu>-<ops>")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes on the CPU under TRITON_INTERPRET=1: checks the harness, measures nothing")
-    return p.parse_args(argv)
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="measure nothing: draw a saved run's PNG again from its JSON (as <out>/<its stem>.png) "
+                        "and print its tables")
+    args = p.parse_args(argv)
+    if args.from_json is not None:
+        from .harness import read_results
+
+        try:
+            args.saved = read_results(args.from_json)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # missing, not JSON, not a benchmark's JSON
+            p.error(f"--from-json {args.from_json}: not a saved benchmark run ({type(e).__name__}: {e})")
+        args.out = args.out or args.from_json.parent
+    args.out = args.out or Path("benchmarks/results")
+    return args
 
 
 def main(argv=None) -> int:
@@ -71,6 +87,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from . import harness
 
+    if args.from_json is not None:
+        return _replot(harness, args)
     if (status := harness.missing_gpu(args.smoke, "GPU kernels", "--smoke")) is not None:
         return status
     import torch
@@ -184,6 +202,20 @@ def main(argv=None) -> int:
     png = harness.plot(points, copy_gbps, args.out / f"{stem}.png", f"{stem} (copy {copy_gbps:.0f} GB/s)")
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
     print(table)
+    return 0
+
+
+def _replot(harness, args) -> int:
+    """--from-json: the PNG and tables of a saved run, as the run itself wrote them."""
+    _, copy_gbps, points = args.saved
+    stem = args.from_json.stem
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = harness.plot(points, copy_gbps, args.out / f"{stem}.png", f"{stem} (copy {copy_gbps:.0f} GB/s)")
+    print(harness.markdown_table(points))
+    if (split := harness.device_time_table(points)) is not None:
+        print(f"\n{split}")
+    if png:
+        print(f"\nwrote {png}")
     return 0
 
 

@@ -270,8 +270,25 @@ def _provider_table(points: list[Point], column: str, cell) -> str:
     return "\n".join(lines)
 
 
+def read_results(path: Path) -> tuple[dict, float, list[Point]]:
+    """``(environment, copy_gbps, points)`` of a JSON file :func:`write_results` wrote."""
+    data = json.loads(path.read_text())
+    points = [Point(**{("pass_" if k == "pass" else k): v for k, v in r.items()}) for r in data["results"]]
+    return data["environment"], data["copy_gbps"], points
+
+
+def plotted(points: list[Point]):
+    """``(y-axis label, gbps(point))`` for :func:`plot`: the GPU's own time where the run measured it
+    (--device-time; a point without it, None, is left out), else wall-clock. A run's device-time
+    plot must not show its wall-clock numbers, and the axis says which one it shows."""
+    if any(p.device_ms is not None for p in points):
+        return "GB/s (device time)", lambda p: None if p.device_ms is None else p.gbps * p.ms / p.device_ms
+    return "GB/s (wall-clock)", lambda p: p.gbps
+
+
 def plot(points: list[Point], copy_gbps: float, path: Path, title: str) -> Path | None:
-    """GB/s against hidden size, one panel per (op, dtype, rows) and pass. Needs matplotlib."""
+    """GB/s against hidden size, one panel per (op, dtype, rows) and pass (:func:`plotted`: by device
+    time when measured, else wall-clock). Needs matplotlib."""
     try:
         import matplotlib
 
@@ -280,6 +297,7 @@ def plot(points: list[Point], copy_gbps: float, path: Path, title: str) -> Path 
     except ImportError:
         print("matplotlib is not installed: skipping the plot")
         return None
+    ylabel, gbps = plotted(points)
     groups = sorted({(p.op, p.dtype, p.rows) for p in points})
     fig, axes = plt.subplots(len(groups), len(PASSES), figsize=(5 * len(PASSES), 3.2 * len(groups)), squeeze=False)
     for gi, (op, dtype, rows) in enumerate(groups):
@@ -287,13 +305,13 @@ def plot(points: list[Point], copy_gbps: float, path: Path, title: str) -> Path 
             ax = axes[gi][pi]
             sel = [p for p in points if (p.op, p.dtype, p.rows, p.pass_) == (op, dtype, rows, pass_)]
             for provider in sorted({p.provider for p in sel}):
-                pts = sorted((p.hidden, p.gbps) for p in sel if p.provider == provider)
+                pts = sorted((p.hidden, gbps(p)) for p in sel if p.provider == provider and gbps(p) is not None)
                 ax.plot([h for h, _ in pts], [g for _, g in pts], marker="o", label=provider)
             ax.axhline(copy_gbps, color="gray", linestyle="--", linewidth=1, label="copy")
             ax.set_xscale("log", base=2)
             ax.set_title(f"{op} {pass_} {dtype} rows={rows}", fontsize=9)
             ax.set_xlabel("hidden size N")
-            ax.set_ylabel("GB/s")
+            ax.set_ylabel(ylabel)
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

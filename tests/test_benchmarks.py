@@ -1,6 +1,7 @@
 """The benchmark harness runs end to end (CPU smoke mode: it checks the code, not the speed), and every
 kernel compiles for sm_90 without spills (benchmarks/compile_check.py, Triton's real compiler)."""
 
+import importlib.util
 import json
 import os
 import re
@@ -128,6 +129,37 @@ def test_smoke_run_device_time_split(tmp_path):
     assert all(r["host_ms"] > 0 and r["device_ms"] is None and r["device_pct_copy"] is None for r in results)
     md = (tmp_path / "d.md").read_text()
     assert "normzoo device % copy / host µs" in md and "| rmsnorm | bwd | fp32 | 8 | 32 | n/a / " in md
+
+
+def test_plot_shows_device_time_when_measured():
+    # A --device-time run's PNG plots the GPU's own time (wall-clock and device time differ by the
+    # host's share), and the axis says which of the two a plot shows.
+    from benchmarks.harness import Point, plotted
+
+    wall = Point("layernorm", "normzoo", "fwd", "bf16", 8, 32, ms=2.0, gbps=50.0, pct_copy=5.0)
+    split = Point("layernorm", "normzoo", "fwd", "bf16", 8, 32, ms=2.0, gbps=50.0, pct_copy=5.0, device_ms=0.5,
+                  device_pct_copy=20.0, host_ms=1.5)
+    unsplit = Point("layernorm", "eager", "fwd", "bf16", 8, 32, ms=2.0, gbps=50.0, pct_copy=5.0, host_ms=1.5)
+    label, gbps = plotted([wall])
+    assert label == "GB/s (wall-clock)" and gbps(wall) == 50.0
+    label, gbps = plotted([split, unsplit])
+    assert label == "GB/s (device time)" and gbps(split) == 200.0 and gbps(unsplit) is None
+
+
+def test_from_json_redraws_a_saved_run(tmp_path, capsys):
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"environment": {}, "copy_gbps": 100.0, "results": [
+        {"op": "rmsnorm", "provider": "normzoo", "pass": "fwd", "dtype": "bf16", "rows": 8, "hidden": 32, "ms": 1.0,
+         "gbps": 40.0, "pct_copy": 40.0, "device_ms": 0.5, "device_pct_copy": 80.0, "host_ms": 0.7}]}))
+    assert main(["--from-json", str(saved), "--out", str(tmp_path / "png")]) == 0
+    out = capsys.readouterr().out
+    assert "| rmsnorm | fwd | bf16 | 8 | 32 | 40 (40%) |" in out and "| 80% / 700 |" in out
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "png" / "run.png").is_file()
+    for bad in (tmp_path / "missing.json", Path(__file__)):  # not there; not JSON
+        with pytest.raises(SystemExit) as e:
+            main(["--from-json", str(bad)])
+        assert e.value.code == 2 and "not a saved benchmark run" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the profiler's device time needs a GPU")
