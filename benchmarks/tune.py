@@ -51,13 +51,15 @@ WARMUP_MS, REP_MS = 10, 40
 CHECK_RTOL = {"bfloat16": 3.2e-2, "float16": 4e-3, "float32": 4e-5}
 
 
-def parse_args(argv):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", nargs="+", default=["layernorm", "rmsnorm", "dyt", "derf"])
     p.add_argument("--passes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     p.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(DTYPES))
     p.add_argument("--hidden", nargs="+", type=positive_int, default=None,
-                   help="default: 1024 2048 4096 8192 16384 32768 (--smoke: 64); tuned in this order")
+                   help="default: 1024 2048 4096 8192 16384 32768 (--smoke: 64); tuned in this order. Multiples "
+                        "of 16 only (tables apply to no other width), and one per power of two: a table entry is "
+                        "keyed by op, pass, dtype and the next power of two of N")
     p.add_argument("--rows", type=positive_int, default=None, help="default: 32768 (--smoke: 16)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="seconds; then stop, keeping every key measured in full")
@@ -69,7 +71,28 @@ def parse_args(argv):
                    help="CPU, TRITON_INTERPRET=1, toy sizes: exercises the tuner, measures nothing")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "i/J": a compile worker (internal)
     p.add_argument("--plan", type=Path, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return parser().parse_args(argv)
+
+
+def check_hidden(hidden: list[int], key, vector_aligned) -> str | None:
+    """Why ``hidden`` cannot be tuned as given, or None. ``key(n)`` is the table key of width n
+    (heuristics.config_key for one op, pass and dtype); ``vector_aligned(n)`` whether a table
+    applies to rows of n at all (heuristics.vector_aligned)."""
+    if unaligned := [n for n in hidden if not vector_aligned(n)]:
+        return (f"--hidden {' '.join(map(str, unaligned))}: the tables apply only to widths that are multiples of "
+                "16 (kernels/heuristics.py, vector_aligned); the rules launch every other width")
+    widths: dict[str, list[int]] = {}
+    for n in hidden:
+        widths.setdefault(key(n), []).append(n)
+    if shared := {k: ns for k, ns in widths.items() if len(ns) > 1}:
+        return "; ".join(f"--hidden {' '.join(map(str, ns))} share the table key {k}" for k, ns in shared.items()) + (
+            " (for every op, pass and dtype alike: an entry is keyed by the next power of two of N), so the width "
+            "tuned last would overwrite the first: pass one width per power of two")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,6 +476,9 @@ def main(argv=None) -> int:
         print("--smoke runs the kernels in Triton's CPU interpreter: keep --rows <= 256 and --hidden <= 8192",
               file=sys.stderr)
         return 2
+    first_key = lambda n: s.key(args.ops[0], args.passes[0], getattr(torch, DTYPES[args.dtypes[0]]), n)
+    if (why := check_hidden(hidden, first_key, s.h.vector_aligned)) is not None:
+        parser().error(why)
     if args.out is None:
         args.out = (Path(tempfile.mkdtemp(prefix="normzoo-tune-")) / f"{SMOKE_GPU}.json" if args.smoke
                     else s.h.CONFIG_DIR / f"{s.gpu}.json")

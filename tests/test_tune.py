@@ -287,6 +287,22 @@ def test_smoke_never_writes_the_kernels_tables():
     assert not target.exists()
 
 
+def test_widths_a_table_cannot_hold_apart_are_refused(tmp_path):
+    # A table entry is keyed by the next power of two of N: 96 and 128 are one key, and the second
+    # tuned would silently overwrite the first. Tables apply to multiples of 16 only (heuristics).
+    key = lambda n: h.config_key("layernorm", "bwd", torch.bfloat16, n)  # noqa: E731
+    assert tune.check_hidden([64, 128, 4112], key, h.vector_aligned) is None
+    assert "share the table key layernorm|bwd|bfloat16|128" in tune.check_hidden([96, 64, 128], key, h.vector_aligned)
+    assert "multiples of 16" in tune.check_hidden([64, 100], key, h.vector_aligned)
+    out = tmp_path / "t.json"
+    r = _tune("--ops", "layernorm", "--passes", "bwd", "--hidden", "96", "128", "--out", out)
+    assert r.returncode == 2 and "--hidden 96 128 share the table key layernorm|bwd|bfloat16|128" in r.stderr, r.stderr
+    r = _tune("--hidden", "100", "--out", out)
+    assert r.returncode == 2 and "--hidden 100: the tables apply only to widths that are multiples of 16" in r.stderr
+    assert not out.exists()
+    assert "next power of two of N" in " ".join(tune.parser().format_help().split())
+
+
 def test_another_gpus_table_is_not_overwritten(tmp_path):
     out = tmp_path / "t.json"
     out.write_text(json.dumps({"gpu": "NVIDIA-H100-80GB-HBM3", "configs": {}}))
