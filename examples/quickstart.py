@@ -11,6 +11,7 @@ the real code); on a GPU the script also times a forward+backward of both models
 import argparse
 import copy
 import os
+import sys
 
 import torch
 
@@ -66,6 +67,29 @@ def max_rel_diff(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+# The README's Accuracy table: rtol by result dtype.
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
+
+
+def error(got, exact, rtol):
+    """The README's relative error against a float64 result: ‖got − exact‖ / (‖exact‖ + rtol·√numel)."""
+    got, exact = got.double(), exact.double()
+    return ((got - exact).norm() / (exact.norm() + rtol * exact.numel() ** 0.5)).item()
+
+
+def beyond_tolerance(ours, torchs, exact, rtol):
+    """The README's rule for every tensor (``name -> tensor`` in each dict): normzoo's error against
+    the float64 run within rtol + 2 × PyTorch's own. Returns ``(name, error, allowed)`` for the
+    tensors past it, and the largest share of its bound any tensor used."""
+    failed, worst = [], 0.0
+    for name in exact:
+        err, allowed = error(ours[name], exact[name], rtol), rtol + 2 * error(torchs[name], exact[name], rtol)
+        worst = max(worst, err / allowed)
+        if not err <= allowed:  # (a NaN fails too)
+            failed.append((name, err, allowed))
+    return failed, worst
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -90,6 +114,23 @@ def main():
         print("note: Triton's CPU interpreter converts fp32 to bf16 by truncation, where a GPU rounds to nearest: "
               "bf16 differences here are larger than on a GPU (the test suite corrects that conversion; README, "
               "Accuracy)")
+
+    # The check: both models against the same one in float64 (the README's Accuracy rule, whose
+    # second term allows for the rounding PyTorch's own model does at this precision).
+    logits_exact, grads_exact = run(copy.deepcopy(model).double(), tokens, targets)
+    rtol = RTOL[dtype]
+    failed, share = beyond_tolerance({"logits": logits, **grads}, {"logits": logits_ref, **grads_ref},
+                                     {"logits": logits_exact, **grads_exact}, rtol)
+    if failed:
+        failed.sort(key=lambda f: -f[1] / f[2])  # the worst first; a few say enough
+        for name, err, allowed in failed[:5]:
+            print(f"FAILED: {name}: error {err:.2e} against float64, allowed {allowed:.2e}", file=sys.stderr)
+        print(f"FAILED: {len(failed)} of {1 + len(grads)} outputs and gradients beyond the README's tolerance "
+              f"(rtol {rtol:g} for {args.dtype} + 2 × PyTorch's own error)"
+              + (f"; the worst {len(failed[:5])} above" if len(failed) > 5 else ""), file=sys.stderr)
+        sys.exit(1)
+    print(f"check:  logits and {len(grads)} gradients within the README's tolerance against a float64 run "
+          f"(rtol {rtol:g} + 2 × PyTorch's own error; the worst used {share:.0%} of it)")
 
     if args.device.startswith("cuda"):
         import triton.testing

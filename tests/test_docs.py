@@ -1,5 +1,6 @@
 """The README's promises that code can check: its tolerance table and its commands."""
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -33,3 +34,31 @@ def test_quickstart_runs_and_matches():
     assert out.returncode == 0, out.stderr
     rel = [float(v) for v in re.findall(r"relative difference ([0-9.e+-]+)", out.stdout)]
     assert len(rel) == 2 and max(rel) < 1e-5, out.stdout
+    assert "gradients within the README's tolerance" in out.stdout, out.stdout
+
+
+def test_quickstart_fails_beyond_the_readme_tolerance(tmp_path):
+    # The quickstart checks, not only prints: here its normzoo model (the reference backend, which
+    # is fast on the CPU) has a final norm weight off by 0.1%, far past float32's rtol.
+    broken = tmp_path / "broken_quickstart.py"
+    broken.write_text(
+        "import runpy, sys, torch, normzoo\n"
+        "real = normzoo.swap\n"
+        "def swap(model, **kw):\n"
+        "    report = real(model, **{**kw, 'backend': 'torch'})\n"
+        "    with torch.no_grad():\n"
+        "        model.final_norm.weight.mul_(1.001)\n"
+        "    return report\n"
+        "normzoo.swap = swap\n"
+        f"sys.argv = [{str(ROOT / 'examples' / 'quickstart.py')!r}]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    out = subprocess.run([sys.executable, str(broken)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "FAILED: logits: error" in out.stderr and "beyond the README's tolerance" in out.stderr, out.stderr
+
+
+def test_quickstart_tolerance_is_the_readmes():
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    assert quickstart.RTOL == {dtype: RTOL[dtype] for dtype in quickstart.RTOL}
