@@ -81,6 +81,16 @@ for arg in "$@"; do
 done
 [ $fused = 1 ] && [ $wide = 1 ] && { echo "--fused and --wide are two sessions: pick one" >&2; exit 2; }
 only=$((fused + wide))  # 1: one of the narrow sessions, which skip the full session's phases
+if [ $smoke = 0 ]; then
+  # As the Python tools do: without a GPU every phase would fail on its own, one after the other.
+  python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
+  case $? in
+    0) ;;
+    3) echo "No CUDA GPU found: this session times GPU kernels. Run it on a machine with a GPU, or pass --smoke" \
+         "to check the script on the CPU." >&2; exit 2 ;;
+    *) echo "torch does not import (above): no session" >&2; exit 2 ;;
+  esac
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # subprocesses find normzoo and benchmarks
 out=${OUT:-benchmarks/results/session}
 mkdir -p "$out"

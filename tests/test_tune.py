@@ -341,6 +341,14 @@ def test_session_script_smoke_runs_every_phase(tmp_path):
     assert {(p["op"], p["provider"]) for p in bench["results"]} >= {("layernorm", "normzoo"), ("dyt", "eager")}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_session_script_without_a_gpu_stops_at_once(tmp_path):
+    out = tmp_path / "out"
+    r = _run(["bash", "benchmarks/gpu_session.sh"], timeout=60, OUT=str(out))
+    assert r.returncode == 2 and "No CUDA GPU found" in r.stderr and "--smoke" in r.stderr, r.stdout + r.stderr
+    assert r.stdout == "" and not out.exists()
+
+
 def test_session_script_wide_smoke_runs_its_phases(tmp_path):
     # --wide: the whole-row tiles alone (tune-wide, then bench-wide with the table), no other phase.
     out = tmp_path / "out"
