@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import positive_int
+from . import positive_int, seconds
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -51,7 +51,7 @@ def parse_args(argv):
                         "compile-tuned only when named")
     p.add_argument("--device-time", action="store_true",
                    help="also measure each call's GPU time alone (torch.profiler) and host time to issue it")
-    p.add_argument("--budget-s", type=float, default=None,
+    p.add_argument("--budget-s", type=seconds, default=None,
                    help="start no new shape after this many seconds; write what was measured")
     p.add_argument("--out", type=Path, default=None,
                    help="directory for the files (default: benchmarks/results; --from-json: the JSON's own)")
@@ -71,6 +71,8 @@ def parse_args(argv):
             p.error(f"--from-json {args.from_json}: not a saved benchmark run ({type(e).__name__}: {e})")
         args.out = args.out or args.from_json.parent
     args.out = args.out or Path("benchmarks/results")
+    if args.out.exists() and not args.out.is_dir():  # (else the first save, after a shape's timing, fails)
+        p.error(f"--out {args.out} is a file: give a directory")
     return args
 
 

@@ -1180,10 +1180,17 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     tables = getattr(heuristics, "_tables", dict)()
     if args.table:  # the file's entries alone, under its GPU's name (a committed table of that name is set aside)
-        data = json.loads(args.table.read_text())
-        args.gpu, tables[data["gpu"]] = data["gpu"], {}
-        for key, entry in data["configs"].items():
-            heuristics.set_tuned(args.gpu, key, entry)
+        try:
+            data = json.loads(args.table.read_text())
+            gpu, configs = data["gpu"], dict(data["configs"])
+        except (OSError, ValueError, KeyError, TypeError) as e:  # missing, not JSON, no "gpu" or "configs"
+            p.error(f"--table {args.table}: not a launch table ({type(e).__name__}: {e})")
+        args.gpu, tables[gpu] = gpu, {}
+        for key, entry in configs.items():
+            try:
+                heuristics.set_tuned(args.gpu, key, entry)
+            except (ValueError, TypeError, AttributeError) as e:  # an entry the kernels would refuse too
+                p.error(f"--table {args.table}: entry {key}: {e}")
     if args.gpu and args.gpu not in tables:  # (a report would name a table it never applied)
         print(f"no measured table for {args.gpu!r} in kernels/configs (have: {sorted(tables) or 'none'})",
               file=sys.stderr)

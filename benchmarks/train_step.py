@@ -34,6 +34,8 @@ import time
 import warnings
 from pathlib import Path
 
+from . import seconds
+
 # hidden, layers, heads, MLP width, vocabulary. "llama-134m": the GPU default (GPT-2-small-sized
 # blocks, Llama's MLP and vocabulary); "tiny": 1.05M parameters for the CPU smoke run (one layer:
 # each norm is a few interpreted launches per step).
@@ -67,7 +69,7 @@ def parse_args(argv):
     p.add_argument("--batches", type=int, default=4, help="distinct training batches, cycled (default 4)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget-s", type=float, default=None,
+    p.add_argument("--budget-s", type=seconds, default=None,
                    help="start no new variant after this many seconds; write what was measured")
     p.add_argument("--out", type=Path, default=None, help="directory for the files (default: benchmarks/results)")
     p.add_argument("--name", default=None, help="file stem; default: train-step-<gpu> (--tiny: train-step-smoke-cpu)")
@@ -86,6 +88,14 @@ def parse_args(argv):
         args.variants = ["torch", "normzoo"] + (["torch-compile", "normzoo-compile"] if args.compile else [])
     if args.steps < 1 or args.warmup < 0 or args.batches < 1:
         p.error("--steps must be >= 1, --warmup >= 0 and --batches >= 1")
+    if args.from_json is not None:
+        try:
+            args.saved = json.loads(args.from_json.read_text())
+        except (OSError, ValueError) as e:  # missing, a directory, not JSON
+            p.error(f"--from-json {args.from_json}: {type(e).__name__}: {e}")
+        if not isinstance(args.saved, dict) or {"name", "environment", "setup", "results"} - set(args.saved):
+            p.error(f"--from-json {args.from_json}: not a saved training-step run (no name, environment, setup, "
+                    "results)")
     return args
 
 
@@ -349,7 +359,7 @@ def write(data: dict, out: Path, formats) -> list[Path]:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.from_json is not None:
-        data = json.loads(args.from_json.read_text())
+        data = args.saved
         print(markdown(data))
         if args.out is not None:
             write(data, args.out, [f for f in args.formats if f != "json"])

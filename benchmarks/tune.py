@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import positive_int
+from . import nonnegative_int, positive_int, seconds
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SMOKE_GPU = "smoke-cpu"  # the table name a --smoke run installs its candidates under
@@ -61,9 +61,9 @@ def parser() -> argparse.ArgumentParser:
                         "of 16 only (tables apply to no other width), and one per power of two: a table entry is "
                         "keyed by op, pass, dtype and the next power of two of N")
     p.add_argument("--rows", type=positive_int, default=None, help="default: 32768 (--smoke: 16)")
-    p.add_argument("--budget-s", type=float, default=None,
+    p.add_argument("--budget-s", type=seconds, default=None,
                    help="seconds; then stop, keeping every key measured in full")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=nonnegative_int, default=None,
                    help="processes that compile the candidates first (default: 8 on a GPU, 0 with --smoke)")
     p.add_argument("--out", type=Path, default=None,
                    help="table to write (default: kernels/configs/<gpu>.json; --smoke: a temporary file)")

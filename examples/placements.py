@@ -290,10 +290,6 @@ def main():
                         help="CPU threads (0: torch's default); 1 is faster on a CPU that other jobs are using")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    if rearrange is None:
-        raise SystemExit("examples/placements.py needs einops: pip install einops (or pip install -e \".[examples]\")")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     for name in ("dim", "heads", "context", "batch", "eval_batch", "corpus_chars"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -305,6 +301,30 @@ def main():
         parser.error("--mix-ratio must be in [0, 1]")
     if args.dim % args.heads:
         parser.error("--dim must be a multiple of --heads")
+    # (`not x > 0` and the like also refuse NaN)
+    if not args.lr > 0:
+        parser.error("--lr must be positive")
+    if not 0.0 <= args.warmup <= 1.0:
+        parser.error("--warmup must be in [0, 1] (a share of the steps)")
+    if not args.weight_decay >= 0:
+        parser.error("--weight-decay must be at least 0")
+    if not args.clip > 0:
+        parser.error("--clip must be positive")
+    if not 0.0 <= args.smoothing < 1.0:  # 1 would divide by zero in smooth()'s bias correction
+        parser.error("--smoothing must be in [0, 1)")
+    if args.threads < 0:
+        parser.error("--threads must be at least 0")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU found (torch.cuda.is_available() is False); "
+                     "leave --device out to run on the CPU")
+    if rearrange is None:
+        raise SystemExit("examples/placements.py needs einops: pip install einops (or pip install -e \".[examples]\")")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     text = make_corpus(args.corpus_chars, args.seed)
     alphabet = sorted(set(text))

@@ -231,6 +231,28 @@ def test_no_gpu_exits_cleanly(capsys):
     assert "No CUDA GPU found" in capsys.readouterr().err
 
 
+def test_bad_arguments_are_clear_errors(tmp_path, capsys):
+    # Each used to be accepted (a negative budget) or to end in a traceback (an --out that is a file,
+    # after the first shape's timing; a missing or non-JSON saved run).
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not JSON")
+    for argv, says in ((["--smoke", "--out", str(a_file)], f"--out {a_file} is a file"),
+                       (["--smoke", "--budget-s", "-5"], "--budget-s: expected seconds (a number >= 0)"),
+                       (["--train-step", "--tiny", "--budget-s", "-5"], "--budget-s: expected seconds"),
+                       (["--train-step", "--from-json", str(tmp_path / "missing.json")], "FileNotFoundError"),
+                       (["--train-step", "--from-json", str(a_file)], "JSONDecodeError")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err, argv
+
+
+def test_compile_check_refuses_a_table_it_cannot_read(tmp_path):
+    # (its own process: importing compile_check unsets TRITON_INTERPRET for the real compiler)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", "--table", str(tmp_path / "missing.json")],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 2 and "not a launch table (FileNotFoundError" in r.stderr, r.stderr[-2000:]
+
+
 # The widths the sm_90 compile test sweeps: unaligned and tiny, a single-tile row, a looped row
 # that is not a multiple of 16. Every op, affine layout and parameter dtype at each.
 # 256: rows stacked in a tile, whose backward's register estimate once launched 1.15-1.73 waves

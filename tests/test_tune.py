@@ -303,6 +303,14 @@ def test_widths_a_table_cannot_hold_apart_are_refused(tmp_path):
     assert "next power of two of N" in " ".join(tune.parser().format_help().split())
 
 
+def test_negative_budget_and_jobs_are_refused(capsys):
+    for argv, says in ((["--budget-s", "-5"], "--budget-s: expected seconds"),
+                       (["--jobs", "-2"], "--jobs: expected an integer >= 0")):
+        with pytest.raises(SystemExit) as e:
+            tune.parse_args(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_another_gpus_table_is_not_overwritten(tmp_path):
     out = tmp_path / "t.json"
     out.write_text(json.dumps({"gpu": "NVIDIA-H100-80GB-HBM3", "configs": {}}))
