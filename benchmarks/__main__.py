@@ -30,6 +30,7 @@ from pathlib import Path
 from . import positive_int, seconds
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+SMOKE_SKIPS = ("compile", "compile-tuned")  # --smoke runs no inductor: its compiles take minutes on the CPU
 
 
 def parse_args(argv):
@@ -126,6 +127,13 @@ def main(argv=None) -> int:
     if args.smoke:
         if wanted_peers:
             print("peers: skipped in --smoke (they need a CUDA GPU)")
+        asked = {q for op in args.ops for q in (args.providers or default_providers(CASES[op]))}
+        if skipped := [q for q in SMOKE_SKIPS if q in asked]:
+            print(f"{' and '.join(skipped)}: skipped in --smoke (inductor compiles take minutes on the CPU)")
+        if not asked - set(SMOKE_SKIPS) - set(PEERS):
+            print(f"--smoke runs none of the providers {sorted(asked)} (the peers need a CUDA GPU; inductor "
+                  "compiles take minutes on the CPU): name normzoo or eager too", file=sys.stderr)
+            return 2
     elif wanted_peers:
         peers, notes = peer_providers(wanted_peers)
         for note in notes:
@@ -151,8 +159,8 @@ def main(argv=None) -> int:
             case = CASES[op]
             fns = {**case.providers, **peers.get(op, {})}
             providers = [q for q in (args.providers or default_providers(case) + list(peers.get(op, {}))) if q in fns]
-            if args.smoke:  # inductor compiles take minutes on CPU
-                providers = [q for q in providers if q not in ("compile", "compile-tuned")]
+            if args.smoke:
+                providers = [q for q in providers if q not in SMOKE_SKIPS]
             leaves = case.make_inputs(rows, hidden, dtype, device)
             dy = case.make_grads(rows, hidden, dtype, device)  # a tuple for several outputs: (dy, ds)
             for provider in providers:

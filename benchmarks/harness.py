@@ -261,8 +261,8 @@ def _provider_table(points: list[Point], column: str, cell) -> str:
     cells: dict = {}
     for p in points:
         cells.setdefault((p.op, p.pass_, p.dtype, p.rows, p.hidden), {})[p.provider] = p
-    lines = ["| op | pass | dtype | rows | N | " + " | ".join(f"{q} {column}" for q in providers) + " |",
-             "|---" * (5 + len(providers)) + "|"]
+    header = ["op", "pass", "dtype", "rows", "N"] + [f"{q} {column}" for q in providers]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for k in sorted(cells):
         row = cells[k]
         vals = [cell(row[q]) if q in row else "—" for q in providers]
@@ -296,6 +296,9 @@ def plot(points: list[Point], copy_gbps: float, path: Path, title: str) -> Path 
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: skipping the plot")
+        return None
+    if not points:
+        print("no results: no plot")
         return None
     ylabel, gbps = plotted(points)
     groups = sorted({(p.op, p.dtype, p.rows) for p in points})

@@ -253,6 +253,19 @@ def test_compile_check_refuses_a_table_it_cannot_read(tmp_path):
     assert r.returncode == 2 and "not a launch table (FileNotFoundError" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode needs the interpreter; on a GPU run the real benchmark")
+def test_smoke_says_what_it_skips_and_an_empty_table_is_well_formed(tmp_path, capsys):
+    # Inductor does not run in --smoke: a run of it alone has nothing to do, and says so.
+    assert main(["--smoke", "--providers", "compile", "--out", str(tmp_path)]) == 2
+    assert "compile: skipped in --smoke" in capsys.readouterr().out
+    # A budget spent before the first shape writes a table with no rows, its header and separator
+    # of one width.
+    assert main(["--smoke", "--ops", "rmsnorm", "--budget-s", "0", "--out", str(tmp_path), "--name", "e"]) == 0
+    assert "budget of 0 s spent" in capsys.readouterr().out
+    header, separator = (tmp_path / "e.md").read_text().strip().splitlines()[-2:]
+    assert header.count("|") == separator.count("|") == 6 and header.startswith("| op |")
+
+
 # The widths the sm_90 compile test sweeps: unaligned and tiny, a single-tile row, a looped row
 # that is not a multiple of 16. Every op, affine layout and parameter dtype at each.
 # 256: rows stacked in a tile, whose backward's register estimate once launched 1.15-1.73 waves
