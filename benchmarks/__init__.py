@@ -1,6 +1,7 @@
 """normzoo's benchmarks, tuner and static compile report (``python -m benchmarks --help``)."""
 
 import argparse
+import json
 
 
 def _int_at_least(minimum: int, what: str):
@@ -31,3 +32,12 @@ def seconds(text: str) -> float:
     if not value >= 0:  # (NaN too)
         raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0), got {text}")
     return value
+
+
+def json_argument(parser: argparse.ArgumentParser, option: str, path, what: str, read=lambda data: data):
+    """``read`` of the JSON file that ``option`` names, or an argparse error (exit 2) saying it is not
+    ``what``: missing, not JSON, or one ``read`` refuses (a KeyError, TypeError or ValueError)."""
+    try:
+        return read(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        parser.error(f"{option} {path}: not {what} ({type(e).__name__}: {e})")

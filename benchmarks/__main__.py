@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import positive_int, seconds
+from . import json_argument, positive_int, seconds
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SMOKE_SKIPS = ("compile", "compile-tuned")  # --smoke runs no inductor: its compiles take minutes on the CPU
@@ -64,12 +64,9 @@ def parse_args(argv):
                         "and print its tables")
     args = p.parse_args(argv)
     if args.from_json is not None:
-        from .harness import read_results
+        from .harness import parse_results
 
-        try:
-            args.saved = read_results(args.from_json)
-        except (OSError, ValueError, KeyError, TypeError) as e:  # missing, not JSON, not a benchmark's JSON
-            p.error(f"--from-json {args.from_json}: not a saved benchmark run ({type(e).__name__}: {e})")
+        args.saved = json_argument(p, "--from-json", args.from_json, "a saved benchmark run", parse_results)
         args.out = args.out or args.from_json.parent
     args.out = args.out or Path("benchmarks/results")
     if args.out.exists() and not args.out.is_dir():  # (else the first save, after a shape's timing, fails)

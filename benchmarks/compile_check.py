@@ -80,7 +80,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from . import positive_int
+from . import json_argument, positive_int
 
 os.environ.pop("TRITON_INTERPRET", None)  # must precede the kernels' @triton.jit definitions
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
@@ -1180,11 +1180,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     tables = getattr(heuristics, "_tables", dict)()
     if args.table:  # the file's entries alone, under its GPU's name (a committed table of that name is set aside)
-        try:
-            data = json.loads(args.table.read_text())
-            gpu, configs = data["gpu"], dict(data["configs"])
-        except (OSError, ValueError, KeyError, TypeError) as e:  # missing, not JSON, no "gpu" or "configs"
-            p.error(f"--table {args.table}: not a launch table ({type(e).__name__}: {e})")
+        gpu, configs = json_argument(p, "--table", args.table, "a launch table",
+                                     lambda data: (data["gpu"], dict(data["configs"])))
         args.gpu, tables[gpu] = gpu, {}
         for key, entry in configs.items():
             try:

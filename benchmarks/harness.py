@@ -270,9 +270,8 @@ def _provider_table(points: list[Point], column: str, cell) -> str:
     return "\n".join(lines)
 
 
-def read_results(path: Path) -> tuple[dict, float, list[Point]]:
-    """``(environment, copy_gbps, points)`` of a JSON file :func:`write_results` wrote."""
-    data = json.loads(path.read_text())
+def parse_results(data: dict) -> tuple[dict, float, list[Point]]:
+    """``(environment, copy_gbps, points)`` of what :func:`write_results` wrote, as read from its JSON."""
     points = [Point(**{("pass_" if k == "pass" else k): v for k, v in r.items()}) for r in data["results"]]
     return data["environment"], data["copy_gbps"], points
 

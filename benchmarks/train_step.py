@@ -34,7 +34,7 @@ import time
 import warnings
 from pathlib import Path
 
-from . import seconds
+from . import json_argument, seconds
 
 # hidden, layers, heads, MLP width, vocabulary. "llama-134m": the GPU default (GPT-2-small-sized
 # blocks, Llama's MLP and vocabulary); "tiny": 1.05M parameters for the CPU smoke run (one layer:
@@ -89,13 +89,7 @@ def parse_args(argv):
     if args.steps < 1 or args.warmup < 0 or args.batches < 1:
         p.error("--steps must be >= 1, --warmup >= 0 and --batches >= 1")
     if args.from_json is not None:
-        try:
-            args.saved = json.loads(args.from_json.read_text())
-        except (OSError, ValueError) as e:  # missing, a directory, not JSON
-            p.error(f"--from-json {args.from_json}: {type(e).__name__}: {e}")
-        if not isinstance(args.saved, dict) or {"name", "environment", "setup", "results"} - set(args.saved):
-            p.error(f"--from-json {args.from_json}: not a saved training-step run (no name, environment, setup, "
-                    "results)")
+        args.saved = json_argument(p, "--from-json", args.from_json, "a saved training-step run", _saved_run)
     return args
 
 
@@ -354,6 +348,12 @@ def write(data: dict, out: Path, formats) -> list[Path]:
         path.write_text(markdown(data) + "\n")
         written.append(path)
     return written
+
+
+def _saved_run(data) -> dict:
+    if not isinstance(data, dict) or {"name", "environment", "setup", "results"} - set(data):
+        raise ValueError("no name, environment, setup, results")
+    return data
 
 
 def main(argv=None) -> int:
