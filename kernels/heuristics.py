@@ -359,7 +359,7 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None, fuse
     # Rows that are not a multiple of 16 (element-wise addresses): 4 values a thread, but 2 in a
     # fused one-row tile, where DyT beside an fp32 stream spilled 8 bytes at 64 registers in 8
     # warps (N = 1025-8193); at 2, in 16 warps, 40-58 and no spill (compile_check, sm_90).
-    values = 8 if aligned and not peri else 4 if peri or not fused else 2
+    values = 8 if aligned and not peri else 2 if fused and not peri else 4
     if fused:
         block_m = max(1, block_m // 2)
     num_warps = max(1, min(block_m * block_n // (32 * values), 16))
