@@ -27,7 +27,8 @@ every launch its gradient makes for incoming dy and ds (add_norm: dres = ds, dx 
 dtype and a second dx in the activation's when they differ; norm_add: N's backward of ds;
 norm_add_norm: N2's backward and N's on its fp32 result in one pass where the row fits one fused
 tile, else N2's backward with dres and an fp32 dx copy for a 16-bit stream, then N's plain
-backward of that fp32 gradient).
+backward of that fp32 gradient). RMSNorm's fused variants are compiled again with x̂ rounded as
+a model's norm rounds it (``FUSED_X_HAT``: Llama's ``x_hat_dtype="input"``, y in that norm's dtype).
 
 Model switches of the plain norms' kernels (``SWITCHES``) go through the ops layer's own forward
 and backward too (``normzoo.ops._rowwise_forward`` / ``_rowwise_backward``): x̂ rounded before the
@@ -108,6 +109,10 @@ FUSED_HIDDEN = [97, 256, 1024, 1025, 2048, 4096, 8192]
 # Weight and bias on every norm (RMSNorm has no bias), in the activation's dtype.
 FUSED_AFFINE = {"rmsnorm": ("w", True, False, False)}
 FUSED_AFFINE_DEFAULT = ("wb", True, True, False)
+# RMSNorm's x̂ rounding in the fused ops (Llama's add + RMSNorm; T5's "weight" with a 16-bit weight
+# compiles the same rounding), in the fused variants' layout and with fp32 weights (y then fp32).
+FUSED_X_HAT = ("input",)
+FUSED_X_HAT_AFFINE = (FUSED_AFFINE["rmsnorm"], ("w-fp32", True, False, True))
 # Channels of the channels-first DyT/Derf views ((B, C, S) as (B·C, S) rows, one channel per row).
 CHANNELS_FIRST_C = 256
 # Model switches of the plain norms' kernels: name -> ({op: affine layouts}, x_hat_dtype, weight_offset).
@@ -272,7 +277,7 @@ class Variant:
     rows: int
     mode: str | None = None  # a fused residual variant's mode (FUSED_MODES); None: the plain norm
     stream: str | None = None  # ... and its residual stream's (and sum's) dtype
-    switch: str | None = None  # a model switch of the plain norm's kernel (SWITCHES)
+    switch: str | None = None  # a model switch of the plain norm's kernel (SWITCHES), or a fused one's (x_hat=...)
     layout: str | None = None  # a head-wise variant's tensors, where there is more than one (QK-norm)
 
     @property
@@ -287,7 +292,8 @@ class Variant:
     @property
     def label(self) -> str:
         if self.mode:
-            return f"{self.op}:{self.mode} {self.pass_} {self.dtype}/{self.stream} {self.affine} N={self.n}"
+            switch = f"[{self.switch}]" if self.switch else ""
+            return f"{self.op}{switch}:{self.mode} {self.pass_} {self.dtype}/{self.stream} {self.affine} N={self.n}"
         if self.switch:
             return f"{self.op}[{self.switch}] {self.pass_} {self.dtype} {self.affine} N={self.n}"
         layout = f" ({self.layout})" if self.layout else ""
@@ -455,9 +461,10 @@ def launches_of(recorder: LaunchRecorder, op: str, dtype: str, affine: tuple, n:
 
 
 def fused_launches_of(recorder: LaunchRecorder, op: str, mode: str, dtype: str, stream: str, affine: tuple, n: int,
-                      rows: int) -> dict:
+                      rows: int, x_hat_dtype: str | None = None) -> dict:
     """{pass: [Launch, ...]} for one fused residual op (normzoo.fused): activation h in ``dtype``,
-    residual stream x and the sum s in ``stream``, every norm with the ``affine`` layout. Runs the
+    residual stream x and the sum s in ``stream``, every norm with the ``affine`` layout, rounding
+    x̂ as ``x_hat_dtype`` says (RMSNorm; y and dy in that norm's dtype). Runs the
     ops layer's own forward and backward implementation with the Triton launchers, so the
     launches (and their dtypes, dres and dx2 copies) are the ones a training step makes; the
     backward gets both incoming gradients, dy (h's dtype) and ds (the stream's)."""
@@ -480,14 +487,15 @@ def fused_launches_of(recorder: LaunchRecorder, op: str, mode: str, dtype: str, 
     scale, eps = 1.0, 1e-5
     out = {}
     with recorder.capture(h.shape) as out["fwd"]:
-        y, s, stats1, stats2 = fused._fused_forward(h, x, p1, p2, op, mode, eps, eps, scale, None, True)
-    dy = torch.empty(rows, n, dtype=h_dtype, device=meta) if mode != "norm_add" else None
+        y, s, stats1, stats2 = fused._fused_forward(h, x, p1, p2, op, mode, eps, eps, scale, None, True, 0.0,
+                                                    fused._ROUNDING[x_hat_dtype])
+    dy = torch.empty(rows, n, dtype=y.dtype, device=meta) if mode != "norm_add" else None  # in y's dtype
     ds = torch.empty(rows, n, dtype=s.dtype, device=meta)
     needs = (p1[0] is not None, p2[0] is not None)
     db_dtypes = tuple(p[1].dtype if p[1] is not None else None for p in (p1, p2))
     with recorder.capture(h.shape) as out["bwd"]:
         fused._fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, op, mode, scale, x_dtype, h_dtype, needs,
-                              db_dtypes, True)
+                              db_dtypes, True, 0.0, fused._ROUNDING[x_hat_dtype])
     return out
 
 
@@ -1045,7 +1053,9 @@ def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: 
     ] + ([
         "- Fused residual variants (`op:mode`, through normzoo.fused's own forward and backward): activation h "
         "and y in the first dtype, residual stream x and sum s in the second (`bf16/fp32`), every norm with "
-        "weight and bias (RMSNorm: weight) in the activation's dtype; their backward gets both dy and ds.",
+        "weight and bias (RMSNorm: weight) in the activation's dtype; their backward gets both dy and ds. "
+        "`rmsnorm[x_hat=input]`: RMSNorm rounding x̂ as Llama's does (to each norm's input's dtype), also with "
+        "fp32 weights (`w-fp32`: y and dy then in fp32, as that norm returns).",
     ] if fused_summary else []) + ([
         "- Model switches (`op[switch]`, through normzoo.ops' own forward and backward): `x_hat=input` (Llama: "
         "x̂ rounded to x's dtype, `ROUND_X_HAT` \"input\"; with an fp32 weight y is fp32), `x_hat=weight` (T5: "
@@ -1146,6 +1156,8 @@ def main(argv=None) -> int:
                    help="activation (h, y) dtypes of the fused variants")
     p.add_argument("--fused-streams", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES),
                    help="residual stream (x) and sum (s) dtypes of the fused variants")
+    p.add_argument("--fused-x-hat", nargs="*", default=list(FUSED_X_HAT), choices=["input", "weight"],
+                   help="RMSNorm's x_hat_dtype to compile the fused variants with too (none: --fused-x-hat alone)")
     p.add_argument("--switches", nargs="*", default=list(SWITCHES), choices=list(SWITCHES),
                    help="model switches of LayerNorm/RMSNorm to compile beside their plain twins (none: --switches "
                         "alone), for the --ops among layernorm, rmsnorm")
@@ -1220,6 +1232,18 @@ def main(argv=None) -> int:
                 continue
             for pass_ in args.passes:
                 variant = Variant(op, pass_, dtype, affine[0], n, args.rows, mode, stream)
+                records += [(variant, launch) for launch in per_pass[pass_]]
+        for x_hat, dtype, stream, n, mode, affine in itertools.product(
+                args.fused_x_hat if "rmsnorm" in args.ops else (), args.fused_dtypes, args.fused_streams,
+                args.fused_hidden, args.fused_modes, FUSED_X_HAT_AFFINE):
+            try:
+                per_pass = fused_launches_of(recorder, "rmsnorm", mode, dtype, stream, affine, n, args.rows, x_hat)
+            except Exception as exc:
+                fused_launch_errors.append(f"rmsnorm[x_hat={x_hat}]:{mode} {dtype}/{stream} {affine[0]} N={n}: "
+                                           f"{type(exc).__name__}: {exc}")
+                continue
+            for pass_ in args.passes:
+                variant = Variant("rmsnorm", pass_, dtype, affine[0], n, args.rows, mode, stream, f"x_hat={x_hat}")
                 records += [(variant, launch) for launch in per_pass[pass_]]
         for switch, dtype, n in itertools.product(args.switches, args.switch_dtypes, args.switch_hidden):
             layouts, _, _ = SWITCHES[switch]

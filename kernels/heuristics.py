@@ -232,7 +232,7 @@ def _resident_estimate(num_warps: int, regs_per_thread: int) -> int:
 
 def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: int | None,
                   fused: bool = False, two_stores: bool = False, peri: bool = False,
-                  affine: bool = True) -> LaunchConfig:
+                  affine: bool = True, wide_dy: bool = False) -> LaunchConfig:
     limit = single_tile_limit(dtype)
     aligned = vector_aligned(n_cols)
     if not aligned:
@@ -308,6 +308,11 @@ def _rowwise_rule(n_cols: int, dtype: torch.dtype, backward: bool, max_block_n: 
     # looped tiles keep the single tile's 7 (55-80 registers at 8 values in 4 warps: the lower
     # estimate would leave no margin there for another Triton version's register count).
     per_value = (7 if single_tile or fused else 5) if aligned else 12
+    if wide_dy and two_stores and not single_tile and aligned:
+        # An fp32 dy beside the 16-bit second dx (an x_hat_dtype RMSNorm's fp32 y over an fp32 stream,
+        # add_norm): 122 registers at 8 values in 4 warps, where the same launch with a 16-bit dy
+        # took 70 (compile_check, sm_90, N 4096 and 8192): 11 a value estimates 128, 4 programs.
+        per_value = 11
     if single_tile and block_m == 1 and not affine and not fused and aligned:
         # A plain backward with no weight to load and no dw/db to sum (a norm without
         # elementwise_affine, as DiT's adaLN LayerNorm) holds only x and dy: 35-59 registers at
@@ -374,7 +379,8 @@ def _elementwise_rule(n_cols: int, backward: bool, max_block_n: int | None, fuse
 
 @functools.lru_cache(maxsize=4096)
 def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: torch.device,
-                  max_block_n: int | None = None, affine: bool = True, timed_layout: bool = True) -> LaunchConfig:
+                  max_block_n: int | None = None, affine: bool = True, timed_layout: bool = True,
+                  wide_dy: bool = False) -> LaunchConfig:
     """The launch configuration for one kernel call. ``max_block_n`` caps the column tile (tests
     use it to reach the looped path on small rows); a capped call ignores the measured tables.
     ``affine=False``: a row-wise backward with no weight to load and no dw/db to sum (a lighter
@@ -382,7 +388,7 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
     ``timed_layout=False``: the launch is not the plain norm's layout that tables are timed on (a
     fused op's forward holds more per row, a dy in another dtype than x takes more shared memory):
     a whole-row entry (``single_tile``) is ignored, the rules' tiles run, and a persistent one runs
-    one tile a program.
+    one tile a program. ``wide_dy``: a fused backward's dy is 32-bit where its second dx is 16-bit.
     ``pass_``: ``"fwd"``, ``"bwd"``, ``"bwd_res"`` (a fused residual op's backward, which also
     reads the sum's gradient: rules only, no table), ``"bwd_res2"`` (the same, storing dx twice) or
     ``"bwd_peri"`` (norm_add_norm's one-pass backward: two norms' gradients, read as bwd_res2)."""
@@ -390,7 +396,7 @@ def launch_config(op: str, pass_: str, n_cols: int, dtype: torch.dtype, device: 
     backward = fused or pass_ == "bwd"
     if op in ROWWISE_OPS:
         cfg = _rowwise_rule(n_cols, dtype, backward, max_block_n, fused, pass_ in ("bwd_res2", "bwd_peri"),
-                            pass_ == "bwd_peri", affine)
+                            pass_ == "bwd_peri", affine, wide_dy)
     else:
         cfg = _elementwise_rule(n_cols, backward, max_block_n, fused, pass_ == "bwd_peri")
     # Tables are measured at row lengths that are multiples of 16 and keyed by the next power of 2:

@@ -26,9 +26,11 @@ the sum's own gradient to dx (``DRES``), scales dy, and may store dx twice in tw
 (``DX2``). The sum is normalized and differentiated as stored (rounded to s's dtype).
 
 ``ROUND_X_HAT`` reproduces models that round x_hat before the weight multiplies it (Hugging Face's
-Llama family rounds it to the input's dtype, T5 to a 16-bit weight's): y = w ⊙ round(x_hat), the
-product rounded once more when stored (in y's dtype, which the caller chose). The backward treats
-the rounding as the identity (as autograd does a cast) and sums dw over the rounded x_hat.
+Llama family rounds it to the norm's input's dtype, T5 to a 16-bit weight's): y = w ⊙ round(x_hat),
+the product rounded once more when stored (in y's dtype, which the caller chose). In a fused op each
+norm rounds to its own input's dtype (the sum's, where it normalizes s) and its own weight's; a
+rounding to fp32 is none. The backward treats the rounding as the identity (as autograd does a
+cast) and sums dw over the rounded x_hat.
 """
 
 import torch
@@ -95,18 +97,20 @@ def _affine(x_hat, w, b):
 
 # Where x_hat is rounded before the weight (ROUND_X_HAT), by the ops' code (round_x_hat) 0, 1, 2:
 #   "none"    never (normzoo's own rule: fp32 until the one rounding of y)
-#   "input"   to X's dtype (Llama, Mistral, Qwen2/3: `w * x_hat.to(input_dtype)`)
-#   "weight"  to W's dtype (T5 with a 16-bit weight)
+#   "input"   to the dtype of the norm's input (Llama, Mistral, Qwen2/3: `w * x_hat.to(input_dtype)`)
+#   "weight"  to the weight's dtype (T5 with a 16-bit weight; none without a weight)
 X_HAT_ROUNDING = ("none", "input", "weight")
 
 
 @triton.jit
 def _rounded(x_hat, X, W, ROUND_X_HAT: tl.constexpr):
-    """x_hat as the model stores it before the weight: rounded to X's or W's dtype (and back)."""
+    """x_hat as the model stores it before the weight: rounded to X's (the norm's input) or W's
+    dtype, and back."""
     if ROUND_X_HAT == "input":
         x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
     elif ROUND_X_HAT == "weight":
-        x_hat = x_hat.to(W.dtype.element_ty).to(tl.float32)
+        if W is not None:
+            x_hat = x_hat.to(W.dtype.element_ty).to(tl.float32)
     return x_hat
 
 
@@ -171,14 +175,19 @@ def _forward_tile(rows, X, Y, W, B, w, b, STATS, R, S, W2, B2, STATS2, stride_x_
     if w is None and b is None:  # not loaded by the caller, or absent: W and B are None too
         w = _param_row(W, cols, N, w_offset)
         b = _param_row(B, cols, N, None)
-    y = _affine(_rounded(v_hat, X, W, ROUND_X_HAT), w, b)
+    if RES_MODE == "add_norm":  # the norm's input is the sum: x_hat rounds to its dtype
+        v_hat = _rounded(v_hat, S, W, ROUND_X_HAT)
+    else:
+        v_hat = _rounded(v_hat, X, W, ROUND_X_HAT)
+    y = _affine(v_hat, w, b)
     if RES_MODE == "norm_add" or RES_MODE == "norm_add_norm":
         s = _stored(S, y + load_tile(R, rows, stride_r_row, cols, mask, ""))
         store_tile(S, rows, stride_s_row, cols, mask, s)
         if RES_MODE == "norm_add_norm":
             mean2, rstd2, s_hat = _row_stats_single_tile(s, mask, N, eps2, IS_RMS)
             _store_stats(STATS2, rows, row_mask, M, mean2, rstd2, IS_RMS)
-            y = _affine(s_hat, _param_row(W2, cols, N, w_offset), _param_row(B2, cols, N, None))
+            y = _affine(_rounded(s_hat, S, W2, ROUND_X_HAT), _param_row(W2, cols, N, w_offset),
+                        _param_row(B2, cols, N, None))
             store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
     else:
         store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
@@ -250,9 +259,10 @@ def _norm_fwd_kernel(
             mask = row_mask[:, None] & (cols < N)[None, :]
             if RES_MODE == "add_norm":
                 v = load_tile(S, rows, stride_s_row, cols, mask, "evict_first")
+                v_hat = _rounded((v - mean[:, None]) * rstd[:, None], S, W, ROUND_X_HAT)
             else:
                 v = load_tile(X, rows, stride_x_row, cols, mask, "evict_first")
-            v_hat = _rounded((v - mean[:, None]) * rstd[:, None], X, W, ROUND_X_HAT)
+                v_hat = _rounded((v - mean[:, None]) * rstd[:, None], X, W, ROUND_X_HAT)
             y = _affine(v_hat, _param_row(W, cols, N, w_offset), _param_row(B, cols, N, None))
             if RES_MODE == "norm_add" or RES_MODE == "norm_add_norm":
                 s = _stored(S, tl.where(mask, y, 0.0) + load_tile(R, rows, stride_r_row, cols, mask, ""))
@@ -273,8 +283,8 @@ def _norm_fwd_kernel(
                 cols = col_start + tl.arange(0, BLOCK_N)
                 mask = row_mask[:, None] & (cols < N)[None, :]
                 s = load_tile(S, rows, stride_s_row, cols, mask, "evict_first")
-                y = _affine((s - mean2[:, None]) * rstd2[:, None], _param_row(W2, cols, N, w_offset),
-                            _param_row(B2, cols, N, None))
+                y = _affine(_rounded((s - mean2[:, None]) * rstd2[:, None], S, W2, ROUND_X_HAT),
+                            _param_row(W2, cols, N, w_offset), _param_row(B2, cols, N, None))
                 store_tile(Y, rows, stride_y_row, cols, mask, _scaled(y, scale))
 
 
@@ -435,7 +445,7 @@ def _norm_bwd_kernel(
                 mean1, rstd1 = _load_stats(STATS1, rows, row_mask, M, IS_RMS)
                 h_hat = _x_hat(h, mean1, rstd1, IS_RMS)
                 if DW1 is not None:
-                    dw1_acc += g * h_hat
+                    dw1_acc += g * _rounded(h_hat, H, W1, ROUND_X_HAT)
                 if DB1 is not None:
                     db1_acc += g
                 wg = g
@@ -487,7 +497,8 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_of
 
 def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: bool, mode: str, scale: float = 1.0,
                              sum_dtype: torch.dtype | None = None, weight2=None, bias2=None, eps2: float = 0.0,
-                             weight_offset: float = 0.0, max_block_n: int | None = None):
+                             weight_offset: float = 0.0, round_x_hat: int = 0, out_dtype: torch.dtype | None = None,
+                             max_block_n: int | None = None):
     """A norm fused with the residual add next to it, on 2-D ``x`` and ``residual`` of one shape.
 
     ``mode``: ``"add_norm"`` (s = residual + x, y = N(s)·scale), ``"norm_add"`` (s = residual +
@@ -495,19 +506,22 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
     ``bias2``, ``eps2``). s is stored in ``sum_dtype`` (default: x's and residual's promoted dtype)
     and y in x's dtype. Returns ``(y, s, stats, stats2)``: ``stats`` of N's input (s for add_norm,
     x otherwise), ``stats2`` of s for norm_add_norm; absent ones ``None``. ``weight_offset`` is
-    added to both norms' weights (Gemma's 1 + w).
+    added to both norms' weights (Gemma's 1 + w). ``round_x_hat`` (``X_HAT_ROUNDING``'s codes) rounds
+    each norm's x_hat to its own input's (1) or weight's (2) dtype; ``out_dtype``: y's, if not x's.
     """
     check_rows(x, residual)
     M, N = x.shape
     if mode not in FUSED_MODES:
         raise ValueError(f"mode must be one of {FUSED_MODES}, got {mode!r}")
+    if not 0 <= round_x_hat <= 2:
+        raise _bad_rounding(round_x_hat)
     s = alloc_rows(x, sum_dtype or torch.promote_types(x.dtype, residual.dtype))
-    y = alloc_like(x) if mode != "norm_add" else None
+    y = (alloc_like(x) if out_dtype is None else alloc_rows(x, out_dtype)) if mode != "norm_add" else None
     stats = alloc(x, M if is_rms else 2 * M, torch.float32)
     stats2 = alloc(x, M if is_rms else 2 * M, torch.float32) if mode == "norm_add_norm" else None
     if M and N:
         _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
-                        mode, max_block_n, weight_offset)
+                        mode, max_block_n, weight_offset, round_x_hat)
     return y, s, stats, stats2
 
 
@@ -561,20 +575,24 @@ def rowwise_norm_backward(
 
 def rowwise_residual_backward(dy, x, weight, stats, *, is_rms: bool, compute_dw: bool, db_dtype: torch.dtype | None,
                               dres=None, dx_dtype: torch.dtype | None = None, dx2_dtype: torch.dtype | None = None,
-                              scale: float = 1.0, weight_offset: float = 0.0, max_block_n: int | None = None):
+                              scale: float = 1.0, weight_offset: float = 0.0, round_x_hat: int = 0,
+                              max_block_n: int | None = None):
     """:func:`rowwise_norm_backward` of ``y = N(x)·scale`` for a norm whose input ``x`` is a fused
     add's sum: ``dx = dres + J_Nᵀ(dy·scale)`` (``dres``, the sum's own gradient, may be None),
     stored in ``dx_dtype`` (default x's) and, with ``dx2_dtype``, a second time in that dtype (the
     add's two inputs differ in dtype). Returns ``(dx, dx2, dw, db)``, absent ones ``None``."""
+    if not 0 <= round_x_hat <= 2:
+        raise _bad_rounding(round_x_hat)
     dx, dx2 = residual_grad_buffers(x, dy, dres, dx_dtype, dx2_dtype)
     return _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2, scale, max_block_n,
-                     weight_offset)
+                     weight_offset, round_x_hat)
 
 
 def rowwise_peri_backward(dy, ds, s, weight2, stats2, h, weight1, stats1, *, is_rms: bool, compute_dw1: bool,
                           db1_dtype: torch.dtype | None, compute_dw2: bool, db2_dtype: torch.dtype | None,
                           dx_dtype: torch.dtype | None = None, dh_dtype: torch.dtype | None = None,
-                          scale: float = 1.0, weight_offset: float = 0.0, max_block_n: int | None = None):
+                          scale: float = 1.0, weight_offset: float = 0.0, round_x_hat: int = 0,
+                          max_block_n: int | None = None):
     """Gradients of :func:`rowwise_residual_forward`'s ``"norm_add_norm"`` (s = r + N1(h), y =
     N2(s)·scale, N2 with ``weight2``/``stats2``): ``dx = ds + J_N2ᵀ(dy·scale)``, the gradient of r
     and of N1's output, in ``dx_dtype`` (default s's), and ``dh = J_N1ᵀ dx`` in ``dh_dtype`` (default
@@ -582,8 +600,11 @@ def rowwise_peri_backward(dy, ds, s, weight2, stats2, h, weight1, stats1, *, is_
 
     Rows that fit one tile take one pass (one read of dy, ds, s and h, one write of dx and dh);
     longer rows take N2's backward, then N1's on an fp32 copy of dx (two kernels, each with its reduce).
+    ``round_x_hat`` as the forward's: each norm's dw sums over its x_hat as rounded there.
     """
     check_rows(s, dy, h) if ds is None else check_rows(s, dy, h, ds)
+    if not 0 <= round_x_hat <= 2:
+        raise _bad_rounding(round_x_hat)
     M, N = s.shape
     wide = s.dtype if s.dtype.itemsize >= h.dtype.itemsize else h.dtype  # the tile rule's dtype
     if is_rms and wide.itemsize == 4 and h.dtype.itemsize == 2 and N <= 4096 and vector_aligned(N):
@@ -601,15 +622,15 @@ def rowwise_peri_backward(dy, ds, s, weight2, stats2, h, weight1, stats1, *, is_
     if not cfg.single_tile or M == 0 or N == 0:
         dx_wide = alloc_rows(s, torch.float32) if dx.dtype.itemsize < 4 else None
         dx, dx_wide, dw2, db2 = _backward(dy, s, weight2, stats2, is_rms, compute_dw2, db2_dtype, ds, dx, dx_wide,
-                                          scale, max_block_n, weight_offset)
+                                          scale, max_block_n, weight_offset, round_x_hat)
         dh, _, dw1, db1 = _backward(dx_wide if dx_wide is not None else dx, h, weight1, stats1, is_rms, compute_dw1,
                                     db1_dtype, None, alloc_rows(h, dh_dtype or h.dtype), None, 1.0, max_block_n,
-                                    weight_offset)
+                                    weight_offset, round_x_hat)
         return dx, dh, dw1, db1, dw2, db2
     dh = alloc_rows(h, dh_dtype or h.dtype)
     _, _, dw2, db2, dw1, db1 = _backward(dy, s, weight2, stats2, is_rms, compute_dw2, db2_dtype, ds, dx, None, scale,
-                                         max_block_n, weight_offset, 0, (h, weight1, stats1, dh, compute_dw1, db1_dtype),
-                                         cfg)
+                                         max_block_n, weight_offset, round_x_hat,
+                                         (h, weight1, stats1, dh, compute_dw1, db1_dtype), cfg)
     return dx, dh, dw1, db1, dw2, db2
 
 
@@ -630,9 +651,13 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
         # A fused op's backward moves more: the sum's gradient in, dx maybe twice out. A dy in another
         # dtype than x's (an x_hat_dtype norm's fp32 output, norm_add_norm's fp32 dx) is not the
         # launch a table's whole-row tile was timed on (more shared memory, more spill): the rules'.
-        pass_ = "bwd" if dres is None and dx2 is None else "bwd_res2" if dx2 is not None else "bwd_res"
-        cfg = launch_config("rmsnorm" if is_rms else "layernorm", pass_, N, x.dtype, device, max_block_n,
-                            weight is not None or compute_db, dy.dtype is x.dtype)
+        if dx2 is None:
+            cfg = launch_config("rmsnorm" if is_rms else "layernorm", "bwd" if dres is None else "bwd_res", N,
+                                x.dtype, device, max_block_n, weight is not None or compute_db, dy.dtype is x.dtype)
+        else:
+            cfg = launch_config("rmsnorm" if is_rms else "layernorm", "bwd_res2", N, x.dtype, device, max_block_n,
+                                weight is not None or compute_db, dy.dtype is x.dtype,
+                                dy.dtype.itemsize > dx2.dtype.itemsize)
     rows_per_program, programs = split_rows(M, cfg, device)
 
     dw = alloc(x, N, weight.dtype) if compute_dw else None

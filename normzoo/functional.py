@@ -110,7 +110,8 @@ def derf(
 # RMSNorm; its parameters, eps and backend are used. ``x`` is the residual stream, ``h`` a
 # sublayer's output, of one shape (..., *normalized_shape). ``s`` is stored in ``residual_dtype``
 # (default: x's and h's promoted dtype, e.g. torch.float32 for an fp32 stream beside bf16
-# activations) and ``y`` in h's dtype. See normzoo.fused for the gradients.
+# activations) and ``y`` in h's dtype (an ``x_hat_dtype`` RMSNorm's: the dtype that norm returns
+# for s, as the model computes it). See normzoo.fused for the gradients.
 
 
 def add_norm(x: Tensor, h: Tensor, norm: torch.nn.Module, *, scale: float = 1.0,

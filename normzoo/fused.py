@@ -10,7 +10,10 @@ DyT or Derf), each op reads its inputs once and writes its outputs once:
 ``scale`` is LayerNorm scaling's 1/√l folded into the norm's output. ``s`` is stored in the
 promoted dtype of x and h, or ``residual_dtype`` (an fp32 residual stream beside 16-bit
 activations); ``y`` in h's dtype. The norm sees ``s`` as stored, so the forward equals the unfused
-sequence up to rounding of ``y``, and the backward differentiates what the forward computed.
+sequence up to rounding of ``y``, and the backward differentiates what the forward computed. An
+RMSNorm with ``x_hat_dtype`` (a model's own rounding of x̂ before its weight: Llama's, T5's) rounds
+as that model does, and y is in the dtype it returns for s: add_norm is then the model's
+``norm(x + h)``; both norms of norm_add_norm share the setting.
 
 Backward, with dy and ds the incoming gradients (either may be absent), J the norm's Jacobian:
 
@@ -73,31 +76,48 @@ def _no_stats(like: Tensor) -> Tensor:
     return like.new_empty(0, dtype=reference.compute_dtype(like.dtype))
 
 
-def _reference_norm(v, params, kind, eps, out_dtype, scale, weight_offset=0.0, differentiable=False):
+def _reference_norm(v, params, kind, eps, out_dtype, scale, weight_offset=0.0, round_x_hat=0, differentiable=False):
     """(y, stats) of one layer on 2-D v, computed in fp32 (fp64 for fp64) and y·scale rounded once
     to out_dtype, as the kernels store it. ``differentiable``: the composite path's DyT
     (reference.pointwise_forward)."""
     weight, bias, alpha, shift = params
-    vf = v.to(reference.compute_dtype(v.dtype))
-    if kind in _ROWWISE:  # the plain ops' reference path: the same statistics layout
-        y, stats = ops._rowwise_forward(vf, weight, bias, eps, kind == "rmsnorm", False, weight_offset)
+    acc = reference.compute_dtype(v.dtype)
+    if kind in _ROWWISE:  # the plain ops' reference path: the same statistics layout, y kept in acc
+        y, stats = ops._rowwise_forward(v, weight, bias, eps, kind == "rmsnorm", False, weight_offset, round_x_hat,
+                                        acc)
     else:
-        y = reference.pointwise_forward(vf, alpha, shift, weight, bias, _ACTIVATION[kind], v.shape[1], False,
+        y = reference.pointwise_forward(v.to(acc), alpha, shift, weight, bias, _ACTIVATION[kind], v.shape[1], False,
                                         differentiable)
         stats = _no_stats(v)
     return (y * scale if scale != 1.0 else y).to(out_dtype), stats
 
 
 _ACTIVATION = {"dyt": "tanh", "derf": "erf"}
+# RMSNorm's x_hat_dtype as the kernels' round_x_hat code (X_HAT_ROUNDING): in a fused op each norm
+# rounds x_hat to its own input's (the sum's or h's) or weight's dtype, and a rounding to fp32 is none.
+_ROUNDING = {None: 0, "input": 1, "weight": 2}
+_X_HAT_DTYPE = (None, "input", "weight")
 
 
-def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset=0.0,
+def _y_dtype(round_x_hat, h_dtype, s_dtype, weight):
+    """y's dtype: h's (the sublayer's activations), or where the norm on s rounds x_hat as a model
+    does (``x_hat_dtype``), what that norm returns for s: the fused op is then the model's own
+    ``norm(x + h)``."""
+    if not round_x_hat:
+        return h_dtype
+    return ops.x_hat_out_dtype(_X_HAT_DTYPE[round_x_hat], s_dtype, weight)
+
+
+def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset=0.0, round_x_hat=0,
                    differentiable=False):
     """``(y, s, stats1, stats2)`` on 2-D ``h`` and ``x``; ``y`` empty for norm_add, stats empty where
     a layer keeps none (DyT/Derf) or there is no second norm. ``stats1`` belongs to N (on s for
-    add_norm, on h otherwise), ``stats2`` to N2 (on s). ``weight_offset``: both norms' (rowwise).
-    ``differentiable``: the composite path (see :func:`_reference_norm`)."""
+    add_norm, on h otherwise), ``stats2`` to N2 (on s). ``weight_offset``, ``round_x_hat``: both
+    norms' (rowwise; see :data:`_ROUNDING`). ``differentiable``: the composite path (see
+    :func:`_reference_norm`)."""
     s_dtype = sum_dtype or _promoted(x.dtype, h.dtype)
+    y_dtype = h.dtype if not round_x_hat else _y_dtype(round_x_hat, h.dtype, s_dtype,
+                                                        (p1 if mode == "add_norm" else p2)[0])
     if triton:
         k = ops._launchers()
         h, x = ops._for_kernels(h), ops._for_kernels(x)
@@ -106,7 +126,8 @@ def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, trito
         if kind in _ROWWISE:
             y, s, stats1, stats2 = k.rowwise_residual_forward(
                 h, x, p1[0], p1[1], eps1, is_rms=kind == "rmsnorm", mode=mode, scale=scale, sum_dtype=s_dtype,
-                weight2=p2[0], bias2=p2[1], eps2=eps2, weight_offset=weight_offset)
+                weight2=p2[0], bias2=p2[1], eps2=eps2, weight_offset=weight_offset, round_x_hat=round_x_hat,
+                out_dtype=y_dtype if round_x_hat else None)
         else:
             y, s = k.pointwise_residual_forward(h, x, p1[2], p1[3], p1[0], p1[1], activation=_ACTIVATION[kind],
                                                 mode=mode, scale=scale, sum_dtype=s_dtype,
@@ -118,18 +139,18 @@ def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, trito
     acc = reference.compute_dtype(s_dtype)
     if mode == "add_norm":
         s = (x.to(acc) + h.to(acc)).to(s_dtype)
-        y, stats1 = _reference_norm(s, p1, kind, eps1, h.dtype, scale, weight_offset, differentiable)
+        y, stats1 = _reference_norm(s, p1, kind, eps1, y_dtype, scale, weight_offset, round_x_hat, differentiable)
         return y, s, stats1, _no_stats(s)
-    o, stats1 = _reference_norm(h, p1, kind, eps1, acc, 1.0, weight_offset, differentiable)
+    o, stats1 = _reference_norm(h, p1, kind, eps1, acc, 1.0, weight_offset, round_x_hat, differentiable)
     s = (x.to(acc) + o).to(s_dtype)
     if mode == "norm_add":
         return _empty(h), s, stats1, _no_stats(s)
-    y, stats2 = _reference_norm(s, p2, kind, eps2, h.dtype, scale, weight_offset, differentiable)
+    y, stats2 = _reference_norm(s, p2, kind, eps2, y_dtype, scale, weight_offset, round_x_hat, differentiable)
     return y, s, stats1, stats2
 
 
 def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dres=None, dx_dtype=None,
-                   dx2_dtype=None, scale=1.0, weight_offset=0.0):
+                   dx2_dtype=None, scale=1.0, weight_offset=0.0, round_x_hat=0):
     """``(dv, dv2, grads)`` of one layer on its input v: dv = dres + Jᵀ(dy·scale) in dx_dtype (and
     again in dx2_dtype), grads = (dweight, dbias, dalpha, dshift), absent ones None."""
     weight, _, alpha, shift = params
@@ -140,7 +161,8 @@ def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dre
         if kind in _ROWWISE:
             dv, dv2, dw, db = k.rowwise_residual_backward(
                 dy, v, weight, stats, is_rms=kind == "rmsnorm", compute_dw=compute_dw, db_dtype=db_dtype, dres=dres,
-                dx_dtype=dx_dtype, dx2_dtype=dx2_dtype, scale=scale, weight_offset=weight_offset)
+                dx_dtype=dx_dtype, dx2_dtype=dx2_dtype, scale=scale, weight_offset=weight_offset,
+                round_x_hat=round_x_hat)
             return dv, dv2, (dw, db, None, None)
         dv, dv2, dalpha, dshift, dw, db = k.pointwise_residual_backward(
             dy, v, alpha, shift, weight, activation=_ACTIVATION[kind], compute_dw=compute_dw, db_dtype=db_dtype,
@@ -150,7 +172,7 @@ def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dre
     dy = dy.to(acc) * scale if scale != 1.0 else dy
     if kind in _ROWWISE:  # the plain ops' reference path
         dv, dw, db = ops._rowwise_backward(dy, v.to(acc), weight, stats, kind == "rmsnorm", compute_dw, db_dtype,
-                                           False, weight_offset)
+                                           False, weight_offset, round_x_hat, v.dtype)
         grads = (dw, db, None, None)
     else:
         dv, dalpha, dshift, dw, db = ops._pointwise_backward(dy, v.to(acc), alpha, shift, weight, _ACTIVATION[kind],
@@ -162,7 +184,7 @@ def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dre
 
 
 def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype, needs, db_dtypes,
-                    triton, weight_offset=0.0):
+                    triton, weight_offset=0.0, round_x_hat=0):
     """``(dx, dh, grads1, grads2)``: gradients of :func:`_fused_forward` for the incoming ``dy``
     (None for norm_add) and ``ds`` (either may be None: an output nothing used). ``needs`` =
     (dweight1, dweight2) to compute; ``db_dtypes`` the biases' dtypes, None for no bias gradient."""
@@ -179,7 +201,7 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
         if ds is None:
             return None, None, none, none
         dh, _, grads1 = _norm_backward(ds, h, p1, stats1, kind, dw1, db1, triton, dx_dtype=h_dtype,
-                                       weight_offset=weight_offset)
+                                       weight_offset=weight_offset, round_x_hat=round_x_hat)
         return (ds if ds.dtype == x_dtype else ds.to(x_dtype)), dh, grads1, none
     # add_norm: the norm N on s; norm_add_norm: N2 on s, then N on h with ds + J_N2ᵀ dy.
     params, stats, needs_w, db_dtype = (p1, stats1, dw1, db1) if mode == "add_norm" else (p2, stats2, dw2, db2)
@@ -187,7 +209,7 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
         two_dtypes = h_dtype != x_dtype
         dx, dh, grads = _norm_backward(dy, s, params, stats, kind, needs_w, db_dtype, triton, dres=ds,
                                        dx_dtype=x_dtype, dx2_dtype=h_dtype if two_dtypes else None, scale=scale,
-                                       weight_offset=weight_offset)
+                                       weight_offset=weight_offset, round_x_hat=round_x_hat)
         return dx, (dh if two_dtypes else dx), grads, none
     if triton:  # both layers' backward in one launcher: one pass (row-wise norms: where a row is one tile)
         k = ops._launchers()
@@ -196,7 +218,7 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
             dx, dh, dw1_, db1_, dw2_, db2_ = k.rowwise_peri_backward(
                 dy, ds, s, p2[0], stats2, h, p1[0], stats1, is_rms=kind == "rmsnorm", compute_dw1=dw1,
                 db1_dtype=db1, compute_dw2=dw2, db2_dtype=db2, dx_dtype=x_dtype, dh_dtype=h_dtype, scale=scale,
-                weight_offset=weight_offset)
+                weight_offset=weight_offset, round_x_hat=round_x_hat)
             return dx, dh, (dw1_, db1_, None, None), (dw2_, db2_, None, None)
         dx, dh, (da1, dsh1, dw1_, db1_), (da2, dsh2, dw2_, db2_) = k.pointwise_peri_backward(
             dy, ds, s, (p2[2], p2[3], p2[0]), h, (p1[2], p1[3], p1[0]), activation=_ACTIVATION[kind],
@@ -207,9 +229,10 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
     # in registers), not as rounded into a 16-bit dx.
     wide = torch.float32 if x_dtype in (torch.float16, torch.bfloat16) else None
     dx, dx_wide, grads = _norm_backward(dy, s, params, stats, kind, needs_w, db_dtype, False, dres=ds,
-                                        dx_dtype=x_dtype, dx2_dtype=wide, scale=scale, weight_offset=weight_offset)
+                                        dx_dtype=x_dtype, dx2_dtype=wide, scale=scale, weight_offset=weight_offset,
+                                        round_x_hat=round_x_hat)
     dh, _, grads1 = _norm_backward(dx_wide if wide else dx, h, p1, stats1, kind, dw1, db1, False, dx_dtype=h_dtype,
-                                   weight_offset=weight_offset)
+                                   weight_offset=weight_offset, round_x_hat=round_x_hat)
     return dx, dh, grads1, grads
 
 
@@ -231,20 +254,21 @@ def _grads(ctx, dy, ds, backward):
     """Gradients for (h, x, *p1, *p2), from ``backward`` (the implementation or the custom op)."""
     h, s, *rest = ctx.saved_tensors
     p1, p2, (stats1, stats2) = tuple(rest[0:4]), tuple(rest[4:8]), rest[8:10]
-    kind, mode, _, _, scale, _, triton, weight_offset = ctx.spec
+    kind, mode, _, _, scale, _, triton, weight_offset, round_x_hat = ctx.spec
     needs = ctx.needs_input_grad
     needs_h, needs_x, needs1, needs2 = needs[0], needs[1], needs[2:6], needs[6:10]
     compute = (p1[0] is not None and needs1[0], p2[0] is not None and needs2[0])
     db_dtypes = (ctx.db_dtypes[0] if needs1[1] else None, ctx.db_dtypes[1] if needs2[1] else None)
     dx, dh, grads1, grads2 = backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, ctx.x_dtype,
-                                      ctx.h_dtype, compute, db_dtypes, triton, weight_offset)
+                                      ctx.h_dtype, compute, db_dtypes, triton, weight_offset, round_x_hat)
     keep = lambda g, need: g if need else None
     return (keep(dh, needs_h), keep(dx, needs_x), *map(keep, grads1, needs1), *map(keep, grads2, needs2))
 
 
 class _FusedResidual(torch.autograd.Function):
     """The eager path (see :class:`normzoo.ops._RowwiseNorm`). ``spec`` = (kind, mode, eps1, eps2,
-    scale, sum_dtype, triton, weight_offset). Statistics stay on ctx; ``s`` is returned and saved."""
+    scale, sum_dtype, triton, weight_offset, round_x_hat). Statistics stay on ctx; ``s`` is returned
+    and saved."""
 
     @staticmethod
     def forward(ctx, h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, spec, leaves):
@@ -288,22 +312,24 @@ def fused_residual_fwd(
     h: Tensor, x: Tensor, w1: Tensor | None, b1: Tensor | None, a1: Tensor | None, sh1: Tensor | None,
     w2: Tensor | None, b2: Tensor | None, a2: Tensor | None, sh2: Tensor | None,
     kind: str, mode: str, eps1: float, eps2: float, scale: float, sum_dtype: torch.dtype | None, triton: bool,
-    weight_offset: float = 0.0,
+    weight_offset: float = 0.0, round_x_hat: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, s, stats1, stats2)`` for 2-D ``h``, ``x``; see :func:`_fused_forward`."""
     return _fused_forward(h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), kind, mode, eps1, eps2, scale, sum_dtype,
-                          triton, weight_offset)
+                          triton, weight_offset, round_x_hat)
 
 
 @fused_residual_fwd.register_fake
-def _(h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset=0.0):
+def _(h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset=0.0,
+      round_x_hat=0):
     rows = h.shape[0]
     stats_len = (rows if kind == "rmsnorm" else 2 * rows) if kind in _ROWWISE else 0
     s_dtype = sum_dtype or _promoted(x.dtype, h.dtype)
     # Statistics in the compute dtype of the tensor they describe (fp32, or fp64 on the reference).
     stats1_dtype = reference.compute_dtype(s_dtype if mode == "add_norm" else h.dtype)
     stats2_dtype = reference.compute_dtype(s_dtype)
-    return (torch.empty_like(h, memory_format=torch.contiguous_format) if mode != "norm_add" else h.new_empty(0),
+    y_dtype = _y_dtype(round_x_hat, h.dtype, s_dtype, w1 if mode == "add_norm" else w2)
+    return (h.new_empty(h.shape, dtype=y_dtype) if mode != "norm_add" else h.new_empty(0),
             h.new_empty(h.shape, dtype=s_dtype), h.new_empty((stats_len,), dtype=stats1_dtype),
             h.new_empty((stats_len if mode == "norm_add_norm" else 0,), dtype=stats2_dtype))
 
@@ -315,13 +341,14 @@ def fused_residual_bwd(
     w2: Tensor | None, b2: Tensor | None, a2: Tensor | None, sh2: Tensor | None, stats1: Tensor, stats2: Tensor,
     kind: str, mode: str, scale: float, x_dtype: torch.dtype, h_dtype: torch.dtype, compute_dw1: bool, compute_dw2: bool,
     db1_dtype: torch.dtype | None, db2_dtype: torch.dtype | None, triton: bool, weight_offset: float = 0.0,
+    round_x_hat: int = 0,
 ) -> list[Tensor]:
     """Returns ``[dx, dh, *grads1, *grads2]`` (grads: dweight, dbias, dalpha, dshift); a gradient
     not computed is an empty tensor. An output may not alias an input or another output, so where
     the gradient is one the autograd formula already has (:func:`_aliased`), it is empty too."""
     dx, dh, grads1, grads2 = _fused_backward(dy, ds, h, s, (w1, b1, a1, sh1), (w2, b2, a2, sh2), stats1, stats2, kind,
                                              mode, scale, x_dtype, h_dtype, (compute_dw1, compute_dw2),
-                                             (db1_dtype, db2_dtype), triton, weight_offset)
+                                             (db1_dtype, db2_dtype), triton, weight_offset, round_x_hat)
     alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, dy, ds)
     dx, dh = (None if alias_dx else dx), (None if alias_dh else dh)
     return [g if g is not None else s.new_empty(0) for g in (dx, dh, *grads1, *grads2)]
@@ -343,7 +370,7 @@ def _aliased_dh(dx, ds, x_dtype, h_dtype):
 
 @fused_residual_bwd.register_fake
 def _(dy, ds, h, s, w1, b1, a1, sh1, w2, b2, a2, sh2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype,
-      compute_dw1, compute_dw2, db1_dtype, db2_dtype, triton, weight_offset=0.0):
+      compute_dw1, compute_dw2, db1_dtype, db2_dtype, triton, weight_offset=0.0, round_x_hat=0):
     def empty():  # a new one each time, as the op makes them (one shared would alias across outputs)
         return s.new_empty(0)
 
@@ -368,9 +395,9 @@ def _(dy, ds, h, s, w1, b1, a1, sh1, w2, b2, a2, sh2, stats1, stats2, kind, mode
 
 
 def _custom_op_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype, needs, db_dtypes,
-                        triton, weight_offset):
+                        triton, weight_offset, round_x_hat):
     out = fused_residual_bwd(dy, ds, h, s, *p1, *p2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype, *needs,
-                             *db_dtypes, triton, weight_offset)
+                             *db_dtypes, triton, weight_offset, round_x_hat)
     out = [g if g.numel() or g.dim() != 1 or g.shape[0] != 0 else None for g in out]
     alias_dx, alias_dh = _aliased(mode, x_dtype, h_dtype, dy, ds)
     dx = ds if alias_dx else out[0]
@@ -378,16 +405,16 @@ def _custom_op_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale,
 
 
 def _setup_context(ctx, inputs, output):
-    h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset = inputs
+    (h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset,
+     round_x_hat) = inputs
     _save(ctx, h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2),
-          (kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset), output)
+          (kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset, round_x_hat), output)
     ctx.mark_non_differentiable(output[2], output[3])
     ctx.set_materialize_grads(False)
 
 
 fused_residual_fwd.register_autograd(
-    lambda ctx, dy, ds, _d1, _d2: (*_grads(ctx, dy, ds, _custom_op_backward), None, None, None, None, None, None,
-                                   None, None),
+    lambda ctx, dy, ds, _d1, _d2: (*_grads(ctx, dy, ds, _custom_op_backward), *(None,) * 9),
     setup_context=_setup_context)
 
 
@@ -439,9 +466,6 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
         warnings.warn(f"global module hooks (torch.nn.modules.module.register_module_forward_hook and the like) do "
                       f"not run for this {type(norm).__name__}: a fused residual op reads a norm's parameters and "
                       "never calls it", stacklevel=4)
-    # (From __dict__, where RMSNorm sets it: a getattr that misses, on every other norm, costs ~2 µs.)
-    if norm.__dict__.get("x_hat_dtype") is not None:
-        raise ValueError("fused residual ops do not take an x_hat_dtype norm yet; use the norm and the add apart")
     get = functools.partial(layers._param, norm)  # as the layers read them: parametrizations apply
     bias = get("bias") if kind != "rmsnorm" else None
     alpha = get("alpha") if kind in ("dyt", "derf") else None
@@ -514,6 +538,9 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
         if getattr(norm2, "weight_offset", 0.0) != getattr(norm, "weight_offset", 0.0):
             raise ValueError("norm_out and norm_in must share a weight_offset (the kernel applies one to both), got "
                              f"{norm.weight_offset} and {norm2.weight_offset}")
+        if norm2.__dict__.get("x_hat_dtype") != norm.__dict__.get("x_hat_dtype"):
+            raise ValueError("norm_out and norm_in must share an x_hat_dtype (the kernel rounds both alike), got "
+                             f"{norm.__dict__.get('x_hat_dtype')!r} and {norm2.__dict__.get('x_hat_dtype')!r}")
         eps2 = _check_layer(h, kind2, p2, eps2, shape, s_dtype)
     # float64 anywhere takes the reference, as for the plain ops.
     triton = use_triton(backend, h) and x.dtype is not torch.float64 and residual_dtype is not torch.float64
@@ -528,12 +555,16 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
         flat = lambda p: p if p is None or p.dim() == 1 else p.reshape(-1)  # noqa: E731
         p1, p2 = tuple(map(flat, p1)), tuple(map(flat, p2))
     # Gemma 2/3's sandwich norms are (1 + w) RMSNorms: the offset rides along, added in fp32.
-    spec = (kind, mode, eps1, eps2, float(scale), residual_dtype, triton, getattr(norm, "weight_offset", 0.0))
+    # Llama's, Mistral's, Qwen's and T5's RMSNorms round x_hat first (x_hat_dtype): so does the kernel,
+    # each norm to its own input's (or weight's) dtype. (From __dict__, where RMSNorm sets it: a
+    # getattr that misses, on every other norm, costs ~2 µs.)
+    spec = (kind, mode, eps1, eps2, float(scale), residual_dtype, triton, getattr(norm, "weight_offset", 0.0),
+            _ROUNDING[norm.__dict__.get("x_hat_dtype")])
     route = _route(h2d, x2d, *p1, *p2)
     if route == "custom_op":
         y, s = fused_residual_fwd(h2d, x2d, *p1, *p2, *spec)[:2]
     elif route == "composite":  # forward-mode AD and torch.func transforms: the reference, as torch ops
-        y, s = _fused_forward(h2d, x2d, p1, p2, *spec[:6], False, spec[7], True)[:2]
+        y, s = _fused_forward(h2d, x2d, p1, p2, *spec[:6], False, *spec[7:], True)[:2]
     elif route == "function":
         leaves = (h.requires_grad and h.is_leaf, x.requires_grad and x.is_leaf)
         if _FUSED_C_APPLY is None:

@@ -366,8 +366,11 @@ def _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, ro
     return y, (rstd if is_rms else torch.cat((mean, rstd)))
 
 
-def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset=0.0, round_x_hat=0):
-    """``(dx, dw, db)``, a gradient not asked for ``None``; the one backward implementation."""
+def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset=0.0, round_x_hat=0,
+                      input_dtype=None):
+    """``(dx, dw, db)``, a gradient not asked for ``None``; the one backward implementation.
+    ``input_dtype`` (the reference's): the dtype x had before the caller widened it, which
+    ``round_x_hat`` 1 rounds to (default x's)."""
     if triton:
         return _launchers().rowwise_norm_backward(_for_kernels(_waited(dy)), _for_kernels(x), _for_kernels(weight), stats,
                                                   is_rms=is_rms, compute_dw=compute_dw, db_dtype=db_dtype,
@@ -375,7 +378,7 @@ def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton
     dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
     mean, rstd = (None, stats) if is_rms else stats.view(2, x.shape[0])
     return reference.rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype, weight_offset,
-                                           round_x_hat)
+                                           round_x_hat, input_dtype)
 
 
 def _rowwise_grads(ctx, dy, backward):
@@ -564,10 +567,19 @@ def _x_hat_rounding(x_hat_dtype: str, x: Tensor, weight: Tensor | None) -> tuple
     """
     if x_hat_dtype == "input":
         code = 0 if x.dtype is torch.float32 or x.dtype is torch.float64 else 1
-        return code, torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
+    else:
+        code = 2 if weight is not None and weight.dtype in _HALF else 0
+    return code, x_hat_out_dtype(x_hat_dtype, x.dtype, weight)
+
+
+def x_hat_out_dtype(x_hat_dtype: str, x_dtype: torch.dtype, weight: Tensor | None) -> torch.dtype:
+    """The dtype a model's norm with this ``x_hat_dtype`` returns for input in ``x_dtype`` (see
+    :func:`_x_hat_rounding`)."""
+    if x_hat_dtype == "input":
+        return torch.promote_types(x_dtype, weight.dtype) if weight is not None else x_dtype
     if weight is not None and weight.dtype in _HALF:
-        return 2, weight.dtype
-    return 0, torch.promote_types(x.dtype, torch.float32)
+        return weight.dtype
+    return torch.promote_types(x_dtype, torch.float32)
 
 
 def rowwise_norm(

@@ -26,12 +26,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rounded(x_hat: Tensor, x: Tensor, weight: Tensor | None, round_x_hat: int) -> Tensor:
-    """x_hat rounded to x's (1) or the weight's (2) dtype and back, as some models store it before
-    the weight multiplies it (Llama's ``weight * x_hat.to(input_dtype)``); 0: as it is."""
-    if round_x_hat == 0:
+def _rounded(x_hat: Tensor, x: Tensor, weight: Tensor | None, round_x_hat: int,
+             input_dtype: torch.dtype | None = None) -> Tensor:
+    """x_hat rounded to x's (1; ``input_dtype`` where given) or the weight's (2; none without a
+    weight) dtype and back, as some models store it before the weight multiplies it (Llama's
+    ``weight * x_hat.to(input_dtype)``); 0: as it is."""
+    if round_x_hat == 0 or (round_x_hat == 2 and weight is None):
         return x_hat
-    return x_hat.to(x.dtype if round_x_hat == 1 else weight.dtype).to(x_hat.dtype)
+    return x_hat.to((input_dtype or x.dtype) if round_x_hat == 1 else weight.dtype).to(x_hat.dtype)
 
 
 def rowwise_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool,
@@ -64,10 +66,12 @@ def rowwise_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
 def rowwise_norm_backward(
     dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, is_rms: bool,
     compute_dw: bool, db_dtype: torch.dtype | None, weight_offset: float = 0.0, round_x_hat: int = 0,
+    input_dtype: torch.dtype | None = None,
 ):
     """Gradients of :func:`rowwise_norm_forward`: ``(dx, dw, db)``, absent ones ``None``.
     ``db_dtype`` is the bias's dtype, ``None`` for no bias gradient. The rounding of x_hat counts
-    as the identity (as autograd's cast does); dw sums over x_hat as rounded."""
+    as the identity (as autograd's cast does); dw sums over x_hat as rounded (to ``input_dtype``
+    for ``round_x_hat`` 1, where x was widened from it: a fused op's fp32 copy of its sum)."""
     acc = compute_dtype(x.dtype)
     xf, dyf = x.to(acc), dy.to(acc)
     n = x.shape[-1]
@@ -79,7 +83,8 @@ def rowwise_norm_backward(
     else:
         c2 = wdy.sum(dim=-1, keepdim=True) / max(n, 1)
         dx = (wdy - x_hat * c1 - c2) * rstd[:, None]
-    dw = (dyf * _rounded(x_hat, x, weight, round_x_hat)).sum(dim=0).to(weight.dtype) if compute_dw else None
+    dw = ((dyf * _rounded(x_hat, x, weight, round_x_hat, input_dtype)).sum(dim=0).to(weight.dtype) if compute_dw
+          else None)
     db = dyf.sum(dim=0).to(db_dtype) if db_dtype is not None else None
     return dx.to(x.dtype), dw, db
 

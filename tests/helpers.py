@@ -114,6 +114,21 @@ def term_sizes(kind: str, m64: torch.nn.Module, v64: torch.Tensor, g: torch.Tens
         "alpha": (through * v64.abs()).sum().item(), "shift": through.sum().item()}
 
 
+def model_x_hat(v: torch.Tensor, eps: float, x_hat_dtype: str, w_dtype: torch.dtype) -> torch.Tensor:
+    """x̂ of Hugging Face's Llama (``"input"``) or T5 (``"weight"``) RMSNorm class, as its own code
+    rounds it before the weight multiplies it (in that dtype)."""
+    v32 = v.float()
+    x_hat = v32 * torch.rsqrt(v32.pow(2).mean(-1, keepdim=True) + eps)
+    if x_hat_dtype == "input":
+        return x_hat.to(v.dtype)
+    return x_hat.to(w_dtype) if w_dtype in (torch.float16, torch.bfloat16) else x_hat
+
+
+def model_rms_norm(v: torch.Tensor, w: torch.Tensor, eps: float, x_hat_dtype: str) -> torch.Tensor:
+    """What those classes return: ``w * x̂`` in torch's promoted dtype."""
+    return w * model_x_hat(v, eps, x_hat_dtype, w.dtype)
+
+
 def capped(launch_config, max_block_n: int):
     """``launch_config`` with its column tile capped at ``max_block_n`` (small rows then take the
     looped path), whatever else the launcher passes after the cap (the backward's ``affine``).

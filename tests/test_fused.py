@@ -14,7 +14,7 @@ import torch.utils.flop_counter
 
 import normzoo
 import normzoo.functional as NF
-from helpers import assert_close, capped, on_reference, rel_error, term_sizes
+from helpers import assert_close, capped, model_rms_norm, model_x_hat, on_reference, rel_error, term_sizes
 from normzoo import fused
 
 KINDS = ["layernorm", "rmsnorm", "dyt", "derf"]
@@ -249,6 +249,94 @@ def test_weight_offset_must_match_across_the_two_norms():
                          normzoo.RMSNorm(4))
 
 
+# (activations h, residual stream x and s, weights) of models whose RMSNorm rounds x̂ (x_hat_dtype).
+X_HAT_PRECISIONS = [(torch.bfloat16, torch.bfloat16, torch.bfloat16),  # Llama in bf16
+                    (torch.bfloat16, torch.bfloat16, torch.float32),  # fp32 weights: y in fp32, as the model's
+                    (torch.bfloat16, torch.float32, torch.float32),  # an fp32 stream: its norm rounds to fp32 (none)
+                    (torch.float16, torch.float16, torch.float16)]
+
+
+def _straight_through(t, dtype):
+    """t rounded to dtype in value, the identity to autograd (as the kernels differentiate a cast)."""
+    return t + (t.to(dtype).to(t.dtype) - t).detach()
+
+
+@pytest.mark.parametrize("path", ["torch", "triton", "triton-looped"])
+@pytest.mark.parametrize("x_hat_dtype", ["input", "weight"])
+@pytest.mark.parametrize("precision", X_HAT_PRECISIONS, ids=["bf16", "bf16-fp32w", "bf16-fp32res", "fp16"])
+@pytest.mark.parametrize("mode", fused.MODES)
+def test_x_hat_dtype_norms_compute_the_models_own_formula(mode, precision, x_hat_dtype, path, device, monkeypatch):
+    """An RMSNorm that rounds x̂ as a model does (Llama's "input", T5's "weight") gives in a fused op
+    what the model's own code gives on the same values: y = the model's norm of s, in its dtype,
+    bit for bit on the reference and within one rounding on the kernels (their fp32 sums run in
+    another order); N(h) kept in fp32 before the add, as every fused op keeps it. Every gradient
+    against float64 autograd of that formula, the roundings passed straight through."""
+    act, res, w_dtype = precision
+    backend = path.split("-")[0]
+    if path == "triton-looped":
+        from normzoo.kernels import rowwise_norm as launchers
+        monkeypatch.setattr(launchers, "launch_config", capped(launchers.launch_config, 16))
+    n, eps = 40, 1e-6
+    norms = [normzoo.RMSNorm(n, eps=eps, backend=backend, device=device, dtype=w_dtype, x_hat_dtype=x_hat_dtype)
+             for _ in range(2 if mode == "norm_add_norm" else 1)]
+    with torch.no_grad():
+        for m in norms:
+            m.weight.normal_(1, 0.5)
+    n1, n2 = norms[0], norms[-1]
+    x = (torch.randn(6, n, device=device) * 3).to(res).requires_grad_()
+    h = (torch.randn(6, n, device=device) * 3).to(act).requires_grad_()
+    y, s = run_fused(mode, x, h, n1, n2 if mode == "norm_add_norm" else None, 1.0)
+
+    xd, hd, w1, w2 = x.detach(), h.detach(), n1.weight.detach(), n2.weight.detach()
+    if mode == "add_norm":
+        s_model = (xd.float() + hd.float()).to(res)
+    else:
+        s_model = (xd.float() + w1.float() * model_x_hat(hd, eps, x_hat_dtype, w_dtype).float()).to(res)
+    y_model = model_rms_norm(s_model, w1 if mode == "add_norm" else w2, eps, x_hat_dtype) if y is not None else None
+    for got, want, what in ((s, s_model, "s"), (y, y_model, "y")):
+        if got is None:
+            continue
+        assert got.dtype == want.dtype, f"{what}: {got.dtype}, the model's {want.dtype}"
+        if backend == "torch":
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{what} not the model's bit for bit")
+        elif got.dtype is torch.float32:  # x̂ rounded to 16 bits where the model does: 2^-9 off if not
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{what}: not the model's rounding")
+        else:  # at most one flipped rounding, of x̂ or of the output, and rarely
+            rtol = torch.finfo(got.dtype).eps
+            torch.testing.assert_close(got, want, rtol=rtol, atol=0, msg=f"{what}: more than one rounding off")
+            assert (got != want).float().mean() < 0.05, f"{what}: roundings flipped in many places"
+
+    gy = torch.randn_like(y) if y is not None else None
+    gs = torch.randn_like(s)
+    params = [m.weight for m in norms]
+    grads = torch.autograd.grad([t for t in (y, s) if t is not None], [x, h, *params],
+                                [g for g in (gy, gs) if g is not None])
+
+    def norm64(v, w, v_dtype):
+        rounds_to = v_dtype if x_hat_dtype == "input" else w_dtype if w_dtype.itemsize == 2 else torch.float32
+        return w * _straight_through(v * torch.rsqrt(v.square().mean(-1, keepdim=True) + eps), rounds_to)
+
+    x64, h64 = xd.double().requires_grad_(), hd.double().requires_grad_()
+    w64 = [p.detach().double().requires_grad_() for p in params]
+    if mode == "add_norm":
+        s64 = _straight_through(x64 + h64, res)
+        y64 = norm64(s64, w64[0], res)
+    else:
+        s64 = _straight_through(x64 + norm64(h64, w64[0], act), res)
+        y64 = norm64(s64, w64[1], res) if mode == "norm_add_norm" else None
+    grads64 = torch.autograd.grad([t for t in (y64, s64) if t is not None], [x64, h64, *w64],
+                                  [g.double() for g in (gy, gs) if g is not None])
+    for name, g, g64, wrt in zip(["dx", "dh", "dw1", "dw2"], grads, grads64, [x, h, *params]):
+        assert_close(g, g64, f"{mode} {name}", dtype=wrt.dtype,
+                     scale=g64.abs().sum().item() if name.startswith("dw") else 0.0)
+
+
+def test_x_hat_dtype_must_match_across_the_two_norms():
+    with pytest.raises(ValueError, match="share an x_hat_dtype"):
+        NF.norm_add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.RMSNorm(4, x_hat_dtype="input"),
+                         normzoo.RMSNorm(4))
+
+
 @pytest.mark.parametrize("mode", fused.MODES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_looped_long_row_path(kind, mode, device, monkeypatch):
@@ -431,6 +519,21 @@ def test_opcheck(kind, mode, triton, device):
     torch.library.opcheck(fused.fused_residual_fwd, args)
     if kind == "layernorm":
         torch.library.opcheck(fused.fused_residual_fwd, (*args, 1.0))
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+@pytest.mark.parametrize("mode", fused.MODES)
+def test_opcheck_x_hat_dtype(mode, triton, device):
+    """Rounding x̂ as a model does ("input"): y in the dtype that model's norm returns for the sum,
+    fp32 here (an fp32 stream and weight beside bf16 h), which the fake implementation says too."""
+    w1, w2 = (torch.randn(20, device=device, requires_grad=True) for _ in range(2))
+    h = torch.randn(6, 20, device=device, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(6, 20, device=device, requires_grad=True)
+    args = (h, x, w1, None, None, None, *((w2, None, None, None) if mode == "norm_add_norm" else (None,) * 4),
+            "rmsnorm", mode, 1e-6, 1e-6, 0.5, None, triton, 0.0, 1)
+    torch.library.opcheck(fused.fused_residual_fwd, args)
+    y = fused.fused_residual_fwd(*args)[0]
+    assert y.dtype == (torch.float32 if mode != "norm_add" else torch.bfloat16)
 
 
 @pytest.mark.parametrize("placement", ["pre", "peri", "post"])
