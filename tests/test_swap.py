@@ -394,6 +394,31 @@ def test_swapped_norms_take_a_16bit_weight_with_fp32_input(name, weight_dtype, b
     torch.testing.assert_close(w1.float(), w0.float(), rtol=2e-2, atol=2e-2 * w0.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma", "t5"])
+def test_swapped_norms_fuse_with_the_residual_add_as_the_model_computes(name, dtype, backend):
+    """A pre-norm block's ``hidden = residual + h; hidden = norm(hidden)`` (Llama's
+    post_attention_layernorm, T5's next layer_norm), with the swapped norm in normzoo's fused
+    add_norm: the model's own class's output, in its dtype, bit for bit on the reference; within
+    one rounding on the kernels (their fp32 sums run in another order). The sum is the model's."""
+    norm = _final_norm(_tiny_hf_model(name, dtype))
+    swapped = torch.nn.Sequential(copy.deepcopy(norm))
+    assert sum(normzoo.swap(swapped, backend=backend).values()) == 1
+    residual, h = (torch.randn(3, 5, 32) * 2).to(dtype), (torch.randn(3, 5, 32) * 2).to(dtype)
+    with torch.no_grad():
+        expected = norm(residual + h)
+        y, s = normzoo.functional.add_norm(residual, h, swapped[0])
+    torch.testing.assert_close(s, residual + h, rtol=0, atol=0)
+    assert y.dtype == expected.dtype
+    if backend == "torch" or dtype is torch.float32:
+        torch.testing.assert_close(y, expected, rtol=0 if backend == "torch" else 1e-5,
+                                   atol=0 if backend == "torch" else 1e-6)
+    else:
+        torch.testing.assert_close(y, expected, rtol=torch.finfo(dtype).eps, atol=0)
+        assert (y != expected).float().mean() < 0.05
+
+
 def _grads(model, ids):
     model.zero_grad()
     _logits(model, ids).double().square().mean().backward()
