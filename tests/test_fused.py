@@ -331,6 +331,31 @@ def test_x_hat_dtype_norms_compute_the_models_own_formula(mode, precision, x_hat
                      scale=g64.abs().sum().item() if name.startswith("dw") else 0.0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("x_hat_dtype", ["input", "weight"])
+@pytest.mark.parametrize("case", ["bf16-weight-fp32-stream", "no-weight"])
+def test_x_hat_dtype_y_dtype_is_the_models_beyond_the_table(case, x_hat_dtype, backend, device):
+    """The README's rule for y's dtype where X_HAT_PRECISIONS does not reach: T5's "weight" with a
+    16-bit weight over an fp32 stream returns the weight's dtype (not fp32), and "weight" without a
+    weight returns fp32 even over a 16-bit stream; "input" the promoted dtype of s and the weight."""
+    n, eps = 40, 1e-6
+    affine = case != "no-weight"
+    norm = normzoo.RMSNorm(n, eps=eps, backend=backend, device=device, dtype=torch.bfloat16,
+                           x_hat_dtype=x_hat_dtype, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(1, 0.5)
+    residual_dtype = torch.float32 if case == "bf16-weight-fp32-stream" else None
+    x = (torch.randn(6, n, device=device) * 3).to(residual_dtype or torch.bfloat16)
+    h = (torch.randn(6, n, device=device) * 3).bfloat16()
+    y, s = NF.add_norm(x, h, norm, residual_dtype=residual_dtype)
+    x_hat = model_x_hat(s, eps, x_hat_dtype, torch.bfloat16 if affine else torch.float32)
+    want = norm.weight.detach() * x_hat if affine else x_hat
+    assert y.dtype == want.dtype
+    torch.testing.assert_close(y, want, rtol=0 if backend == "torch" else torch.finfo(y.dtype).eps,
+                               atol=0 if backend == "torch" else 1e-6)
+
+
 def test_x_hat_dtype_must_match_across_the_two_norms():
     with pytest.raises(ValueError, match="share an x_hat_dtype"):
         NF.norm_add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.RMSNorm(4, x_hat_dtype="input"),
