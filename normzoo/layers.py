@@ -115,13 +115,16 @@ class LayerNorm(torch.nn.LayerNorm):
                 f"bias={self.bias is not None}, backend={self.backend!r}" + _offset_repr(self))
 
 
-def _channels_last_view(input: Tensor) -> Tensor:
+def _channels_last_view(input: Tensor, channels: int) -> Tensor:
     """LayerNorm2d's (B, C, H, W) input as (B, H, W, C), checked. A function of its own that
     torch.fx records as one node (see the end of ops.py), as it records the norm's."""
     if not isinstance(input, Tensor):
         ops.check_input(input)  # the TypeError LayerNorm gives
     if input.dim() != 4:
         raise ValueError(f"LayerNorm2d expects (B, C, H, W) input, got shape {tuple(input.shape)}")
+    if input.shape[1] != channels:  # checked here: the norm's own check would name the permuted shape
+        raise ValueError(f"LayerNorm2d expects input with {channels} channels in dim 1 (B, C, H, W), "
+                         f"got input of shape {tuple(input.shape)}")
     return input.permute(0, 2, 3, 1)
 
 
@@ -163,7 +166,7 @@ class LayerNorm2d(LayerNorm):
                          weight_offset=weight_offset)
 
     def forward(self, input: Tensor) -> Tensor:
-        return super().forward(_channels_last_view(input)).permute(0, 3, 1, 2)
+        return super().forward(_channels_last_view(input, self.normalized_shape[0])).permute(0, 3, 1, 2)
 
 
 class RMSNorm(torch.nn.RMSNorm):

@@ -212,6 +212,9 @@ def test_module_device_dtype_and_mixed_precision(device):
         # torch.nn.LayerNorm has no eps=None default (RMSNorm's machine epsilon): a TypeError, as torch's
         (lambda: normzoo.LayerNorm(4, eps=None)(torch.randn(3, 4)), TypeError, "eps must be a float"),
         (lambda: normzoo.LayerNorm2d(4)([[1.0]]), TypeError, "input must be a torch.Tensor"),
+        # names the (B, C, H, W) shape the caller passed, not the (B, H, W, C) view it normalizes
+        (lambda: normzoo.LayerNorm2d(4)(torch.randn(2, 3, 5, 5)), ValueError,
+         r"4 channels in dim 1 \(B, C, H, W\), got input of shape \(2, 3, 5, 5\)"),
         (lambda: NF.layer_norm(torch.randn(3, 4), -1), ValueError, "must not be negative"),
         (lambda: normzoo.LayerNorm(-1), ValueError, "must not be negative"),
         (lambda: normzoo.RMSNorm((2, -4)), ValueError, "must not have negative sizes"),
