@@ -491,7 +491,18 @@ def _check_layer(x: Tensor, kind, params, eps, shape, reads: torch.dtype):
     """Checks one layer's parameters against x; ``reads``: the dtype of what the norm normalizes
     (h, or the sum s), whose machine epsilon is RMSNorm's ``eps=None``."""
     weight, bias, alpha, shift = params
-    check_affine(weight, bias, shape, x)
+    try:
+        check_affine(weight, bias, shape, x)
+    except TypeError:
+        # check_affine's message says "the input's dtype": name h, and say why the norm alone took it
+        for name, p in (("weight", weight), ("bias", bias)):
+            if isinstance(p, Tensor) and p.dtype not in (x.dtype, torch.float32):
+                raise TypeError(
+                    f"a fused residual op takes the norm's {name} in h's dtype ({x.dtype}) or float32, got {p.dtype}"
+                    + ("" if kind == "layernorm" else " (the norm called on its own takes any 16- or 32-bit "
+                       "float; the fused ops do not)")
+                    + f": cast the norm, e.g. norm.to({x.dtype}), or use the norm and the add apart") from None
+        raise
     if kind in ("dyt", "derf"):
         ops._check_scalars(alpha, shift, x)
     if eps is None and kind == "rmsnorm":  # torch.nn.RMSNorm's default (LayerNorm's None: check_eps's TypeError)

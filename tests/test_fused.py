@@ -443,6 +443,12 @@ def test_triton_and_reference_agree_bitwise_in_the_sum(dtype, device):
          ValueError, "channels-last"),
         (lambda: fused.fused_residual(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4), mode="add"),
          ValueError, "mode must be one of"),
+        # an RMSNorm takes a bf16 weight beside fp32 input on its own; the fused ops name h and say so
+        (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.RMSNorm(4, dtype=torch.bfloat16)),
+         TypeError, r"takes the norm's weight in h's dtype \(torch.float32\) or float32, got torch.bfloat16 "
+                    r"\(the norm called on its own"),
+        (lambda: NF.norm_add(torch.randn(2, 4), torch.randn(2, 4).half(), normzoo.DyT(4, dtype=torch.bfloat16)),
+         TypeError, r"norm's weight in h's dtype \(torch.float16\)"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, exc, match):
