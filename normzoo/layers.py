@@ -485,7 +485,7 @@ class QKNorm(torch.nn.Module):
             raise TypeError(f"{'q' if q is None else 'k'} must be a torch.Tensor, got NoneType (QKNorm normalizes q "
                             "and k together)")
         _check_last_dim(q, self.dim, "q")
-        _check_last_dim(k, self.k_dim, "k")
+        _check_last_dim(k, self.k_dim, "k", self.k_dim == self.dim)
         if self.norm == "l2":
             return ops.headwise_norm(q, _param(self, "scale"), k, None, self.eps, norm="l2", backend=self.backend)
         return ops.headwise_norm(q, _param(self, "q_weight"), k, _param(self, "k_weight"), self.eps, norm="rms",
@@ -529,6 +529,9 @@ class CRMSNorm(torch.nn.Module):
         return f"{self.dim}, eps={self.eps}, backend={self.backend!r}"
 
 
-def _check_last_dim(x, dim: int, what: str = "input") -> None:
+def _check_last_dim(x, dim: int, what: str = "input", k_dim_hint: bool = False) -> None:
+    """``k_dim_hint``: x is QKNorm's k, whose width was left to q's (no ``k_dim``): say how to set it."""
     if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[-1] != dim):
-        raise ValueError(f"expected {what} whose last dim is {dim}, got {what} of shape {tuple(x.shape)}")
+        hint = (f" (a k of another width than q's, as GQA's over all heads: QKNorm({dim}, k_dim=...))"
+                if k_dim_hint else "")
+        raise ValueError(f"expected {what} whose last dim is {dim}, got {what} of shape {tuple(x.shape)}{hint}")

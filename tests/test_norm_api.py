@@ -241,6 +241,11 @@ def test_module_device_dtype_and_mixed_precision(device):
          "always learns its scale"),
         # k=None would have normalized q alone and returned it unpaired (q, k = ... split its rows)
         (lambda: normzoo.QKNorm(8)(torch.randn(2, 8), None), TypeError, "k must be a torch.Tensor, got NoneType"),
+        # OLMo 2's all-heads QK-norm under GQA: k is narrower than q, which k_dim says
+        (lambda: normzoo.QKNorm(8)(torch.randn(2, 8), torch.randn(2, 4)), ValueError,
+         r"got k of shape \(2, 4\) \(a k of another width than q's, as GQA's over all heads: QKNorm\(8, k_dim=\.\.\.\)\)"),
+        (lambda: normzoo.QKNorm(8, k_dim=4)(torch.randn(2, 8), torch.randn(2, 2)), ValueError,
+         r"expected k whose last dim is 4, got k of shape \(2, 2\)$"),
         (lambda: normzoo.swap("model"), TypeError, "model must be a torch.nn.Module"),
         # A model's own RMSNorm takes a 16-bit weight beside fp32 input (T5 in fp16), not an fp64 one
         (lambda: normzoo.RMSNorm(4, x_hat_dtype="weight").double()(torch.randn(2, 4)), TypeError, "16-bit"),
