@@ -491,17 +491,20 @@ def _check_layer(x: Tensor, kind, params, eps, shape, reads: torch.dtype):
     """Checks one layer's parameters against x; ``reads``: the dtype of what the norm normalizes
     (h, or the sum s), whose machine epsilon is RMSNorm's ``eps=None``."""
     weight, bias, alpha, shift = params
+    # As the norm called on its own: RMSNorm, DyT and Derf take any 16- or 32-bit float parameters
+    # (T5 in fp16 feeds fp32 activations to an fp16 weight), LayerNorm h's dtype or float32.
+    any_float = kind != "layernorm"
     try:
-        check_affine(weight, bias, shape, x)
+        check_affine(weight, bias, shape, x, any_float)
     except TypeError:
-        # check_affine's message says "the input's dtype": name h, and say why the norm alone took it
+        # check_affine's message says "the input's dtype": here it is h's
+        allowed = (x.dtype, torch.float32) + ((torch.float16, torch.bfloat16) if any_float else ())
         for name, p in (("weight", weight), ("bias", bias)):
-            if isinstance(p, Tensor) and p.dtype not in (x.dtype, torch.float32):
+            if isinstance(p, Tensor) and p.dtype not in allowed:
                 raise TypeError(
-                    f"a fused residual op takes the norm's {name} in h's dtype ({x.dtype}) or float32, got {p.dtype}"
-                    + ("" if kind == "layernorm" else " (the norm called on its own takes any 16- or 32-bit "
-                       "float; the fused ops do not)")
-                    + f": cast the norm, e.g. norm.to({x.dtype}), or use the norm and the add apart") from None
+                    f"a fused residual op takes the norm's {name} in h's dtype ({x.dtype}), float32"
+                    + (" or a 16-bit float" if any_float else "")
+                    + f", got {p.dtype}: cast the norm, e.g. norm.to({x.dtype})") from None
         raise
     if kind in ("dyt", "derf"):
         ops._check_scalars(alpha, shift, x)

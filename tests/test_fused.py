@@ -86,11 +86,11 @@ def run_fused(mode, x, h, n1, n2, scale, residual_dtype=None):
 
 
 def check_against_float64(kind, mode, act_dtype, res_dtype, n, backend, device, rows=5, scale=0.7, dy_on=True,
-                          ds_on=True, weight_offset=0.0, affine=({}, {}), frozen=()):
+                          ds_on=True, weight_offset=0.0, affine=({}, {}), frozen=(), param_dtype=torch.float32):
     """``affine``: each norm's flags (make_norm); ``frozen``: parameters that take no gradient, as
-    "1.weight" (the first norm's) or "2.bias"."""
-    n1 = make_norm(kind, n, backend, device=device, weight_offset=weight_offset, **affine[0])
-    n2 = (make_norm(kind, n, backend, device=device, weight_offset=weight_offset, **affine[1])
+    "1.weight" (the first norm's) or "2.bias"; ``param_dtype``: the norms' parameters'."""
+    n1 = make_norm(kind, n, backend, param_dtype, device, weight_offset, **affine[0])
+    n2 = (make_norm(kind, n, backend, param_dtype, device, weight_offset, **affine[1])
           if mode == "norm_add_norm" else None)
     for i, m in enumerate((n1, n2)):
         for name, p in (m.named_parameters() if m is not None else ()):
@@ -241,6 +241,17 @@ def test_weight_offset_norms(kind, mode, precision, backend, device):
     """Gemma 2/3's sandwich norms are (1 + w) RMSNorms: the fused ops take a weight_offset norm
     (both norms of norm_add_norm share it), added in fp32 as in the plain layers."""
     check_against_float64(kind, mode, *precision, 24, backend, device, weight_offset=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", fused.MODES)
+@pytest.mark.parametrize("kind", ["rmsnorm", "dyt", "derf"])
+def test_16bit_parameters_beside_fp32_activations(kind, mode, param_dtype, backend, device):
+    """RMSNorm, DyT and Derf take any 16- or 32-bit float parameters on their own (T5 in fp16 feeds
+    fp32 activations to an fp16 norm; swap(to="dyt") builds a norm's replacement in its weight's
+    dtype), and so do the fused ops: the parameters' values in fp32, each gradient in its dtype."""
+    check_against_float64(kind, mode, torch.float32, torch.float32, 24, backend, device, param_dtype=param_dtype)
 
 
 def test_weight_offset_must_match_across_the_two_norms():
@@ -443,12 +454,11 @@ def test_triton_and_reference_agree_bitwise_in_the_sum(dtype, device):
          ValueError, "channels-last"),
         (lambda: fused.fused_residual(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4), mode="add"),
          ValueError, "mode must be one of"),
-        # an RMSNorm takes a bf16 weight beside fp32 input on its own; the fused ops name h and say so
-        (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.RMSNorm(4, dtype=torch.bfloat16)),
-         TypeError, r"takes the norm's weight in h's dtype \(torch.float32\) or float32, got torch.bfloat16 "
-                    r"\(the norm called on its own"),
-        (lambda: NF.norm_add(torch.randn(2, 4), torch.randn(2, 4).half(), normzoo.DyT(4, dtype=torch.bfloat16)),
-         TypeError, r"norm's weight in h's dtype \(torch.float16\)"),
+        # a parameter dtype the norm would refuse too: the message names h, whose dtype it is checked against
+        (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4, dtype=torch.bfloat16)),
+         TypeError, r"takes the norm's weight in h's dtype \(torch.float32\), float32, got torch.bfloat16"),
+        (lambda: NF.norm_add(torch.randn(2, 4), torch.randn(2, 4), normzoo.DyT(4, dtype=torch.float64)),
+         TypeError, r"norm's weight in h's dtype \(torch.float32\), float32 or a 16-bit float, got torch.float64"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, exc, match):

@@ -395,6 +395,8 @@ def test_fused_residual(data, kind, mode, h_dtype, x_is_fp32, residual, fp32_par
     residual_dtype = {"default": None, "float32": torch.float32, "h": h_dtype, "bfloat16": torch.bfloat16}[residual]
     s_dtype = residual_dtype or torch.promote_types(x_dtype, h_dtype)
     param_dtype = torch.float32 if fp32_params else h_dtype
+    if not fp32_params and kind != "layernorm":  # any 16-bit dtype, as these norms take on their own
+        param_dtype = data.draw(st.sampled_from([h_dtype, torch.float16, torch.bfloat16]), label="param_dtype")
     seeded(data)
     shape = (*lead, n)
     x = make_values(shape, x_dtype, device, values[0], values[1], layouts[0]).requires_grad_()
