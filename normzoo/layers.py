@@ -533,5 +533,5 @@ def _check_last_dim(x, dim: int, what: str = "input", k_dim_hint: bool = False) 
     """``k_dim_hint``: x is QKNorm's k, whose width was left to q's (no ``k_dim``): say how to set it."""
     if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[-1] != dim):
         hint = (f" (a k of another width than q's, as GQA's over all heads: QKNorm({dim}, k_dim=...))"
-                if k_dim_hint else "")
+                if k_dim_hint and x.dim() else "")  # a 0-d k has no width to set
         raise ValueError(f"expected {what} whose last dim is {dim}, got {what} of shape {tuple(x.shape)}{hint}")

@@ -246,6 +246,9 @@ def test_module_device_dtype_and_mixed_precision(device):
          r"got k of shape \(2, 4\) \(a k of another width than q's, as GQA's over all heads: QKNorm\(8, k_dim=\.\.\.\)\)"),
         (lambda: normzoo.QKNorm(8, k_dim=4)(torch.randn(2, 8), torch.randn(2, 2)), ValueError,
          r"expected k whose last dim is 4, got k of shape \(2, 2\)$"),
+        # a 0-d k is no k of another width: no k_dim hint
+        (lambda: normzoo.QKNorm(8)(torch.randn(2, 8), torch.tensor(1.0)), ValueError,
+         r"expected k whose last dim is 8, got k of shape \(\)$"),
         (lambda: normzoo.swap("model"), TypeError, "model must be a torch.nn.Module"),
         # A model's own RMSNorm takes a 16-bit weight beside fp32 input (T5 in fp16), not an fp64 one
         (lambda: normzoo.RMSNorm(4, x_hat_dtype="weight").double()(torch.randn(2, 4)), TypeError, "16-bit"),
