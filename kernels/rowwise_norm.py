@@ -651,13 +651,10 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
         # A fused op's backward moves more: the sum's gradient in, dx maybe twice out. A dy in another
         # dtype than x's (an x_hat_dtype norm's fp32 output, norm_add_norm's fp32 dx) is not the
         # launch a table's whole-row tile was timed on (more shared memory, more spill): the rules'.
-        if dx2 is None:
-            cfg = launch_config("rmsnorm" if is_rms else "layernorm", "bwd" if dres is None else "bwd_res", N,
-                                x.dtype, device, max_block_n, weight is not None or compute_db, dy.dtype is x.dtype)
-        else:
-            cfg = launch_config("rmsnorm" if is_rms else "layernorm", "bwd_res2", N, x.dtype, device, max_block_n,
-                                weight is not None or compute_db, dy.dtype is x.dtype,
-                                dy.dtype.itemsize > dx2.dtype.itemsize)
+        pass_ = "bwd" if dres is None and dx2 is None else "bwd_res2" if dx2 is not None else "bwd_res"
+        cfg = launch_config("rmsnorm" if is_rms else "layernorm", pass_, N, x.dtype, device, max_block_n,
+                            weight is not None or compute_db, dy.dtype is x.dtype,
+                            dx2 is not None and dy.dtype.itemsize > dx2.dtype.itemsize)
     rows_per_program, programs = split_rows(M, cfg, device)
 
     dw = alloc(x, N, weight.dtype) if compute_dw else None

@@ -95,8 +95,7 @@ def _reference_norm(v, params, kind, eps, out_dtype, scale, weight_offset=0.0, r
 _ACTIVATION = {"dyt": "tanh", "derf": "erf"}
 # RMSNorm's x_hat_dtype as the kernels' round_x_hat code (X_HAT_ROUNDING): in a fused op each norm
 # rounds x_hat to its own input's (the sum's or h's) or weight's dtype, and a rounding to fp32 is none.
-_ROUNDING = {None: 0, "input": 1, "weight": 2}
-_X_HAT_DTYPE = (None, "input", "weight")
+_ROUNDING = {x_hat_dtype: code for code, x_hat_dtype in enumerate(ops._X_HAT_DTYPES)}
 
 
 def _y_dtype(round_x_hat, h_dtype, s_dtype, weight):
@@ -105,7 +104,7 @@ def _y_dtype(round_x_hat, h_dtype, s_dtype, weight):
     ``norm(x + h)``."""
     if not round_x_hat:
         return h_dtype
-    return ops.x_hat_out_dtype(_X_HAT_DTYPE[round_x_hat], s_dtype, weight)
+    return ops.x_hat_out_dtype(ops._X_HAT_DTYPES[round_x_hat], s_dtype, weight)
 
 
 def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset=0.0, round_x_hat=0,
