@@ -486,27 +486,34 @@ def _user_global_hooks() -> bool:
     return False
 
 
-def _check_layer(x: Tensor, kind, params, eps, shape, reads: torch.dtype):
+def _check_layer(x: Tensor, kind, params, eps, shape, reads: torch.dtype, which: str = "norm"):
     """Checks one layer's parameters against x; ``reads``: the dtype of what the norm normalizes
-    (h, or the sum s), whose machine epsilon is RMSNorm's ``eps=None``."""
+    (h, or the sum s), whose machine epsilon is RMSNorm's ``eps=None``; ``which``: the norm's name
+    in messages (norm_add_norm's two are norm_out and norm_in)."""
     weight, bias, alpha, shift = params
     # As the norm called on its own: RMSNorm, DyT and Derf take any 16- or 32-bit float parameters
     # (T5 in fp16 feeds fp32 activations to an fp16 weight), LayerNorm h's dtype or float32.
     any_float = kind != "layernorm"
     try:
         check_affine(weight, bias, shape, x, any_float)
-    except TypeError:
+        if kind in ("dyt", "derf"):
+            ops._check_scalars(alpha, shift, x)
+    except TypeError as e:
         # check_affine's message says "the input's dtype": here it is h's
         allowed = (x.dtype, torch.float32) + ((torch.float16, torch.bfloat16) if any_float else ())
         for name, p in (("weight", weight), ("bias", bias)):
             if isinstance(p, Tensor) and p.dtype not in allowed:
                 raise TypeError(
-                    f"a fused residual op takes the norm's {name} in h's dtype ({x.dtype}), float32"
-                    + (" or a 16-bit float" if any_float else "")
-                    + f", got {p.dtype}: cast the norm, e.g. norm.to({x.dtype})") from None
-        raise
-    if kind in ("dyt", "derf"):
-        ops._check_scalars(alpha, shift, x)
+                    f"a fused residual op takes {'the norm' if which == 'norm' else which}'s {name} in h's dtype "
+                    f"({x.dtype}), float32" + (" or a 16-bit float" if any_float else "")
+                    + f", got {p.dtype}: cast the norm, e.g. {which}.to({x.dtype})") from None
+        if which == "norm":
+            raise
+        raise TypeError(f"{which}: {e}") from None
+    except ValueError as e:
+        if which == "norm":
+            raise
+        raise ValueError(f"{which}: {e}") from None
     if eps is None and kind == "rmsnorm":  # torch.nn.RMSNorm's default (LayerNorm's None: check_eps's TypeError)
         eps = torch.finfo(reference.compute_dtype(reads)).eps
     return check_eps(eps)
@@ -539,7 +546,8 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
     shape = normalized_shape_tuple(shape)
     ops.check_trailing_shape(h, shape)
     s_dtype = residual_dtype or _promoted(x.dtype, h.dtype)
-    eps1 = _check_layer(h, kind, p1, eps1, shape, s_dtype if mode == "add_norm" else h.dtype)
+    eps1 = _check_layer(h, kind, p1, eps1, shape, s_dtype if mode == "add_norm" else h.dtype,
+                        "norm" if norm2 is None else "norm_out")
     p2, eps2 = (None, None, None, None), 0.0
     if norm2 is not None:
         kind2, p2, eps2, shape2, backend2 = describe(norm2)
@@ -554,7 +562,7 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
         if norm2.__dict__.get("x_hat_dtype") != norm.__dict__.get("x_hat_dtype"):
             raise ValueError("norm_out and norm_in must share an x_hat_dtype (the kernel rounds both alike), got "
                              f"{norm.__dict__.get('x_hat_dtype')!r} and {norm2.__dict__.get('x_hat_dtype')!r}")
-        eps2 = _check_layer(h, kind2, p2, eps2, shape, s_dtype)
+        eps2 = _check_layer(h, kind2, p2, eps2, shape, s_dtype, "norm_in")
     # float64 anywhere takes the reference, as for the plain ops.
     triton = use_triton(backend, h) and x.dtype is not torch.float64 and residual_dtype is not torch.float64
     if triton:

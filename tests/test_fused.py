@@ -438,6 +438,12 @@ def test_triton_and_reference_agree_bitwise_in_the_sum(dtype, device):
         assert torch.equal(s, x + h), backend
 
 
+def _with_alpha(norm, n):
+    """norm with an alpha of n elements (a malformed checkpoint): a fused op must refuse it."""
+    norm.alpha = torch.nn.Parameter(torch.ones(n))
+    return norm
+
+
 @pytest.mark.parametrize(
     "call, exc, match",
     [
@@ -459,6 +465,18 @@ def test_triton_and_reference_agree_bitwise_in_the_sum(dtype, device):
          TypeError, r"takes the norm's weight in h's dtype \(torch.float32\), float32, got torch.bfloat16"),
         (lambda: NF.norm_add(torch.randn(2, 4), torch.randn(2, 4), normzoo.DyT(4, dtype=torch.float64)),
          TypeError, r"norm's weight in h's dtype \(torch.float32\), float32 or a 16-bit float, got torch.float64"),
+        # norm_add_norm names which of its two norms is wrong
+        (lambda: NF.norm_add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4),
+                                  normzoo.LayerNorm(4, dtype=torch.bfloat16)),
+         TypeError, r"takes norm_in's weight in h's dtype \(torch.float32\), float32, got torch.bfloat16: cast the "
+                    r"norm, e.g. norm_in.to\(torch.float32\)"),
+        (lambda: NF.norm_add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.DyT(4, dtype=torch.float64),
+                                  normzoo.DyT(4)),
+         TypeError, r"takes norm_out's weight in h's dtype"),
+        (lambda: NF.norm_add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.DyT(4), _with_alpha(normzoo.DyT(4), 2)),
+         ValueError, r"^norm_in: alpha must"),
+        (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), _with_alpha(normzoo.DyT(4), 2)),
+         ValueError, r"^alpha must"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, exc, match):
