@@ -519,7 +519,8 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
 
     - "custom_op": anything but a plain eager call: torch.compile / torch.export, functorch
       transforms (vmap, grad, jacrev...), torch.jit.trace, FakeTensorMode or make_fx, meta tensors,
-      a tensor subclass that dispatches itself (:func:`_dispatches_itself`). These take the
+      a tensor subclass that dispatches itself (:func:`_dispatches_itself`), as x or any of
+      ``params``. These take the
       registered custom ops (fake implementations, the dispatcher's transform rules, the
       subclass's own dispatch); the launchers would otherwise run on tensors that have no data.
     - "function": eager, and some tensor needs a gradient: the autograd.Function.
@@ -539,6 +540,9 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
         return "composite"
     if type(x) is not Tensor and _dispatches_itself(x):
         return "custom_op"
+    for p in params:  # a parameter (or a fused op's second tensor) of such a subclass beside a plain x
+        if p is not None and type(p) is not _Parameter and type(p) is not Tensor and _dispatches_itself(p):
+            return "custom_op"
     if _grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return "function"
     return "forward"

@@ -1,5 +1,6 @@
 """LayerNorm / RMSNorm public API: reference vs PyTorch, gradcheck, modules, errors, compile."""
 
+import copy
 import os
 import warnings
 
@@ -501,6 +502,42 @@ def test_a_subclass_that_dispatches_itself_takes_the_custom_ops(backend, device)
         a.requires_grad_()
         layer(a).sum().backward()
         torch.testing.assert_close(x.grad.a, a.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_subclass_beside_a_plain_input_takes_the_custom_ops(backend, device):
+    # The same subclass as a weight beside a plain input, as a fused op's x beside a plain h, or as
+    # k beside a plain q: the call was routed on its first tensor alone and reached the launchers.
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    for layer in _norm_layers(device):
+        layer.backend = backend
+        w = torch.randn(8, device=device)
+        layer.weight = torch.nn.Parameter(TwoTensor(w, w + 1))
+        x = torch.randn(4, 8, device=device, requires_grad=True)
+        y = layer(x)
+        assert type(y) is TwoTensor
+        y.sum().backward()
+        for part, weight, dweight in ((y.a, w, layer.weight.grad.a), (y.b, w + 1, layer.weight.grad.b)):
+            plain = copy.deepcopy(layer)
+            plain.weight = torch.nn.Parameter(weight.clone())
+            torch.testing.assert_close(part, plain(x))
+            plain(x).sum().backward()
+            torch.testing.assert_close(dweight, plain.weight.grad)
+
+    norm = normzoo.RMSNorm(8, backend=backend, device=device)
+    x = TwoTensor(torch.randn(4, 8, device=device), torch.randn(4, 8, device=device))
+    h = torch.randn(4, 8, device=device)
+    y, s = NF.add_norm(x, h, norm)
+    assert type(y) is TwoTensor and type(s) is TwoTensor
+    torch.testing.assert_close(y.b, NF.add_norm(x.b, h, norm)[0])
+
+    q = torch.randn(2, 3, 4, 8, device=device)
+    k = TwoTensor(torch.randn(2, 3, 4, 8, device=device), torch.randn(2, 3, 4, 8, device=device))
+    qk_norm = normzoo.QKNorm(8, backend=backend, device=device)
+    q_out, k_out = qk_norm(q, k)
+    assert type(k_out) is TwoTensor
+    torch.testing.assert_close(k_out.b, qk_norm(q, k.b)[1])
 
 
 # ----------------------------------------------------------------------------------------------
