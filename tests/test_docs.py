@@ -20,6 +20,20 @@ def test_readme_tolerance_table_matches_the_tests():
     assert {getattr(torch, k): float(v) for k, v in table.items()} == RTOL
 
 
+def test_readme_names_only_tests_that_exist():
+    # The README backs its guarantees with test names ([test_norm_api::test_x], tests/test_swap.py):
+    # each must still be a test file or a test function, or the claim points at nothing.
+    sources = {p.stem: p.read_text() for p in (ROOT / "tests").glob("test_*.py")}
+    named = set(re.findall(r"\btest_\w+", README))
+    assert named, "the README names no tests: this check has nothing to check"
+    everything = "\n".join(sources.values())
+    missing = sorted(t for t in named if t not in sources and not re.search(rf"^\s*def {t}\(", everything, re.M))
+    assert not missing, f"the README names tests that do not exist: {missing}"
+    misplaced = [f"{file}::{test}" for file, test in re.findall(r"\b(test_\w+?)(?:\.py)?::(test_\w+)", README)
+                 if not re.search(rf"^\s*def {test}\(", sources.get(file, ""), re.M)]
+    assert not misplaced, f"the README names tests in files that do not hold them: {misplaced}"
+
+
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     commands = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
