@@ -282,16 +282,15 @@ class _FusedResidual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, ds):
-        if torch.is_grad_enabled():
-            # create_graph=True: the second-order terms would need x and h, which the forward does
-            # not keep (keeping them would cost every training step memory). Refuse, never drop.
-            raise RuntimeError("the fused residual ops do not support double backward (create_graph=True); for "
-                               "second-order gradients use the norm and the add apart (normzoo's plain norms do)")
-        # A batched backward (see ops._reference_backward) runs the reference. Neither gradient
-        # (gradcheck's undefined-gradient check) is no batch: _grads returns none.
-        g = dy if dy is not None else ds
-        batched = ops._functorch_transforms_active() or (g is not None and ops._is_legacy_batched(g))
-        dh, dx, *rest = _grads(ctx, dy, ds, ops._reference_backward(_fused_backward, 15) if batched else _fused_backward)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, through the reference math
+            dh, dx, *rest = _second_order_grads(ctx, dy, ds)
+        else:
+            # A batched backward (see ops._reference_backward) runs the reference. Neither gradient
+            # (gradcheck's undefined-gradient check) is no batch: _grads returns none.
+            g = dy if dy is not None else ds
+            batched = ops._functorch_transforms_active() or (g is not None and ops._is_legacy_batched(g))
+            backward = ops._reference_backward(_fused_backward, 15) if batched else _fused_backward
+            dh, dx, *rest = _grads(ctx, dy, ds, backward)
         # add_norm hands one tensor to both inputs, norm_add hands ds itself to x (no copy: the
         # engine passes gradients on read-only). A leaf would keep such a tensor as its .grad and
         # share it (with the other input's .grad, or the caller's ds) from then on: copy for leaves.
@@ -304,6 +303,47 @@ class _FusedResidual(torch.autograd.Function):
 
 
 _FUSED_C_APPLY = ops._c_apply(_FusedResidual)
+
+
+def _second_order_grads(ctx, dy, ds):
+    """Gradients for (h, x, *p1, *p2) as :func:`_grads` gives them, for a backward run with
+    ``create_graph=True``: autograd through the reference math (:func:`ops._second_order`), so they
+    are differentiable in turn. The forward keeps neither x nor h (add_norm) nor x (the others),
+    and needs none: x and h reach the outputs only through s = x + h, or x only through
+    s = x + N1(h), so ∂/∂x is ∂/∂s and the norm on s is differentiated at the saved s. s is an output
+    of this op: the second-order terms that flow back through it come back here as ds."""
+    h, s, *rest = ctx.saved_tensors
+    p1, p2 = tuple(rest[0:4]), tuple(rest[4:8])
+    kind, mode, eps1, eps2, scale, _, _, weight_offset, round_x_hat = ctx.spec
+    needs = ctx.needs_input_grad
+    needs_h, needs_x, needs1, needs2 = needs[0], needs[1], needs[2:6], needs[6:10]
+
+    def norm(eps, out_dtype, scale):
+        return lambda v, *p: _reference_norm(v, p, kind, eps, out_dtype, scale, weight_offset, round_x_hat, True)[0]
+
+    grads1, grads2 = (None,) * 4, (None,) * 4
+    ds_total = ds  # the gradient reaching s: ds, plus what y = N(s) sends back
+    if mode != "norm_add" and dy is not None:
+        params, wanted = (p1, needs1) if mode == "add_norm" else (p2, needs2)
+        y_dtype = dy.dtype  # the output's own dtype (autograd hands dy in it)
+        gs, *grads = ops._second_order(norm(eps1 if mode == "add_norm" else eps2, y_dtype, scale), (s, *params),
+                                       (True, *wanted), (dy,))
+        ds_total = gs if ds is None else ds + gs
+        if mode == "add_norm":
+            grads1 = tuple(grads)
+        else:
+            grads2 = tuple(grads)
+    if ds_total is None:
+        return (None,) * 10
+    dx = ds_total.to(ctx.x_dtype) if needs_x else None
+    if mode == "add_norm":
+        dh = ds_total.to(ctx.h_dtype) if needs_h else None
+    else:  # s = x + N1(h), N1's output in the compute dtype, then rounded to s's dtype
+        acc = reference.compute_dtype(s.dtype if s is not None else ds_total.dtype)
+        dh, *grads = ops._second_order(norm(eps1, acc, 1.0), (h, *p1), (needs_h, *needs1), (ds_total.to(acc),))
+        grads1 = tuple(grads)
+        dh = dh.to(ctx.h_dtype) if dh is not None else None
+    return (dh, dx, *grads1, *grads2)
 
 
 @torch.library.custom_op("normzoo::fused_residual_fwd", mutates_args=())

@@ -4,6 +4,7 @@ differentiable torch ops (``normzoo.ops._route``: "composite"); double backward 
 same math from the eager autograd path. Each result is checked against an independent float64
 computation: torch's own norm where one exists, the paper's formula otherwise."""
 
+import copy
 import math
 
 import pytest
@@ -215,7 +216,7 @@ def test_qk_norm_under_transforms_and_double_backward(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_residual_ops_under_transforms_and_double_backward_refused(backend):
+def test_fused_residual_ops_under_transforms(backend):
     norm = normzoo.RMSNorm(8, eps=1e-6, backend=backend)
     x, h, v = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
     f = lambda x, h: NF.add_norm(x, h, norm)[0]  # noqa: E731
@@ -228,9 +229,71 @@ def test_fused_residual_ops_under_transforms_and_double_backward_refused(backend
     (dh64,) = torch.autograd.grad(torch.nn.functional.rms_norm(x.double() + h64, (8,), norm.weight.detach().double(),
                                                                1e-6).square().sum(), h64)
     torch.testing.assert_close(dh.double(), dh64, rtol=1e-4, atol=1e-5)
-    hh = h.clone().requires_grad_()
-    with pytest.raises(RuntimeError, match="do not support double backward"):
-        torch.autograd.grad(f(x, hh).sum(), hh, create_graph=True)
+
+
+FUSED_KINDS = ["layernorm", "rmsnorm", "gemma", "dyt", "derf"]
+
+
+def _fused_formula(name, mode, p1, p2, scale):
+    """(y, s) of a fused op in float64 from the formulas: the unfused sequence."""
+    n1, n2 = (lambda v: _formula(name)(v, p1)), (lambda v: _formula(name)(v, p2))
+    if mode == "add_norm":
+        return lambda x, h: (n1(x + h) * scale, x + h)
+    if mode == "norm_add":
+        return lambda x, h: (None, x + n1(h))
+    return lambda x, h: (n2(x + n1(h)) * scale, x + n1(h))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["add_norm", "norm_add", "norm_add_norm"])
+@pytest.mark.parametrize("name", FUSED_KINDS)
+def test_fused_double_backward(name, mode, backend):
+    """A gradient penalty through a fused residual op (create_graph=True) with a loss on both y and
+    s: d/dθ of ‖∂L/∂x‖² + ‖∂L/∂h‖², against float64 autograd of the unfused formulas; then
+    gradgradcheck in float64, and a loss on s alone (its gradient passes ds on unchanged to x)."""
+    norms = [_layer(name, backend), _layer(name, backend)][: 2 if mode == "norm_add_norm" else 1]
+    scale = 0.5 if mode != "norm_add" else 1.0
+    op = getattr(NF, mode)
+    kw = {"scale": scale} if mode != "norm_add" else {}
+    x, h = (torch.randn(3, 8) * 2).requires_grad_(), (torch.randn(3, 8) * 2).requires_grad_()
+    params = [p for norm in norms for p in norm.parameters()]
+
+    def loss(out):  # norm_add returns s alone
+        y, s = out if isinstance(out, tuple) else (None, out)
+        return (s.sin().sum() if y is None else y.sin().sum() + s.cos().sum())
+
+    gx, gh = torch.autograd.grad(loss(op(x, h, *norms, **kw)), (x, h), create_graph=True)
+    got = torch.autograd.grad(gx.square().sum() + gh.square().sum(), [x, h, *params])
+    p64 = [{k: v.requires_grad_() for k, v in _params64(norm).items()} for norm in norms]
+    f64 = _fused_formula(name, mode, p64[0], p64[-1], scale)
+    x64, h64 = x.detach().double().requires_grad_(), h.detach().double().requires_grad_()
+    gx64, gh64 = torch.autograd.grad(loss(f64(x64, h64)), (x64, h64), create_graph=True)
+    expected = torch.autograd.grad(gx64.square().sum() + gh64.square().sum(),
+                                   [x64, h64, *[p for ps in p64 for p in ps.values()]])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-5 * max(e.abs().max().item(), 1.0))
+
+    norms64 = [copy.deepcopy(norm).double() for norm in norms]
+    names = [[k for k, _ in norm.named_parameters()] for norm in norms64]
+
+    def f(x, h, *ps):
+        it = iter(ps)
+        calls = [dict(zip(ks, (next(it) for _ in ks))) for ks in names]
+        with torch.nn.utils.stateless._reparametrize_module(norms64[0], calls[0]), \
+                torch.nn.utils.stateless._reparametrize_module(norms64[-1], calls[-1]):
+            return op(x, h, *norms64, **kw)
+
+    inputs = [t.detach().double().requires_grad_() for t in (x[:2], h[:2])]
+    torch.autograd.gradgradcheck(f, (*inputs, *[p.detach().requires_grad_() for p in
+                                                [p for norm in norms64 for p in norm.parameters()]]))
+    # s alone: ∂L/∂x = ds = cos(s) whatever the norms (s is x plus something without x), so
+    # ∂/∂x of Σ cos(s) is -sin(s)
+    xx = x.detach().clone().requires_grad_()
+    s = op(xx, h.detach(), *norms, **kw)
+    s = s[1] if isinstance(s, tuple) else s
+    (gs,) = torch.autograd.grad(s.sin().sum(), xx, create_graph=True)
+    (second,) = torch.autograd.grad(gs.sum(), xx)
+    torch.testing.assert_close(second, -s.detach().sin())
 
 
 def test_compile_still_takes_the_custom_ops(monkeypatch):
@@ -242,3 +305,15 @@ def test_compile_still_takes_the_custom_ops(monkeypatch):
     layer = normzoo.LayerNorm(8, backend="triton")
     out = torch.compile(layer, fullgraph=True, backend="aot_eager")(torch.randn(2, 8))
     assert out.shape == (2, 8) and not seen and math.isfinite(out.sum().item())
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "peri", "mix", "scaled"])
+def test_residual_stack_double_backward(placement):
+    """Second-order gradients through a whole ResidualStack (Hessian-vector products, curvature
+    studies of placements), whose every add is a fused op: gradgradcheck in float64."""
+    torch.manual_seed(0)
+    layers = [[torch.nn.Linear(4, 4, dtype=torch.float64), torch.nn.Tanh()] for _ in range(2)]
+    stack = normzoo.ResidualStack(layers, 4, placement=placement, norm="layernorm", mix_ratio=0.5,
+                                  dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradgradcheck(stack, (x,))
