@@ -52,6 +52,10 @@ def _launchers():
     if _kernels is None:
         import normzoo.kernels as kernels
 
+        if torch.compiler.is_compiling():
+            # Traced code (torch.compile, a strict torch.export) would record the store as a side
+            # effect and warn about it: the next eager call holds the module instead.
+            return kernels
         _kernels = kernels
     return _kernels
 

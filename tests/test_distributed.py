@@ -329,8 +329,11 @@ def _worker() -> None:
 
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)  # two processes on two cores
+    # A collective waits up to 240 s for the other rank (the whole run has TIMEOUT_S). With 60 s, a
+    # run on a machine loaded by other test processes aborted once inside DDP's backward (SIGABRT,
+    # not reproduced since): a timed-out collective on gloo's own thread can end that way.
     dist.init_process_group("gloo", init_method=os.environ["NORMZOO_TEST_INIT"], rank=rank,
-                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
+                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=240))
     cases = [(f"{m}/{w}", lambda v, m=m, w=w: _train(m, w, v, rank)) for m in MODELS for w in WRAPPERS]
     cases.append(("sequence_parallel", lambda v: _train_sequence_parallel(v, rank)))
     cases.append(("stack/fsdp2", lambda v: _train_stack(v, rank)))

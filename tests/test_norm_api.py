@@ -406,6 +406,32 @@ def test_export_sees_the_custom_ops(strict, device):
     torch.testing.assert_close(program.module()(x), model(x))
 
 
+class _QKBlock(torch.nn.Module):
+    def __init__(self, device):
+        super().__init__()
+        self.qk = normzoo.QKNorm(8, backend="triton", device=device)
+        self.norm = normzoo.LayerNorm(8, backend="triton", device=device)
+
+    def forward(self, q, k):
+        q, k = self.qk(q, k)
+        return self.norm(q + k)
+
+
+def test_first_kernel_use_inside_a_trace_has_no_side_effect(monkeypatch, device):
+    # normzoo.kernels is imported on first use and held in a module global: a strict export (or a
+    # torch.compile) that made that first use stored the global inside the trace, and dynamo warned
+    # of a side effect in the model's forward.
+    monkeypatch.setattr(normzoo.ops, "_kernels", None)
+    q, k = torch.randn(2, 3, 2, 8, device=device), torch.randn(2, 3, 2, 8, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = torch.export.export(_QKBlock(device), (q, k), strict=True)
+    assert not [w for w in caught if "side effect" in str(w.message)], [str(w.message) for w in caught]
+    assert normzoo.ops._kernels is None  # nothing stored while tracing; the next eager call holds it
+    program.module()(q, k)
+    assert normzoo.ops._launchers() is normzoo.ops._kernels is not None
+
+
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
 def test_export_with_normalized_shape_from_a_dynamic_width(strict, device):
     # The functional API with normalized_shape read off the input, whose last dim is dynamic: the
