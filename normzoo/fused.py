@@ -452,9 +452,13 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-fused_residual_fwd.register_autograd(
-    lambda ctx, dy, ds, _d1, _d2: (*_grads(ctx, dy, ds, _custom_op_backward), *(None,) * 9),
-    setup_context=_setup_context)
+def _custom_op_grads(ctx, dy, ds, _d1, _d2):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True in eager: as _FusedResidual
+        return (*_second_order_grads(ctx, dy, ds), *(None,) * 9)
+    return (*_grads(ctx, dy, ds, _custom_op_backward), *(None,) * 9)
+
+
+fused_residual_fwd.register_autograd(_custom_op_grads, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -490,9 +490,13 @@ def _rowwise_norm_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-rowwise_norm_fwd.register_autograd(
-    lambda ctx, dy, _dstats: (*_rowwise_grads(ctx, dy, rowwise_norm_bwd), None, None, None, None, None, None),
-    setup_context=_rowwise_norm_setup_context)
+def _rowwise_custom_op_grads(ctx, dy, _dstats):
+    if _grad_enabled() and not _is_compiling():  # create_graph=True in eager (a subclass's route): as _RowwiseNorm
+        return (*_rowwise_second_order(ctx, dy), None, None, None, None, None, None)
+    return (*_rowwise_grads(ctx, dy, rowwise_norm_bwd), None, None, None, None, None, None)
+
+
+rowwise_norm_fwd.register_autograd(_rowwise_custom_op_grads, setup_context=_rowwise_norm_setup_context)
 
 
 # Every call asks these, so they are looked up once (each dotted lookup costs host time).
@@ -544,12 +548,14 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
         return "composite"
     if type(x) is not Tensor and _dispatches_itself(x):
         return "custom_op"
-    for p in params:  # a parameter (or a fused op's second tensor) of such a subclass beside a plain x
-        if p is not None and type(p) is not _Parameter and type(p) is not Tensor and _dispatches_itself(p):
-            return "custom_op"
-    if _grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
-        return "function"
-    return "forward"
+    grad = x.requires_grad
+    for p in params:  # one pass: a parameter (or a fused op's second tensor) of such a subclass, and grads
+        if p is not None:
+            t = type(p)
+            if t is not _Parameter and t is not Tensor and _dispatches_itself(p):
+                return "custom_op"
+            grad = grad or p.requires_grad
+    return "function" if grad and _grad_enabled() else "forward"
 
 
 _X_HAT_DTYPES = (None, "input", "weight")
@@ -785,8 +791,13 @@ def _pointwise_setup_context(ctx, inputs, output):
     ctx.meta = (tuple(spec), bias.dtype if bias is not None else None)
 
 
-pointwise_fwd.register_autograd(lambda ctx, dy: (*_pointwise_grads(ctx, dy, pointwise_bwd), None, None, None, None),
-                                setup_context=_pointwise_setup_context)
+def _pointwise_custom_op_grads(ctx, dy):
+    if _grad_enabled() and not _is_compiling():  # create_graph=True in eager: as _Pointwise
+        return (*_pointwise_second_order(ctx, dy), None, None, None, None)
+    return (*_pointwise_grads(ctx, dy, pointwise_bwd), None, None, None, None)
+
+
+pointwise_fwd.register_autograd(_pointwise_custom_op_grads, setup_context=_pointwise_setup_context)
 
 
 def _check_scalars(alpha, shift, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -990,9 +1001,7 @@ class _HeadwiseNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dya, dyb):
         if _grad_enabled():  # create_graph=True: differentiable gradients, through the reference math
-            eps, norm, _ = ctx.meta
-            composite = lambda *t: _headwise_forward(*t, eps, norm, False)  # noqa: E731
-            return *_second_order(composite, ctx.saved_tensors, ctx.needs_input_grad[:4], (dya, dyb)), None
+            return *_headwise_second_order(ctx, dya, dyb), None
         dy = dya if dya is not None else dyb  # neither (gradcheck asks so): _headwise_grads returns none
         if _functorch_transforms_active() or dy is not None and _is_legacy_batched(dy):  # batched: _reference_backward
             return *_headwise_grads(ctx, dya, dyb, _reference_backward(_headwise_backward, 8)), None
@@ -1036,8 +1045,16 @@ def _headwise_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _headwise_second_order(ctx, dya, dyb):
+    eps, norm, _ = ctx.meta
+    composite = lambda *t: _headwise_forward(*t, eps, norm, False)  # noqa: E731
+    return _second_order(composite, ctx.saved_tensors, ctx.needs_input_grad[:4], (dya, dyb))
+
+
 def _headwise_custom_op_grads(ctx, dya, dyb):
     b = ctx.saved_tensors[2]  # without b, yb is the op's empty placeholder: its gradient means nothing
+    if _grad_enabled() and not _is_compiling():  # create_graph=True in eager: as _HeadwiseNorm
+        return (*_headwise_second_order(ctx, dya, dyb if b is not None else None), None, None, None)
     return (*_headwise_grads(ctx, dya, dyb if b is not None else None, headwise_norm_bwd), None, None, None)
 
 

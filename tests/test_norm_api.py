@@ -556,6 +556,7 @@ def test_a_subclass_beside_a_plain_input_takes_the_custom_ops(backend, device):
     h = torch.randn(4, 8, device=device)
     y, s = NF.add_norm(x, h, norm)
     assert type(y) is TwoTensor and type(s) is TwoTensor
+    torch.testing.assert_close(y.a, NF.add_norm(x.a, h, norm)[0])
     torch.testing.assert_close(y.b, NF.add_norm(x.b, h, norm)[0])
 
     q = torch.randn(2, 3, 4, 8, device=device)
@@ -563,7 +564,41 @@ def test_a_subclass_beside_a_plain_input_takes_the_custom_ops(backend, device):
     qk_norm = normzoo.QKNorm(8, backend=backend, device=device)
     q_out, k_out = qk_norm(q, k)
     assert type(k_out) is TwoTensor
+    torch.testing.assert_close(k_out.a, qk_norm(q, k.a)[1])
     torch.testing.assert_close(k_out.b, qk_norm(q, k.b)[1])
+    # the route itself (on the reference the old route also gave these values, through the Function)
+    assert normzoo.ops._route(q, None, k, None) == "custom_op"
+    assert normzoo.ops._route(h, x) == "custom_op"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_on_the_custom_op_route(backend, device):
+    # The registered custom ops' backwards are differentiable in eager too, as the Functions' are:
+    # a call that takes them (a subclass that dispatches itself) keeps create_graph=True.
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    def hessian_vector(f, t):
+        (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), t)[0]
+
+    w = torch.randn(8, device=device)
+    for make in (lambda: normzoo.LayerNorm(8, backend=backend, device=device),
+                 lambda: normzoo.Derf(8, backend=backend, device=device)):
+        wrapped, plain = make(), make()
+        wrapped.weight, plain.weight = torch.nn.Parameter(TwoTensor(w, w + 1)), torch.nn.Parameter(w + 1)
+        x = torch.randn(4, 8, device=device, requires_grad=True)
+        torch.testing.assert_close(hessian_vector(lambda t: wrapped(t).sin().sum(), x).b,
+                                   hessian_vector(lambda t: plain(t).sin().sum(), x))
+    x = TwoTensor(torch.randn(4, 8, device=device), torch.randn(4, 8, device=device))
+    h = torch.randn(4, 8, device=device, requires_grad=True)
+    norm = normzoo.RMSNorm(8, backend=backend, device=device)
+    torch.testing.assert_close(hessian_vector(lambda t: NF.add_norm(x, t, norm)[0].sin().sum(), h).b,
+                               hessian_vector(lambda t: NF.add_norm(x.b, t, norm)[0].sin().sum(), h))
+    q = torch.randn(2, 3, 4, 8, device=device, requires_grad=True)
+    k = TwoTensor(torch.randn(2, 3, 4, 8, device=device), torch.randn(2, 3, 4, 8, device=device))
+    qk_norm = normzoo.QKNorm(8, backend=backend, device=device)
+    torch.testing.assert_close(hessian_vector(lambda t: sum(y.sin().sum() for y in qk_norm(t, k)), q).b,
+                               hessian_vector(lambda t: sum(y.sin().sum() for y in qk_norm(t, k.b)), q))
 
 
 # ----------------------------------------------------------------------------------------------
