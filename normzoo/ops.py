@@ -49,13 +49,17 @@ _kernels = None
 def _launchers():
     """normzoo.kernels, imported on first use (it imports Triton), then held."""
     global _kernels
+    if _is_compiling():  # (torch.compiler.is_compiling, looked up once: below)
+        # Traced code (torch.compile, a strict torch.export) neither stores the global (dynamo
+        # would record the store as a side effect and warn about it) nor reads it: dynamo guards on
+        # what it read, and a None read there fails its guard, and recompiles the graph, once the
+        # next eager call (the compiled graph's own kernels) holds the module.
+        import normzoo.kernels as kernels
+
+        return kernels
     if _kernels is None:
         import normzoo.kernels as kernels
 
-        if torch.compiler.is_compiling():
-            # Traced code (torch.compile, a strict torch.export) would record the store as a side
-            # effect and warn about it: the next eager call holds the module instead.
-            return kernels
         _kernels = kernels
     return _kernels
 
@@ -68,7 +72,7 @@ def use_triton(backend: str, x: Tensor) -> bool:
         if x.dtype is torch.float64:
             return False
         # Meta tensors take the op's fake implementation: shapes only, no kernel, on any machine.
-        if x.is_cuda or x.is_meta or (_kernels or _launchers()).heuristics.INTERPRETED:
+        if x.is_cuda or x.is_meta or _launchers().heuristics.INTERPRETED:  # no read of _kernels: see _launchers
             return True
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {x.device}); "
@@ -1119,7 +1123,7 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
                          f"above that), got {eps!r}")
     triton = use_triton(backend, a) and (b is None or b.dtype is not torch.float64)
     if triton and backend == "auto" and max(a.shape[-1], b.shape[-1] if b is not None else 0) > (
-            _kernels or _launchers()).headwise_norm.MAX_N:
+            _launchers().headwise_norm.MAX_N):  # no read of _kernels, which a trace may run: see _launchers
         triton = False  # rows longer than the kernels take: "auto" runs the reference (backend="triton" raises)
     if triton:
         refuse_dtensor(a, "QK-norm, ScaleNorm and CRMSNorm")

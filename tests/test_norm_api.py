@@ -432,6 +432,22 @@ def test_first_kernel_use_inside_a_trace_has_no_side_effect(monkeypatch, device)
     assert normzoo.ops._launchers() is normzoo.ops._kernels is not None
 
 
+def test_first_kernel_use_inside_a_compile_does_not_recompile(monkeypatch, device):
+    # A trace that read the global while it was None guarded on that None; the compiled graph's own
+    # kernels then stored the module, so the second call failed the guard and compiled again (under
+    # fail_on_recompile: an error). The QK-norm width check reads it on a GPU, backend="triton" on
+    # the CPU interpreter.
+    monkeypatch.setattr(normzoo.ops, "_kernels", None)
+    torch._dynamo.reset()
+    compiled = torch.compile(_QKBlock(device), fullgraph=True, dynamic=False)
+    q = torch.randn(2, 3, 2, 8, device=device, requires_grad=True)
+    k = torch.randn(2, 3, 2, 8, device=device, requires_grad=True)
+    compiled(q, k).sum().backward()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled(q, k).sum().backward()
+    assert normzoo.ops._kernels is not None
+
+
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
 def test_export_with_normalized_shape_from_a_dynamic_width(strict, device):
     # The functional API with normalized_shape read off the input, whose last dim is dynamic: the
