@@ -643,3 +643,10 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
     if as_rows:
         return (None if mode == "norm_add" else y), s
     return (None if mode == "norm_add" else y.view(h.shape)), s.view(h.shape)
+
+
+# torch.fx.symbolic_trace would call this with Proxies, which its checks refuse as non-tensors (a
+# TypeError naming a Proxy): it records the call as one graph node instead, the norm modules read
+# from the traced module (get_attr), as it records the plain norms' ops (see the end of ops.py), so
+# a model that calls normzoo.functional's add_norm, norm_add or norm_add_norm traces too.
+torch.fx.wrap("fused_residual")

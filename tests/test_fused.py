@@ -617,6 +617,39 @@ def test_compile_fullgraph_matches_eager(placement, device):
         torch.testing.assert_close(g, p.grad)
 
 
+class _FusedBlock(torch.nn.Module):
+    """A user's block that calls the fused functional ops itself (as the README's Llama block does)."""
+
+    def __init__(self, kind, backend):
+        super().__init__()
+        self.norm_out, self.norm_in = make_norm(kind, 8, backend), make_norm(kind, 8, backend)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x, h):
+        y, s = NF.add_norm(x, h, self.norm_in)
+        s = NF.norm_add(s, self.proj(y), self.norm_out)
+        return NF.norm_add_norm(s, h, self.norm_out, self.norm_in, scale=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fx_symbolic_trace_records_the_fused_ops(backend):
+    # torch.fx passes Proxies: the fused ops' checks refused them ("x must be a torch.Tensor, got
+    # Proxy"), so no model calling them traced, where the plain norms do (test_swap.py).
+    block = _FusedBlock("rmsnorm", backend)
+    traced = torch.fx.symbolic_trace(block)
+    assert sum(node.op == "call_function" and node.target is fused.fused_residual for node in traced.graph.nodes) == 3
+    x, h = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    outputs = []
+    for module in (traced, block):
+        xg, hg = x.clone().requires_grad_(), h.clone().requires_grad_()
+        y, s = module(xg, hg)
+        (y.square().sum() + s.sum()).backward()
+        outputs.append([y, s, xg.grad, hg.grad] + [p.grad.clone() for p in block.parameters()])
+        block.zero_grad()
+    for got, want in zip(*outputs):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- ResidualStack
 
 
