@@ -54,6 +54,16 @@ def _params(module: torch.nn.Module, *names: str) -> list:
     return [_param(module, name) for name in names]
 
 
+def _refuse_scripting(module):
+    """``__prepare_scriptable__``, which ``torch.jit.script`` calls on each module before compiling
+    it: TorchScript cannot compile a layer's forward (it picks the kernels or the reference, and
+    reads its parameters, in Python) and failed deep inside it ("try blocks aren't supported")."""
+    hint = (": or normzoo.unswap(model) first, which gives back torch's LayerNorm/RMSNorm"
+            if type(module) in (LayerNorm, RMSNorm) else "")
+    raise TypeError(f"torch.jit.script cannot compile normzoo's {type(module).__name__} (its forward dispatches in "
+                    f"Python); torch.jit.trace, torch.export and torch.compile can{hint}")
+
+
 class LayerNorm(torch.nn.LayerNorm):
     r"""Layer Normalization (https://arxiv.org/abs/1607.06450) with fused Triton kernels on CUDA.
 
@@ -84,6 +94,8 @@ class LayerNorm(torch.nn.LayerNorm):
         >>> ln = normzoo.LayerNorm(768)
         >>> y = ln(torch.randn(4, 16, 768))
     """
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None, *, backend: str = "auto", weight_offset: float = 0.0) -> None:
@@ -205,6 +217,8 @@ class RMSNorm(torch.nn.RMSNorm):
         >>> y = norm(torch.randn(2, 8, 4096))
     """
 
+    __prepare_scriptable__ = _refuse_scripting
+
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
                  device=None, dtype=None, *, backend: str = "auto", weight_offset: float = 0.0,
                  x_hat_dtype: str | None = None) -> None:
@@ -250,6 +264,8 @@ def _offset_repr(layer) -> str:
 
 class _PointwiseNorm(torch.nn.Module):
     """Shared parameters and bookkeeping of DyT and Derf."""
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def __init__(self, normalized_shape, alpha_init_value: float, elementwise_affine: bool, bias: bool,
                  channels_last: bool, device, dtype, backend: str) -> None:
@@ -403,6 +419,8 @@ class ScaleNorm(torch.nn.Module):
         - Input: :math:`(*, C)`; output: the same shape and dtype, contiguous.
     """
 
+    __prepare_scriptable__ = _refuse_scripting
+
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None, *, backend: str = "auto") -> None:
         super().__init__()
         self.dim = _one_dim(dim, "ScaleNorm")
@@ -445,6 +463,8 @@ class QKNorm(torch.nn.Module):
         scale_init (float): ``"l2"``: the initial g. Required there.
         backend (str): ``"auto"``, ``"triton"`` or ``"torch"`` (see :class:`LayerNorm`).
     """
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None, *, norm: str = "rms",
                  k_dim: int | None = None, elementwise_affine: bool = True, scale_init: float | None = None,
@@ -513,6 +533,8 @@ class CRMSNorm(torch.nn.Module):
         eps (float): added to the mean square. Default: 1e-5
         backend (str): ``"auto"``, ``"triton"`` or ``"torch"`` (see :class:`LayerNorm`).
     """
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def __init__(self, dim: int, eps: float = 1e-5, *, backend: str = "auto") -> None:
         super().__init__()

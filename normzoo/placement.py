@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import functional as F
 from . import ops, reference
-from .layers import Derf, DyT, LayerNorm, RMSNorm
+from .layers import Derf, DyT, LayerNorm, RMSNorm, _refuse_scripting
 
 __all__ = ["ResidualStack"]
 
@@ -118,6 +118,8 @@ class ResidualStack(torch.nn.Module):
         >>> stack = normzoo.ResidualStack(blocks, 512, placement="peri", norm="rmsnorm")
         >>> y = stack(torch.randn(2, 128, 512))
     """
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def __init__(self, layers, dim: int, *, placement: str, norm: str = "layernorm", eps: float | None = None,
                  final_norm: bool | None = None, mix_ratio: float = 0.25,

@@ -651,6 +651,23 @@ def test_jit_trace(device):
     torch.testing.assert_close(traced(x), model(x))
 
 
+def test_jit_script_is_refused_with_what_to_use_instead():
+    # TorchScript failed deep inside the layers' Python ("try blocks aren't supported", or
+    # keyword-only arguments in ops.py), naming no normzoo layer and no way out.
+    swapped = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.RMSNorm(8))
+    normzoo.swap(swapped)
+    layers = [normzoo.LayerNorm(8), normzoo.LayerNorm2d(8), normzoo.DyT(8), normzoo.Derf(8), normzoo.ScaleNorm(8),
+              normzoo.QKNorm(8), normzoo.CRMSNorm(8),
+              normzoo.ResidualStack([torch.nn.Linear(8, 8)], 8, placement="pre")]
+    for module, name in [(swapped, "RMSNorm")] + [(layer, type(layer).__name__) for layer in layers]:
+        with pytest.raises(TypeError, match=rf"torch.jit.script cannot compile normzoo's {name} .*torch.jit.trace"):
+            torch.jit.script(module)
+    with pytest.raises(TypeError, match="normzoo.unswap"):
+        torch.jit.script(swapped)
+    normzoo.unswap(swapped)
+    torch.jit.script(swapped)  # torch's classes again
+
+
 def test_normalized_shape_type_is_checked_even_after_a_cached_call(device):
     x = torch.randn(2, 8, device=device)
     NF.layer_norm(x, (8,))  # caches (8,)
