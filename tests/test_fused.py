@@ -396,6 +396,26 @@ def test_looped_long_row_path(kind, mode, device, monkeypatch):
     assert kind not in ("layernorm", "rmsnorm") or not any(cfg.single_tile for cfg in backward)
 
 
+@pytest.mark.parametrize("path", ["one-tile", "looped"])
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_norm_add_norm_gives_each_norm_its_own_eps(kind, path, device, monkeypatch):
+    """norm_add_norm's two norms may differ in eps: the second normalizes s with its own, on the
+    one-tile forward and on the looped one (its third pass). An eps of 0.5 against 1e-6, on rows of
+    unit size, moves y far past the tolerance if either norm took the other's."""
+    from normzoo.kernels import rowwise_norm
+
+    if path == "looped":
+        monkeypatch.setattr(rowwise_norm, "launch_config", capped(rowwise_norm.launch_config, 16))
+    cls = normzoo.LayerNorm if kind == "layernorm" else normzoo.RMSNorm
+    n1, n2 = cls(40, eps=1e-6, backend="triton", device=device), cls(40, eps=0.5, backend="triton", device=device)
+    x, h = torch.randn(3, 40, device=device), torch.randn(3, 40, device=device)
+    y, s = NF.norm_add_norm(x, h, n1, n2)
+    y64, s64 = unfused("norm_add_norm", x.double(), h.double(), on_reference(n1, torch.float64),
+                       on_reference(n2, torch.float64), 1.0)
+    assert_close(s, s64, "s")
+    assert_close(y, y64, "y")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_sum_gradient_alone(kind, backend, device):
@@ -436,6 +456,21 @@ def test_triton_and_reference_agree_bitwise_in_the_sum(dtype, device):
     for backend in BACKENDS:
         s = NF.add_norm(x, h, normzoo.RMSNorm(40, backend=backend, device=device))[1]
         assert torch.equal(s, x + h), backend
+
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_add_norm_normalizes_a_narrower_stream_as_stored(kind, device):
+    """A bf16 residual stream beside fp32 activations: s = x + h is rounded to bf16 when stored, and
+    y is the norm of s as stored, not of the fp32 sum (which differs by ~2^-9 relative, far past
+    fp32's tolerance)."""
+    n1 = make_norm(kind, 40, "triton", device=device)
+    x, h = torch.randn(6, 40, device=device), torch.randn(6, 40, device=device)
+    y, s = NF.add_norm(x, h, n1, residual_dtype=torch.bfloat16)
+    assert s.dtype == torch.bfloat16 and y.dtype == torch.float32
+    assert torch.equal(s, (x + h).to(torch.bfloat16))
+    with torch.no_grad():
+        assert_close(y, on_reference(n1, torch.float64)(s.double()), "y")
 
 
 def _with_alpha(norm, n):
