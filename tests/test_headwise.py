@@ -190,6 +190,54 @@ def test_long_rows_loop_over_column_tiles(norm, weight, dtype, layout, device):
             assert_close(dw, grads64[1], f"dw{name}", w.dtype, scale=(dy.double() * y64.detach()).abs().sum().item())
 
 
+@pytest.mark.parametrize("weights", ["column", None])
+def test_qk_norm_k_longer_than_q(weights, device):
+    """Cross-attention: k over a longer sequence than q (288 rows against 8). The backward splits
+    each tensor's rows over one grid of programs (4 here, 64-row blocks), so k's programs must each
+    take their own share of k's rows, not q's: with q's, k's last rows got no gradient."""
+    q = torch.randn(1, 2, 4, 8, device=device) * 2 + 0.5
+    k = torch.randn(1, 72, 4, 8, device=device) * 2 + 0.5
+    w = (lambda: torch.randn(8, device=device) * 0.5 + 1) if weights else (lambda: None)
+    check_pair(q, k, w(), w(), 1e-6, "rms", "triton")
+
+
+@pytest.mark.parametrize("max_block_n", [None, 8], ids=["one-tile", "looped"])
+def test_l2_rows_just_under_the_floor_take_no_gradient_through_the_norm(max_block_n, device):
+    """Rows whose norm is under eps but not far under it (0.5 and 0.9 eps): y = g·x/eps, and dx =
+    g·dy/eps, the norm's own term dropped. On a zero row that term is 0 anyway (x̂ = 0); here x̂ is
+    half or nine tenths of a unit vector, and keeping the term would be off by as much."""
+    from normzoo.kernels import headwise_norm_backward
+
+    eps = 1e-2
+    x = torch.randn(4, 24, device=device)
+    x = x / x.norm(dim=-1, keepdim=True) * torch.tensor([[0.5 * eps], [0.9 * eps], [3.0], [1.1 * eps]], device=device)
+    g = torch.tensor([1.7], device=device)
+    dy = torch.randn_like(x)
+    dx, _, dg, _ = headwise_norm_backward(dy, x, g, None, None, None, eps, norm="l2", dw_a=True, dw_b=False,
+                                          max_block_n=max_block_n)
+    x64, g64 = x.double().requires_grad_(), g.double().requires_grad_()
+    dx64, dg64 = torch.autograd.grad(formula(x64, g64, eps, "l2"), [x64, g64], dy.double())
+    assert_close(dx, dx64, "dx")
+    assert_close(dg, dg64, "dg", scale=(dy.double() * formula(x64, g64, eps, "l2")).abs().sum().item())
+
+
+@pytest.mark.parametrize("max_block_n", [None, 8], ids=["one-tile", "looped"])
+@pytest.mark.parametrize("norm", ["rms", "crms"])
+def test_backward_reads_a_row_strided_incoming_gradient(norm, max_block_n, device):
+    """dy whose rows lie further apart than N (a view into a wider buffer, unit column stride: read
+    in place) gives what its contiguous copy gives, bit for bit, for q and for k."""
+    from normzoo.kernels import headwise_norm_backward
+
+    q, k = torch.randn(6, 24, device=device), torch.randn(5, 24, device=device)
+    wq, wk = torch.randn(24, device=device), torch.randn(24, device=device)
+    dyq, dyk = torch.randn(6, 72, device=device)[:, 8:32], torch.randn(5, 72, device=device)[:, 40:64]
+    assert dyq.stride(0) == 72 and not dyq.is_contiguous()
+    run = lambda a, b: headwise_norm_backward(a, q, wq, b, k, wk, 1e-5, norm=norm, dw_a=True, dw_b=True,  # noqa: E731
+                                              max_block_n=max_block_n)
+    for got, want in zip(run(dyq, dyk), run(dyq.contiguous(), dyk.contiguous())):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programs that run at once need a real GPU")
 @pytest.mark.parametrize("norm", ["rms", "crms"])
 def test_looped_backward_has_no_race_at_real_widths(norm, device):
