@@ -367,6 +367,23 @@ def test_x_hat_dtype_y_dtype_is_the_models_beyond_the_table(case, x_hat_dtype, b
                                atol=0 if backend == "torch" else 1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("x_hat_dtype", ["input", "weight"])
+def test_x_hat_dtype_y_dtype_follows_the_second_norm(x_hat_dtype, backend, device):
+    """norm_add_norm's y is its second norm's output: its dtype follows that norm's weight (bf16),
+    not the first norm's (none here), as the model's own norm2(x + norm1(h)) returns it."""
+    n, eps = 40, 1e-6
+    n1 = normzoo.RMSNorm(n, eps=eps, backend=backend, device=device, x_hat_dtype=x_hat_dtype,
+                         elementwise_affine=False)
+    n2 = normzoo.RMSNorm(n, eps=eps, backend=backend, device=device, dtype=torch.bfloat16, x_hat_dtype=x_hat_dtype)
+    x, h = torch.randn(6, n, device=device).bfloat16(), torch.randn(6, n, device=device).bfloat16()
+    y, s = NF.norm_add_norm(x, h, n1, n2)
+    assert s.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    want = model_rms_norm(s, n2.weight.detach(), eps, x_hat_dtype)
+    assert want.dtype == y.dtype
+    torch.testing.assert_close(y, want, rtol=torch.finfo(y.dtype).eps, atol=1e-6)
+
+
 def test_x_hat_dtype_must_match_across_the_two_norms():
     with pytest.raises(ValueError, match="share an x_hat_dtype"):
         NF.norm_add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.RMSNorm(4, x_hat_dtype="input"),
