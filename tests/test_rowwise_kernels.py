@@ -153,6 +153,10 @@ def test_more_rows_than_programs(device):
     x, w, b = make_inputs(1000, 24, torch.float32, "weight+bias", torch.float32, device, False)
     run_and_compare(x, w, b, is_rms=False)
     run_and_compare(x, w, None, is_rms=True, max_block_n=8)
+    # More programs than the reduce sums in one step (under the interpreter's 4 "SMs": 64 programs
+    # of 16 rows, partials summed 32 rows at a time): it must loop over every block of partials.
+    x, w, b = make_inputs(1024, 8, torch.float32, "weight+bias", torch.float32, device, False)
+    run_and_compare(x, w, b, is_rms=False)
 
 
 def test_empty_input(device):
