@@ -4,10 +4,11 @@ Triton or the reference.
 Each op has one forward and one backward implementation (Triton kernels or the reference, as the
 caller chose) and two ways in. A plain eager call goes through a ``torch.autograd.Function``
 (a few µs of host time), or straight to the forward when no gradient is needed. Everything else
-(``torch.compile``, ``torch.export``, functorch transforms, ``torch.jit.trace``, fake or meta
-tensors) goes through a pair of ``torch.library`` custom ops (forward and backward, tied together
-with ``register_autograd``, with fake implementations), which the compiler sees as one opaque,
-differentiable op and ``opcheck`` can check.
+(``torch.compile``, ``torch.export``, ``torch.jit.trace``, fake or meta tensors) goes through a
+pair of ``torch.library`` custom ops (forward and backward, tied together with
+``register_autograd``, with fake implementations), which the compiler sees as one opaque,
+differentiable op and ``opcheck`` can check. Forward-mode AD and torch.func transforms (compiled or
+not) run the reference math as torch ops, which they know how to differentiate and batch.
 
 Backends:
     ``"auto"``   Triton for CUDA tensors, the reference elsewhere.
@@ -76,7 +77,8 @@ def use_triton(backend: str, x: Tensor) -> bool:
             return True
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {x.device}); "
-            "set TRITON_INTERPRET=1 to run the kernels on CPU, or use backend='auto'"
+            "to run the kernels on CPU set TRITON_INTERPRET=1 in the environment before Python starts "
+            "(Triton reads it at import), or use backend='auto'"
         )
     check_backend(backend)
     return False
@@ -529,27 +531,29 @@ _TENSOR_DISPATCH = Tensor.__torch_dispatch__
 def _route(x: Tensor, *params: Tensor | None) -> str:
     """Which way a call goes:
 
-    - "custom_op": anything but a plain eager call: torch.compile / torch.export, functorch
-      transforms (vmap, grad, jacrev...), torch.jit.trace, FakeTensorMode or make_fx, meta tensors,
-      a tensor subclass that dispatches itself (:func:`_dispatches_itself`), as x or any of
-      ``params``. These take the
-      registered custom ops (fake implementations, the dispatcher's transform rules, the
-      subclass's own dispatch); the launchers would otherwise run on tensors that have no data.
+    - "custom_op": anything else but a plain eager call: torch.compile / torch.export,
+      torch.jit.trace, FakeTensorMode or make_fx, meta tensors, a tensor subclass that dispatches
+      itself (:func:`_dispatches_itself`), as x or any of ``params``. These take the registered
+      custom ops (fake implementations, the subclass's own dispatch); the launchers would
+      otherwise run on tensors that have no data.
     - "function": eager, and some tensor needs a gradient: the autograd.Function.
     - "forward": eager, no gradient.
 
     - "composite": forward-mode AD (``torch.autograd.forward_ad``) or a torch.func transform (jvp,
-      jacfwd, grad, jacrev, vmap, functional_call under them): the op's reference math as
-      differentiable torch ops, which every transform knows how to differentiate and batch.
-      Not the kernels: the transforms' own rules then apply to each torch op."""
+      jacfwd, grad, jacrev, vmap, functional_call under them), also under torch.compile or
+      make_fx: the op's reference math as differentiable torch ops, which every transform knows
+      how to differentiate and batch. Not the kernels: the transforms' own rules then apply to
+      each torch op."""
     if _forward_ad._current_level >= 0:
+        return "composite"
+    # Transforms first: under a trace too (torch.compile or make_fx of torch.func.grad), since
+    # functorch cannot differentiate a custom op's registered autograd.
+    if _functorch_transforms_active():
         return "composite"
     if (_is_compiling() or x.is_meta or _tracing_state() is not None
             # An empty mode stack (the eager case) answers both mode questions in one call.
             or _dispatch_stack_len() and (_dispatch_mode(_FAKE) is not None or _dispatch_mode(_PROXY) is not None)):
         return "custom_op"
-    if _functorch_transforms_active():
-        return "composite"
     if type(x) is not Tensor and _dispatches_itself(x):
         return "custom_op"
     grad = x.requires_grad

@@ -231,6 +231,36 @@ def test_fused_residual_ops_under_transforms(backend):
     torch.testing.assert_close(dh.double(), dh64, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("trace", ["make_fx", "compile"])
+@pytest.mark.parametrize("name", ["layernorm", "gemma", "dyt", "derf", "crmsnorm", "qk_norm", "norm_add_norm"])
+def test_transforms_inside_a_trace(name, trace):
+    """torch.func.grad and vmap inside make_fx or torch.compile(fullgraph=True): a trace would
+    otherwise send the call to the custom ops, which functorch cannot differentiate or batch."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    if name == "qk_norm":
+        wq, wk = torch.randn(8) + 1, torch.randn(8) + 1
+        f = lambda t: NF.qk_norm(t, t[..., :2, :], wq, wk, backend="triton")[1]  # noqa: E731
+        f64 = lambda t: NF.rms_norm(t[..., :2, :], (8,), wk.double(), 1e-6, backend="torch")  # noqa: E731
+    elif name == "norm_add_norm":
+        norms = [_layer("rmsnorm", "triton"), _layer("rmsnorm", "triton")]
+        f = lambda t: NF.norm_add_norm(t.flip(-1), t, *norms, scale=0.5)[0]  # noqa: E731
+        p64 = [_params64(n) for n in norms]
+        f64 = lambda t: _fused_formula("rmsnorm", "norm_add_norm", *p64, 0.5)(t.flip(-1), t)[0]  # noqa: E731
+    else:
+        layer = _layer(name, "triton")
+        f, f64 = (lambda t: layer(t)), (lambda t: _formula(name)(t, _params64(layer)))  # noqa: E731
+    x = torch.randn(2, 3, 8) * 2
+    g = grad(lambda t: f(t).sin().sum())
+    batched = vmap(f)
+    traced = (lambda fn: make_fx(fn)(x)) if trace == "make_fx" else (
+        lambda fn: torch.compile(fn, backend="eager", fullgraph=True))
+    x64 = x.double().requires_grad_()
+    (dx64,) = torch.autograd.grad(f64(x64).sin().sum(), x64)
+    torch.testing.assert_close(traced(g)(x).double(), dx64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(traced(batched)(x).double(), f64(x.double()), rtol=1e-4, atol=1e-5)
+
+
 FUSED_KINDS = ["layernorm", "rmsnorm", "gemma", "dyt", "derf"]
 
 
