@@ -18,6 +18,23 @@ POISON = os.environ.get("NORMZOO_POISON") == "1"
 # Whether this process's kernels were defined for Triton's CPU interpreter: Triton reads
 # TRITON_INTERPRET when a kernel is decorated, so this holds whatever the variable says later.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_interpreter_mode() -> None:
+    """Refuses a TRITON_INTERPRET=1 set after triton was imported (by the user's script, or by a
+    library such as transformers): triton's own jit functions (tl.sum's) were then compiled-mode
+    ones, which the interpreter cannot call, and the first kernel would fail with Triton's "Cannot
+    call @triton.jit'd outside of the scope of a kernel"."""
+    if INTERPRETED:
+        import triton.language as tl
+
+        if type(tl.sum).__name__ == "JITFunction":
+            raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported, and Triton reads it at "
+                               "import: set it in the environment before Python starts "
+                               "(TRITON_INTERPRET=1 python script.py)")
+
+
+check_interpreter_mode()  # on import, before any kernel module defines its kernels
 _NO_GUARD = contextlib.nullcontext()
 # Triton's CPU interpreter is not thread-safe (it patches triton.language while a kernel runs):
 # launches from several threads are serialized there. Compiled GPU launches need no lock.

@@ -2,6 +2,8 @@
 
 import copy
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -273,6 +275,28 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
     for layer in (normzoo.LayerNorm(4, backend="triton", device="meta"),
                   normzoo.DyT(4, backend="triton", device="meta")):
         assert layer(torch.randn(2, 4, device="meta", requires_grad=True)).shape == (2, 4)
+
+
+def test_triton_interpret_set_after_triton_was_imported_is_refused():
+    """Triton reads TRITON_INTERPRET at import: set later (a script after `import transformers`),
+    its own jit functions are compiled-mode ones and the first kernel would fail inside Triton.
+    normzoo says what to do instead, at the first kernel use; set before, the kernels run."""
+    script = ("import os, sys, torch, triton\n"
+              "os.environ['TRITON_INTERPRET'] = '1'\n"
+              "import normzoo\n"
+              "try:\n"
+              "    normzoo.DyT(8, backend='triton')(torch.randn(2, 8))\n"
+              "except RuntimeError as e:\n"
+              "    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=env,
+                         timeout=120).stdout
+    assert "set after triton was imported" in out and "before Python starts" in out, out
+    before = script.replace("import os, sys, torch, triton\n", "import os, sys, torch\n").replace(
+        "import normzoo\n", "import triton, normzoo\nprint('ran', normzoo.DyT(8, backend='triton')(torch.ones(2, 8)).shape)\n")
+    out = subprocess.run([sys.executable, "-c", before], check=True, capture_output=True, text=True, env=env,
+                         timeout=120).stdout
+    assert "ran torch.Size([2, 8])" in out and "set after" not in out, out
 
 
 # ---------------------------------------------------------------- torch.library and torch.compile
