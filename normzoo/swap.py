@@ -226,7 +226,7 @@ def _share_parameters(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Mo
 
 
 def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto",
-         alpha_init_value: float = 0.5) -> SwapReport:
+         alpha_init_value: float | None = None) -> SwapReport:
     """Replace the LayerNorm / RMSNorm layers of ``model`` in place. Returns a :class:`SwapReport`.
 
     ``to=None`` (default): every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` becomes normzoo's
@@ -245,7 +245,9 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     dtype and device, with a bias where the norm had one (RMSNorm: none; a channels-first
     ``LayerNorm2d`` becomes a ``channels_last=False`` one). This changes the
     architecture: train the converted model, don't expect a pretrained one to keep its quality
-    (the DyT paper also adjusts ``alpha_init_value`` and the learning rate).
+    (the DyT paper also adjusts ``alpha_init_value`` and the learning rate). ``alpha_init_value``:
+    their initial alpha (default: the layer's own, 0.5); with ``to=None``, which initialises
+    nothing, it is refused.
 
     Other subclasses of these norms may compute something else, and other layers named like a
     norm (``GroupNorm``, timm's ``RmsNorm2d``, ``Qwen3NextRMSNormGated``...) are not known to
@@ -270,6 +272,10 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     if to not in _TARGETS:
         raise ValueError(f"to must be one of {list(_TARGETS)}, got {to!r}")
     target = _TARGETS[to]
+    if alpha_init_value is not None and target is None:
+        raise ValueError("alpha_init_value sets the initial alpha of the DyT/Derf layers that to='dyt' or "
+                         "'derf' creates; swap(to=None) keeps the norms' own parameters")
+    new_layer_kwargs = {} if alpha_init_value is None else {"alpha_init_value": alpha_init_value}
     report = SwapReport()
     # A norm without parameters has no device or dtype of its own: the new layer's alpha follows
     # the rest of the model.
@@ -330,7 +336,7 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
             shape, affine, bias, channels_last = norm
             like = getattr(module, "weight", None)
             like = like if like is not None else model_tensor
-            return target(shape, alpha_init_value=alpha_init_value, elementwise_affine=affine, bias=bias,
+            return target(shape, **new_layer_kwargs, elementwise_affine=affine, bias=bias,
                           channels_last=channels_last, device=like.device if like is not None else None,
                           dtype=like.dtype if like is not None else None, backend=backend)
         if target is not None and (timm := _timm_norm(module)) is not None:
@@ -342,16 +348,21 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
                     report.left_alone[f"{name}: {_short_name(type(module))} (a normzoo head-wise norm: "
                                       f"to={to!r} converts LayerNorm and RMSNorm only)"] += 1
                 return None
+            if isinstance(module, (DyT, Derf)) and target is not None and not isinstance(module, target):
+                report.left_alone[f"{name}: {_short_name(type(module))} (to={to!r} converts LayerNorm and "
+                                  f"RMSNorm only)"] += 1
+                return None
             already_ours = isinstance(module, (LayerNorm, RMSNorm, DyT, Derf)) and (
                 target is None or isinstance(module, target))
+            if already_ours:
+                already_ours_backends[module.backend] += 1  # for the warning below
             if isinstance(module, _KNOWN_NORMS) and not already_ours:
                 report.left_alone[f"{name}: {_short_name(type(module))} (unknown subclass of a norm)"] += 1
             elif _looks_like_a_norm(module) and not already_ours:
                 report.left_alone[f"{name}: {_short_name(type(module))} (no exact normzoo equivalent known)"] += 1
             return None
         if type(module) in (LayerNorm, LayerNorm2d, RMSNorm):
-            if module.backend != backend:
-                already_ours_backends[module.backend] += 1  # for the warning below: never changed here
+            already_ours_backends[module.backend] += 1  # for the warning below: its backend is never changed
             return None  # already ours
         if isinstance(module, torch.nn.RMSNorm):
             new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta",
@@ -368,9 +379,10 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
     already_ours_backends = Counter()
     replace_modules(model, convert, report)
     if not report:
-        # A silent no-op hides a model whose norms we don't know (unsloth#4533): say so. A second
-        # swap that asks for another backend keeps the layers' own: say that too.
-        ours = "".join(f"; {n} normzoo layer(s) already, with backend={b!r} (kept: set a layer's .backend, or "
+        # A silent no-op hides a model whose norms we don't know (unsloth#4533): say so. Say why a
+        # second swap did nothing too, and that one asking for another backend keeps the layers' own.
+        ours = "".join(f"; {n} normzoo layer(s) already" if b == backend else
+                       f"; {n} normzoo layer(s) already, with backend={b!r} (kept: set a layer's .backend, or "
                        f"unswap first, to change it)" for b, n in already_ours_backends.items())
         warnings.warn(f"normzoo.swap replaced nothing in {type(model).__name__}" + ours
                       + (f"; left alone: {dict(report.left_alone)}" if report.left_alone else ""), stacklevel=2)

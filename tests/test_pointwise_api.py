@@ -278,6 +278,11 @@ def test_swap_converts_norms_to_pointwise_layers(to, cls):
     assert model[1].bias is not None and model[2].bias is None and model[3].bias is None
     assert model[1].alpha.item() == 0.2 and model[1].weight.dtype == torch.float64
     assert model(torch.randn(4, 16, dtype=torch.float64)).shape == (4, 16)
+    plain = torch.nn.Sequential(torch.nn.LayerNorm(16))
+    normzoo.swap(plain, to=to)  # without alpha_init_value: the layer's own default
+    assert plain[0].alpha.item() == cls(16).alpha_init_value == 0.5
+    with pytest.raises(ValueError, match="alpha_init_value sets the initial alpha of the DyT/Derf layers"):
+        normzoo.swap(torch.nn.Sequential(torch.nn.LayerNorm(16)), alpha_init_value=0.2)  # to=None: nothing to set
 
 
 def test_swap_reports_unknown_norm_subclasses():

@@ -74,13 +74,22 @@ def test_fx_symbolic_trace_after_swap(backend):
 def test_swap_twice_changes_nothing_the_second_time_and_says_so():
     model = tiny_model()
     normzoo.swap(model)
-    with pytest.warns(UserWarning, match="replaced nothing in Sequential") as record:
+    with pytest.warns(UserWarning, match=r"replaced nothing in Sequential; 3 normzoo layer\(s\) already$") as record:
         report = normzoo.swap(model)
     assert report == {} and report.left_alone == {} and "backend" not in str(record[0].message)
     # Asked for another backend, the second swap keeps the layers' own and says so.
     with pytest.warns(UserWarning, match=r"normzoo layer\(s\) already, with backend='auto' \(kept"):
         normzoo.swap(model, backend="torch")
     assert all(m.backend == "auto" for m in model.modules() if isinstance(m, (normzoo.LayerNorm, normzoo.RMSNorm)))
+    # Converted models too; one converted to the other zoo member names its layers as left alone.
+    normzoo.swap(model, to="dyt")
+    with pytest.warns(UserWarning, match=r"replaced nothing in Sequential; 3 normzoo layer\(s\) already$"):
+        normzoo.swap(model, to="dyt")
+    with pytest.warns(UserWarning, match="replaced nothing") as record:
+        report = normzoo.swap(model, to="derf")
+    assert report == {} and set(report.left_alone) == {
+        f"{i}: normzoo.DyT (to='derf' converts LayerNorm and RMSNorm only)" for i in ("1", "2.0", "3")}, report.left_alone
+    assert "already" not in str(record[0].message)
 
 
 def test_swap_keeps_hooks_and_shared_modules():
