@@ -249,8 +249,9 @@ def _save(ctx, h, x, p1, p2, spec, output, save_s=True):
     ctx.db_dtypes = (p1[1].dtype if p1[1] is not None else None, p2[1].dtype if p2[1] is not None else None)
 
 
-def _grads(ctx, dy, ds, backward):
-    """Gradients for (h, x, *p1, *p2), from ``backward`` (the implementation or the custom op)."""
+def _grads(ctx, dy, ds, backward, reference=False):
+    """Gradients for (h, x, *p1, *p2), from ``backward`` (the implementation or the custom op);
+    ``reference``: on the reference, whatever the forward ran (a batched backward)."""
     h, s, *rest = ctx.saved_tensors
     p1, p2, (stats1, stats2) = tuple(rest[0:4]), tuple(rest[4:8]), rest[8:10]
     kind, mode, _, _, scale, _, triton, weight_offset, round_x_hat = ctx.spec
@@ -259,7 +260,8 @@ def _grads(ctx, dy, ds, backward):
     compute = (p1[0] is not None and needs1[0], p2[0] is not None and needs2[0])
     db_dtypes = (ctx.db_dtypes[0] if needs1[1] else None, ctx.db_dtypes[1] if needs2[1] else None)
     dx, dh, grads1, grads2 = backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, ctx.x_dtype,
-                                      ctx.h_dtype, compute, db_dtypes, triton, weight_offset, round_x_hat)
+                                      ctx.h_dtype, compute, db_dtypes, triton and not reference, weight_offset,
+                                      round_x_hat)
     keep = lambda g, need: g if need else None
     return (keep(dh, needs_h), keep(dx, needs_x), *map(keep, grads1, needs1), *map(keep, grads2, needs2))
 
@@ -285,12 +287,11 @@ class _FusedResidual(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, through the reference math
             dh, dx, *rest = _second_order_grads(ctx, dy, ds)
         else:
-            # A batched backward (see ops._reference_backward) runs the reference. Neither gradient
+            # A batched backward (see ops._rowwise_grads) runs the reference. Neither gradient
             # (gradcheck's undefined-gradient check) is no batch: _grads returns none.
             g = dy if dy is not None else ds
             batched = ops._functorch_transforms_active() or (g is not None and ops._is_legacy_batched(g))
-            backward = ops._reference_backward(_fused_backward, 15) if batched else _fused_backward
-            dh, dx, *rest = _grads(ctx, dy, ds, backward)
+            dh, dx, *rest = _grads(ctx, dy, ds, _fused_backward, batched)
         # add_norm hands one tensor to both inputs, norm_add hands ds itself to x (no copy: the
         # engine passes gradients on read-only). A leaf would keep such a tensor as its .grad and
         # share it (with the other input's .grad, or the caller's ds) from then on: copy for leaves.
