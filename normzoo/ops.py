@@ -543,14 +543,17 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
       each torch op."""
     if _forward_ad._current_level >= 0:
         return "composite"
-    # Transforms first: under a trace too (torch.compile or make_fx of torch.func.grad), since
-    # functorch cannot differentiate a custom op's registered autograd.
-    if _functorch_transforms_active():
-        return "composite"
     if (_is_compiling() or x.is_meta or _tracing_state() is not None
             # An empty mode stack (the eager case) answers both mode questions in one call.
             or _dispatch_stack_len() and (_dispatch_mode(_FAKE) is not None or _dispatch_mode(_PROXY) is not None)):
+        # A transform under a trace (torch.compile or make_fx of torch.func.grad) takes the
+        # reference too: functorch cannot differentiate or batch a custom op's registered autograd.
+        # functionalize alone (make_fx(functionalize(f)), torch's recipe) passes the ops through.
+        if _functorch_transforms_active() and (_is_compiling() or not _functionalize_only()):
+            return "composite"
         return "custom_op"
+    if _functorch_transforms_active():
+        return "composite"
     if type(x) is not Tensor and _dispatches_itself(x):
         return "custom_op"
     grad = x.requires_grad
@@ -563,6 +566,15 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
     return "function" if grad and _grad_enabled() else "forward"
 
 
+def _functionalize_only() -> bool:
+    """Whether every active functorch transform is functionalize, which a custom op that mutates
+    nothing passes through unchanged."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return all(i.key() == _FUNCTIONALIZE for i in retrieve_all_functorch_interpreters())
+
+
+_FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
 _X_HAT_DTYPES = (None, "input", "weight")
 _HALF = (torch.float16, torch.bfloat16)
 

@@ -261,6 +261,22 @@ def test_transforms_inside_a_trace(name, trace):
     torch.testing.assert_close(traced(batched)(x).double(), f64(x.double()), rtol=1e-4, atol=1e-5)
 
 
+def test_functionalize_under_make_fx_keeps_the_custom_ops():
+    """make_fx(functionalize(f)), torch's recipe for a functional graph, records each normzoo op as
+    its custom op (nothing in them to functionalize), as make_fx(f) does; other transforms there
+    take the reference (test_transforms_inside_a_trace)."""
+    from torch.func import functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layers = [_layer("layernorm", "triton"), _layer("dyt", "triton")]
+    f = lambda t: layers[1](layers[0](t)).sin()  # noqa: E731
+    x = torch.randn(4, 8)
+    for traced in (make_fx(f)(x), make_fx(functionalize(f))(x)):
+        ops = {str(n.target) for n in traced.graph.nodes if n.op == "call_function" and "normzoo" in str(n.target)}
+        assert ops == {"normzoo.rowwise_norm_fwd.default", "normzoo.pointwise_fwd.default"}, traced.code
+        torch.testing.assert_close(traced(x), f(x), rtol=0, atol=0)
+
+
 FUSED_KINDS = ["layernorm", "rmsnorm", "gemma", "dyt", "derf"]
 
 
