@@ -295,6 +295,20 @@ def test_unswap_gives_a_models_own_class_the_eps_in_use():
     assert list(report.left_alone) == ["0: normzoo.RMSNorm (x_hat_dtype: no PyTorch equivalent)"]
 
 
+def test_unswap_leaves_a_hand_built_weight_offset_norm():
+    """torch.nn.LayerNorm / RMSNorm apply ``weight``, not ``weight + weight_offset``: a norm built
+    with an offset (Gemma's ``1 + w``) by hand stays, named, and computes what it computed."""
+    model = torch.nn.Sequential(normzoo.RMSNorm(4, eps=1e-6, weight_offset=1.0),
+                                normzoo.LayerNorm(4, weight_offset=1.0))
+    x = torch.randn(3, 4)
+    before = model(x)
+    report = normzoo.unswap(model)
+    assert type(model[0]) is normzoo.RMSNorm and type(model[1]) is normzoo.LayerNorm and not report
+    assert sorted(report.left_alone) == ["0: normzoo.RMSNorm (weight_offset: no PyTorch equivalent)",
+                                         "1: normzoo.LayerNorm (weight_offset: no PyTorch equivalent)"]
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- Hugging Face models, built from configs
 
 
