@@ -298,6 +298,21 @@ def test_swap_reports_unknown_norm_subclasses():
     assert type(model[0]) is LayerNorm2d
 
 
+def test_swap_to_dyt_reports_a_subclass_of_normzoos_own_norm():
+    """A subclass of normzoo.LayerNorm is not "already ours" for to="dyt": it may compute something
+    else, so it is named in left_alone, as a subclass of torch's is."""
+    class Scaled(normzoo.LayerNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = torch.nn.Sequential(Scaled(4), torch.nn.LayerNorm(4))
+    report = normzoo.swap(model, to="dyt")
+    assert report == {"torch.LayerNorm -> normzoo.DyT": 1}
+    [(seen, count)] = report.left_alone.items()
+    assert count == 1 and seen.endswith("Scaled (unknown subclass of a norm)")
+    assert type(model[0]) is Scaled
+
+
 def test_swap_rejects_unknown_target():
     with pytest.raises(ValueError, match="to must be one of"):
         normzoo.swap(torch.nn.Sequential(), to="batchnorm")
@@ -344,6 +359,17 @@ def test_swap_to_dyt_puts_parameterless_norms_on_the_models_device():
     normzoo.swap(model, to="dyt")
     assert model[1].alpha.device.type == "meta" and model[1].alpha.dtype == torch.float64
     assert model(torch.randn(2, 4, dtype=torch.float64, device="meta")).shape == (2, 4)
+
+
+def test_swap_to_dyt_takes_the_dtype_of_a_model_with_only_buffers():
+    """A model with no parameter at all (a non-affine norm beside running statistics): the new
+    layer's alpha follows the model's buffers."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(4, affine=False), torch.nn.LayerNorm(4, elementwise_affine=False))
+    model = model.to(torch.float64)
+    assert not list(model.parameters())
+    normzoo.swap(model, to="dyt")
+    assert type(model[1]) is normzoo.DyT and model[1].alpha.dtype == torch.float64
+    assert model(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
 
 
 @pytest.mark.parametrize("cls", [normzoo.DyT, normzoo.Derf])
