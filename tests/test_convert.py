@@ -2,6 +2,7 @@
 of Hugging Face GPT-2 models (issue 13)."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -331,6 +332,11 @@ def test_refuses_what_it_does_not_support():
     with pytest.raises(ValueError, match="its stream is 1 wide"):
         to_pre_crmsnorm(narrow)
     assert type(narrow.transformer.ln_f) is torch.nn.LayerNorm
+    # A LayerNorm over another shape than the hidden size: named, not a broadcasting error mid-fold.
+    other = _tiny_gpt2()
+    other.transformer.h[1].ln_2 = torch.nn.LayerNorm((1, C), dtype=torch.float64)
+    with pytest.raises(ValueError, match=re.escape(f"a LayerNorm over (1, {C}), not the hidden size ({C},)")):
+        to_pre_rmsnorm(other)
     # Hooks on the LayerNorms would see other values after conversion: a warning, not carried over.
     for where in ("transformer.h.0.ln_1", "transformer.h.1.mlp.c_fc", "transformer.wte"):
         hooked = _tiny_gpt2()
@@ -346,6 +352,53 @@ def test_refuses_what_it_does_not_support():
         to_pre_rmsnorm(hooked)
     hooked(torch.randint(0, VOCAB, (1, 3)))
     assert seen == [(1, 3, VOCAB)]
+
+
+def test_converts_normzoo_layer_norms_with_a_weight_offset():
+    """A normzoo.LayerNorm applies ``weight + weight_offset``: that sum is the γ folded into the
+    next layer, not the stored weight."""
+    model = _tiny_gpt2()
+    with torch.no_grad():
+        before = _output(model)
+        base = model.transformer
+        for parent, name in [(base, "ln_f")] + [(block, n) for block in base.h for n in ("ln_1", "ln_2")]:
+            ln = getattr(parent, name)
+            offset = normzoo.LayerNorm(C, eps=ln.eps, weight_offset=1.0, backend="torch", dtype=ln.weight.dtype)
+            offset.weight.copy_(ln.weight - 1.0)
+            offset.bias.copy_(ln.bias)
+            setattr(parent, name, offset.eval())
+        torch.testing.assert_close(_output(model), before, rtol=0, atol=1e-10)
+        to_pre_rmsnorm(model)
+        torch.testing.assert_close(_output(model), before, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("conversion", CONVERSIONS)
+@pytest.mark.parametrize("cls_name", ["GPT2LMHeadModel", "GPT2Model"])
+def test_converted_modules_keep_requires_grad_mode_and_say_their_widths(cls_name, conversion):
+    """Frozen parameters stay frozen (the new Parameters take their requires_grad), the new norms
+    (and a bare model's ln_f_affine) take the eval mode of what they replace, and each Conv1D that
+    reads or writes the stream says its new width (its repr: ``Conv1D(nf=..., nx=...)``)."""
+    model = _tiny_gpt2(cls_name)
+    assert not model.training
+    base = getattr(model, "transformer", model)
+    base.wte.weight.requires_grad_(False)  # lm_head is tied to it: frozen too
+    base.h[0].attn.c_attn.requires_grad_(False)
+    base.h[1].mlp.c_proj.weight.requires_grad_(False)
+    base.ln_f.requires_grad_(False)  # folded into lm_head, or kept in a bare model's ln_f_affine
+    CONVERSIONS[conversion](model)
+    d = C - 1 if conversion == "pre_crmsnorm" else C
+    # lm_head's new bias (W β) follows its weight.
+    frozen = {"transformer.wte.weight", "lm_head.weight", "lm_head.bias", "transformer.h.0.attn.c_attn.weight",
+              "transformer.h.0.attn.c_attn.bias", "transformer.h.1.mlp.c_proj.weight"}
+    if cls_name == "GPT2Model":
+        frozen = {name.removeprefix("transformer.") for name in frozen if not name.startswith("lm_head")}
+        frozen |= {"ln_f_affine.weight", "ln_f_affine.bias"}
+    assert {name for name, p in model.named_parameters() if not p.requires_grad} == frozen
+    assert not any(m.training for m in model.modules())
+    for block in base.h:
+        assert block.attn.c_attn.nx == d and block.mlp.c_fc.nx == d
+        assert block.attn.c_proj.nf == d and block.mlp.c_proj.nf == d
+        assert f"nx={d})" in repr(block.attn.c_attn)
 
 
 @pytest.mark.parametrize("second", CONVERSIONS)
