@@ -838,6 +838,13 @@ def test_stack_norm_lists_mix_split_and_scales():
     assert make_stack("pre", "dyt", "torch", "cpu").scale(3) == 1.0
     # Checkpoints are plain: the state_dict names say where each norm is.
     assert "norm_out.1.weight" in peri.state_dict() and "norm_sum.0.weight" in stack.state_dict()
+    # eps, dtype and backend reach every norm the stack builds (final_norm too).
+    for norm in ("layernorm", "rmsnorm"):
+        built = make_stack("mix", norm, "torch", "cpu", mix_ratio=0.5, eps=1e-3, dtype=torch.float64)
+        norms = [m for m in (*built.norm_in, *built.norm_sum, built.final_norm) if m is not None]
+        assert len(norms) == 9 and all(m.eps == 1e-3 and m.backend == "torch" for m in norms)
+        assert all(p.dtype == torch.float64 for m in norms for p in m.parameters())
+    assert make_stack("pre", "rmsnorm", "torch", "cpu").final_norm.eps is None  # torch's default
 
 
 class _RecordAdds(torch.utils._python_dispatch.TorchDispatchMode):
