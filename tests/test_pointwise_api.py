@@ -192,6 +192,13 @@ def test_derf_module_defaults():
     assert m.weight.dtype == torch.float64
     assert "shift_init_value=0.0" in repr(m) and "channels_last=False" in repr(m)
     assert normzoo.Derf(8, elementwise_affine=False).weight is None
+    # The init values given are the ones the parameters start at, and reset_parameters returns to.
+    m = normzoo.Derf(8, alpha_init_value=0.25, shift_init_value=-0.5)
+    with torch.no_grad():
+        m.shift.fill_(3.0)
+        m.alpha.fill_(3.0)
+    m.reset_parameters()
+    assert m.alpha.item() == 0.25 and m.shift.item() == -0.5
 
 
 def test_modules_match_functional(device):
