@@ -813,6 +813,9 @@ def test_stack_residual_dtype_keeps_the_stream_in_it(placement, backend, device)
     bare = normzoo.ResidualStack([torch.nn.Linear(16, 16, device=device)], 16, placement="pre", final_norm=False,
                                  residual_dtype=torch.float32, backend=backend, device=device).to(torch.bfloat16)
     assert bare(x).dtype == torch.float32
+    with torch.no_grad():  # the sum formed in fp32, not in bf16 and then widened
+        h16 = bare.layers[0][0](bare.norm_in[0](x))
+        torch.testing.assert_close(bare(x), x.float() + h16.float(), rtol=0, atol=0)
     # ... and rounds once, as the fused ops round s: a bf16 stream beside fp32 x and h.
     bare16 = normzoo.ResidualStack([torch.nn.Linear(16, 16, device=device)], 16, placement="pre", final_norm=False,
                                    residual_dtype=torch.bfloat16, backend=backend, device=device)
