@@ -192,6 +192,8 @@ def test_derf_module_defaults():
     assert m.weight.dtype == torch.float64
     assert "shift_init_value=0.0" in repr(m) and "channels_last=False" in repr(m)
     assert normzoo.Derf(8, elementwise_affine=False).weight is None
+    assert normzoo.Derf(8, elementwise_affine=False).bias is None  # bias=True applies with elementwise_affine only
+    assert normzoo.DyT(8, elementwise_affine=False).bias is None
     # The init values given are the ones the parameters start at, and reset_parameters returns to.
     m = normzoo.Derf(8, alpha_init_value=0.25, shift_init_value=-0.5)
     with torch.no_grad():
