@@ -17,7 +17,8 @@ import torch
 POISON = os.environ.get("NORMZOO_POISON") == "1"
 # Whether this process's kernels were defined for Triton's CPU interpreter: Triton reads
 # TRITON_INTERPRET when a kernel is decorated, so this holds whatever the variable says later.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Read as Triton's own getenv_bool reads it (3.9: these, in any case).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 def check_interpreter_mode() -> None:
@@ -29,8 +30,10 @@ def check_interpreter_mode() -> None:
         import triton.language as tl
 
         if type(tl.sum).__name__ == "JITFunction":
-            raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported, and Triton reads it at "
-                               "import: set it in the environment before Python starts "
+            raise RuntimeError(f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} is set, but triton's own "
+                               "functions are compiled-mode ones: it was set after triton was imported (Triton "
+                               "reads it at import), or this Triton does not read that value as true. Set "
+                               "TRITON_INTERPRET=1 in the environment before Python starts "
                                "(TRITON_INTERPRET=1 python script.py)")
 
 
