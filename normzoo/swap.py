@@ -382,8 +382,8 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
         # A silent no-op hides a model whose norms we don't know (unsloth#4533): say so. Say why a
         # second swap did nothing too, and that one asking for another backend keeps the layers' own.
         ours = "".join(f"; {n} normzoo layer(s) already" if b == backend else
-                       f"; {n} normzoo layer(s) already, with backend={b!r} (kept: set a layer's .backend, or "
-                       f"unswap first, to change it)" for b, n in already_ours_backends.items())
+                       f"; {n} normzoo layer(s) already, with backend={b!r} (kept: set a layer's .backend to "
+                       f"change it)" for b, n in already_ours_backends.items())
         warnings.warn(f"normzoo.swap replaced nothing in {type(model).__name__}" + ours
                       + (f"; left alone: {dict(report.left_alone)}" if report.left_alone else ""), stacklevel=2)
     return report
