@@ -33,8 +33,9 @@ def layer_norm(
     applied is ``weight + weight_offset``, added in fp32 (Gemma-style ``1 + w`` with 1.0); an offset
     needs a weight.
     """
+    # Every argument passed, defaults too (see normzoo.LayerNorm.forward: torch.cond under export).
     return ops.rowwise_norm(input, normalized_shape, weight, bias, eps, is_rms=False, backend=backend,
-                            weight_offset=weight_offset)
+                            weight_offset=weight_offset, x_hat_dtype=None)
 
 
 def rms_norm(
@@ -81,7 +82,7 @@ def dyt(
     they have shape (C,). Finite for every finite input, in every dtype.
     """
     return ops.pointwise(input, alpha, None, weight, bias, activation="tanh", channels_last=channels_last,
-                         backend=backend)
+                         backend=backend, normalized_shape=None)
 
 
 def derf(
@@ -102,7 +103,7 @@ def derf(
     ``alpha`` and ``shift`` are one-element tensors; the rest is as in :func:`dyt`.
     """
     return ops.pointwise(input, alpha, shift, weight, bias, activation="erf", channels_last=channels_last,
-                         backend=backend)
+                         backend=backend, normalized_shape=None)
 
 
 # ---------------------------------------------------------------- norms fused with a residual add
@@ -123,7 +124,7 @@ def add_norm(x: Tensor, h: Tensor, norm: torch.nn.Module, *, scale: float = 1.0,
 
     Returns ``(y, s)``. ``scale`` folds LayerNorm scaling's :math:`1/\sqrt{l}` into the norm's output.
     """
-    y, s = fused.fused_residual(x, h, norm, mode="add_norm", scale=scale, residual_dtype=residual_dtype)
+    y, s = fused.fused_residual(x, h, norm, None, mode="add_norm", scale=scale, residual_dtype=residual_dtype)
     return y, s
 
 
@@ -135,7 +136,7 @@ def norm_add(x: Tensor, h: Tensor, norm: torch.nn.Module, *, residual_dtype: tor
 
     Returns ``s``.
     """
-    return fused.fused_residual(x, h, norm, mode="norm_add", residual_dtype=residual_dtype)[1]
+    return fused.fused_residual(x, h, norm, None, mode="norm_add", scale=1.0, residual_dtype=residual_dtype)[1]
 
 
 def norm_add_norm(x: Tensor, h: Tensor, norm_out: torch.nn.Module, norm_in: torch.nn.Module, *, scale: float = 1.0,

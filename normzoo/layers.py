@@ -118,8 +118,10 @@ class LayerNorm(torch.nn.LayerNorm):
             weight, bias = params["weight"], params["bias"]
         except KeyError:  # moved by torch.nn.utils.parametrize, say: see _param
             weight, bias = _params(self, "weight", "bias")
+        # Every argument passed, defaults too: dynamo's guard on a default left out fails inside a
+        # torch.cond branch under torch.export (test_export_through_torch_cond). So in functional.py.
         return ops.rowwise_norm(input, self.normalized_shape, weight, bias, self.eps, is_rms=False,
-                                backend=self.backend, weight_offset=self.weight_offset)
+                                backend=self.backend, weight_offset=self.weight_offset, x_hat_dtype=None)
 
     def extra_repr(self) -> str:
         # torch's own format, spelled out: torch 2.11's LayerNorm leaves out bias=.

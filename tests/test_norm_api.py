@@ -434,6 +434,46 @@ def test_export_sees_the_custom_ops(strict, device):
     torch.testing.assert_close(program.module()(x), model(x))
 
 
+class _CondBlock(torch.nn.Module):
+    """Each normzoo layer and functional op in one branch of a torch.cond or the other."""
+
+    def __init__(self, device):
+        super().__init__()
+        make = dict(backend="triton", device=device)
+        self.ln, self.rms, self.dyt = normzoo.LayerNorm(8, **make), normzoo.RMSNorm(8, **make), normzoo.DyT(8, **make)
+        self.derf, self.scale = normzoo.Derf(8, **make), normzoo.ScaleNorm(8, **make)
+        self.crms = normzoo.CRMSNorm(8, backend="triton")  # no parameters: no device
+        self.qk = normzoo.QKNorm(4, **make)
+
+    def modules_branch(self, x):
+        q, k = self.qk(x.unflatten(-1, (2, 4)), x.unflatten(-1, (2, 4)) * 2)
+        return self.crms(self.scale(self.derf(self.dyt(self.rms(self.ln(x)))))) + (q + k).flatten(-2)
+
+    def functional_branch(self, x):
+        alpha = torch.full((1,), 0.5, device=x.device)
+        y = NF.derf(NF.dyt(NF.rms_norm(NF.layer_norm(x, (8,)), (8,)), alpha), alpha, alpha * 0)
+        y = NF.norm_add(NF.add_norm(x, y, self.ln)[0], y, self.rms)
+        return NF.norm_add_norm(x, y, self.ln, self.ln)[0]
+
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, self.modules_branch, self.functional_branch, (x,))
+
+
+def test_export_through_torch_cond(device):
+    """torch.export of a torch.cond whose branches call every layer and functional op. Dynamo's
+    guards on a default argument that a call left out failed there inside normzoo
+    ("'NoneType' object is not subscriptable"): normzoo's own calls pass every argument."""
+    block = _CondBlock(device)
+    for sign in (1, -1):  # both branches, traced once
+        x = torch.randn(3, 8, device=device).abs() * sign
+        program = torch.export.export(block, (x,))
+        targets = {str(n.target) for gm in program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+                   for n in gm.graph.nodes}
+        assert {"normzoo.rowwise_norm_fwd.default", "normzoo.pointwise_fwd.default",
+                "normzoo.headwise_norm_fwd.default", "normzoo.fused_residual_fwd.default"} <= targets, targets
+        torch.testing.assert_close(program.module()(x), block(x))
+
+
 class _QKBlock(torch.nn.Module):
     def __init__(self, device):
         super().__init__()
