@@ -12,6 +12,10 @@ it as a bound of its own (``cond``: LayerNorm's fp32 row mean, estimated by :fun
 
 import copy
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -141,3 +145,12 @@ def capped(launch_config, max_block_n: int):
 
     capped_config.configs = []
     return capped_config
+
+
+def run_python(*args: str, timeout: float = 120) -> str:
+    """stdout of ``python *args`` run from the repository root in a process of its own, without
+    TRITON_INTERPRET (set there or not by the script itself: Triton reads it at import); fails the
+    test when the process fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=Path(__file__).resolve().parent.parent).stdout

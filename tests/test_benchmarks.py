@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks.__main__ import main
+from helpers import run_python
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode needs the interpreter; on a GPU run the real benchmark")
@@ -59,11 +60,8 @@ def test_host_triton_launch_mode_launches_through_triton(tmp_path):
     """--triton-launch: LayerNorm's forward and backward compiled for sm_90 and launched through
     Triton's own launch path, only the driver faked (no GPU, no interpreter): the launches reach
     the driver, and the table has its row."""
-    root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.host", "--triton-launch", "--layers", "LayerNorm",
-                    "--repeats", "3", "--rounds", "1", "--out", str(tmp_path)],
-                   check=True, cwd=root, capture_output=True, timeout=300, env=env)
+    run_python("-W", "ignore", "-m", "benchmarks.host", "--triton-launch", "--layers", "LayerNorm",
+               "--repeats", "3", "--rounds", "1", "--out", str(tmp_path), timeout=300)
     data = json.loads((tmp_path / "host-cpu-triton-launch.json").read_text())
     assert data["triton_launch"] and not data["stubbed"]
     # warm-up and timed calls, forward (1 launch) and forward + backward (2: one program, no reduce)
@@ -75,11 +73,8 @@ def test_host_triton_launch_mode_launches_through_triton(tmp_path):
 def test_host_profile_through_tritons_launch_path():
     """host_profile --triton-launch: the same diagnostic on the CPU through Triton's own launch path
     (no interpreter): every timing printed, and the forward's profile shows JITFunction.run."""
-    root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.host_profile", "--triton-launch",
-                          "--calls", "2", "--rows", "2", "--hidden", "32"],
-                         check=True, cwd=root, capture_output=True, text=True, timeout=300, env=env).stdout
+    out = run_python("-W", "ignore", "-m", "benchmarks.host_profile", "--triton-launch",
+                     "--calls", "2", "--rows", "2", "--hidden", "32", timeout=300)
     assert "through Triton's launch path" in out and out.count("us/call") == 7
     forward_profile = out[out.index("== normzoo.LayerNorm fwd:"):out.index("== normzoo.LayerNorm fwd+bwd")]
     assert "jit.py" in forward_profile and "(run)" in forward_profile

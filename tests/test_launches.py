@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import normzoo
+from helpers import run_python
 from normzoo.kernels import launch
 
 # What a launcher may ask of torch: output buffers, and views of its input and outputs.
@@ -183,10 +184,6 @@ def test_kernels_read_no_global_constexpr():
     ``constexpr.__ne__``: ~8k instructions apiece on the host; the row-wise forward read five).
     Asked of Triton itself, in a process without the interpreter (whose kernels Triton's
     dependency finder cannot walk)."""
-    import os
-    import subprocess
-    import sys
-
     script = (
         "import importlib, pkgutil\n"
         "from triton.runtime.jit import JITFunction\n"
@@ -201,8 +198,6 @@ def test_kernels_read_no_global_constexpr():
         "            if value.used_global_vals:\n"
         "                found[name] = sorted(n for n, _ in value.used_global_vals)\n"
         "print(kernels, found)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=env,
-                         timeout=120).stdout.split(maxsplit=1)
+    out = run_python("-c", script).split(maxsplit=1)
     assert int(out[0]) >= 7, out  # the row-wise, point-wise and head-wise kernels and the reduce
     assert out[1].strip() == "{}", f"kernels reading module-level globals: {out[1]}"

@@ -2,8 +2,6 @@
 
 import copy
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 import normzoo
 import normzoo.functional as NF
-from helpers import assert_close, assert_compiled_matches_eager, capped, model_rms_norm
+from helpers import assert_close, assert_compiled_matches_eager, capped, model_rms_norm, run_python
 from normzoo import ops, reference
 
 BACKENDS = ["torch", "triton"]
@@ -288,18 +286,14 @@ def test_triton_interpret_set_after_triton_was_imported_is_refused():
               "    normzoo.DyT(8, backend='triton')(torch.randn(2, 8))\n"
               "except RuntimeError as e:\n"
               "    print(e)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=env,
-                         timeout=120).stdout
+    out = run_python("-c", script)
     assert "it was set after triton was imported" in out and "before Python starts" in out, out
     before = script.replace("import os, sys, torch, triton\n", "import os, sys, torch\n").replace(
         "import normzoo\n", "import triton, normzoo\nprint('ran', normzoo.DyT(8, backend='triton')(torch.ones(2, 8)).shape)\n")
-    out = subprocess.run([sys.executable, "-c", before], check=True, capture_output=True, text=True, env=env,
-                         timeout=120).stdout
+    out = run_python("-c", before)
     assert "ran torch.Size([2, 8])" in out and "set after" not in out, out
     # Triton's other spellings of true run the kernels too (normzoo read only "1" once).
-    out = subprocess.run([sys.executable, "-c", before.replace("'1'", "'true'")], check=True, capture_output=True,
-                         text=True, env=env, timeout=120).stdout
+    out = run_python("-c", before.replace("'1'", "'true'"))
     assert "ran torch.Size([2, 8])" in out, out
 
 
