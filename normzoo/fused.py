@@ -548,9 +548,10 @@ def _check_layer(x: Tensor, kind, params, eps, shape, reads: torch.dtype, which:
         allowed = (x.dtype, torch.float32) + ((torch.float16, torch.bfloat16) if any_float else ())
         for name, p in (("weight", weight), ("bias", bias)):
             if isinstance(p, Tensor) and p.dtype not in allowed:
+                takes = (f"h's dtype ({x.dtype})" if x.dtype is torch.float32 else f"h's dtype ({x.dtype}) or float32")
                 raise TypeError(
-                    f"a fused residual op takes {'the norm' if which == 'norm' else which}'s {name} in h's dtype "
-                    f"({x.dtype}), float32" + (" or a 16-bit float" if any_float else "")
+                    f"a fused residual op takes {'the norm' if which == 'norm' else which}'s {name} in {takes}"
+                    + (" or a 16-bit float" if any_float else "")
                     + f", got {p.dtype}: cast the norm, e.g. {which}.to({x.dtype})") from None
         if which == "norm":
             raise

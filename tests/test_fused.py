@@ -514,13 +514,16 @@ def _with_alpha(norm, n):
          ValueError, "mode must be one of"),
         # a parameter dtype the norm would refuse too: the message names h, whose dtype it is checked against
         (lambda: NF.add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4, dtype=torch.bfloat16)),
-         TypeError, r"takes the norm's weight in h's dtype \(torch.float32\), float32, got torch.bfloat16"),
+         TypeError, r"takes the norm's weight in h's dtype \(torch.float32\), got torch.bfloat16"),
+        (lambda: NF.add_norm(torch.randn(2, 4, dtype=torch.bfloat16), torch.randn(2, 4, dtype=torch.bfloat16),
+                             normzoo.LayerNorm(4, dtype=torch.float64)),
+         TypeError, r"weight in h's dtype \(torch.bfloat16\) or float32, got torch.float64"),
         (lambda: NF.norm_add(torch.randn(2, 4), torch.randn(2, 4), normzoo.DyT(4, dtype=torch.float64)),
-         TypeError, r"norm's weight in h's dtype \(torch.float32\), float32 or a 16-bit float, got torch.float64"),
+         TypeError, r"norm's weight in h's dtype \(torch.float32\) or a 16-bit float, got torch.float64"),
         # norm_add_norm names which of its two norms is wrong
         (lambda: NF.norm_add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.LayerNorm(4),
                                   normzoo.LayerNorm(4, dtype=torch.bfloat16)),
-         TypeError, r"takes norm_in's weight in h's dtype \(torch.float32\), float32, got torch.bfloat16: cast the "
+         TypeError, r"takes norm_in's weight in h's dtype \(torch.float32\), got torch.bfloat16: cast the "
                     r"norm, e.g. norm_in.to\(torch.float32\)"),
         (lambda: NF.norm_add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.DyT(4, dtype=torch.float64),
                                   normzoo.DyT(4)),
