@@ -415,8 +415,8 @@ def _launch_forward(x, M, N, y, alpha, shift, weight, bias, residual, s, layer2,
     cfg = launch_config("dyt" if activation == "tanh" else "derf", "fwd", N, x.dtype, x.device, max_block_n)
     fast = x.dtype.itemsize == 2 and (activation == "erf" or has_tanh_approx(x.device))
     with device_guard(x):
-        # Absent operands as None (see kernels/rowwise_norm.py: constants to Triton, and at most
-        # 26 arguments, passed on CPython's stack).
+        # Absent operands as None (see kernels/rowwise_norm.py: constants to Triton; 26 arguments,
+        # which with the three keywords CPython still passes as a tuple and a dict).
         _pointwise_fwd_kernel.run(
                x, y, alpha, shift, weight, bias, residual, s, alpha2, shift2, weight2, bias2,
                x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, channels,
