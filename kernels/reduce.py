@@ -5,8 +5,9 @@ dbias; with norm_add_norm's one-pass backward, both norms': up to four) and, for
 scalar sums (dalpha, dshift) per layer into one fp32 scratch buffer. One launch of
 :func:`_sum_partials_kernel` reduces all of them, in a fixed order (deterministic, no atomics), and
 writes each gradient in its parameter's dtype, so a backward is two launches and no torch ops.
-A backward grid of one program (under 32 rows) skips this step: its kernel writes the gradients
-itself (the kernels' ``DIRECT`` switch).
+A row-wise or point-wise backward grid of one program (under 32 rows; channels-first, one image)
+skips this step: its kernel writes the gradients itself (the kernels' ``DIRECT`` switch). The
+head-wise backward has no such switch: with a weight it always reduces.
 """
 
 import functools
