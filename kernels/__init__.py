@@ -1,7 +1,8 @@
 """Triton kernels and their launch code (installed as ``normzoo.kernels``).
 
 Nothing here knows about autograd or ``nn.Module``: launchers take 2-D views whose last dimension
-is contiguous, allocate outputs, and return tensors. ``normzoo.ops`` builds the differentiable ops
+is contiguous (the head-wise ones, any view whose rows fold into two levels), allocate outputs, and
+return tensors. ``normzoo.ops`` builds the differentiable ops
 on top of them.
 """
 

@@ -2,7 +2,7 @@
 Triton or the reference.
 
 Each op has one forward and one backward implementation (Triton kernels or the reference, as the
-caller chose) and two ways in. A plain eager call goes through a ``torch.autograd.Function``
+caller chose) and four ways in (:func:`_route`). A plain eager call goes through a ``torch.autograd.Function``
 (a few µs of host time), or straight to the forward when no gradient is needed. Everything else
 (``torch.compile``, ``torch.export``, ``torch.jit.trace``, fake or meta tensors) goes through a
 pair of ``torch.library`` custom ops (forward and backward, tied together with
