@@ -19,6 +19,7 @@ float64 inputs always take the reference: the kernels are for 16- and 32-bit flo
 
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -540,7 +541,10 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
       jacfwd, grad, jacrev, vmap, functional_call under them), also under torch.compile or
       make_fx: the op's reference math as differentiable torch ops, which every transform knows
       how to differentiate and batch. Not the kernels: the transforms' own rules then apply to
-      each torch op."""
+      each torch op.
+    - "reference": ``torch.onnx.export``'s trace (:func:`_in_onnx_export`): the forward's
+      reference math, as "forward" with the kernels off (a graph to run elsewhere, not to
+      differentiate: DyT's plain tanh, which ONNX has, not the composite's)."""
     if _forward_ad._current_level >= 0:
         return "composite"
     if (_is_compiling() or x.is_meta or _tracing_state() is not None
@@ -551,6 +555,8 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
         # functionalize alone (make_fx(functionalize(f)), torch's recipe) passes the ops through.
         if _functorch_transforms_active() and (_is_compiling() or not _functionalize_only()):
             return "composite"
+        if _in_onnx_export():
+            return "reference"
         return "custom_op"
     if _functorch_transforms_active():
         return "composite"
@@ -564,6 +570,14 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
                 return "custom_op"
             grad = grad or p.requires_grad
     return "function" if grad and _grad_enabled() else "forward"
+
+
+def _in_onnx_export() -> bool:
+    """Whether ``torch.onnx.export`` (either exporter) is tracing: ONNX has no normzoo ops, so the
+    reference math goes into the graph, torch ops it translates (LayerNormalization and the like).
+    Not imported for the question: a torch.onnx never imported exports nothing."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 def _functionalize_only() -> bool:
@@ -672,6 +686,8 @@ def rowwise_norm(
             y = _ROWWISE_C_APPLY(_unwrap_if_dead(x2d),
                                  w if w is None or type(w) is _Parameter else _unwrap_if_dead(w),
                                  b if b is None or type(b) is _Parameter else _unwrap_if_dead(b), spec)
+    elif route == "reference":
+        y = _rowwise_forward(x2d, w, b, eps, is_rms, False, weight_offset, round_x_hat, out_dtype)[0]
     else:
         y = _rowwise_forward(x2d, w, b, eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)[0]
     return y if x2d is x else y.view(x.shape)
@@ -927,6 +943,8 @@ def pointwise(
                                    shift if shift is None or type(shift) is _Parameter else _unwrap_if_dead(shift),
                                    weight if weight is None or type(weight) is _Parameter else _unwrap_if_dead(weight),
                                    bias if bias is None or type(bias) is _Parameter else _unwrap_if_dead(bias), spec)
+    elif route == "reference":
+        y = _pointwise_forward(x2d, alpha, shift, weight, bias, *spec[:3], False)
     else:
         y = _pointwise_forward(x2d, alpha, shift, weight, bias, *spec)
     if moved is not None:
@@ -1150,6 +1168,8 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
         ya, yb = _headwise_forward(a, wa, b, wb, eps, norm, False)
     elif route == "function":
         ya, yb = (_HeadwiseNorm.apply if _HEADWISE_C_APPLY is None else _HEADWISE_C_APPLY)(a, wa, b, wb, spec)
+    elif route == "reference":
+        ya, yb = _headwise_forward(a, wa, b, wb, eps, norm, False)
     else:
         ya, yb = _headwise_forward(a, wa, b, wb, *spec)
     return ya if b is None else (ya, yb)

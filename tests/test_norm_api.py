@@ -468,6 +468,36 @@ def test_export_through_torch_cond(device):
         torch.testing.assert_close(program.module()(x), block(x))
 
 
+class _EveryOp(_CondBlock):
+    """Both of _CondBlock's branches in one graph, no torch.cond (the TorchScript exporter has none)."""
+
+    def forward(self, x):
+        return self.modules_branch(x) + self.functional_branch(x)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_onnx_export_takes_the_reference_math(dynamo, device, tmp_path):
+    """torch.onnx.export, either exporter, of every layer and functional op. ONNX has no normzoo
+    ops ("No ONNX function found for normzoo.rowwise_norm_fwd", "unrecognized namespace normzoo"):
+    its trace records the reference math instead, torch ops it translates, and onnxruntime runs
+    the graph as eager runs the model."""
+    onnx, ort = pytest.importorskip("onnx"), pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    block, x = _EveryOp(device).eval(), torch.randn(3, 8, device=device)
+    path = tmp_path / "every_op.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation
+        torch.onnx.export(block, (x,), str(path), dynamo=dynamo)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}, "an op outside ONNX's own opset"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), block(x).cpu())
+
+
 class _QKBlock(torch.nn.Module):
     def __init__(self, device):
         super().__init__()
