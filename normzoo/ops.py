@@ -1182,3 +1182,33 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
 torch.fx.wrap("rowwise_norm")
 torch.fx.wrap("pointwise")
 torch.fx.wrap("headwise_norm")
+
+
+def decompositions() -> dict:
+    """normzoo's forward ops as their reference math, for ``ExportedProgram.run_decompositions``:
+    a graph of ATen ops only, for a runtime that cannot call back into Python and normzoo
+    (ExecuTorch, an AOTInductor package run from C++, an ONNX export of a program already
+    exported). Kernels off, whatever the trace chose: the graph runs anywhere, at the reference's
+    speed. ``program.run_decompositions(normzoo.ops.decompositions())`` lowers normzoo's ops alone;
+    add them to ``torch.export.default_decompositions()`` for core ATen. The backward ops are left
+    out: an exported program has none."""
+    from .fused import _fused_forward
+
+    def rowwise(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, round_x_hat=0, out_dtype=None):
+        return _rowwise_forward(x, weight, bias, eps, is_rms, False, weight_offset, round_x_hat, out_dtype)
+
+    def pointwise(x, alpha, shift, weight, bias, activation, channels, params_per_row, triton):
+        return _pointwise_forward(x, alpha, shift, weight, bias, activation, channels, params_per_row, False)
+
+    def headwise(a, wa, b, wb, eps, norm, triton):
+        ya, yb = _headwise_forward(a, wa, b, wb, eps, norm, False)
+        return ya, yb if yb is not None else a.new_empty(0)  # as the op
+
+    def fused_residual(h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, kind, mode, eps1, eps2, scale, sum_dtype, triton,
+                       weight_offset=0.0, round_x_hat=0):
+        return _fused_forward(h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), kind, mode, eps1, eps2, scale, sum_dtype,
+                              False, weight_offset, round_x_hat)
+
+    normzoo = torch.ops.normzoo
+    return {normzoo.rowwise_norm_fwd.default: rowwise, normzoo.pointwise_fwd.default: pointwise,
+            normzoo.headwise_norm_fwd.default: headwise, normzoo.fused_residual_fwd.default: fused_residual}

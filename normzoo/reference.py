@@ -173,7 +173,9 @@ def _headwise_stats(xf: Tensor, eps: float, norm: str):
     if norm == "rms":
         return rstd_of(sumsq / max(n, 1) + eps), None, None
     if norm == "l2":
-        floor = torch.tensor(eps, dtype=xf.dtype).square()  # eps² in the compute dtype, as the kernel
+        # eps² in the compute dtype, as the kernel; new_full, not torch.tensor: traced, that is a
+        # lifted constant, which ExportedProgram.run_decompositions refuses (ops.decompositions).
+        floor = xf.new_full((), eps).square()
         return rstd_of(torch.maximum(sumsq, floor)), None, sumsq > floor
     total = xf.sum(dim=-1)
     return rstd_of((sumsq + total * total) / (n + 1) + eps), total, None

@@ -498,6 +498,25 @@ def test_onnx_export_takes_the_reference_math(dynamo, device, tmp_path):
         torch.testing.assert_close(torch.from_numpy(y), block(x).cpu())
 
 
+def test_decompositions_leave_a_program_of_aten_ops(device, tmp_path):
+    """ExportedProgram.run_decompositions(normzoo.ops.decompositions()) of every layer and
+    functional op: no normzoo op left, so the saved program loads and runs in a process that never
+    imports normzoo, as eager runs the model. (ScaleNorm's reference once made a lifted
+    torch.tensor constant, which aot_autograd refused as not functional.)"""
+    block, x = _EveryOp(device).eval(), torch.randn(3, 8, device=device)
+    program = torch.export.export(block, (x,)).run_decompositions(normzoo.ops.decompositions())
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not {t for t in targets if t.startswith("normzoo.")}, targets
+    path = tmp_path / "every_op.pt2"
+    torch.export.save(program, str(path))
+    torch.save((x, block(x).detach()), str(tmp_path / "io.pt"))
+    out = run_python("-c", "import sys, torch\n"
+                     f"x, y = torch.load({str(tmp_path / 'io.pt')!r})\n"
+                     f"torch.testing.assert_close(torch.export.load({str(path)!r}).module()(x), y)\n"
+                     "print('normzoo' in sys.modules)")
+    assert out.strip() == "False"
+
+
 class _QKBlock(torch.nn.Module):
     def __init__(self, device):
         super().__init__()
