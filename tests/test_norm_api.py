@@ -498,6 +498,25 @@ def test_onnx_export_takes_the_reference_math(dynamo, device, tmp_path):
         torch.testing.assert_close(torch.from_numpy(y), block(x).cpu())
 
 
+def test_onnx_exports_trace_takes_the_reference_math_without_onnx(device, monkeypatch):
+    """The route the test above checks end to end, where onnx is not installed (CI): while
+    torch.onnx says an export is tracing, torch.export (the dynamo exporter's first step) and
+    make_fx record no normzoo op, and the graph computes what eager does."""
+    import torch.onnx
+
+    block, x = _EveryOp(device).eval(), torch.randn(3, 8, device=device)
+    with torch.no_grad():
+        want = block(x)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    graphs = {"export": torch.export.export(block, (x,)).module(),
+              "make_fx": torch.fx.experimental.proxy_tensor.make_fx(block)(x)}
+    for name, graph in graphs.items():
+        targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+        assert not {t for t in targets if "normzoo" in t}, (name, targets)
+        with torch.no_grad():
+            torch.testing.assert_close(graph(x), want, msg=name)
+
+
 def test_decompositions_leave_a_program_of_aten_ops(device, tmp_path):
     """ExportedProgram.run_decompositions(normzoo.ops.decompositions()) of every layer and
     functional op: no normzoo op left, so the saved program loads and runs in a process that never
