@@ -170,13 +170,17 @@ def _pointwise_fwd_kernel(
     M, N,  # rows, columns of the 2-D view
     C,  # channels (rows are channel r mod C when PARAMS_PER_ROW)
     scale,  # multiplies y (LayerNorm scaling's 1/√l; None for 1)
-    ACTIVATION: tl.constexpr,  # "tanh" (DyT) or "erf" (Derf)
+    # y's activation: "tanh" (DyT) or "erf" (Derf), or its fast form for a 16-bit y (see the module
+    # docstring), "tanh_approx" or "erf_fast"; s, in the residual stream, takes the exact one. One
+    # constexpr for both (see _launch_forward).
+    ACTIVATION_Y: tl.constexpr,
     PARAMS_PER_ROW: tl.constexpr,
-    FAST: tl.constexpr,  # the fast activation for y (16-bit only; see the module docstring), never for s
     RES_MODE: tl.constexpr,  # RES_MODES in kernels/rowwise_norm.py: none, add then layer, layer then add, both
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    FAST: tl.constexpr = ACTIVATION_Y == "tanh_approx" or ACTIVATION_Y == "erf_fast"
+    ACTIVATION: tl.constexpr = "tanh" if ACTIVATION_Y == "tanh" or ACTIVATION_Y == "tanh_approx" else "erf"
     # A 1-D grid (CUDA caps grid axes 1 and 2 at 65535 programs): column tiles vary fastest.
     col_tiles = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
@@ -413,17 +417,20 @@ def _launch_forward(x, M, N, y, alpha, shift, weight, bias, residual, s, layer2,
                     res_mode, scale, max_block_n):
     alpha2, shift2, weight2, bias2 = layer2
     cfg = launch_config("dyt" if activation == "tanh" else "derf", "fwd", N, x.dtype, x.device, max_block_n)
-    fast = x.dtype.itemsize == 2 and (activation == "erf" or has_tanh_approx(x.device))
+    if x.dtype.itemsize == 2 and (activation == "erf" or has_tanh_approx(x.device)):
+        activation = "erf_fast" if activation == "erf" else "tanh_approx"
     with device_guard(x):
-        # Absent operands as None (see kernels/rowwise_norm.py: constants to Triton; 26 arguments,
-        # which with the three keywords CPython still passes as a tuple and a dict).
+        # Absent operands as None (see kernels/rowwise_norm.py: constants to Triton). 25 positional
+        # arguments, the most CPython passes on its stack beside run's three keywords (26 build a
+        # tuple and a dict first, CALL_FUNCTION_EX: dis, Python 3.11), hence the activation and
+        # its fast form in one constexpr.
         _pointwise_fwd_kernel.run(
                x, y, alpha, shift, weight, bias, residual, s, alpha2, shift2, weight2, bias2,
                x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, channels,
                scale if scale != 1.0 else None,
                # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host):
-               # ACTIVATION, PARAMS_PER_ROW, FAST, RES_MODE, BLOCK_M, BLOCK_N.
-               activation, params_per_row, fast, res_mode, cfg.block_m, cfg.block_n,
+               # ACTIVATION_Y, PARAMS_PER_ROW, RES_MODE, BLOCK_M, BLOCK_N.
+               activation, params_per_row, res_mode, cfg.block_m, cfg.block_n,
                grid=(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),), warmup=False, num_warps=cfg.num_warps)
 
 

@@ -204,9 +204,10 @@ def _norm_fwd_kernel(
     eps, eps2,
     scale,  # multiplies y (LayerNorm scaling's 1/√l; None for 1)
     w_offset,  # added to the weight, and N2's (1.0 for Gemma-style 1 + w; None for 0)
-    IS_RMS: tl.constexpr,
+    # The norm and where it rounds x_hat, one constexpr (see _launch_forward): 2·k + IS_RMS, k
+    # the round_x_hat code (X_HAT_ROUNDING's index).
+    NORM: tl.constexpr,
     RES_MODE: tl.constexpr,
-    ROUND_X_HAT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     # One constexpr for three layouts (see _launch_forward): 0, a row that fits one tile, one tile
@@ -215,6 +216,8 @@ def _norm_fwd_kernel(
     # with k loads in flight (software pipelining).
     NUM_STAGES: tl.constexpr,
 ):
+    IS_RMS: tl.constexpr = NORM % 2 == 1
+    ROUND_X_HAT: tl.constexpr = "input" if NORM // 2 == 1 else ("weight" if NORM // 2 == 2 else "none")
     SINGLE_TILE: tl.constexpr = NUM_STAGES <= 0
     if SINGLE_TILE:
         if NUM_STAGES == 0:
@@ -536,19 +539,19 @@ def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2
     persistent = cfg.persistent and cfg.single_tile and M < 2**30
     with device_guard(x):
         # Absent operands as None: constants to Triton, which compile their terms away (the
-        # kernel tests ``is not None``). 26 arguments, and one constexpr says both whether the row
-        # is one tile and the loop's stages. (Still one too many for CPython's stack: with the
-        # three keywords, 26 positional ones make it build a tuple and a dict, CALL_FUNCTION_EX;
-        # 25 would not. dis, Python 3.11.)
+        # kernel tests ``is not None``). 25 positional arguments, the most CPython passes on its
+        # stack beside run's three keywords (26 build a tuple and a dict first, CALL_FUNCTION_EX:
+        # dis, Python 3.11); for that, constexprs that share one argument: the norm with its x_hat
+        # rounding, and whether the row is one tile with the loop's stages.
         _norm_fwd_kernel.run(
                x, y, weight, bias, stats, residual, s, weight2, bias2, stats2,
                x.stride()[0], N, residual.stride()[0] if residual is not None else 0, N, M, N, eps, eps2,
                scale if scale != 1.0 else None, weight_offset if weight_offset != 0.0 else None,
                # The constexprs by position (by keyword, a launch costs ~0.7 µs more on the host):
-               # IS_RMS, RES_MODE, ROUND_X_HAT, BLOCK_M, BLOCK_N, NUM_STAGES (0: a single tile a
-               # program; -k: single tiles in a persistent grid, k row blocks in flight; k: a looped
-               # row's 1-4, the rules' and what heuristics.validate_entry lets a table set).
-               is_rms, res_mode, X_HAT_ROUNDING[round_x_hat], cfg.block_m, cfg.block_n,
+               # NORM, RES_MODE, BLOCK_M, BLOCK_N, NUM_STAGES (0: a single tile a program; -k:
+               # single tiles in a persistent grid, k row blocks in flight; k: a looped row's 1-4,
+               # the rules' and what heuristics.validate_entry lets a table set).
+               2 * round_x_hat + is_rms, res_mode, cfg.block_m, cfg.block_n,
                (-cfg.num_stages if persistent else 0) if cfg.single_tile else cfg.num_stages,
                grid=(min(blocks, cfg.programs_per_sm * num_compute_units(x.device)) if persistent else blocks,),
                warmup=False, num_warps=cfg.num_warps)
