@@ -201,3 +201,17 @@ def test_kernels_read_no_global_constexpr():
     out = run_python("-c", script).split(maxsplit=1)
     assert int(out[0]) >= 7, out  # the row-wise, point-wise and head-wise kernels and the reduce
     assert out[1].strip() == "{}", f"kernels reading module-level globals: {out[1]}"
+
+
+def test_forward_launch_calls_stay_on_cpythons_stack():
+    """Each forward launch is one call of ``kernel.run`` with at most 25 positional arguments
+    beside its three keywords: CPython passes 26 or more through a tuple and a dict built first
+    (``CALL_FUNCTION_EX``, ~2-4k instructions a call). Asked of the bytecode: a launcher that adds
+    an argument fails here, not in a host benchmark nobody reran."""
+    import dis
+
+    from normzoo.kernels import elementwise, rowwise_norm
+
+    for launcher in (rowwise_norm._launch_forward, elementwise._launch_forward):
+        ops = {i.opname for i in dis.get_instructions(launcher)}
+        assert "CALL_FUNCTION_EX" not in ops, f"{launcher.__module__}: a launch builds its arguments first"
