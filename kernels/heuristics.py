@@ -416,6 +416,8 @@ def split_rows(n_rows: int, cfg: LaunchConfig, device: torch.device) -> tuple[in
     grid), fewer when that would leave a program under MIN_ROWS_PER_PROGRAM rows; each run a
     multiple of ``block_m``, every program given at least one row."""
     row_blocks = cdiv(n_rows, cfg.block_m)
+    if n_rows < 2 * MIN_ROWS_PER_PROGRAM:  # one program, as below, without asking for the device's SMs
+        return row_blocks * cfg.block_m, 1
     programs = min(row_blocks, cfg.programs_per_sm * num_compute_units(device),
                    max(1, n_rows // MIN_ROWS_PER_PROGRAM))
     rows_per_program = cdiv(row_blocks, programs) * cfg.block_m
