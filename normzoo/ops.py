@@ -575,9 +575,17 @@ def _route(x: Tensor, *params: Tensor | None) -> str:
 def _in_onnx_export() -> bool:
     """Whether ``torch.onnx.export`` (either exporter) is tracing: ONNX has no normzoo ops, so the
     reference math goes into the graph, torch ops it translates (LayerNormalization and the like).
-    Not imported for the question: a torch.onnx never imported exports nothing."""
+    Not imported for the question: a torch.onnx never imported exports nothing. Asked in Python
+    even under Dynamo (see below), which folds ``torch.onnx.is_in_onnx_export()`` to False: the
+    dynamo exporter's second capture, a strict torch.export, would otherwise record the custom
+    ops."""
     onnx = sys.modules.get("torch.onnx")
     return onnx is not None and onnx.is_in_onnx_export()
+
+
+# torch.compiler.assume_constant_result's mark, set without importing Dynamo (as that function
+# does): Dynamo calls _in_onnx_export in Python and traces its answer as a constant.
+_in_onnx_export._dynamo_marked_constant = True
 
 
 def _functionalize_only() -> bool:

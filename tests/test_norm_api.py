@@ -517,6 +517,28 @@ def test_onnx_exports_trace_takes_the_reference_math_without_onnx(device, monkey
             torch.testing.assert_close(graph(x), want, msg=name)
 
 
+def test_onnx_exports_strict_capture_takes_the_reference_math(device, monkeypatch):
+    """The dynamo exporter's second capture, when the first (non-strict) fails, is a strict
+    torch.export, under Dynamo, which folds torch.onnx.is_in_onnx_export() to False: the route
+    must still see the export (torch.onnx's own flag set here, not a stand-in function Dynamo
+    would call), or the graph holds normzoo ops ONNX cannot translate."""
+    import torch.onnx
+
+    flags = pytest.importorskip("torch.onnx._internal.exporter._flags")
+    if not hasattr(flags, "_is_onnx_exporting"):
+        pytest.skip("this torch's ONNX exporter keeps its flag elsewhere")
+    block, x = _EveryOp(device).eval(), torch.randn(3, 8, device=device)
+    with torch.no_grad():
+        want = block(x)
+    monkeypatch.setattr(flags, "_is_onnx_exporting", True)
+    assert torch.onnx.is_in_onnx_export()
+    graph = torch.export.export(block, (x,), strict=True).module()
+    targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert not {t for t in targets if "normzoo" in t}, targets
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), want)
+
+
 def test_decompositions_leave_a_program_of_aten_ops(device, tmp_path):
     """ExportedProgram.run_decompositions(normzoo.ops.decompositions()) of every layer and
     functional op: no normzoo op left, so the saved program loads and runs in a process that never
