@@ -2,13 +2,14 @@
 Triton or the reference.
 
 Each op has one forward and one backward implementation (Triton kernels or the reference, as the
-caller chose) and four ways in (:func:`_route`). A plain eager call goes through a ``torch.autograd.Function``
+caller chose) and five ways in (:func:`_route`). A plain eager call goes through a ``torch.autograd.Function``
 (a few µs of host time), or straight to the forward when no gradient is needed. Everything else
 (``torch.compile``, ``torch.export``, ``torch.jit.trace``, fake or meta tensors) goes through a
 pair of ``torch.library`` custom ops (forward and backward, tied together with
 ``register_autograd``, with fake implementations), which the compiler sees as one opaque,
 differentiable op and ``opcheck`` can check. Forward-mode AD and torch.func transforms (compiled or
-not) run the reference math as torch ops, which they know how to differentiate and batch.
+not) run the reference math as torch ops, which they know how to differentiate and batch; so does
+``torch.onnx.export``'s trace (the forward only), since ONNX has no normzoo ops.
 
 Backends:
     ``"auto"``   Triton for CUDA tensors, the reference elsewhere.
