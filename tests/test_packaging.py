@@ -44,7 +44,7 @@ def test_wheel_holds_every_module_and_launch_table(wheel):
     expected |= {f"normzoo/kernels/{p.relative_to(ROOT / 'kernels').as_posix()}" for p in (ROOT / "kernels").rglob("*.py")}
     tables = {f"normzoo/kernels/configs/{p.name}" for p in (ROOT / "kernels" / "configs").glob("*.json")}
     assert tables, "no measured launch tables in kernels/configs: nothing to check"
-    assert expected | tables | {"normzoo/py.typed"} <= names, sorted(expected | tables - names)
+    assert expected | tables | {"normzoo/py.typed"} <= names, sorted((expected | tables) - names)
     assert not any("__pycache__" in n or n.startswith(("tests/", "benchmarks/", "examples/")) for n in names)
 
 
