@@ -640,10 +640,8 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
             # As ops.rowwise_norm: a parameter is never a functorch wrapper.
             unwrap = lambda t: t if t is None or type(t) is _Parameter else _unwrap_if_dead(t)  # noqa: E731
             y, s = _FUSED_C_APPLY(unwrap(h2d), unwrap(x2d), *map(unwrap, p1), *map(unwrap, p2), spec, leaves)
-    elif route == "reference":
-        y, s = _fused_forward(h2d, x2d, p1, p2, *spec[:6], False, *spec[7:])[:2]
-    else:
-        y, s = _fused_forward(h2d, x2d, p1, p2, *spec)[:2]
+    else:  # "forward", or "reference" (ONNX export's trace): the same forward, with the kernels off
+        y, s = _fused_forward(h2d, x2d, p1, p2, *spec[:6], triton and route == "forward", *spec[7:])[:2]
     if as_rows:
         return (None if mode == "norm_add" else y), s
     return (None if mode == "norm_add" else y.view(h.shape)), s.view(h.shape)

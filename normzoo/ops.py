@@ -695,10 +695,9 @@ def rowwise_norm(
             y = _ROWWISE_C_APPLY(_unwrap_if_dead(x2d),
                                  w if w is None or type(w) is _Parameter else _unwrap_if_dead(w),
                                  b if b is None or type(b) is _Parameter else _unwrap_if_dead(b), spec)
-    elif route == "reference":
-        y = _rowwise_forward(x2d, w, b, eps, is_rms, False, weight_offset, round_x_hat, out_dtype)[0]
-    else:
-        y = _rowwise_forward(x2d, w, b, eps, is_rms, triton, weight_offset, round_x_hat, out_dtype)[0]
+    else:  # "forward", or "reference" (ONNX export's trace): the same forward, with the kernels off
+        y = _rowwise_forward(x2d, w, b, eps, is_rms, triton and route == "forward", weight_offset, round_x_hat,
+                             out_dtype)[0]
     return y if x2d is x else y.view(x.shape)
 
 
@@ -952,10 +951,8 @@ def pointwise(
                                    shift if shift is None or type(shift) is _Parameter else _unwrap_if_dead(shift),
                                    weight if weight is None or type(weight) is _Parameter else _unwrap_if_dead(weight),
                                    bias if bias is None or type(bias) is _Parameter else _unwrap_if_dead(bias), spec)
-    elif route == "reference":
-        y = _pointwise_forward(x2d, alpha, shift, weight, bias, *spec[:3], False)
-    else:
-        y = _pointwise_forward(x2d, alpha, shift, weight, bias, *spec)
+    else:  # "forward", or "reference" (ONNX export's trace): the same forward, with the kernels off
+        y = _pointwise_forward(x2d, alpha, shift, weight, bias, *spec[:3], triton and route == "forward")
     if moved is not None:
         return y.view(moved.shape).movedim(-1, 1)
     return y if x2d is x else y.view(x.shape)
@@ -1173,12 +1170,10 @@ def headwise_norm(a: Tensor, wa: Tensor | None, b: Tensor | None, wb: Tensor | N
     if route == "custom_op":
         ya, yb = headwise_norm_fwd(a, wa, b, wb, *spec)
         yb = yb if b is not None else None
-    elif route == "composite":  # the reference (differentiable torch ops; see _route)
+    elif route == "composite" or route == "reference":  # the reference, as torch ops (see _route)
         ya, yb = _headwise_forward(a, wa, b, wb, eps, norm, False)
     elif route == "function":
         ya, yb = (_HeadwiseNorm.apply if _HEADWISE_C_APPLY is None else _HEADWISE_C_APPLY)(a, wa, b, wb, spec)
-    elif route == "reference":
-        ya, yb = _headwise_forward(a, wa, b, wb, eps, norm, False)
     else:
         ya, yb = _headwise_forward(a, wa, b, wb, *spec)
     return ya if b is None else (ya, yb)
