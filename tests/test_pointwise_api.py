@@ -294,32 +294,26 @@ def test_swap_converts_norms_to_pointwise_layers(to, cls):
         normzoo.swap(torch.nn.Sequential(torch.nn.LayerNorm(16)), alpha_init_value=0.2)  # to=None: nothing to set
 
 
-def test_swap_reports_unknown_norm_subclasses():
-    class LayerNorm2d(torch.nn.LayerNorm):  # like timm's: normalizes dim 1 of NCHW input
-        def forward(self, x):
-            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+class _LayerNorm2d(torch.nn.LayerNorm):  # like timm's: normalizes dim 1 of NCHW input
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    model = torch.nn.Sequential(LayerNorm2d(4), torch.nn.LayerNorm(4))
+
+class _Scaled(normzoo.LayerNorm):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("subclass", [_LayerNorm2d, _Scaled], ids=["of-torch", "of-normzoo"])
+def test_swap_to_dyt_reports_unknown_norm_subclasses(subclass):
+    """A subclass of a norm is left alone and named in left_alone: it may compute something else.
+    That holds for a subclass of normzoo.LayerNorm too, which is not "already ours" for to="dyt"."""
+    model = torch.nn.Sequential(subclass(4), torch.nn.LayerNorm(4))
     report = normzoo.swap(model, to="dyt")
     assert report == {"torch.LayerNorm -> normzoo.DyT": 1}
     [(seen, count)] = report.left_alone.items()
-    assert count == 1 and seen.endswith("LayerNorm2d (unknown subclass of a norm)")
-    assert type(model[0]) is LayerNorm2d
-
-
-def test_swap_to_dyt_reports_a_subclass_of_normzoos_own_norm():
-    """A subclass of normzoo.LayerNorm is not "already ours" for to="dyt": it may compute something
-    else, so it is named in left_alone, as a subclass of torch's is."""
-    class Scaled(normzoo.LayerNorm):
-        def forward(self, x):
-            return 2 * super().forward(x)
-
-    model = torch.nn.Sequential(Scaled(4), torch.nn.LayerNorm(4))
-    report = normzoo.swap(model, to="dyt")
-    assert report == {"torch.LayerNorm -> normzoo.DyT": 1}
-    [(seen, count)] = report.left_alone.items()
-    assert count == 1 and seen.endswith("Scaled (unknown subclass of a norm)")
-    assert type(model[0]) is Scaled
+    assert count == 1 and seen.endswith(f"{subclass.__name__} (unknown subclass of a norm)")
+    assert type(model[0]) is subclass
 
 
 def test_swap_rejects_unknown_target():
