@@ -373,10 +373,13 @@ def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton
     """``(dx, dw, db)``, a gradient not asked for ``None``; the one backward implementation.
     ``input_dtype`` (the reference's): the dtype x had before the caller widened it, which
     ``round_x_hat`` 1 rounds to (default x's)."""
-    if triton:
-        return _launchers().rowwise_norm_backward(_for_kernels(_waited(dy)), _for_kernels(x), _for_kernels(weight), stats,
-                                                  is_rms=is_rms, compute_dw=compute_dw, db_dtype=db_dtype,
-                                                  weight_offset=weight_offset, round_x_hat=round_x_hat)
+    if triton:  # the usual case's tests inline, as in _rowwise_forward (dy: autograd's, a plain tensor)
+        return (_kernels or _launchers()).rowwise_norm_backward(
+            dy if type(dy) is Tensor and dy.is_contiguous() else _for_kernels(_waited(dy)),
+            x if x.is_contiguous() else _for_kernels(x),
+            weight if weight is None or weight.is_contiguous() else _for_kernels(weight), stats,
+            is_rms=is_rms, compute_dw=compute_dw, db_dtype=db_dtype, weight_offset=weight_offset,
+            round_x_hat=round_x_hat)
     dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
     mean, rstd = (None, stats) if is_rms else stats.view(2, x.shape[0])
     return reference.rowwise_norm_backward(dy, x, weight, mean, rstd, is_rms, compute_dw, db_dtype, weight_offset,
@@ -720,10 +723,13 @@ def _pointwise_forward(x, alpha, shift, weight, bias, activation, channels, para
 def _pointwise_backward(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute_dw, db_dtype,
                         triton):
     """``(dx, dalpha, dshift, dw, db)``, a gradient not asked for ``None``."""
-    if triton:
-        return _launchers().pointwise_backward(_for_kernels(_waited(dy)), _for_kernels(x), alpha, shift, _for_kernels(weight),
-                                  activation=activation, channels=channels, params_per_row=params_per_row,
-                                  compute_dw=compute_dw, db_dtype=db_dtype)
+    if triton:  # the usual case's tests inline, as in _pointwise_forward (dy: autograd's, a plain tensor)
+        return (_kernels or _launchers()).pointwise_backward(
+            dy if type(dy) is Tensor and dy.is_contiguous() else _for_kernels(_waited(dy)),
+            x if x.is_contiguous() else _for_kernels(x), alpha, shift,
+            weight if weight is None or weight.is_contiguous() else _for_kernels(weight),
+            activation=activation, channels=channels, params_per_row=params_per_row, compute_dw=compute_dw,
+            db_dtype=db_dtype)
     dy, x, weight = (_for_reference(t) for t in (dy, x, weight))
     return reference.pointwise_backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
                                         compute_dw, db_dtype)
