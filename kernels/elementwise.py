@@ -383,8 +383,9 @@ def pointwise_forward(x, alpha, shift, weight, bias, *, activation: str, channel
     ``channels`` is the parameters' length: ``x.shape[1]`` for channels-last, C for a (B·C, S)
     channels-first view (``params_per_row=True``). ``shift`` may be ``None`` (DyT).
     """
-    _check_activation(activation)
-    check_rows(x)
+    if activation not in ACTIVATIONS or x.dim() != 2 or not x.is_contiguous():  # the usual case's tests inline
+        _check_activation(activation)
+        check_rows(x)
     M, N = x.shape
     y = alloc_like(x)
     if M and N:
@@ -442,8 +443,10 @@ def pointwise_backward(dy, x, alpha, shift, weight, *, activation: str, channels
     shift); ``dw``/``db`` have shape (channels,) in the weight's dtype and ``db_dtype`` (the
     bias's), or are ``None`` when not asked for (``db_dtype=None``: no bias gradient).
     """
-    _check_activation(activation)
-    check_rows(x, dy)
+    if (activation not in ACTIVATIONS or x.dim() != 2 or not x.is_contiguous() or not dy.is_contiguous()
+            or dy.shape != x.shape):  # the usual case's tests inline
+        _check_activation(activation)
+        check_rows(x, dy)
     dx, _, *grads = _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row, compute_dw, db_dtype,
                               None, alloc_like(x), None, 1.0, max_block_n)
     return (dx, *grads)

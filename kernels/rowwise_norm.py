@@ -486,7 +486,8 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_of
     weight in fp32 (Gemma's ``1 + w``). ``round_x_hat``: 0, or x_hat rounded to x's (1) or the
     weight's (2) dtype before the weight multiplies it (``X_HAT_ROUNDING``'s codes).
     """
-    check_rows(x)
+    if x.dim() != 2 or not x.is_contiguous():  # check_rows's usual case inline
+        check_rows(x)
     if not 0 <= round_x_hat <= 2:  # inline, not a call: on every launch (a negative code would index from the end)
         raise _bad_rounding(round_x_hat)
     M, N = x.shape
@@ -569,7 +570,8 @@ def rowwise_norm_backward(
     bias gradient. Absent ones are ``None``. Deterministic: no atomics, a fixed reduction order.
     ``dy`` may have another dtype than x (the forward's ``out_dtype``).
     """
-    check_rows(x, dy)
+    if x.dim() != 2 or not x.is_contiguous() or not dy.is_contiguous() or dy.shape != x.shape:  # check_rows's, inline
+        check_rows(x, dy)
     if not 0 <= round_x_hat <= 2:  # inline, not a call: on every launch (a negative code would index from the end)
         raise _bad_rounding(round_x_hat)
     dx, _, dw, db = _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, None, alloc_like(x), None, 1.0,

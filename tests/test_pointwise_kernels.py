@@ -243,6 +243,35 @@ def test_empty_input(device):
         assert torch.equal(g, torch.zeros(n, device=device))
 
 
+def test_launchers_refuse_what_they_cannot_read(device):
+    # The launchers test the usual case (a known activation, 2-D contiguous rows, dy shaped as x)
+    # inline and ask the checks only when that fails: every refusal must still reach them.
+    x, alpha, w = torch.randn(4, 8, device=device), torch.ones(1, device=device), torch.ones(8, device=device)
+    kw = dict(channels=8, params_per_row=False)
+    bwd_kw = dict(kw, compute_dw=True, db_dtype=torch.float32)
+    column_strided = torch.randn(4, 16, device=device)[:, ::2]
+    for bad in (x.view(2, 2, 8), column_strided):
+        with pytest.raises(AssertionError, match="unit column stride"):
+            pointwise_forward(bad, alpha, None, w, w, activation="tanh", **kw)
+    for dy, x_ in ((column_strided, x), (torch.randn(4, 4, device=device), x), (x.view(2, 2, 8), x),
+                   (x, column_strided)):
+        with pytest.raises(AssertionError, match="unit column stride"):
+            pointwise_backward(dy, x_, alpha, None, w, activation="tanh", **bwd_kw)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        pointwise_forward(x, alpha, None, w, w, activation="gelu", **kw)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        pointwise_backward(x, x, alpha, None, w, activation="gelu", **bwd_kw)
+
+
+def test_strided_rows(device):
+    # Rows that are not packed (a slice of a wider tensor): the launchers read them as they lie.
+    x = torch.randn(7, 40, device=device)[:, 3:35]
+    alpha, shift = torch.tensor([0.7], device=device), torch.tensor([0.2], device=device)
+    w, b = torch.randn(32, device=device), torch.randn(32, device=device)
+    run_and_compare(x, alpha, shift, w, b, dict(channels=32, params_per_row=False), "erf")
+    run_and_compare(x, alpha, None, w, None, dict(channels=32, params_per_row=False), "tanh", max_block_n=16)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="uses a 4 GiB lazily-mapped CPU buffer")
 def test_row_offsets_past_2_pow_31():
     n, stride = 40, 1 << 30

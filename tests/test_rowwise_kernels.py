@@ -179,6 +179,21 @@ def test_strided_rows(device):
     run_and_compare(x, torch.randn(65, device=device), None, is_rms=True, max_block_n=16)
 
 
+def test_launchers_refuse_rows_they_cannot_read(device):
+    # The launchers test the usual case (2-D, contiguous, dy shaped as x) inline and ask
+    # check_rows only when that fails: every refusal must still reach it.
+    x, w = torch.randn(4, 16, device=device), torch.randn(16, device=device)
+    _, stats = rowwise_norm_forward(x, w, w, 1e-5, is_rms=False)
+    column_strided = torch.randn(4, 32, device=device)[:, ::2]
+    for bad in (x.view(2, 2, 16), column_strided):
+        with pytest.raises(AssertionError, match="unit column stride"):
+            rowwise_norm_forward(bad, w, w, 1e-5, is_rms=False)
+    for dy, x_ in ((column_strided, x), (torch.randn(4, 8, device=device), x), (x.view(2, 2, 16), x),
+                   (x, column_strided)):
+        with pytest.raises(AssertionError, match="unit column stride"):
+            rowwise_norm_backward(dy, x_, w, stats, is_rms=False, compute_dw=True, db_dtype=torch.float32)
+
+
 def test_backward_is_deterministic(device):
     x, w, b = make_inputs(301, 50, torch.bfloat16, "weight+bias", torch.float32, device, False)
     y, stats = rowwise_norm_forward(x, w, b, 1e-5, is_rms=False)
