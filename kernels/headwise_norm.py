@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .heuristics import MAX_SINGLE_TILE_BYTES, LaunchConfig, next_power_of_2, split_rows
-from .launch import alloc, cdiv, device_guard
+from .launch import alloc, alloc_grad, cdiv, device_guard
 from .reduce import sum_partials
 from .tiles import rstd_of
 
@@ -414,8 +414,8 @@ def headwise_norm_backward(dya, a, wa, dyb, b, wb, eps: float, *, norm: str, dw_
     width_a, width_b = (1, 1) if scalar_w else (N_a, N_b)  # a row of partials per program and tensor
     b_offset = programs * width_a
     partials = alloc(a, b_offset + programs * width_b if dw_a or dw_b else 1, torch.float32)
-    dwa = alloc(a, wa.numel(), wa.dtype) if dw_a else None
-    dwb = alloc(a, wb.numel(), wb.dtype) if dw_b else None
+    dwa = alloc_grad(wa) if dw_a else None  # each as its (N,) or (1,) weight
+    dwb = alloc_grad(wb) if dw_b else None
     row_stats = None if cfg.single_tile else alloc(a, 4 * (M_a + M_b), torch.float32)
     if M_a * N_a + M_b * N_b == 0:
         for dw in (dwa, dwb):
