@@ -157,6 +157,9 @@ def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dre
     if triton:
         k = ops._launchers()
         v, dy, dres = ops._for_kernels(v), ops._for_kernels(dy), ops._for_kernels(dres)
+        # The saved parameters are the caller's, not the forward's _for_kernels copies: a strided
+        # 1-D weight would be read as contiguous (alpha and shift are one element: as they lie).
+        weight = ops._for_kernels(weight)
         if kind in _ROWWISE:
             dv, dv2, dw, db = k.rowwise_residual_backward(
                 dy, v, weight, stats, is_rms=kind == "rmsnorm", compute_dw=compute_dw, db_dtype=db_dtype, dres=dres,
@@ -213,6 +216,8 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
     if triton:  # both layers' backward in one launcher: one pass (row-wise norms: where a row is one tile)
         k = ops._launchers()
         dy, ds, s, h = ops._for_kernels(dy), ops._for_kernels(ds), ops._for_kernels(s), ops._for_kernels(h)
+        p1 = (ops._for_kernels(p1[0]), *p1[1:])  # the weights as in _norm_backward
+        p2 = (ops._for_kernels(p2[0]), *p2[1:])
         if kind in _ROWWISE:
             dx, dh, dw1_, db1_, dw2_, db2_ = k.rowwise_peri_backward(
                 dy, ds, s, p2[0], stats2, h, p1[0], stats1, is_rms=kind == "rmsnorm", compute_dw1=dw1,

@@ -1027,6 +1027,35 @@ def test_strided_rows_of_h_in_the_triton_backward(device):
         torch.testing.assert_close(h.grad, h_ref.grad, msg=mode)
 
 
+@pytest.mark.parametrize("mode", fused.MODES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_strided_parameters_in_the_triton_backward(kind, mode, device):
+    """Parameters that are strided 1-D views (every other element of a wider buffer): the forward
+    reads contiguous copies of them, and so must the backward, which gets the saved originals."""
+    n = 16
+    strided = lambda p: torch.nn.Parameter(torch.stack([p.detach(), torch.randn_like(p)], -1).flatten()[::2])  # noqa: E731
+    made = [make_norm(kind, n, "triton", device=device) for _ in range(2 if mode == "norm_add_norm" else 1)]
+    triton_norms = []
+    for norm in made:
+        for name, p in list(norm.named_parameters()):
+            setattr(norm, name, strided(p))
+            assert p.numel() == 1 or not getattr(norm, name).is_contiguous()  # alpha, shift: (1,)
+        triton_norms.append(norm)
+    ref_norms = [make_norm(kind, n, "torch", device=device) for _ in made]
+    for ref, norm in zip(ref_norms, triton_norms):
+        ref.load_state_dict({k: v.contiguous() for k, v in norm.state_dict().items()})
+    results = []
+    for norms in (triton_norms, ref_norms):
+        x = torch.randn(40, n, device=device, generator=torch.Generator(device).manual_seed(1)).requires_grad_()
+        h = torch.randn(40, n, device=device, generator=torch.Generator(device).manual_seed(2)).requires_grad_()
+        y, s = fused.fused_residual(x, h, *norms, mode=mode)
+        c = torch.linspace(-1, 1, n, device=device)
+        ((s * c).sum() + ((y * c.flip(0)).sum() if y is not None else 0)).backward()
+        results.append([x.grad, h.grad, *(p.grad for norm in norms for p in norm.parameters())])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_pass_backward_reads_row_strided_inputs(kind, device):
     """norm_add_norm's one-pass launchers on dy, ds, s and h whose rows are further apart than N
