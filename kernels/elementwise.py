@@ -212,6 +212,47 @@ def _pointwise_fwd_kernel(
 
 @triton.jit
 def _pointwise_bwd_kernel(
+    X, DY, DX, ALPHA, SHIFT, W, PARTIALS, DW, DB, DALPHA, DSHIFT,
+    stride_x_row, stride_dy_row, stride_dx_row, M, N, C, rows_per_program,
+    ACTIVATION: tl.constexpr,
+    PARAMS_PER_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    DIRECT: tl.constexpr,
+):
+    """A plain layer's backward (:func:`_pointwise_bwd`, no fused operand): 24 launch arguments
+    where the fused kernel takes 39, and Triton's launch spends host time on every argument it is
+    given, a None included."""
+    _pointwise_bwd(X, DY, DX, ALPHA, SHIFT, W, PARTIALS, DW, DB, DALPHA, DSHIFT, None, None,
+                   None, None, None, None, None, None, None, None, None,
+                   stride_x_row, stride_dy_row, stride_dx_row, 0, 0, M, N, C, rows_per_program, 1.0,
+                   ACTIVATION, PARAMS_PER_ROW, False, BLOCK_M, BLOCK_N, NUM_STAGES, DIRECT)
+
+
+@triton.jit
+def _pointwise_fused_bwd_kernel(
+    X, DY, DX, ALPHA, SHIFT, W, PARTIALS, DW, DB, DALPHA, DSHIFT, DRES, DX2,
+    H, ALPHA1, SHIFT1, W1, DH, DW1, DB1, DALPHA1, DSHIFT1,
+    stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_h_row, M, N, C, rows_per_program, scale,
+    ACTIVATION: tl.constexpr,
+    PARAMS_PER_ROW: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    DIRECT: tl.constexpr,
+):
+    """A fused residual op's backward: :func:`_pointwise_bwd` with every operand."""
+    _pointwise_bwd(X, DY, DX, ALPHA, SHIFT, W, PARTIALS, DW, DB, DALPHA, DSHIFT, DRES, DX2,
+                   H, ALPHA1, SHIFT1, W1, DH, DW1, DB1, DALPHA1, DSHIFT1,
+                   stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_h_row, M, N, C,
+                   rows_per_program, scale, ACTIVATION, PARAMS_PER_ROW, HAS_SCALE, BLOCK_M, BLOCK_N, NUM_STAGES,
+                   DIRECT)
+
+
+@triton.jit
+def _pointwise_bwd(
     X, DY, DX, ALPHA, SHIFT, W,  # SHIFT and W None when absent
     PARTIALS,  # fp32 scratch for the per-program sums, laid out as tiles.partial_offsets says
     DW, DB, DALPHA, DSHIFT,  # the gradients (DW, DB None: not asked for); DIRECT writes them here, in their dtypes
@@ -547,16 +588,25 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
             parts * cols, programs, (compute_dw, compute_db, compute_dw1, compute_db1), 1 if first is None else 2)
         partials = alloc(x, size, torch.float32)
     with device_guard(x):
-        _pointwise_bwd_kernel.run(
-            # Absent operands as None (see kernels/rowwise_norm.py); PARTIALS is addressed even when unused.
-            x, dy, dx, alpha, shift, weight, partials if partials is not None else dx, dw, db, dalpha, dshift, dres,
-            dx2, h, alpha1, shift1, weight1, dh, dw1, db1, dalpha1, dshift1,
-            x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0,
-            h.stride()[0] if h is not None else 0, M, N, channels, rows_per_program, scale,
-            # ACTIVATION, PARAMS_PER_ROW, HAS_SCALE, BLOCK_M, BLOCK_N, NUM_STAGES, DIRECT (by position)
-            activation, params_per_row, scale != 1.0, cfg.block_m, cfg.block_n, cfg.num_stages, direct,
-            grid=(programs,), warmup=False, num_warps=cfg.num_warps,
-        )
+        # Absent operands as None (see kernels/rowwise_norm.py); PARTIALS is addressed even when unused.
+        if pass_ == "bwd" and scale == 1.0:  # a plain layer's: the kernel with its operands only
+            _pointwise_bwd_kernel.run(
+                x, dy, dx, alpha, shift, weight, partials if partials is not None else dx, dw, db, dalpha, dshift,
+                x.stride()[0], dy.stride()[0], N, M, N, channels, rows_per_program,
+                # ACTIVATION, PARAMS_PER_ROW, BLOCK_M, BLOCK_N, NUM_STAGES, DIRECT (by position)
+                activation, params_per_row, cfg.block_m, cfg.block_n, cfg.num_stages, direct,
+                grid=(programs,), warmup=False, num_warps=cfg.num_warps,
+            )
+        else:
+            _pointwise_fused_bwd_kernel.run(
+                x, dy, dx, alpha, shift, weight, partials if partials is not None else dx, dw, db, dalpha, dshift,
+                dres, dx2, h, alpha1, shift1, weight1, dh, dw1, db1, dalpha1, dshift1,
+                x.stride()[0], dy.stride()[0], N, dres.stride()[0] if dres is not None else 0,
+                h.stride()[0] if h is not None else 0, M, N, channels, rows_per_program, scale,
+                # ACTIVATION, PARAMS_PER_ROW, HAS_SCALE, BLOCK_M, BLOCK_N, NUM_STAGES, DIRECT (by position)
+                activation, params_per_row, scale != 1.0, cfg.block_m, cfg.block_n, cfg.num_stages, direct,
+                grid=(programs,), warmup=False, num_warps=cfg.num_warps,
+            )
         if partials is not None:
             sum_partials(partials, parts, cols, db_offset, dw, db, scalar_offset, programs, dalpha, dshift, dw1, db1,
                          dw1_offset, db1_offset, dalpha1, dshift1)
