@@ -221,9 +221,9 @@ def _pointwise_bwd_kernel(
     NUM_STAGES: tl.constexpr,
     DIRECT: tl.constexpr,
 ):
-    """A plain layer's backward (:func:`_pointwise_bwd`, no fused operand): 24 launch arguments
-    where the fused kernel takes 39, and Triton's launch spends host time on every argument it is
-    given, a None included."""
+    """:func:`_pointwise_bwd` without fused operands (a plain layer's backward, or a fused op's
+    launch with none: norm_add's, say): 24 launch arguments where the fused kernel takes 39, and
+    Triton's launch spends host time on every argument it is given, a None included."""
     _pointwise_bwd(X, DY, DX, ALPHA, SHIFT, W, PARTIALS, DW, DB, DALPHA, DSHIFT, None, None,
                    None, None, None, None, None, None, None, None, None,
                    stride_x_row, stride_dy_row, stride_dx_row, 0, 0, M, N, C, rows_per_program, 1.0,
@@ -243,7 +243,8 @@ def _pointwise_fused_bwd_kernel(
     NUM_STAGES: tl.constexpr,
     DIRECT: tl.constexpr,
 ):
-    """A fused residual op's backward: :func:`_pointwise_bwd` with every operand."""
+    """:func:`_pointwise_bwd` with every operand: a fused residual op's backward that has a fused
+    operand (the sum's gradient, a second dx, a first layer) or a scale."""
     _pointwise_bwd(X, DY, DX, ALPHA, SHIFT, W, PARTIALS, DW, DB, DALPHA, DSHIFT, DRES, DX2,
                    H, ALPHA1, SHIFT1, W1, DH, DW1, DB1, DALPHA1, DSHIFT1,
                    stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_h_row, M, N, C,
@@ -589,7 +590,7 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
         partials = alloc(x, size, torch.float32)
     with device_guard(x):
         # Absent operands as None (see kernels/rowwise_norm.py); PARTIALS is addressed even when unused.
-        if pass_ == "bwd" and scale == 1.0:  # a plain layer's: the kernel with its operands only
+        if pass_ == "bwd" and scale == 1.0:  # no fused operand: its own kernel
             _pointwise_bwd_kernel.run(
                 x, dy, dx, alpha, shift, weight, partials if partials is not None else dx, dw, db, dalpha, dshift,
                 x.stride()[0], dy.stride()[0], N, M, N, channels, rows_per_program,

@@ -327,9 +327,10 @@ def _norm_bwd_kernel(
     NUM_STAGES: tl.constexpr,
     DIRECT: tl.constexpr,
 ):
-    """A plain norm's backward (:func:`_norm_bwd`, no fused operand): 25 launch arguments where
-    the fused kernel takes 37, and Triton's launch spends host time on every argument it is given,
-    a None included. ``scale`` stays an argument (1.0): the looped path multiplies by it, and that
+    """:func:`_norm_bwd` without fused operands (a plain norm's backward, or a fused op's launch
+    with none: norm_add's, say): 25 launch arguments where the fused kernel takes 37, and Triton's
+    launch spends host time on every argument it is given, a None included. ``scale`` stays an
+    argument (the launcher passes the float 1.0): the looped path multiplies by it, and that
     multiply is what ptxas's register allocation was measured with (see _norm_bwd)."""
     _norm_bwd(X, W, DY, DX, STATS, PARTIALS, DW, DB, ROW_SUMS, None, None,
               stride_x_row, stride_dy_row, stride_dx_row, 0, stride_dx_row, M, N, rows_per_program, db_offset,
@@ -352,7 +353,8 @@ def _norm_fused_bwd_kernel(
     NUM_STAGES: tl.constexpr,
     DIRECT: tl.constexpr,
 ):
-    """A fused residual op's backward: :func:`_norm_bwd` with every operand."""
+    """:func:`_norm_bwd` with every operand: a fused residual op's backward that has a fused
+    operand (the sum's gradient, a second dx, a first norm) or a scale."""
     _norm_bwd(X, W, DY, DX, STATS, PARTIALS, DW, DB, ROW_SUMS, DRES, DX2,
               stride_x_row, stride_dy_row, stride_dx_row, stride_dres_row, stride_dx2_row, M, N, rows_per_program,
               db_offset, scale, w_offset, H, W1, STATS1, DH, DW1, DB1, stride_h_row,
@@ -731,10 +733,10 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
     row_sums = None if cfg.single_tile else alloc(x, 2 * M, torch.float32)
     with device_guard(x):
         # Absent operands as None (see _launch_forward); PARTIALS is addressed even when unused.
-        if dres is None and dx2 is None and first is None and scale == 1.0:  # a plain norm's: its operands only
-            _norm_bwd_kernel.run(
+        if dres is None and dx2 is None and first is None and scale == 1.0:  # no fused operand: its own kernel
+            _norm_bwd_kernel.run(  # scale as the float 1.0 (an int 1 would be a constant to Triton)
                 x, weight, dy, dx, stats, partials if partials is not None else dx, dw, db, row_sums,
-                x.stride()[0], dy.stride()[0], N, M, N, rows_per_program, db_offset, scale,
+                x.stride()[0], dy.stride()[0], N, M, N, rows_per_program, db_offset, 1.0,
                 weight_offset if weight_offset != 0.0 else None,
                 # IS_RMS, ROUND_X_HAT, BLOCK_M, BLOCK_N, SINGLE_TILE, NUM_STAGES, DIRECT (by position)
                 is_rms, X_HAT_ROUNDING[round_x_hat], cfg.block_m, cfg.block_n, cfg.single_tile, cfg.num_stages, direct,

@@ -222,3 +222,24 @@ def test_forward_launch_calls_stay_on_cpythons_stack():
     for launcher in (rowwise_norm._launch_forward, elementwise._launch_forward):
         ops = {i.opname for i in dis.get_instructions(launcher)}
         assert "CALL_FUNCTION_EX" not in ops, f"{launcher.__module__}: a launch builds its arguments first"
+
+
+def test_plain_backward_launch_calls_stay_on_cpythons_stack():
+    """As the forward's, for the backward launches of the kernels without fused operands (the
+    fused kernels' 37 and 39 arguments do go through a tuple). ``_backward`` makes both calls, so
+    the plain kernel's call is found in its source and compiled alone."""
+    import ast
+    import dis
+    import inspect
+    import textwrap
+
+    from normzoo.kernels import elementwise, rowwise_norm
+
+    for module, kernel in ((rowwise_norm, "_norm_bwd_kernel"), (elementwise, "_pointwise_bwd_kernel")):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(module._backward)))
+        calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                 and node.func.attr == "run" and isinstance(node.func.value, ast.Name) and node.func.value.id == kernel]
+        assert len(calls) == 1, f"{module.__name__}: {len(calls)} calls of {kernel}.run"
+        code = compile(ast.Expression(calls[0]), module.__file__, "eval")
+        ops = {i.opname for i in dis.get_instructions(code)}
+        assert "CALL_FUNCTION_EX" not in ops, f"{kernel}: its launch builds its arguments first"
