@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from .heuristics import INTERPRETED, has_tanh_approx, launch_config, split_rows
-from .launch import (alloc, alloc_grad, alloc_like, alloc_rows, cdiv, check_rows, device_guard, empty_residual_grads,
-                     partials_layout, residual_grad_buffers)
+from .launch import (alloc, alloc_bias_grad, alloc_grad, alloc_like, alloc_rows, cdiv, check_rows, device_guard,
+                     empty_residual_grads, partials_layout, residual_grad_buffers)
 from .reduce import sum_partials
 from .rowwise_norm import FUSED_MODES
 from .tiles import load_tile, partial_offsets, store_column_sums, store_tile
@@ -562,21 +562,16 @@ def _backward(dy, x, alpha, shift, weight, activation, channels, params_per_row,
     else:
         rows_per_program, programs = split_rows(M, cfg, device)
 
-    # Each gradient as its parameter ((1,) scalars, (channels,) weights); db as the weight where
-    # their dtypes agree, the cheaper allocation (alloc_grad).
+    # Each gradient as its parameter ((1,) scalars, (channels,) weights; alloc_grad).
     dalpha = alloc_grad(alpha)
     dshift = alloc_grad(shift) if shift is not None else None
     dw = alloc_grad(weight) if compute_dw else None
-    db = None
-    if compute_db:
-        db = alloc_grad(weight) if weight is not None and weight.dtype is db_dtype else alloc(x, channels, db_dtype)
+    db = alloc_bias_grad(weight, x, channels, db_dtype)
     if first is not None:
         dalpha1 = alloc_grad(alpha1)
         dshift1 = alloc_grad(shift1) if shift1 is not None else None
         dw1 = alloc_grad(weight1) if compute_dw1 else None
-        if compute_db1:
-            db1 = (alloc_grad(weight1) if weight1 is not None and weight1.dtype is db1_dtype
-                   else alloc(x, channels, db1_dtype))
+        db1 = alloc_bias_grad(weight1, x, channels, db1_dtype)
     # One fp32 scratch buffer for every partial sum (one allocation), as partials_layout lays it out.
     # channels-first: row r is channel r mod C, so M = B·C row sums are a (B, C) block of column sums.
     # Few rows (one program; channels-first, one image or no dw/db) need no scratch: the kernel

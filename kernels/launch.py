@@ -69,6 +69,15 @@ def _nan_like(p: torch.Tensor) -> torch.Tensor:
 alloc_grad = _nan_like if POISON else torch.empty_like
 
 
+def alloc_bias_grad(weight: torch.Tensor | None, like: torch.Tensor, numel: int,
+                    dtype: torch.dtype | None) -> torch.Tensor | None:
+    """A bias's gradient of ``numel`` elements in ``dtype`` (``None``: not asked for): shaped as
+    the weight where their dtypes agree (:data:`alloc_grad`, the cheaper allocation)."""
+    if dtype is None:
+        return None
+    return alloc_grad(weight) if weight is not None and weight.dtype is dtype else alloc(like, numel, dtype)
+
+
 def alloc_rows(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A contiguous 2-D output of ``like``'s shape in ``dtype``. Not a view of a flat buffer: an
     autograd.Function's outputs must own their memory (a view could not be modified in place)."""

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from .heuristics import launch_config, num_compute_units, split_rows, vector_aligned
-from .launch import (alloc, alloc_grad, alloc_like, alloc_rows, check_rows, device_guard, empty_residual_grads,
-                     partials_layout, residual_grad_buffers)
+from .launch import (alloc, alloc_bias_grad, alloc_grad, alloc_like, alloc_rows, check_rows, device_guard,
+                     empty_residual_grads, partials_layout, residual_grad_buffers)
 from .reduce import sum_partials
 from .tiles import load_tile, partial_offsets, rstd_of, store_column_sums, store_tile
 
@@ -710,19 +710,16 @@ def _backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, dres, dx, dx2,
                             dx2 is not None and dy.dtype.itemsize > dx2.dtype.itemsize)
     rows_per_program, programs = split_rows(M, cfg, device)
 
-    # Each gradient as its (N,) parameter; db as the weight where their dtypes agree (alloc_grad).
+    # Each gradient as its (N,) parameter (alloc_grad).
     dw = alloc_grad(weight) if compute_dw else None
-    db = None
-    if compute_db:
-        db = alloc_grad(weight) if weight is not None and weight.dtype is db_dtype else alloc(x, N, db_dtype)
+    db = alloc_bias_grad(weight, x, N, db_dtype)
     h = weight1 = stats1 = dh = dw1 = db1 = None
     compute_dw1 = compute_db1 = False
     if first is not None:
         h, weight1, stats1, dh, compute_dw1, db1_dtype = first
         compute_db1 = db1_dtype is not None
         dw1 = alloc_grad(weight1) if compute_dw1 else None
-        if compute_db1:
-            db1 = alloc_grad(weight1) if weight1 is not None and weight1.dtype is db1_dtype else alloc(x, N, db1_dtype)
+        db1 = alloc_bias_grad(weight1, x, N, db1_dtype)
     # Few rows (one program): the kernel writes the gradients itself. Otherwise one fp32 scratch
     # buffer for every column sum (one allocation), [dw | db | dw1 | db1] (programs × N each, the
     # absent ones left out), and a second launch reduces it.
