@@ -16,7 +16,11 @@ with the CUDA backend), which gives a pointer ``tt.divisibility = 16`` when it i
 an int ``tt.divisibility = 16`` when it is a multiple of 16, and turns an int equal to 1 (and any
 None) into a constant. That signature, constexprs, attrs and options go to
 ``triton.compile(ASTSource(...))`` for the target: the same kernel a launch on the GPU compiles.
-Identical compiles (same function, specialization and options) are compiled once.
+Identical compiles (same function, specialization and options) are compiled once. The passes:
+``fwd``, ``bwd``, and ``infer``, the forward under ``torch.no_grad()``: the row-wise launchers then
+pass no statistics buffer (``with_stats=False``), which specializes their forward kernel into
+another variant that stores none (DyT, Derf and the head-wise norms keep none, and have no infer
+variants).
 
 Fused residual variants (op, residual mode, activation dtype, residual-stream dtype, width) are
 captured the same way one level up: through ``normzoo.fused._fused_forward`` and
@@ -212,6 +216,8 @@ SPILL_TOLERATED_BYTES = 16
 WIDE_TILE_REASON = ("a measured table's wide tile (one row over 16 KB a tile, heuristics.WIDE_TILE_BYTES): "
                     "timed faster than the rules' looped tiles by benchmarks.tune on that GPU")
 
+# The passes a variant is compiled for: forward, backward, and the forward under torch.no_grad().
+PASSES = ("fwd", "bwd", "infer")
 RESIDENCY_EXCEPTIONS: list[ResidencyException] = [
     ResidencyException(
         "single-tile backward holds x, dy (w) and the dw/db accumulators across its row loop: 3-5 x 8192 "
@@ -240,7 +246,7 @@ RESIDENCY_EXCEPTIONS: list[ResidencyException] = [
         "on divisibility by 16 only, heuristics.vector_aligned): every element is its "
         "own 2-4 byte access with its own 64-bit address, which is what fills the registers. A performance "
         "limit, not a correctness one (the README asks for hidden sizes that are multiples of 16).",
-        ops=("layernorm", "rmsnorm", "dyt", "derf", "dyt-cf", "derf-cf"), passes=("fwd", "bwd"), unaligned=True),
+        ops=("layernorm", "rmsnorm", "dyt", "derf", "dyt-cf", "derf-cf"), passes=PASSES, unaligned=True),
     ResidencyException(
         "head-wise single-tile backward of an 8192-wide 16-bit row, as the row norms' above: x, dy and the "
         "weight gradient's accumulator held across the row loop (ScaleNorm: 100 registers, 16 warps); the "
@@ -447,6 +453,8 @@ def launches_of(recorder: LaunchRecorder, op: str, dtype: str, affine: tuple, n:
         with recorder.capture(x.shape) as out["fwd"]:
             # Whatever the forward saves for the backward (its results after y) goes back in as is.
             _, *saved = launchers.rowwise_norm_forward(x, w, b, 1e-5, is_rms=is_rms)
+        with recorder.capture(x.shape) as out["infer"]:  # under torch.no_grad(): no statistics stored
+            launchers.rowwise_norm_forward(x, w, b, 1e-5, is_rms=is_rms, with_stats=False)
         with recorder.capture(x.shape) as out["bwd"]:
             launchers.rowwise_norm_backward(dy, x, w, *saved, is_rms=is_rms, compute_dw=has_w, db_dtype=db_dtype)
     else:
@@ -489,6 +497,10 @@ def fused_launches_of(recorder: LaunchRecorder, op: str, mode: str, dtype: str, 
     with recorder.capture(h.shape) as out["fwd"]:
         y, s, stats1, stats2 = fused._fused_forward(h, x, p1, p2, op, mode, eps, eps, scale, None, True, 0.0,
                                                     fused._ROUNDING[x_hat_dtype])
+    if not pointwise:  # under torch.no_grad(): the row-wise kernel stores no statistics (DyT/Derf keep none)
+        with recorder.capture(h.shape) as out["infer"]:
+            fused._fused_forward(h, x, p1, p2, op, mode, eps, eps, scale, None, True, 0.0,
+                                 fused._ROUNDING[x_hat_dtype], False, False)
     dy = torch.empty(rows, n, dtype=y.dtype, device=meta) if mode != "norm_add" else None  # in y's dtype
     ds = torch.empty(rows, n, dtype=s.dtype, device=meta)
     needs = (p1[0] is not None, p2[0] is not None)
@@ -525,6 +537,8 @@ def switch_launches_of(recorder: LaunchRecorder, op: str, switch: str, dtype: st
         out = {}
         with recorder.capture(x.shape) as out["fwd"]:
             y, stats = ops._rowwise_forward(x, w, b, 1e-5, is_rms, True, offset, code, out_dtype)
+        with recorder.capture(x.shape) as out["infer"]:
+            ops._rowwise_forward(x, w, b, 1e-5, is_rms, True, offset, code, out_dtype, False)
         dy = torch.empty(rows, n, dtype=y.dtype, device=meta)  # the gradient of y, in y's dtype
         with recorder.capture(x.shape) as out["bwd"]:
             ops._rowwise_backward(dy, x, w, stats, is_rms, has_w, db_dtype, True, offset, code)
@@ -1050,6 +1064,8 @@ def write_markdown(path: Path, rows, summary: str, header: dict, fused_summary: 
         "- Global accesses: static count in the PTX, by width: `ld`/`st` (ld.global/st.global), `cp.async` "
         "(global → shared copies), `bulk` (cp.async.bulk/TMA), `atom`. Row tensors: the narrowest access to an "
         "(M, N) tensor (x, y, dy, dx); 128 bits is 8 × 16-bit or 4 × fp32 elements.",
+        "- Passes: `fwd`, `bwd`, and `infer`, the row-wise forward under `torch.no_grad()` (no statistics "
+        "buffer passed, none stored: another variant of the forward kernel).",
     ] + ([
         "- Fused residual variants (`op:mode`, through normzoo.fused's own forward and backward): activation h "
         "and y in the first dtype, residual stream x and sum s in the second (`bf16/fp32`), every norm with "
@@ -1145,7 +1161,10 @@ def main(argv=None) -> int:
                                                           "QK-norm: tokens, each a row per head")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
-    p.add_argument("--passes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES,
+                   help="infer: the forward under torch.no_grad(), which keeps no statistics for a backward "
+                        "(row-wise norms: another variant of their forward kernel; DyT, Derf and the head-wise "
+                        "norms store none either way, and have no infer variants)")
     p.add_argument("--fused-modes", nargs="*", default=list(FUSED_MODES), choices=FUSED_MODES,
                    help="fused residual modes to compile (normzoo.fused; none: --fused-modes alone), for the "
                         "--ops among " + ", ".join(FUSED_OPS))
@@ -1219,7 +1238,7 @@ def main(argv=None) -> int:
                             continue
                         for pass_ in args.passes:
                             variant = Variant(op, pass_, dtype, affine[0], n, args.rows)
-                            records += [(variant, launch) for launch in per_pass[pass_]]
+                            records += [(variant, launch) for launch in per_pass.get(pass_, ())]
         for dtype, stream, n, op, mode in itertools.product(args.fused_dtypes, args.fused_streams, args.fused_hidden,
                                                             [op for op in args.ops if op in FUSED_OPS],
                                                             args.fused_modes):
@@ -1232,7 +1251,7 @@ def main(argv=None) -> int:
                 continue
             for pass_ in args.passes:
                 variant = Variant(op, pass_, dtype, affine[0], n, args.rows, mode, stream)
-                records += [(variant, launch) for launch in per_pass[pass_]]
+                records += [(variant, launch) for launch in per_pass.get(pass_, ())]
         for x_hat, dtype, stream, n, mode, affine in itertools.product(
                 args.fused_x_hat if "rmsnorm" in args.ops else (), args.fused_dtypes, args.fused_streams,
                 args.fused_hidden, args.fused_modes, FUSED_X_HAT_AFFINE):
@@ -1244,7 +1263,7 @@ def main(argv=None) -> int:
                 continue
             for pass_ in args.passes:
                 variant = Variant("rmsnorm", pass_, dtype, affine[0], n, args.rows, mode, stream, f"x_hat={x_hat}")
-                records += [(variant, launch) for launch in per_pass[pass_]]
+                records += [(variant, launch) for launch in per_pass.get(pass_, ())]
         for switch, dtype, n in itertools.product(args.switches, args.switch_dtypes, args.switch_hidden):
             layouts, _, _ = SWITCHES[switch]
             for op in [op for op in args.ops if op in layouts]:
@@ -1275,7 +1294,7 @@ def main(argv=None) -> int:
                 continue
             for pass_ in args.passes:
                 variant = Variant(case.op, pass_, case.dtype, case.affine, case.n, args.rows, layout=case.layout)
-                records += [(variant, launch) for launch in per_pass[pass_]]
+                records += [(variant, launch) for launch in per_pass.get(pass_, ())]
     results = compile_all([launch for _, launch in records] + list(twins.values()), args.arch, args.jobs)
     rows = build_rows(records, results, args.sms, twins)
     members = {family: [i for i, (variant, _) in enumerate(records) if variant.family == family]

@@ -10,7 +10,8 @@ on the same tensor). On a GPU it times whole calls (kernels included, synchroniz
 counts, where a norm is launch-bound, against torch eager.
 
 Prints a table and, with ``--out``, writes it as JSON and Markdown. Reports the ratio normzoo /
-torch for the forward and the forward + backward; the targets (issue 11) are at most 2×.
+torch for the forward and the forward + backward (the targets, issue 11: at most 2×), and for the
+forward under ``torch.no_grad()``, inference's path, which saves nothing for a backward.
 
 ``--triton-launch`` (CPU) goes one level deeper than the stub: every launch takes Triton's own
 path (its binder specializing each argument, the compiled-kernel lookup, the check of the globals
@@ -217,21 +218,38 @@ def measure(rows_list, hidden, repeats, rounds, device, stubbed, only=None):
         # Every case in every round (each normzoo call beside torch's): a slow spell of the machine
         # longer than one case's rounds (seconds, on a shared VM) then slows one round of all of
         # them, which the minimum drops, instead of every round of the case it fell on.
-        fns = {}
+        fns, inference = {}, {}
         for name, ours, theirs, _ in cases:
             for label, fn in (("normzoo", ours), ("torch", theirs)):
                 fns[name, label, "fwd"] = lambda fn=fn: fn(x)
             for label, fn in (("normzoo", ours), ("torch", theirs)):
                 fns[name, label, "fwdbwd"] = lambda fn=fn: backward(fn(x))
+            for label, fn in (("normzoo", ours), ("torch", theirs)):
+                inference[name, label, "infer"] = lambda fn=fn: fn(x)
         best = time_us(fns, repeats, sync, rounds)
+        with torch.no_grad():  # as a model's inference runs: once around every call, not in each
+            best.update(time_us(inference, repeats, sync, rounds))
         for name, _, _, baseline in cases:
-            row = {"layer": name, "rows": rows, "hidden": hidden, "baseline": baseline}
-            for label in ("normzoo", "torch"):
-                row[f"{label}_fwd_us"], row[f"{label}_fwdbwd_us"] = best[name, label, "fwd"], best[name, label, "fwdbwd"]
-            row["fwd_ratio"] = row["normzoo_fwd_us"] / row["torch_fwd_us"]
-            row["fwdbwd_ratio"] = row["normzoo_fwdbwd_us"] / row["torch_fwdbwd_us"]
-            results.append(row)
+            results.append(result_row(name, rows, hidden, baseline, "us", lambda label, pass_: best[name, label, pass_]))
     return results
+
+
+def result_row(name: str, rows: int, hidden: int, baseline: str, unit: str, value) -> dict:
+    """One layer's row: ``value(label, pass_)`` per call for normzoo and torch in each of PASSES,
+    and normzoo / torch per pass."""
+    row = {"layer": name, "rows": rows, "hidden": hidden, "baseline": baseline}
+    if unit == "kir":
+        row["unit"] = "kIr"
+    for pass_ in PASSES:
+        for label in ("normzoo", "torch"):
+            row[f"{label}_{pass_}_{unit}"] = value(label, pass_)
+        row[f"{pass_}_ratio"] = row[f"normzoo_{pass_}_{unit}"] / row[f"torch_{pass_}_{unit}"]
+    return row
+
+
+# What each layer is timed on: the forward and forward + backward of an input that requires grad
+# (training), and the forward under torch.no_grad() (inference, where nothing is saved for a backward).
+PASSES = ("fwd", "fwdbwd", "infer")
 
 
 def run_segments(rows: int, hidden: int, repeats: int, out: Path, only=None) -> None:
@@ -252,9 +270,11 @@ def run_segments(rows: int, hidden: int, repeats: int, out: Path, only=None) -> 
             calls.append(((name, baseline, label, "fwd"), (lambda fn: lambda: fn(x))(fn)))
             calls.append(((name, baseline, label, "fwdbwd"), (lambda fn: lambda: torch.autograd.backward(
                 outs := fn(x), (dy,) * len(outs)))(fn)))
-    for _, call in calls:  # warm: the first calls fill caches and lazy state
-        for _ in range(20):
-            call()
+            calls.append(((name, baseline, label, "infer"), (lambda fn: lambda: fn(x))(fn)))
+    for (*_, pass_), call in calls:  # warm: the first calls fill caches and lazy state
+        with torch.set_grad_enabled(pass_ != "infer"):
+            for _ in range(20):
+                call()
     # As timeit: no cyclic garbage collection inside a segment (a full collection after importing
     # torch walks every object, a billion instructions landing in whichever segment it hits);
     # the calls free what they allocate by reference counting.
@@ -262,9 +282,10 @@ def run_segments(rows: int, hidden: int, repeats: int, out: Path, only=None) -> 
     gc.freeze()
     gc.disable()
     os.getppid()  # the end of the set-up
-    for _, call in calls:
-        for _ in range(repeats):
-            call()
+    for (*_, pass_), call in calls:
+        with torch.set_grad_enabled(pass_ != "infer"):  # around the segment's calls, as in measure
+            for _ in range(repeats):
+                call()
         os.getppid()
     (out / "segments.json").write_text(json.dumps([key for key, _ in calls]))
 
@@ -301,30 +322,21 @@ def count_instructions(rows: int, hidden: int, repeats: int, triton_launch: bool
             raise RuntimeError(f"callgrind wrote {len(dumps)} dumps for {len(segments)} segments")
         counts = [total(f) / repeats / 1000 for f in dumps[1:1 + len(segments)]]
     by_key = {tuple(seg): n for seg, n in zip(segments, counts)}
-    results = []
-    for name, baseline in dict.fromkeys((seg[0], seg[1]) for seg in segments):
-        row = {"layer": name, "rows": rows, "hidden": hidden, "baseline": baseline, "unit": "kIr"}
-        for label in ("normzoo", "torch"):
-            for pass_ in ("fwd", "fwdbwd"):
-                row[f"{label}_{pass_}_kir"] = by_key[(name, baseline, label, pass_)]
-        row["fwd_ratio"] = row["normzoo_fwd_kir"] / row["torch_fwd_kir"]
-        row["fwdbwd_ratio"] = row["normzoo_fwdbwd_kir"] / row["torch_fwdbwd_kir"]
-        results.append(row)
-    return results
+    return [result_row(name, rows, hidden, baseline, "kir",
+                       lambda label, pass_: by_key[(name, baseline, label, pass_)])
+            for name, baseline in dict.fromkeys((seg[0], seg[1]) for seg in segments)]
 
 
 def markdown(results, header: str) -> str:
     unit = "kIr" if results and results[0].get("unit") == "kIr" else "µs"
     key = "kir" if unit == "kIr" else "us"
-    lines = [header, "",
-             f"| layer | rows × N | normzoo fwd {unit} | baseline fwd {unit} | ratio | normzoo fwd+bwd {unit} | "
-             f"baseline fwd+bwd {unit} | ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    titles = {"fwd": "fwd", "fwdbwd": "fwd+bwd", "infer": "no-grad fwd"}
+    passes = [p for p in PASSES if all(f"{p}_ratio" in r for r in results)]  # a JSON from before a pass was added
+    head = "".join(f" normzoo {titles[p]} {unit} | baseline {titles[p]} {unit} | ratio |" for p in passes)
+    lines = [header, "", "| layer | rows × N |" + head, "|---|---|" + "---|---|---|" * len(passes)]
     for r in results:
-        lines.append(
-            f"| {r['layer']} (vs {r['baseline']}) | {r['rows']} × {r['hidden']} | {r[f'normzoo_fwd_{key}']:.1f} | "
-            f"{r[f'torch_fwd_{key}']:.1f} | {r['fwd_ratio']:.2f}× | {r[f'normzoo_fwdbwd_{key}']:.1f} | "
-            f"{r[f'torch_fwdbwd_{key}']:.1f} | {r['fwdbwd_ratio']:.2f}× |")
+        lines.append(f"| {r['layer']} (vs {r['baseline']}) | {r['rows']} × {r['hidden']} |" + "".join(
+            f" {r[f'normzoo_{p}_{key}']:.1f} | {r[f'torch_{p}_{key}']:.1f} | {r[f'{p}_ratio']:.2f}× |" for p in passes))
     return "\n".join(lines)
 
 
@@ -374,7 +386,7 @@ def main(argv=None) -> int:
         where = f"{env['gpu']}, wall clock per call, kernels included"
     if args.instructions:
         where += ", thousands of instructions per call (callgrind)"
-    header = (f"Host cost per eager call, fp32, input requires grad: {where}. "
+    header = (f"Host cost per eager call, fp32, input requires grad (no-grad fwd: under torch.no_grad()): {where}. "
               f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}.")
     table = markdown(results, header)
     print(table)

@@ -149,7 +149,9 @@ def _merge_stats(mean, m2, x, mask, col_start, N, BLOCK_N: tl.constexpr, IS_RMS:
 
 @triton.jit
 def _store_stats(STATS, rows, row_mask, M, mean, rstd, IS_RMS: tl.constexpr):
-    if IS_RMS:
+    if STATS is None:  # a forward that no backward follows (inference): nothing to keep
+        pass
+    elif IS_RMS:
         tl.store(STATS + rows, rstd, mask=row_mask)
     else:
         tl.store(STATS + rows, mean, mask=row_mask)
@@ -524,12 +526,14 @@ def _bad_rounding(round_x_hat) -> ValueError:
 
 
 def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_offset: float = 0.0,
-                         round_x_hat: int = 0, out_dtype: torch.dtype | None = None, max_block_n: int | None = None):
+                         round_x_hat: int = 0, out_dtype: torch.dtype | None = None, max_block_n: int | None = None,
+                         with_stats: bool = True):
     """Normalize each row of the 2-D ``x`` (last dim contiguous).
 
     Returns ``(y, stats)``: ``y`` in ``out_dtype`` (default x's); ``stats`` the per-row fp32
     statistics the backward takes, ``rstd`` (M,) for RMSNorm and ``mean`` then ``rstd`` in one flat
-    (2M,) buffer for LayerNorm (one allocation on the host path). ``weight_offset`` is added to the
+    (2M,) buffer for LayerNorm (one allocation on the host path), or ``None`` with
+    ``with_stats=False`` (no backward follows: neither allocated nor stored). ``weight_offset`` is added to the
     weight in fp32 (Gemma's ``1 + w``). ``round_x_hat``: 0, or x_hat rounded to x's (1) or the
     weight's (2) dtype before the weight multiplies it (``X_HAT_ROUNDING``'s codes).
     """
@@ -539,7 +543,7 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_of
         raise _bad_rounding(round_x_hat)
     M, N = x.shape
     y = alloc_like(x) if out_dtype is None else alloc_rows(x, out_dtype)
-    stats = alloc(x, M if is_rms else 2 * M, torch.float32)
+    stats = alloc(x, M if is_rms else 2 * M, torch.float32) if with_stats else None
     if M and N:
         _launch_forward(x, M, N, y, weight, bias, stats, None, None, None, None, None, eps, 0.0, 1.0, is_rms, "none",
                         max_block_n, weight_offset, round_x_hat)
@@ -549,14 +553,15 @@ def rowwise_norm_forward(x, weight, bias, eps: float, *, is_rms: bool, weight_of
 def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: bool, mode: str, scale: float = 1.0,
                              sum_dtype: torch.dtype | None = None, weight2=None, bias2=None, eps2: float = 0.0,
                              weight_offset: float = 0.0, round_x_hat: int = 0, out_dtype: torch.dtype | None = None,
-                             max_block_n: int | None = None):
+                             max_block_n: int | None = None, with_stats: bool = True):
     """A norm fused with the residual add next to it, on 2-D ``x`` and ``residual`` of one shape.
 
     ``mode``: ``"add_norm"`` (s = residual + x, y = N(s)·scale), ``"norm_add"`` (s = residual +
     N(x); no y) or ``"norm_add_norm"`` (s = residual + N(x), y = N2(s)·scale, N2 with ``weight2``,
     ``bias2``, ``eps2``). s is stored in ``sum_dtype`` (default: x's and residual's promoted dtype)
     and y in x's dtype. Returns ``(y, s, stats, stats2)``: ``stats`` of N's input (s for add_norm,
-    x otherwise), ``stats2`` of s for norm_add_norm; absent ones ``None``. ``weight_offset`` is
+    x otherwise), ``stats2`` of s for norm_add_norm; absent ones ``None``, and both with
+    ``with_stats=False`` (no backward follows: neither allocated nor stored). ``weight_offset`` is
     added to both norms' weights (Gemma's 1 + w). ``round_x_hat`` (``X_HAT_ROUNDING``'s codes) rounds
     each norm's x_hat to its own input's (1) or weight's (2) dtype; ``out_dtype``: y's, if not x's.
     """
@@ -568,8 +573,8 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
         raise _bad_rounding(round_x_hat)
     s = alloc_rows(x, sum_dtype or torch.promote_types(x.dtype, residual.dtype))
     y = (alloc_like(x) if out_dtype is None else alloc_rows(x, out_dtype)) if mode != "norm_add" else None
-    stats = alloc(x, M if is_rms else 2 * M, torch.float32)
-    stats2 = alloc(x, M if is_rms else 2 * M, torch.float32) if mode == "norm_add_norm" else None
+    stats = alloc(x, M if is_rms else 2 * M, torch.float32) if with_stats else None
+    stats2 = alloc(x, M if is_rms else 2 * M, torch.float32) if with_stats and mode == "norm_add_norm" else None
     if M and N:
         _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2, stats2, eps, eps2, scale, is_rms,
                         mode, max_block_n, weight_offset, round_x_hat)

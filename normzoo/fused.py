@@ -76,19 +76,20 @@ def _no_stats(like: Tensor) -> Tensor:
     return like.new_empty(0, dtype=reference.compute_dtype(like.dtype))
 
 
-def _reference_norm(v, params, kind, eps, out_dtype, scale, weight_offset=0.0, round_x_hat=0, differentiable=False):
+def _reference_norm(v, params, kind, eps, out_dtype, scale, weight_offset=0.0, round_x_hat=0, differentiable=False,
+                    with_stats=True):
     """(y, stats) of one layer on 2-D v, computed in fp32 (fp64 for fp64) and y·scale rounded once
     to out_dtype, as the kernels store it. ``differentiable``: the composite path's DyT
-    (reference.pointwise_forward)."""
+    (reference.pointwise_forward). ``with_stats=False``: stats None (no backward follows)."""
     weight, bias, alpha, shift = params
     acc = reference.compute_dtype(v.dtype)
     if kind in _ROWWISE:  # the plain ops' reference path: the same statistics layout, y kept in acc
         y, stats = ops._rowwise_forward(v, weight, bias, eps, kind == "rmsnorm", False, weight_offset, round_x_hat,
-                                        acc)
+                                        acc, with_stats)
     else:
         y = reference.pointwise_forward(v.to(acc), alpha, shift, weight, bias, _ACTIVATION[kind], v.shape[1], False,
                                         differentiable)
-        stats = _no_stats(v)
+        stats = _no_stats(v) if with_stats else None
     return (y * scale if scale != 1.0 else y).to(out_dtype), stats
 
 
@@ -108,12 +109,13 @@ def _y_dtype(round_x_hat, h_dtype, s_dtype, weight):
 
 
 def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset=0.0, round_x_hat=0,
-                   differentiable=False):
+                   differentiable=False, with_stats=True):
     """``(y, s, stats1, stats2)`` on 2-D ``h`` and ``x``; ``y`` empty for norm_add, stats empty where
     a layer keeps none (DyT/Derf) or there is no second norm. ``stats1`` belongs to N (on s for
     add_norm, on h otherwise), ``stats2`` to N2 (on s). ``weight_offset``, ``round_x_hat``: both
     norms' (rowwise; see :data:`_ROUNDING`). ``differentiable``: the composite path (see
-    :func:`_reference_norm`)."""
+    :func:`_reference_norm`). ``with_stats=False``: no backward follows, the kernels store no
+    statistics and both are ``None``."""
     s_dtype = sum_dtype or _promoted(x.dtype, h.dtype)
     y_dtype = h.dtype if not round_x_hat else _y_dtype(round_x_hat, h.dtype, s_dtype,
                                                         (p1 if mode == "add_norm" else p2)[0])
@@ -126,25 +128,29 @@ def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, trito
             y, s, stats1, stats2 = k.rowwise_residual_forward(
                 h, x, p1[0], p1[1], eps1, is_rms=kind == "rmsnorm", mode=mode, scale=scale, sum_dtype=s_dtype,
                 weight2=p2[0], bias2=p2[1], eps2=eps2, weight_offset=weight_offset, round_x_hat=round_x_hat,
-                out_dtype=y_dtype if round_x_hat else None)
+                out_dtype=y_dtype if round_x_hat else None, with_stats=with_stats)
         else:
             y, s = k.pointwise_residual_forward(h, x, p1[2], p1[3], p1[0], p1[1], activation=_ACTIVATION[kind],
                                                 mode=mode, scale=scale, sum_dtype=s_dtype,
                                                 layer2=(p2[2], p2[3], p2[0], p2[1]))
             stats1 = stats2 = None
+        if not with_stats:
+            return y, s, None, None
         return (y if y is not None else _empty(h), s, stats1 if stats1 is not None else _no_stats(h),
                 stats2 if stats2 is not None else _no_stats(s))
     h, x = h.contiguous(), x.contiguous()
     acc = reference.compute_dtype(s_dtype)
     if mode == "add_norm":
         s = (x.to(acc) + h.to(acc)).to(s_dtype)
-        y, stats1 = _reference_norm(s, p1, kind, eps1, y_dtype, scale, weight_offset, round_x_hat, differentiable)
-        return y, s, stats1, _no_stats(s)
-    o, stats1 = _reference_norm(h, p1, kind, eps1, acc, 1.0, weight_offset, round_x_hat, differentiable)
+        y, stats1 = _reference_norm(s, p1, kind, eps1, y_dtype, scale, weight_offset, round_x_hat, differentiable,
+                                    with_stats)
+        return y, s, stats1, _no_stats(s) if with_stats else None
+    o, stats1 = _reference_norm(h, p1, kind, eps1, acc, 1.0, weight_offset, round_x_hat, differentiable, with_stats)
     s = (x.to(acc) + o).to(s_dtype)
     if mode == "norm_add":
-        return _empty(h), s, stats1, _no_stats(s)
-    y, stats2 = _reference_norm(s, p2, kind, eps2, y_dtype, scale, weight_offset, round_x_hat, differentiable)
+        return _empty(h), s, stats1, _no_stats(s) if with_stats else None
+    y, stats2 = _reference_norm(s, p2, kind, eps2, y_dtype, scale, weight_offset, round_x_hat, differentiable,
+                                with_stats)
     return y, s, stats1, stats2
 
 
@@ -645,8 +651,9 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
             # As ops.rowwise_norm: a parameter is never a functorch wrapper.
             unwrap = lambda t: t if t is None or type(t) is _Parameter else _unwrap_if_dead(t)  # noqa: E731
             y, s = _FUSED_C_APPLY(unwrap(h2d), unwrap(x2d), *map(unwrap, p1), *map(unwrap, p2), spec, leaves)
-    else:  # "forward", or "reference" (ONNX export's trace): the same forward, with the kernels off
-        y, s = _fused_forward(h2d, x2d, p1, p2, *spec[:6], triton and route == "forward", *spec[7:])[:2]
+    else:  # "forward", or "reference" (ONNX export's trace): the same forward, with the kernels off; no backward
+        y, s = _fused_forward(h2d, x2d, p1, p2, *spec[:6], triton and route == "forward", *spec[7:], False,
+                              False)[:2]
     if as_rows:
         return (None if mode == "norm_add" else y), s
     return (None if mode == "norm_add" else y.view(h.shape)), s.view(h.shape)

@@ -351,10 +351,12 @@ def _for_reference(t: Tensor | None) -> Tensor | None:
     return t.contiguous() if t is not None else None
 
 
-def _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, round_x_hat=0, out_dtype=None):
+def _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, round_x_hat=0, out_dtype=None,
+                     with_stats=True):
     """``(y, stats)``: the one forward implementation, behind both the eager autograd.Function and
     the custom op. ``stats`` holds the per-row fp32 statistics the backward needs: rstd (M,) for
-    RMSNorm, mean then rstd in one flat (2M,) buffer for LayerNorm (as the kernels store them).
+    RMSNorm, mean then rstd in one flat (2M,) buffer for LayerNorm (as the kernels store them);
+    ``None`` with ``with_stats=False``, where no backward follows (neither allocated nor stored).
     ``round_x_hat`` and ``out_dtype``: see :func:`_x_hat_rounding`."""
     if triton:
         # _for_kernels's first test inline: contiguous input is the rule.
@@ -362,10 +364,11 @@ def _rowwise_forward(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, ro
             x if x.is_contiguous() else _for_kernels(x),
             weight if weight is None or weight.is_contiguous() else _for_kernels(weight),
             bias if bias is None or bias.is_contiguous() else _for_kernels(bias),
-            eps, is_rms=is_rms, weight_offset=weight_offset, round_x_hat=round_x_hat, out_dtype=out_dtype)
+            eps, is_rms=is_rms, weight_offset=weight_offset, round_x_hat=round_x_hat, out_dtype=out_dtype,
+            with_stats=with_stats)
     x, weight, bias = (_for_reference(t) for t in (x, weight, bias))
     y, mean, rstd = reference.rowwise_norm_forward(x, weight, bias, eps, is_rms, weight_offset, round_x_hat, out_dtype)
-    return y, (rstd if is_rms else torch.cat((mean, rstd)))
+    return y, (None if not with_stats else rstd if is_rms else torch.cat((mean, rstd)))
 
 
 def _rowwise_backward(dy, x, weight, stats, is_rms, compute_dw, db_dtype, triton, weight_offset=0.0, round_x_hat=0,
@@ -698,9 +701,9 @@ def rowwise_norm(
             y = _ROWWISE_C_APPLY(_unwrap_if_dead(x2d),
                                  w if w is None or type(w) is _Parameter else _unwrap_if_dead(w),
                                  b if b is None or type(b) is _Parameter else _unwrap_if_dead(b), spec)
-    else:  # "forward", or "reference" (ONNX export's trace): the same forward, with the kernels off
+    else:  # "forward", or "reference" (ONNX export's trace): the same forward, with the kernels off; no backward
         y = _rowwise_forward(x2d, w, b, eps, is_rms, triton and route == "forward", weight_offset, round_x_hat,
-                             out_dtype)[0]
+                             out_dtype, False)[0]
     return y if x2d is x else y.view(x.shape)
 
 

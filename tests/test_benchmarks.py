@@ -45,15 +45,21 @@ def test_host_instruction_segments_and_table(tmp_path):
                    check=True, cwd=root, capture_output=True, timeout=300)
     segments = json.loads((tmp_path / "segments.json").read_text())
     names = [name for name, *_ in host.layers(8, "cpu", torch.float32)]
-    assert len(segments) == 4 * len(names)
-    assert [tuple(s[2:]) for s in segments[:4]] == [("normzoo", "fwd"), ("normzoo", "fwdbwd"), ("torch", "fwd"),
-                                                    ("torch", "fwdbwd")]
+    assert len(segments) == 6 * len(names)
+    assert [tuple(s[2:]) for s in segments[:6]] == [("normzoo", "fwd"), ("normzoo", "fwdbwd"), ("normzoo", "infer"),
+                                                    ("torch", "fwd"), ("torch", "fwdbwd"), ("torch", "infer")]
     assert list(dict.fromkeys(s[0] for s in segments)) == names
-    row = {"layer": "LayerNorm", "rows": 4, "hidden": 64, "baseline": "torch.nn.LayerNorm", "unit": "kIr",
-           "normzoo_fwd_kir": 130.0, "torch_fwd_kir": 65.0, "normzoo_fwdbwd_kir": 300.0, "torch_fwdbwd_kir": 250.0,
-           "fwd_ratio": 2.0, "fwdbwd_ratio": 1.2}
+    counts = {("normzoo", "fwd"): 130.0, ("torch", "fwd"): 65.0, ("normzoo", "fwdbwd"): 300.0,
+              ("torch", "fwdbwd"): 250.0, ("normzoo", "infer"): 90.0, ("torch", "infer"): 60.0}
+    row = host.result_row("LayerNorm", 4, 64, "torch.nn.LayerNorm", "kir", lambda label, p: counts[label, p])
+    assert row["unit"] == "kIr" and row["fwd_ratio"] == 2.0 and row["infer_ratio"] == 1.5
     table = host.markdown([row], "header")
-    assert "normzoo fwd kIr" in table and "| 130.0 | 65.0 | 2.00× | 300.0 | 250.0 | 1.20× |" in table
+    assert "normzoo no-grad fwd kIr" in table
+    assert "| 130.0 | 65.0 | 2.00× | 300.0 | 250.0 | 1.20× | 90.0 | 60.0 | 1.50× |" in table
+    # A JSON written before the no-grad pass was measured still renders, without that column.
+    del row["infer_ratio"]
+    old_table = host.markdown([row], "header")
+    assert "no-grad" not in old_table and old_table.endswith("| 300.0 | 250.0 | 1.20× |")
 
 
 def test_host_triton_launch_mode_launches_through_triton(tmp_path):
@@ -266,6 +272,7 @@ def test_smoke_says_what_it_skips_and_an_empty_table_is_well_formed(tmp_path, ca
 # 256: rows stacked in a tile, whose backward's register estimate once launched 1.15-1.73 waves
 FUSED_HIDDEN = [97, 256, 4096]
 COMPILE_CHECK_ARGS = ["--hidden", "97", "256", "4096", "16385", "--dtypes", "bf16", "fp32", "--quiet",
+                      "--passes", "fwd", "bwd",  # the no-grad forward's variants: test_inference_forwards_...
                       # and the fused residual ops' launches (bf16 activations, bf16 or fp32 stream)
                       "--fused-hidden", *map(str, FUSED_HIDDEN),
                       # and the model switches (x_hat rounding, weight offset), single-tile and looped;
@@ -396,6 +403,25 @@ def test_one_program_backwards_compile_for_hopper_without_spills():
     for found in (summary, fused, switch):
         assert int(found["failed"]) == 0 and int(found["spills"]) == 0, report
     assert int(fused["reduces"]) == 0 and int(switch["reduces"]) == 0, report
+
+
+def test_inference_forwards_compile_for_hopper_without_spills(tmp_path):
+    """The forward under torch.no_grad() (pass ``infer``): the row-wise launchers pass no statistics,
+    a variant of their forward kernel of its own, plain, fused and switched, that compiles, spills
+    nothing and stores no statistics. DyT launches its one forward either way: no infer variant."""
+    out = _run_compile_check(["--passes", "infer", "--hidden", "97", "16385", "--dtypes", "bf16", "--ops",
+                              "layernorm", "rmsnorm", "dyt", "--fused-hidden", "4096", "--fused-streams", "fp32",
+                              "--switch-hidden", "4096", "--headwise", "--quiet", "--out", tmp_path / "report"])
+    report = out.stdout[-4000:] + out.stderr[-2000:]
+    found = [r.search(out.stdout) for r in (SUMMARY, FUSED_SUMMARY, SWITCH_SUMMARY)]
+    assert all(found) and out.returncode == 0, report
+    # 2 widths x (LayerNorm 5 + RMSNorm 3 layouts); 2 norms x 3 modes + RMSNorm's x̂ rounding (2
+    # weight dtypes x 3 modes); the switches: x_hat=input 2, x_hat=weight 1, offset 1 + 2.
+    assert [int(f["variants"]) for f in found] == [2 * (5 + 3), 2 * 3 + 2 * 3, 2 + 1 + 1 + 2], report
+    assert all(int(f["failed"]) == 0 and int(f["spills"]) == 0 and int(f["reduces"]) == 0 for f in found), report
+    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert all(" infer " in r["label"] and r["constexprs"]["STATS"] is None for r in rows), report
+    assert all(r["constexprs"]["STATS2"] is None and "STATS" not in r["accesses"] for r in rows), report
 
 
 def test_a_tables_wide_tile_is_compiled_and_reported_not_failed(tmp_path):

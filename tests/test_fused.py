@@ -99,6 +99,10 @@ def check_against_float64(kind, mode, act_dtype, res_dtype, n, backend, device, 
     h = torch.randn(rows, n, device=device).to(act_dtype).requires_grad_()
     y, s = run_fused(mode, x, h, n1, n2, scale)
     assert s.dtype == res_dtype and (y is None or y.dtype == act_dtype)
+    with torch.no_grad():  # inference's forward, which keeps no statistics: the same outputs
+        y_inference, s_inference = run_fused(mode, x, h, n1, n2, scale)
+    assert torch.equal(s_inference, s) and (y is None) is (y_inference is None)
+    assert y is None or torch.equal(y_inference, y)
 
     x64, h64 = x.detach().double().requires_grad_(), h.detach().double().requires_grad_()
     m1, m2 = on_reference(n1, torch.float64), (on_reference(n2, torch.float64) if n2 is not None else None)

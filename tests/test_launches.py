@@ -164,6 +164,39 @@ def test_norm_add_norm_past_the_fused_single_tile_limit(kind, width, stream, ker
     assert not [op for op in backward_ops.ops if op not in NON_COMPUTE_OPS]
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("mode", [None, "add_norm", "norm_add", "norm_add_norm"])
+def test_no_grad_forward_keeps_no_statistics(kind, mode, grad, monkeypatch, device):
+    """Under torch.no_grad() no backward follows: the row-wise forward neither allocates the
+    per-row statistics nor passes them (the kernel stores none; STATS and STATS2 are None): it
+    allocates its outputs alone. With grad, the same call keeps them."""
+    from normzoo import fused
+    from normzoo.kernels import rowwise_norm
+
+    launched = []
+    if torch.cuda.is_available():
+        run = rowwise_norm._norm_fwd_kernel.run
+        monkeypatch.setattr(rowwise_norm._norm_fwd_kernel, "run", lambda *a, **k: launched.append(a) or run(*a, **k))
+    else:
+        monkeypatch.setattr(type(rowwise_norm._norm_fwd_kernel), "run", lambda self, *a, **k: launched.append(a))
+    monkeypatch.setattr(launch, "POISON", False)  # NaN fills are an op of their own
+    make = {"layernorm": normzoo.LayerNorm, "rmsnorm": normzoo.RMSNorm}[kind]
+    layers = [make(64, backend="triton", device=device) for _ in range(2 if mode == "norm_add_norm" else 1)]
+    h, x = (torch.randn(2, 8, 64, device=device) for _ in range(2))
+    with torch.set_grad_enabled(grad), _OpLog() as ops:
+        if mode is None:
+            layers[0](h)
+        else:
+            fused.fused_residual(x, h, *layers, mode=mode)
+    (args,) = launched
+    stats, stats2 = args[4], args[9]  # _norm_fwd_kernel's STATS and STATS2
+    assert (stats is not None) is grad and (stats2 is not None) is (grad and mode == "norm_add_norm")
+    if not grad:
+        outputs = 1 if mode is None else (1 if mode == "norm_add" else 2)  # y and/or s
+        assert len([op for op in ops.ops if "empty" in op]) == outputs, ops.ops
+
+
 @pytest.mark.parametrize("norm", ["rms", "l2"])
 def test_qk_norm_is_one_launch_for_q_and_k(norm, launches, device):
     """q and k, views of one fused projection: one forward launch for both, a backward of one kernel

@@ -59,6 +59,10 @@ def run_and_compare(x, weight, bias, is_rms, eps=1e-5, max_block_n=None):
     y_peer, dx_peer, dw_peer, db_peer, mean_peer, rstd_peer = torch_peer(x, weight, bias, dy, is_rms, eps)
     y, stats = rowwise_norm_forward(x, weight, bias, eps, is_rms=is_rms, max_block_n=max_block_n)
     assert stats.shape == ((m,) if is_rms else (2 * m,)) and stats.dtype == torch.float32
+    # Inference's forward (no statistics kept) computes the same y.
+    y_alone, no_stats = rowwise_norm_forward(x, weight, bias, eps, is_rms=is_rms, max_block_n=max_block_n,
+                                             with_stats=False)
+    assert no_stats is None and torch.equal(y_alone, y)
     mean, rstd = (None, stats) if is_rms else stats.view(2, m)
     as64 = lambda t: None if t is None else t.double()
     y_ref, mean_ref, rstd_ref = reference.rowwise_norm_forward(x.double(), as64(weight), as64(bias), eps, is_rms)
@@ -281,7 +285,8 @@ def test_a_tables_wide_single_tile(is_rms, dtype, n, m, persistent, device, monk
         monkeypatch.setattr(k, "_norm_bwd_kernel", Spy(k._norm_bwd_kernel, lambda a: ("bwd", a[-4], a[-3], a[8])))
         x, w, b = make_inputs(m, n, dtype, "weight+bias", dtype, device, is_rms)
         run_and_compare(x, w, b, is_rms)
-        assert launches == [("fwd", wide, -2 if persistent else 0), ("bwd", wide, True, None)]
+        fwd_launch = ("fwd", wide, -2 if persistent else 0)  # twice: with the statistics and without
+        assert launches == [fwd_launch, fwd_launch, ("bwd", wide, True, None)]
         launches.clear()
         _, stats, *_ = k.rowwise_residual_forward(x, x, w, b, 1e-5, is_rms=is_rms, mode="add_norm")
         # A fused backward with the plain launch's operands (no sum's gradient, dx stored once:
