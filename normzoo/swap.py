@@ -219,9 +219,18 @@ def replace_modules(model: torch.nn.Module, convert: Callable[[str, torch.nn.Mod
 
 def _share_parameters(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
     """Give ``new`` the parameters of ``old``: the same tensors, so dtype, device, requires_grad and
-    any optimizer state that refers to them are kept."""
-    for name, param in old.named_parameters(recurse=False):
-        setattr(new, name, param)
+    any optimizer state that refers to them are kept. Its buffers too, and nothing of ``new``'s
+    own: a hook-based reparametrization (``torch.nn.utils.prune``, the old ``weight_norm``) keeps
+    the class but has replaced ``weight`` by ``weight_orig`` and a mask buffer (or ``weight_g``,
+    ``weight_v``), and its hook, moved to ``new``, recomputes ``weight`` as a plain attribute
+    before each call: a ``weight`` parameter of ``new``'s own would stay on the meta device, in the
+    state_dict, and make that hook fail."""
+    new._parameters = dict(old._parameters)
+    new._buffers = dict(old._buffers)
+    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
+    for name in ("weight", "bias"):  # the hook's last result, until it runs again
+        if name not in new._parameters and isinstance(old.__dict__.get(name), torch.Tensor):
+            new.__dict__[name] = old.__dict__[name]
     return new
 
 
@@ -402,8 +411,7 @@ def unswap(model: torch.nn.Module) -> SwapReport:
     def convert(name, module):
         original = module.__dict__.get("_normzoo_original")
         if original is not None:  # a model's own class that swap replaced: give it back
-            for param_name, param in module.named_parameters(recurse=False):
-                original._parameters[param_name] = param
+            _share_parameters(module, original)
             original.train(module.training)
             # ... with the eps the swapped layer had last (set while swapped, it is the one in use).
             spec = _model_norm_spec(type(original))

@@ -3,6 +3,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.utils.prune
 
 import normzoo
 
@@ -104,6 +105,29 @@ def test_swap_keeps_hooks_and_shared_modules():
     calls.clear()
     model(torch.randn(2, 8))
     assert calls == ["DyT", "DyT"]
+
+
+def test_swap_and_unswap_keep_a_hook_based_reparametrization():
+    """torch.nn.utils.prune and the old weight_norm keep the class (a torch.nn.LayerNorm still) but
+    replace ``weight`` by other parameters and a buffer, and recompute it in a forward pre-hook:
+    the new layer takes those, not a ``weight`` of its own (it stayed on the meta device, in the
+    state_dict, and the moved hook failed on the missing mask)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.RMSNorm(8))
+    torch.nn.utils.prune.l1_unstructured(model[1], "weight", amount=0.5)
+    with pytest.warns(FutureWarning):  # deprecated, still used (its hook is what this tests)
+        torch.nn.utils.weight_norm(model[2], dim=0)
+    x = torch.randn(3, 8)
+    before, keys = model(x), list(model.state_dict())
+    normzoo.swap(model)
+    assert type(model[1]) is normzoo.LayerNorm and type(model[2]) is normzoo.RMSNorm
+    assert list(model.state_dict()) == keys and not any(t.is_meta for t in model.state_dict().values())
+    torch.testing.assert_close(model(x), before)
+    model(x).sum().backward()
+    assert model[1].weight_orig.grad is not None and model[2].weight_g.grad is not None
+    torch.nn.utils.prune.remove(model[1], "weight")  # the reparametrization is still whole
+    normzoo.unswap(model)
+    assert type(model[1]) is torch.nn.LayerNorm and sorted(model[1].state_dict()) == ["bias", "weight"]
+    torch.testing.assert_close(model(x), before)
 
 
 def test_swap_refuses_a_bare_norm():
