@@ -1126,7 +1126,9 @@ def _check_headwise_weight(w, name: str, x: Tensor, n: int) -> None:
         return
     if not isinstance(w, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
-    if w.shape not in ((n,), (1,)):
+    # Spelled with ==, not `w.shape not in ((n,), (1,))`: under torch.compile(dynamic=True) n is a
+    # SymInt, and Dynamo answers `in` over tuples holding one as never found (a ValueError at trace).
+    if w.dim() != 1 or (w.shape[0] != n and w.shape[0] != 1):
         raise ValueError(f"{name} must have shape ({n},) (one value per channel) or (1,) (one scale), "
                          f"got {tuple(w.shape)}")
     if w.device != x.device:

@@ -418,6 +418,18 @@ def test_compile_fullgraph_matches_eager(device):
     assert_compiled_matches_eager(Attention().to(device), torch.randn(2, 5, 32, device=device), "aot_eager")
 
 
+def test_compile_with_dynamic_shapes_takes_q_and_k_as_inputs(device):
+    """q and k as inputs of a region compiled with dynamic=True: their width is a SymInt, and the
+    weight's shape check (once ``w.shape not in ((n,), (1,))``, which Dynamo answers as never
+    found) refused the module's own (8,) weights with "must have shape (8,) ..., got (8,)"."""
+    torch._dynamo.reset()
+    qk, scale = normzoo.QKNorm(8, backend="triton").to(device), torch.rand(8, device=device) + 0.5
+    q, k = torch.randn(2, 3, 4, 8, device=device), torch.randn(2, 3, 2, 8, device=device)
+    for fn, args in ((qk, (q, k)), (lambda x: NF.scale_norm(x, scale, backend="triton"), (q,))):
+        got = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")(*args)
+        torch.testing.assert_close(got, fn(*args))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_empty_inputs_of_any_layout(backend, device):
     """No rows (an MoE expert that got no tokens, an expanded empty view): empty outputs, zero
