@@ -341,6 +341,13 @@ def swap(model: torch.nn.Module, *, to: str | None = None, backend: str = "auto"
             new.__dict__["_normzoo_original"] = module  # for unswap, as for Hugging Face's classes
             return _share_parameters(module, new)
         norm = convertible(module) if target is not None else None
+        if norm is not None and (hooked := [n for n in ("weight", "bias") if n not in module._parameters
+                                            and isinstance(module.__dict__.get(n), torch.Tensor)]):
+            # A hook-based reparametrization (torch.nn.utils.prune, the old weight_norm) computes this
+            # tensor from others before each call; its hook would move to the new layer and fail there.
+            report.left_alone[f"{name}: {_short_name(type(module))} (its {hooked[0]} is recomputed by a hook, "
+                              f"torch.nn.utils.prune's or weight_norm's: remove it before converting)"] += 1
+            return None
         if norm is not None:
             shape, affine, bias, channels_last = norm
             like = getattr(module, "weight", None)

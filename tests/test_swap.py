@@ -130,6 +130,17 @@ def test_swap_and_unswap_keep_a_hook_based_reparametrization():
     torch.testing.assert_close(model(x), before)
 
 
+def test_swap_to_dyt_leaves_a_norm_whose_weight_a_hook_computes():
+    """A fresh DyT has no weight_orig or mask: prune's hook, moved to it, failed at its first call."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.LayerNorm(8))
+    torch.nn.utils.prune.l1_unstructured(model[1], "weight", amount=0.5)
+    report = normzoo.swap(model, to="dyt")
+    assert report == {"torch.LayerNorm -> normzoo.DyT": 1} and type(model[1]) is torch.nn.LayerNorm
+    assert list(report.left_alone) == ["1: torch.LayerNorm (its weight is recomputed by a hook, torch.nn.utils.prune's "
+                                       "or weight_norm's: remove it before converting)"]
+    assert model(torch.randn(3, 8)).shape == (3, 8)
+
+
 def test_swap_refuses_a_bare_norm():
     bare = [torch.nn.LayerNorm(4), torch.nn.RMSNorm(4), normzoo.RMSNorm(4), normzoo.DyT(4), normzoo.Derf(4)]
     transformers = pytest.importorskip("transformers")
