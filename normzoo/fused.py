@@ -191,6 +191,13 @@ def _norm_backward(dy, v, params, stats, kind, compute_dw, db_dtype, triton, dre
     return dv.to(dx_dtype), dv.to(dx2_dtype) if dx2_dtype is not None else None, grads
 
 
+def _ds_as(ds, dtype):
+    """The sum's gradient passed on as dx or dh: ds itself in its dtype, else a contiguous cast. A
+    plain cast keeps a transposed ds's strides, and the backward op's fake says contiguous
+    (Inductor asserts the strides its fake gave)."""
+    return ds if ds.dtype == dtype else ds.to(dtype, memory_format=torch.contiguous_format)
+
+
 def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_dtype, h_dtype, needs, db_dtypes,
                     triton, weight_offset=0.0, round_x_hat=0):
     """``(dx, dh, grads1, grads2)``: gradients of :func:`_fused_forward` for the incoming ``dy``
@@ -202,15 +209,15 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
         if mode == "add_norm":
             if ds is None:
                 return None, None, none, none
-            dx = ds if ds.dtype == x_dtype else ds.to(x_dtype)
-            return dx, (dx if h_dtype == x_dtype else ds.to(h_dtype)), none, none
+            dx = _ds_as(ds, x_dtype)
+            return dx, (dx if h_dtype == x_dtype else _ds_as(ds, h_dtype)), none, none
         mode = "norm_add"  # norm_add_norm without its second norm
     if mode == "norm_add":
         if ds is None:
             return None, None, none, none
         dh, _, grads1 = _norm_backward(ds, h, p1, stats1, kind, dw1, db1, triton, dx_dtype=h_dtype,
                                        weight_offset=weight_offset, round_x_hat=round_x_hat)
-        return (ds if ds.dtype == x_dtype else ds.to(x_dtype)), dh, grads1, none
+        return _ds_as(ds, x_dtype), dh, grads1, none
     # add_norm: the norm N on s; norm_add_norm: N2 on s, then N on h with ds + J_N2ᵀ dy.
     params, stats, needs_w, db_dtype = (p1, stats1, dw1, db1) if mode == "add_norm" else (p2, stats2, dw2, db2)
     if mode == "add_norm":

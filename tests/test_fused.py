@@ -607,7 +607,8 @@ def test_unused_norm_output_takes_no_gradient(kind, mode, device):
     p1, p2 = tuple(p.detach() if p is not None else None for p in p1), tuple(p.detach() if p is not None else None for p in p2)
     eps = 1e-6 if eps is None else eps  # RMSNorm's None: the op takes the resolved value
     # x, h and the sum in every relation: ds is then x's, h's, both or neither dtype, and without dy
-    # the op would hand it back as dx or dh, which a custom op's output may not be.
+    # the op would hand it back as dx or dh, which a custom op's output may not be. ds also transposed
+    # (as s.t()'s gradient): a cast of it into x's or h's dtype must still be as contiguous as the fake says.
     for x_dtype, h_dtype, sum_dtype in ((torch.float32, torch.float32, None), (torch.bfloat16, torch.float32, None),
                                         (torch.float32, torch.bfloat16, torch.bfloat16),
                                         (torch.bfloat16, torch.bfloat16, torch.float32)):
@@ -616,9 +617,10 @@ def test_unused_norm_output_takes_no_gradient(kind, mode, device):
                                                             eps, 1.0, sum_dtype, triton)
             needs = (p1[0] is not None, p2[0] is not None)
             db = (p1[1].dtype if p1[1] is not None else None, p2[1].dtype if p2[1] is not None else None)
-            args = (None, torch.randn_like(s), h.to(h_dtype), s, *p1, *p2, stats1, stats2, kind, mode, 1.0, x_dtype,
-                    h_dtype, *needs, *db, triton)
-            torch.library.opcheck(fused.fused_residual_bwd, args)
+            for ds in (torch.randn_like(s), torch.randn(s.shape[::-1], dtype=s.dtype, device=device).t()):
+                args = (None, ds, h.to(h_dtype), s, *p1, *p2, stats1, stats2, kind, mode, 1.0, x_dtype, h_dtype,
+                        *needs, *db, triton)
+                torch.library.opcheck(fused.fused_residual_bwd, args)
 
 
 
