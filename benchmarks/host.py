@@ -125,19 +125,36 @@ def _fake_gpu_driver():
     normzoo.ops.use_triton = use_triton
 
 
-def layers(hidden: int, device, dtype):
+def layers(hidden: int, device, dtype, rows: int = 1):
     """(name, normzoo call, torch baseline call, baseline's name) for every layer normzoo ships;
-    each call takes x and returns its outputs as a tuple. DyT, Derf and ScaleNorm have no torch
-    counterpart; they are compared with the layer they replace (LayerNorm, RMSNorm). QK-norm (q and
-    k in one launch) is compared with what a model writes without it: two torch RMSNorms."""
+    each call takes x (``rows`` × ``hidden``) and returns its outputs as a tuple. DyT, Derf and
+    ScaleNorm have no torch counterpart; they are compared with the layer they replace (LayerNorm,
+    RMSNorm). QK-norm (q and k in one launch) is compared with what a model writes without it: two
+    torch RMSNorms. The fused residual ops (normzoo.functional's add_norm, norm_add, norm_add_norm,
+    with LayerNorms) are compared with the unfused sequence in torch: x is the residual stream, h a
+    sublayer's output (not a leaf, as in a model; x is the leaf every row takes, so add_norm's
+    backward copies the one gradient it hands both inputs, as it does for a leaf)."""
     import torch
 
     import normzoo
+    import normzoo.functional as NF
 
     kw = dict(device=device, dtype=dtype)
 
     def one(layer):
         return lambda x: (layer(x),)
+
+    h = torch.randn(rows, hidden, requires_grad=True, **kw).view(rows, hidden)
+    ours_ln = [normzoo.LayerNorm(hidden, backend="triton", **kw) for _ in range(2)]
+    torch_ln = [torch.nn.LayerNorm(hidden, **kw) for _ in range(2)]
+
+    def torch_add_norm(x):
+        s = x + h
+        return torch_ln[0](s), s
+
+    def torch_norm_add_norm(x):
+        s = x + torch_ln[0](h)
+        return torch_ln[1](s), s
 
     torch_rms = torch.nn.RMSNorm(hidden, **kw)
     q_norm, k_norm = torch.nn.RMSNorm(hidden, **kw), torch.nn.RMSNorm(hidden, **kw)
@@ -154,6 +171,12 @@ def layers(hidden: int, device, dtype):
          one(torch_rms), "torch.nn.RMSNorm"),
         ("ScaleNorm", one(normzoo.ScaleNorm(hidden, backend="triton", **kw)), one(torch_rms), "torch.nn.RMSNorm"),
         ("QKNorm (q and k)", lambda x: qk(x, x), lambda x: (q_norm(x), k_norm(x)), "2 × torch.nn.RMSNorm"),
+        ("add_norm (LayerNorm)", lambda x: NF.add_norm(x, h, ours_ln[0]), torch_add_norm,
+         "x + h, torch.nn.LayerNorm"),
+        ("norm_add (LayerNorm)", lambda x: (NF.norm_add(x, h, ours_ln[0]),), lambda x: (x + torch_ln[0](h),),
+         "x + torch.nn.LayerNorm(h)"),
+        ("norm_add_norm (LayerNorm)", lambda x: NF.norm_add_norm(x, h, *ours_ln), torch_norm_add_norm,
+         "x + LayerNorm(h), LayerNorm"),
     ]
 
 
@@ -207,7 +230,7 @@ def measure(rows_list, hidden, repeats, rounds, device, stubbed, only=None):
     for rows in rows_list:
         x = torch.randn(rows, hidden, device=device, requires_grad=True)
         dy = torch.randn(rows, hidden, device=device)
-        cases = selected(layers(hidden, device, torch.float32), only)
+        cases = selected(layers(hidden, device, torch.float32, rows), only)
         check_launches(cases, x)
 
         def backward(outputs):
@@ -263,7 +286,7 @@ def run_segments(rows: int, hidden: int, repeats: int, out: Path, only=None) -> 
     x = torch.randn(rows, hidden, requires_grad=True)
     dy = torch.randn(rows, hidden)
     calls = []
-    cases = selected(layers(hidden, "cpu", torch.float32), only)
+    cases = selected(layers(hidden, "cpu", torch.float32, rows), only)
     check_launches(cases, x)
     for name, ours, theirs, baseline in cases:
         for label, fn in (("normzoo", ours), ("torch", theirs)):

@@ -565,13 +565,16 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
     added to both norms' weights (Gemma's 1 + w). ``round_x_hat`` (``X_HAT_ROUNDING``'s codes) rounds
     each norm's x_hat to its own input's (1) or weight's (2) dtype; ``out_dtype``: y's, if not x's.
     """
-    check_rows(x, residual)
+    if x.dim() != 2 or not x.is_contiguous() or not residual.is_contiguous() or residual.shape != x.shape:
+        check_rows(x, residual)  # (its usual case, inline)
     M, N = x.shape
     if mode not in FUSED_MODES:
         raise ValueError(f"mode must be one of {FUSED_MODES}, got {mode!r}")
     if not 0 <= round_x_hat <= 2:
         raise _bad_rounding(round_x_hat)
-    s = alloc_rows(x, sum_dtype or torch.promote_types(x.dtype, residual.dtype))
+    sum_dtype = sum_dtype or torch.promote_types(x.dtype, residual.dtype)
+    # s as the residual stream where it keeps the stream's dtype (the usual case): the cheaper allocation.
+    s = alloc_like(residual) if residual.dtype is sum_dtype else alloc_rows(x, sum_dtype)
     y = (alloc_like(x) if out_dtype is None else alloc_rows(x, out_dtype)) if mode != "norm_add" else None
     stats = alloc(x, M if is_rms else 2 * M, torch.float32) if with_stats else None
     stats2 = alloc(x, M if is_rms else 2 * M, torch.float32) if with_stats and mode == "norm_add_norm" else None

@@ -34,7 +34,6 @@ traced ones through the registered custom ops ``normzoo::fused_residual_fwd``/``
 run the same implementation (the Triton launchers or the reference).
 """
 
-import functools
 import math
 import numbers
 import warnings
@@ -45,9 +44,11 @@ from torch.nn.modules import module as _module_hooks
 from torch.nn.utils import parametrize
 
 from . import layers, ops, reference
-from .ops import _Parameter, _route, _unwrap_if_dead, check_affine, check_eps, normalized_shape_tuple, use_triton
+from .ops import _Parameter, _route, _unwrap_if_dead, check_affine, check_eps, normalized_shape_tuple
 
 MODES = ("add_norm", "norm_add", "norm_add_norm")
+_FLOAT = ops.FLOAT_DTYPES
+_FP64 = torch.float64
 KINDS = ("layernorm", "rmsnorm", "dyt", "derf")
 _ROWWISE = ("layernorm", "rmsnorm")
 
@@ -86,10 +87,10 @@ def _reference_norm(v, params, kind, eps, out_dtype, scale, weight_offset=0.0, r
     if kind in _ROWWISE:  # the plain ops' reference path: the same statistics layout, y kept in acc
         y, stats = ops._rowwise_forward(v, weight, bias, eps, kind == "rmsnorm", False, weight_offset, round_x_hat,
                                         acc, with_stats)
-    else:
+    else:  # DyT/Derf keep none
         y = reference.pointwise_forward(v.to(acc), alpha, shift, weight, bias, _ACTIVATION[kind], v.shape[1], False,
                                         differentiable)
-        stats = _no_stats(v) if with_stats else None
+        stats = None
     return (y * scale if scale != 1.0 else y).to(out_dtype), stats
 
 
@@ -108,22 +109,42 @@ def _y_dtype(round_x_hat, h_dtype, s_dtype, weight):
     return ops.x_hat_out_dtype(ops._X_HAT_DTYPES[round_x_hat], s_dtype, weight)
 
 
+def _params_for_kernels(params: tuple) -> tuple:
+    """A layer's (weight, bias, alpha, shift) through :func:`ops._for_kernels`, in one test where
+    each is absent or contiguous (the rule)."""
+    for p in params:
+        if p is not None and not p.is_contiguous():
+            return tuple(map(ops._for_kernels, params))
+    return params
+
+
+def _as_op_outputs(mode: str, h: Tensor, output: tuple) -> tuple:
+    """:func:`_fused_forward`'s output as the custom op returns it (its schema's four tensors):
+    an absent y or statistics as empty tensors, in the dtypes its fake gives them."""
+    y, s, stats1, stats2 = output
+    return (y if y is not None else _empty(h), s,
+            stats1 if stats1 is not None else _no_stats(s if mode == "add_norm" else h),
+            stats2 if stats2 is not None else _no_stats(s))
+
+
 def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, triton, weight_offset=0.0, round_x_hat=0,
                    differentiable=False, with_stats=True):
-    """``(y, s, stats1, stats2)`` on 2-D ``h`` and ``x``; ``y`` empty for norm_add, stats empty where
-    a layer keeps none (DyT/Derf) or there is no second norm. ``stats1`` belongs to N (on s for
-    add_norm, on h otherwise), ``stats2`` to N2 (on s). ``weight_offset``, ``round_x_hat``: both
-    norms' (rowwise; see :data:`_ROUNDING`). ``differentiable``: the composite path (see
-    :func:`_reference_norm`). ``with_stats=False``: no backward follows, the kernels store no
-    statistics and both are ``None``."""
+    """``(y, s, stats1, stats2)`` on 2-D ``h`` and ``x``; ``y`` None for norm_add, stats None where a
+    layer keeps none (DyT/Derf) or there is no second norm (the custom op returns empty tensors
+    there: :func:`_as_op_outputs`; allocating them costs the eager path's host time). ``stats1``
+    belongs to N (on s for add_norm, on h otherwise), ``stats2`` to N2 (on s). ``weight_offset``,
+    ``round_x_hat``: both norms' (rowwise; see :data:`_ROUNDING`). ``differentiable``: the
+    composite path (see :func:`_reference_norm`). ``with_stats=False``: no backward follows, the
+    kernels store no statistics and both are ``None``."""
     s_dtype = sum_dtype or _promoted(x.dtype, h.dtype)
     y_dtype = h.dtype if not round_x_hat else _y_dtype(round_x_hat, h.dtype, s_dtype,
                                                         (p1 if mode == "add_norm" else p2)[0])
     if triton:
         k = ops._launchers()
-        h, x = ops._for_kernels(h), ops._for_kernels(x)
-        p1 = tuple(ops._for_kernels(p) for p in p1)
-        p2 = tuple(ops._for_kernels(p) for p in p2)
+        # ops._for_kernels's first test inline: contiguous tensors are the rule.
+        h = h if h.is_contiguous() else ops._for_kernels(h)
+        x = x if x.is_contiguous() else ops._for_kernels(x)
+        p1, p2 = _params_for_kernels(p1), _params_for_kernels(p2)
         if kind in _ROWWISE:
             y, s, stats1, stats2 = k.rowwise_residual_forward(
                 h, x, p1[0], p1[1], eps1, is_rms=kind == "rmsnorm", mode=mode, scale=scale, sum_dtype=s_dtype,
@@ -134,21 +155,18 @@ def _fused_forward(h, x, p1, p2, kind, mode, eps1, eps2, scale, sum_dtype, trito
                                                 mode=mode, scale=scale, sum_dtype=s_dtype,
                                                 layer2=(p2[2], p2[3], p2[0], p2[1]))
             stats1 = stats2 = None
-        if not with_stats:
-            return y, s, None, None
-        return (y if y is not None else _empty(h), s, stats1 if stats1 is not None else _no_stats(h),
-                stats2 if stats2 is not None else _no_stats(s))
+        return y, s, stats1, stats2
     h, x = h.contiguous(), x.contiguous()
     acc = reference.compute_dtype(s_dtype)
     if mode == "add_norm":
         s = (x.to(acc) + h.to(acc)).to(s_dtype)
         y, stats1 = _reference_norm(s, p1, kind, eps1, y_dtype, scale, weight_offset, round_x_hat, differentiable,
                                     with_stats)
-        return y, s, stats1, _no_stats(s) if with_stats else None
+        return y, s, stats1, None
     o, stats1 = _reference_norm(h, p1, kind, eps1, acc, 1.0, weight_offset, round_x_hat, differentiable, with_stats)
     s = (x.to(acc) + o).to(s_dtype)
     if mode == "norm_add":
-        return _empty(h), s, stats1, _no_stats(s) if with_stats else None
+        return None, s, stats1, None
     y, stats2 = _reference_norm(s, p2, kind, eps2, y_dtype, scale, weight_offset, round_x_hat, differentiable,
                                 with_stats)
     return y, s, stats1, stats2
@@ -258,13 +276,14 @@ def _fused_backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_d
 # ----------------------------------------------------------------------------------------------
 
 
-def _save(ctx, h, x, p1, p2, spec, output, save_s=True):
+def _save(ctx, h, x, p1, p2, spec, output, save_s=True, leaves=(False, False)):
+    """Saves what the backward reads; the rest as one attribute, ``ctx.info = (spec, x's dtype,
+    h's dtype, the biases' dtypes, leaves)`` (each attribute set on ctx costs host time)."""
     mode = spec[1]
     y, s, stats1, stats2 = output
     ctx.save_for_backward(h if mode != "add_norm" else None, s if save_s else None, *p1, *p2, stats1, stats2)
-    ctx.spec = spec
-    ctx.x_dtype, ctx.h_dtype = x.dtype, h.dtype
-    ctx.db_dtypes = (p1[1].dtype if p1[1] is not None else None, p2[1].dtype if p2[1] is not None else None)
+    ctx.info = (spec, x.dtype, h.dtype,
+                (p1[1].dtype if p1[1] is not None else None, p2[1].dtype if p2[1] is not None else None), leaves)
 
 
 def _grads(ctx, dy, ds, backward, reference=False):
@@ -272,13 +291,14 @@ def _grads(ctx, dy, ds, backward, reference=False):
     ``reference``: on the reference, whatever the forward ran (a batched backward)."""
     h, s, *rest = ctx.saved_tensors
     p1, p2, (stats1, stats2) = tuple(rest[0:4]), tuple(rest[4:8]), rest[8:10]
-    kind, mode, _, _, scale, _, triton, weight_offset, round_x_hat = ctx.spec
+    spec, x_dtype, h_dtype, (db1_dtype, db2_dtype), _ = ctx.info
+    kind, mode, _, _, scale, _, triton, weight_offset, round_x_hat = spec
     needs = ctx.needs_input_grad
     needs_h, needs_x, needs1, needs2 = needs[0], needs[1], needs[2:6], needs[6:10]
     compute = (p1[0] is not None and needs1[0], p2[0] is not None and needs2[0])
-    db_dtypes = (ctx.db_dtypes[0] if needs1[1] else None, ctx.db_dtypes[1] if needs2[1] else None)
-    dx, dh, grads1, grads2 = backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, ctx.x_dtype,
-                                      ctx.h_dtype, compute, db_dtypes, triton and not reference, weight_offset,
+    db_dtypes = (db1_dtype if needs1[1] else None, db2_dtype if needs2[1] else None)
+    dx, dh, grads1, grads2 = backward(dy, ds, h, s, p1, p2, stats1, stats2, kind, mode, scale, x_dtype,
+                                      h_dtype, compute, db_dtypes, triton and not reference, weight_offset,
                                       round_x_hat)
     keep = lambda g, need: g if need else None
     return (keep(dh, needs_h), keep(dx, needs_x), *map(keep, grads1, needs1), *map(keep, grads2, needs2))
@@ -293,12 +313,9 @@ class _FusedResidual(torch.autograd.Function):
     def forward(ctx, h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, spec, leaves):
         output = _fused_forward(h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), *spec)
         # norm_add's backward never reads s: not saving it keeps an in-place edit of s legal.
-        _save(ctx, h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), spec, output, save_s=spec[1] != "norm_add")
-        ctx.leaves = leaves
+        _save(ctx, h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), spec, output, spec[1] != "norm_add", leaves)
         ctx.set_materialize_grads(False)
-        if spec[1] == "norm_add":
-            ctx.mark_non_differentiable(output[0])
-        return output[0], output[1]
+        return output[0], output[1]  # y None for norm_add
 
     @staticmethod
     def backward(ctx, dy, ds):
@@ -313,7 +330,7 @@ class _FusedResidual(torch.autograd.Function):
         # add_norm hands one tensor to both inputs, norm_add hands ds itself to x (no copy: the
         # engine passes gradients on read-only). A leaf would keep such a tensor as its .grad and
         # share it (with the other input's .grad, or the caller's ds) from then on: copy for leaves.
-        leaf_h, leaf_x = ctx.leaves
+        leaf_h, leaf_x = ctx.info[4]
         if dh is not None and leaf_h and (dh is dx or dh is ds):
             dh = dh.clone()
         if dx is not None and leaf_x and (dx is dh or dx is ds):
@@ -333,7 +350,8 @@ def _second_order_grads(ctx, dy, ds):
     of this op: the second-order terms that flow back through it come back here as ds."""
     h, s, *rest = ctx.saved_tensors
     p1, p2 = tuple(rest[0:4]), tuple(rest[4:8])
-    kind, mode, eps1, eps2, scale, _, _, weight_offset, round_x_hat = ctx.spec
+    spec, x_dtype, h_dtype, _, _ = ctx.info
+    kind, mode, eps1, eps2, scale, _, _, weight_offset, round_x_hat = spec
     needs = ctx.needs_input_grad
     needs_h, needs_x, needs1, needs2 = needs[0], needs[1], needs[2:6], needs[6:10]
 
@@ -354,14 +372,14 @@ def _second_order_grads(ctx, dy, ds):
             grads2 = tuple(grads)
     if ds_total is None:
         return (None,) * 10
-    dx = ds_total.to(ctx.x_dtype) if needs_x else None
+    dx = ds_total.to(x_dtype) if needs_x else None
     if mode == "add_norm":
-        dh = ds_total.to(ctx.h_dtype) if needs_h else None
+        dh = ds_total.to(h_dtype) if needs_h else None
     else:  # s = x + N1(h), N1's output in the compute dtype, then rounded to s's dtype
         acc = reference.compute_dtype(s.dtype if s is not None else ds_total.dtype)
         dh, *grads = ops._second_order(norm(eps1, acc, 1.0), (h, *p1), (needs_h, *needs1), (ds_total.to(acc),))
         grads1 = tuple(grads)
-        dh = dh.to(ctx.h_dtype) if dh is not None else None
+        dh = dh.to(h_dtype) if dh is not None else None
     return (dh, dx, *grads1, *grads2)
 
 
@@ -373,8 +391,8 @@ def fused_residual_fwd(
     weight_offset: float = 0.0, round_x_hat: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, s, stats1, stats2)`` for 2-D ``h``, ``x``; see :func:`_fused_forward`."""
-    return _fused_forward(h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), kind, mode, eps1, eps2, scale, sum_dtype,
-                          triton, weight_offset, round_x_hat)
+    return _as_op_outputs(mode, h, _fused_forward(h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), kind, mode, eps1, eps2,
+                                                  scale, sum_dtype, triton, weight_offset, round_x_hat))
 
 
 @fused_residual_fwd.register_fake
@@ -528,12 +546,15 @@ def describe(norm) -> tuple[str, tuple, float, tuple[int, ...], str]:
         warnings.warn(f"global module hooks (torch.nn.modules.module.register_module_forward_hook and the like) do "
                       f"not run for this {type(norm).__name__}: a fused residual op reads a norm's parameters and "
                       "never calls it", stacklevel=4)
-    get = functools.partial(layers._param, norm)  # as the layers read them: parametrizations apply
-    bias = get("bias") if kind != "rmsnorm" else None
-    alpha = get("alpha") if kind in ("dyt", "derf") else None
-    shift = get("shift") if kind == "derf" else None
+    # As the layers read them (parametrizations apply): from _parameters where registered there.
+    params, get = norm._parameters, layers._param
+    weight = params["weight"] if "weight" in params else get(norm, "weight")
+    bias = (params["bias"] if "bias" in params else get(norm, "bias")) if kind != "rmsnorm" else None
+    alpha = get(norm, "alpha") if kind == "dyt" or kind == "derf" else None
+    shift = get(norm, "shift") if kind == "derf" else None
     backend = norm.__dict__.get("backend", "auto")  # (torch's norms have none: a getattr miss, ~2 µs)
-    return kind, (get("weight"), bias, alpha, shift), eps, tuple(norm.normalized_shape), backend
+    shape = norm.normalized_shape
+    return kind, (weight, bias, alpha, shift), eps, shape if type(shape) is tuple else tuple(shape), backend
 
 
 def _user_global_hooks() -> bool:
@@ -549,6 +570,17 @@ def _user_global_hooks() -> bool:
     return False
 
 
+def _unwrapped(params: tuple) -> tuple:
+    """A layer's (weight, bias, alpha, shift) with dead functorch wrappers unwrapped, as
+    ``Function.apply`` would (see ops.rowwise_norm): a parameter is never one, so a layer's own
+    ``nn.Parameter``s (or None) pass in one test."""
+    w, b, a, sh = params
+    if ((w is None or type(w) is _Parameter) and (b is None or type(b) is _Parameter)
+            and (a is None or type(a) is _Parameter) and (sh is None or type(sh) is _Parameter)):
+        return params
+    return tuple(t if t is None or type(t) is _Parameter else _unwrap_if_dead(t) for t in params)
+
+
 def _check_layer(x: Tensor, kind, params, eps, shape, reads: torch.dtype, which: str = "norm"):
     """Checks one layer's parameters against x; ``reads``: the dtype of what the norm normalizes
     (h, or the sum s), whose machine epsilon is RMSNorm's ``eps=None``; ``which``: the norm's name
@@ -558,8 +590,9 @@ def _check_layer(x: Tensor, kind, params, eps, shape, reads: torch.dtype, which:
     # (T5 in fp16 feeds fp32 activations to an fp16 weight), LayerNorm h's dtype or float32.
     any_float = kind != "layernorm"
     try:
-        check_affine(weight, bias, shape, x, any_float)
-        if kind in ("dyt", "derf"):
+        if weight is not None or bias is not None:
+            check_affine(weight, bias, shape, x, any_float)
+        if kind == "dyt" or kind == "derf":
             ops._check_scalars(alpha, shift, x)
     except TypeError as e:
         # check_affine's message says "the input's dtype": here it is h's
@@ -578,6 +611,8 @@ def _check_layer(x: Tensor, kind, params, eps, shape, reads: torch.dtype, which:
         if which == "norm":
             raise
         raise ValueError(f"{which}: {e}") from None
+    if type(eps) is float and 0.0 <= eps <= ops._FP32_MAX:  # check_eps's usual case inline
+        return eps
     if eps is None and kind == "rmsnorm":  # torch.nn.RMSNorm's default (LayerNorm's None: check_eps's TypeError)
         eps = torch.finfo(reference.compute_dtype(reads)).eps
     return check_eps(eps)
@@ -589,26 +624,30 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
     (..., *normalized_shape) and norm modules (see :func:`describe`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    ops.check_input(x, "x")
-    ops.check_input(h, "h")
-    if (type(x) is not Tensor or type(h) is not Tensor) and (x.is_nested or h.is_nested):
-        raise TypeError("fused residual ops take plain tensors, not nested ones; use the norm and the add apart "
-                        "(normzoo's norms take jagged nested tensors)")
+    # The usual case's tests inline (as ops.rowwise_norm's): plain float tensors, a float scale.
+    if type(x) is not Tensor or type(h) is not Tensor or x.dtype not in _FLOAT or h.dtype not in _FLOAT:
+        ops.check_input(x, "x")
+        ops.check_input(h, "h")
+        if (type(x) is not Tensor or type(h) is not Tensor) and (x.is_nested or h.is_nested):
+            raise TypeError("fused residual ops take plain tensors, not nested ones; use the norm and the add apart "
+                            "(normzoo's norms take jagged nested tensors)")
     if x.shape != h.shape:
         raise ValueError(f"x and h must have the same shape, got {tuple(x.shape)} and {tuple(h.shape)}")
     if x.device != h.device:
         raise ValueError(f"x is on {x.device} but h is on {h.device}; put them on the same device")
-    if residual_dtype is not None and residual_dtype not in ops.FLOAT_DTYPES:
+    if residual_dtype is not None and residual_dtype not in _FLOAT:
         raise TypeError(f"residual_dtype must be a floating dtype or None, got {residual_dtype}")
-    if type(scale) is not float and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    if not 0 < scale < math.inf:
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    if type(scale) is not float or not 0 < scale < math.inf:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+        if not 0 < scale < math.inf:
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     kind, p1, eps1, shape, backend = describe(norm)
     if (norm2 is None) != (mode != "norm_add_norm"):
         raise ValueError("norm_add_norm takes two norms (norm_out, norm_in); the other modes take one")
-    shape = normalized_shape_tuple(shape)
-    ops.check_trailing_shape(h, shape)
+    if len(shape) != 1 or type(shape[0]) is not int or not h.dim() or h.shape[-1] != shape[0]:  # the usual case inline
+        shape = normalized_shape_tuple(shape)
+        ops.check_trailing_shape(h, shape)
     s_dtype = residual_dtype or _promoted(x.dtype, h.dtype)
     eps1 = _check_layer(h, kind, p1, eps1, shape, s_dtype if mode == "add_norm" else h.dtype,
                         "norm" if norm2 is None else "norm_out")
@@ -620,7 +659,7 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
                              f"{kind2}{tuple(shape2)}")
         if backend2 != backend:
             raise ValueError(f"norm_out and norm_in must share a backend, got {backend!r} and {backend2!r}")
-        if getattr(norm2, "weight_offset", 0.0) != getattr(norm, "weight_offset", 0.0):
+        if norm2.__dict__.get("weight_offset", 0.0) != norm.__dict__.get("weight_offset", 0.0):
             raise ValueError("norm_out and norm_in must share a weight_offset (the kernel applies one to both), got "
                              f"{norm.weight_offset} and {norm2.weight_offset}")
         if norm2.__dict__.get("x_hat_dtype") != norm.__dict__.get("x_hat_dtype"):
@@ -628,24 +667,26 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
                              f"{norm.__dict__.get('x_hat_dtype')!r} and {norm2.__dict__.get('x_hat_dtype')!r}")
         eps2 = _check_layer(h, kind2, p2, eps2, shape, s_dtype, "norm_in")
     # float64 anywhere takes the reference, as for the plain ops.
-    triton = use_triton(backend, h) and x.dtype is not torch.float64 and residual_dtype is not torch.float64
-    if triton:
+    triton = ((h.is_cuda and h.dtype is not _FP64) if backend == "auto" else ops.use_triton(backend, h)) \
+        and x.dtype is not _FP64 and residual_dtype is not _FP64
+    if triton and type(h) is not Tensor:
         ops.refuse_dtensor(h, "the fused residual ops")
 
-    n = math.prod(shape)
-    # Rows of n, and 1-D parameters: no call at all where they already are (the usual case).
+    # Rows of n, and 1-D parameters: no call at all where they already are (the usual case; the
+    # weight and bias have the normalized shape, checked above, and DyT's alpha may be 0-dim).
     as_rows = h.dim() == 2 and len(shape) == 1
-    h2d, x2d = (h, x) if as_rows else (h.reshape(-1, n), x.reshape(-1, n))
-    if not all(p is None or p.dim() == 1 for p in (*p1, *p2)):
+    h2d, x2d = (h, x) if as_rows else (h.reshape(-1, n := math.prod(shape)), x.reshape(-1, n))
+    if (len(shape) != 1 or p1[2] is not None) and not all(p is None or p.dim() == 1 for p in (*p1, *p2)):
         flat = lambda p: p if p is None or p.dim() == 1 else p.reshape(-1)  # noqa: E731
         p1, p2 = tuple(map(flat, p1)), tuple(map(flat, p2))
     # Gemma 2/3's sandwich norms are (1 + w) RMSNorms: the offset rides along, added in fp32.
     # Llama's, Mistral's, Qwen's and T5's RMSNorms round x_hat first (x_hat_dtype): so does the kernel,
-    # each norm to its own input's (or weight's) dtype. (From __dict__, where RMSNorm sets it: a
-    # getattr that misses, on every other norm, costs ~2 µs.)
-    spec = (kind, mode, eps1, eps2, float(scale), residual_dtype, triton, getattr(norm, "weight_offset", 0.0),
-            _ROUNDING[norm.__dict__.get("x_hat_dtype")])
-    route = _route(h2d, x2d, *p1, *p2)
+    # each norm to its own input's (or weight's) dtype. (From __dict__, where normzoo's layers set
+    # them: a getattr that misses, on every other norm, costs ~2 µs.)
+    dict_ = norm.__dict__
+    spec = (kind, mode, eps1, eps2, float(scale), residual_dtype, triton, dict_.get("weight_offset", 0.0),
+            _ROUNDING[dict_.get("x_hat_dtype")])
+    route = _route(h2d, x2d, *p1) if norm2 is None else _route(h2d, x2d, *p1, *p2)
     if route == "custom_op":
         y, s = fused_residual_fwd(h2d, x2d, *p1, *p2, *spec)[:2]
     elif route == "composite":  # forward-mode AD and torch.func transforms: the reference, as torch ops
@@ -655,9 +696,8 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
         if _FUSED_C_APPLY is None:
             y, s = _FusedResidual.apply(h2d, x2d, *p1, *p2, spec, leaves)
         else:
-            # As ops.rowwise_norm: a parameter is never a functorch wrapper.
-            unwrap = lambda t: t if t is None or type(t) is _Parameter else _unwrap_if_dead(t)  # noqa: E731
-            y, s = _FUSED_C_APPLY(unwrap(h2d), unwrap(x2d), *map(unwrap, p1), *map(unwrap, p2), spec, leaves)
+            y, s = _FUSED_C_APPLY(_unwrap_if_dead(h2d), _unwrap_if_dead(x2d), *_unwrapped(p1), *_unwrapped(p2), spec,
+                                  leaves)
     else:  # "forward", or "reference" (ONNX export's trace): the same forward, with the kernels off; no backward
         y, s = _fused_forward(h2d, x2d, p1, p2, *spec[:6], triton and route == "forward", *spec[7:], False,
                               False)[:2]

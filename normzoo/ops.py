@@ -1207,7 +1207,7 @@ def decompositions() -> dict:
     speed. ``program.run_decompositions(normzoo.ops.decompositions())`` lowers normzoo's ops alone;
     add them to ``torch.export.default_decompositions()`` for core ATen. The backward ops are left
     out: an exported program has none."""
-    from .fused import _fused_forward
+    from .fused import _as_op_outputs, _fused_forward
 
     def rowwise(x, weight, bias, eps, is_rms, triton, weight_offset=0.0, round_x_hat=0, out_dtype=None):
         return _rowwise_forward(x, weight, bias, eps, is_rms, False, weight_offset, round_x_hat, out_dtype)
@@ -1221,8 +1221,8 @@ def decompositions() -> dict:
 
     def fused_residual(h, x, w1, b1, a1, sh1, w2, b2, a2, sh2, kind, mode, eps1, eps2, scale, sum_dtype, triton,
                        weight_offset=0.0, round_x_hat=0):
-        return _fused_forward(h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), kind, mode, eps1, eps2, scale, sum_dtype,
-                              False, weight_offset, round_x_hat)
+        return _as_op_outputs(mode, h, _fused_forward(h, x, (w1, b1, a1, sh1), (w2, b2, a2, sh2), kind, mode, eps1,
+                                                      eps2, scale, sum_dtype, False, weight_offset, round_x_hat))
 
     normzoo = torch.ops.normzoo
     return {normzoo.rowwise_norm_fwd.default: rowwise, normzoo.pointwise_fwd.default: pointwise,
