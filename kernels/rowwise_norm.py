@@ -593,6 +593,11 @@ def _launch_forward(x, M, N, y, weight, bias, stats, residual, s, weight2, bias2
     blocks = -(-M // cfg.block_m)  # cdiv, inline
     # The persistent loop's int32 row counter runs up to M plus one grid of rows: kept off 2^31.
     persistent = cfg.persistent and cfg.single_tile and M < 2**30
+    if stats is None and not cfg.single_tile and res_mode == "none":
+        # A looped row stores its statistics even where no backward reads them: without the
+        # stores, ptxas spilled 8 bytes in the fp32 LayerNorm forward with weight and bias
+        # (40 registers, N >= 8192; compile_check, sm_90). Beside rows this long the buffer is nothing.
+        stats = alloc(x, M if is_rms else 2 * M, torch.float32)
     with device_guard(x):
         # Absent operands as None: constants to Triton, which compile their terms away (the
         # kernel tests ``is not None``). 25 positional arguments, the most CPython passes on its

@@ -408,7 +408,9 @@ def test_one_program_backwards_compile_for_hopper_without_spills():
 def test_inference_forwards_compile_for_hopper_without_spills(tmp_path):
     """The forward under torch.no_grad() (pass ``infer``): the row-wise launchers pass no statistics,
     a variant of their forward kernel of its own, plain, fused and switched, that compiles, spills
-    nothing and stores no statistics. DyT launches its one forward either way: no infer variant."""
+    nothing and stores no statistics; but a plain norm's looped row (N = 16385 here), which keeps
+    them (without the stores ptxas spilled in the fp32 LayerNorm). DyT launches its one forward
+    either way: no infer variant."""
     out = _run_compile_check(["--passes", "infer", "--hidden", "97", "16385", "--dtypes", "bf16", "--ops",
                               "layernorm", "rmsnorm", "dyt", "--fused-hidden", "4096", "--fused-streams", "fp32",
                               "--switch-hidden", "4096", "--headwise", "--quiet", "--out", tmp_path / "report"])
@@ -420,8 +422,11 @@ def test_inference_forwards_compile_for_hopper_without_spills(tmp_path):
     assert [int(f["variants"]) for f in found] == [2 * (5 + 3), 2 * 3 + 2 * 3, 2 + 1 + 1 + 2], report
     assert all(int(f["failed"]) == 0 and int(f["spills"]) == 0 and int(f["reduces"]) == 0 for f in found), report
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
-    assert all(" infer " in r["label"] and r["constexprs"]["STATS"] is None for r in rows), report
-    assert all(r["constexprs"]["STATS2"] is None and "STATS" not in r["accesses"] for r in rows), report
+    assert all(" infer " in r["label"] and r["constexprs"]["STATS2"] is None for r in rows), report
+    for r in rows:
+        looped_plain = r["constexprs"]["BLOCK_N"] < r["variant"]["n"] and not r["variant"].get("mode")
+        stores_stats = "STATS" in r["accesses"]
+        assert (r["constexprs"].get("STATS", "a tensor") is None) is (not stores_stats) is (not looped_plain), r
 
 
 def test_a_tables_wide_tile_is_compiled_and_reported_not_failed(tmp_path):
