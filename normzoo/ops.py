@@ -701,6 +701,13 @@ def rowwise_norm(
             y = _ROWWISE_C_APPLY(_unwrap_if_dead(x2d),
                                  w if w is None or type(w) is _Parameter else _unwrap_if_dead(w),
                                  b if b is None or type(b) is _Parameter else _unwrap_if_dead(b), spec)
+    elif (route == "reference" and not is_rms and weight_offset == 0.0 and (w is None or w.dtype is x2d.dtype)
+          and (b is None or b.dtype is x2d.dtype)):
+        # ONNX has LayerNormalization (opset 17; torch.onnx's default is newer), which torch's own
+        # layer_norm exports as: one node, which runtimes fuse, where the reference math exports as
+        # reductions and elementwise ops. The same math: statistics in fp32 (ONNX's stash_type 1)
+        # and y rounded once to x's dtype. (Its parameters must have x's dtype there.)
+        y = torch.nn.functional.layer_norm(x2d, (n,), w, b, eps)
     else:  # "forward", or "reference" (ONNX export's trace): the same forward, with the kernels off; no backward
         y = _rowwise_forward(x2d, w, b, eps, is_rms, triton and route == "forward", weight_offset, round_x_hat,
                              out_dtype, False)[0]

@@ -492,6 +492,11 @@ def test_onnx_export_takes_the_reference_math(dynamo, device, tmp_path):
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}, "an op outside ONNX's own opset"
+    # The plain LayerNorms (the module's and layer_norm's) as ONNX's own LayerNormalization, one
+    # node each, as torch.nn.LayerNorm exports, not reductions (the dynamo exporter may keep them
+    # inside a local function).
+    nodes = [n for graph in (model.graph, *(f for f in model.functions)) for n in graph.node]
+    assert sum(n.op_type == "LayerNormalization" for n in nodes) >= 2, sorted({n.op_type for n in nodes})
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})
     with torch.no_grad():
@@ -513,6 +518,8 @@ def test_onnx_exports_trace_takes_the_reference_math_without_onnx(device, monkey
     for name, graph in graphs.items():
         targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
         assert not {t for t in targets if "normzoo" in t}, (name, targets)
+        # LayerNorm as torch's own op, which ONNX exports as one LayerNormalization node.
+        assert {"aten.layer_norm.default", "aten.native_layer_norm.default"} & targets, (name, targets)
         with torch.no_grad():
             torch.testing.assert_close(graph(x), want, msg=name)
 
