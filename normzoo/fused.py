@@ -659,9 +659,11 @@ def fused_residual(x: Tensor, h: Tensor, norm, norm2=None, *, mode: str, scale: 
                              f"{kind2}{tuple(shape2)}")
         if backend2 != backend:
             raise ValueError(f"norm_out and norm_in must share a backend, got {backend!r} and {backend2!r}")
-        if norm2.__dict__.get("weight_offset", 0.0) != norm.__dict__.get("weight_offset", 0.0):
+        offset, offset2 = norm.__dict__.get("weight_offset", 0.0), norm2.__dict__.get("weight_offset", 0.0)
+        if offset2 != offset:
+            # (torch's own norms have no weight_offset: 0.0, as read above, not an AttributeError here)
             raise ValueError("norm_out and norm_in must share a weight_offset (the kernel applies one to both), got "
-                             f"{norm.weight_offset} and {norm2.weight_offset}")
+                             f"{offset} and {offset2}")
         if norm2.__dict__.get("x_hat_dtype") != norm.__dict__.get("x_hat_dtype"):
             raise ValueError("norm_out and norm_in must share an x_hat_dtype (the kernel rounds both alike), got "
                              f"{norm.__dict__.get('x_hat_dtype')!r} and {norm2.__dict__.get('x_hat_dtype')!r}")

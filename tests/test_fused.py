@@ -262,6 +262,11 @@ def test_weight_offset_must_match_across_the_two_norms():
     with pytest.raises(ValueError, match="share a weight_offset"):
         NF.norm_add_norm(torch.randn(2, 4), torch.randn(2, 4), normzoo.RMSNorm(4, weight_offset=1.0),
                          normzoo.RMSNorm(4))
+    # torch's RMSNorm has no weight_offset attribute (read as 0.0): the message names it, no AttributeError
+    for pair in ((torch.nn.RMSNorm(4), normzoo.RMSNorm(4, weight_offset=1.0)),
+                 (normzoo.RMSNorm(4, weight_offset=1.0), torch.nn.RMSNorm(4))):
+        with pytest.raises(ValueError, match=r"share a weight_offset .*got (0\.0 and 1\.0|1\.0 and 0\.0)"):
+            NF.norm_add_norm(torch.randn(2, 4), torch.randn(2, 4), *pair)
 
 
 # (activations h, residual stream x and s, weights) of models whose RMSNorm rounds x̂ (x_hat_dtype).
