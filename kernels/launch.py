@@ -84,7 +84,7 @@ def alloc_rows(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if POISON:
         return torch.full(like.shape, float("nan"), dtype=dtype, device=like.device)
     if like.is_contiguous():  # empty_like keeps that layout, at half new_empty(shape)'s cost (~10k instructions)
-        return torch.empty_like(like, dtype=dtype)
+        return torch.empty_like(like) if like.dtype is dtype else torch.empty_like(like, dtype=dtype)  # (~1.5k less)
     return like.new_empty(like.shape, dtype=dtype)
 
 

@@ -572,9 +572,7 @@ def rowwise_residual_forward(x, residual, weight, bias, eps: float, *, is_rms: b
         raise ValueError(f"mode must be one of {FUSED_MODES}, got {mode!r}")
     if not 0 <= round_x_hat <= 2:
         raise _bad_rounding(round_x_hat)
-    sum_dtype = sum_dtype or torch.promote_types(x.dtype, residual.dtype)
-    # s as the residual stream where it keeps the stream's dtype (the usual case): the cheaper allocation.
-    s = alloc_like(residual) if residual.dtype is sum_dtype else alloc_rows(x, sum_dtype)
+    s = alloc_rows(residual, sum_dtype or torch.promote_types(x.dtype, residual.dtype))
     y = (alloc_like(x) if out_dtype is None else alloc_rows(x, out_dtype)) if mode != "norm_add" else None
     stats = alloc(x, M if is_rms else 2 * M, torch.float32) if with_stats else None
     stats2 = alloc(x, M if is_rms else 2 * M, torch.float32) if with_stats and mode == "norm_add_norm" else None
